@@ -1,0 +1,128 @@
+//! Command-line arguments and exit codes; nothing else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "opamp-gitops",
+    version,
+    about = "GitOps controller and OpAMP server for OpenTelemetry Collector fleets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller: OpAMP server, git source, rollouts, API.
+    Serve(ServeArgs),
+    /// Validate a config repository (files on disk, or a commit with --rev).
+    Validate(ValidateArgs),
+    /// Run simulated agents that behave like the OpAMP supervisor.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config repository: a local path, or a file://, https:// or ssh:// URL.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// Branch to track (default: the remote's default branch).
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Subdirectory of the repository that holds fleet.yaml and groups/.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// Where OpAMP agents connect (WebSocket and plain HTTP on /v1/opamp).
+    #[arg(long, default_value = "0.0.0.0:4320")]
+    pub opamp_listen: SocketAddr,
+    /// Where the HTTP API, metrics and health endpoints listen.
+    #[arg(long, default_value = "127.0.0.1:4321")]
+    pub api_listen: SocketAddr,
+    /// Directory for clones and rollout state.
+    #[arg(long, default_value = ".opamp-gitops")]
+    pub state_dir: PathBuf,
+    /// How often to fetch the repository.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Largest OpAMP message accepted, after decompression, in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Polling interval offered to agents that report heartbeats; an HTTP agent
+    /// silent for three intervals is offline.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Repository directory (default: the current directory).
+    pub path: Option<PathBuf>,
+    /// Validate this commit instead of the files on disk.
+    #[arg(long)]
+    pub rev: Option<String>,
+    /// Subdirectory that holds fleet.yaml and groups/.
+    #[arg(long = "path", id = "subdir")]
+    pub subdir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportKind {
+    Ws,
+    Http,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The OpAMP endpoint, e.g. ws://127.0.0.1:4320/v1/opamp or http://127.0.0.1:4320/v1/opamp.
+    /// A bare host:port or an http URL without a path gets /v1/opamp.
+    #[arg(long)]
+    pub server: String,
+    /// Number of agents.
+    #[arg(long, default_value_t = 10)]
+    pub agents: usize,
+    #[arg(long, value_enum, default_value_t = TransportKind::Ws)]
+    pub transport: TransportKind,
+    /// Extra attribute on every agent, KEY=VALUE (repeatable).
+    #[arg(long = "attr", value_parser = parse_key_value)]
+    pub attrs: Vec<(String, String)>,
+    /// A config file holding this text fails to apply.
+    #[arg(long)]
+    pub fail_if_contains: Option<String>,
+    /// Time between APPLYING and APPLIED.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub apply_delay: Duration,
+    /// Stop after this long (default: run until interrupted).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Heartbeat (WebSocket) or polling (HTTP) interval.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 1h 30m)"))
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Runs a command and maps its outcome to the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(_) | Command::Validate(_) | Command::Simulate(_) => {
+            eprintln!("error: this command is not built yet");
+            ExitCode::from(2)
+        }
+    }
+}

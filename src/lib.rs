@@ -1,0 +1,7 @@
+//! opamp-gitops: a GitOps controller and OpAMP server for fleets of
+//! OpenTelemetry Collectors.
+
+pub mod cli;
+pub mod desired;
+pub mod model;
+pub mod opamp;

@@ -1,0 +1,222 @@
+//! Identity newtypes shared by every module: agents, config hashes, commits, groups.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// An agent's `instance_uid` exactly as it sent it.
+///
+/// Current agents send 16 bytes (a UUID); agents older than spec v0.10 send a
+/// 26-character ULID string. Both are kept byte for byte so replies echo them
+/// unchanged; the 16-byte form is stored inline to keep the inventory small.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InstanceUid {
+    Uuid([u8; 16]),
+    Other(Box<[u8]>),
+}
+
+/// Why an `instance_uid` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UidError {
+    #[error("instance_uid is empty")]
+    Empty,
+    #[error("instance_uid has {0} bytes; expected 16 (UUID) or 26 (legacy ULID text)")]
+    BadLength(usize),
+    #[error("26-byte instance_uid is not ULID text")]
+    NotUlid,
+}
+
+impl InstanceUid {
+    /// Accepts a 16-byte uid, or a 26-character legacy ULID in Crockford base32.
+    pub fn from_wire(bytes: &[u8]) -> Result<Self, UidError> {
+        match bytes.len() {
+            0 => Err(UidError::Empty),
+            16 => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(bytes);
+                Ok(InstanceUid::Uuid(b))
+            }
+            26 if bytes.iter().all(|c| is_crockford(*c)) => Ok(InstanceUid::Other(bytes.into())),
+            26 => Err(UidError::NotUlid),
+            n => Err(UidError::BadLength(n)),
+        }
+    }
+
+    /// The bytes to echo on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            InstanceUid::Uuid(b) => b,
+            InstanceUid::Other(b) => b,
+        }
+    }
+
+    /// A fresh UUID v7, for `agent_identification.new_instance_uid`.
+    pub fn new_v7() -> Self {
+        InstanceUid::Uuid(*uuid::Uuid::now_v7().as_bytes())
+    }
+
+    /// Parses the text form that [`fmt::Display`] writes (UUID, printable text, or hex).
+    pub fn parse_text(s: &str) -> Option<Self> {
+        if let Ok(u) = uuid::Uuid::parse_str(s) {
+            return Some(InstanceUid::Uuid(*u.as_bytes()));
+        }
+        InstanceUid::from_wire(s.as_bytes()).ok()
+    }
+}
+
+fn is_crockford(c: u8) -> bool {
+    c.is_ascii_digit() || (c.is_ascii_alphabetic() && !matches!(c.to_ascii_uppercase(), b'I' | b'L' | b'O' | b'U'))
+}
+
+impl fmt::Display for InstanceUid {
+    /// A 16-byte uid as a UUID, any other as its text when printable, else hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InstanceUid::Uuid(b) => write!(f, "{}", uuid::Uuid::from_bytes(*b)),
+            InstanceUid::Other(b) => match std::str::from_utf8(b) {
+                Ok(s) if s.chars().all(|c| c.is_ascii_graphic()) => f.write_str(s),
+                _ => f.write_str(&hex::encode(b)),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for InstanceUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstanceUid({self})")
+    }
+}
+
+impl Serialize for InstanceUid {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// SHA-256 of a group's config map in canonical form (see `desired::ConfigBundle`).
+/// Sent to agents as 32 raw bytes, shown to humans as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConfigHash(pub [u8; 32]);
+
+impl ConfigHash {
+    /// The hash an agent reported, if it is one of ours (32 bytes).
+    pub fn from_wire(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(ConfigHash)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(ConfigHash(b))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConfigHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ConfigHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConfigHash({})", &hex::encode(self.0)[..12])
+    }
+}
+
+impl Serialize for ConfigHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A git commit id as lowercase hex (40 digits for SHA-1 repositories).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct CommitId(String);
+
+impl CommitId {
+    pub fn new(hex: impl Into<String>) -> Self {
+        CommitId(hex.into().to_ascii_lowercase())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 12 digits, for logs and tables.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(12)]
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CommitId({})", self.short())
+    }
+}
+
+/// A group's name: the stem of its `groups/<name>.yaml` file.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct GroupName(String);
+
+impl GroupName {
+    pub fn new(name: impl Into<String>) -> Self {
+        GroupName(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GroupName({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_forms() {
+        let u = InstanceUid::from_wire(&[0x01; 16]).unwrap();
+        assert_eq!(u.to_string(), "01010101-0101-0101-0101-010101010101");
+        assert_eq!(InstanceUid::parse_text(&u.to_string()), Some(u));
+
+        let legacy = b"01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        let l = InstanceUid::from_wire(legacy).unwrap();
+        assert_eq!(l.as_bytes(), legacy);
+        assert_eq!(l.to_string(), "01ARZ3NDEKTSV4RRFFQ69G5FAV");
+
+        assert_eq!(InstanceUid::from_wire(b""), Err(UidError::Empty));
+        assert_eq!(InstanceUid::from_wire(&[1; 5]), Err(UidError::BadLength(5)));
+        assert_eq!(InstanceUid::from_wire(&[0xff; 26]), Err(UidError::NotUlid));
+    }
+
+    #[test]
+    fn hash_hex_round_trip() {
+        let h = ConfigHash([0xab; 32]);
+        assert_eq!(h.to_string().len(), 64);
+        assert_eq!(ConfigHash::from_hex(&h.to_string()), Some(h));
+        assert_eq!(ConfigHash::from_wire(&[0; 31]), None);
+    }
+}
