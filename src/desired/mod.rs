@@ -11,6 +11,41 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
+/// Where the repository's files come from: a commit's tree (see `gitsrc`) or
+/// the files on disk (what `validate` checks before a commit). Paths are
+/// relative to the repository root (or `--path` subdirectory), `/`-separated.
+pub trait FileSource {
+    /// The file's bytes, or `None` when there is no such file.
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError>;
+    /// The names of the regular files directly in `dir` (not recursive),
+    /// sorted; empty when the directory does not exist.
+    fn list(&self, dir: &str) -> Result<Vec<String>, SourceError>;
+}
+
+/// A failure to read the source itself (not a problem with its content).
+#[derive(Debug, thiserror::Error)]
+#[error("reading {path}: {message}")]
+pub struct SourceError {
+    pub path: String,
+    pub message: String,
+}
+
+/// One problem found in the repository, printed as `path:line:column: message`
+/// (line and column are 1-based; 0 when the problem has no position).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    pub path: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.path, self.line, self.column, self.message)
+    }
+}
+
 /// Everything the controller should make true, as read from one commit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredState {

@@ -1,6 +1,8 @@
 //! The OpAMP protocol: generated messages, the wire codec, and the server
 //! transports and sessions.
 
+pub mod codec;
+
 /// Messages generated from `proto/opamp/v1/*.proto` by `build.rs`.
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
