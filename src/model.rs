@@ -192,6 +192,28 @@ impl fmt::Debug for GroupName {
     }
 }
 
+/// Where an agent stands against what it should run, as the API and notes show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Runs the config it should.
+    InSync,
+    /// Waits for its rollout wave.
+    Pending,
+    /// Was given its config and has not confirmed it yet.
+    Applying,
+    /// Reported FAILED for its config, did not apply it in time, or is unhealthy after applying.
+    Failed,
+    /// Runs something other than it should, outside a rollout in progress.
+    Drifted,
+    /// Matched by no group: listed, never pushed to.
+    Unmanaged,
+    /// Lacks the AcceptsRemoteConfig capability: listed, never pushed to.
+    Unsupported,
+    /// Not connected.
+    Offline,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
