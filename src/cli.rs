@@ -58,6 +58,20 @@ pub struct ServeArgs {
     /// silent for three intervals is offline.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// File holding the shared secret that push webhooks are signed with
+    /// (X-Hub-Signature-256); without it webhooks are not authenticated.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// File holding a token for https:// repositories (re-read on every fetch).
+    #[arg(long)]
+    pub git_token_file: Option<PathBuf>,
+    /// Token for https:// repositories; prefer the environment variable or
+    /// --git-token-file, which keep it out of the process list.
+    #[arg(long, env = "OPAMP_GITOPS_GIT_TOKEN", hide_env_values = true)]
+    pub git_token: Option<String>,
+    /// Private key for ssh:// repositories (default: the ssh agent).
+    #[arg(long)]
+    pub ssh_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
