@@ -533,6 +533,10 @@ async fn path_selects_a_subdirectory() {
     cfg.subdir = Some("fleet".into());
     let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
     assert_eq!(groups(&wait_loaded(&handle, &c).await), edge("debug"));
+    let mut cfg = config(remote.location(), &remote.state, NEVER);
+    cfg.subdir = Some("./fleet/".into());
+    let spelled = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    assert_eq!(groups(&wait_loaded(&spelled, &c).await), edge("debug"));
 
     let mut cfg = config(remote.location(), &remote.state, NEVER);
     cfg.subdir = Some("elsewhere".into());

@@ -19,6 +19,8 @@ use crate::model::CommitId;
 /// the poll interval, when shorter).
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A zero poll interval would fetch in a busy loop.
+const MIN_POLL: Duration = Duration::from_millis(100);
 /// How long to let a burst of ref changes settle before reading them.
 const FS_DEBOUNCE: Duration = Duration::from_millis(50);
 /// Outcomes remembered per commit, so a tip that moves back (force-push,
@@ -64,10 +66,11 @@ impl Driver {
 
     /// Time until the next fetch: the poll interval, or the backoff after failures.
     fn next_delay(&self) -> Duration {
+        let poll = self.config.poll_interval.max(MIN_POLL);
         if self.failures == 0 {
-            return self.config.poll_interval;
+            return poll;
         }
-        let cap = self.config.poll_interval.min(MAX_BACKOFF);
+        let cap = poll.min(MAX_BACKOFF);
         let shift = (self.failures - 1).min(16);
         FIRST_BACKOFF.saturating_mul(1 << shift).min(cap)
     }
@@ -283,5 +286,6 @@ mod tests {
         let mut long = driver(Duration::from_secs(3600));
         long.failures = 40;
         assert_eq!(long.next_delay(), MAX_BACKOFF);
+        assert_eq!(driver(Duration::ZERO).next_delay(), MIN_POLL);
     }
 }

@@ -10,25 +10,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::desired::{ConfigBundle, ConfigFile, DesiredState, FileSource, Group, RolloutPolicy, Selector};
+use crate::desired::{ConfigBundle, ConfigFile, DesiredState, FileSource, Group, RolloutPolicy, Selector, SourceError};
 use crate::model::{CommitId, GroupName};
 
-pub(crate) fn load(source: &dyn FileSource, commit: CommitId) -> Result<DesiredState, Vec<String>> {
+/// The outer error is a failure to read the source (retried later); the inner
+/// one lists what is wrong with the content (the commit is rejected).
+pub(crate) fn load(
+    source: &dyn FileSource,
+    commit: CommitId,
+) -> Result<Result<DesiredState, Vec<String>>, SourceError> {
     let mut errors = Vec::new();
     let mut groups = BTreeMap::new();
-    let names = source.list("groups").map_err(|e| vec![e.to_string()])?;
+    let names = source.list("groups")?;
     for file in names {
         let Some(stem) = file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")) else {
             continue;
         };
         let path = format!("groups/{file}");
-        let body = match source.read(&path) {
-            Ok(Some(b)) => b,
-            Ok(None) => continue,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
+        let Some(body) = source.read(&path)? else {
+            continue;
         };
         let value: serde_yaml_ng::Value = match serde_yaml_ng::from_slice(&body) {
             Ok(v) => v,
@@ -45,8 +45,8 @@ pub(crate) fn load(source: &dyn FileSource, commit: CommitId) -> Result<DesiredS
                 errors.push(format!("{path}:0:0: config keys and paths must be strings"));
                 continue;
             };
-            match source.read(file_path) {
-                Ok(Some(body)) => {
+            match source.read(file_path)? {
+                Some(body) => {
                     let content_type = if file_path.ends_with(".json") {
                         "application/json"
                     } else {
@@ -60,8 +60,7 @@ pub(crate) fn load(source: &dyn FileSource, commit: CommitId) -> Result<DesiredS
                         },
                     );
                 }
-                Ok(None) => errors.push(format!("{path}:0:0: config file {file_path} does not exist")),
-                Err(e) => errors.push(e.to_string()),
+                None => errors.push(format!("{path}:0:0: config file {file_path} does not exist")),
             }
         }
         if files.is_empty() {
@@ -81,11 +80,11 @@ pub(crate) fn load(source: &dyn FileSource, commit: CommitId) -> Result<DesiredS
         );
     }
     if !errors.is_empty() {
-        return Err(errors);
+        return Ok(Err(errors));
     }
-    Ok(DesiredState {
+    Ok(Ok(DesiredState {
         commit: Some(commit),
         groups,
         reconcile_interval: Duration::from_secs(300),
-    })
+    }))
 }

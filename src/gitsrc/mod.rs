@@ -159,6 +159,11 @@ pub enum GitError {
     DetachedHead { repo: String },
     #[error("reading {what}: {source}")]
     Read { what: String, source: git2::Error },
+    #[error("{source} at commit {commit}")]
+    Source {
+        commit: CommitId,
+        source: crate::desired::SourceError,
+    },
     #[error("reading secret {path}: {source}")]
     Secret { path: PathBuf, source: std::io::Error },
     #[error("git worker failed: {0}")]
@@ -464,6 +469,47 @@ mod tests {
             RepoLocation::Remote("https://u:t@h/r".into()).display(),
             "https://***@h/r"
         );
+    }
+
+    #[test]
+    fn config_from_the_command_line() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "opamp-gitops",
+            "serve",
+            "--repo",
+            "https://u:t@example.com/r.git",
+            "--branch",
+            "prod",
+            "--path",
+            "fleet",
+            "--poll-interval",
+            "5s",
+            "--webhook-secret-file",
+            "/s/hook",
+            "--git-token-file",
+            "/s/token",
+            "--ssh-key-file",
+            "/s/key",
+        ])
+        .unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let cfg = GitConfig::from_serve_args(&args).unwrap();
+        assert_eq!(cfg.repo, RepoLocation::Remote("https://u:t@example.com/r.git".into()));
+        assert_eq!(cfg.branch.as_deref(), Some("prod"));
+        assert_eq!(cfg.subdir, Some(PathBuf::from("fleet")));
+        assert_eq!(cfg.poll_interval, Duration::from_secs(5));
+        assert_eq!(cfg.webhook_secret_file, Some(PathBuf::from("/s/hook")));
+        assert_eq!(cfg.auth.token_file, Some(PathBuf::from("/s/token")));
+        assert_eq!(cfg.auth.ssh_key_file, Some(PathBuf::from("/s/key")));
+
+        let cli = crate::cli::Cli::try_parse_from(["opamp-gitops", "serve"]).unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(matches!(GitConfig::from_serve_args(&args), Err(GitError::NoRepo)));
     }
 
     #[test]

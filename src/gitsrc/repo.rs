@@ -8,7 +8,7 @@ use git2::{
     AutotagOption, Cred, CredentialType, Direction, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository,
 };
 
-use super::tree_files::CommitFiles;
+use super::tree_files::{CommitFiles, normalize};
 use super::{Auth, GitError, load};
 use crate::desired::DesiredState;
 use crate::model::CommitId;
@@ -196,21 +196,27 @@ pub(crate) fn load_commit(
     })?;
     let oid = Oid::from_str(commit.as_str()).map_err(read_err)?;
     let tree = repo.find_commit(oid).and_then(|c| c.tree()).map_err(read_err)?;
-    let root = match subdir {
+    let subdir = subdir.map(|d| d.to_string_lossy()).filter(|d| !d.is_empty());
+    let root = match subdir.as_deref().map(|d| (d, normalize(d))) {
         None => tree,
-        Some(dir) => match tree.get_path(dir) {
-            Ok(entry) if entry.kind() == Some(ObjectType::Tree) => repo.find_tree(entry.id()).map_err(read_err)?,
+        Some((_, Some(rel))) if rel.as_os_str().is_empty() => tree,
+        Some((dir, rel)) => match rel.map(|rel| tree.get_path(&rel)) {
+            Some(Ok(entry)) if entry.kind() == Some(ObjectType::Tree) => {
+                repo.find_tree(entry.id()).map_err(read_err)?
+            }
             _ => {
                 return Ok(Err(vec![format!(
-                    "{}:0:0: no such directory at commit {}",
-                    dir.display(),
+                    "{dir}:0:0: no such directory at commit {}",
                     commit.short()
                 )]));
             }
         },
     };
     let files = CommitFiles::new(&repo, root);
-    Ok(load::load(&files, commit.clone()))
+    load::load(&files, commit.clone()).map_err(|source| GitError::Source {
+        commit: commit.clone(),
+        source,
+    })
 }
 
 /// Where the bare mirror of `url` lives: named after the URL, so pointing the

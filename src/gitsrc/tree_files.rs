@@ -23,7 +23,7 @@ impl<'repo> CommitFiles<'repo> {
 }
 
 /// `a/./b/../c` becomes `a/c`; `None` when the path climbs above the root.
-fn normalize(path: &str) -> Option<PathBuf> {
+pub(crate) fn normalize(path: &str) -> Option<PathBuf> {
     let mut parts: Vec<&str> = Vec::new();
     for part in path.split('/') {
         match part {
