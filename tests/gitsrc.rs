@@ -579,3 +579,96 @@ async fn default_branch_is_the_remote_head_or_the_local_head() {
     );
     cancel.cancel();
 }
+
+/// `git http-backend` behind Basic auth: an http remote that wants a token.
+async fn serve_smart_http(root: PathBuf) -> SocketAddr {
+    use axum::extract::{Request, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+
+    // base64("x-access-token:t0ken")
+    const EXPECTED: &str = "Basic eC1hY2Nlc3MtdG9rZW46dDBrZW4=";
+    async fn cgi(State(root): State<PathBuf>, req: Request) -> Response {
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+        if auth != Some(EXPECTED) {
+            return (StatusCode::UNAUTHORIZED, [("WWW-Authenticate", "Basic realm=\"git\"")]).into_response();
+        }
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
+        let mut child = tokio::process::Command::new("git")
+            .arg("http-backend")
+            .env("GIT_PROJECT_ROOT", &root)
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("REQUEST_METHOD", method)
+            .env("PATH_INFO", path)
+            .env("QUERY_STRING", query)
+            .env("CONTENT_TYPE", content_type)
+            .env("CONTENT_LENGTH", body.len().to_string())
+            .env("REMOTE_USER", "x-access-token")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&body).await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        let end = out.stdout.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let mut response = Response::new(axum::body::Body::from(out.stdout[end + 4..].to_vec()));
+        for line in String::from_utf8_lossy(&out.stdout[..end]).lines() {
+            let (name, value) = line.split_once(": ").unwrap();
+            if name.eq_ignore_ascii_case("status") {
+                *response.status_mut() = value[..3].parse::<u16>().unwrap().try_into().unwrap();
+            } else {
+                let name = axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+                response.headers_mut().insert(name, value.parse().unwrap());
+            }
+        }
+        response
+    }
+
+    let app = axum::Router::new().fallback(cgi).with_state(root);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn http_remote_takes_a_token_from_a_file() {
+    let remote = Remote::new();
+    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
+    let addr = serve_smart_http(remote.dir.parent().unwrap().to_path_buf()).await;
+    let url = format!("http://{addr}/remote.git");
+    let token_file = remote.state.with_file_name("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let cancel = CancellationToken::new();
+
+    let mut cfg = config(RepoLocation::Remote(url.clone()), &remote.state, NEVER);
+    cfg.auth.token_file = Some(token_file.clone());
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    assert_eq!(groups(&wait_loaded(&handle, &first).await), edge("debug"));
+    assert_eq!(handle.status().borrow().branch.as_deref(), Some("main"));
+
+    // The file is read on every fetch: a wrong token now fails (without
+    // retrying forever), and the right one again recovers.
+    std::fs::write(&token_file, "wrong").unwrap();
+    let second = commit(&remote.repo, "main", &valid_files("otlp"), "second");
+    let err = tokio::time::timeout(WAIT, handle.sync()).await.unwrap().unwrap_err();
+    assert!(err.to_string().contains(&format!("fetching {url}")), "{err}");
+    std::fs::write(&token_file, "t0ken").unwrap();
+    assert_eq!(handle.sync().await.unwrap().commit, second);
+
+    // Without any credentials the reason says what to configure.
+    let handle = GitSource::spawn(config(RepoLocation::Remote(url), &remote.state, NEVER), cancel.clone()).unwrap();
+    let status = wait_status(&handle, "a fetch error", |s| s.last_fetch_error.is_some()).await;
+    assert!(status.last_fetch_error.unwrap().contains("--git-token-file"));
+    cancel.cancel();
+}
