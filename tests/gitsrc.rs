@@ -139,6 +139,27 @@ impl Remote {
     fn location(&self) -> RepoLocation {
         RepoLocation::Remote(file_url(&self.dir))
     }
+
+    /// Starts a git source on this remote; `tweak` adjusts its config.
+    fn spawn(&self, poll: Duration, tweak: impl FnOnce(&mut GitConfig)) -> (GitHandle, CancellationToken) {
+        let mut cfg = config(self.location(), &self.state, poll);
+        tweak(&mut cfg);
+        let cancel = CancellationToken::new();
+        (GitSource::spawn(cfg, cancel.clone()).unwrap(), cancel)
+    }
+}
+
+/// A remote with one valid commit (`edge` runs `debug`), and a git source
+/// that has loaded it.
+async fn started(
+    poll: Duration,
+    tweak: impl FnOnce(&mut GitConfig),
+) -> (Remote, CommitId, GitHandle, CancellationToken) {
+    let remote = Remote::new();
+    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
+    let (handle, cancel) = remote.spawn(poll, tweak);
+    assert_eq!(groups(&wait_loaded(&handle, &first).await), edge("debug"));
+    (remote, first, handle, cancel)
 }
 
 // ---- waiting and HTTP ----
@@ -253,15 +274,7 @@ async fn local_repository_is_read_in_place_and_watched() {
 
 #[tokio::test]
 async fn file_remote_is_polled() {
-    let remote = Remote::new();
-    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
-    let cancel = CancellationToken::new();
-    let handle = GitSource::spawn(
-        config(remote.location(), &remote.state, Duration::from_millis(200)),
-        cancel.clone(),
-    )
-    .unwrap();
-    assert_eq!(groups(&wait_loaded(&handle, &first).await), edge("debug"));
+    let (remote, _, handle, cancel) = started(Duration::from_millis(200), |_| {}).await;
     let second = commit(&remote.repo, "main", &valid_files("otlp"), "second");
     assert_eq!(groups(&wait_loaded(&handle, &second).await), edge("otlp"));
     assert!(
@@ -274,12 +287,8 @@ async fn file_remote_is_polled() {
 
 #[tokio::test]
 async fn sync_endpoint_answers_the_commit_it_reached() {
-    let remote = Remote::new();
-    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
-    let cancel = CancellationToken::new();
-    let handle = GitSource::spawn(config(remote.location(), &remote.state, NEVER), cancel.clone()).unwrap();
+    let (remote, _, handle, cancel) = started(NEVER, |_| {}).await;
     let addr = serve(&handle).await;
-    wait_loaded(&handle, &first).await;
 
     let second = commit(&remote.repo, "main", &valid_files("otlp"), "second");
     let (code, body) = http(addr, "POST", "/api/v1/sync", &[], b"").await;
@@ -305,16 +314,11 @@ async fn sync_endpoint_answers_the_commit_it_reached() {
 
 #[tokio::test]
 async fn webhooks_must_be_signed_and_for_the_tracked_branch() {
-    let remote = Remote::new();
-    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
-    let secret_file = remote.state.with_file_name("webhook-secret");
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("webhook-secret");
     std::fs::write(&secret_file, "s3cret\n").unwrap();
-    let cancel = CancellationToken::new();
-    let mut cfg = config(remote.location(), &remote.state, NEVER);
-    cfg.webhook_secret_file = Some(secret_file);
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let (remote, first, handle, cancel) = started(NEVER, |c| c.webhook_secret_file = Some(secret_file)).await;
     let addr = serve(&handle).await;
-    wait_loaded(&handle, &first).await;
     let second = commit(&remote.repo, "main", &valid_files("otlp"), "second");
     let fetches = handle.metrics().fetches;
 
@@ -357,12 +361,8 @@ async fn webhooks_must_be_signed_and_for_the_tracked_branch() {
 
 #[tokio::test]
 async fn invalid_commit_leaves_the_previous_state_in_force() {
-    let remote = Remote::new();
-    let good = commit(&remote.repo, "main", &valid_files("debug"), "good");
-    let cancel = CancellationToken::new();
-    let handle = GitSource::spawn(config(remote.location(), &remote.state, NEVER), cancel.clone()).unwrap();
+    let (remote, good, handle, cancel) = started(NEVER, |_| {}).await;
     let addr = serve(&handle).await;
-    wait_loaded(&handle, &good).await;
 
     let mut files = valid_files("otlp");
     files.push(("groups/broken.yaml".into(), BAD_GROUP.into()));
@@ -453,15 +453,7 @@ async fn not_ready_until_a_commit_is_loaded() {
 
 #[tokio::test]
 async fn unreachable_remote_keeps_the_last_state_and_recovers() {
-    let remote = Remote::new();
-    let first = commit(&remote.repo, "main", &valid_files("debug"), "first");
-    let cancel = CancellationToken::new();
-    let handle = GitSource::spawn(
-        config(remote.location(), &remote.state, Duration::from_millis(200)),
-        cancel.clone(),
-    )
-    .unwrap();
-    wait_loaded(&handle, &first).await;
+    let (remote, first, handle, cancel) = started(Duration::from_millis(200), |_| {}).await;
 
     let away = remote.dir.with_file_name("moved-away.git");
     std::fs::rename(&remote.dir, &away).unwrap();
@@ -493,8 +485,7 @@ async fn force_push_is_followed() {
     let remote = Remote::new();
     let base = commit(&remote.repo, "main", &valid_files("debug"), "base");
     let old = commit(&remote.repo, "main", &valid_files("otlp"), "old");
-    let cancel = CancellationToken::new();
-    let handle = GitSource::spawn(config(remote.location(), &remote.state, NEVER), cancel.clone()).unwrap();
+    let (handle, cancel) = remote.spawn(NEVER, |_| {});
     wait_loaded(&handle, &old).await;
 
     // Rewrite history: a new commit on top of `base` replaces `old`.
@@ -528,23 +519,14 @@ async fn path_selects_a_subdirectory() {
     let mut files = under("fleet", valid_files("debug"));
     files.push(("groups/broken.yaml".into(), BAD_GROUP.into()));
     let c = commit(&remote.repo, "main", &files, "subdir");
-    let cancel = CancellationToken::new();
-    let mut cfg = config(remote.location(), &remote.state, NEVER);
-    cfg.subdir = Some("fleet".into());
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
-    assert_eq!(groups(&wait_loaded(&handle, &c).await), edge("debug"));
-    let mut cfg = config(remote.location(), &remote.state, NEVER);
-    cfg.subdir = Some("./fleet/".into());
-    let spelled = GitSource::spawn(cfg, cancel.clone()).unwrap();
-    assert_eq!(groups(&wait_loaded(&spelled, &c).await), edge("debug"));
-
-    let mut cfg = config(remote.location(), &remote.state, NEVER);
-    cfg.subdir = Some("elsewhere".into());
-    let other = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    for spelling in ["fleet", "./fleet/"] {
+        let (handle, _cancel) = remote.spawn(NEVER, |cfg| cfg.subdir = Some(spelling.into()));
+        assert_eq!(groups(&wait_loaded(&handle, &c).await), edge("debug"));
+    }
+    let (other, _cancel) = remote.spawn(NEVER, |cfg| cfg.subdir = Some("elsewhere".into()));
     let status = wait_status(&other, "the missing directory", |s| !s.head_errors.is_empty()).await;
     assert!(status.head_errors[0].contains("elsewhere"), "{status:?}");
     assert!(other.desired().borrow().is_none());
-    cancel.cancel();
 }
 
 #[tokio::test]
@@ -555,13 +537,11 @@ async fn default_branch_is_the_remote_head_or_the_local_head() {
     let on_trunk = commit(&remote.repo, "trunk", &valid_files("otlp"), "trunk");
     let cancel = CancellationToken::new();
 
-    let handle = GitSource::spawn(config(remote.location(), &remote.state, NEVER), cancel.clone()).unwrap();
+    let (handle, _cancel) = remote.spawn(NEVER, |_| {});
     assert_eq!(groups(&wait_loaded(&handle, &on_trunk).await), edge("otlp"));
     assert_eq!(handle.status().borrow().branch.as_deref(), Some("trunk"));
 
-    let mut cfg = config(remote.location(), &remote.state, NEVER);
-    cfg.branch = Some("main".into());
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let (handle, _cancel) = remote.spawn(NEVER, |cfg| cfg.branch = Some("main".into()));
     assert_eq!(groups(&wait_loaded(&handle, &on_main).await), edge("debug"));
 
     // A local repository follows the branch its HEAD points at.
