@@ -1,0 +1,3 @@
+//! Rollout status as git notes: the note format (pure) and the writer task.
+
+pub mod format;
