@@ -161,6 +161,44 @@ impl NotesStore {
     }
 }
 
+/// One commit of the tracked branch, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub id: CommitId,
+    pub summary: String,
+    pub time: std::time::SystemTime,
+}
+
+impl NotesStore {
+    /// The newest `limit` commits reachable from `rev` (first parents only),
+    /// each with its note if it has one.
+    pub fn history(&self, rev: &str, limit: usize) -> Result<Vec<(CommitInfo, Option<String>)>, NotesError> {
+        let repo = self.open()?;
+        let start = git(
+            || format!("resolving {rev}"),
+            repo.revparse_single(rev).and_then(|o| o.peel_to_commit()),
+        )?;
+        let mut walk = git(|| "walking history".into(), repo.revwalk())?;
+        git(|| "walking history".into(), walk.push(start.id()))?;
+        git(|| "walking history".into(), walk.simplify_first_parent())?;
+        let notes = all_notes(&repo, NOTES_REF)?;
+        let mut out = Vec::new();
+        for oid in walk.take(limit) {
+            let oid = git(|| "walking history".into(), oid)?;
+            let c = git(|| format!("reading commit {oid}"), repo.find_commit(oid))?;
+            let id = CommitId::new(oid.to_string());
+            let secs = u64::try_from(c.time().seconds()).unwrap_or(0);
+            let info = CommitInfo {
+                summary: String::from_utf8_lossy(c.summary_bytes().unwrap_or_default()).into_owned(),
+                time: std::time::UNIX_EPOCH + Duration::from_secs(secs),
+                id: id.clone(),
+            };
+            out.push((info, notes.get(&id).cloned()));
+        }
+        Ok(out)
+    }
+}
+
 fn parse_oid(commit: &CommitId) -> Result<Oid, NotesError> {
     Oid::from_str(commit.as_str()).map_err(|_| NotesError::BadCommit(commit.to_string()))
 }
@@ -401,6 +439,25 @@ mod tests {
         assert!(two.all().unwrap().is_empty());
         two.fetch(&no_callbacks).unwrap();
         assert_eq!(two.read(&c1).unwrap().as_deref(), Some("phase: complete\n"));
+    }
+
+    #[test]
+    fn history_pairs_commits_with_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let c1 = commit_file(&repo, "f", "1");
+        let c2 = commit_file(&repo, "f", "2");
+        let store = NotesStore::new(dir.path(), None, Author::default());
+        store
+            .write(&BTreeMap::from([(c1.clone(), "n1".to_string())]), &no_callbacks)
+            .unwrap();
+        let h = store.history("HEAD", 10).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].0.id.clone(), h[0].1.clone()), (c2, None), "newest first");
+        assert_eq!((h[1].0.id.clone(), h[1].1.as_deref()), (c1, Some("n1")));
+        assert_eq!(h[1].0.summary, "c");
+        assert_eq!(store.history("HEAD", 1).unwrap().len(), 1);
+        assert!(matches!(store.history("nope", 1), Err(NotesError::Git { .. })));
     }
 
     #[test]
