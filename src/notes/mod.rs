@@ -2,6 +2,7 @@
 
 pub mod format;
 pub mod status;
+pub mod writer;
 
 use crate::cli::{StatusArgs, StatusFormat};
 use crate::gitsrc::notes::{Author, NotesError, NotesStore};
