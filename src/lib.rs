@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod desired;
+pub mod gitsrc;
 pub mod model;
 pub mod opamp;

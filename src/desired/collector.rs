@@ -17,12 +17,20 @@ const SIGNALS: &[&str] = &["traces", "metrics", "logs", "profiles"];
 
 type Id = (String, String);
 
+/// One problem found in a group's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Finding {
+    pub mark: Mark,
+    pub message: String,
+    /// Whether it depends on how the group's files merged (and so on the
+    /// group), rather than on one file alone: the loader names the groups.
+    pub merged: bool,
+}
+
 /// Merges `files` (already in the supervisor's order: named files sorted,
 /// then `""`) and checks the result. `fallback` is where to report a problem
-/// no file contributed to (the group's `config:` key). Messages about the
-/// merged result name `group`, since a shared file can be valid in one group
-/// and not in another.
-pub(super) fn check(group: &str, files: &[&Node], fallback: Mark) -> Vec<(Mark, String)> {
+/// no file contributed to (the group's `config:` key).
+pub(super) fn check(files: &[&Node], fallback: Mark) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut merged: Option<Node> = None;
     for file in files {
@@ -34,10 +42,11 @@ pub(super) fn check(group: &str, files: &[&Node], fallback: Mark) -> Vec<(Mark, 
                     None => (*file).clone(),
                 });
             }
-            _ => out.push((
-                file.mark,
-                format!("expected a mapping at the top level, found {}", file.describe()),
-            )),
+            _ => out.push(Finding {
+                mark: file.mark,
+                message: format!("expected a mapping at the top level, found {}", file.describe()),
+                merged: false,
+            }),
         }
     }
     let root = merged.unwrap_or(Node {
@@ -45,7 +54,6 @@ pub(super) fn check(group: &str, files: &[&Node], fallback: Mark) -> Vec<(Mark, 
         value: Value::Map(Vec::new()),
     });
     Checker {
-        group,
         fallback,
         out: &mut out,
     }
@@ -85,15 +93,27 @@ fn null(mark: Mark) -> Node {
 }
 
 struct Checker<'a> {
-    group: &'a str,
     fallback: Mark,
-    out: &'a mut Vec<(Mark, String)>,
+    out: &'a mut Vec<Finding>,
 }
 
 impl Checker<'_> {
     /// A problem that depends on how the group's files merged.
     fn merged_error(&mut self, mark: Mark, message: String) {
-        self.out.push((mark, format!("{message} (group {:?})", self.group)));
+        self.out.push(Finding {
+            mark,
+            message,
+            merged: true,
+        });
+    }
+
+    /// A problem with one file's own text.
+    fn file_error(&mut self, mark: Mark, message: String) {
+        self.out.push(Finding {
+            mark,
+            message,
+            merged: false,
+        });
     }
 
     fn run(&mut self, root: &Node) {
@@ -104,9 +124,9 @@ impl Checker<'_> {
                     Ok(id) => {
                         ids.insert(id);
                     }
-                    Err(why) => self
-                        .out
-                        .push((e.key_mark, format!("{kind}[{:?}]: invalid component id: {why}", e.key))),
+                    Err(why) => {
+                        self.file_error(e.key_mark, format!("{kind}[{:?}]: invalid component id: {why}", e.key))
+                    }
                 }
             }
         }
@@ -172,8 +192,7 @@ impl Checker<'_> {
     fn pipeline(&mut self, p: &Entry, sources: &BTreeSet<Id>, processors: &BTreeSet<Id>, sinks: &BTreeSet<Id>) {
         let path = format!("service.pipelines[{:?}]", p.key);
         if let Err(why) = parse_pipeline_id(&p.key) {
-            self.out
-                .push((p.key_mark, format!("{path}: invalid pipeline id: {why}")));
+            self.file_error(p.key_mark, format!("{path}: invalid pipeline id: {why}"));
         }
         let entries = match &p.value.value {
             Value::Map(entries) => entries.as_slice(),
@@ -243,9 +262,7 @@ impl Checker<'_> {
                     );
                     self.merged_error(item.mark, message);
                 }
-                Err(why) => self
-                    .out
-                    .push((item.mark, format!("{path}[{i}]: invalid component id {text:?}: {why}"))),
+                Err(why) => self.file_error(item.mark, format!("{path}[{i}]: invalid component id {text:?}: {why}")),
             }
         }
         Some(items.len())

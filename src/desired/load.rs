@@ -122,12 +122,14 @@ pub fn load(source: &dyn FileSource, commit: Option<CommitId>) -> Result<Desired
     check_duplicate_selectors(&mut cx, &drafts);
 
     let mut files = ConfigFiles::default();
+    let mut findings = Findings::new();
     let mut groups = BTreeMap::new();
     for draft in drafts {
-        if let Some(group) = finish_group(&mut cx, source, &mut files, draft)? {
+        if let Some(group) = finish_group(&mut cx, source, &mut files, &mut findings, draft)? {
             groups.insert(group.name.clone(), group);
         }
     }
+    report_findings(&mut cx, findings);
 
     if cx.diags.is_empty() {
         Ok(DesiredState {
@@ -317,13 +319,6 @@ fn duration(cx: &mut Cx, node: &Node, path: &str, allow_zero: bool) -> Option<Du
     }
 }
 
-fn show(a: Amount) -> String {
-    match a {
-        Amount::Count(n) => n.to_string(),
-        Amount::Percent(p) => format!("{p}%"),
-    }
-}
-
 /// `5` or `10%`.
 fn amount(cx: &mut Cx, node: &Node, path: &str) -> Option<Amount> {
     let bad = |cx: &mut Cx| {
@@ -410,7 +405,7 @@ fn waves(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Amount>> {
             last.mark,
             format!(
                 "{path}: the last wave must be 100% (the whole group), found {}",
-                show(a)
+                super::summary::amount(a)
             ),
         );
     }
@@ -781,12 +776,32 @@ pub fn content_type(path: &str) -> &'static str {
     }
 }
 
+/// Collector-config findings, each with the groups it was found in (a
+/// problem in a shared file is reported once, naming every group).
+type Findings = BTreeMap<(Mark, String), BTreeSet<Option<GroupName>>>;
+
+fn report_findings(cx: &mut Cx, findings: Findings) {
+    for ((mark, message), groups) in findings {
+        let names: Vec<String> = groups
+            .into_iter()
+            .flatten()
+            .map(|g| format!("{:?}", g.as_str()))
+            .collect();
+        match names.len() {
+            0 => cx.error(mark, message),
+            1 => cx.error(mark, format!("{message} (group {})", names[0])),
+            _ => cx.error(mark, format!("{message} (groups {})", names.join(", "))),
+        }
+    }
+}
+
 /// Reads the group's config files, checks them as one collector config and
 /// builds the group (when everything about it is valid).
 fn finish_group(
     cx: &mut Cx,
     source: &dyn FileSource,
     files: &mut ConfigFiles,
+    findings: &mut Findings,
     d: Draft,
 ) -> Result<Option<Group>, SourceError> {
     let errors = cx.diags.len();
@@ -831,11 +846,14 @@ fn finish_group(
         // The supervisor's order: named files sorted, then "" last.
         docs.sort_by(|a, b| (a.0.is_empty(), &a.0).cmp(&(b.0.is_empty(), &b.0)));
         let ordered: Vec<&Node> = docs.iter().map(|(_, n)| n.as_ref()).collect();
-        for (mark, message) in collector::check(d.name.as_str(), &ordered, d.config_mark) {
-            cx.error(mark, message);
+        let found = collector::check(&ordered, d.config_mark);
+        complete = found.is_empty();
+        for f in found {
+            let group = f.merged.then(|| d.name.clone());
+            findings.entry((f.mark, f.message)).or_default().insert(group);
         }
     }
-    if !d.valid || cx.diags.len() != errors {
+    if !d.valid || !complete || cx.diags.len() != errors {
         return Ok(None);
     }
     Ok(Some(Group {

@@ -15,6 +15,7 @@ mod collector;
 mod disk;
 mod load;
 mod mem;
+pub mod summary;
 pub mod yaml;
 
 pub use disk::DiskSource;
