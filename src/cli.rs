@@ -26,6 +26,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Run simulated agents that behave like the OpAMP supervisor.
     Simulate(SimulateArgs),
+    /// Rollout history of recent commits, from the git notes alone.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +88,30 @@ pub struct ValidateArgs {
     pub subdir: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The config repository (a clone that has the notes).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// Newest commit to show (default: HEAD).
+    #[arg(default_value = "HEAD")]
+    pub rev: String,
+    /// How many commits to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Fetch the notes from this remote first (e.g. origin).
+    #[arg(long)]
+    pub fetch: Option<String>,
+    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
+    pub format: StatusFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TransportKind {
     Ws,
@@ -134,9 +160,82 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(_) | Command::Validate(_) | Command::Simulate(_) => {
+        Command::Status(args) => match crate::notes::status_command(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Validate(args) => validate(args),
+        Command::Serve(_) | Command::Simulate(_) => {
             eprintln!("error: this command is not built yet");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `validate`: 0 valid (with a summary), 1 invalid (every problem on
+/// stdout, paths relative to the repository root), 2 when the repository
+/// cannot be read at all.
+fn validate(args: ValidateArgs) -> ExitCode {
+    use crate::desired::{self, DiskSource, LoadErrors};
+    use crate::gitsrc::tree::TreeSource;
+
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    };
+    let root = args.path.unwrap_or_else(|| PathBuf::from("."));
+    if !root.is_dir() {
+        return usage(format!("no such directory: {}", root.display()));
+    }
+    let subdir = match args.subdir.as_deref().map(|p| p.to_str()) {
+        None => None,
+        Some(Some(s)) => Some(s.trim_matches('/').to_string()).filter(|s| !s.is_empty() && s != "."),
+        Some(None) => return usage("--path must be valid UTF-8".to_string()),
+    };
+    let loaded = match &args.rev {
+        Some(rev) => match TreeSource::open(&root, rev, subdir.as_deref()) {
+            Ok(source) => {
+                let commit = source.commit().clone();
+                desired::load(&source, Some(commit))
+            }
+            Err(e) => return usage(e.to_string()),
+        },
+        None => {
+            let dir = subdir.as_ref().map_or_else(|| root.clone(), |s| root.join(s));
+            if !dir.is_dir() {
+                return usage(format!("no such directory: {}", dir.display()));
+            }
+            match DiskSource::new(&dir) {
+                Ok(source) => desired::load(&source, None),
+                Err(e) => return usage(e.to_string()),
+            }
+        }
+    };
+    match loaded {
+        Ok(state) => {
+            if let Some(commit) = &state.commit {
+                println!("commit {commit}");
+            }
+            print!("{}", desired::summary::summary(&state));
+            ExitCode::SUCCESS
+        }
+        Err(LoadErrors::Invalid(diagnostics)) => {
+            for d in &diagnostics {
+                match &subdir {
+                    Some(s) => println!("{s}/{d}"),
+                    None => println!("{d}"),
+                }
+            }
+            let n = diagnostics.len();
+            eprintln!("invalid: {n} problem{}", if n == 1 { "" } else { "s" });
+            ExitCode::from(1)
+        }
+        Err(LoadErrors::Source(e)) => usage(e.to_string()),
     }
 }

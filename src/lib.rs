@@ -5,4 +5,5 @@ pub mod cli;
 pub mod desired;
 pub mod gitsrc;
 pub mod model;
+pub mod notes;
 pub mod opamp;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use git2::{Oid, Repository, Signature};
 use opamp_gitops::desired::{ConfigFile, canonical_hash};
+use opamp_gitops::gitsrc::notes::{Author, NOTES_REF, NotesStore};
 use opamp_gitops::gitsrc::{self, Auth, GitConfig, GitHandle, GitSource, Loaded, RepoLocation, Status};
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -636,6 +637,24 @@ async fn http_remote_takes_a_token_from_a_file() {
     let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
     assert_eq!(groups(&wait_loaded(&handle, &first).await), edge("debug"));
     assert_eq!(handle.status().borrow().branch.as_deref(), Some("main"));
+
+    // Notes are written in the mirror and pushed with the same credentials.
+    let store = NotesStore::new(
+        handle.repo_dir(),
+        handle.remote_url().map(String::from),
+        Author::default(),
+    );
+    let factory = handle.callback_factory();
+    let notes = BTreeMap::from([(first.clone(), "valid: true\n".to_string())]);
+    tokio::task::spawn_blocking(move || store.write(&notes, &*factory))
+        .await
+        .unwrap()
+        .unwrap();
+    let pushed = remote
+        .repo
+        .find_note(Some(NOTES_REF), Oid::from_str(first.as_str()).unwrap())
+        .unwrap();
+    assert_eq!(pushed.message().unwrap(), "valid: true\n");
 
     // The file is read on every fetch: a wrong token now fails (without
     // retrying forever), and the right one again recovers.

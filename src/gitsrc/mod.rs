@@ -11,9 +11,9 @@
 pub mod api;
 mod driver;
 mod fswatch;
-mod load;
+pub mod notes;
 mod repo;
-pub mod tree_files;
+pub mod tree;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};
@@ -159,6 +159,8 @@ pub enum GitError {
     DetachedHead { repo: String },
     #[error("reading {what}: {source}")]
     Read { what: String, source: git2::Error },
+    #[error(transparent)]
+    Tree(tree::TreeError),
     #[error("{source} at commit {commit}")]
     Source {
         commit: CommitId,
@@ -364,6 +366,8 @@ pub struct GitHandle {
     metrics: Arc<GitMetrics>,
     webhook_secret: Option<Arc<[u8]>>,
     repo_dir: PathBuf,
+    remote_url: Option<String>,
+    auth: Auth,
 }
 
 impl GitHandle {
@@ -402,6 +406,19 @@ impl GitHandle {
         &self.repo_dir
     }
 
+    /// The remote's URL (as configured, credentials included) when the
+    /// repository is remote: where notes are pushed.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.remote_url.as_deref()
+    }
+
+    /// Makes the credential callbacks the fetches use, for other network
+    /// operations on the same remote (pushing notes).
+    pub fn callback_factory(&self) -> Arc<dyn Fn() -> git2::RemoteCallbacks<'static> + Send + Sync> {
+        let auth = self.auth.clone();
+        Arc::new(move || repo::callbacks(auth.clone()))
+    }
+
     pub(crate) fn webhook_secret(&self) -> Option<&[u8]> {
         self.webhook_secret.as_deref()
     }
@@ -432,6 +449,11 @@ impl GitSource {
         let (sync_tx, sync_rx) = mpsc::channel(64);
         let wake = Arc::new(Notify::new());
         let metrics = Arc::new(GitMetrics::default());
+        let remote_url = match &config.repo {
+            RepoLocation::Local(_) => None,
+            RepoLocation::Remote(url) => Some(url.clone()),
+        };
+        let auth = config.auth.clone();
         let driver = driver::Driver::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
         tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
         Ok(GitHandle {
@@ -442,6 +464,8 @@ impl GitSource {
             metrics,
             webhook_secret,
             repo_dir,
+            remote_url,
+            auth,
         })
     }
 }

@@ -4,13 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use git2::{
-    AutotagOption, Cred, CredentialType, Direction, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository,
-};
+use git2::{AutotagOption, Cred, CredentialType, Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use super::tree_files::{CommitFiles, normalize};
-use super::{Auth, GitError, load};
-use crate::desired::DesiredState;
+use super::tree::{TreeError, TreeSource};
+use super::{Auth, GitError};
+use crate::desired::{self, DesiredState, LoadErrors};
 use crate::model::CommitId;
 
 /// The tip of the tracked branch, as last read.
@@ -103,7 +101,7 @@ pub(crate) fn fetch_remote(mirror: &Path, url: &str, branch: Option<&str>, auth:
     let repo = open_mirror(mirror)?;
     let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
     let mut conn = remote
-        .connect_auth(Direction::Fetch, Some(callbacks(auth)), None)
+        .connect_auth(Direction::Fetch, Some(callbacks(auth.clone())), None)
         .map_err(fetch_err)?;
     let branch = match branch {
         Some(b) => branch_name(b).to_string(),
@@ -129,7 +127,7 @@ pub(crate) fn fetch_remote(mirror: &Path, url: &str, branch: Option<&str>, auth:
     let have = repo.refname_to_id(&refname).ok();
     if have != Some(oid) || repo.find_commit(oid).is_err() {
         let mut opts = FetchOptions::new();
-        opts.remote_callbacks(callbacks(auth))
+        opts.remote_callbacks(callbacks(auth.clone()))
             .download_tags(AutotagOption::None)
             .update_fetchhead(false);
         conn.remote()
@@ -144,7 +142,7 @@ pub(crate) fn fetch_remote(mirror: &Path, url: &str, branch: Option<&str>, auth:
 /// Credentials for fetches: a token (https), a key file or the ssh agent (ssh).
 /// The token file is read on each fetch so a rotated token is picked up.
 /// libgit2 asks again after a rejected credential; a few tries, then give up.
-pub(crate) fn callbacks(auth: &Auth) -> RemoteCallbacks<'_> {
+pub(crate) fn callbacks(auth: Auth) -> RemoteCallbacks<'static> {
     let mut cb = RemoteCallbacks::new();
     let mut tries = 0u32;
     cb.credentials(move |_url, user_from_url, allowed| {
@@ -179,44 +177,35 @@ pub(crate) fn callbacks(auth: &Auth) -> RemoteCallbacks<'_> {
 }
 
 /// Loads the desired state from `commit`'s tree (under `subdir` when given).
-/// The outer error is a failure to read git; the inner one lists what is wrong
-/// with the commit's content.
+/// The outer error is a failure to read git (retried later); the inner one
+/// lists what is wrong with the commit (it is rejected).
 pub(crate) fn load_commit(
     repo_dir: &Path,
     commit: &CommitId,
     subdir: Option<&Path>,
 ) -> Result<Result<DesiredState, Vec<String>>, GitError> {
-    let read_err = |source| GitError::Read {
-        what: format!("commit {commit}"),
-        source,
-    };
     let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
         path: repo_dir.to_path_buf(),
         source,
     })?;
-    let oid = Oid::from_str(commit.as_str()).map_err(read_err)?;
-    let tree = repo.find_commit(oid).and_then(|c| c.tree()).map_err(read_err)?;
-    let subdir = subdir.map(|d| d.to_string_lossy()).filter(|d| !d.is_empty());
-    let root = match subdir.as_deref().map(|d| (d, normalize(d))) {
-        None => tree,
-        Some((_, Some(rel))) if rel.as_os_str().is_empty() => tree,
-        Some((dir, rel)) => match rel.map(|rel| tree.get_path(&rel)) {
-            Some(Ok(entry)) if entry.kind() == Some(ObjectType::Tree) => {
-                repo.find_tree(entry.id()).map_err(read_err)?
-            }
-            _ => {
-                return Ok(Err(vec![format!(
-                    "{dir}:0:0: no such directory at commit {}",
-                    commit.short()
-                )]));
-            }
-        },
-    };
-    let files = CommitFiles::new(&repo, root);
-    load::load(&files, commit.clone()).map_err(|source| GitError::Source {
-        commit: commit.clone(),
+    let oid = Oid::from_str(commit.as_str()).map_err(|source| GitError::Read {
+        what: format!("commit {commit}"),
         source,
-    })
+    })?;
+    let subdir = subdir.map(|d| d.to_string_lossy());
+    let files = match TreeSource::at_commit(repo, oid, subdir.as_deref()) {
+        Ok(files) => files,
+        Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => return Ok(Err(vec![e.to_string()])),
+        Err(e) => return Err(GitError::Tree(e)),
+    };
+    match desired::load(&files, Some(commit.clone())) {
+        Ok(state) => Ok(Ok(state)),
+        Err(LoadErrors::Invalid(problems)) => Ok(Err(problems.iter().map(ToString::to_string).collect())),
+        Err(LoadErrors::Source(source)) => Err(GitError::Source {
+            commit: commit.clone(),
+            source,
+        }),
+    }
 }
 
 /// Where the bare mirror of `url` lives: named after the URL, so pointing the
