@@ -96,7 +96,11 @@ impl Driver {
                     .ok()
                     .flatten();
             }
-            let result = self.refresh().await;
+            // A fetch in flight is abandoned on cancel (its blocking thread ends on its own).
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                result = self.refresh() => result,
+            };
             for reply in pending.drain(..) {
                 let _ = reply.send(result.clone());
             }
