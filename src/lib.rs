@@ -1,7 +1,11 @@
 //! opamp-gitops: a GitOps controller and OpAMP server for fleets of
 //! OpenTelemetry Collectors.
 
+pub mod api;
+pub mod app;
 pub mod cli;
 pub mod desired;
+pub mod fleet;
+pub mod metrics;
 pub mod model;
 pub mod opamp;
