@@ -46,6 +46,7 @@ async fn websocket_with_and_without_the_header_byte() {
     assert_eq!(third.instance_uid.as_ref(), &uid[..]);
     let rec = server.wait_agent(&uid, |r| r.sequence_num == 2).await;
     assert!(rec.connected);
+    ws.close().await;
     server.stop().await;
 }
 
@@ -146,6 +147,7 @@ async fn legacy_uid_is_accepted_and_echoed_and_bad_uids_are_refused() {
     // The WebSocket survives a bad uid.
     let again = ws.exchange(&heartbeat(LEGACY_UID, 2, 0x7)).await;
     assert!(again.error_response.is_none());
+    ws.close().await;
     server.stop().await;
 }
 
@@ -192,6 +194,7 @@ async fn sequence_gap_gets_exactly_one_report_full_state() {
         .await
         .server_to_agent();
     assert!(!full_state_requested(&r));
+    ws.close().await;
     server.stop().await;
 }
 
@@ -219,6 +222,7 @@ async fn request_instance_uid_gets_a_new_uuid_v7() {
     assert_eq!(r.instance_uid, new);
     server.wait_agent(&old, |r| !r.connected).await;
     server.wait_agent(&new, |r| r.connected).await;
+    ws.close().await;
     server.stop().await;
 }
 
@@ -272,6 +276,7 @@ async fn oversized_messages_get_413_or_close_1009_and_others_carry_on() {
         "{text}"
     );
     assert!(text.contains("opamp_gitops_opamp_oversized_messages_total{transport=\"websocket\"} 1"));
+    bystander.close().await;
     server.stop().await;
 }
 
@@ -293,6 +298,7 @@ async fn malformed_messages_close_one_websocket_and_get_bad_request_over_http() 
     let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
     assert!(text.contains("opamp_gitops_opamp_decode_errors_total{transport=\"websocket\"} 1"));
     assert!(text.contains("opamp_gitops_opamp_decode_errors_total{transport=\"http\"} 1"));
+    ws.close().await;
     server.stop().await;
 }
 
@@ -368,6 +374,7 @@ async fn a_thousand_bad_payloads_never_stop_the_server() {
     assert_eq!(ws.exchange(&hello(&uid, 0)).await.instance_uid.as_ref(), &uid[..]);
     let r = post(addr, &hello(&uid16(11), 0), Post::default()).await;
     assert!(r.server_to_agent().error_response.is_none());
+    ws.close().await;
     server.stop().await;
 }
 

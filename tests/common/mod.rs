@@ -292,7 +292,12 @@ impl WsAgent {
                 .await
                 .expect("the connection ends in time")
             {
-                Some(Ok(Message::Close(frame))) => return WsEnd::Closed(frame.map(|f: CloseFrame| f.code.into())),
+                Some(Ok(Message::Close(frame))) => {
+                    // Keep reading so the library sends its close reply.
+                    let _ =
+                        tokio::time::timeout(DEADLINE, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+                    return WsEnd::Closed(frame.map(|f: CloseFrame| f.code.into()));
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return WsEnd::Dropped,
             }
@@ -453,7 +458,7 @@ pub struct Post {
 
 /// POSTs an AgentToServer to /v1/opamp.
 pub async fn post(addr: SocketAddr, msg: &AgentToServer, how: Post) -> HttpResponse {
-    let mut body = codec::encode_http(msg, how.gzip_body).to_vec();
+    let body = codec::encode_http(msg, how.gzip_body).to_vec();
     let mut headers = vec![("Content-Type", "application/x-protobuf")];
     if how.gzip_body {
         headers.push(("Content-Encoding", "gzip"));
@@ -462,13 +467,9 @@ pub async fn post(addr: SocketAddr, msg: &AgentToServer, how: Post) -> HttpRespo
         headers.push(("Accept-Encoding", "gzip"));
     }
     let body = if how.chunked {
-        let mut chunks = Vec::new();
-        while body.len() > 7 {
-            let rest = body.split_off(7);
-            chunks.push(std::mem::replace(&mut body, rest));
-        }
-        chunks.push(body);
-        Body::Chunked(chunks)
+        // Small messages in 7-byte chunks, big ones in about 16.
+        let size = 7.max(body.len() / 16);
+        Body::Chunked(body.chunks(size).map(<[u8]>::to_vec).collect())
     } else {
         Body::Plain(body)
     };
