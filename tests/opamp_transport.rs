@@ -7,6 +7,7 @@ use bytes::Bytes;
 use common::*;
 use futures_util::SinkExt;
 use opamp_gitops::app::ServeConfig;
+use opamp_gitops::desired::AgentAttributes;
 use opamp_gitops::opamp::codec;
 use opamp_gitops::opamp::proto::{AgentToServer, ServerToAgent};
 use prost::Message as _;
@@ -93,23 +94,13 @@ async fn http_plain_gzip_and_chunked_bodies() {
 
     let rec = server.wait_agent(&uid, |r| r.sequence_num == 3).await;
     assert_eq!(rec.transport, opamp_gitops::fleet::Transport::Http);
-    assert_eq!(rec.attribute_str("host.name"), Some("test-host"));
+    assert_eq!(rec.attribute("host.name"), Some("test-host"));
 
     // An empty POST is an empty AgentToServer: a bad (empty) uid, still 200.
     let empty = post_raw(addr, Vec::new()).await;
     let err = empty.server_to_agent().error_response.expect("an error response");
     assert_eq!(err.r#type, 1, "BadRequest");
     server.stop().await;
-}
-
-trait AttrExt {
-    fn attribute_str(&self, key: &str) -> Option<&str>;
-}
-
-impl AttrExt for opamp_gitops::fleet::AgentRecord {
-    fn attribute_str(&self, key: &str) -> Option<&str> {
-        opamp_gitops::desired::AgentAttributes::attribute(self, key)
-    }
 }
 
 #[tokio::test]
