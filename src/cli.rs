@@ -157,6 +157,18 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default: info).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -171,7 +183,23 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Validate(args) => validate(args),
-        Command::Serve(_) | Command::Simulate(_) => {
+        Command::Serve(args) => {
+            init_tracing();
+            let config = crate::app::ServeConfig {
+                opamp_listen: args.opamp_listen,
+                api_listen: args.api_listen,
+                max_message_bytes: args.max_message_bytes,
+                heartbeat_interval: args.heartbeat_interval,
+            };
+            match crate::app::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Simulate(_) => {
             eprintln!("error: this command is not built yet");
             ExitCode::from(2)
         }
