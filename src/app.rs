@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState, Assignments, Readiness};
 use crate::fleet::{self, FleetConfig, FleetHandle};
+use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::metrics::Metrics;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
@@ -31,6 +32,8 @@ pub struct ServeConfig {
     /// Agents are assumed to report at least this often; an HTTP agent silent
     /// for three intervals is offline. Not offered to agents (see README).
     pub heartbeat_interval: Duration,
+    /// The config repository; without it the controller only keeps the inventory.
+    pub git: Option<GitConfig>,
 }
 
 impl ServeConfig {
@@ -41,6 +44,7 @@ impl ServeConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             heartbeat_interval: Duration::from_secs(30),
+            git: None,
         }
     }
 }
@@ -59,6 +63,8 @@ pub enum AppError {
     Runtime(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Git(#[from] GitError),
     #[error("a task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -70,6 +76,8 @@ pub struct Running {
     /// Where the API listens.
     pub api_addr: SocketAddr,
     pub fleet: FleetHandle,
+    /// The git source, when a repository was given.
+    pub git: Option<GitHandle>,
     pub metrics: Arc<Metrics>,
     /// Readiness as `/readyz` reports it; the git source sets it.
     pub readiness: watch::Sender<Readiness>,
@@ -119,6 +127,14 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet_stop.clone(),
     );
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
+    let git = match config.git {
+        Some(git_config) => {
+            let handle = GitSource::spawn(git_config, shutdown.child_token())?;
+            tokio::spawn(forward_readiness(handle.status(), readiness.clone()));
+            Some(handle)
+        }
+        None => None,
+    };
     let (assignments, assignments_rx) = watch::channel(Arc::new(Assignments::new()));
     let sessions = TaskTracker::new();
     let opamp_ctx = OpampContext::new(
@@ -130,6 +146,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     );
     let api_state = ApiState {
         fleet: fleet.clone(),
+        git: git.clone(),
         metrics: metrics.clone(),
         readiness: readiness_rx,
         assignments: assignments_rx,
@@ -165,12 +182,31 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         opamp_addr,
         api_addr,
         fleet,
+        git,
         metrics,
         readiness,
         assignments,
         shutdown,
         done,
     })
+}
+
+/// Keeps `/readyz` in step with the git source: ready once a commit is in force.
+async fn forward_readiness(mut status: watch::Receiver<Status>, readiness: watch::Sender<Readiness>) {
+    loop {
+        let next = match status.borrow_and_update().readiness() {
+            Ok(commit) => Readiness::Ready(commit.clone()),
+            Err(reason) => Readiness::NotReady(reason),
+        };
+        readiness.send_if_modified(|r| {
+            let changed = *r != next;
+            *r = next;
+            changed
+        });
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Runs `serve` on a new runtime until SIGINT or SIGTERM, then shuts down cleanly.

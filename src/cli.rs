@@ -185,11 +185,25 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Validate(args) => validate(args),
         Command::Serve(args) => {
             init_tracing();
+            let git = match args.repo {
+                Some(_) => match crate::gitsrc::GitConfig::from_serve_args(&args) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => {
+                    tracing::warn!("no --repo given: keeping the agent inventory only, nothing is rolled out");
+                    None
+                }
+            };
             let config = crate::app::ServeConfig {
                 opamp_listen: args.opamp_listen,
                 api_listen: args.api_listen,
                 max_message_bytes: args.max_message_bytes,
                 heartbeat_interval: args.heartbeat_interval,
+                git,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

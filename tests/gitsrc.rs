@@ -202,7 +202,7 @@ fn edge(exporter: &str) -> Vec<(GroupName, ConfigHash)> {
 }
 
 async fn serve(handle: &GitHandle) -> SocketAddr {
-    let app = gitsrc::api::routes(handle.clone()).merge(gitsrc::api::health_routes(handle.clone()));
+    let app = gitsrc::api::routes(handle.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -308,8 +308,7 @@ async fn sync_endpoint_answers_the_commit_it_reached() {
     assert_eq!(handle.metrics().commits_loaded, before.commits_loaded);
     assert_eq!(handle.metrics().fetches, before.fetches + 1);
 
-    let (code, body) = http(addr, "GET", "/readyz", &[], b"").await;
-    assert_eq!((code, body["commit"].as_str()), (200, Some(second.as_str())));
+    assert_eq!(handle.status().borrow().readiness(), Ok(&second));
     cancel.cancel();
 }
 
@@ -363,7 +362,6 @@ async fn webhooks_must_be_signed_and_for_the_tracked_branch() {
 #[tokio::test]
 async fn invalid_commit_leaves_the_previous_state_in_force() {
     let (remote, good, handle, cancel) = started(NEVER, |_| {}).await;
-    let addr = serve(&handle).await;
 
     let mut files = valid_files("otlp");
     files.push(("groups/broken.yaml".into(), BAD_GROUP.into()));
@@ -386,7 +384,7 @@ async fn invalid_commit_leaves_the_previous_state_in_force() {
     );
     assert!(status.head_errors.iter().any(|e| e.starts_with("groups/broken.yaml:")));
     // Still ready: a good commit is in force.
-    assert_eq!(http(addr, "GET", "/readyz", &[], b"").await.0, 200);
+    assert_eq!(handle.status().borrow().readiness(), Ok(&good));
 
     // A rejected commit is not validated again.
     assert_eq!(handle.metrics().commits_invalid, 1);
@@ -412,11 +410,8 @@ async fn not_ready_until_a_commit_is_loaded() {
     let cancel = CancellationToken::new();
     let cfg = config(RepoLocation::Local(tmp.path().join("r.git")), tmp.path(), NEVER);
     let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
-    let addr = serve(&handle).await;
     wait_status(&handle, "the invalid head", |s| s.head.as_ref() == Some(&bad)).await;
-    let (code, body) = http(addr, "GET", "/readyz", &[], b"").await;
-    assert_eq!(code, 503);
-    let reason = body["reason"].as_str().unwrap();
+    let reason = handle.status().borrow().readiness().unwrap_err();
     assert!(
         reason.contains("is invalid") && reason.contains("configs/missing.yaml"),
         "{reason}"
@@ -428,12 +423,8 @@ async fn not_ready_until_a_commit_is_loaded() {
     let missing = GitSource::spawn(cfg, cancel.clone()).unwrap();
     let addr = serve(&missing).await;
     wait_status(&missing, "a fetch error", |s| s.last_fetch_error.is_some()).await;
-    let (code, body) = http(addr, "GET", "/readyz", &[], b"").await;
-    assert_eq!(code, 503);
-    assert!(
-        body["reason"].as_str().unwrap().contains("opening repository"),
-        "{body}"
-    );
+    let reason = missing.status().borrow().readiness().unwrap_err();
+    assert!(reason.contains("opening repository"), "{reason}");
     let (code, body) = http(addr, "POST", "/api/v1/sync", &[], b"").await;
     assert_eq!(code, 502);
     assert!(body["error"].as_str().unwrap().contains("nope"), "{body}");

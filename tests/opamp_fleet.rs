@@ -292,8 +292,12 @@ async fn health_readiness_and_metrics() {
     server
         .running
         .readiness
-        .send_replace(opamp_gitops::api::Readiness::Ready);
-    assert_eq!(server.api_get("/readyz").await.status, 200);
+        .send_replace(opamp_gitops::api::Readiness::Ready(opamp_gitops::model::CommitId::new(
+            "ab12",
+        )));
+    let r = server.api_get("/readyz").await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains(r#""commit":"ab12""#));
 
     let mut ws = server.ws().await;
     ws.exchange(&hello(&uid16(31), 0)).await;

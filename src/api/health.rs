@@ -1,16 +1,20 @@
 //! Liveness and readiness. Readiness is whatever the parts that gate it
 //! (the git source: "a commit is loaded") publish on a `watch` channel.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde_json::json;
 
 use super::ApiState;
+use crate::model::CommitId;
 
 /// Whether the controller is ready to serve its purpose, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
-    Ready,
+    /// A commit is loaded and in force.
+    Ready(CommitId),
     NotReady(String),
 }
 
@@ -28,9 +32,11 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(state): State<ApiState>) -> Response {
     let readiness = state.readiness.borrow().clone();
     match readiness {
-        Readiness::Ready => (StatusCode::OK, "ready\n".to_string()).into_response(),
-        Readiness::NotReady(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response()
-        }
+        Readiness::Ready(commit) => Json(json!({"status": "ready", "commit": commit})).into_response(),
+        Readiness::NotReady(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "reason": reason})),
+        )
+            .into_response(),
     }
 }

@@ -17,12 +17,15 @@ pub use agents::{Assignment, Assignments};
 pub use health::Readiness;
 
 use crate::fleet::FleetHandle;
+use crate::gitsrc::GitHandle;
 use crate::metrics::Metrics;
 
 /// What the API reads. Cheap to clone.
 #[derive(Clone)]
 pub struct ApiState {
     pub fleet: FleetHandle,
+    /// The git source, when a repository was given: sync, webhook, metrics.
+    pub git: Option<GitHandle>,
     pub metrics: Arc<Metrics>,
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
@@ -31,6 +34,7 @@ pub struct ApiState {
 
 /// The API's routes. More routes can be merged into the returned router.
 pub fn router(state: ApiState) -> Router {
+    let git_routes = state.git.clone().map(crate::gitsrc::api::routes).unwrap_or_default();
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -38,10 +42,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{uid}", get(agents::one))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(git_routes)
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    let text = state.metrics.render(&state.fleet.snapshot());
+    let mut text = state.metrics.render(&state.fleet.snapshot());
+    if let Some(git) = &state.git {
+        git.metrics().write_prometheus(&mut text);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

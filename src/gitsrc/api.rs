@@ -1,6 +1,5 @@
 //! The git source's HTTP endpoints, for the API listener to mount:
-//! `POST /api/v1/sync`, `POST /api/v1/webhook` ([`routes`]) and `GET /readyz`
-//! ([`health_routes`]).
+//! `POST /api/v1/sync` and `POST /api/v1/webhook`.
 
 use axum::Json;
 use axum::Router;
@@ -8,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use serde_json::json;
 use tracing::{debug, warn};
 
@@ -27,11 +26,6 @@ pub fn routes(handle: GitHandle) -> Router {
             post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
         )
         .with_state(handle)
-}
-
-/// `GET /readyz`: 200 once a commit is loaded, else 503 with the reason.
-pub fn health_routes(handle: GitHandle) -> Router {
-    Router::new().route("/readyz", get(readyz)).with_state(handle)
 }
 
 async fn sync(State(handle): State<GitHandle>) -> Response {
@@ -70,17 +64,5 @@ async fn webhook(State(handle): State<GitHandle>, headers: HeaderMap, body: Byte
             handle.trigger();
             (StatusCode::ACCEPTED, Json(json!({"status": "fetching"}))).into_response()
         }
-    }
-}
-
-async fn readyz(State(handle): State<GitHandle>) -> Response {
-    let status = handle.status.borrow().clone();
-    match status.readiness() {
-        Ok(commit) => Json(json!({"status": "ready", "commit": commit})).into_response(),
-        Err(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reason": reason})),
-        )
-            .into_response(),
     }
 }
