@@ -17,7 +17,7 @@ pub use plan::{
     Push, PushReason, RemoteConfigState, RemoteStatus, plan,
 };
 pub use state::{
-    AgentRecord, Control, ControlAction, ControlError, FailureRecord, GroupState, Pushed, Rollout, RolloutKind,
-    RolloutPhase, RolloutState, Stable, Timestamp,
+    AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
+    Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
 };
 pub use waves::{Members, OrderKey, canary_order, order_key, wave_cuts};

@@ -2,7 +2,7 @@
 //! decide what to push, what each agent's and group's status is, and the next
 //! rollout state. Pure and deterministic; see `docs/rollouts.md`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +10,10 @@ use serde::Serialize;
 
 use super::select::Matcher;
 use super::state::{
-    AgentRecord, ControlAction, FailureRecord, GroupState, Pushed, Rollout, RolloutKind, RolloutPhase, RolloutState,
-    Stable, Timestamp,
+    AgentRecord, AgentRecords, ControlAction, FailureRecord, GroupState, Membership, Pushed, Rollout, RolloutKind,
+    RolloutPhase, RolloutState, Stable, Timestamp,
 };
-use super::waves::{Members, OrderKey, canary_order, order_key, wave_cuts};
+use super::waves::{Members, OrderKey, order_key, wave_cuts};
 use crate::desired::{AgentAttributes, ConfigBundle, DesiredState, Group, OnFailure};
 use crate::model::{AgentState, CommitId, ConfigHash, GroupName, InstanceUid};
 
@@ -282,7 +282,9 @@ pub fn plan(input: &PlanInput) -> Plan {
     let groups: Vec<&Group> = input.desired.groups.values().collect();
     let mut in_group: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
     let mut assignments = Vec::with_capacity(agents.len());
-    let mut records: HashMap<InstanceUid, AgentRecord> = HashMap::with_capacity(input.state.agents.len());
+    let by_uid = uid_order(agents);
+    let prev = join_records(agents, &by_uid, &input.state.agents);
+    let mut records: Vec<Option<AgentRecord>> = vec![None; agents.len()];
     for (i, a) in agents.iter().enumerate() {
         let group = matcher.find(a);
         let state = match group {
@@ -294,10 +296,10 @@ pub fn plan(input: &PlanInput) -> Plan {
             }
         };
         if state != AgentState::Pending
-            && let Some(r) = input.state.agents.get(&a.uid)
+            && let Some(r) = prev[i]
         {
             // Kept so "never push a FAILED hash again" survives a group change.
-            records.insert(a.uid.clone(), r.clone());
+            records[i] = Some(AgentRecord { member: None, ..*r }).filter(|r| !r.is_empty());
         }
         assignments.push(Assignment {
             uid: a.uid.clone(),
@@ -315,17 +317,18 @@ pub fn plan(input: &PlanInput) -> Plan {
     };
     let mut next_groups = BTreeMap::new();
     let mut statuses = BTreeMap::new();
+    let mut rollouts = input.state.rollouts;
     for (g, group) in groups.iter().enumerate() {
         let ctx = GroupCtx {
             group,
             agents,
-            members: &in_group[g],
-            prev_records: &input.state.agents,
+            idx: &in_group[g],
+            prev: &prev,
             commit: input.desired.commit.as_ref(),
             now: input.now,
             reconcile_interval: input.desired.reconcile_interval,
         };
-        let (gs, status) = ctx.plan(input.state.groups.get(&group.name), &mut out);
+        let (gs, status) = ctx.plan(input.state.groups.get(&group.name), &mut rollouts, &mut out);
         next_groups.insert(group.name.clone(), gs);
         statuses.insert(group.name.clone(), status);
     }
@@ -333,7 +336,8 @@ pub fn plan(input: &PlanInput) -> Plan {
         pushes: out.pushes,
         state: RolloutState {
             groups: next_groups,
-            agents: out.records,
+            agents: collect_records(agents, &by_uid, out.records),
+            rollouts,
         },
         agents: out.assignments,
         groups: statuses,
@@ -341,19 +345,62 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
 }
 
+/// The fleet's indices in uid order (without sorting when it already is).
+fn uid_order(agents: &[AgentView]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..agents.len()).collect();
+    if !agents.windows(2).all(|w| w[0].uid <= w[1].uid) {
+        order.sort_by(|&a, &b| agents[a].uid.cmp(&agents[b].uid));
+    }
+    order
+}
+
+/// Each agent's previous record, by a merge of two uid-ordered sequences.
+fn join_records<'a>(agents: &[AgentView], by_uid: &[usize], records: &'a AgentRecords) -> Vec<Option<&'a AgentRecord>> {
+    let entries = records.entries();
+    let mut prev = vec![None; agents.len()];
+    let mut j = 0;
+    for &i in by_uid {
+        let uid = &agents[i].uid;
+        while j < entries.len() && entries[j].0 < *uid {
+            j += 1;
+        }
+        if let Some((u, r)) = entries.get(j)
+            && u == uid
+        {
+            prev[i] = Some(r);
+        }
+    }
+    prev
+}
+
+/// The next records in uid order; a uid listed twice keeps its first record.
+fn collect_records(agents: &[AgentView], by_uid: &[usize], mut next: Vec<Option<AgentRecord>>) -> AgentRecords {
+    let mut out: Vec<(InstanceUid, AgentRecord)> = Vec::with_capacity(next.iter().filter(|r| r.is_some()).count());
+    for &i in by_uid {
+        if let Some(r) = next[i].take()
+            && out.last().is_none_or(|(u, _)| *u != agents[i].uid)
+        {
+            out.push((agents[i].uid.clone(), r));
+        }
+    }
+    AgentRecords::from_sorted(out)
+}
+
 struct Out {
     pushes: Vec<Push>,
     events: Vec<Event>,
     assignments: Vec<Assignment>,
-    records: HashMap<InstanceUid, AgentRecord>,
+    /// The next record of each agent, by its index in the fleet.
+    records: Vec<Option<AgentRecord>>,
 }
 
 struct GroupCtx<'a> {
     group: &'a Group,
     agents: &'a [AgentView],
     /// Indices into `agents` of the group's agents that accept remote config.
-    members: &'a [usize],
-    prev_records: &'a HashMap<InstanceUid, AgentRecord>,
+    idx: &'a [usize],
+    /// Each fleet agent's previous record, by its index in the fleet.
+    prev: &'a [Option<&'a AgentRecord>],
     commit: Option<&'a CommitId>,
     now: Timestamp,
     reconcile_interval: Duration,
@@ -371,17 +418,16 @@ enum Mode {
 }
 
 /// Which agents the opened waves of a rollout cover.
-struct Opened<'a> {
+struct Opened {
     kind: RolloutKind,
-    members: &'a Members,
     cut: u32,
     /// Canary key of the first member not yet opened: a late joiner is in the
     /// opened waves when it sorts before it. `None`: every wave is open.
     boundary: Option<OrderKey>,
 }
 
-impl<'a> Opened<'a> {
-    fn of(r: &'a Rollout, group: &GroupName) -> Self {
+impl Opened {
+    fn of(r: &Rollout, group: &GroupName) -> Self {
         let cut = r.opened_cut();
         let boundary = if (cut as usize) < r.members.len() {
             r.members.at_rank(cut).map(|u| order_key(group, u))
@@ -390,18 +436,18 @@ impl<'a> Opened<'a> {
         };
         Opened {
             kind: r.kind,
-            members: &r.members,
             cut,
             boundary,
         }
     }
 
-    /// (in an opened wave, counted for the wave being done).
-    fn place(&self, group: &GroupName, uid: &InstanceUid) -> (bool, bool) {
+    /// (in an opened wave, counted for the wave being done), given the
+    /// agent's rank among the members.
+    fn place(&self, group: &GroupName, uid: &InstanceUid, rank: Option<u32>) -> (bool, bool) {
         if self.kind == RolloutKind::Revert {
             return (true, true);
         }
-        match self.members.rank(uid) {
+        match rank {
             Some(rank) => (rank < self.cut, rank < self.cut),
             None => (self.boundary.is_none_or(|b| order_key(group, uid) < b), false),
         }
@@ -413,22 +459,32 @@ impl GroupCtx<'_> {
         &self.group.name
     }
 
-    fn plan(&self, prev: Option<&GroupState>, out: &mut Out) -> (GroupState, GroupStatus) {
+    fn plan(&self, prev: Option<&GroupState>, rollouts: &mut u64, out: &mut Out) -> (GroupState, GroupStatus) {
         let mut gs = prev.cloned().unwrap_or_default();
-        self.start_if_changed(&mut gs, out);
+        let started = self.start_if_changed(&mut gs, rollouts, out);
+        let ranks: Vec<Option<u32>> = match (&gs.rollout, started) {
+            (_, Some(ranks)) => ranks,
+            (Some(r), None) if r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete => self
+                .idx
+                .iter()
+                .map(|&i| self.prev[i].and_then(|p| p.rank_in(r.id)))
+                .collect(),
+            _ => vec![None; self.idx.len()],
+        };
         if let Some(r) = gs.rollout.as_mut()
             && r.phase != RolloutPhase::Complete
         {
-            let blocking = self.check_agents(r, out);
+            let blocking = self.check_agents(r, &ranks, out);
             self.advance(r, blocking, &mut gs.stable, out);
         }
-        let status = self.assign(&gs, out);
+        let status = self.assign(&gs, &ranks, out);
         (gs, status)
     }
 
     /// Starts a rollout when the group's config differs from the one its
-    /// current rollout (or, without one, its stable config) delivers.
-    fn start_if_changed(&self, gs: &mut GroupState, out: &mut Out) {
+    /// current rollout (or, without one, its stable config) delivers. For a
+    /// rollout in waves, answers each group agent's rank among its members.
+    fn start_if_changed(&self, gs: &mut GroupState, rollouts: &mut u64, out: &mut Out) -> Option<Vec<Option<u32>>> {
         let target = &self.group.config;
         let th = target.hash();
         let delivered = match (&gs.rollout, &gs.stable) {
@@ -437,7 +493,7 @@ impl GroupCtx<'_> {
             (None, None) => None,
         };
         if delivered == Some(th) {
-            return;
+            return None;
         }
         if let Some(old) = &gs.rollout
             && old.in_progress()
@@ -452,26 +508,34 @@ impl GroupCtx<'_> {
         // The desired state's commit is the one that brought the new config.
         let commit = self.commit.cloned();
         let revert = gs.stable.as_ref().is_some_and(|s| s.bundle.hash() == th);
+        let mut ranks = None;
         let (kind, members) = if revert {
-            (RolloutKind::Revert, Members::default())
+            (RolloutKind::Revert, Arc::new(Members::default()))
         } else {
-            let connected = self
-                .members
+            // The canary order of the connected agents, fixed for the rollout.
+            let mut keyed: Vec<(OrderKey, usize)> = self
+                .idx
                 .iter()
-                .map(|&i| &self.agents[i])
-                .filter(|a| a.connected)
-                .map(|a| a.uid.clone())
+                .enumerate()
+                .filter(|&(_, &i)| self.agents[i].connected)
+                .map(|(n, &i)| (order_key(self.name(), &self.agents[i].uid), n))
                 .collect();
-            (
-                RolloutKind::Waves,
-                Members::from_order(canary_order(self.name(), connected)),
-            )
+            keyed.sort_unstable();
+            let mut r = vec![None; self.idx.len()];
+            let mut order = Vec::with_capacity(keyed.len());
+            for (rank, (_, n)) in (0u32..).zip(keyed) {
+                r[n] = Some(rank);
+                order.push(self.agents[self.idx[n]].uid.clone());
+            }
+            ranks = Some(r);
+            (RolloutKind::Waves, Arc::new(Members::from_order(order)))
         };
         let cuts = match kind {
             RolloutKind::Waves => wave_cuts(&self.group.rollout.waves, members.len()),
-            RolloutKind::Revert => vec![u32::try_from(self.members.len()).unwrap_or(u32::MAX)],
+            RolloutKind::Revert => vec![u32::try_from(self.idx.len()).unwrap_or(u32::MAX)],
         };
         let r = Rollout {
+            id: *rollouts,
             kind,
             target: Arc::clone(target),
             commit: commit.clone(),
@@ -503,12 +567,14 @@ impl GroupCtx<'_> {
                 agents: r.opened_cut(),
             });
         }
+        *rollouts += 1;
         gs.rollout = Some(r);
+        ranks
     }
 
     /// Pass 1: records new failures of agents in opened waves and counts the
     /// agents that keep the current wave from being done.
-    fn check_agents(&self, r: &mut Rollout, out: &mut Out) -> u32 {
+    fn check_agents(&self, r: &mut Rollout, ranks: &[Option<u32>], out: &mut Out) -> u32 {
         let th = r.target.hash();
         let timeout = self.group.rollout.apply_timeout;
         let opened = Opened::of(r, self.name());
@@ -516,9 +582,9 @@ impl GroupCtx<'_> {
         let mut blocking = 0u32;
         let mut counted_present = 0u32;
         let mut missing = BTreeMap::new();
-        for &i in self.members {
+        for (n, &i) in self.idx.iter().enumerate() {
             let a = &self.agents[i];
-            let (in_opened, counted) = opened.place(self.name(), &a.uid);
+            let (in_opened, counted) = opened.place(self.name(), &a.uid, ranks[n]);
             if !in_opened {
                 continue;
             }
@@ -528,7 +594,7 @@ impl GroupCtx<'_> {
             if r.failures.contains_key(&a.uid) {
                 continue;
             }
-            if let Some(error) = self.failure(a, th, timeout) {
+            if let Some(error) = self.failure(a, self.prev[i], th, timeout) {
                 new_failures.push((a.uid.clone(), error));
                 continue;
             }
@@ -554,9 +620,10 @@ impl GroupCtx<'_> {
         if r.kind == RolloutKind::Waves && counted_present < opened.cut {
             // Members of the opened waves the fleet no longer lists (forgotten,
             // or moved to another group) block like disconnected ones.
-            let present: HashSet<&InstanceUid> = self.members.iter().map(|&i| &self.agents[i].uid).collect();
-            for (uid, rank) in r.members.iter() {
-                if rank >= opened.cut || present.contains(uid) || r.failures.contains_key(uid) {
+            let present: HashSet<&InstanceUid> = self.idx.iter().map(|&i| &self.agents[i].uid).collect();
+            let ordered = r.members.ordered();
+            for uid in ordered.get(..opened.cut as usize).unwrap_or(ordered) {
+                if present.contains(uid) || r.failures.contains_key(uid) {
                     continue;
                 }
                 let t = r.missing.get(uid).copied().unwrap_or(self.now);
@@ -580,7 +647,7 @@ impl GroupCtx<'_> {
     }
 
     /// Why an agent of an opened wave failed the target, if it did.
-    fn failure(&self, a: &AgentView, th: ConfigHash, timeout: Duration) -> Option<String> {
+    fn failure(&self, a: &AgentView, prev: Option<&AgentRecord>, th: ConfigHash, timeout: Duration) -> Option<String> {
         if !a.connected {
             return None;
         }
@@ -600,7 +667,7 @@ impl GroupCtx<'_> {
             }
             _ => {}
         }
-        let pushed = self.prev_records.get(&a.uid).and_then(|r| r.pushed)?;
+        let pushed = prev.and_then(|r| r.pushed)?;
         (pushed.hash == th && pushed.epoch == a.connection_epoch && self.now.reached(pushed.at, timeout))
             .then(|| format!("not APPLIED within {}", humantime::format_duration(timeout)))
     }
@@ -682,7 +749,7 @@ impl GroupCtx<'_> {
     }
 
     /// Pass 2: what each agent should run, pushes, agent states and the group status.
-    fn assign(&self, gs: &GroupState, out: &mut Out) -> GroupStatus {
+    fn assign(&self, gs: &GroupState, ranks: &[Option<u32>], out: &mut Out) -> GroupStatus {
         let stable = gs.stable.as_ref().map(|s| &s.bundle);
         let rollout = gs.rollout.as_ref();
         let rolling = rollout.filter(|r| r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete);
@@ -690,11 +757,11 @@ impl GroupCtx<'_> {
         let rollback = self.group.rollout.on_failure == OnFailure::Rollback;
         let mut counts = AgentCounts::default();
         let mut reverted = 0u32;
-        for &i in self.members {
+        for (n, &i) in self.idx.iter().enumerate() {
             let a = &self.agents[i];
             let (should, mode, active) = match (rolling, &opened) {
                 (Some(r), Some(o)) => {
-                    let (in_opened, _) = o.place(self.name(), &a.uid);
+                    let (in_opened, _) = o.place(self.name(), &a.uid, ranks[n]);
                     let failed = r.failures.contains_key(&a.uid);
                     if in_opened && failed && rollback && r.phase == RolloutPhase::Halted {
                         match stable {
@@ -703,7 +770,7 @@ impl GroupCtx<'_> {
                         }
                     } else if in_opened {
                         (Some(&r.target), Mode::Wave, true)
-                    } else if r.members.rank(&a.uid).is_some() {
+                    } else if ranks[n].is_some() {
                         (stable, Mode::Keep, false)
                     } else {
                         (stable, Mode::Sync(PushReason::Sync), false)
@@ -717,8 +784,8 @@ impl GroupCtx<'_> {
                     None => (stable, Mode::Sync(PushReason::Sync), true),
                 },
             };
-            let prev = self.prev_records.get(&a.uid);
-            let mut rec = prev.cloned().unwrap_or_default();
+            let mut rec = self.prev[i].copied().unwrap_or_default();
+            rec.member = rolling.and_then(|r| ranks[n].map(|rank| Membership { rollout: r.id, rank }));
             if let Some(rs) = &a.remote
                 && let Some(h) = rs.hash
             {
@@ -806,7 +873,7 @@ impl GroupCtx<'_> {
             asg.desired = sh;
             asg.state = state;
             if !rec.is_empty() {
-                out.records.insert(a.uid.clone(), rec);
+                out.records[i] = Some(rec);
             }
         }
         if reverted > 0

@@ -7,6 +7,7 @@
 //! pair); only groups without such a condition are checked for every agent.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::desired::{AgentAttributes, DesiredState, Group};
 use crate::model::InstanceUid;
@@ -22,7 +23,37 @@ pub struct Matcher<'a> {
     /// Groups with an explicit uid list, by uid (rank order).
     by_uid: HashMap<&'a InstanceUid, Vec<usize>>,
     /// Groups indexed by one attribute pair: key, then value (rank order).
-    by_attr: Vec<(&'a str, HashMap<&'a str, Vec<usize>>)>,
+    by_attr: Vec<(&'a str, ValueIndex<'a>)>,
+    /// Per ranked group: its selector is exactly the indexed pair, so an
+    /// index hit is a match.
+    exact: Vec<bool>,
+}
+
+/// Ranked groups by the value of one attribute.
+type ValueIndex<'a> = HashMap<&'a str, Vec<usize>, Fnv>;
+
+/// FNV-1a for the attribute index. Its keys come from the repository (a few
+/// per group), so a fixed hash cannot be flooded by agents; it only has to be
+/// fast on short strings.
+type Fnv = BuildHasherDefault<FnvHasher>;
+
+struct FnvHasher(u64);
+
+impl Default for FnvHasher {
+    fn default() -> Self {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for FnvHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl<'a> Matcher<'a> {
@@ -33,7 +64,8 @@ impl<'a> Matcher<'a> {
         let ranked: Vec<&Group> = ranked.into_iter().map(|(_, g)| g).collect();
         let mut general = Vec::new();
         let mut by_uid: HashMap<&InstanceUid, Vec<usize>> = HashMap::new();
-        let mut by_attr: Vec<(&str, HashMap<&str, Vec<usize>>)> = Vec::new();
+        let mut by_attr: Vec<(&str, ValueIndex)> = Vec::new();
+        let mut exact = vec![false; ranked.len()];
         for (rank, g) in ranked.iter().enumerate() {
             let s = &g.selector;
             if !s.instance_uids.is_empty() {
@@ -47,11 +79,12 @@ impl<'a> Matcher<'a> {
                 let i = match by_attr.iter().position(|(key, _)| *key == k.as_str()) {
                     Some(i) => i,
                     None => {
-                        by_attr.push((k.as_str(), HashMap::new()));
+                        by_attr.push((k.as_str(), HashMap::default()));
                         by_attr.len() - 1
                     }
                 };
                 by_attr[i].1.entry(v.as_str()).or_default().push(rank);
+                exact[rank] = s.match_attributes.len() == 1 && s.match_expressions.is_empty();
             } else {
                 general.push(rank);
             }
@@ -62,29 +95,30 @@ impl<'a> Matcher<'a> {
             general,
             by_uid,
             by_attr,
+            exact,
         }
     }
 
     /// The group an agent belongs to, as its position in `desired.groups`.
     pub fn find(&self, agent: &impl AgentAttributes) -> Option<usize> {
         let mut best = usize::MAX;
-        let mut consider = |list: &[usize]| {
+        let mut consider = |list: &[usize], indexed_by_attr: bool| {
             // Each list is in rank order, so its first match is its best.
             if let Some(&r) = list
                 .iter()
                 .take_while(|&&r| r < best)
-                .find(|&&r| self.ranked[r].selector.matches(agent))
+                .find(|&&r| (indexed_by_attr && self.exact[r]) || self.ranked[r].selector.matches(agent))
             {
                 best = r;
             }
         };
-        consider(&self.general);
+        consider(&self.general, false);
         if let Some(list) = self.by_uid.get(agent.uid()) {
-            consider(list);
+            consider(list, false);
         }
         for (key, values) in &self.by_attr {
             if let Some(list) = agent.attribute(key).and_then(|v| values.get(v)) {
-                consider(list);
+                consider(list, true);
             }
         }
         (best != usize::MAX).then(|| self.position[best])

@@ -3,7 +3,7 @@
 //! pushed. Persisted by the driver (serde) so a restart resumes every rollout
 //! where it was; holds the config bundles themselves so no old commit is needed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +52,11 @@ impl fmt::Display for Timestamp {
 pub struct RolloutState {
     #[serde(default)]
     pub groups: BTreeMap<GroupName, GroupState>,
-    /// Looked up by uid, never iterated to build a plan, so its order cannot
-    /// leak; serialized sorted by uid.
-    #[serde(default, serialize_with = "sorted_map")]
-    pub agents: HashMap<InstanceUid, AgentRecord>,
+    #[serde(default)]
+    pub agents: AgentRecords,
+    /// Rollouts started so far; the next one gets this number as its id.
+    #[serde(default)]
+    pub rollouts: u64,
 }
 
 /// One group's history as far as rollouts need it.
@@ -98,6 +99,8 @@ pub enum RolloutPhase {
 /// One rollout of one group's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
+    /// Unique among this controller's rollouts; ties agent records' membership to it.
+    pub id: u64,
     pub kind: RolloutKind,
     #[serde(with = "bundle_serde")]
     pub target: Arc<ConfigBundle>,
@@ -117,8 +120,10 @@ pub struct Rollout {
     /// (the bake clock of the current wave); `None` while some are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_since: Option<Timestamp>,
-    /// The agents counted when the rollout started, in canary order.
-    pub members: Members,
+    /// The agents counted when the rollout started, in canary order (shared:
+    /// it never changes during the rollout, so plans do not copy it).
+    #[serde(with = "arc_members")]
+    pub members: Arc<Members>,
     pub started: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<Timestamp>,
@@ -184,7 +189,7 @@ impl Rollout {
 }
 
 /// What the controller did to one agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
     /// The last push.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,11 +197,40 @@ pub struct AgentRecord {
     /// The last hash the agent reported FAILED for; never pushed to it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<ConfigHash>,
+    /// Its place among the members of its group's rollout in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<Membership>,
 }
 
 impl AgentRecord {
     pub fn is_empty(&self) -> bool {
-        self.pushed.is_none() && self.failed.is_none()
+        self.pushed.is_none() && self.failed.is_none() && self.member.is_none()
+    }
+
+    /// The agent's rank among the members of rollout `id`, if it is one.
+    pub fn rank_in(&self, id: u64) -> Option<u32> {
+        self.member.filter(|m| m.rollout == id).map(|m| m.rank)
+    }
+}
+
+/// An agent counted by a rollout when it started, and its rank in the
+/// canary order. Stored as `[rollout, rank]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u32)", into = "(u64, u32)")]
+pub struct Membership {
+    pub rollout: u64,
+    pub rank: u32,
+}
+
+impl From<(u64, u32)> for Membership {
+    fn from((rollout, rank): (u64, u32)) -> Self {
+        Membership { rollout, rank }
+    }
+}
+
+impl From<Membership> for (u64, u32) {
+    fn from(m: Membership) -> Self {
+        (m.rollout, m.rank)
     }
 }
 
@@ -260,9 +294,60 @@ impl RolloutState {
     }
 }
 
-fn sorted_map<S: Serializer>(map: &HashMap<InstanceUid, AgentRecord>, s: S) -> Result<S::Ok, S::Error> {
-    let sorted: BTreeMap<&InstanceUid, &AgentRecord> = map.iter().collect();
-    sorted.serialize(s)
+/// Per-agent records sorted by uid, one per uid, so that a plan joins them
+/// with a uid-sorted fleet in one sequential pass instead of tens of
+/// thousands of hash lookups. Serialized as a map from uid to record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRecords(Vec<(InstanceUid, AgentRecord)>);
+
+impl AgentRecords {
+    /// `entries` must be sorted by uid without repeats.
+    pub(super) fn from_sorted(entries: Vec<(InstanceUid, AgentRecord)>) -> Self {
+        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+        AgentRecords(entries)
+    }
+
+    pub fn get(&self, uid: &InstanceUid) -> Option<&AgentRecord> {
+        self.0.binary_search_by(|(u, _)| u.cmp(uid)).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The records in uid order.
+    pub fn entries(&self) -> &[(InstanceUid, AgentRecord)] {
+        &self.0
+    }
+}
+
+impl Serialize for AgentRecords {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(u, r)| (u, r)))
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentRecords {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<InstanceUid, AgentRecord>::deserialize(d)?;
+        Ok(AgentRecords(map.into_iter().collect()))
+    }
+}
+
+mod arc_members {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(m: &Arc<Members>, s: S) -> Result<S::Ok, S::Error> {
+        m.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Members>, D::Error> {
+        Members::deserialize(d).map(Arc::new)
+    }
 }
 
 /// A config bundle as its files (content type and body) plus its hash, which

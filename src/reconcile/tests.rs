@@ -1131,6 +1131,30 @@ fn plan_100k_agents_in_50_groups() {
     let start = std::time::Instant::now();
     let p = w.plan();
     eprintln!("steady: {:?}", start.elapsed());
+    // On-CPU time of this thread (the machine may be shared), in ns.
+    let cpu = || -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (start, c0) = (std::time::Instant::now(), cpu());
+    for _ in 0..20 {
+        plan(&PlanInput {
+            desired: &w.desired,
+            agents: &w.agents,
+            state: &w.state,
+            now: w.now,
+        });
+    }
+    let (m0, c1) = (super::select::Matcher::new(&w.desired), cpu());
+    let found = w.agents.iter().filter(|a| m0.find(*a).is_some()).count();
+    eprintln!("matcher only: {:?} ({found})", Duration::from_nanos(cpu() - c1));
+    eprintln!(
+        "mid-rollout, plan only: {:?} wall, {:?} cpu",
+        start.elapsed() / 20,
+        Duration::from_nanos((cpu() - c0) / 20)
+    );
     assert!(p.pushes.is_empty());
     // Every group mid-rollout.
     let mut r = repo().commit("c2");

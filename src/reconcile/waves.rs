@@ -53,67 +53,37 @@ pub fn wave_cuts(waves: &[Amount], n: usize) -> Vec<u32> {
     cuts
 }
 
-/// The agents a rollout counted when it started, with their rank in the canary
-/// order. Kept sorted by uid for lookups; stored as the uid list in canary order.
+/// The agents a rollout counted when it started, in canary order. Each
+/// member's rank is also kept in its agent record (see
+/// `state::Membership`), so plans look agents up once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "Vec<InstanceUid>", into = "Vec<InstanceUid>")]
+#[serde(transparent)]
 pub struct Members {
-    by_uid: Vec<(InstanceUid, u32)>,
+    order: Vec<InstanceUid>,
 }
 
 impl Members {
     /// `ordered` must already be in canary order.
     pub fn from_order(ordered: Vec<InstanceUid>) -> Self {
-        let mut by_uid: Vec<(InstanceUid, u32)> = ordered.into_iter().zip(0u32..).collect();
-        by_uid.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        by_uid.dedup_by(|a, b| a.0 == b.0);
-        Members { by_uid }
+        Members { order: ordered }
     }
 
     pub fn len(&self) -> usize {
-        self.by_uid.len()
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_uid.is_empty()
+        self.order.is_empty()
     }
 
-    /// The member's rank in the canary order (0 first), or `None` for an agent
-    /// that was not counted when the rollout started.
-    pub fn rank(&self, uid: &InstanceUid) -> Option<u32> {
-        self.by_uid
-            .binary_search_by(|(u, _)| u.cmp(uid))
-            .ok()
-            .map(|i| self.by_uid[i].1)
-    }
-
-    /// Every member with its rank, in uid order.
-    pub fn iter(&self) -> impl Iterator<Item = (&InstanceUid, u32)> {
-        self.by_uid.iter().map(|(u, r)| (u, *r))
-    }
-
-    /// The member at `rank`, if any (a scan: used once per plan and group).
+    /// The member at `rank`, if any.
     pub fn at_rank(&self, rank: u32) -> Option<&InstanceUid> {
-        self.by_uid.iter().find(|(_, r)| *r == rank).map(|(u, _)| u)
+        self.order.get(rank as usize)
     }
 
-    /// The uids in canary order.
-    pub fn ordered(&self) -> Vec<InstanceUid> {
-        let mut v: Vec<&(InstanceUid, u32)> = self.by_uid.iter().collect();
-        v.sort_unstable_by_key(|(_, r)| *r);
-        v.into_iter().map(|(u, _)| u.clone()).collect()
-    }
-}
-
-impl From<Vec<InstanceUid>> for Members {
-    fn from(ordered: Vec<InstanceUid>) -> Self {
-        Members::from_order(ordered)
-    }
-}
-
-impl From<Members> for Vec<InstanceUid> {
-    fn from(m: Members) -> Self {
-        m.ordered()
+    /// The members in canary order.
+    pub fn ordered(&self) -> &[InstanceUid] {
+        &self.order
     }
 }
 
@@ -166,18 +136,14 @@ mod tests {
     }
 
     #[test]
-    fn members_rank_and_round_trip() {
+    fn members_round_trip_in_canary_order() {
         let g = GroupName::new("gw");
         let order = canary_order(&g, (0..10).map(uid).collect());
         let m = Members::from_order(order.clone());
-        for (i, u) in order.iter().enumerate() {
-            assert_eq!(m.rank(u), Some(i as u32));
-            assert_eq!(m.at_rank(i as u32), Some(u));
-        }
-        assert_eq!(m.rank(&uid(99)), None);
+        assert_eq!(m.at_rank(3), Some(&order[3]));
+        assert_eq!(m.at_rank(10), None);
         let json = serde_json::to_string(&m).unwrap();
         let back: Members = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, m);
-        assert_eq!(back.ordered(), order);
+        assert_eq!(back.ordered(), &order[..]);
     }
 }

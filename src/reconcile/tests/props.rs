@@ -107,9 +107,9 @@ fn desired(s: &Scenario, commit: usize, a: usize, b: usize) -> DesiredState {
 
 /// Whether `uid` is in an opened wave of the group's rollout (members by
 /// rank, late joiners by their place in the canary order).
-fn in_opened_wave(group: &GroupName, r: &Rollout, uid: &InstanceUid) -> bool {
+fn in_opened_wave(group: &GroupName, r: &Rollout, rec: Option<&AgentRecord>, uid: &InstanceUid) -> bool {
     let cut = r.opened_cut();
-    match r.members.rank(uid) {
+    match rec.and_then(|rec| rec.rank_in(r.id)) {
         Some(rank) => rank < cut,
         None => match r.members.at_rank(cut) {
             Some(first_unopened) => order_key(group, uid) < order_key(group, first_unopened),
@@ -154,9 +154,28 @@ fn check(w: &World, input_state: &RolloutState, p: &Plan) -> Result<(), TestCase
             && r.target.hash() == h
         {
             prop_assert!(
-                in_opened_wave(&push.group, r, &push.uid),
+                in_opened_wave(&push.group, r, p.state.agents.get(&push.uid), &push.uid),
                 "target given outside the opened waves"
             );
+        }
+    }
+    for (g, gs) in &p.state.groups {
+        let Some(r) = gs.rollout.as_ref().filter(|r| r.kind == RolloutKind::Waves) else {
+            continue;
+        };
+        for a in &w.agents {
+            if let Some(rank) = p.state.agents.get(&a.uid).and_then(|rec| rec.rank_in(r.id)) {
+                prop_assert_eq!(
+                    r.members.at_rank(rank),
+                    Some(&a.uid),
+                    "membership agrees with the order"
+                );
+                prop_assert_eq!(
+                    in_opened_wave(g, r, None, &a.uid),
+                    rank < r.opened_cut(),
+                    "a member's place by key agrees with its rank"
+                );
+            }
         }
     }
     let mut seen = BTreeSet::new();
