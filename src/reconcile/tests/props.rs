@@ -186,6 +186,22 @@ fn check(w: &World, input_state: &RolloutState, p: &Plan) -> Result<(), TestCase
     Ok(())
 }
 
+/// The scenario's agents; all connected unless `offline` honours the scenario.
+fn fleet_of(s: &Scenario, offline: bool) -> Vec<AgentView> {
+    s.agents
+        .iter()
+        .enumerate()
+        .map(|(i, (svc, supported, connected, _))| {
+            let mut a = agent(&format!("p{i}")).attrs(&[("svc", &svc.to_string())]);
+            a.accepts_remote_config = *supported;
+            if offline && !connected {
+                a = a.offline(Some(t(900)));
+            }
+            a
+        })
+        .collect()
+}
+
 fn answer(w: &mut World, p: &Plan, behaviours: &[Behaviour]) {
     for push in &p.pushes {
         let Some(i) = w.agents.iter().position(|a| a.uid == push.uid) else {
@@ -209,19 +225,7 @@ proptest! {
 
     #[test]
     fn plans_are_deterministic_keep_waves_and_push_only_where_allowed(s in scenario()) {
-        let agents: Vec<AgentView> = s
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, (svc, supported, connected, _))| {
-                let mut a = agent(&format!("p{i}")).attrs(&[("svc", &svc.to_string())]);
-                a.accepts_remote_config = *supported;
-                if !connected {
-                    a = a.offline(Some(t(900)));
-                }
-                a
-            })
-            .collect();
+        let agents = fleet_of(&s, true);
         let behaviours: Vec<Behaviour> = s.agents.iter().map(|a| a.3).collect();
         let mut w = World::new(desired(&s, 0, 0, 0), agents);
         let mut commits = 0;
@@ -267,16 +271,7 @@ proptest! {
         // Everyone behaves; each round answers the pushes and plans again at
         // the same instant: nothing new may be pushed until time passes.
         let s = Scenario { bake: s.bake.max(1), ..s };
-        let agents: Vec<AgentView> = s
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, (svc, supported, _, _))| {
-                let mut a = agent(&format!("p{i}")).attrs(&[("svc", &svc.to_string())]);
-                a.accepts_remote_config = *supported;
-                a
-            })
-            .collect();
+        let agents = fleet_of(&s, false);
         let ok = vec![Behaviour::Ok; agents.len()];
         let mut w = World::new(desired(&s, 0, 0, 0), agents);
         let bake = s.bake;
