@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod model;
 pub mod notes;
 pub mod opamp;
+pub mod reconcile;

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// An agent's `instance_uid` exactly as it sent it.
 ///
@@ -93,6 +93,14 @@ impl Serialize for InstanceUid {
     }
 }
 
+impl<'de> Deserialize<'de> for InstanceUid {
+    /// Reads the text form that `Serialize` writes (see [`InstanceUid::parse_text`]).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        InstanceUid::parse_text(&s).ok_or_else(|| serde::de::Error::custom(format!("bad instance uid {s:?}")))
+    }
+}
+
 /// SHA-256 of a group's config map in canonical form (see `desired::ConfigBundle`).
 /// Sent to agents as 32 raw bytes, shown to humans as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,6 +138,14 @@ impl fmt::Debug for ConfigHash {
 impl Serialize for ConfigHash {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigHash {
+    /// Reads the 64 hex digits that `Serialize` writes.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ConfigHash::from_hex(&s).ok_or_else(|| serde::de::Error::custom(format!("bad config hash {s:?}")))
     }
 }
 

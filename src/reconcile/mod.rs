@@ -1,0 +1,23 @@
+//! The reconciler: per group canary rollouts and per agent drift healing,
+//! decided by the pure function [`plan`] from the desired state, the fleet,
+//! the rollout state and the time. No I/O, no clock, no randomness; the
+//! driver calls it on every change and on a timer, carries out the pushes and
+//! persists [`RolloutState`]. The rules are in `docs/rollouts.md`.
+
+mod plan;
+mod select;
+mod state;
+mod waves;
+
+#[cfg(test)]
+mod tests;
+
+pub use plan::{
+    AgentCounts, AgentView, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, PlanInput,
+    Push, PushReason, RemoteConfigState, RemoteStatus, plan,
+};
+pub use state::{
+    AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
+    Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
+};
+pub use waves::{Members, OrderKey, canary_order, order_key, wave_cuts};

@@ -1,0 +1,430 @@
+//! The rollout state that [`super::plan`] carries from one call to the next:
+//! per group the stable config and the current rollout, per agent what was
+//! pushed. Persisted by the driver (serde) so a restart resumes every rollout
+//! where it was; holds the config bundles themselves so no old commit is needed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::waves::Members;
+use crate::desired::{ConfigBundle, ConfigFile};
+use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn from_millis(ms: u64) -> Self {
+        Timestamp(ms)
+    }
+
+    pub fn millis(self) -> u64 {
+        self.0
+    }
+
+    /// Time since `earlier`, zero when `earlier` is later (a clock step back).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+
+    /// Whether at least `d` has passed since `earlier`.
+    pub fn reached(self, earlier: Timestamp, d: Duration) -> bool {
+        self.since(earlier) >= d
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+/// Everything needed to resume: per group the stable config and the current
+/// (or last) rollout, per agent what was pushed to it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    #[serde(default)]
+    pub groups: BTreeMap<GroupName, GroupState>,
+    #[serde(default)]
+    pub agents: AgentRecords,
+    /// Rollouts started so far; the next one gets this number as its id.
+    #[serde(default)]
+    pub rollouts: u64,
+}
+
+/// One group's history as far as rollouts need it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The config the last completed rollout reached; `None` before the first
+    /// rollout of the group completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Stable>,
+    /// The current rollout, or the last one when it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stable {
+    #[serde(with = "bundle_serde")]
+    pub bundle: Arc<ConfigBundle>,
+    pub commit: Option<CommitId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    /// A change rolled out in canary waves.
+    Waves,
+    /// Back to the stable config: pushed to every agent at once.
+    Revert,
+}
+
+/// A rollout's own phase; `paused` is a separate flag on a progressing rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutPhase {
+    Progressing,
+    Halted,
+    Complete,
+}
+
+/// One rollout of one group's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Unique among this controller's rollouts; ties agent records' membership to it.
+    pub id: u64,
+    pub kind: RolloutKind,
+    #[serde(with = "bundle_serde")]
+    pub target: Arc<ConfigBundle>,
+    /// The commit that brought the target.
+    pub commit: Option<CommitId>,
+    pub phase: RolloutPhase,
+    #[serde(default)]
+    pub paused: bool,
+    /// The operator asked to skip the rest of the current wave's bake.
+    #[serde(default)]
+    pub promote: bool,
+    /// Cumulative member counts per wave, fixed at start; the last is all members.
+    pub cuts: Vec<u32>,
+    /// Waves opened so far (1-based; 0 never occurs once started).
+    pub opened: u32,
+    /// Since when every agent of the opened waves has been APPLIED and healthy
+    /// (the bake clock of the current wave); `None` while some are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_since: Option<Timestamp>,
+    /// The agents counted when the rollout started, in canary order (shared:
+    /// it never changes during the rollout, so plans do not copy it).
+    #[serde(with = "arc_members")]
+    pub members: Arc<Members>,
+    pub started: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Timestamp>,
+    /// Members of the opened waves that the fleet does not list, or lists as
+    /// disconnected without a time, and since when (they block a wave until
+    /// apply_timeout has passed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub missing: BTreeMap<InstanceUid, Timestamp>,
+    /// Every agent that failed this rollout, with why and when.
+    #[serde(default)]
+    pub failures: BTreeMap<InstanceUid, FailureRecord>,
+    /// Operator actions, oldest first.
+    #[serde(default)]
+    pub actions: Vec<ControlAction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub error: String,
+    pub at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Pause,
+    Resume,
+    Promote,
+}
+
+/// An operator action, recorded so the notes can show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlAction {
+    pub action: Control,
+    pub at: Timestamp,
+}
+
+/// Operator actions kept per rollout; older ones are dropped.
+const MAX_ACTIONS: usize = 50;
+
+impl Rollout {
+    /// Progressing or paused: waves may still open.
+    pub fn in_progress(&self) -> bool {
+        self.phase == RolloutPhase::Progressing
+    }
+
+    /// The cumulative member count of the opened waves.
+    pub fn opened_cut(&self) -> u32 {
+        let i = (self.opened as usize).clamp(1, self.cuts.len().max(1)) - 1;
+        self.cuts.get(i).copied().unwrap_or(0)
+    }
+
+    pub fn waves(&self) -> u32 {
+        u32::try_from(self.cuts.len()).unwrap_or(u32::MAX)
+    }
+
+    fn record(&mut self, action: Control, now: Timestamp) {
+        if self.actions.len() >= MAX_ACTIONS {
+            self.actions.remove(0);
+        }
+        self.actions.push(ControlAction { action, at: now });
+    }
+}
+
+/// What the controller did to one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The last push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<Pushed>,
+    /// The last hash the agent reported FAILED for; never pushed to it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<ConfigHash>,
+    /// Its place among the members of its group's rollout in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<Membership>,
+}
+
+impl AgentRecord {
+    pub fn is_empty(&self) -> bool {
+        self.pushed.is_none() && self.failed.is_none() && self.member.is_none()
+    }
+
+    /// The agent's rank among the members of rollout `id`, if it is one.
+    pub fn rank_in(&self, id: u64) -> Option<u32> {
+        self.member.filter(|m| m.rollout == id).map(|m| m.rank)
+    }
+}
+
+/// An agent counted by a rollout when it started, and its rank in the
+/// canary order. Stored as `[rollout, rank]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u32)", into = "(u64, u32)")]
+pub struct Membership {
+    pub rollout: u64,
+    pub rank: u32,
+}
+
+impl From<(u64, u32)> for Membership {
+    fn from((rollout, rank): (u64, u32)) -> Self {
+        Membership { rollout, rank }
+    }
+}
+
+impl From<Membership> for (u64, u32) {
+    fn from(m: Membership) -> Self {
+        (m.rollout, m.rank)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    pub hash: ConfigHash,
+    pub at: Timestamp,
+    /// The agent's connection epoch at the push; a new epoch means a reconnect.
+    pub epoch: u64,
+}
+
+/// Why an operator control was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no group named {0}")]
+    UnknownGroup(GroupName),
+    #[error("group {0} has no rollout in progress")]
+    Idle(GroupName),
+}
+
+impl RolloutState {
+    /// Stops opening waves of `group`'s rollout (failures still halt it).
+    /// Pausing a paused rollout changes nothing.
+    pub fn pause(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+        let r = self.controllable(group)?;
+        if !r.paused {
+            r.paused = true;
+            r.record(Control::Pause, now);
+        }
+        Ok(())
+    }
+
+    /// Lets a paused rollout open waves again; bake time served while paused counts.
+    pub fn resume(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+        let r = self.controllable(group)?;
+        if r.paused {
+            r.paused = false;
+            r.record(Control::Resume, now);
+        }
+        Ok(())
+    }
+
+    /// Skips the rest of the current wave's bake: the next wave opens as soon
+    /// as every agent of the current one is APPLIED and healthy.
+    pub fn promote(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+        let r = self.controllable(group)?;
+        r.promote = true;
+        r.record(Control::Promote, now);
+        Ok(())
+    }
+
+    fn controllable(&mut self, group: &GroupName) -> Result<&mut Rollout, ControlError> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| ControlError::UnknownGroup(group.clone()))?;
+        match &mut g.rollout {
+            Some(r) if r.kind == RolloutKind::Waves && r.in_progress() => Ok(r),
+            _ => Err(ControlError::Idle(group.clone())),
+        }
+    }
+}
+
+/// Per-agent records sorted by uid, one per uid, so that a plan joins them
+/// with a uid-sorted fleet in one sequential pass instead of tens of
+/// thousands of hash lookups. Serialized as a map from uid to record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRecords(Vec<(InstanceUid, AgentRecord)>);
+
+impl AgentRecords {
+    /// `entries` must be sorted by uid without repeats.
+    pub(super) fn from_sorted(entries: Vec<(InstanceUid, AgentRecord)>) -> Self {
+        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+        AgentRecords(entries)
+    }
+
+    pub fn get(&self, uid: &InstanceUid) -> Option<&AgentRecord> {
+        self.0.binary_search_by(|(u, _)| u.cmp(uid)).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The records in uid order.
+    pub fn entries(&self) -> &[(InstanceUid, AgentRecord)] {
+        &self.0
+    }
+}
+
+impl Serialize for AgentRecords {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(u, r)| (u, r)))
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentRecords {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<InstanceUid, AgentRecord>::deserialize(d)?;
+        Ok(AgentRecords(map.into_iter().collect()))
+    }
+}
+
+mod arc_members {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(m: &Arc<Members>, s: S) -> Result<S::Ok, S::Error> {
+        m.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Members>, D::Error> {
+        Members::deserialize(d).map(Arc::new)
+    }
+}
+
+/// A config bundle as its files (content type and body) plus its hash, which
+/// is checked on load. Bodies are text when they are UTF-8, else hex.
+mod bundle_serde {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct RawBundle {
+        hash: ConfigHash,
+        files: BTreeMap<String, RawFile>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawFile {
+        content_type: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hex: Option<String>,
+    }
+
+    pub fn serialize<S: Serializer>(b: &Arc<ConfigBundle>, s: S) -> Result<S::Ok, S::Error> {
+        let files = b
+            .files()
+            .iter()
+            .map(|(k, f)| {
+                let (text, hex) = match std::str::from_utf8(&f.body) {
+                    Ok(t) => (Some(t.to_owned()), None),
+                    Err(_) => (None, Some(hex::encode(&f.body))),
+                };
+                (
+                    k.clone(),
+                    RawFile {
+                        content_type: f.content_type.clone(),
+                        text,
+                        hex,
+                    },
+                )
+            })
+            .collect();
+        RawBundle { hash: b.hash(), files }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<ConfigBundle>, D::Error> {
+        use serde::de::Error;
+        let raw = RawBundle::deserialize(d)?;
+        let mut files = BTreeMap::new();
+        for (k, f) in raw.files {
+            let body = match (f.text, f.hex) {
+                (Some(t), None) => Bytes::from(t),
+                (None, Some(h)) => {
+                    Bytes::from(hex::decode(&h).map_err(|e| D::Error::custom(format!("file {k:?}: {e}")))?)
+                }
+                _ => {
+                    return Err(D::Error::custom(format!(
+                        "file {k:?}: needs exactly one of text and hex"
+                    )));
+                }
+            };
+            files.insert(
+                k,
+                ConfigFile {
+                    content_type: f.content_type,
+                    body,
+                },
+            );
+        }
+        let bundle = ConfigBundle::new(files);
+        if bundle.hash() != raw.hash {
+            return Err(D::Error::custom(format!(
+                "bundle content hashes to {}, recorded as {}",
+                bundle.hash(),
+                raw.hash
+            )));
+        }
+        Ok(Arc::new(bundle))
+    }
+}

@@ -1,0 +1,1176 @@
+//! Table and scenario tests of `plan`, one named case per rollout rule, built
+//! with small fixture builders; multi-step scenarios feed each plan's state
+//! into the next call with an advancing clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::desired::{Amount, ConfigBundle, ConfigFile, DesiredState, Group, OnFailure, RolloutPolicy, Selector};
+use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
+
+mod props;
+
+// ---------- fixtures ----------
+
+pub(super) fn config(body: &str) -> Arc<ConfigBundle> {
+    Arc::new(ConfigBundle::new(BTreeMap::from([(
+        String::new(),
+        ConfigFile {
+            content_type: "text/yaml".into(),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        },
+    )])))
+}
+
+pub(super) fn uid(name: &str) -> InstanceUid {
+    let mut b = [0u8; 16];
+    let n = name.len().min(16);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    InstanceUid::Uuid(b)
+}
+
+pub(super) fn gname(s: &str) -> GroupName {
+    GroupName::new(s)
+}
+
+pub(super) fn t(secs: u64) -> Timestamp {
+    Timestamp::from_millis(secs * 1000)
+}
+
+/// A connected agent that accepts remote config, reports health and is healthy.
+pub(super) fn agent(name: &str) -> AgentView {
+    AgentView {
+        uid: uid(name),
+        attributes: Arc::new(BTreeMap::new()),
+        accepts_remote_config: true,
+        reports_health: true,
+        connected: true,
+        connection_epoch: 1,
+        disconnected_at: None,
+        remote: None,
+        healthy: Some(true),
+        health_error: String::new(),
+    }
+}
+
+pub(super) trait AgentFx: Sized {
+    fn attrs(self, kv: &[(&str, &str)]) -> Self;
+    fn reports(self, b: &Arc<ConfigBundle>) -> Self;
+    fn applied(self) -> Self;
+    fn applying(self) -> Self;
+    fn failed(self, error: &str) -> Self;
+    fn healthy(self) -> Self;
+    fn unhealthy(self, error: &str) -> Self;
+    fn no_health(self) -> Self;
+    fn unsupported(self) -> Self;
+    fn offline(self, since: Option<Timestamp>) -> Self;
+}
+
+impl AgentFx for AgentView {
+    fn attrs(mut self, kv: &[(&str, &str)]) -> Self {
+        let mut m = (*self.attributes).clone();
+        for (k, v) in kv {
+            m.insert((*k).into(), (*v).into());
+        }
+        self.attributes = Arc::new(m);
+        self
+    }
+    fn reports(mut self, b: &Arc<ConfigBundle>) -> Self {
+        self.remote = Some(RemoteStatus {
+            hash: Some(b.hash()),
+            status: RemoteConfigState::Unset,
+            error: String::new(),
+        });
+        self
+    }
+    fn applied(self) -> Self {
+        self.status(RemoteConfigState::Applied, "")
+    }
+    fn applying(self) -> Self {
+        self.status(RemoteConfigState::Applying, "")
+    }
+    fn failed(self, error: &str) -> Self {
+        self.status(RemoteConfigState::Failed, error)
+    }
+    fn healthy(mut self) -> Self {
+        self.healthy = Some(true);
+        self.health_error.clear();
+        self
+    }
+    fn unhealthy(mut self, error: &str) -> Self {
+        self.healthy = Some(false);
+        self.health_error = error.into();
+        self
+    }
+    fn no_health(mut self) -> Self {
+        self.reports_health = false;
+        self.healthy = None;
+        self
+    }
+    fn unsupported(mut self) -> Self {
+        self.accepts_remote_config = false;
+        self
+    }
+    fn offline(mut self, since: Option<Timestamp>) -> Self {
+        self.connected = false;
+        self.disconnected_at = since;
+        self
+    }
+}
+
+trait StatusFx {
+    fn status(self, s: RemoteConfigState, error: &str) -> Self;
+}
+
+impl StatusFx for AgentView {
+    fn status(mut self, s: RemoteConfigState, error: &str) -> Self {
+        let r = self.remote.get_or_insert(RemoteStatus {
+            hash: None,
+            status: RemoteConfigState::Unset,
+            error: String::new(),
+        });
+        r.status = s;
+        r.error = error.into();
+        self
+    }
+}
+
+pub(super) struct Repo {
+    groups: Vec<Group>,
+    commit: Option<CommitId>,
+    interval: Duration,
+}
+
+pub(super) fn repo() -> Repo {
+    Repo {
+        groups: Vec::new(),
+        commit: Some(CommitId::new("c1")),
+        interval: Duration::from_secs(300),
+    }
+}
+
+pub(super) fn parse_waves(s: &str) -> Vec<Amount> {
+    s.split(',')
+        .map(|w| {
+            let w = w.trim();
+            match w.strip_suffix('%') {
+                Some(p) => Amount::Percent(p.parse().expect("percent")),
+                None => Amount::Count(w.parse().expect("count")),
+            }
+        })
+        .collect()
+}
+
+impl Repo {
+    /// Starts a catch-all group with the default policy and config "v1".
+    pub(super) fn group(mut self, name: &str) -> Self {
+        self.groups.push(Group {
+            name: gname(name),
+            description: String::new(),
+            priority: 0,
+            selector: Selector::default(),
+            config: config("v1"),
+            rollout: RolloutPolicy::default(),
+        });
+        self
+    }
+    fn last(&mut self) -> &mut Group {
+        self.groups.last_mut().expect("group() first")
+    }
+    pub(super) fn waves(mut self, w: &str) -> Self {
+        self.last().rollout.waves = parse_waves(w);
+        self
+    }
+    pub(super) fn config(mut self, b: &Arc<ConfigBundle>) -> Self {
+        self.last().config = Arc::clone(b);
+        self
+    }
+    pub(super) fn priority(mut self, p: i64) -> Self {
+        self.last().priority = p;
+        self
+    }
+    pub(super) fn select(mut self, k: &str, v: &str) -> Self {
+        self.last().selector.match_attributes.insert(k.into(), v.into());
+        self
+    }
+    fn uids(mut self, names: &[&str]) -> Self {
+        self.last().selector.instance_uids = names.iter().map(|n| uid(n)).collect();
+        self
+    }
+    pub(super) fn bake(mut self, secs: u64) -> Self {
+        self.last().rollout.bake = Duration::from_secs(secs);
+        self
+    }
+    pub(super) fn apply_timeout(mut self, secs: u64) -> Self {
+        self.last().rollout.apply_timeout = Duration::from_secs(secs);
+        self
+    }
+    pub(super) fn max_failures(mut self, a: Amount) -> Self {
+        self.last().rollout.max_failures = a;
+        self
+    }
+    pub(super) fn on_failure(mut self, f: OnFailure) -> Self {
+        self.last().rollout.on_failure = f;
+        self
+    }
+    pub(super) fn commit(mut self, c: &str) -> Self {
+        self.commit = Some(CommitId::new(c));
+        self
+    }
+    pub(super) fn interval(mut self, secs: u64) -> Self {
+        self.interval = Duration::from_secs(secs);
+        self
+    }
+    pub(super) fn build(self) -> DesiredState {
+        DesiredState {
+            commit: self.commit,
+            groups: self.groups.into_iter().map(|g| (g.name.clone(), g)).collect(),
+            reconcile_interval: self.interval,
+        }
+    }
+}
+
+/// A fleet, a desired state and the controller's rollout state over time.
+pub(super) struct World {
+    pub desired: DesiredState,
+    pub agents: Vec<AgentView>,
+    pub state: RolloutState,
+    pub now: Timestamp,
+}
+
+impl World {
+    pub(super) fn new(desired: DesiredState, agents: Vec<AgentView>) -> Self {
+        World {
+            desired,
+            agents,
+            state: RolloutState::default(),
+            now: t(1_000),
+        }
+    }
+
+    /// Plans and keeps the next state, as the driver does.
+    pub(super) fn plan(&mut self) -> Plan {
+        let p = plan(&PlanInput {
+            desired: &self.desired,
+            agents: &self.agents,
+            state: &self.state,
+            now: self.now,
+        });
+        self.state = p.state.clone();
+        p
+    }
+
+    pub(super) fn advance(&mut self, secs: u64) {
+        self.now = Timestamp::from_millis(self.now.millis() + secs * 1000);
+    }
+
+    /// Changes one agent with the fixture builders: `w.set(&u, |a| a.applied())`.
+    pub(super) fn set(&mut self, uid: &InstanceUid, f: impl FnOnce(AgentView) -> AgentView) {
+        let a = self.agents.iter_mut().find(|a| &a.uid == uid).expect("known agent");
+        *a = f(a.clone());
+    }
+
+    /// Every pushed agent reports APPLIED (and healthy) for what it was given.
+    pub(super) fn apply(&mut self, p: &Plan) {
+        for push in &p.pushes {
+            let a = self
+                .agents
+                .iter_mut()
+                .find(|a| a.uid == push.uid)
+                .expect("pushed agent exists");
+            *a = a.clone().reports(&push.bundle).applied().healthy();
+        }
+    }
+
+    /// Plans, applies the pushes, and plans again after `secs`, until the
+    /// group's rollout is no longer progressing (at most `max` rounds).
+    pub(super) fn run(&mut self, group: &str, secs: u64, max: usize) -> Plan {
+        let mut p = self.plan();
+        for _ in 0..max {
+            if p.groups[&gname(group)].phase != Phase::Progressing {
+                break;
+            }
+            self.apply(&p);
+            self.advance(secs);
+            p = self.plan();
+        }
+        p
+    }
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("a{i:02}")).collect()
+}
+
+fn fleet(n: usize, b: &Arc<ConfigBundle>) -> Vec<AgentView> {
+    names(n).iter().map(|n| agent(n).reports(b).applied()).collect()
+}
+
+fn pushed(p: &Plan) -> BTreeSet<InstanceUid> {
+    p.pushes.iter().map(|p| p.uid.clone()).collect()
+}
+
+fn order(group: &str, n: usize) -> Vec<InstanceUid> {
+    canary_order(&gname(group), names(n).iter().map(|n| uid(n)).collect())
+}
+
+fn set(uids: &[InstanceUid]) -> BTreeSet<InstanceUid> {
+    uids.iter().cloned().collect()
+}
+
+/// A world where group "gw" completed a rollout of v1 to `n` agents and now
+/// has v2 as its desired config (commit c2).
+fn stable_then(n: usize, v1: &Arc<ConfigBundle>, v2: &Arc<ConfigBundle>, tune: impl Fn(Repo) -> Repo) -> World {
+    let mut w = World::new(tune(repo().group("gw").config(v1)).build(), fleet(n, v1));
+    let p = w.run("gw", 120, 20);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    assert!(p.pushes.is_empty(), "the fleet already ran v1");
+    w.desired = tune(repo().commit("c2").group("gw").config(v2)).build();
+    w
+}
+
+// ---------- group matching ----------
+
+#[test]
+fn matching_by_selector_priority_and_name_tie_break() {
+    let desired = repo()
+        .group("all") // catch-all, priority 0
+        .group("gw")
+        .select("svc", "gw")
+        .priority(10)
+        .group("gw-prod")
+        .select("svc", "gw")
+        .select("env", "prod")
+        .priority(20)
+        .group("b-overlap")
+        .select("zone", "z1")
+        .priority(5)
+        .group("a-overlap")
+        .select("region", "r1")
+        .priority(5)
+        .group("pinned")
+        .uids(&["pin"])
+        .priority(30)
+        .build();
+    let cases: &[(&str, AgentView, Option<&str>)] = &[
+        ("catch-all gets the rest", agent("x"), Some("all")),
+        ("selector match", agent("g").attrs(&[("svc", "gw")]), Some("gw")),
+        (
+            "higher priority wins",
+            agent("p").attrs(&[("svc", "gw"), ("env", "prod")]),
+            Some("gw-prod"),
+        ),
+        (
+            "equal priority: the name that sorts first wins",
+            agent("o").attrs(&[("zone", "z1"), ("region", "r1")]),
+            Some("a-overlap"),
+        ),
+        (
+            "explicit uid list",
+            agent("pin").attrs(&[("svc", "gw")]),
+            Some("pinned"),
+        ),
+    ];
+    let agents: Vec<AgentView> = cases.iter().map(|c| c.1.clone()).collect();
+    let p = plan(&PlanInput {
+        desired: &desired,
+        agents: &agents,
+        state: &RolloutState::default(),
+        now: t(1),
+    });
+    for (i, (name, _, want)) in cases.iter().enumerate() {
+        assert_eq!(p.agents[i].group, want.map(gname), "{name}");
+    }
+
+    let no_catch_all = repo().group("gw").select("svc", "gw").build();
+    let agents = vec![agent("x").attrs(&[("svc", "other")])];
+    let p = plan(&PlanInput {
+        desired: &no_catch_all,
+        agents: &agents,
+        state: &RolloutState::default(),
+        now: t(1),
+    });
+    assert_eq!(p.agents[0].group, None, "no group matches: unmanaged");
+    assert_eq!(p.agents[0].state, AgentState::Unmanaged);
+}
+
+#[test]
+fn unmanaged_and_unsupported_are_listed_never_pushed() {
+    let v1 = config("v1");
+    let mut w = World::new(
+        repo().group("gw").select("svc", "gw").waves("100%").config(&v1).build(),
+        vec![
+            agent("m").attrs(&[("svc", "gw")]),
+            agent("u").attrs(&[("svc", "other")]),
+            agent("s").attrs(&[("svc", "gw")]).unsupported(),
+        ],
+    );
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&[uid("m")]));
+    let u = p.agent(&uid("u")).unwrap();
+    assert_eq!((u.group.clone(), u.state), (None, AgentState::Unmanaged));
+    let s = p.agent(&uid("s")).unwrap();
+    assert_eq!((s.group.clone(), s.state), (Some(gname("gw")), AgentState::Unsupported));
+    assert_eq!(
+        p.groups[&gname("gw")].agents.targeted,
+        1,
+        "unsupported agents are not targeted"
+    );
+    assert_eq!(p.groups[&gname("gw")].waves, 1);
+}
+
+// ---------- waves ----------
+
+#[test]
+fn waves_follow_the_stable_hash_order_and_the_same_canaries_every_time() {
+    let (v1, v2, v3) = (config("v1"), config("v2"), config("v3"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%"));
+    let ord = order("gw", 10);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]), "wave 1 is the first agent in hash order");
+    let st = &p.groups[&gname("gw")];
+    assert_eq!((st.phase, st.wave, st.waves), (Phase::Progressing, 1, 3));
+    assert_eq!(st.agents.pending, 9);
+    assert_eq!(st.agents.applying, 1);
+    assert!(p.events.contains(&Event::RolloutStarted {
+        group: gname("gw"),
+        commit: Some(CommitId::new("c2")),
+        hash: v2.hash(),
+        waves: 3,
+        targeted: 10,
+    }));
+    // The next change has the same canary.
+    w.desired = repo()
+        .commit("c3")
+        .group("gw")
+        .waves("1, 50%, 100%")
+        .config(&v3)
+        .build();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]));
+}
+
+#[test]
+fn next_wave_opens_only_after_applied_healthy_and_bake() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
+    let ord = order("gw", 10);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]));
+
+    // Reported APPLYING only: nothing opens, nothing is pushed again.
+    let c = ord[0].clone();
+    w.set(&c, |a| a.reports(&v2).applying());
+    w.advance(120);
+    let p = w.plan();
+    assert!(p.pushes.is_empty());
+    assert_eq!(p.groups[&gname("gw")].wave, 1);
+
+    // APPLIED and healthy: the bake starts now.
+    w.set(&c, |a| a.applied().healthy());
+    w.advance(1);
+    let p = w.plan();
+    assert!(p.pushes.is_empty(), "the bake has not been served");
+    assert_eq!(p.groups[&gname("gw")].agents.applied, 1);
+    w.advance(59);
+    assert_eq!(w.plan().groups[&gname("gw")].wave, 1, "59s of 60s baked");
+    w.advance(1);
+    let p = w.plan();
+    assert!(p.events.contains(&Event::WaveDone {
+        group: gname("gw"),
+        commit: Some(CommitId::new("c2")),
+        wave: 1
+    }));
+    assert_eq!(p.groups[&gname("gw")].wave, 2);
+    assert_eq!(pushed(&p), set(&ord[1..5]), "wave 2 covers 50% cumulatively");
+}
+
+#[test]
+fn an_agent_that_reports_health_must_stay_healthy_through_the_bake() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| {
+        r.waves("1, 100%").bake(60).max_failures(Amount::Count(5))
+    });
+    let c = order("gw", 4)[0].clone();
+    let p = w.plan();
+    w.apply(&p);
+    w.advance(1);
+    w.plan(); // bake starts
+    w.advance(30);
+    w.set(&c, |a| a.unhealthy("exporter down"));
+    let p = w.plan();
+    assert_eq!(
+        p.groups[&gname("gw")].failures[0].error,
+        "unhealthy after applying: exporter down"
+    );
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Failed);
+    // The failure is within budget, so the wave is done once its bake is
+    // served by the (now excused) failed agent, but not before.
+    w.set(&c, |a| a.healthy());
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 1);
+
+    // An agent without health reporting counts on APPLIED alone.
+    let mut w = stable_then(2, &v1, &v2, |r| r.waves("1, 100%").bake(10));
+    for a in &mut w.agents {
+        *a = a.clone().no_health();
+    }
+    let p = w.plan();
+    w.apply(&p);
+    w.set(&p.pushes[0].uid, |a| a.no_health());
+    w.advance(1);
+    w.plan();
+    w.advance(10);
+    assert_eq!(w.plan().groups[&gname("gw")].wave, 2);
+}
+
+#[test]
+fn unknown_health_does_not_count_as_healthy() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(2, &v1, &v2, |r| r.waves("1, 100%").bake(10));
+    let p = w.plan();
+    w.apply(&p);
+    w.set(&p.pushes[0].uid, |mut a| {
+        a.healthy = None;
+        a
+    });
+    w.advance(100);
+    w.plan();
+    w.advance(100);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 1, "APPLIED alone is not trusted");
+}
+
+#[test]
+fn last_wave_done_completes_and_the_target_becomes_stable() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
+    let p = w.run("gw", 61, 20);
+    let st = &p.groups[&gname("gw")];
+    assert_eq!((st.phase, st.wave, st.agents.applied), (Phase::Complete, 3, 10));
+    assert!(st.finished.is_some());
+    assert_eq!(st.stable_hash, Some(v2.hash()));
+    assert!(p.events.iter().any(|e| matches!(e, Event::Complete { .. })));
+    assert!(p.agents.iter().all(|a| a.state == AgentState::InSync));
+    let p = w.plan();
+    assert!(p.pushes.is_empty() && p.events.is_empty(), "complete is a fixpoint");
+}
+
+#[test]
+fn empty_group_completes_at_once() {
+    let mut w = World::new(repo().group("gw").config(&config("v1")).build(), vec![]);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!((st.phase, st.wave, st.waves), (Phase::Complete, 4, 4));
+    assert_eq!(st.stable_hash, Some(config("v1").hash()));
+}
+
+// ---------- failures, halt, rollback ----------
+
+#[test]
+fn failed_report_beyond_the_budget_halts_and_rollback_restores_stable() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("2, 100%").max_failures(Amount::Count(0)));
+    let ord = order("gw", 10);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..2]));
+    w.set(&ord[0], |a| a.reports(&v2).failed("bad exporter"));
+    w.advance(5);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.phase, Phase::Halted);
+    assert_eq!(st.failures[0].agent, ord[0]);
+    assert_eq!(st.failures[0].error, "bad exporter");
+    assert!(p.events.contains(&Event::AgentFailed {
+        group: gname("gw"),
+        agent: ord[0].clone(),
+        hash: v2.hash(),
+        error: "bad exporter".into()
+    }));
+    assert!(p.events.iter().any(|e| matches!(e, Event::Halted { failures: 1, .. })));
+    // Rollback: the failed agent gets v1 back, nobody else is touched.
+    assert_eq!(p.pushes.len(), 1);
+    assert_eq!((&p.pushes[0].uid, p.pushes[0].bundle.hash()), (&ord[0], v1.hash()));
+    assert_eq!(p.pushes[0].reason, PushReason::Rollback);
+    assert!(p.events.iter().any(|e| matches!(e, Event::RolledBack { .. })));
+    assert_eq!(p.agent(&ord[0]).unwrap().state, AgentState::Failed);
+    assert_eq!(st.stable_hash, Some(v1.hash()), "stable stays the last completed");
+}
+
+#[test]
+fn failures_within_the_budget_do_not_halt() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| {
+        r.waves("2, 100%").max_failures(Amount::Percent(10)).bake(10)
+    });
+    let ord = order("gw", 10);
+    let p = w.plan();
+    w.apply(&p);
+    w.set(&ord[0], |a| a.reports(&v2).failed("x"));
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(
+        p.groups[&gname("gw")].phase,
+        Phase::Progressing,
+        "10% of 10 tolerates one"
+    );
+    w.advance(10);
+    let p = w.plan();
+    assert_eq!(
+        p.groups[&gname("gw")].wave,
+        2,
+        "a tolerated failure does not block the wave"
+    );
+    assert!(!pushed(&p).contains(&ord[0]), "a FAILED hash is not pushed again");
+    assert_eq!(p.pushes.len(), 8);
+}
+
+#[test]
+fn hold_leaves_failed_agents_as_they_are() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("2, 100%").on_failure(OnFailure::Hold));
+    let ord = order("gw", 10);
+    w.plan();
+    w.set(&ord[0], |a| a.reports(&v2).failed("bad"));
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert!(p.pushes.is_empty());
+}
+
+#[test]
+fn not_applied_within_apply_timeout_is_a_failure() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%").apply_timeout(300));
+    let c = order("gw", 10)[0].clone();
+    w.plan();
+    w.advance(299);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Progressing);
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Applying);
+    assert!(p.pushes.is_empty(), "no second push on the same connection");
+    w.advance(1);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.phase, Phase::Halted);
+    assert_eq!(st.failures[0].error, "not APPLIED within 5m");
+    assert!(p.pushes.is_empty(), "it still runs v1: nothing to roll back");
+    let a = p.agent(&c).unwrap();
+    assert_eq!((a.state, a.desired), (AgentState::Failed, Some(v1.hash())));
+}
+
+#[test]
+fn halted_stays_halted_until_a_commit_changes_the_config() {
+    let (v1, v2, v3) = (config("v1"), config("v2"), config("v3"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("2, 100%").bake(10));
+    let ord = order("gw", 10);
+    let p = w.plan();
+    w.apply(&p);
+    w.set(&ord[0], |a| a.reports(&v2).failed("bad"));
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    // Even with everything healthy again and time passing: still halted.
+    w.apply(&p);
+    w.advance(3600);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert_eq!(p.groups[&gname("gw")].wave, 1);
+    // A commit that leaves the group's config alone changes nothing.
+    w.desired = repo().commit("c3").group("gw").waves("2, 100%").config(&v2).build();
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert_eq!(p.groups[&gname("gw")].phase_at(&CommitId::new("c3")), Phase::Unchanged);
+    // Fixing forward starts a new rollout.
+    w.desired = repo().commit("c4").group("gw").waves("2, 100%").config(&v3).build();
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(
+        (st.phase, st.wave, st.commit.clone()),
+        (Phase::Progressing, 1, Some(CommitId::new("c4")))
+    );
+    assert!(st.failures.is_empty());
+    assert!(
+        !p.events.iter().any(|e| matches!(e, Event::Superseded { .. })),
+        "halted is not superseded"
+    );
+}
+
+// ---------- commits ----------
+
+#[test]
+fn commit_that_does_not_change_the_group_starts_nothing() {
+    let v1 = config("v1");
+    let mut w = World::new(
+        repo().group("gw").config(&v1).group("other").select("x", "y").build(),
+        fleet(5, &v1),
+    );
+    let p = w.run("gw", 120, 20);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    w.desired = repo()
+        .commit("c2")
+        .group("gw")
+        .config(&v1)
+        .group("other")
+        .select("x", "y")
+        .config(&config("v9"))
+        .build();
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert!(p.pushes.is_empty());
+    assert!(
+        !p.events
+            .iter()
+            .any(|e| matches!(e, Event::RolloutStarted { group, .. } if group == &gname("gw")))
+    );
+    assert_eq!(st.commit, Some(CommitId::new("c1")));
+    assert_eq!(st.phase_at(&CommitId::new("c2")), Phase::Unchanged);
+    assert_eq!(st.phase_at(&CommitId::new("c1")), Phase::Complete);
+}
+
+#[test]
+fn revert_to_stable_is_pushed_to_every_affected_agent_at_once() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(10));
+    let ord = order("gw", 10);
+    // Two waves in: 5 agents run v2.
+    let p = w.plan();
+    w.apply(&p);
+    w.advance(1);
+    w.plan();
+    w.advance(10);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[1..5]));
+    w.apply(&p);
+    // git revert: back to v1.
+    w.desired = repo()
+        .commit("c3")
+        .group("gw")
+        .waves("1, 50%, 100%")
+        .bake(10)
+        .config(&v1)
+        .build();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..5]), "every agent running v2, no waves");
+    assert!(
+        p.pushes
+            .iter()
+            .all(|p| p.bundle.hash() == v1.hash() && p.reason == PushReason::Revert)
+    );
+    assert!(p.events.contains(&Event::RevertPushed {
+        group: gname("gw"),
+        commit: Some(CommitId::new("c3")),
+        hash: v1.hash(),
+        agents: 5
+    }));
+    assert!(
+        p.events
+            .iter()
+            .any(|e| matches!(e, Event::Superseded { commit: Some(c), .. } if c.as_str() == "c2"))
+    );
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Progressing);
+    w.apply(&p);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!((st.phase, st.agents.applied), (Phase::Complete, 10));
+    assert_eq!(st.stable_hash, Some(v1.hash()));
+}
+
+#[test]
+fn new_commit_mid_rollout_supersedes_it_from_wave_one() {
+    let (v1, v2, v3) = (config("v1"), config("v2"), config("v3"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(10));
+    let ord = order("gw", 10);
+    let p = w.plan();
+    w.apply(&p);
+    w.advance(1);
+    w.plan();
+    w.advance(10);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 2);
+    w.apply(&p);
+    w.desired = repo()
+        .commit("c3")
+        .group("gw")
+        .waves("1, 50%, 100%")
+        .bake(10)
+        .config(&v3)
+        .build();
+    let p = w.plan();
+    assert!(p.events.contains(&Event::Superseded {
+        group: gname("gw"),
+        commit: Some(CommitId::new("c2")),
+        hash: v2.hash(),
+        by: v3.hash()
+    }));
+    let st = &p.groups[&gname("gw")];
+    assert_eq!((st.wave, st.commit.clone()), (1, Some(CommitId::new("c3"))));
+    assert_eq!(st.stable_hash, Some(v1.hash()), "stable stays the last completed");
+    assert_eq!(pushed(&p), set(&ord[..1]));
+    assert!(p.pushes.iter().all(|p| p.bundle.hash() == v3.hash()));
+}
+
+#[test]
+fn first_config_rolls_out_in_waves_and_rollback_leaves_agents_as_they_are() {
+    let (v0, v1) = (config("local"), config("v1"));
+    let mut w = World::new(repo().group("gw").waves("2, 100%").config(&v1).build(), fleet(6, &v0));
+    let ord = order("gw", 6);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..2]));
+    let pending = p.agent(&ord[3]).unwrap();
+    assert_eq!(
+        (pending.state, pending.desired),
+        (AgentState::Pending, None),
+        "nothing stable to run"
+    );
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.stable_hash, None);
+    // A failure halts; with no stable config there is nothing to roll back to.
+    w.set(&ord[0], |a| a.reports(&v1).failed("bad"));
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert!(p.pushes.is_empty());
+}
+
+// ---------- connections ----------
+
+#[test]
+fn disconnected_agent_stops_blocking_after_apply_timeout_and_gets_its_config_back() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("2, 100%").bake(10).apply_timeout(300));
+    let ord = order("gw", 4);
+    let p = w.plan();
+    w.apply(&p);
+    let now = w.now;
+    w.set(&ord[1], |a| a.offline(Some(now)));
+    let p = w.plan();
+    assert_eq!(p.agent(&ord[1]).unwrap().state, AgentState::Offline);
+    w.advance(200);
+    let p = w.plan();
+    assert_eq!(
+        p.groups[&gname("gw")].wave,
+        1,
+        "offline for less than apply_timeout: still blocks"
+    );
+    w.advance(100);
+    w.plan();
+    w.advance(10);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 2, "left out of the count");
+    assert!(!pushed(&p).contains(&ord[1]), "not pushed while offline");
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Progressing);
+    // It comes back on a new connection, still running v1: it gets v2 at once.
+    w.set(&ord[1], |mut a| {
+        a.connected = true;
+        a.disconnected_at = None;
+        a.connection_epoch = 2;
+        a.reports(&v1).applied()
+    });
+    let p = w.plan();
+    assert!(pushed(&p).contains(&ord[1]));
+}
+
+#[test]
+fn member_missing_from_the_fleet_blocks_until_apply_timeout() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("2, 100%").bake(10).apply_timeout(300));
+    let ord = order("gw", 4);
+    let p = w.plan();
+    w.apply(&p);
+    w.agents.retain(|a| a.uid != ord[1]);
+    w.advance(100);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 1, "missing since this plan noticed it");
+    w.advance(299);
+    assert_eq!(w.plan().groups[&gname("gw")].wave, 1);
+    w.advance(1);
+    w.plan();
+    w.advance(10);
+    assert_eq!(w.plan().groups[&gname("gw")].wave, 2, "left out of the count");
+}
+
+#[test]
+fn late_joiner_gets_the_target_only_when_its_place_falls_in_an_opened_wave() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("5, 100%"));
+    let ord = order("gw", 10);
+    w.plan();
+    // Find two newcomers: one sorting before the first unopened member, one after.
+    let boundary = order_key(&gname("gw"), &ord[5]);
+    let mut early = None;
+    let mut late = None;
+    for i in 0..200 {
+        let n = format!("new{i}");
+        let k = order_key(&gname("gw"), &uid(&n));
+        if k < boundary && early.is_none() {
+            early = Some(n);
+        } else if k > boundary && late.is_none() {
+            late = Some(n);
+        }
+    }
+    let (early, late) = (early.unwrap(), late.unwrap());
+    w.agents.push(agent(&early).reports(&config("local")).applied());
+    w.agents.push(agent(&late).reports(&config("local")).applied());
+    let p = w.plan();
+    let by: BTreeMap<_, _> = p.pushes.iter().map(|p| (p.uid.clone(), p.bundle.hash())).collect();
+    assert_eq!(by.get(&uid(&early)), Some(&v2.hash()), "placed in the opened wave");
+    assert_eq!(by.get(&uid(&late)), Some(&v1.hash()), "gets the stable config");
+    assert_eq!(p.agent(&uid(&late)).unwrap().state, AgentState::Pending);
+    assert_eq!(p.groups[&gname("gw")].agents.targeted, 12);
+}
+
+// ---------- drift and push discipline ----------
+
+#[test]
+fn drifted_agent_is_repushed_after_the_reconcile_interval_and_at_once_on_reconnect() {
+    let v1 = config("v1");
+    let mut w = World::new(repo().interval(300).group("gw").config(&v1).build(), fleet(3, &v1));
+    w.run("gw", 120, 20);
+    // Someone edits an agent's config by hand.
+    let i = 0;
+    w.agents[i] = w.agents[i].clone().reports(&config("hand-edit")).applied();
+    let p = w.plan();
+    assert_eq!(
+        pushed(&p),
+        set(&[w.agents[i].uid.clone()]),
+        "never pushed on this connection: at once"
+    );
+    assert!(p.events.iter().any(|e| matches!(e, Event::DriftHealed { .. })));
+    assert_eq!(p.pushes[0].reason, PushReason::Sync);
+    // The agent ignores it.
+    w.advance(299);
+    let p = w.plan();
+    assert!(p.pushes.is_empty(), "no push storm");
+    assert_eq!(p.agents[i].state, AgentState::Applying);
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(p.pushes.len(), 1, "re-pushed after the reconcile interval");
+    // It reconnects: pushed again at once.
+    w.advance(10);
+    w.agents[i].connection_epoch = 2;
+    let p = w.plan();
+    assert_eq!(p.pushes.len(), 1);
+    w.advance(10);
+    assert!(w.plan().pushes.is_empty());
+}
+
+#[test]
+fn a_hash_an_agent_reported_failed_for_is_never_pushed_again() {
+    let v1 = config("v1");
+    let mut w = World::new(repo().interval(60).group("gw").config(&v1).build(), fleet(3, &v1));
+    w.run("gw", 120, 20);
+    w.agents[0] = w.agents[0].clone().reports(&v1).failed("cannot apply");
+    let p = w.plan();
+    assert!(p.pushes.is_empty());
+    assert_eq!(p.agents[0].state, AgentState::Failed);
+    // The supervisor falls back to its previous config: FAILED(v1), then APPLIED(local).
+    w.agents[0] = w.agents[0].clone().reports(&config("local")).applied();
+    for _ in 0..3 {
+        w.advance(3600);
+        w.agents[0].connection_epoch += 1;
+        let p = w.plan();
+        assert!(p.pushes.is_empty(), "not even after a reconnect");
+        assert_eq!(p.agents[0].state, AgentState::Failed);
+    }
+}
+
+#[test]
+fn the_same_hash_is_never_pushed_twice_on_one_connection_while_waiting() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(3, &v1, &v2, |r| r.waves("100%").apply_timeout(600));
+    let p = w.plan();
+    assert_eq!(p.pushes.len(), 3);
+    for _ in 0..10 {
+        w.advance(50);
+        assert!(w.plan().pushes.is_empty());
+    }
+    // A reconnect is a new chance.
+    w.agents[1].connection_epoch = 7;
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&[w.agents[1].uid.clone()]));
+}
+
+#[test]
+fn an_agent_that_already_has_the_hash_is_not_pushed() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(3, &v1, &v2, |r| r.waves("100%"));
+    w.agents[0] = w.agents[0].clone().reports(&v2).applying();
+    w.agents[1] = w.agents[1].clone().reports(&v2).applied();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&[w.agents[2].uid.clone()]));
+    assert_eq!(p.agents[0].state, AgentState::Applying);
+    assert_eq!(p.agents[1].state, AgentState::InSync);
+}
+
+// ---------- operator controls ----------
+
+#[test]
+fn pause_resume_and_promote_are_recorded_and_steer_the_waves() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(600));
+    let g = gname("gw");
+    assert_eq!(
+        w.state.pause(&gname("nope"), w.now),
+        Err(ControlError::UnknownGroup(gname("nope")))
+    );
+    assert_eq!(
+        w.state.pause(&g, w.now),
+        Err(ControlError::Idle(g.clone())),
+        "complete: idle"
+    );
+    let p = w.plan();
+    w.apply(&p);
+    w.state.pause(&g, w.now).unwrap();
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(p.groups[&g].phase, Phase::Paused);
+    w.advance(600);
+    let p = w.plan();
+    assert_eq!(p.groups[&g].wave, 1, "paused: no wave opens");
+    assert!(p.pushes.is_empty());
+    w.state.resume(&g, w.now).unwrap();
+    let p = w.plan();
+    assert_eq!(p.groups[&g].wave, 2, "bake served while paused counts");
+    w.apply(&p);
+    w.advance(1);
+    w.plan();
+    w.state.promote(&g, w.now).unwrap();
+    let p = w.plan();
+    assert_eq!(p.groups[&g].wave, 3, "promote skips the rest of the bake");
+    let actions: Vec<Control> = p.groups[&g].actions.iter().map(|a| a.action).collect();
+    assert_eq!(actions, vec![Control::Pause, Control::Resume, Control::Promote]);
+}
+
+#[test]
+fn promote_does_not_skip_waiting_for_applied() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%").bake(600));
+    let g = gname("gw");
+    w.plan();
+    w.state.promote(&g, w.now).unwrap();
+    let p = w.plan();
+    assert_eq!(p.groups[&g].wave, 1);
+    w.apply(&p);
+    let p = w.plan();
+    assert_eq!(p.groups[&g].wave, 1, "the canary has not been pushed-and-applied yet");
+}
+
+// ---------- restart ----------
+
+#[test]
+fn state_survives_json_and_a_restart_resumes_where_it_was() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
+    let p = w.plan();
+    w.apply(&p);
+    w.advance(1);
+    w.plan();
+    w.advance(30); // half the bake served
+    w.plan();
+    let json = serde_json::to_string(&w.state).unwrap();
+    let back: RolloutState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, w.state);
+    assert!(json.contains(r#""text":"v2""#), "the target bundle itself is kept");
+    w.state = back;
+    w.advance(30);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 2, "bake already served is kept");
+    let tampered = json.replacen("\"text\":\"v2\"", "\"text\":\"v3\"", 1);
+    assert!(
+        serde_json::from_str::<RolloutState>(&tampered).is_err(),
+        "hash is checked on load"
+    );
+}
+
+#[test]
+fn binary_bodies_round_trip() {
+    let b = Arc::new(ConfigBundle::new(BTreeMap::from([(
+        "bin".to_string(),
+        ConfigFile {
+            content_type: "application/octet-stream".into(),
+            body: Bytes::from_static(&[0xff, 0x00, 0x80]),
+        },
+    )])));
+    let mut w = World::new(repo().group("gw").config(&b).build(), vec![]);
+    w.plan();
+    let json = serde_json::to_string(&w.state).unwrap();
+    let back: RolloutState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, w.state);
+}
+
+#[test]
+#[ignore = "timing: run with --release --ignored"]
+fn plan_100k_agents_in_50_groups() {
+    let configs: Vec<_> = (0..50).map(|i| config(&format!("v{i}"))).collect();
+    let mut r = repo();
+    for (i, c) in configs.iter().enumerate() {
+        r = r
+            .group(&format!("g{i:02}"))
+            .select("svc", &format!("s{i}"))
+            .config(c)
+            .priority(i as i64);
+    }
+    let desired = r.build();
+    let agents: Vec<AgentView> = (0..100_000u32)
+        .map(|i| {
+            let mut a = agent("x").attrs(&[
+                ("svc", &format!("s{}", i % 50)),
+                ("host.name", &format!("h{i}")),
+                ("os.type", "linux"),
+            ]);
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            a.uid = InstanceUid::Uuid(b);
+            a.reports(&configs[(i % 50) as usize]).applied()
+        })
+        .collect();
+    let mut w = World::new(desired, agents);
+    w.plan();
+    let start = std::time::Instant::now();
+    let p = w.plan();
+    eprintln!("steady: {:?}", start.elapsed());
+    // On-CPU time of this thread (the machine may be shared), in ns.
+    let cpu = || -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (start, c0) = (std::time::Instant::now(), cpu());
+    for _ in 0..20 {
+        plan(&PlanInput {
+            desired: &w.desired,
+            agents: &w.agents,
+            state: &w.state,
+            now: w.now,
+        });
+    }
+    let (m0, c1) = (super::select::Matcher::new(&w.desired), cpu());
+    let found = w.agents.iter().filter(|a| m0.find(*a).is_some()).count();
+    eprintln!("matcher only: {:?} ({found})", Duration::from_nanos(cpu() - c1));
+    eprintln!(
+        "mid-rollout, plan only: {:?} wall, {:?} cpu",
+        start.elapsed() / 20,
+        Duration::from_nanos((cpu() - c0) / 20)
+    );
+    assert!(p.pushes.is_empty());
+    // Every group mid-rollout.
+    let mut r = repo().commit("c2");
+    for i in 0..50 {
+        r = r
+            .group(&format!("g{i:02}"))
+            .select("svc", &format!("s{i}"))
+            .config(&config(&format!("w{i}")))
+            .priority(i);
+    }
+    w.desired = r.build();
+    let start = std::time::Instant::now();
+    let p = w.plan();
+    eprintln!("start 50 rollouts: {:?} ({} pushes)", start.elapsed(), p.pushes.len());
+    w.apply(&p);
+    let start = std::time::Instant::now();
+    w.plan();
+    eprintln!("mid-rollout: {:?}", start.elapsed());
+}
