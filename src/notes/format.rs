@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{CommitId, ConfigHash, GroupName};
+pub use crate::reconcile::{AgentCounts, Phase};
 
 /// The format marker written as `opamp-gitops: v1`.
 pub const FORMAT_VERSION: &str = "v1";
@@ -47,41 +48,6 @@ pub struct NoteGroup {
     pub started: Option<SystemTime>,
     #[serde(with = "rfc3339_opt", default)]
     pub finished: Option<SystemTime>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Progressing,
-    Paused,
-    Complete,
-    Halted,
-    Superseded,
-    Unchanged,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Progressing => "progressing",
-            Phase::Paused => "paused",
-            Phase::Complete => "complete",
-            Phase::Halted => "halted",
-            Phase::Superseded => "superseded",
-            Phase::Unchanged => "unchanged",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentCounts {
-    pub targeted: u64,
-    pub applied: u64,
-    pub applying: u64,
-    pub failed: u64,
-    pub pending: u64,
-    pub offline: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::select::Matcher;
 use super::state::{
@@ -178,7 +178,7 @@ impl GroupStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Progressing,
@@ -189,8 +189,22 @@ pub enum Phase {
     Unchanged,
 }
 
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Complete => "complete",
+            Phase::Halted => "halted",
+            Phase::Superseded => "superseded",
+            Phase::Unchanged => "unchanged",
+        }
+    }
+}
+
 /// Counts over the group's agents that accept remote config; they add up to `targeted`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentCounts {
     pub targeted: u32,
     /// Running what they should (in sync).
