@@ -104,6 +104,10 @@ pub struct SimulateArgs {
     /// Heartbeat (WebSocket) or polling (HTTP) interval.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// WebSocket handshakes (HTTP: requests) in flight at once, so a burst of
+    /// agents does not overflow the server's accept queue.
+    #[arg(long, default_value_t = crate::simulate::DEFAULT_MAX_CONNECTING)]
+    pub max_connecting: usize,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -120,7 +124,8 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(_) | Command::Validate(_) | Command::Simulate(_) => {
+        Command::Simulate(args) => crate::simulate::command(args),
+        Command::Serve(_) | Command::Validate(_) => {
             eprintln!("error: this command is not built yet");
             ExitCode::from(2)
         }

@@ -5,3 +5,4 @@ pub mod cli;
 pub mod desired;
 pub mod model;
 pub mod opamp;
+pub mod simulate;
