@@ -24,7 +24,8 @@ use crate::opamp::proto::{AgentToServer, ServerToAgent};
 pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Long enough for thousands of agents to take turns through the in-flight bound.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `Retry-After` honoured, so a confused server cannot park agents for hours.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
