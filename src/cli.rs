@@ -124,10 +124,73 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Validate(args) => validate(args),
         Command::Simulate(args) => crate::simulate::command(args),
-        Command::Serve(_) | Command::Validate(_) => {
+        Command::Serve(_) => {
             eprintln!("error: this command is not built yet");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `validate`: 0 valid (with a summary), 1 invalid (every problem on
+/// stdout, paths relative to the repository root), 2 when the repository
+/// cannot be read at all.
+fn validate(args: ValidateArgs) -> ExitCode {
+    use crate::desired::{self, DiskSource, LoadErrors};
+    use crate::gitsrc::tree::TreeSource;
+
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    };
+    let root = args.path.unwrap_or_else(|| PathBuf::from("."));
+    if !root.is_dir() {
+        return usage(format!("no such directory: {}", root.display()));
+    }
+    let subdir = match args.subdir.as_deref().map(|p| p.to_str()) {
+        None => None,
+        Some(Some(s)) => Some(s.trim_matches('/').to_string()).filter(|s| !s.is_empty() && s != "."),
+        Some(None) => return usage("--path must be valid UTF-8".to_string()),
+    };
+    let loaded = match &args.rev {
+        Some(rev) => match TreeSource::open(&root, rev, subdir.as_deref()) {
+            Ok(source) => {
+                let commit = source.commit().clone();
+                desired::load(&source, Some(commit))
+            }
+            Err(e) => return usage(e.to_string()),
+        },
+        None => {
+            let dir = subdir.as_ref().map_or_else(|| root.clone(), |s| root.join(s));
+            if !dir.is_dir() {
+                return usage(format!("no such directory: {}", dir.display()));
+            }
+            match DiskSource::new(&dir) {
+                Ok(source) => desired::load(&source, None),
+                Err(e) => return usage(e.to_string()),
+            }
+        }
+    };
+    match loaded {
+        Ok(state) => {
+            if let Some(commit) = &state.commit {
+                println!("commit {commit}");
+            }
+            print!("{}", desired::summary::summary(&state));
+            ExitCode::SUCCESS
+        }
+        Err(LoadErrors::Invalid(diagnostics)) => {
+            for d in &diagnostics {
+                match &subdir {
+                    Some(s) => println!("{s}/{d}"),
+                    None => println!("{d}"),
+                }
+            }
+            let n = diagnostics.len();
+            eprintln!("invalid: {n} problem{}", if n == 1 { "" } else { "s" });
+            ExitCode::from(1)
+        }
+        Err(LoadErrors::Source(e)) => usage(e.to_string()),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod desired;
+pub mod gitsrc;
 pub mod model;
 pub mod opamp;
 pub mod simulate;

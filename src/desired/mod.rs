@@ -11,6 +11,17 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
+mod collector;
+mod disk;
+mod load;
+mod mem;
+pub mod summary;
+pub mod yaml;
+
+pub use disk::DiskSource;
+pub use load::{LoadErrors, content_type, load};
+pub use mem::MemSource;
+
 /// Where the repository's files come from: a commit's tree (see `gitsrc`) or
 /// the files on disk (what `validate` checks before a commit). Paths are
 /// relative to the repository root (or `--path` subdirectory), `/`-separated.

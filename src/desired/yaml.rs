@@ -1,0 +1,491 @@
+//! YAML text to a tree whose every node and key knows where it was written.
+//!
+//! The repository format needs a position for every semantic error (a bad
+//! duration, a pipeline naming an undefined receiver), which serde-based
+//! parsers do not expose. This builds a small tree from the event stream of
+//! `yaml-rust2` (a maintained YAML 1.2 parser), keeping scalars as written so
+//! that `010` stays `010` and `true` stays `true` when used as text.
+//!
+//! Anchors, aliases and `<<` merge keys are expanded as the collector's YAML
+//! library does; duplicate keys are errors, as they are for the collector.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, Parser, Tag};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+/// Where something was written: which source (an index the caller assigns
+/// per file) and the 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mark {
+    pub src: u32,
+    pub line: u32,
+    pub column: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub mark: Mark,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// An empty value, `~` or `null`.
+    Null,
+    /// Any other scalar, as written. `plain` is false for quoted and block
+    /// scalars (and `!!str`), which are always strings.
+    Scalar {
+        text: String,
+        plain: bool,
+    },
+    Seq(Vec<Node>),
+    Map(Vec<Entry>),
+}
+
+/// One key of a mapping. Keys are scalars, kept as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub key: String,
+    pub key_mark: Mark,
+    pub value: Node,
+}
+
+/// Why a text is not the YAML this project accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlError {
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+}
+
+/// Nesting deeper than this is refused: nothing legitimate needs it, and it
+/// bounds the recursion of every walk over the tree.
+const MAX_DEPTH: usize = 128;
+/// Node count bound after alias expansion ("billion laughs").
+const MAX_NODES: usize = 1_000_000;
+
+impl Node {
+    pub fn as_map(&self) -> Option<&[Entry]> {
+        match &self.value {
+            Value::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn as_seq(&self) -> Option<&[Node]> {
+        match &self.value {
+            Value::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The text of a scalar (not of null).
+    pub fn as_scalar(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self.value, Value::Null)
+    }
+
+    /// The entry for `key` of a mapping.
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.as_map()?.iter().find(|e| e.key == key)
+    }
+
+    /// How the node reads in an error message: `a mapping`, `"text"`...
+    pub fn describe(&self) -> String {
+        match &self.value {
+            Value::Null => "nothing".to_string(),
+            Value::Scalar { text, .. } => format!("{text:?}"),
+            Value::Seq(_) => "a list".to_string(),
+            Value::Map(_) => "a mapping".to_string(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        1 + match &self.value {
+            Value::Null | Value::Scalar { .. } => 0,
+            Value::Seq(s) => s.iter().map(Node::count).sum(),
+            Value::Map(m) => m.iter().map(|e| 1 + e.value.count()).sum(),
+        }
+    }
+}
+
+/// Parses one YAML document. An empty text is a null node at 1:1. Marks in
+/// the tree carry `src`.
+pub fn parse(src: u32, text: &str) -> Result<Node, YamlError> {
+    let mut parser = Parser::new_from_str(text);
+    let mut b = Builder {
+        src,
+        stack: Vec::new(),
+        anchors: HashMap::new(),
+        root: None,
+        documents: 0,
+        nodes: 0,
+    };
+    loop {
+        let (event, marker) = parser.next_token().map_err(|e| YamlError {
+            line: e.marker().line() as u32,
+            column: e.marker().col() as u32 + 1,
+            message: format!("invalid YAML: {}", e.info()),
+        })?;
+        let mark = b.mark(marker);
+        match event {
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                b.documents += 1;
+                if b.documents > 1 {
+                    return Err(b.error(mark, "expected one YAML document, found several"));
+                }
+            }
+            _ => b.event(event, mark)?,
+        }
+    }
+    Ok(b.root.unwrap_or(Node {
+        mark: Mark {
+            src,
+            line: 1,
+            column: 1,
+        },
+        value: Value::Null,
+    }))
+}
+
+enum Frame {
+    Seq {
+        mark: Mark,
+        anchor: usize,
+        items: Vec<Node>,
+    },
+    Map {
+        mark: Mark,
+        anchor: usize,
+        entries: Vec<Entry>,
+        /// `<<` values, merged in when the mapping ends.
+        merges: Vec<Node>,
+        /// The key read, waiting for its value; `bool` is "a plain `<<`".
+        key: Option<(String, Mark, bool)>,
+    },
+}
+
+struct Builder {
+    src: u32,
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, Node>,
+    root: Option<Node>,
+    documents: usize,
+    nodes: usize,
+}
+
+impl Builder {
+    fn mark(&self, m: Marker) -> Mark {
+        Mark {
+            src: self.src,
+            line: m.line() as u32,
+            column: m.col() as u32 + 1,
+        }
+    }
+
+    fn error(&self, mark: Mark, message: &str) -> YamlError {
+        YamlError {
+            line: mark.line,
+            column: mark.column,
+            message: message.to_string(),
+        }
+    }
+
+    fn event(&mut self, event: Event, mark: Mark) -> Result<(), YamlError> {
+        match event {
+            Event::Scalar(text, style, anchor, tag) => {
+                let value = scalar_value(text, style, tag.as_ref());
+                self.finish(Node { mark, value }, anchor)
+            }
+            Event::Alias(id) => match self.anchors.get(&id) {
+                Some(node) => {
+                    let mut node = node.clone();
+                    node.mark = mark;
+                    self.nodes += node.count();
+                    if self.nodes > MAX_NODES {
+                        return Err(self.error(mark, "too many nodes after expanding aliases"));
+                    }
+                    self.finish(node, 0)
+                }
+                None => Err(self.error(mark, "alias to an unknown anchor")),
+            },
+            Event::SequenceStart(anchor, _) => self.open(
+                Frame::Seq {
+                    mark,
+                    anchor,
+                    items: Vec::new(),
+                },
+                mark,
+            ),
+            Event::MappingStart(anchor, _) => self.open(
+                Frame::Map {
+                    mark,
+                    anchor,
+                    entries: Vec::new(),
+                    merges: Vec::new(),
+                    key: None,
+                },
+                mark,
+            ),
+            Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
+                Some(Frame::Seq { mark, anchor, items }) => self.finish(
+                    Node {
+                        mark,
+                        value: Value::Seq(items),
+                    },
+                    anchor,
+                ),
+                Some(Frame::Map {
+                    mark,
+                    anchor,
+                    entries,
+                    merges,
+                    ..
+                }) => {
+                    let entries = apply_merges(entries, merges).map_err(|(m, msg)| self.error(m, &msg))?;
+                    self.finish(
+                        Node {
+                            mark,
+                            value: Value::Map(entries),
+                        },
+                        anchor,
+                    )
+                }
+                None => Err(self.error(mark, "unbalanced YAML structure")),
+            },
+            Event::StreamStart | Event::DocumentEnd | Event::Nothing => Ok(()),
+            Event::StreamEnd | Event::DocumentStart => Ok(()),
+        }
+    }
+
+    fn open(&mut self, frame: Frame, mark: Mark) -> Result<(), YamlError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(self.error(mark, "YAML nested too deeply"));
+        }
+        if let Some(Frame::Map { key: None, .. }) = self.stack.last() {
+            return Err(self.error(mark, "mapping keys must be strings, not lists or mappings"));
+        }
+        self.stack.push(frame);
+        Ok(())
+    }
+
+    /// Places a complete node in its parent (or as the root).
+    fn finish(&mut self, node: Node, anchor: usize) -> Result<(), YamlError> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(self.error(node.mark, "too many nodes after expanding aliases"));
+        }
+        if anchor != 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => {
+                self.root = Some(node);
+                Ok(())
+            }
+            Some(Frame::Seq { items, .. }) => {
+                items.push(node);
+                Ok(())
+            }
+            Some(Frame::Map {
+                entries, merges, key, ..
+            }) => match key.take() {
+                None => {
+                    let (text, merge) = match node.value {
+                        Value::Null => (String::new(), false),
+                        Value::Scalar { text, plain } => {
+                            let merge = plain && text == "<<";
+                            (text, merge)
+                        }
+                        Value::Seq(_) | Value::Map(_) => {
+                            return Err(self.error(node.mark, "mapping keys must be strings, not lists or mappings"));
+                        }
+                    };
+                    *key = Some((text, node.mark, merge));
+                    Ok(())
+                }
+                Some((_, _, true)) => {
+                    merges.push(node);
+                    Ok(())
+                }
+                Some((text, key_mark, false)) => {
+                    if let Some(first) = entries.iter().find(|e| e.key == text) {
+                        let message = format!("duplicate key {text:?} (first at line {})", first.key_mark.line);
+                        return Err(self.error(key_mark, &message));
+                    }
+                    entries.push(Entry {
+                        key: text,
+                        key_mark,
+                        value: node,
+                    });
+                    Ok(())
+                }
+            },
+        }
+    }
+}
+
+/// Classifies a scalar as the YAML core schema does for nulls; other plain
+/// scalars stay text and are typed by whoever reads them.
+fn scalar_value(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value {
+    let is_str_tag = tag.is_some_and(|t| t.suffix == "str" || t.suffix.ends_with(":str"));
+    let plain = style == TScalarStyle::Plain && !is_str_tag;
+    if plain && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+        Value::Null
+    } else {
+        Value::Scalar { text, plain }
+    }
+}
+
+/// Applies `<<` merge keys: keys written in the mapping win, then earlier
+/// merged mappings win over later ones.
+fn apply_merges(mut entries: Vec<Entry>, merges: Vec<Node>) -> Result<Vec<Entry>, (Mark, String)> {
+    for merge in merges {
+        let sources: Vec<Node> = match merge.value {
+            Value::Map(_) => vec![merge],
+            Value::Seq(items) => items,
+            _ => {
+                return Err((
+                    merge.mark,
+                    "a merge key (<<) needs a mapping or a list of mappings".to_string(),
+                ));
+            }
+        };
+        for source in sources {
+            let Value::Map(more) = source.value else {
+                return Err((
+                    source.mark,
+                    "a merge key (<<) needs a mapping or a list of mappings".to_string(),
+                ));
+            };
+            for entry in more {
+                if !entries.iter().any(|e| e.key == entry.key) {
+                    entries.push(entry);
+                }
+            }
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Node {
+        parse(0, text).unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        let e = parse(0, text).unwrap_err();
+        format!("{}:{}: {}", e.line, e.column, e.message)
+    }
+
+    #[test]
+    fn positions_are_one_based_for_keys_and_values() {
+        let n = p("a: 1\nbb:\n  c: \"x\"\n  d: [1, two]\n");
+        let a = n.get("a").unwrap();
+        assert_eq!((a.key_mark.line, a.key_mark.column), (1, 1));
+        assert_eq!((a.value.mark.line, a.value.mark.column), (1, 4));
+        let bb = n.get("bb").unwrap();
+        let c = bb.value.get("c").unwrap();
+        assert_eq!((c.key_mark.line, c.key_mark.column), (3, 3));
+        assert_eq!(
+            c.value.value,
+            Value::Scalar {
+                text: "x".into(),
+                plain: false
+            }
+        );
+        let d = bb.value.get("d").unwrap().value.as_seq().unwrap();
+        assert_eq!((d[1].mark.line, d[1].mark.column), (4, 10));
+        assert_eq!(d[1].as_scalar(), Some("two"));
+    }
+
+    #[test]
+    fn nulls_and_empty_documents() {
+        assert!(p("").is_null());
+        assert!(p("# only a comment\n").is_null());
+        let n = p("a:\nb: ~\nc: null\nd: 'null'\n");
+        assert!(n.get("a").unwrap().value.is_null());
+        assert!(n.get("b").unwrap().value.is_null());
+        assert!(n.get("c").unwrap().value.is_null());
+        assert_eq!(n.get("d").unwrap().value.as_scalar(), Some("null"));
+    }
+
+    #[test]
+    fn json_is_yaml() {
+        let n = p("{\"receivers\": {\"otlp\": {}}, \"list\": [1, 2]}");
+        assert!(n.get("receivers").unwrap().value.get("otlp").is_some());
+        assert_eq!(n.get("list").unwrap().value.as_seq().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn anchors_aliases_and_merge_keys() {
+        let n = p("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  y: 3\ncopy: *b\n");
+        let u = &n.get("use").unwrap().value;
+        assert_eq!(u.get("x").unwrap().value.as_scalar(), Some("1"));
+        assert_eq!(u.get("y").unwrap().value.as_scalar(), Some("3"), "explicit keys win");
+        assert!(u.get("<<").is_none());
+        assert_eq!(
+            n.get("copy").unwrap().value.get("y").unwrap().value.as_scalar(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn errors_have_positions() {
+        assert_eq!(err("a: 1\na: 2\n"), "2:1: duplicate key \"a\" (first at line 1)");
+        assert_eq!(
+            err("a: 1\n---\nb: 2\n"),
+            "2:1: expected one YAML document, found several"
+        );
+        assert_eq!(
+            err("a: [1, 2\n"),
+            "2:1: invalid YAML: while parsing a flow sequence, expected ',' or ']'"
+        );
+        assert_eq!(
+            err("? [a]\n: 1\n"),
+            "1:3: mapping keys must be strings, not lists or mappings"
+        );
+        let deep = format!("{}x", "- ".repeat(200));
+        assert_eq!(err(&deep), "1:257: YAML nested too deeply");
+        assert!(err(&"[".repeat(500)).contains("invalid YAML"));
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let prev = format!("*a{}", i - 1);
+            let items = [prev.as_str(); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{items}]\n"));
+        }
+        assert!(err(&text).ends_with("too many nodes after expanding aliases"));
+    }
+
+    #[test]
+    fn never_panics_on_garbage() {
+        for text in [
+            "{",
+            "]",
+            ": :",
+            "- - -\n  - a: b\n c",
+            "&a",
+            "*x",
+            "!!binary a",
+            "a: |\n b\nc",
+            "\t- a",
+        ] {
+            let _ = parse(0, text);
+        }
+    }
+}

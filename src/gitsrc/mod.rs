@@ -1,0 +1,3 @@
+//! The git source: the only place that touches git2.
+
+pub mod tree;
