@@ -26,6 +26,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Run simulated agents that behave like the OpAMP supervisor.
     Simulate(SimulateArgs),
+    /// Rollout history of recent commits, from the git notes alone.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +72,30 @@ pub struct ValidateArgs {
     /// Subdirectory that holds fleet.yaml and groups/.
     #[arg(long = "path", id = "subdir")]
     pub subdir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The config repository (a clone that has the notes).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// Newest commit to show (default: HEAD).
+    #[arg(default_value = "HEAD")]
+    pub rev: String,
+    /// How many commits to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Fetch the notes from this remote first (e.g. origin).
+    #[arg(long)]
+    pub fetch: Option<String>,
+    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
+    pub format: StatusFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,6 +150,16 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Status(args) => match crate::notes::status_command(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Validate(args) => validate(args),
         Command::Simulate(args) => crate::simulate::command(args),
         Command::Serve(_) => {

@@ -5,5 +5,6 @@ pub mod cli;
 pub mod desired;
 pub mod gitsrc;
 pub mod model;
+pub mod notes;
 pub mod opamp;
 pub mod simulate;

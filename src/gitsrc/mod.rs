@@ -1,3 +1,4 @@
 //! The git source: the only place that touches git2.
 
+pub mod notes;
 pub mod tree;

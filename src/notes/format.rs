@@ -1,0 +1,348 @@
+//! The note body: a rollout's outcome for one commit, as YAML that reads well
+//! in `git log --notes=opamp-gitops` and parses back for `status` and for
+//! restoring rollout state. Pure.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CommitId, ConfigHash, GroupName};
+
+/// The format marker written as `opamp-gitops: v1`.
+pub const FORMAT_VERSION: &str = "v1";
+/// At most this many failures are kept in a note, newest first.
+pub const MAX_FAILURES: usize = 20;
+
+/// What the controller did with one commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Note {
+    #[serde(rename = "opamp-gitops")]
+    pub version: String,
+    pub commit: CommitId,
+    #[serde(with = "rfc3339")]
+    pub updated: SystemTime,
+    pub valid: bool,
+    #[serde(default)]
+    pub errors: Vec<String>,
+    #[serde(default)]
+    pub groups: BTreeMap<GroupName, NoteGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoteGroup {
+    #[serde(with = "hash_hex")]
+    pub config_hash: ConfigHash,
+    pub phase: Phase,
+    /// Waves opened so far.
+    pub wave: u32,
+    pub waves: u32,
+    pub agents: AgentCounts,
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+    #[serde(with = "rfc3339_opt", default)]
+    pub started: Option<SystemTime>,
+    #[serde(with = "rfc3339_opt", default)]
+    pub finished: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Progressing,
+    Paused,
+    Complete,
+    Halted,
+    Superseded,
+    Unchanged,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Complete => "complete",
+            Phase::Halted => "halted",
+            Phase::Superseded => "superseded",
+            Phase::Unchanged => "unchanged",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCounts {
+    pub targeted: u64,
+    pub applied: u64,
+    pub applying: u64,
+    pub failed: u64,
+    pub pending: u64,
+    pub offline: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    pub agent: String,
+    pub error: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("note is not an opamp-gitops note: {0}")]
+pub struct ParseError(String);
+
+impl Note {
+    /// Renders the note. Block style for structure, flow style for the small
+    /// records, strings quoted only where YAML needs it; `parse` reads it back.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = self.write_yaml(&mut out);
+        out
+    }
+
+    fn write_yaml(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(out, "opamp-gitops: {}", self.version)?;
+        writeln!(out, "commit: {}", scalar(self.commit.as_str()))?;
+        writeln!(out, "updated: {}", humantime::format_rfc3339_seconds(self.updated))?;
+        writeln!(out, "valid: {}", self.valid)?;
+        if self.errors.is_empty() {
+            writeln!(out, "errors: []")?;
+        } else {
+            writeln!(out, "errors:")?;
+            for e in &self.errors {
+                writeln!(out, "  - {}", scalar(e))?;
+            }
+        }
+        if self.groups.is_empty() {
+            return writeln!(out, "groups: {{}}");
+        }
+        writeln!(out, "groups:")?;
+        for (name, g) in &self.groups {
+            writeln!(out, "  {}:", scalar(name.as_str()))?;
+            writeln!(out, "    config_hash: {}", scalar(&g.config_hash.to_string()))?;
+            writeln!(out, "    phase: {}", g.phase.as_str())?;
+            writeln!(out, "    wave: {}", g.wave)?;
+            writeln!(out, "    waves: {}", g.waves)?;
+            let a = &g.agents;
+            writeln!(
+                out,
+                "    agents: {{targeted: {}, applied: {}, applying: {}, failed: {}, pending: {}, offline: {}}}",
+                a.targeted, a.applied, a.applying, a.failed, a.pending, a.offline
+            )?;
+            if g.failures.is_empty() {
+                writeln!(out, "    failures: []")?;
+            } else {
+                writeln!(out, "    failures:")?;
+                for f in g.failures.iter().take(MAX_FAILURES) {
+                    writeln!(
+                        out,
+                        "      - {{agent: {}, error: {}}}",
+                        scalar(&f.agent),
+                        quoted(&f.error)
+                    )?;
+                }
+            }
+            writeln!(out, "    started: {}", time_or_null(g.started))?;
+            writeln!(out, "    finished: {}", time_or_null(g.finished))?;
+        }
+        Ok(())
+    }
+
+    pub fn parse(text: &str) -> Result<Note, ParseError> {
+        let note: Note = serde_yaml_ng::from_str(text).map_err(|e| ParseError(e.to_string()))?;
+        if note.version != FORMAT_VERSION {
+            return Err(ParseError(format!("unknown format version {:?}", note.version)));
+        }
+        Ok(note)
+    }
+}
+
+fn time_or_null(t: Option<SystemTime>) -> String {
+    t.map_or_else(
+        || "null".to_string(),
+        |t| humantime::format_rfc3339_seconds(t).to_string(),
+    )
+}
+
+/// A plain scalar when YAML reads it back as the same string (so commit ids
+/// and uids stay unquoted unless they look like numbers), else quoted.
+fn scalar(s: &str) -> String {
+    let safe = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric());
+    let reads_back =
+        || matches!(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(s), Ok(serde_yaml_ng::Value::String(v)) if v == s);
+    if safe && reads_back() { s.to_string() } else { quoted(s) }
+}
+
+/// A double-quoted YAML string; JSON string syntax is valid YAML.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_seconds(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod rfc3339_opt {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => super::rfc3339::serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+mod hash_hex {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::model::ConfigHash;
+
+    pub fn serialize<S: Serializer>(h: &ConfigHash, s: S) -> Result<S::Ok, S::Error> {
+        h.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ConfigHash, D::Error> {
+        let s = String::deserialize(d)?;
+        ConfigHash::from_hex(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not 64 hex digits")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn sample() -> Note {
+        Note {
+            version: FORMAT_VERSION.into(),
+            commit: CommitId::new("4f1c0000000000000000000000000000000000aa"),
+            updated: at(1_795_255_200),
+            valid: true,
+            errors: vec![],
+            groups: BTreeMap::from([(
+                GroupName::new("edge-gateways"),
+                NoteGroup {
+                    config_hash: ConfigHash([0x9a; 32]),
+                    phase: Phase::Halted,
+                    wave: 1,
+                    waves: 4,
+                    agents: AgentCounts {
+                        targeted: 120,
+                        applied: 0,
+                        applying: 0,
+                        failed: 1,
+                        pending: 119,
+                        offline: 0,
+                    },
+                    failures: vec![Failure {
+                        agent: "0192f3c4-0000-7000-8000-000000000001".into(),
+                        error: "invalid keys: \"exporters: otlp\"\nline 2".into(),
+                    }],
+                    started: Some(at(1_795_255_080)),
+                    finished: None,
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn renders_the_documented_shape() {
+        let text = sample().render();
+        let expected = "\
+opamp-gitops: v1
+commit: 4f1c0000000000000000000000000000000000aa
+updated: 2026-11-21T10:00:00Z
+valid: true
+errors: []
+groups:
+  edge-gateways:
+    config_hash: 9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a
+    phase: halted
+    wave: 1
+    waves: 4
+    agents: {targeted: 120, applied: 0, applying: 0, failed: 1, pending: 119, offline: 0}
+    failures:
+      - {agent: 0192f3c4-0000-7000-8000-000000000001, error: \"invalid keys: \\\"exporters: otlp\\\"\\nline 2\"}
+    started: 2026-11-21T09:58:00Z
+    finished: null
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn round_trips() {
+        let note = sample();
+        assert_eq!(Note::parse(&note.render()).unwrap(), note);
+        let invalid = Note {
+            valid: false,
+            errors: vec!["groups/a.yaml:3:5: unknown key \"foo\"".into(), "yes".into()],
+            groups: BTreeMap::new(),
+            ..sample()
+        };
+        let text = invalid.render();
+        assert!(text.contains("groups: {}"), "{text}");
+        assert_eq!(Note::parse(&text).unwrap(), invalid);
+    }
+
+    #[test]
+    fn odd_group_names_and_many_failures() {
+        let mut note = sample();
+        let mut g = note.groups.remove(&GroupName::new("edge-gateways")).unwrap();
+        g.failures = (0..30)
+            .map(|i| Failure {
+                agent: format!("a{i}"),
+                error: "x".into(),
+            })
+            .collect();
+        g.config_hash = ConfigHash::from_hex(&"1".repeat(64)).unwrap();
+        note.groups.insert(GroupName::new("true"), g);
+        note.commit = CommitId::new("1".repeat(40));
+        let text = note.render();
+        assert!(
+            text.contains(&format!("commit: \"{}\"", "1".repeat(40))),
+            "digit-only ids are quoted: {text}"
+        );
+        let parsed = Note::parse(&text).unwrap();
+        assert_eq!(parsed.commit, note.commit);
+        assert_eq!(parsed.groups[&GroupName::new("true")].failures.len(), MAX_FAILURES);
+    }
+
+    #[test]
+    fn rejects_other_yaml() {
+        assert!(Note::parse("hello: world\n").is_err());
+        assert!(Note::parse(&sample().render().replace(": v1", ": v9")).is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! The notes writer task: takes note updates without ever blocking a rollout,
+//! keeps only the newest note per commit, and writes (and pushes) them in the
+//! background, retrying failures with backoff.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::format::Note;
+use crate::gitsrc::notes::NotesStore;
+use crate::model::CommitId;
+
+/// Makes the credentials callbacks for each push and fetch.
+pub type CallbackFactory = Arc<dyn Fn() -> git2::RemoteCallbacks<'static> + Send + Sync>;
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub notes_written: AtomicU64,
+    pub write_failures: AtomicU64,
+}
+
+/// Hands notes to the writer. Cheap to clone; `submit` never waits.
+#[derive(Clone)]
+pub struct NotesHandle {
+    pending: Arc<Mutex<BTreeMap<CommitId, Note>>>,
+    wake: Arc<Notify>,
+    pub stats: Arc<WriterStats>,
+}
+
+impl NotesHandle {
+    /// Queues a note; a newer note for the same commit replaces a queued one.
+    pub fn submit(&self, note: Note) {
+        self.pending
+            .lock()
+            .expect("the pending map is never poisoned")
+            .insert(note.commit.clone(), note);
+        self.wake.notify_one();
+    }
+}
+
+/// Retry delays grow from `min` to `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Starts the writer. On cancellation it makes one last attempt to write what
+/// is queued, then stops.
+pub fn spawn(
+    store: NotesStore,
+    callbacks: CallbackFactory,
+    backoff: Backoff,
+    cancel: CancellationToken,
+) -> (NotesHandle, tokio::task::JoinHandle<()>) {
+    let handle = NotesHandle {
+        pending: Arc::default(),
+        wake: Arc::new(Notify::new()),
+        stats: Arc::default(),
+    };
+    let task = tokio::spawn(run(handle.clone(), Arc::new(store), callbacks, backoff, cancel));
+    (handle, task)
+}
+
+async fn run(
+    handle: NotesHandle,
+    store: Arc<NotesStore>,
+    callbacks: CallbackFactory,
+    backoff: Backoff,
+    cancel: CancellationToken,
+) {
+    let mut delay = backoff.min;
+    loop {
+        let stopping = tokio::select! {
+            _ = handle.wake.notified() => false,
+            _ = cancel.cancelled() => true,
+        };
+        let ok = flush(&handle, &store, &callbacks).await;
+        if stopping {
+            return;
+        }
+        if ok {
+            delay = backoff.min;
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => {
+                flush(&handle, &store, &callbacks).await;
+                return;
+            }
+        }
+        delay = (delay * 2).min(backoff.max);
+        handle.wake.notify_one();
+    }
+}
+
+/// Writes everything queued. On failure the notes go back to the queue unless
+/// a newer note for the same commit arrived meanwhile.
+async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>, callbacks: &CallbackFactory) -> bool {
+    let batch = std::mem::take(&mut *handle.pending.lock().expect("the pending map is never poisoned"));
+    if batch.is_empty() {
+        return true;
+    }
+    let texts: BTreeMap<CommitId, String> = batch.iter().map(|(c, n)| (c.clone(), n.render())).collect();
+    let (store, cbs) = (store.clone(), callbacks.clone());
+    let result = tokio::task::spawn_blocking(move || store.write(&texts, &*cbs)).await;
+    let error = match result {
+        Ok(Ok(())) => {
+            handle
+                .stats
+                .notes_written
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::info!(notes = batch.len(), "notes written");
+            return true;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("notes writer panicked: {e}"),
+    };
+    handle.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %error, notes = batch.len(), "writing notes failed; will retry");
+    let mut pending = handle.pending.lock().expect("the pending map is never poisoned");
+    for (commit, note) in batch {
+        pending.entry(commit).or_insert(note);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Instant, UNIX_EPOCH};
+
+    use git2::{Repository, Signature};
+
+    use super::*;
+    use crate::gitsrc::notes::Author;
+    use crate::notes::format::FORMAT_VERSION;
+
+    fn note(commit: &CommitId, valid: bool) -> Note {
+        Note {
+            version: FORMAT_VERSION.into(),
+            commit: commit.clone(),
+            updated: UNIX_EPOCH,
+            valid,
+            errors: vec![],
+            groups: BTreeMap::new(),
+        }
+    }
+
+    fn repo_with_commit(path: &std::path::Path) -> CommitId {
+        let repo = Repository::init(path).unwrap();
+        let sig = Signature::now("t", "t@example.com").unwrap();
+        let tree = repo
+            .find_tree(repo.treebuilder(None).unwrap().write().unwrap())
+            .unwrap();
+        CommitId::new(
+            repo.commit(Some("HEAD"), &sig, &sig, "c", &tree, &[])
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    async fn wait_for(mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "condition not met in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn newest_note_per_commit_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = repo_with_commit(dir.path());
+        let cancel = CancellationToken::new();
+        let store = NotesStore::new(dir.path(), None, Author::default());
+        let (h, task) = spawn(
+            store,
+            Arc::new(git2::RemoteCallbacks::new),
+            Backoff::default(),
+            cancel.clone(),
+        );
+        h.submit(note(&c, false));
+        h.submit(note(&c, true));
+        let reader = NotesStore::new(dir.path(), None, Author::default());
+        wait_for(|| reader.read(&c).unwrap().is_some_and(|t| t.contains("valid: true"))).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(h.stats.write_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn failed_writes_are_retried_until_the_remote_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("local");
+        let c = repo_with_commit(&local);
+        let remote = dir.path().join("remote.git");
+        let url = format!("file://{}", remote.display());
+        let cancel = CancellationToken::new();
+        let store = NotesStore::new(&local, Some(url), Author::default());
+        let backoff = Backoff {
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+        };
+        let (h, task) = spawn(store, Arc::new(git2::RemoteCallbacks::new), backoff, cancel.clone());
+        h.submit(note(&c, true));
+        wait_for(|| h.stats.write_failures.load(Ordering::Relaxed) >= 2).await;
+        assert_eq!(h.stats.notes_written.load(Ordering::Relaxed), 0);
+        Repository::init_bare(&remote).unwrap();
+        wait_for(|| h.stats.notes_written.load(Ordering::Relaxed) == 1).await;
+        let remote_repo = Repository::open(&remote).unwrap();
+        let oid = git2::Oid::from_str(c.as_str()).unwrap();
+        assert!(
+            remote_repo
+                .find_note(Some(crate::gitsrc::notes::NOTES_REF), oid)
+                .is_ok()
+        );
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn queued_notes_are_flushed_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = repo_with_commit(dir.path());
+        let cancel = CancellationToken::new();
+        let store = NotesStore::new(dir.path(), None, Author::default());
+        let (h, task) = spawn(
+            store,
+            Arc::new(git2::RemoteCallbacks::new),
+            Backoff::default(),
+            cancel.clone(),
+        );
+        // Queue without waking the task, then stop: the final flush writes it.
+        h.pending.lock().unwrap().insert(c.clone(), note(&c, true));
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(
+            NotesStore::new(dir.path(), None, Author::default())
+                .read(&c)
+                .unwrap()
+                .is_some()
+        );
+    }
+}
