@@ -422,6 +422,13 @@ mod tests {
         Input::Received(Box::new(msg))
     }
 
+    fn full_state_request() -> Input {
+        recv(ServerToAgent {
+            flags: ServerToAgentFlags::ReportFullState as u64,
+            ..ServerToAgent::default()
+        })
+    }
+
     fn push(hash: u8, config: AgentConfigMap) -> Input {
         recv(ServerToAgent {
             remote_config: Some(AgentRemoteConfig {
@@ -599,16 +606,7 @@ mod tests {
         assert_eq!(status_of(&msg).0, RemoteConfigStatuses::Failed);
         assert_eq!(a.effective_config(), &good());
         // A full report shows the old config, healthy, and FAILED for the new hash.
-        let full = a
-            .handle(
-                recv(ServerToAgent {
-                    flags: ServerToAgentFlags::ReportFullState as u64,
-                    ..ServerToAgent::default()
-                }),
-                NOW,
-            )
-            .send
-            .expect("full report");
+        let full = a.handle(full_state_request(), NOW).send.expect("full report");
         assert_eq!(full.effective_config.clone().and_then(|e| e.config_map), Some(good()));
         assert!(full.health.as_ref().is_some_and(|h| h.healthy));
         assert_eq!(status_of(&full).0, RemoteConfigStatuses::Failed);
@@ -676,16 +674,7 @@ mod tests {
         let mut a = connected();
         a.handle(push(1, good()), NOW);
         a.handle(Input::ApplyTimer, NOW);
-        let full = a
-            .handle(
-                recv(ServerToAgent {
-                    flags: ServerToAgentFlags::ReportFullState as u64,
-                    ..ServerToAgent::default()
-                }),
-                NOW,
-            )
-            .send
-            .expect("full report");
+        let full = a.handle(full_state_request(), NOW).send.expect("full report");
         assert!(full.agent_description.is_some() && full.health.is_some());
         assert_eq!(status_of(&full).0, RemoteConfigStatuses::Applied);
         assert_eq!(full.effective_config.and_then(|e| e.config_map), Some(good()));
