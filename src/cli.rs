@@ -60,6 +60,20 @@ pub struct ServeArgs {
     /// silent for three intervals is offline.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// File holding the shared secret that push webhooks are signed with
+    /// (X-Hub-Signature-256); without it webhooks are not authenticated.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// File holding a token for https:// repositories (re-read on every fetch).
+    #[arg(long)]
+    pub git_token_file: Option<PathBuf>,
+    /// Token for https:// repositories; prefer the environment variable or
+    /// --git-token-file, which keep it out of the process list.
+    #[arg(long, env = "OPAMP_GITOPS_GIT_TOKEN", hide_env_values = true)]
+    pub git_token: Option<String>,
+    /// Private key for ssh:// repositories (default: the ssh agent).
+    #[arg(long)]
+    pub ssh_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +161,18 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default: info).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -161,11 +187,23 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Validate(args) => validate(args),
-        Command::Simulate(args) => crate::simulate::command(args),
-        Command::Serve(_) => {
-            eprintln!("error: this command is not built yet");
-            ExitCode::from(2)
+        Command::Serve(args) => {
+            init_tracing();
+            let config = crate::app::ServeConfig {
+                opamp_listen: args.opamp_listen,
+                api_listen: args.api_listen,
+                max_message_bytes: args.max_message_bytes,
+                heartbeat_interval: args.heartbeat_interval,
+            };
+            match crate::app::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
+        Command::Simulate(args) => crate::simulate::command(args),
     }
 }
 

@@ -1,9 +1,13 @@
 //! opamp-gitops: a GitOps controller and OpAMP server for fleets of
 //! OpenTelemetry Collectors.
 
+pub mod api;
+pub mod app;
 pub mod cli;
 pub mod desired;
+pub mod fleet;
 pub mod gitsrc;
+pub mod metrics;
 pub mod model;
 pub mod notes;
 pub mod opamp;

@@ -1,4 +1,583 @@
-//! The git source: the only place that touches git2.
+//! The git source: the only module that touches git2. It keeps the desired
+//! state current with the tracked branch of the config repository and
+//! publishes each new valid commit's `DesiredState` on a `watch` channel.
+//!
+//! A local repository is read in place (and watched for ref changes); a remote
+//! URL is fetched into a bare mirror under the state directory. Fetches happen
+//! on an interval, on [`GitHandle::sync`], and on a push webhook. A commit that
+//! fails validation is never published: the last good state stays in force and
+//! the reason is kept in the [`Status`] snapshot.
 
+pub mod api;
+mod driver;
+mod fswatch;
 pub mod notes;
+mod repo;
 pub mod tree;
+pub mod webhook;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::ServeArgs;
+use crate::desired::DesiredState;
+use crate::model::{CommitId, ConfigHash, GroupName};
+
+/// Where the config repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoLocation {
+    /// A repository (working or bare) on this machine, read in place.
+    Local(PathBuf),
+    /// A `file://`, `https://` or `ssh://` URL (or scp-like `user@host:path`),
+    /// fetched into a bare mirror under the state directory.
+    Remote(String),
+}
+
+impl RepoLocation {
+    /// A URL when it has a scheme or is scp-like and not an existing path;
+    /// otherwise a local path.
+    pub fn parse(s: &str) -> RepoLocation {
+        if s.contains("://") {
+            return RepoLocation::Remote(s.to_string());
+        }
+        let scp_like = s
+            .split_once(':')
+            .is_some_and(|(host, _)| host.len() > 1 && !host.contains('/'));
+        if scp_like && !Path::new(s).exists() {
+            RepoLocation::Remote(s.to_string())
+        } else {
+            RepoLocation::Local(PathBuf::from(s))
+        }
+    }
+
+    /// How it is shown in logs and status: URLs without their user-info.
+    pub fn display(&self) -> String {
+        match self {
+            RepoLocation::Local(p) => p.display().to_string(),
+            RepoLocation::Remote(url) => repo::redact_url(url),
+        }
+    }
+}
+
+/// Credentials for remote repositories.
+#[derive(Clone, Default)]
+pub struct Auth {
+    /// A file holding an https token (read on every fetch, so it can rotate).
+    pub token_file: Option<PathBuf>,
+    /// An https token given directly (from the environment); the file wins.
+    pub token: Option<String>,
+    /// A private key for ssh:// remotes; without it the ssh agent is asked.
+    pub ssh_key_file: Option<PathBuf>,
+}
+
+impl Auth {
+    /// The https token, if one is configured.
+    pub fn token(&self) -> Result<Option<String>, GitError> {
+        match &self.token_file {
+            Some(path) => read_secret(path).map(Some),
+            None => Ok(self.token.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("token_file", &self.token_file)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ssh_key_file", &self.ssh_key_file)
+            .finish()
+    }
+}
+
+/// A secret file's content without the trailing newline editors add.
+fn read_secret(path: &Path) -> Result<String, GitError> {
+    let text = std::fs::read_to_string(path).map_err(|source| GitError::Secret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// Everything the git source needs to run.
+#[derive(Debug, Clone)]
+pub struct GitConfig {
+    pub repo: RepoLocation,
+    /// The branch to track; default: the remote's default branch, or the
+    /// branch a local repository's HEAD points at.
+    pub branch: Option<String>,
+    /// Subdirectory of the repository that holds fleet.yaml and groups/.
+    pub subdir: Option<PathBuf>,
+    /// Mirrors of remote repositories live under `<state_dir>/git/`.
+    pub state_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub auth: Auth,
+    /// When set, webhooks must carry a matching `X-Hub-Signature-256`.
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+impl GitConfig {
+    pub fn from_serve_args(args: &ServeArgs) -> Result<GitConfig, GitError> {
+        let repo = args.repo.as_deref().ok_or(GitError::NoRepo)?;
+        Ok(GitConfig {
+            repo: RepoLocation::parse(repo),
+            branch: args.branch.clone(),
+            subdir: args.path.clone(),
+            state_dir: args.state_dir.clone(),
+            poll_interval: args.poll_interval,
+            auth: Auth {
+                token_file: args.git_token_file.clone(),
+                token: args.git_token.clone(),
+                ssh_key_file: args.ssh_key_file.clone(),
+            },
+            webhook_secret_file: args.webhook_secret_file.clone(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("no repository given (--repo URL|PATH)")]
+    NoRepo,
+    #[error("opening repository {path}: {source}")]
+    Open { path: PathBuf, source: git2::Error },
+    #[error("preparing mirror {path}: {source}")]
+    Mirror { path: PathBuf, source: git2::Error },
+    #[error("fetching {url}: {source}")]
+    Fetch { url: String, source: git2::Error },
+    #[error("finding the default branch of {url}: {source} (pass --branch)")]
+    NoDefaultBranch { url: String, source: git2::Error },
+    #[error("branch {branch} not found in {repo}")]
+    BranchNotFound { branch: String, repo: String },
+    #[error("HEAD of {repo} is not a branch (pass --branch)")]
+    DetachedHead { repo: String },
+    #[error("reading {what}: {source}")]
+    Read { what: String, source: git2::Error },
+    #[error(transparent)]
+    Tree(tree::TreeError),
+    #[error("{source} at commit {commit}")]
+    Source {
+        commit: CommitId,
+        source: crate::desired::SourceError,
+    },
+    #[error("reading secret {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+    #[error("git worker failed: {0}")]
+    Worker(String),
+}
+
+/// A valid commit and the desired state read from it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub commit: CommitId,
+    pub desired: DesiredState,
+    /// When the controller first saw this commit at the tip of the branch.
+    pub seen_at: SystemTime,
+}
+
+/// What the git source knows right now; published on a `watch` channel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The repository, without credentials.
+    pub repo: String,
+    /// The tracked branch, once known.
+    pub branch: Option<String>,
+    /// The newest commit seen at the tip of the branch.
+    pub head: Option<CommitId>,
+    /// The commit whose desired state is in force.
+    pub loaded: Option<CommitId>,
+    /// Why `head` was rejected, as `path:line:column: message` lines; empty
+    /// when `head` is the loaded commit.
+    pub head_errors: Vec<String>,
+    /// When the last fetch (or local read) was attempted.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_fetch: Option<SystemTime>,
+    /// Why the last fetch failed; `None` once one succeeds.
+    pub last_fetch_error: Option<String>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.collect_str(&humantime::format_rfc3339_seconds(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Status {
+    /// `Ok(commit in force)`, or why there is none yet.
+    pub fn readiness(&self) -> Result<&CommitId, String> {
+        if let Some(c) = &self.loaded {
+            return Ok(c);
+        }
+        if let (Some(head), Some(first)) = (&self.head, self.head_errors.first()) {
+            let more = self.head_errors.len() - 1;
+            let more = if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            };
+            return Err(format!("commit {} is invalid: {first}{more}", head.short()));
+        }
+        if let Some(e) = &self.last_fetch_error {
+            return Err(e.clone());
+        }
+        Err("no commit loaded yet".to_string())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GitMetrics {
+    fetches: AtomicU64,
+    fetch_failures: AtomicU64,
+    commits_loaded: AtomicU64,
+    commits_invalid: AtomicU64,
+}
+
+/// A copy of [`GitMetrics`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsSnapshot {
+    /// Fetches (or reads of a local repository) attempted.
+    pub fetches: u64,
+    pub fetch_failures: u64,
+    /// Commits that passed validation and were published.
+    pub commits_loaded: u64,
+    /// Commits rejected by validation.
+    pub commits_invalid: u64,
+}
+
+impl GitMetrics {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            fetches: self.fetches.load(Ordering::Relaxed),
+            fetch_failures: self.fetch_failures.load(Ordering::Relaxed),
+            commits_loaded: self.commits_loaded.load(Ordering::Relaxed),
+            commits_invalid: self.commits_invalid.load(Ordering::Relaxed),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl MetricsSnapshot {
+    /// The counters in Prometheus text format.
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, help, value) in [
+            (
+                "git_fetches_total",
+                "Fetches of the config repository attempted.",
+                self.fetches,
+            ),
+            (
+                "git_fetch_failures_total",
+                "Fetches of the config repository that failed.",
+                self.fetch_failures,
+            ),
+            (
+                "git_commits_loaded_total",
+                "Commits that passed validation and were loaded.",
+                self.commits_loaded,
+            ),
+            (
+                "git_commits_invalid_total",
+                "Commits rejected by validation.",
+                self.commits_invalid,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP opamp_gitops_{name} {help}");
+            let _ = writeln!(out, "# TYPE opamp_gitops_{name} counter");
+            let _ = writeln!(out, "opamp_gitops_{name} {value}");
+        }
+    }
+}
+
+/// What a sync reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncOutcome {
+    /// The tip of the tracked branch after the fetch.
+    pub commit: CommitId,
+    /// Whether `commit` passed validation (and is now in force).
+    pub valid: bool,
+    /// The commit in force (the previous one when `commit` is invalid).
+    pub loaded: Option<CommitId>,
+    /// Why `commit` is invalid.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncError {
+    /// The repository could not be read or fetched.
+    #[error("{0}")]
+    Fetch(String),
+    /// The git source has stopped.
+    #[error("the git source is not running")]
+    Stopped,
+}
+
+/// The `commit`/`groups` part of `GET /api/v1/groups`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupsView {
+    pub commit: Option<CommitId>,
+    pub groups: Vec<GroupView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupView {
+    pub name: GroupName,
+    pub config_hash: ConfigHash,
+}
+
+impl GroupsView {
+    pub fn of(loaded: Option<&Loaded>) -> GroupsView {
+        GroupsView {
+            commit: loaded.map(|l| l.commit.clone()),
+            groups: loaded
+                .map(|l| {
+                    l.desired
+                        .groups
+                        .values()
+                        .map(|g| GroupView {
+                            name: g.name.clone(),
+                            config_hash: g.config.hash(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The running git source's interface: cheap to clone.
+#[derive(Clone)]
+pub struct GitHandle {
+    desired: watch::Receiver<Option<Arc<Loaded>>>,
+    status: watch::Receiver<Status>,
+    syncs: mpsc::Sender<oneshot::Sender<Result<SyncOutcome, SyncError>>>,
+    wake: Arc<Notify>,
+    metrics: Arc<GitMetrics>,
+    webhook_secret: Option<Arc<[u8]>>,
+    repo_dir: PathBuf,
+    remote_url: Option<String>,
+    auth: Auth,
+}
+
+impl GitHandle {
+    /// The newest valid commit's desired state; `None` until one is loaded.
+    pub fn desired(&self) -> watch::Receiver<Option<Arc<Loaded>>> {
+        self.desired.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Fetches now and answers once the result is published.
+    pub async fn sync(&self) -> Result<SyncOutcome, SyncError> {
+        let (tx, rx) = oneshot::channel();
+        self.syncs.send(tx).await.map_err(|_| SyncError::Stopped)?;
+        rx.await.map_err(|_| SyncError::Stopped)?
+    }
+
+    /// Asks for a fetch soon, without waiting for it (webhooks).
+    pub fn trigger(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    pub fn groups_view(&self) -> GroupsView {
+        GroupsView::of(self.desired.borrow().as_deref())
+    }
+
+    /// The repository that holds the commits: the local repository itself, or
+    /// the mirror of a remote one.
+    pub fn repo_dir(&self) -> &Path {
+        &self.repo_dir
+    }
+
+    /// The remote's URL (as configured, credentials included) when the
+    /// repository is remote: where notes are pushed.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.remote_url.as_deref()
+    }
+
+    /// Makes the credential callbacks the fetches use, for other network
+    /// operations on the same remote (pushing notes).
+    pub fn callback_factory(&self) -> Arc<dyn Fn() -> git2::RemoteCallbacks<'static> + Send + Sync> {
+        let auth = self.auth.clone();
+        Arc::new(move || repo::callbacks(auth.clone()))
+    }
+
+    pub(crate) fn webhook_secret(&self) -> Option<&[u8]> {
+        self.webhook_secret.as_deref()
+    }
+}
+
+/// Starts the git source.
+pub struct GitSource;
+
+impl GitSource {
+    /// Spawns the task that fetches and loads commits; it stops on `cancel`.
+    /// Fails only on configuration problems (an unreadable webhook secret);
+    /// an unreachable repository is retried, with the reason in the status.
+    pub fn spawn(config: GitConfig, cancel: CancellationToken) -> Result<GitHandle, GitError> {
+        let webhook_secret = match &config.webhook_secret_file {
+            Some(path) => Some(Arc::from(read_secret(path)?.into_bytes())),
+            None => None,
+        };
+        let repo_dir = match &config.repo {
+            RepoLocation::Local(p) => p.clone(),
+            RepoLocation::Remote(url) => repo::mirror_dir(&config.state_dir, url),
+        };
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let (status_tx, status_rx) = watch::channel(Status {
+            repo: config.repo.display(),
+            branch: config.branch.as_deref().map(|b| repo::branch_name(b).to_string()),
+            ..Status::default()
+        });
+        let (sync_tx, sync_rx) = mpsc::channel(64);
+        let wake = Arc::new(Notify::new());
+        let metrics = Arc::new(GitMetrics::default());
+        let remote_url = match &config.repo {
+            RepoLocation::Local(_) => None,
+            RepoLocation::Remote(url) => Some(url.clone()),
+        };
+        let auth = config.auth.clone();
+        let driver = driver::Driver::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
+        tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
+        Ok(GitHandle {
+            desired: desired_rx,
+            status: status_rx,
+            syncs: sync_tx,
+            wake,
+            metrics,
+            webhook_secret,
+            repo_dir,
+            remote_url,
+            auth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_locations() {
+        assert_eq!(
+            RepoLocation::parse("file:///srv/r.git"),
+            RepoLocation::Remote("file:///srv/r.git".into())
+        );
+        assert_eq!(
+            RepoLocation::parse("git@github.com:o/r.git"),
+            RepoLocation::Remote("git@github.com:o/r.git".into())
+        );
+        assert_eq!(
+            RepoLocation::parse("/srv/config"),
+            RepoLocation::Local("/srv/config".into())
+        );
+        assert_eq!(RepoLocation::parse("config"), RepoLocation::Local("config".into()));
+        assert_eq!(
+            RepoLocation::Remote("https://u:t@h/r".into()).display(),
+            "https://***@h/r"
+        );
+    }
+
+    #[test]
+    fn config_from_the_command_line() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "opamp-gitops",
+            "serve",
+            "--repo",
+            "https://u:t@example.com/r.git",
+            "--branch",
+            "prod",
+            "--path",
+            "fleet",
+            "--poll-interval",
+            "5s",
+            "--webhook-secret-file",
+            "/s/hook",
+            "--git-token-file",
+            "/s/token",
+            "--ssh-key-file",
+            "/s/key",
+        ])
+        .unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let cfg = GitConfig::from_serve_args(&args).unwrap();
+        assert_eq!(cfg.repo, RepoLocation::Remote("https://u:t@example.com/r.git".into()));
+        assert_eq!(cfg.branch.as_deref(), Some("prod"));
+        assert_eq!(cfg.subdir, Some(PathBuf::from("fleet")));
+        assert_eq!(cfg.poll_interval, Duration::from_secs(5));
+        assert_eq!(cfg.webhook_secret_file, Some(PathBuf::from("/s/hook")));
+        assert_eq!(cfg.auth.token_file, Some(PathBuf::from("/s/token")));
+        assert_eq!(cfg.auth.ssh_key_file, Some(PathBuf::from("/s/key")));
+
+        let cli = crate::cli::Cli::try_parse_from(["opamp-gitops", "serve"]).unwrap();
+        let crate::cli::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(matches!(GitConfig::from_serve_args(&args), Err(GitError::NoRepo)));
+    }
+
+    #[test]
+    fn readiness_reasons() {
+        let mut s = Status::default();
+        assert_eq!(s.readiness(), Err("no commit loaded yet".to_string()));
+        s.last_fetch_error = Some("fetching x: down".into());
+        assert_eq!(s.readiness(), Err("fetching x: down".to_string()));
+        s.head = Some(CommitId::new("ab".repeat(20)));
+        s.head_errors = vec!["groups/a.yaml:1:2: bad".into(), "b".into()];
+        assert_eq!(
+            s.readiness(),
+            Err("commit abababababab is invalid: groups/a.yaml:1:2: bad (and 1 more)".to_string())
+        );
+        s.loaded = Some(CommitId::new("cd".repeat(20)));
+        assert!(s.readiness().is_ok());
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let mut out = String::new();
+        MetricsSnapshot {
+            fetches: 3,
+            fetch_failures: 1,
+            commits_loaded: 2,
+            commits_invalid: 0,
+        }
+        .write_prometheus(&mut out);
+        assert!(out.contains("opamp_gitops_git_fetches_total 3\n"));
+        assert!(out.contains("# TYPE opamp_gitops_git_fetch_failures_total counter\n"));
+    }
+
+    #[test]
+    fn secrets_lose_the_trailing_newline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, " tok en \n").unwrap();
+        assert_eq!(read_secret(&p).unwrap(), " tok en ");
+        let auth = Auth {
+            token_file: Some(p),
+            token: Some("env".into()),
+            ssh_key_file: None,
+        };
+        assert_eq!(auth.token().unwrap().as_deref(), Some(" tok en "));
+        assert!(!format!("{auth:?}").contains("env\""));
+    }
+}

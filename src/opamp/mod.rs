@@ -2,6 +2,8 @@
 //! transports and sessions.
 
 pub mod codec;
+pub mod session;
+pub mod transport;
 
 /// Messages generated from `proto/opamp/v1/*.proto` by `build.rs`.
 #[allow(clippy::all, missing_docs)]

@@ -1,0 +1,252 @@
+//! `GET /api/v1/agents` and `GET /api/v1/agents/{uid}`: the inventory as
+//! JSON, built by a pure function from a record and (once the reconciler
+//! supplies one) the agent's assignment.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::ApiState;
+use crate::fleet::{AgentRecord, Health};
+use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
+
+/// What the reconciler decided for one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub group: Option<GroupName>,
+    pub desired_config_hash: Option<ConfigHash>,
+    pub state: AgentState,
+}
+
+/// Assignments by agent, as the reconciler publishes them.
+pub type Assignments = HashMap<InstanceUid, Assignment>;
+
+/// One agent as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AgentJson<'a> {
+    pub instance_uid: &'a InstanceUid,
+    pub connected: bool,
+    pub transport: &'static str,
+    pub last_seen: String,
+    pub identifying_attributes: &'a BTreeMap<String, String>,
+    pub non_identifying_attributes: &'a BTreeMap<String, String>,
+    pub capabilities: Vec<&'static str>,
+    pub group: Option<&'a GroupName>,
+    pub desired_config_hash: Option<ConfigHash>,
+    pub remote_config_status: Option<RemoteConfigStatusJson<'a>>,
+    pub health: Option<HealthJson<'a>>,
+    pub state: AgentState,
+    /// Only in the single-agent answer: file name to body (as UTF-8 text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub effective_config: Option<BTreeMap<&'a str, String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RemoteConfigStatusJson<'a> {
+    pub status: &'static str,
+    /// 64 hex digits for our hashes; any other hash as the hex of its bytes.
+    pub last_remote_config_hash: String,
+    pub error_message: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthJson<'a> {
+    pub healthy: bool,
+    pub status: &'a str,
+    pub last_error: &'a str,
+}
+
+static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
+
+/// The state of an agent nobody assigned: offline, unsupported (cannot take
+/// remote config) or unmanaged.
+pub fn unassigned_state(rec: &AgentRecord) -> AgentState {
+    if !rec.connected {
+        AgentState::Offline
+    } else if !rec.capabilities.accepts_remote_config() {
+        AgentState::Unsupported
+    } else {
+        AgentState::Unmanaged
+    }
+}
+
+/// Builds an agent's JSON. `with_effective_config` adds the bodies (the
+/// single-agent answer).
+pub fn agent_json<'a>(
+    rec: &'a AgentRecord,
+    assignment: Option<&'a Assignment>,
+    with_effective_config: bool,
+) -> AgentJson<'a> {
+    AgentJson {
+        instance_uid: &rec.uid,
+        connected: rec.connected,
+        transport: rec.transport.as_str(),
+        last_seen: humantime::format_rfc3339_seconds(rec.last_seen).to_string(),
+        identifying_attributes: rec.identifying_attributes().unwrap_or(&NO_ATTRIBUTES),
+        non_identifying_attributes: rec.non_identifying_attributes().unwrap_or(&NO_ATTRIBUTES),
+        capabilities: rec.capabilities.names(),
+        group: assignment.and_then(|a| a.group.as_ref()),
+        desired_config_hash: assignment.and_then(|a| a.desired_config_hash),
+        remote_config_status: rec.remote_config_status.as_ref().map(|s| RemoteConfigStatusJson {
+            status: s.state.as_str(),
+            last_remote_config_hash: s.hash.map_or_else(|| hex::encode(&s.last_hash), |h| h.to_string()),
+            error_message: &s.error_message,
+        }),
+        health: rec.health.as_deref().map(health_json),
+        state: assignment.map_or_else(|| unassigned_state(rec), |a| a.state),
+        effective_config: with_effective_config.then(|| {
+            rec.effective_config
+                .as_deref()
+                .map(|files| {
+                    files
+                        .iter()
+                        .map(|(name, f)| (name.as_str(), String::from_utf8_lossy(&f.body).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }),
+    }
+}
+
+fn health_json(h: &Health) -> HealthJson<'_> {
+    HealthJson {
+        healthy: h.healthy,
+        status: &h.status,
+        last_error: &h.last_error,
+    }
+}
+
+#[derive(Serialize)]
+struct AgentList<'a> {
+    agents: Vec<AgentJson<'a>>,
+}
+
+pub async fn list(State(state): State<ApiState>) -> Response {
+    let snapshot = state.fleet.snapshot();
+    let assignments = state.assignments.borrow().clone();
+    let agents = snapshot
+        .sorted()
+        .into_iter()
+        .map(|r| agent_json(r, assignments.get(&r.uid), false))
+        .collect();
+    Json(AgentList { agents }).into_response()
+}
+
+pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Response {
+    let Some(uid) = InstanceUid::parse_text(&uid) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "not an instance uid (expected a UUID or a 26-character ULID)",
+        );
+    };
+    let snapshot = state.fleet.snapshot();
+    let Some(rec) = snapshot.get(&uid) else {
+        return error(StatusCode::NOT_FOUND, "no such agent");
+    };
+    let assignments = state.assignments.borrow().clone();
+    Json(agent_json(rec, assignments.get(&uid), true)).into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::desired::ConfigFile;
+    use crate::fleet::{Capabilities, Description, RemoteConfigState, RemoteStatus, Transport};
+
+    fn record() -> AgentRecord {
+        let mut r = AgentRecord::new(
+            InstanceUid::Uuid([0x01; 16]),
+            Transport::WebSocket,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_255_200),
+        );
+        r.capabilities = Capabilities(0x1 | 0x2);
+        r.description = Some(Arc::new(Description {
+            identifying: BTreeMap::from([("service.name".into(), "otelcol".into())]),
+            non_identifying: BTreeMap::from([("host.name".into(), "a".into())]),
+        }));
+        r.health = Some(Arc::new(Health {
+            healthy: true,
+            ..Default::default()
+        }));
+        r.remote_config_status = Some(RemoteStatus {
+            last_hash: Bytes::copy_from_slice(&[0x9a; 32]),
+            hash: Some(ConfigHash([0x9a; 32])),
+            state: RemoteConfigState::Applied,
+            error_message: String::new(),
+        });
+        r.effective_config = Some(Arc::new(BTreeMap::from([(
+            String::new(),
+            ConfigFile {
+                content_type: "text/yaml".into(),
+                body: Bytes::from_static(b"a: 1\n"),
+            },
+        )])));
+        r
+    }
+
+    #[test]
+    fn json_shape_matches_the_contract() {
+        let r = record();
+        let assignment = Assignment {
+            group: Some(GroupName::new("edge-gateways")),
+            desired_config_hash: Some(ConfigHash([0x9a; 32])),
+            state: AgentState::InSync,
+        };
+        let v = serde_json::to_value(agent_json(&r, Some(&assignment), false)).unwrap();
+        let h = "9a".repeat(32);
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "instance_uid": "01010101-0101-0101-0101-010101010101",
+                "connected": true, "transport": "websocket",
+                "last_seen": "2026-11-21T10:00:00Z",
+                "identifying_attributes": {"service.name": "otelcol"},
+                "non_identifying_attributes": {"host.name": "a"},
+                "capabilities": ["ReportsStatus", "AcceptsRemoteConfig"],
+                "group": "edge-gateways", "desired_config_hash": h,
+                "remote_config_status": {"status": "APPLIED", "last_remote_config_hash": h, "error_message": ""},
+                "health": {"healthy": true, "status": "", "last_error": ""},
+                "state": "in_sync"
+            })
+        );
+        let detail = serde_json::to_value(agent_json(&r, None, true)).unwrap();
+        assert_eq!(detail["effective_config"], serde_json::json!({"": "a: 1\n"}));
+        assert_eq!(detail["group"], serde_json::Value::Null);
+        assert_eq!(detail["state"], "unmanaged");
+    }
+
+    #[test]
+    fn unassigned_states_and_missing_parts() {
+        let mut r = AgentRecord::new(InstanceUid::Uuid([2; 16]), Transport::Http, SystemTime::UNIX_EPOCH);
+        r.capabilities = Capabilities(0x1);
+        assert_eq!(unassigned_state(&r), AgentState::Unsupported);
+        r.capabilities = Capabilities(0x3);
+        assert_eq!(unassigned_state(&r), AgentState::Unmanaged);
+        r.connected = false;
+        assert_eq!(unassigned_state(&r), AgentState::Offline);
+        r.remote_config_status = Some(RemoteStatus {
+            last_hash: Bytes::from_static(b"\x01\x02"),
+            hash: None,
+            state: RemoteConfigState::Failed,
+            error_message: "nope".into(),
+        });
+        let v = serde_json::to_value(agent_json(&r, None, false)).unwrap();
+        assert_eq!(v["remote_config_status"]["last_remote_config_hash"], "0102");
+        assert_eq!(v["health"], serde_json::Value::Null);
+        assert_eq!(v["identifying_attributes"], serde_json::json!({}));
+        assert_eq!(v["transport"], "http");
+    }
+}

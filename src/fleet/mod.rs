@@ -1,0 +1,637 @@
+//! The agent inventory. One task owns it: sessions send it what agents report
+//! and get back what to reply; the reconcile driver pushes configs through a
+//! [`FleetHandle`]; everyone else reads coalesced [`FleetSnapshot`]s from a
+//! `watch` channel.
+
+pub mod capabilities;
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use capabilities::Capabilities;
+pub use record::{
+    AgentRecord, Contact, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision, Transport,
+};
+
+use crate::desired::ConfigBundle;
+use crate::model::InstanceUid;
+use crate::opamp::proto::AgentToServer;
+
+/// Identifies one WebSocket connection; later connections get larger ids.
+pub type ConnId = u64;
+
+/// Snapshots are rebuilt at most this often while agents report real changes...
+const URGENT_PUBLISH: Duration = Duration::from_millis(50);
+/// ...and at most this often when only liveness (last seen) changed.
+const LIVENESS_PUBLISH: Duration = Duration::from_secs(1);
+/// Commands waiting for the fleet task; sessions wait when it is full.
+const COMMAND_QUEUE: usize = 4096;
+
+/// The inventory at one moment. Records are shared, so a snapshot costs a map
+/// of `Arc` clones.
+#[derive(Debug, Default)]
+pub struct FleetSnapshot {
+    /// Grows with every published snapshot.
+    pub version: u64,
+    pub agents: HashMap<InstanceUid, Arc<AgentRecord>>,
+}
+
+impl FleetSnapshot {
+    pub fn get(&self, uid: &InstanceUid) -> Option<&Arc<AgentRecord>> {
+        self.agents.get(uid)
+    }
+
+    /// Every record, ordered by uid.
+    pub fn sorted(&self) -> Vec<&Arc<AgentRecord>> {
+        let mut v: Vec<_> = self.agents.values().collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// How many agents are connected over `transport`.
+    pub fn connected(&self, transport: Transport) -> usize {
+        self.agents
+            .values()
+            .filter(|r| r.connected && r.transport == transport)
+            .count()
+    }
+}
+
+/// What a WebSocket session gives the fleet so that pushes and replacement reach it.
+#[derive(Debug, Clone)]
+pub struct WsLink {
+    pub conn: ConnId,
+    /// Configs to send now.
+    pub push: mpsc::Sender<Arc<ConfigBundle>>,
+    /// Cancelled when a newer connection for the same agent replaces this one.
+    pub close: CancellationToken,
+}
+
+/// How a report arrived.
+#[derive(Debug, Clone)]
+pub enum Via {
+    WebSocket(WsLink),
+    Http,
+}
+
+/// What the session must put in its reply, besides the uid and capabilities.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub report_full_state: bool,
+    /// Offer this uid in `agent_identification` (the agent asked for one).
+    pub new_instance_uid: Option<InstanceUid>,
+    /// A pushed config that has not reached the agent yet.
+    pub remote_config: Option<Arc<ConfigBundle>>,
+    /// This WebSocket was replaced by a newer one for the same agent: the
+    /// report was ignored and the session should close.
+    pub replaced: bool,
+}
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushOutcome {
+    /// Handed to the agent's WebSocket.
+    Sent,
+    /// Goes out in the reply to the agent's next message (plain HTTP, or a
+    /// WebSocket too busy to take it now). A newer push replaces it.
+    Queued,
+    /// Unknown or offline agent; nothing was kept.
+    NotConnected,
+    /// The agent lacks AcceptsRemoteConfig, so it must not be offered a config.
+    NotAccepted,
+}
+
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the fleet task has stopped")]
+pub struct FleetStopped;
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// An HTTP agent silent for three of these is offline.
+    pub heartbeat_interval: Duration,
+}
+
+enum Command {
+    Report {
+        uid: InstanceUid,
+        msg: Box<AgentToServer>,
+        via: Via,
+        /// The uid this WebSocket reported under before, when it changed
+        /// (after the agent adopted a new instance uid).
+        previous_uid: Option<InstanceUid>,
+        reply: oneshot::Sender<Reply>,
+    },
+    Closed {
+        conn: ConnId,
+        uid: InstanceUid,
+    },
+    Push {
+        uid: InstanceUid,
+        bundle: Arc<ConfigBundle>,
+        reply: oneshot::Sender<PushOutcome>,
+    },
+}
+
+/// The way into the fleet task: cheap to clone.
+#[derive(Clone)]
+pub struct FleetHandle {
+    tx: mpsc::Sender<Command>,
+    snapshots: watch::Receiver<Arc<FleetSnapshot>>,
+}
+
+impl FleetHandle {
+    /// Sends `bundle` to the agent: over its WebSocket at once, or in the reply
+    /// to its next HTTP request. Never invents anything: only what is pushed goes out.
+    pub async fn push(&self, uid: InstanceUid, bundle: Arc<ConfigBundle>) -> Result<PushOutcome, FleetStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Push { uid, bundle, reply })
+            .await
+            .map_err(|_| FleetStopped)?;
+        rx.await.map_err(|_| FleetStopped)
+    }
+
+    /// The newest snapshot.
+    pub fn snapshot(&self) -> Arc<FleetSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<FleetSnapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// Applies an agent's message and returns what the reply must carry.
+    pub async fn report(
+        &self,
+        uid: InstanceUid,
+        msg: AgentToServer,
+        via: Via,
+        previous_uid: Option<InstanceUid>,
+    ) -> Result<Reply, FleetStopped> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Report {
+            uid,
+            msg: Box::new(msg),
+            via,
+            previous_uid,
+            reply,
+        };
+        self.tx.send(cmd).await.map_err(|_| FleetStopped)?;
+        rx.await.map_err(|_| FleetStopped)
+    }
+
+    /// A WebSocket that reported as `uid` has closed.
+    pub async fn closed(&self, conn: ConnId, uid: InstanceUid) {
+        // A stopped fleet has nothing left to update.
+        let _ = self.tx.send(Command::Closed { conn, uid }).await;
+    }
+}
+
+/// Starts the fleet task. It stops when `cancel` fires or every handle is gone.
+pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (snap_tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::default()));
+    let fleet = Fleet {
+        agents: HashMap::new(),
+        heartbeat: config.heartbeat_interval,
+        snapshots: snap_tx,
+        version: 0,
+        dirty: None,
+        last_publish: None,
+    };
+    let task = tokio::spawn(fleet.run(rx, cancel));
+    (FleetHandle { tx, snapshots }, task)
+}
+
+struct Entry {
+    record: Arc<AgentRecord>,
+    /// When the agent last reported, on the monotonic clock the sweep uses.
+    seen: Instant,
+    ws: Option<WsLink>,
+    pending: Option<Arc<ConfigBundle>>,
+}
+
+impl Entry {
+    fn go_offline(&mut self, now: SystemTime) {
+        self.ws = None;
+        self.pending = None;
+        Arc::make_mut(&mut self.record).set_offline(now);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    Liveness,
+    Changed,
+}
+
+struct Fleet {
+    agents: HashMap<InstanceUid, Entry>,
+    heartbeat: Duration,
+    snapshots: watch::Sender<Arc<FleetSnapshot>>,
+    version: u64,
+    dirty: Option<Dirty>,
+    last_publish: Option<Instant>,
+}
+
+impl Fleet {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let mut sweep = tokio::time::interval((self.heartbeat / 2).max(Duration::from_millis(10)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let due = self.publish_due();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = sweep.tick() => self.sweep(Instant::now(), SystemTime::now()),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+            }
+            if self.publish_due().is_some_and(|d| d <= Instant::now()) {
+                self.publish();
+            }
+        }
+        if self.dirty.is_some() {
+            self.publish();
+        }
+    }
+
+    fn publish_due(&self) -> Option<Instant> {
+        let wait = match self.dirty? {
+            Dirty::Changed => URGENT_PUBLISH,
+            Dirty::Liveness => LIVENESS_PUBLISH,
+        };
+        Some(self.last_publish.map_or_else(Instant::now, |t| t + wait))
+    }
+
+    fn mark(&mut self, d: Dirty) {
+        self.dirty = self.dirty.max(Some(d));
+    }
+
+    fn publish(&mut self) {
+        self.version += 1;
+        let snapshot = FleetSnapshot {
+            version: self.version,
+            agents: self
+                .agents
+                .iter()
+                .map(|(uid, e)| (uid.clone(), e.record.clone()))
+                .collect(),
+        };
+        self.snapshots.send_replace(Arc::new(snapshot));
+        self.dirty = None;
+        self.last_publish = Some(Instant::now());
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Report {
+                uid,
+                msg,
+                via,
+                previous_uid,
+                reply,
+            } => {
+                let r = self.report(uid, *msg, via, previous_uid, SystemTime::now());
+                // The session may have gone; then nobody needs the reply.
+                let _ = reply.send(r);
+            }
+            Command::Closed { conn, uid } => self.connection_lost(&uid, conn, SystemTime::now()),
+            Command::Push { uid, bundle, reply } => {
+                let outcome = self.push(&uid, bundle);
+                tracing::debug!(agent = %uid, outcome = ?outcome, "push");
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    fn report(
+        &mut self,
+        uid: InstanceUid,
+        msg: AgentToServer,
+        via: Via,
+        previous_uid: Option<InstanceUid>,
+        now: SystemTime,
+    ) -> Reply {
+        if let (Some(old), Via::WebSocket(link)) = (&previous_uid, &via)
+            && *old != uid
+        {
+            self.connection_lost(old, link.conn, now);
+        }
+        let mut entry = self.agents.remove(&uid);
+        let (transport, new_connection) = match (&via, entry.as_mut()) {
+            (Via::Http, e) => {
+                // An agent that moved from a WebSocket to plain HTTP.
+                if let Some(old) = e.and_then(|e| e.ws.take()) {
+                    old.close.cancel();
+                }
+                (Transport::Http, false)
+            }
+            (Via::WebSocket(link), e) => match e.and_then(|e| e.ws.as_ref()) {
+                Some(cur) if cur.conn == link.conn => (Transport::WebSocket, false),
+                Some(cur) if cur.conn > link.conn => {
+                    if let Some(e) = entry {
+                        self.agents.insert(uid, e);
+                    }
+                    return Reply {
+                        replaced: true,
+                        ..Reply::default()
+                    };
+                }
+                _ => (Transport::WebSocket, true),
+            },
+        };
+        let contact = Contact {
+            now,
+            transport,
+            new_connection,
+        };
+        let (rec, decision) = record::apply(entry.as_ref().map(|e| &*e.record), &uid, msg, contact);
+        let mut entry = match entry {
+            Some(mut e) => {
+                e.record = Arc::new(rec);
+                e.seen = Instant::now();
+                e
+            }
+            None => Entry {
+                record: Arc::new(rec),
+                seen: Instant::now(),
+                ws: None,
+                pending: None,
+            },
+        };
+        if let (Via::WebSocket(link), true) = (&via, new_connection) {
+            tracing::debug!(agent = %uid, conn = link.conn, "agent connected");
+            if let Some(old) = entry.ws.replace(link.clone()) {
+                tracing::info!(agent = %uid, old = old.conn, new = link.conn, "newer connection replaces the old one");
+                old.close.cancel();
+            }
+        }
+        if decision.disconnected {
+            tracing::debug!(agent = %uid, "agent said goodbye");
+            entry.pending = None;
+        }
+        let reply = Reply {
+            report_full_state: decision.report_full_state,
+            new_instance_uid: decision.new_instance_uid.then(InstanceUid::new_v7),
+            remote_config: entry.pending.take(),
+            replaced: false,
+        };
+        self.agents.insert(uid, entry);
+        self.mark(if decision.changed {
+            Dirty::Changed
+        } else {
+            Dirty::Liveness
+        });
+        reply
+    }
+
+    /// The WebSocket `conn` that reported as `uid` is gone. A connection that
+    /// was already replaced changes nothing.
+    fn connection_lost(&mut self, uid: &InstanceUid, conn: ConnId, now: SystemTime) {
+        if let Some(e) = self.agents.get_mut(uid)
+            && e.ws.as_ref().is_some_and(|l| l.conn == conn)
+        {
+            tracing::debug!(agent = %uid, conn, "agent connection closed");
+            e.go_offline(now);
+            self.mark(Dirty::Changed);
+        }
+    }
+
+    fn push(&mut self, uid: &InstanceUid, bundle: Arc<ConfigBundle>) -> PushOutcome {
+        let Some(e) = self.agents.get_mut(uid) else {
+            return PushOutcome::NotConnected;
+        };
+        if !e.record.connected {
+            return PushOutcome::NotConnected;
+        }
+        if !e.record.capabilities.accepts_remote_config() {
+            return PushOutcome::NotAccepted;
+        }
+        let Some(link) = &e.ws else {
+            e.pending = Some(bundle);
+            return PushOutcome::Queued;
+        };
+        match link.push.try_send(bundle) {
+            Ok(()) => {
+                e.pending = None;
+                PushOutcome::Sent
+            }
+            Err(mpsc::error::TrySendError::Full(bundle)) => {
+                e.pending = Some(bundle);
+                PushOutcome::Queued
+            }
+            // The session is ending; its close will mark the agent offline.
+            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::NotConnected,
+        }
+    }
+
+    fn sweep(&mut self, mono: Instant, now: SystemTime) {
+        let mut any = false;
+        for e in self.agents.values_mut() {
+            if record::is_stale(&e.record, mono.saturating_duration_since(e.seen), self.heartbeat) {
+                tracing::info!(agent = %e.record.uid, "HTTP agent missed three heartbeats; offline");
+                e.go_offline(now);
+                any = true;
+            }
+        }
+        if any {
+            self.mark(Dirty::Changed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::desired::ConfigFile;
+
+    fn msg(uid: &InstanceUid, seq: u64, caps: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: Bytes::copy_from_slice(uid.as_bytes()),
+            sequence_num: seq,
+            capabilities: caps,
+            agent_description: Some(Default::default()),
+            ..Default::default()
+        }
+    }
+
+    fn bundle(body: &str) -> Arc<ConfigBundle> {
+        Arc::new(ConfigBundle::new(BTreeMap::from([(
+            String::new(),
+            ConfigFile {
+                content_type: "text/yaml".into(),
+                body: Bytes::copy_from_slice(body.as_bytes()),
+            },
+        )])))
+    }
+
+    fn link(conn: ConnId) -> (WsLink, mpsc::Receiver<Arc<ConfigBundle>>) {
+        let (push, rx) = mpsc::channel(1);
+        (
+            WsLink {
+                conn,
+                push,
+                close: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    fn start(heartbeat: Duration) -> (FleetHandle, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let (h, _) = spawn(
+            FleetConfig {
+                heartbeat_interval: heartbeat,
+            },
+            cancel.clone(),
+        );
+        (h, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn push_over_http_waits_for_the_next_report_and_newest_wins() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([1; 16]);
+        assert_eq!(
+            fleet.push(uid.clone(), bundle("a")).await.unwrap(),
+            PushOutcome::NotConnected
+        );
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            fleet.push(uid.clone(), bundle("a")).await.unwrap(),
+            PushOutcome::NotAccepted
+        );
+        fleet
+            .report(uid.clone(), msg(&uid, 1, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
+        assert_eq!(fleet.push(uid.clone(), bundle("b")).await.unwrap(), PushOutcome::Queued);
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 2, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert_eq!(r.remote_config.map(|b| b.hash()), Some(bundle("b").hash()));
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 3, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_none(), "sent once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn websocket_replacement_and_stale_close() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([2; 16]);
+        let (old, _old_rx) = link(1);
+        let (new, mut new_rx) = link(2);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(old.clone()), None)
+            .await
+            .unwrap();
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(new.clone()), None)
+            .await
+            .unwrap();
+        assert!(old.close.is_cancelled(), "the old connection is told to close");
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 1, 0x3), Via::WebSocket(old.clone()), None)
+            .await
+            .unwrap();
+        assert!(r.replaced);
+        fleet.closed(1, uid.clone()).await;
+        assert_eq!(fleet.push(uid.clone(), bundle("x")).await.unwrap(), PushOutcome::Sent);
+        assert!(new_rx.recv().await.is_some());
+        // Paused time: this lets every snapshot due be published.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let s = fleet.snapshot();
+        let rec = s.get(&uid).unwrap();
+        assert!(
+            rec.connected,
+            "the old connection's close does not make the agent offline"
+        );
+        assert_eq!(rec.connection_epoch, 1);
+        let mut snaps = fleet.subscribe();
+
+        fleet.closed(2, uid.clone()).await;
+        let s = snaps.wait_for(|s| s.get(&uid).is_some_and(|r| !r.connected)).await;
+        assert!(s.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http_agents_go_offline_after_three_silent_intervals() {
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let uid = InstanceUid::Uuid([3; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        let mut snaps = fleet.subscribe();
+        let s = snaps.wait_for(|s| s.get(&uid).is_some()).await.unwrap().clone();
+        assert!(s.get(&uid).unwrap().connected);
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(fleet.snapshot().get(&uid).unwrap().connected, "a poll resets the clock");
+        let s = snaps
+            .wait_for(|s| s.get(&uid).is_some_and(|r| !r.connected))
+            .await
+            .unwrap()
+            .clone();
+        assert!(s.get(&uid).unwrap().disconnected_at.is_some());
+        assert_eq!(
+            fleet.push(uid.clone(), bundle("late")).await.unwrap(),
+            PushOutcome::NotConnected
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn snapshots_are_versioned_and_coalesced() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let mut snaps = fleet.subscribe();
+        for i in 0..100u8 {
+            let uid = InstanceUid::Uuid([i; 16]);
+            fleet
+                .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
+                .await
+                .unwrap();
+        }
+        let s = snaps.wait_for(|s| s.agents.len() == 100).await.unwrap().clone();
+        assert!(s.version >= 1);
+        assert!(
+            s.version < 100,
+            "100 reports in one instant coalesce into few snapshots"
+        );
+        let v = s.version;
+        let uid = InstanceUid::Uuid([0; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        let s2 = snaps.wait_for(|s| s.version > v).await.unwrap().clone();
+        assert_eq!(s2.agents.len(), 100);
+    }
+}

@@ -1,0 +1,295 @@
+//! The task that owns the git source's state: it waits for a trigger (the poll
+//! timer, a sync request, a webhook, a ref change on disk), fetches, loads a
+//! new tip once, and publishes the outcome.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::repo::{self, Head};
+use super::{GitConfig, GitError, GitMetrics, Loaded, RepoLocation, Status, SyncError, SyncOutcome, fswatch};
+use crate::model::CommitId;
+
+/// The first retry after a failed fetch; it doubles up to [`MAX_BACKOFF`] (or
+/// the poll interval, when shorter).
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A zero poll interval would fetch in a busy loop.
+const MIN_POLL: Duration = Duration::from_millis(100);
+/// How long to let a burst of ref changes settle before reading them.
+const FS_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Outcomes remembered per commit, so a tip that moves back (force-push,
+/// reset) is not validated again.
+const REMEMBERED: usize = 16;
+
+type SyncReply = oneshot::Sender<Result<SyncOutcome, SyncError>>;
+
+#[derive(Clone)]
+enum Outcome {
+    Valid(Arc<Loaded>),
+    Invalid(Arc<[String]>),
+}
+
+pub(super) struct Driver {
+    config: GitConfig,
+    repo_dir: PathBuf,
+    desired: watch::Sender<Option<Arc<Loaded>>>,
+    status: watch::Sender<Status>,
+    metrics: Arc<GitMetrics>,
+    outcomes: VecDeque<(CommitId, Outcome)>,
+    failures: u32,
+}
+
+impl Driver {
+    pub(super) fn new(
+        config: GitConfig,
+        repo_dir: PathBuf,
+        desired: watch::Sender<Option<Arc<Loaded>>>,
+        status: watch::Sender<Status>,
+        metrics: Arc<GitMetrics>,
+    ) -> Driver {
+        Driver {
+            config,
+            repo_dir,
+            desired,
+            status,
+            metrics,
+            outcomes: VecDeque::new(),
+            failures: 0,
+        }
+    }
+
+    /// Time until the next fetch: the poll interval, or the backoff after failures.
+    fn next_delay(&self) -> Duration {
+        let poll = self.config.poll_interval.max(MIN_POLL);
+        if self.failures == 0 {
+            return poll;
+        }
+        let cap = poll.min(MAX_BACKOFF);
+        let shift = (self.failures - 1).min(16);
+        FIRST_BACKOFF.saturating_mul(1 << shift).min(cap)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut syncs: mpsc::Receiver<SyncReply>,
+        wake: Arc<Notify>,
+        cancel: CancellationToken,
+    ) {
+        let (fs_tx, mut fs_rx) = mpsc::channel(1);
+        let mut watcher = None;
+        let mut pending: Vec<SyncReply> = Vec::new();
+        info!(repo = %self.config.repo.display(), "git source started");
+        loop {
+            // Watch before reading, so no change after the read goes unseen.
+            if let RepoLocation::Local(path) = &self.config.repo
+                && watcher.is_none()
+            {
+                let (path, tx) = (path.clone(), fs_tx.clone());
+                watcher = tokio::task::spawn_blocking(move || fswatch::watch_refs(&path, tx))
+                    .await
+                    .ok()
+                    .flatten();
+            }
+            // A fetch in flight is abandoned on cancel (its blocking thread ends on its own).
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                result = self.refresh() => result,
+            };
+            for reply in pending.drain(..) {
+                let _ = reply.send(result.clone());
+            }
+            if result.is_err() {
+                // The watched directory may have been replaced; watch anew next time.
+                watcher = None;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(self.next_delay()) => debug!("poll"),
+                Some(reply) = syncs.recv() => pending.push(reply),
+                _ = wake.notified() => debug!("woken"),
+                Some(()) = fs_rx.recv() => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(FS_DEBOUNCE) => {}
+                    }
+                    while fs_rx.try_recv().is_ok() {}
+                    debug!("refs changed");
+                }
+            }
+            while let Ok(reply) = syncs.try_recv() {
+                pending.push(reply);
+            }
+        }
+        drop(watcher);
+        info!("git source stopped");
+    }
+
+    /// One fetch, and the load of a new tip. Errors only when git could not be
+    /// read; an invalid commit is a successful outcome with errors.
+    async fn refresh(&mut self) -> Result<SyncOutcome, SyncError> {
+        GitMetrics::bump(&self.metrics.fetches);
+        let head = self.fetch().await;
+        let now = SystemTime::now();
+        let head = match head {
+            Ok(head) => head,
+            Err(e) => {
+                GitMetrics::bump(&self.metrics.fetch_failures);
+                self.failures = self.failures.saturating_add(1);
+                warn!(error = %e, failures = self.failures, "fetch failed; keeping the last state");
+                let reason = e.to_string();
+                self.status.send_modify(|s| {
+                    s.last_fetch = Some(now);
+                    s.last_fetch_error = Some(reason.clone());
+                });
+                return Err(SyncError::Fetch(reason));
+            }
+        };
+        if self.failures > 0 {
+            info!(failures = self.failures, "fetch recovered");
+        }
+        self.failures = 0;
+        self.status.send_modify(|s| {
+            s.last_fetch = Some(now);
+            s.last_fetch_error = None;
+            s.branch = Some(head.branch.clone());
+        });
+        let outcome = match self.remembered(&head.commit) {
+            Some(outcome) => outcome,
+            None => match self.load(&head.commit, now).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    GitMetrics::bump(&self.metrics.fetch_failures);
+                    self.failures = 1;
+                    warn!(commit = %head.commit, error = %e, "reading commit failed");
+                    let reason = e.to_string();
+                    self.status.send_modify(|s| s.last_fetch_error = Some(reason.clone()));
+                    return Err(SyncError::Fetch(reason));
+                }
+            },
+        };
+        Ok(self.publish(head.commit, outcome))
+    }
+
+    async fn fetch(&self) -> Result<Head, GitError> {
+        let branch = self.config.branch.clone();
+        let job: Box<dyn FnOnce() -> Result<Head, GitError> + Send> = match &self.config.repo {
+            RepoLocation::Local(path) => {
+                let path = path.clone();
+                Box::new(move || repo::read_local(&path, branch.as_deref()))
+            }
+            RepoLocation::Remote(url) => {
+                let (url, mirror, auth) = (url.clone(), self.repo_dir.clone(), self.config.auth.clone());
+                Box::new(move || repo::fetch_remote(&mirror, &url, branch.as_deref(), &auth))
+            }
+        };
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| GitError::Worker(e.to_string()))?
+    }
+
+    fn remembered(&self, commit: &CommitId) -> Option<Outcome> {
+        self.outcomes.iter().find(|(c, _)| c == commit).map(|(_, o)| o.clone())
+    }
+
+    async fn load(&mut self, commit: &CommitId, seen_at: SystemTime) -> Result<Outcome, GitError> {
+        let (dir, c, subdir) = (self.repo_dir.clone(), commit.clone(), self.config.subdir.clone());
+        let loaded = tokio::task::spawn_blocking(move || repo::load_commit(&dir, &c, subdir.as_deref()))
+            .await
+            .map_err(|e| GitError::Worker(e.to_string()))??;
+        let outcome = match loaded {
+            Ok(desired) => {
+                GitMetrics::bump(&self.metrics.commits_loaded);
+                info!(commit = %commit, groups = desired.groups.len(), "commit loaded");
+                Outcome::Valid(Arc::new(Loaded {
+                    commit: commit.clone(),
+                    desired,
+                    seen_at,
+                }))
+            }
+            Err(errors) => {
+                GitMetrics::bump(&self.metrics.commits_invalid);
+                warn!(commit = %commit, errors = errors.len(), "commit is invalid; keeping the last state");
+                Outcome::Invalid(errors.into())
+            }
+        };
+        if self.outcomes.len() == REMEMBERED {
+            self.outcomes.pop_front();
+        }
+        self.outcomes.push_back((commit.clone(), outcome.clone()));
+        Ok(outcome)
+    }
+
+    /// Makes `head` the desired state when it is valid; records why not otherwise.
+    fn publish(&mut self, head: CommitId, outcome: Outcome) -> SyncOutcome {
+        let errors: Vec<String> = match &outcome {
+            Outcome::Valid(loaded) => {
+                self.desired.send_if_modified(|current| {
+                    if current.as_ref().is_some_and(|c| c.commit == loaded.commit) {
+                        return false;
+                    }
+                    *current = Some(loaded.clone());
+                    true
+                });
+                Vec::new()
+            }
+            Outcome::Invalid(errors) => errors.to_vec(),
+        };
+        let loaded = self.desired.borrow().as_ref().map(|l| l.commit.clone());
+        self.status.send_if_modified(|s| {
+            let changed = s.head.as_ref() != Some(&head) || s.loaded != loaded || s.head_errors != errors;
+            s.head = Some(head.clone());
+            s.loaded = loaded.clone();
+            s.head_errors = errors.clone();
+            changed
+        });
+        SyncOutcome {
+            valid: errors.is_empty(),
+            commit: head,
+            loaded,
+            errors,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver(poll: Duration) -> Driver {
+        let config = GitConfig {
+            repo: RepoLocation::Local("/nonexistent".into()),
+            branch: None,
+            subdir: None,
+            state_dir: "/tmp".into(),
+            poll_interval: poll,
+            auth: Default::default(),
+            webhook_secret_file: None,
+        };
+        let (d, _) = watch::channel(None);
+        let (s, _) = watch::channel(Status::default());
+        Driver::new(config, "/nonexistent".into(), d, s, Default::default())
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut d = driver(Duration::from_secs(30));
+        assert_eq!(d.next_delay(), Duration::from_secs(30));
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| {
+                d.failures = n;
+                d.next_delay().as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        let mut long = driver(Duration::from_secs(3600));
+        long.failures = 40;
+        assert_eq!(long.next_delay(), MAX_BACKOFF);
+        assert_eq!(driver(Duration::ZERO).next_delay(), MIN_POLL);
+    }
+}

@@ -1,0 +1,258 @@
+//! Blocking git2 operations: reading a local repository's branch, fetching a
+//! remote into a bare mirror, and loading a commit's tree. Callers run these
+//! inside `spawn_blocking`.
+
+use std::path::{Path, PathBuf};
+
+use git2::{AutotagOption, Cred, CredentialType, Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
+
+use super::tree::{TreeError, TreeSource};
+use super::{Auth, GitError};
+use crate::desired::{self, DesiredState, LoadErrors};
+use crate::model::CommitId;
+
+/// The tip of the tracked branch, as last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub branch: String,
+    pub commit: CommitId,
+}
+
+/// `refs/heads/main` and `main` both name the branch `main`.
+pub(crate) fn branch_name(b: &str) -> &str {
+    b.strip_prefix("refs/heads/").unwrap_or(b)
+}
+
+/// Resolves the tracked branch of a repository on this machine, read in place.
+/// Without a branch, follows HEAD (which must point at a branch).
+pub(crate) fn read_local(path: &Path, branch: Option<&str>) -> Result<Head, GitError> {
+    let repo = Repository::open(path).map_err(|source| GitError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let branch = match branch {
+        Some(b) => branch_name(b).to_string(),
+        None => {
+            let head = repo.find_reference("HEAD").map_err(|source| GitError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            match head
+                .symbolic_target()
+                .ok()
+                .flatten()
+                .and_then(|t| t.strip_prefix("refs/heads/"))
+            {
+                Some(b) => b.to_string(),
+                None => {
+                    return Err(GitError::DetachedHead {
+                        repo: path.display().to_string(),
+                    });
+                }
+            }
+        }
+    };
+    let commit = resolve_branch(&repo, &branch, &path.display().to_string())?;
+    Ok(Head { branch, commit })
+}
+
+fn resolve_branch(repo: &Repository, branch: &str, repo_name: &str) -> Result<CommitId, GitError> {
+    let not_found = |_| GitError::BranchNotFound {
+        branch: branch.to_string(),
+        repo: repo_name.to_string(),
+    };
+    let reference = repo
+        .find_reference(&format!("refs/heads/{branch}"))
+        .map_err(not_found)?;
+    let commit = reference.peel_to_commit().map_err(|source| GitError::Read {
+        what: format!("branch {branch}"),
+        source,
+    })?;
+    Ok(CommitId::new(commit.id().to_string()))
+}
+
+/// Opens the bare mirror at `dir`, creating it on first use.
+fn open_mirror(dir: &Path) -> Result<Repository, GitError> {
+    let mirror_err = |source| GitError::Mirror {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.join("HEAD").exists() {
+        Repository::open_bare(dir).map_err(mirror_err)
+    } else {
+        std::fs::create_dir_all(dir).map_err(|e| GitError::Mirror {
+            path: dir.to_path_buf(),
+            source: git2::Error::from_str(&e.to_string()),
+        })?;
+        Repository::init_bare(dir).map_err(mirror_err)
+    }
+}
+
+/// Brings the mirror's copy of the tracked branch up to date with the remote
+/// (forced, so a rewritten history replaces the old one) and returns its tip.
+/// Without a branch, follows the remote's default branch (its HEAD). Only the
+/// ref advertisement is exchanged when the branch has not moved.
+pub(crate) fn fetch_remote(mirror: &Path, url: &str, branch: Option<&str>, auth: &Auth) -> Result<Head, GitError> {
+    let shown = redact_url(url);
+    let fetch_err = |source| GitError::Fetch {
+        url: shown.clone(),
+        source,
+    };
+    let repo = open_mirror(mirror)?;
+    let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
+    let mut conn = remote
+        .connect_auth(Direction::Fetch, Some(callbacks(auth.clone())), None)
+        .map_err(fetch_err)?;
+    let branch = match branch {
+        Some(b) => branch_name(b).to_string(),
+        None => {
+            let head = conn.default_branch().map_err(|source| GitError::NoDefaultBranch {
+                url: shown.clone(),
+                source,
+            })?;
+            let head = head.as_str().unwrap_or_default();
+            branch_name(head).to_string()
+        }
+    };
+    let refname = format!("refs/heads/{branch}");
+    let advertised = conn
+        .list()
+        .map_err(fetch_err)?
+        .iter()
+        .find(|h| h.name() == refname)
+        .map(|h| h.oid());
+    let Some(oid) = advertised else {
+        return Err(GitError::BranchNotFound { branch, repo: shown });
+    };
+    let have = repo.refname_to_id(&refname).ok();
+    if have != Some(oid) || repo.find_commit(oid).is_err() {
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(callbacks(auth.clone()))
+            .download_tags(AutotagOption::None)
+            .update_fetchhead(false);
+        conn.remote()
+            .fetch(&[format!("+{refname}:{refname}")], Some(&mut opts), None)
+            .map_err(fetch_err)?;
+    }
+    drop(conn);
+    let commit = resolve_branch(&repo, &branch, &shown)?;
+    Ok(Head { branch, commit })
+}
+
+/// Credentials for fetches: a token (https), a key file or the ssh agent (ssh).
+/// The token file is read on each fetch so a rotated token is picked up.
+/// libgit2 asks again after a rejected credential; a few tries, then give up.
+pub(crate) fn callbacks(auth: Auth) -> RemoteCallbacks<'static> {
+    let mut cb = RemoteCallbacks::new();
+    let mut tries = 0u32;
+    cb.credentials(move |_url, user_from_url, allowed| {
+        tries += 1;
+        if tries > 3 {
+            return Err(git2::Error::from_str(
+                "authentication failed: the remote rejected the credentials",
+            ));
+        }
+        if allowed.contains(CredentialType::USERNAME) {
+            return Cred::username(user_from_url.unwrap_or("git"));
+        }
+        if allowed.contains(CredentialType::SSH_KEY) {
+            let user = user_from_url.unwrap_or("git");
+            return match &auth.ssh_key_file {
+                Some(key) => Cred::ssh_key(user, None, key, None),
+                None => Cred::ssh_key_from_agent(user),
+            };
+        }
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+            let token = auth.token().map_err(|e| git2::Error::from_str(&e.to_string()))?;
+            if let Some(token) = token {
+                return Cred::userpass_plaintext(user_from_url.unwrap_or("x-access-token"), &token);
+            }
+        }
+        Err(git2::Error::from_str(
+            "the remote asks for credentials and none are configured \
+             (--git-token-file, OPAMP_GITOPS_GIT_TOKEN or --ssh-key-file)",
+        ))
+    });
+    cb
+}
+
+/// Loads the desired state from `commit`'s tree (under `subdir` when given).
+/// The outer error is a failure to read git (retried later); the inner one
+/// lists what is wrong with the commit (it is rejected).
+pub(crate) fn load_commit(
+    repo_dir: &Path,
+    commit: &CommitId,
+    subdir: Option<&Path>,
+) -> Result<Result<DesiredState, Vec<String>>, GitError> {
+    let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
+        path: repo_dir.to_path_buf(),
+        source,
+    })?;
+    let oid = Oid::from_str(commit.as_str()).map_err(|source| GitError::Read {
+        what: format!("commit {commit}"),
+        source,
+    })?;
+    let subdir = subdir.map(|d| d.to_string_lossy());
+    let files = match TreeSource::at_commit(repo, oid, subdir.as_deref()) {
+        Ok(files) => files,
+        Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => return Ok(Err(vec![e.to_string()])),
+        Err(e) => return Err(GitError::Tree(e)),
+    };
+    match desired::load(&files, Some(commit.clone())) {
+        Ok(state) => Ok(Ok(state)),
+        Err(LoadErrors::Invalid(problems)) => Ok(Err(problems.iter().map(ToString::to_string).collect())),
+        Err(LoadErrors::Source(source)) => Err(GitError::Source {
+            commit: commit.clone(),
+            source,
+        }),
+    }
+}
+
+/// Where the bare mirror of `url` lives: named after the URL, so pointing the
+/// controller at another repository never mixes their refs.
+pub(crate) fn mirror_dir(state_dir: &Path, url: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(url.as_bytes());
+    state_dir
+        .join("git")
+        .join(format!("{}.git", &hex::encode(digest)[..16]))
+}
+
+/// The URL without its user-info (which may hold a token), for logs and status.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(redact_url("https://host/r.git"), "https://host/r.git");
+        assert_eq!(redact_url("https://u:tok@host/r.git"), "https://***@host/r.git");
+        assert_eq!(redact_url("https://tok@host/a@b"), "https://***@host/a@b");
+        assert_eq!(redact_url("git@host:r.git"), "git@host:r.git");
+        assert_eq!(redact_url("/srv/repo"), "/srv/repo");
+    }
+
+    #[test]
+    fn branch_names() {
+        assert_eq!(branch_name("refs/heads/main"), "main");
+        assert_eq!(branch_name("release/1"), "release/1");
+    }
+
+    #[test]
+    fn mirrors_differ_per_url() {
+        let a = mirror_dir(Path::new("/s"), "file:///a");
+        assert_ne!(a, mirror_dir(Path::new("/s"), "file:///b"));
+        assert!(a.starts_with("/s/git"));
+    }
+}

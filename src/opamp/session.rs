@@ -1,0 +1,418 @@
+//! One OpAMP exchange at a time: a WebSocket connection's life, or one plain
+//! HTTP request. Decodes, asks the fleet task what to answer, encodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::codec::{self, DecodeError};
+use super::proto::{
+    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ServerErrorResponse,
+    ServerErrorResponseType, ServerToAgent,
+};
+use super::transport::OpampContext;
+use crate::desired::ConfigBundle;
+use crate::fleet::{Reply, Transport, Via, WsLink};
+use crate::model::InstanceUid;
+
+/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig. No heartbeat
+/// offer: agents keep their own interval (see `--heartbeat-interval`).
+pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
+const FLAG_REPORT_FULL_STATE: u64 = 0x1;
+/// Pushes waiting for one WebSocket; when full, a push waits for the next reply.
+const PUSH_QUEUE: usize = 2;
+/// How long a closing WebSocket waits for the peer's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How much of an oversized HTTP body is read and dropped so that the client
+/// sees the 413 instead of a reset connection.
+const OVERSIZE_DRAIN: usize = 4 * 1024 * 1024;
+
+const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
+
+/// The `AgentRemoteConfig` for a pushed bundle. Bodies are shared, not copied.
+pub fn remote_config(bundle: &ConfigBundle) -> AgentRemoteConfig {
+    AgentRemoteConfig {
+        config: Some(AgentConfigMap {
+            config_map: bundle
+                .files()
+                .iter()
+                .map(|(name, f)| {
+                    (
+                        name.clone(),
+                        AgentConfigFile {
+                            body: f.body.clone(),
+                            content_type: f.content_type.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        config_hash: Bytes::copy_from_slice(bundle.hash().as_bytes()),
+    }
+}
+
+/// The reply to a report, echoing the agent's uid bytes unchanged.
+fn reply_message(uid: Bytes, r: &Reply, with_capabilities: bool) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: uid,
+        flags: if r.report_full_state { FLAG_REPORT_FULL_STATE } else { 0 },
+        capabilities: if with_capabilities { SERVER_CAPABILITIES } else { 0 },
+        agent_identification: r.new_instance_uid.as_ref().map(|u| AgentIdentification {
+            new_instance_uid: Bytes::copy_from_slice(u.as_bytes()),
+        }),
+        remote_config: r.remote_config.as_deref().map(remote_config),
+        ..Default::default()
+    }
+}
+
+/// An error reply: the spec wants every field after `error_response` unset.
+fn error_reply(uid: Bytes, kind: ServerErrorResponseType, message: String) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: uid,
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message,
+            details: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// What a decoded message turned into.
+enum Outcome {
+    Reply {
+        uid: InstanceUid,
+        msg: ServerToAgent,
+    },
+    /// A protocol error answered with `error_response`.
+    Refused(ServerToAgent),
+    /// This WebSocket was replaced; close it.
+    Replaced,
+    Stopping,
+}
+
+async fn exchange(
+    ctx: &OpampContext,
+    msg: AgentToServer,
+    via: Via,
+    previous: Option<&InstanceUid>,
+    with_capabilities: bool,
+) -> Outcome {
+    let wire = msg.instance_uid.clone();
+    let uid = match InstanceUid::from_wire(&wire) {
+        Ok(uid) => uid,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a message with a bad instance_uid");
+            return Outcome::Refused(error_reply(wire, ServerErrorResponseType::BadRequest, e.to_string()));
+        }
+    };
+    let previous = previous.filter(|p| **p != uid).cloned();
+    match ctx.fleet.report(uid.clone(), msg, via, previous).await {
+        Ok(r) if r.replaced => Outcome::Replaced,
+        Ok(r) => {
+            if r.report_full_state {
+                tracing::debug!(agent = %uid, "asking for full state");
+            }
+            Outcome::Reply {
+                msg: reply_message(wire, &r, with_capabilities),
+                uid,
+            }
+        }
+        Err(_) => Outcome::Stopping,
+    }
+}
+
+/// The WebSocket close codes we use.
+mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Runs one WebSocket connection until either side closes it, it is
+/// replaced by a newer connection of the same agent, or the server stops.
+pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
+    let conn = ctx.next_conn_id();
+    ctx.metrics
+        .websocket_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (push, mut pushes) = mpsc::channel::<Arc<ConfigBundle>>(PUSH_QUEUE);
+    let close = ctx.shutdown.child_token();
+    let link = WsLink {
+        conn,
+        push,
+        close: close.clone(),
+    };
+    // The uid this connection reports as, and its bytes as the agent sent them.
+    let mut agent: Option<(InstanceUid, Bytes)> = None;
+    let mut capabilities_sent = false;
+
+    let end: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            _ = close.cancelled() => {
+                break Some(if ctx.shutdown.is_cancelled() {
+                    (close::GOING_AWAY, "server shutting down")
+                } else {
+                    (close::NORMAL, "replaced by a newer connection")
+                });
+            }
+            Some(bundle) = pushes.recv() => {
+                let Some((uid, wire)) = &agent else { continue };
+                tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
+                let msg = ServerToAgent {
+                    instance_uid: wire.clone(),
+                    capabilities: if capabilities_sent { 0 } else { SERVER_CAPABILITIES },
+                    remote_config: Some(remote_config(&bundle)),
+                    ..Default::default()
+                };
+                capabilities_sent = true;
+                if send(&mut socket, &msg).await.is_err() {
+                    break None;
+                }
+            }
+            frame = socket.recv() => {
+                let data = match frame {
+                    None => break None,
+                    Some(Err(e)) if is_too_big(&e) => {
+                        ctx.metrics.oversized.inc(Transport::WebSocket);
+                        tracing::warn!(conn, "WebSocket message over the size limit; closing the connection");
+                        break Some((close::TOO_BIG, "message too big"));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(conn, error = %e, "WebSocket read failed");
+                        break None;
+                    }
+                    Some(Ok(Message::Binary(data))) => data,
+                    Some(Ok(Message::Text(_))) => {
+                        tracing::warn!(conn, "ignored a WebSocket text frame");
+                        continue;
+                    }
+                    // Pings are answered by the WebSocket layer; a Close is
+                    // answered there too and then the stream ends.
+                    Some(Ok(_)) => continue,
+                };
+                ctx.metrics.messages_received.inc(Transport::WebSocket);
+                let msg = match codec::decode_ws::<AgentToServer>(&data, ctx.max_message_bytes) {
+                    Ok(msg) => msg,
+                    Err(DecodeError::TooLarge { .. }) => {
+                        ctx.metrics.oversized.inc(Transport::WebSocket);
+                        break Some((close::TOO_BIG, "message too big"));
+                    }
+                    Err(e) => {
+                        ctx.metrics.decode_errors.inc(Transport::WebSocket);
+                        tracing::warn!(conn, error = %e, "malformed WebSocket message; closing the connection");
+                        break Some((close::INVALID_PAYLOAD, "malformed OpAMP message"));
+                    }
+                };
+                drop(data);
+                let previous = agent.as_ref().map(|(uid, _)| uid);
+                let via = Via::WebSocket(link.clone());
+                let reply = match exchange(&ctx, msg, via, previous, !capabilities_sent).await {
+                    Outcome::Reply { uid, msg } => {
+                        agent = Some((uid, msg.instance_uid.clone()));
+                        capabilities_sent = true;
+                        msg
+                    }
+                    Outcome::Refused(msg) => msg,
+                    Outcome::Replaced => break Some((close::NORMAL, "replaced by a newer connection")),
+                    Outcome::Stopping => break Some((close::GOING_AWAY, "server shutting down")),
+                };
+                if send(&mut socket, &reply).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+
+    if let Some((code, reason)) = end {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+            // Wait briefly for the peer's close frame, so it sees a clean close.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
+        }
+    }
+    drop(socket);
+    if let Some((uid, _)) = agent {
+        ctx.fleet.closed(conn, uid).await;
+    }
+    ctx.metrics
+        .websocket_closed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerToAgent) -> Result<(), axum::Error> {
+    socket.send(Message::Binary(codec::encode_ws(msg).into())).await
+}
+
+/// True when the WebSocket layer refused a frame or message for its size.
+fn is_too_big(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<WsError>())
+        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
+}
+
+/// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body,
+/// except 413 for an oversized body.
+pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
+    ctx.metrics.messages_received.inc(Transport::Http);
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    let gzipped = encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+    let limit = ctx.max_message_bytes;
+    // A compressed body may be a little larger than its content; the real
+    // limit is checked after inflating.
+    let cap = if gzipped {
+        limit.saturating_add(limit / 64).saturating_add(4096)
+    } else {
+        limit
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = match read_capped(body, cap, declared).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(ctx),
+        Err(BodyError::Read(e)) => {
+            tracing::debug!(error = %e, "reading an HTTP body failed");
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+    };
+    let gzip_reply = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(codec::accepts_gzip);
+    let reply = match codec::decode_http::<AgentToServer>(&body, encoding, limit) {
+        Err(DecodeError::TooLarge { .. }) => return too_large(ctx),
+        Err(e) => {
+            ctx.metrics.decode_errors.inc(Transport::Http);
+            tracing::warn!(error = %e, "malformed HTTP OpAMP message");
+            error_reply(Bytes::new(), ServerErrorResponseType::BadRequest, e.to_string())
+        }
+        Ok(msg) => {
+            drop(body);
+            let wire = msg.instance_uid.clone();
+            match exchange(ctx, msg, Via::Http, None, true).await {
+                Outcome::Reply { msg, .. } | Outcome::Refused(msg) => msg,
+                Outcome::Replaced | Outcome::Stopping => error_reply(
+                    wire,
+                    ServerErrorResponseType::Unavailable,
+                    "server shutting down".into(),
+                ),
+            }
+        }
+    };
+    protobuf_response(&reply, gzip_reply)
+}
+
+fn too_large(ctx: &OpampContext) -> Response {
+    ctx.metrics.oversized.inc(Transport::Http);
+    tracing::warn!("HTTP OpAMP message over the size limit");
+    StatusCode::PAYLOAD_TOO_LARGE.into_response()
+}
+
+fn protobuf_response(msg: &ServerToAgent, gzip: bool) -> Response {
+    let mut resp = Response::new(Body::from(codec::encode_http(msg, gzip)));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_PROTOBUF));
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    resp
+}
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// Reads a body of at most `cap` bytes, plain or chunked. A larger one is
+/// refused without being buffered (the excess is read and dropped, up to a
+/// bound, so the client gets to read our answer).
+async fn read_capped(body: Body, cap: usize, declared: Option<u64>) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut oversized = declared.is_some_and(|n| n > cap as u64);
+    if !oversized {
+        buf.reserve(declared.map_or(0, |n| n as usize));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(BodyError::Read)?;
+            if buf.len() + chunk.len() > cap {
+                oversized = true;
+                break;
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    if !oversized {
+        return Ok(buf.freeze());
+    }
+    drop(buf);
+    let mut drained = 0usize;
+    let drain = async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            drained += chunk.len();
+            if drained > OVERSIZE_DRAIN {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    Err(BodyError::TooLarge)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::desired::ConfigFile;
+
+    #[test]
+    fn reply_carries_flags_capabilities_identification_and_config() {
+        let bundle = Arc::new(ConfigBundle::new(BTreeMap::from([(
+            String::new(),
+            ConfigFile {
+                content_type: "text/yaml".into(),
+                body: Bytes::from_static(b"a: 1\n"),
+            },
+        )])));
+        let new_uid = InstanceUid::Uuid([5; 16]);
+        let r = Reply {
+            report_full_state: true,
+            new_instance_uid: Some(new_uid.clone()),
+            remote_config: Some(bundle.clone()),
+            replaced: false,
+        };
+        let legacy = Bytes::from_static(b"01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        let m = reply_message(legacy.clone(), &r, true);
+        assert_eq!(m.instance_uid, legacy, "the old uid is echoed byte for byte");
+        assert_eq!((m.flags, m.capabilities), (1, 7));
+        assert_eq!(
+            m.agent_identification.unwrap().new_instance_uid.as_ref(),
+            new_uid.as_bytes()
+        );
+        let rc = m.remote_config.unwrap();
+        assert_eq!(rc.config_hash.as_ref(), bundle.hash().as_bytes());
+        let file = &rc.config.unwrap().config_map[""];
+        assert_eq!(
+            (file.body.as_ref(), file.content_type.as_str()),
+            (&b"a: 1\n"[..], "text/yaml")
+        );
+
+        let plain = reply_message(legacy, &Reply::default(), false);
+        assert_eq!((plain.flags, plain.capabilities), (0, 0));
+        assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+}

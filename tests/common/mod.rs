@@ -1,0 +1,509 @@
+//! Shared test harness: the real server started in-process on 127.0.0.1:0,
+//! raw WebSocket and plain-HTTP OpAMP clients, message builders and a
+//! poll-with-deadline helper. Each test binary uses a different part of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use opamp_gitops::app::{self, Running, ServeConfig};
+use opamp_gitops::desired::{ConfigBundle, ConfigFile};
+use opamp_gitops::fleet::{AgentRecord, FleetHandle};
+use opamp_gitops::model::InstanceUid;
+use opamp_gitops::opamp::codec;
+use opamp_gitops::opamp::proto::{
+    AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth, EffectiveConfig,
+    KeyValue, RemoteConfigStatus, ServerToAgent, any_value,
+};
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth | ReportsRemoteConfig.
+pub const SUPERVISOR_CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
+
+// ---------------------------------------------------------------- server
+
+/// A controller running in this process.
+pub struct TestServer {
+    pub running: Running,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(ServeConfig::local()).await
+    }
+
+    /// Starts with a modified config (listen addresses should stay on port 0).
+    pub async fn start_with(config: ServeConfig) -> Self {
+        let running = app::start(config, CancellationToken::new())
+            .await
+            .expect("server starts");
+        TestServer { running }
+    }
+
+    pub fn opamp_addr(&self) -> SocketAddr {
+        self.running.opamp_addr
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.running.api_addr
+    }
+
+    pub fn fleet(&self) -> &FleetHandle {
+        &self.running.fleet
+    }
+
+    /// A new WebSocket agent connection.
+    pub async fn ws(&self) -> WsAgent {
+        WsAgent::connect(self.opamp_addr()).await
+    }
+
+    /// GET on the API.
+    pub async fn api_get(&self, path: &str) -> HttpResponse {
+        http_request(self.api_addr(), "GET", path, &[], Body::Empty).await
+    }
+
+    /// GET on the API, expecting 200 and JSON.
+    pub async fn api_json(&self, path: &str) -> serde_json::Value {
+        let r = self.api_get(path).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", String::from_utf8_lossy(&r.body));
+        serde_json::from_slice(&r.body).expect("JSON body")
+    }
+
+    /// Waits until the newest snapshot has a record for `uid` that satisfies `pred`.
+    pub async fn wait_agent(&self, uid: &[u8], pred: impl Fn(&AgentRecord) -> bool) -> Arc<AgentRecord> {
+        let uid = InstanceUid::from_wire(uid).expect("a valid uid");
+        let mut rx = self.fleet().subscribe();
+        let found = tokio::time::timeout(DEADLINE, rx.wait_for(|s| s.get(&uid).is_some_and(|r| pred(r))))
+            .await
+            .unwrap_or_else(|_| panic!("agent {uid} never reached the expected state"))
+            .expect("fleet alive");
+        found.get(&uid).expect("just matched").clone()
+    }
+
+    /// Shuts down and asserts a clean exit.
+    pub async fn stop(self) {
+        tokio::time::timeout(DEADLINE * 2, self.running.stop())
+            .await
+            .expect("shutdown in time")
+            .expect("clean shutdown");
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- messages
+
+pub fn uid16(n: u8) -> Vec<u8> {
+    let mut u = [n; 16];
+    u[6] = 0x70 | (n & 0x0f); // looks like a UUIDv7
+    u.to_vec()
+}
+
+pub fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+    }
+}
+
+pub fn description(identifying: &[(&str, &str)], non_identifying: &[(&str, &str)]) -> AgentDescription {
+    AgentDescription {
+        identifying_attributes: identifying.iter().map(|(k, v)| kv(k, v)).collect(),
+        non_identifying_attributes: non_identifying.iter().map(|(k, v)| kv(k, v)).collect(),
+    }
+}
+
+pub fn effective_config(body: &str) -> EffectiveConfig {
+    EffectiveConfig {
+        config_map: Some(AgentConfigMap {
+            config_map: [(
+                String::new(),
+                AgentConfigFile {
+                    body: Bytes::copy_from_slice(body.as_bytes()),
+                    content_type: "text/yaml".into(),
+                },
+            )]
+            .into(),
+        }),
+    }
+}
+
+pub fn healthy(ok: bool) -> ComponentHealth {
+    ComponentHealth {
+        healthy: ok,
+        start_time_unix_nano: 1,
+        ..Default::default()
+    }
+}
+
+pub fn remote_status(hash: &[u8], status: i32, error: &str) -> RemoteConfigStatus {
+    RemoteConfigStatus {
+        last_remote_config_hash: Bytes::copy_from_slice(hash),
+        status,
+        error_message: error.into(),
+    }
+}
+
+/// A supervisor-like first message: everything [`SUPERVISOR_CAPS`] promises
+/// except a remote config status (it has had no config yet).
+pub fn hello(uid: &[u8], seq: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: Bytes::copy_from_slice(uid),
+        sequence_num: seq,
+        capabilities: SUPERVISOR_CAPS & !0x1000,
+        agent_description: Some(description(
+            &[("service.name", "otelcol-contrib")],
+            &[("host.name", "test-host")],
+        )),
+        health: Some(healthy(true)),
+        effective_config: Some(effective_config("receivers: {}\n")),
+        ..Default::default()
+    }
+}
+
+/// A heartbeat: capabilities only.
+pub fn heartbeat(uid: &[u8], seq: u64, capabilities: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: Bytes::copy_from_slice(uid),
+        sequence_num: seq,
+        capabilities,
+        ..Default::default()
+    }
+}
+
+/// A config bundle from `(file name, body)` pairs (YAML).
+pub fn bundle(files: &[(&str, &str)]) -> Arc<ConfigBundle> {
+    Arc::new(ConfigBundle::new(
+        files
+            .iter()
+            .map(|(name, body)| {
+                (
+                    name.to_string(),
+                    ConfigFile {
+                        content_type: "text/yaml".into(),
+                        body: Bytes::copy_from_slice(body.as_bytes()),
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+    ))
+}
+
+pub fn full_state_requested(m: &ServerToAgent) -> bool {
+    m.flags & 0x1 != 0
+}
+
+// ---------------------------------------------------------------- WebSocket client
+
+/// A raw OpAMP WebSocket client.
+pub struct WsAgent {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a WebSocket ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsEnd {
+    /// A close frame with this code.
+    Closed(Option<u16>),
+    /// The stream ended without a close frame.
+    Dropped,
+}
+
+impl WsAgent {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let url = format!("ws://{addr}/v1/opamp");
+        let (ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket connects");
+        assert_eq!(resp.status(), 101);
+        WsAgent { ws }
+    }
+
+    /// Sends a message the current way: header byte 0, then the protobuf.
+    pub async fn send(&mut self, msg: &AgentToServer) {
+        self.send_raw(codec::encode_ws(msg)).await;
+    }
+
+    /// Sends a message the pre-2022 way: the bare protobuf.
+    pub async fn send_headerless(&mut self, msg: &AgentToServer) {
+        self.send_raw(msg.encode_to_vec()).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.expect("send");
+    }
+
+    /// The next ServerToAgent; panics on anything else. Checks the header byte.
+    pub async fn recv(&mut self) -> ServerToAgent {
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a reply in time")
+                .expect("stream open")
+                .expect("frame");
+            match frame {
+                Message::Binary(b) => {
+                    assert_eq!(b.first(), Some(&0u8), "the server always sends the header byte");
+                    return ServerToAgent::decode(&b[1..]).expect("a ServerToAgent");
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends and returns the reply.
+    pub async fn exchange(&mut self, msg: &AgentToServer) -> ServerToAgent {
+        self.send(msg).await;
+        self.recv().await
+    }
+
+    /// Reads until the connection ends; returns how (binary frames are skipped).
+    pub async fn end(&mut self) -> WsEnd {
+        loop {
+            match tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("the connection ends in time")
+            {
+                Some(Ok(Message::Close(frame))) => {
+                    // Keep reading so the library sends its close reply.
+                    let _ =
+                        tokio::time::timeout(DEADLINE, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+                    return WsEnd::Closed(frame.map(|f: CloseFrame| f.code.into()));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return WsEnd::Dropped,
+            }
+        }
+    }
+
+    /// Expects nothing to arrive within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(Some(frame)) = tokio::time::timeout(wait, self.ws.next()).await {
+            panic!("expected silence, got {frame:?}");
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+// ---------------------------------------------------------------- HTTP client
+
+/// A request body.
+pub enum Body {
+    Empty,
+    /// Sent with Content-Length.
+    Plain(Vec<u8>),
+    /// Sent with Transfer-Encoding: chunked, in these chunks.
+    Chunked(Vec<Vec<u8>>),
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as a ServerToAgent, inflated when it is gzip-encoded.
+    pub fn server_to_agent(&self) -> ServerToAgent {
+        assert_eq!(self.status, 200, "OpAMP over HTTP always answers 200");
+        assert_eq!(self.header("content-type"), Some("application/x-protobuf"));
+        let body = if self.header("content-encoding") == Some("gzip") {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&self.body[..])
+                .read_to_end(&mut out)
+                .expect("valid gzip");
+            out
+        } else {
+            self.body.clone()
+        };
+        ServerToAgent::decode(&body[..]).expect("a ServerToAgent")
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body,
+) -> HttpResponse {
+    tokio::time::timeout(DEADLINE, async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        match &body {
+            Body::Empty => head.push_str("Content-Length: 0\r\n"),
+            Body::Plain(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
+            Body::Chunked(_) => head.push_str("Transfer-Encoding: chunked\r\n"),
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        match body {
+            Body::Empty => {}
+            Body::Plain(b) => out.extend(b),
+            Body::Chunked(chunks) => {
+                for c in chunks.into_iter().filter(|c| !c.is_empty()) {
+                    out.extend(format!("{:x}\r\n", c.len()).into_bytes());
+                    out.extend(c);
+                    out.extend(b"\r\n");
+                }
+                out.extend(b"0\r\n\r\n");
+            }
+        }
+        // Write and read at once, so a server that answers before reading
+        // everything (413) is still heard.
+        let (mut r, mut w) = s.split();
+        let write = async {
+            let _ = w.write_all(&out).await;
+        };
+        let mut raw = Vec::new();
+        let read = async {
+            let _ = r.read_to_end(&mut raw).await;
+        };
+        tokio::join!(write, read);
+        parse_response(&raw)
+    })
+    .await
+    .expect("HTTP exchange in time")
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
+    let head = std::str::from_utf8(&raw[..end]).expect("ASCII head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
+    HttpResponse { status, headers, body }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("hex").trim(), 16).expect("size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+        rest = &rest[eol + 2 + size + 2..];
+    }
+}
+
+/// How an HTTP agent sends its message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Post {
+    pub gzip_body: bool,
+    pub accept_gzip: bool,
+    pub chunked: bool,
+}
+
+/// POSTs an AgentToServer to /v1/opamp.
+pub async fn post(addr: SocketAddr, msg: &AgentToServer, how: Post) -> HttpResponse {
+    let body = codec::encode_http(msg, how.gzip_body).to_vec();
+    let mut headers = vec![("Content-Type", "application/x-protobuf")];
+    if how.gzip_body {
+        headers.push(("Content-Encoding", "gzip"));
+    }
+    if how.accept_gzip {
+        headers.push(("Accept-Encoding", "gzip"));
+    }
+    let body = if how.chunked {
+        // Small messages in 7-byte chunks, big ones in about 16.
+        let size = 7.max(body.len() / 16);
+        Body::Chunked(body.chunks(size).map(<[u8]>::to_vec).collect())
+    } else {
+        Body::Plain(body)
+    };
+    http_request(addr, "POST", "/v1/opamp", &headers, body).await
+}
+
+/// POSTs raw bytes to /v1/opamp.
+pub async fn post_raw(addr: SocketAddr, body: Vec<u8>) -> HttpResponse {
+    http_request(
+        addr,
+        "POST",
+        "/v1/opamp",
+        &[("Content-Type", "application/x-protobuf")],
+        Body::Plain(body),
+    )
+    .await
+}
+
+/// A small deterministic pseudo-random generator (xorshift64*), for fuzz-style tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}

@@ -1,0 +1,124 @@
+//! Graceful shutdown: in-process through the cancellation token, and the
+//! real binary through SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use opamp_gitops::opamp::codec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn cancel_closes_websockets_and_finishes_inflight_http() {
+    let server = TestServer::start().await;
+    let addr = server.opamp_addr();
+    let uid = uid16(40);
+    let mut ws = server.ws().await;
+    ws.exchange(&hello(&uid, 0)).await;
+
+    // An HTTP request in flight: headers and half its chunked body sent.
+    let http_uid = uid16(41);
+    let body = codec::encode_http(&hello(&http_uid, 0), false);
+    let (a, b) = body.split_at(body.len() / 2);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/opamp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-protobuf\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(format!("{:x}\r\n", a.len()).as_bytes()).await.unwrap();
+    tcp.write_all(a).await.unwrap();
+    tcp.write_all(b"\r\n").await.unwrap();
+    tcp.flush().await.unwrap();
+    // Let the server start on the request before it is told to stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let shutdown = server.running.shutdown.clone();
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(
+        ws.end().await,
+        WsEnd::Closed(Some(1001)),
+        "WebSockets get a close frame"
+    );
+    shutdown.cancelled().await;
+
+    tcp.write_all(format!("{:x}\r\n", b.len()).as_bytes()).await.unwrap();
+    tcp.write_all(b).await.unwrap();
+    tcp.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, async {
+        // Read the head and the body; the connection may stay open until we stop reading.
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                if raw.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+    });
+    read.await.expect("the in-flight request is answered");
+    let head = String::from_utf8_lossy(&raw);
+    assert!(head.starts_with("HTTP/1.1 200"), "got {head}");
+
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listener is closed after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_serve_cleanly_with_exit_status_zero() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+        .args(["serve", "--opamp-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = rx.recv_timeout(DEADLINE).expect("a listening line");
+        if let Some(rest) = line.split("opamp=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+
+    let mut ws = WsAgent::connect(addr).await;
+    ws.exchange(&hello(&uid16(42), 0)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(ws.end().await, WsEnd::Closed(Some(1001)));
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "clean exit");
+}
