@@ -144,6 +144,10 @@ pub struct SimulateArgs {
     /// Heartbeat (WebSocket) or polling (HTTP) interval.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// WebSocket handshakes (HTTP: requests) in flight at once, so a burst of
+    /// agents does not overflow the server's accept queue.
+    #[arg(long, default_value_t = crate::simulate::DEFAULT_MAX_CONNECTING)]
+    pub max_connecting: usize,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -213,10 +217,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Simulate(_) => {
-            eprintln!("error: this command is not built yet");
-            ExitCode::from(2)
-        }
+        Command::Simulate(args) => crate::simulate::command(args),
     }
 }
 

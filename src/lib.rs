@@ -12,3 +12,4 @@ pub mod model;
 pub mod notes;
 pub mod opamp;
 pub mod reconcile;
+pub mod simulate;
