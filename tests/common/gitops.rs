@@ -161,10 +161,13 @@ pub fn simulate(
     (sim, cancel)
 }
 
+/// One reported (hash, status) and when it was first seen.
+type Report = (Option<ConfigHash>, RemoteConfigState, Instant);
+
 /// Every (hash, status) each agent reported, with when it was first seen.
 #[derive(Clone, Default)]
 pub struct Observer {
-    seen: Arc<Mutex<HashMap<InstanceUid, Vec<(Option<ConfigHash>, RemoteConfigState, Instant)>>>>,
+    seen: Arc<Mutex<HashMap<InstanceUid, Vec<Report>>>>,
 }
 
 impl Observer {
