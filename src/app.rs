@@ -14,9 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState, Assignments, Readiness};
+use crate::driver::{self, DriverConfig, DriverHandle, Parts, PersistError};
 use crate::fleet::{self, FleetConfig, FleetHandle};
+use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::metrics::Metrics;
+use crate::notes::format::Note;
+use crate::notes::writer::{self, Backoff};
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
 
@@ -34,6 +38,12 @@ pub struct ServeConfig {
     pub heartbeat_interval: Duration,
     /// The config repository; without it the controller only keeps the inventory.
     pub git: Option<GitConfig>,
+    /// How often the reconciler plans without a change.
+    pub reconcile_tick: Duration,
+    /// How long after start the first plan waits for agents to reconnect.
+    pub startup_grace: Duration,
+    /// Who git notes are written as.
+    pub notes_author: Author,
 }
 
 impl ServeConfig {
@@ -45,6 +55,9 @@ impl ServeConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             heartbeat_interval: Duration::from_secs(30),
             git: None,
+            reconcile_tick: Duration::from_secs(1),
+            startup_grace: Duration::ZERO,
+            notes_author: Author::default(),
         }
     }
 }
@@ -65,6 +78,8 @@ pub enum AppError {
     Signals(std::io::Error),
     #[error(transparent)]
     Git(#[from] GitError),
+    #[error(transparent)]
+    State(#[from] PersistError),
     #[error("a task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -78,6 +93,8 @@ pub struct Running {
     pub fleet: FleetHandle,
     /// The git source, when a repository was given.
     pub git: Option<GitHandle>,
+    /// The reconcile driver, when a repository was given.
+    pub driver: Option<DriverHandle>,
     pub metrics: Arc<Metrics>,
     /// Readiness as `/readyz` reports it; the git source sets it.
     pub readiness: watch::Sender<Readiness>,
@@ -127,15 +144,18 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet_stop.clone(),
     );
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
-    let git = match config.git {
+    let (assignments, assignments_rx) = watch::channel(Arc::new(Assignments::new()));
+    let gitops = match config.git {
         Some(git_config) => {
-            let handle = GitSource::spawn(git_config, shutdown.child_token())?;
-            tokio::spawn(forward_readiness(handle.status(), readiness.clone()));
-            Some(handle)
+            let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
+            let g = start_gitops(git_config, settings, &fleet, &assignments, &shutdown).await?;
+            tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
+            Some(g)
         }
         None => None,
     };
-    let (assignments, assignments_rx) = watch::channel(Arc::new(Assignments::new()));
+    let git = gitops.as_ref().map(|g| g.git.clone());
+    let driver = gitops.as_ref().map(|g| g.driver.clone());
     let sessions = TaskTracker::new();
     let opamp_ctx = OpampContext::new(
         fleet.clone(),
@@ -147,6 +167,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let api_state = ApiState {
         fleet: fleet.clone(),
         git: git.clone(),
+        driver: driver.clone(),
         metrics: metrics.clone(),
         readiness: readiness_rx,
         assignments: assignments_rx,
@@ -170,6 +191,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         if tokio::time::timeout(DRAIN_DEADLINE, sessions.wait()).await.is_err() {
             tracing::warn!(open = sessions.len(), "WebSocket sessions did not finish in time");
         }
+        if let Some(g) = gitops {
+            g.stop().await?;
+        }
         fleet_stop.cancel();
         fleet_task.await?;
         tracing::info!("stopped");
@@ -183,12 +207,98 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         api_addr,
         fleet,
         git,
+        driver,
         metrics,
         readiness,
         assignments,
         shutdown,
         done,
     })
+}
+
+/// The GitOps half of the controller: git source, reconcile driver and notes writer.
+struct GitOps {
+    git: GitHandle,
+    driver: DriverHandle,
+    driver_stop: CancellationToken,
+    driver_task: JoinHandle<()>,
+    notes_stop: CancellationToken,
+    notes_task: JoinHandle<()>,
+}
+
+impl GitOps {
+    /// The driver saves its state first; then the notes writer flushes what
+    /// the driver handed it.
+    async fn stop(self) -> Result<(), AppError> {
+        self.driver_stop.cancel();
+        self.driver_task.await?;
+        self.notes_stop.cancel();
+        self.notes_task.await?;
+        Ok(())
+    }
+}
+
+async fn start_gitops(
+    git_config: GitConfig,
+    (tick, startup_grace, author): (Duration, Duration, Author),
+    fleet: &FleetHandle,
+    assignments: &watch::Sender<Arc<Assignments>>,
+    shutdown: &CancellationToken,
+) -> Result<GitOps, AppError> {
+    let state_dir = git_config.state_dir.clone();
+    let git = GitSource::spawn(git_config, shutdown.child_token())?;
+    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
+    let callbacks = git.callback_factory();
+    let (store, existing_notes) = {
+        let callbacks = callbacks.clone();
+        tokio::task::spawn_blocking(move || {
+            let existing = read_existing_notes(&store, &*callbacks);
+            (store, existing)
+        })
+        .await?
+    };
+    let notes_stop = CancellationToken::new();
+    let (notes, notes_task) = writer::spawn(store, callbacks, Backoff::default(), notes_stop.clone());
+    let driver_stop = CancellationToken::new();
+    let (driver, driver_task) = driver::spawn(
+        DriverConfig {
+            state_dir,
+            tick,
+            startup_grace,
+        },
+        Parts {
+            fleet: fleet.clone(),
+            git: git.clone(),
+            assignments: assignments.clone(),
+            notes: Some(notes),
+            existing_notes,
+        },
+        driver_stop.clone(),
+    )?;
+    Ok(GitOps {
+        git,
+        driver,
+        driver_stop,
+        driver_task,
+        notes_stop,
+        notes_task,
+    })
+}
+
+/// The notes already in the repository (fetched from the remote first), so
+/// rewrites keep what they hold. A failure is logged: notes are an output,
+/// not something the controller needs to run.
+fn read_existing_notes(store: &NotesStore, callbacks: &dyn Fn() -> git2::RemoteCallbacks<'static>) -> Vec<Note> {
+    if let Err(e) = store.fetch(callbacks) {
+        tracing::warn!(error = %e, "fetching the remote's notes failed");
+    }
+    match store.all() {
+        Ok(all) => all.values().filter_map(|text| Note::parse(text).ok()).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the existing notes failed");
+            Vec::new()
+        }
+    }
 }
 
 /// Keeps `/readyz` in step with the git source: ready once a commit is in force.

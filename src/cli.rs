@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller: OpAMP server, git source, rollouts, API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a config repository (files on disk, or a commit with --rev).
     Validate(ValidateArgs),
     /// Run simulated agents that behave like the OpAMP supervisor.
@@ -74,6 +74,19 @@ pub struct ServeArgs {
     /// Private key for ssh:// repositories (default: the ssh agent).
     #[arg(long)]
     pub ssh_key_file: Option<PathBuf>,
+    /// How often rollouts are re-planned without a change (bake and timeouts end on a tick).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub reconcile_tick: Duration,
+    /// How long after start the first plan waits, so agents reconnect before
+    /// a rollout counts its members.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub startup_grace: Duration,
+    /// Author name of the git notes.
+    #[arg(long, default_value = "opamp-gitops")]
+    pub notes_author_name: String,
+    /// Author email of the git notes.
+    #[arg(long, default_value = "opamp-gitops@localhost")]
+    pub notes_author_email: String,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +221,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 max_message_bytes: args.max_message_bytes,
                 heartbeat_interval: args.heartbeat_interval,
                 git,
+                reconcile_tick: args.reconcile_tick,
+                startup_grace: args.startup_grace,
+                notes_author: crate::gitsrc::notes::Author {
+                    name: args.notes_author_name.clone(),
+                    email: args.notes_author_email.clone(),
+                },
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

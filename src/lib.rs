@@ -5,6 +5,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod desired;
+pub mod driver;
 pub mod fleet;
 pub mod gitsrc;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! Handlers read snapshots and `watch` values; they never lock the core.
 
 pub mod agents;
+pub mod groups;
 pub mod health;
 
 use std::sync::Arc;
@@ -10,12 +11,13 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::sync::watch;
 
 pub use agents::{Assignment, Assignments};
 pub use health::Readiness;
 
+use crate::driver::DriverHandle;
 use crate::fleet::FleetHandle;
 use crate::gitsrc::GitHandle;
 use crate::metrics::Metrics;
@@ -26,6 +28,8 @@ pub struct ApiState {
     pub fleet: FleetHandle,
     /// The git source, when a repository was given: sync, webhook, metrics.
     pub git: Option<GitHandle>,
+    /// The reconcile driver, when a repository was given: groups and rollout controls.
+    pub driver: Option<DriverHandle>,
     pub metrics: Arc<Metrics>,
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
@@ -40,6 +44,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{uid}", get(agents::one))
+        .route("/api/v1/groups", get(groups::list))
+        .route("/api/v1/groups/{name}/pause", post(groups::pause))
+        .route("/api/v1/groups/{name}/resume", post(groups::resume))
+        .route("/api/v1/groups/{name}/promote", post(groups::promote))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(git_routes)
@@ -49,6 +57,9 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let mut text = state.metrics.render(&state.fleet.snapshot());
     if let Some(git) = &state.git {
         git.metrics().write_prometheus(&mut text);
+    }
+    if let Some(driver) = &state.driver {
+        driver.metrics.write_prometheus(&driver.status(), &mut text);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

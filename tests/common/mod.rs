@@ -34,6 +34,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth | ReportsRemoteConfig.
 pub const SUPERVISOR_CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
 
+pub mod gitops;
+
 // ---------------------------------------------------------------- server
 
 /// A controller running in this process.

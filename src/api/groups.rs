@@ -1,0 +1,182 @@
+//! `GET /api/v1/groups` (the loaded commit, each group's config hash, agent
+//! counts and rollout) and the rollout controls
+//! `POST /api/v1/groups/{name}/pause|resume|promote`.
+
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use super::ApiState;
+use crate::driver::{ControlFailure, DriverStatus};
+use crate::gitsrc::Status as GitStatus;
+use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase, Timestamp};
+
+#[derive(Debug, Serialize)]
+pub struct GroupsJson {
+    /// The commit in force.
+    pub commit: Option<CommitId>,
+    /// The newest commit of the tracked branch, when it differs (it is invalid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<CommitId>,
+    /// Why `head` is not in force.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub head_errors: Vec<String>,
+    pub groups: Vec<GroupJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupJson {
+    pub name: GroupName,
+    pub config_hash: ConfigHash,
+    pub stable_hash: Option<ConfigHash>,
+    /// `None` until the reconciler has planned once.
+    pub agents: Option<AgentCounts>,
+    pub rollout: Option<RolloutJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RolloutJson {
+    pub phase: Phase,
+    pub wave: u32,
+    pub waves: u32,
+    pub commit: Option<CommitId>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub failures: Vec<FailureJson>,
+    pub actions: Vec<ActionJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FailureJson {
+    pub agent: InstanceUid,
+    pub error: String,
+    pub at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActionJson {
+    pub action: Control,
+    pub at: String,
+}
+
+fn rfc3339(t: Timestamp) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(t.millis())).to_string()
+}
+
+pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
+    GroupJson {
+        name: name.clone(),
+        config_hash: s.config_hash,
+        stable_hash: s.stable_hash,
+        agents: Some(s.agents),
+        rollout: Some(RolloutJson {
+            phase: s.phase,
+            wave: s.wave,
+            waves: s.waves,
+            commit: s.commit.clone(),
+            started: s.started.map(rfc3339),
+            finished: s.finished.map(rfc3339),
+            failures: s
+                .failures
+                .iter()
+                .map(|f| FailureJson {
+                    agent: f.agent.clone(),
+                    error: f.error.clone(),
+                    at: rfc3339(f.at),
+                })
+                .collect(),
+            actions: s
+                .actions
+                .iter()
+                .map(|a| ActionJson {
+                    action: a.action,
+                    at: rfc3339(a.at),
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// The groups answer from the driver's status, or, before it has planned,
+/// from the git source's loaded commit alone.
+pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(GroupName, ConfigHash)>) -> GroupsJson {
+    let (commit, groups) = match driver.filter(|d| d.commit.is_some()) {
+        Some(d) => (
+            d.commit.clone(),
+            d.groups.iter().map(|(n, s)| group_json(n, s)).collect(),
+        ),
+        None => (
+            git.loaded.clone(),
+            loaded
+                .into_iter()
+                .map(|(name, config_hash)| GroupJson {
+                    name,
+                    config_hash,
+                    stable_hash: None,
+                    agents: None,
+                    rollout: None,
+                })
+                .collect(),
+        ),
+    };
+    let head = git.head.clone().filter(|h| Some(h) != git.loaded.as_ref());
+    GroupsJson {
+        commit,
+        head_errors: if head.is_some() {
+            git.head_errors.clone()
+        } else {
+            vec![]
+        },
+        head,
+        groups,
+    }
+}
+
+pub async fn list(State(state): State<ApiState>) -> Response {
+    let Some(git) = &state.git else {
+        return Json(json!({"commit": null, "groups": []})).into_response();
+    };
+    let view = git.groups_view();
+    let loaded = view.groups.into_iter().map(|g| (g.name, g.config_hash)).collect();
+    let driver = state.driver.as_ref().map(|d| d.status());
+    let git_status = git.status().borrow().clone();
+    Json(groups_json(driver.as_deref(), &git_status, loaded)).into_response()
+}
+
+pub async fn pause(state: State<ApiState>, name: Path<String>) -> Response {
+    control(state, name, Control::Pause).await
+}
+
+pub async fn resume(state: State<ApiState>, name: Path<String>) -> Response {
+    control(state, name, Control::Resume).await
+}
+
+pub async fn promote(state: State<ApiState>, name: Path<String>) -> Response {
+    control(state, name, Control::Promote).await
+}
+
+async fn control(State(state): State<ApiState>, Path(name): Path<String>, action: Control) -> Response {
+    let Some(driver) = &state.driver else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no repository is configured (serve --repo)",
+        );
+    };
+    let group = GroupName::new(name);
+    match driver.control(group.clone(), action).await {
+        Ok(status) => Json(group_json(&group, &status)).into_response(),
+        Err(e @ ControlFailure::Refused(ControlError::UnknownGroup(_))) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ ControlFailure::Refused(ControlError::Idle(_))) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+fn error(code: StatusCode, message: &str) -> Response {
+    (code, Json(json!({"error": message}))).into_response()
+}

@@ -1,0 +1,418 @@
+//! The reconcile driver: the one task that owns the rollout state. It runs
+//! `reconcile::plan` when the desired state or the fleet changes (the fleet's
+//! snapshots are already coalesced) and on a timer, carries out the pushes,
+//! persists the state, publishes what the API shows, logs the story of each
+//! rollout and hands notes to the notes writer.
+
+mod metrics;
+mod notebook;
+pub mod persist;
+mod views;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+pub use metrics::DriverMetrics;
+use notebook::NoteBook;
+pub use persist::PersistError;
+use views::{ViewBuilder, timestamp};
+
+use crate::api::{Assignment as ApiAssignment, Assignments};
+use crate::fleet::{FleetHandle, PushOutcome};
+use crate::gitsrc::{GitHandle, Status as GitStatus};
+use crate::model::{AgentState, CommitId, GroupName};
+use crate::notes::format::Note;
+use crate::notes::writer::NotesHandle;
+use crate::reconcile::{self, Control, ControlError, Event, GroupStatus, PlanInput, RolloutState};
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Where the rollout state is kept.
+    pub state_dir: PathBuf,
+    /// How often to plan without any change (bake and timeouts end on a tick).
+    pub tick: Duration,
+    /// How long after start the first plan waits, so agents have reconnected
+    /// before a rollout counts its members.
+    pub startup_grace: Duration,
+}
+
+/// What the driver last decided, for the API and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct DriverStatus {
+    /// The commit whose desired state is in force; `None` before the first plan.
+    pub commit: Option<CommitId>,
+    pub groups: BTreeMap<GroupName, GroupStatus>,
+    pub agents_by_state: BTreeMap<AgentState, u64>,
+}
+
+/// Why an operator control failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlFailure {
+    #[error(transparent)]
+    Refused(#[from] ControlError),
+    #[error("no commit is loaded yet")]
+    NotReady,
+    #[error("the controller is shutting down")]
+    Stopped,
+}
+
+struct ControlRequest {
+    group: GroupName,
+    action: Control,
+    reply: oneshot::Sender<Result<GroupStatus, ControlFailure>>,
+}
+
+/// Talks to the driver. Cheap to clone.
+#[derive(Clone)]
+pub struct DriverHandle {
+    controls: mpsc::Sender<ControlRequest>,
+    status: watch::Receiver<Arc<DriverStatus>>,
+    pub metrics: Arc<DriverMetrics>,
+}
+
+impl DriverHandle {
+    pub fn status(&self) -> Arc<DriverStatus> {
+        self.status.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<DriverStatus>> {
+        self.status.clone()
+    }
+
+    /// Pause, resume or promote a group's rollout; answers its new status.
+    pub async fn control(&self, group: GroupName, action: Control) -> Result<GroupStatus, ControlFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.controls
+            .send(ControlRequest { group, action, reply })
+            .await
+            .map_err(|_| ControlFailure::Stopped)?;
+        rx.await.map_err(|_| ControlFailure::Stopped)?
+    }
+}
+
+/// Everything the driver works with.
+pub struct Parts {
+    pub fleet: FleetHandle,
+    pub git: GitHandle,
+    pub assignments: watch::Sender<Arc<Assignments>>,
+    pub notes: Option<NotesHandle>,
+    /// Notes already in the repository (so rewrites keep what they hold).
+    pub existing_notes: Vec<Note>,
+}
+
+/// Loads the saved rollout state and starts the driver.
+pub fn spawn(
+    config: DriverConfig,
+    parts: Parts,
+    cancel: CancellationToken,
+) -> Result<(DriverHandle, JoinHandle<()>), PersistError> {
+    let state = match persist::load(&config.state_dir)? {
+        Some(s) => {
+            info!(
+                groups = s.groups.len(),
+                agents = s.agents.len(),
+                "rollout state restored"
+            );
+            s
+        }
+        None => RolloutState::default(),
+    };
+    let (controls_tx, controls) = mpsc::channel(16);
+    let (status_tx, status) = watch::channel(Arc::new(DriverStatus::default()));
+    let metrics = Arc::new(DriverMetrics::default());
+    let handle = DriverHandle {
+        controls: controls_tx,
+        status,
+        metrics: metrics.clone(),
+    };
+    let driver = Driver {
+        views: ViewBuilder::new(timestamp(SystemTime::now())),
+        book: NoteBook::with_existing(parts.existing_notes),
+        seen: HashMap::new(),
+        state,
+        dirty: false,
+        last_persist: Instant::now(),
+        config,
+        fleet: parts.fleet,
+        git: parts.git,
+        assignments: parts.assignments,
+        notes: parts.notes,
+        status: status_tx,
+        metrics,
+    };
+    let task = tokio::spawn(driver.run(controls, cancel));
+    Ok((handle, task))
+}
+
+struct Driver {
+    config: DriverConfig,
+    fleet: FleetHandle,
+    git: GitHandle,
+    assignments: watch::Sender<Arc<Assignments>>,
+    notes: Option<NotesHandle>,
+    status: watch::Sender<Arc<DriverStatus>>,
+    metrics: Arc<DriverMetrics>,
+    views: ViewBuilder,
+    book: NoteBook,
+    /// When each recent commit was first seen, for the commit-to-complete time.
+    seen: HashMap<CommitId, SystemTime>,
+    state: RolloutState,
+    /// The state changed since it was last saved.
+    dirty: bool,
+    last_persist: Instant,
+}
+
+/// The state is saved at once when a rollout moves, else at most this often.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+impl Driver {
+    async fn run(mut self, mut controls: mpsc::Receiver<ControlRequest>, cancel: CancellationToken) {
+        let started = Instant::now();
+        let mut desired = self.git.desired();
+        let mut git_status = self.git.status();
+        let mut fleet = self.fleet.subscribe();
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.note_invalid_head(&git_status.borrow_and_update().clone());
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = desired.changed() => if changed.is_err() { break },
+                changed = fleet.changed() => if changed.is_err() { break },
+                changed = git_status.changed() => {
+                    if changed.is_err() { break }
+                    let status = git_status.borrow_and_update().clone();
+                    self.note_invalid_head(&status);
+                    continue;
+                }
+                Some(request) = controls.recv() => {
+                    let answer = self.control(&request.group, request.action).await;
+                    let _ = request.reply.send(answer);
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            if started.elapsed() >= self.config.startup_grace {
+                self.plan_once().await;
+            }
+        }
+        if self.dirty {
+            self.persist().await;
+        }
+        info!("reconcile driver stopped");
+    }
+
+    async fn control(&mut self, group: &GroupName, action: Control) -> Result<GroupStatus, ControlFailure> {
+        if self.git.desired().borrow().is_none() {
+            return Err(ControlFailure::NotReady);
+        }
+        let now = timestamp(SystemTime::now());
+        match action {
+            Control::Pause => self.state.pause(group, now),
+            Control::Resume => self.state.resume(group, now),
+            Control::Promote => self.state.promote(group, now),
+        }?;
+        info!(group = %group, action = ?action, "rollout control");
+        self.dirty = true;
+        self.plan_once().await;
+        self.status
+            .borrow()
+            .groups
+            .get(group)
+            .cloned()
+            .ok_or(ControlFailure::NotReady)
+    }
+
+    async fn plan_once(&mut self) {
+        let Some(loaded) = self.git.desired().borrow().clone() else {
+            return;
+        };
+        let Some(commit) = loaded.desired.commit.clone() else {
+            return;
+        };
+        if self.seen.len() > 1024 {
+            let live: Vec<CommitId> = self
+                .state
+                .groups
+                .values()
+                .filter_map(|g| g.rollout.as_ref()?.commit.clone())
+                .collect();
+            self.seen.retain(|c, _| live.contains(c));
+        }
+        self.seen.entry(commit.clone()).or_insert(loaded.seen_at);
+        let snapshot = self.fleet.snapshot();
+        let views = self.views.build(&snapshot);
+        let now_wall = SystemTime::now();
+        let plan = reconcile::plan(&PlanInput {
+            desired: &loaded.desired,
+            agents: &views,
+            state: &self.state,
+            now: timestamp(now_wall),
+        });
+        for event in &plan.events {
+            self.log_event(event, now_wall);
+        }
+        for push in &plan.pushes {
+            match self.fleet.push(push.uid.clone(), push.bundle.clone()).await {
+                Ok(outcome) => {
+                    self.metrics.pushed(push.reason, outcome);
+                    debug!(agent = %push.uid, group = %push.group, hash = %push.bundle.hash(), reason = ?push.reason, outcome = ?outcome, "pushed config");
+                    if outcome == PushOutcome::NotAccepted {
+                        warn!(agent = %push.uid, "push refused: the agent does not accept remote config");
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        if plan.state != self.state {
+            self.state = plan.state;
+            self.dirty = true;
+        }
+        if self.dirty && (!plan.events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
+            self.persist().await;
+        }
+        self.publish(&commit, &plan.agents, &plan.groups);
+        let notes = self.book.after_plan(&commit, &plan.groups, &plan.events, now_wall);
+        self.submit_notes(notes);
+    }
+
+    fn publish(
+        &mut self,
+        commit: &CommitId,
+        agents: &[reconcile::Assignment],
+        groups: &BTreeMap<GroupName, GroupStatus>,
+    ) {
+        let mut by_state: BTreeMap<AgentState, u64> = BTreeMap::new();
+        let assignments: Assignments = agents
+            .iter()
+            .map(|a| {
+                *by_state.entry(a.state).or_default() += 1;
+                let shown = ApiAssignment {
+                    group: a.group.clone(),
+                    desired_config_hash: a.desired,
+                    state: a.state,
+                };
+                (a.uid.clone(), shown)
+            })
+            .collect();
+        self.assignments.send_replace(Arc::new(assignments));
+        self.status.send_replace(Arc::new(DriverStatus {
+            commit: Some(commit.clone()),
+            groups: groups.clone(),
+            agents_by_state: by_state,
+        }));
+    }
+
+    async fn persist(&mut self) {
+        let dir = self.config.state_dir.clone();
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || persist::save(&dir, &state)).await {
+            Ok(Ok(())) => {
+                self.dirty = false;
+                self.last_persist = Instant::now();
+            }
+            Ok(Err(e)) => error!(error = %e, "saving the rollout state failed; will retry"),
+            Err(e) => error!(error = %e, "saving the rollout state panicked"),
+        }
+    }
+
+    fn note_invalid_head(&mut self, status: &GitStatus) {
+        if let Some(head) = &status.head
+            && !status.head_errors.is_empty()
+            && status.loaded.as_ref() != Some(head)
+        {
+            warn!(commit = %head, errors = status.head_errors.len(), "commit is invalid; the fleet keeps what it runs");
+            let note = self.book.invalid(head, &status.head_errors, SystemTime::now());
+            self.submit_notes(note.into_iter().collect());
+        }
+    }
+
+    fn submit_notes(&self, notes: Vec<Note>) {
+        if let Some(writer) = &self.notes {
+            for note in notes {
+                writer.submit(note);
+            }
+        }
+    }
+
+    fn log_event(&mut self, event: &Event, now: SystemTime) {
+        let short = |c: &Option<CommitId>| c.as_ref().map_or("-".to_string(), |c| c.short().to_string());
+        match event {
+            Event::RolloutStarted {
+                group,
+                commit,
+                hash,
+                waves,
+                targeted,
+            } => {
+                info!(group = %group, commit = %short(commit), hash = %hash, waves, agents = targeted, "rollout started")
+            }
+            Event::WaveOpened {
+                group,
+                commit,
+                wave,
+                agents,
+            } => {
+                info!(group = %group, commit = %short(commit), wave, agents, "wave opened")
+            }
+            Event::WaveDone { group, commit, wave } => {
+                info!(group = %group, commit = %short(commit), wave, "wave done")
+            }
+            Event::AgentFailed {
+                group,
+                agent,
+                hash,
+                error,
+            } => {
+                self.metrics.agent_failed();
+                warn!(group = %group, agent = %agent, hash = %hash, error = %error, "agent failed")
+            }
+            Event::Halted {
+                group,
+                commit,
+                failures,
+            } => {
+                self.metrics.rollout_ended("halted");
+                warn!(group = %group, commit = %short(commit), failures, "rollout halted")
+            }
+            Event::RolledBack { group, agent, hash } => {
+                info!(group = %group, agent = %agent, hash = %hash, "rolled back")
+            }
+            Event::Complete { group, commit, hash } => {
+                self.metrics.rollout_ended("complete");
+                if let Some(seen) = commit.as_ref().and_then(|c| self.seen.get(c)) {
+                    self.metrics
+                        .observe_commit_to_complete(now.duration_since(*seen).unwrap_or_default());
+                }
+                info!(group = %group, commit = %short(commit), hash = %hash, "rollout complete")
+            }
+            Event::Superseded {
+                group,
+                commit,
+                hash,
+                by,
+            } => {
+                self.metrics.rollout_ended("superseded");
+                info!(group = %group, commit = %short(commit), hash = %hash, by = %by, "rollout superseded")
+            }
+            Event::RevertPushed {
+                group,
+                commit,
+                hash,
+                agents,
+            } => {
+                info!(group = %group, commit = %short(commit), hash = %hash, agents, "revert pushed to every agent")
+            }
+            Event::DriftHealed { group, agent, hash } => {
+                info!(group = %group, agent = %agent, hash = %hash, "drift healed")
+            }
+        }
+    }
+}

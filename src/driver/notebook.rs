@@ -1,0 +1,348 @@
+//! Which notes to (re)write after a plan. Pure bookkeeping: it remembers
+//! each recent commit's note and answers the notes whose group phase or wave
+//! changed, so notes follow a rollout without being rewritten on every agent
+//! report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::SystemTime;
+
+use crate::model::{CommitId, GroupName};
+use crate::notes::format::{FORMAT_VERSION, Failure, MAX_FAILURES, Note, NoteGroup};
+use crate::reconcile::{Event, GroupStatus, Phase, Timestamp};
+
+/// Notes of at most this many commits are kept in memory (those of rollouts
+/// still shown are never dropped).
+const KEEP: usize = 256;
+
+#[derive(Default)]
+pub struct NoteBook {
+    notes: BTreeMap<CommitId, Entry>,
+    /// Invalid commits whose note was already handed out.
+    invalid: HashSet<CommitId>,
+    next_seq: u64,
+}
+
+struct Entry {
+    note: Note,
+    /// (phase, wave) per group as last handed out for writing.
+    written: BTreeMap<GroupName, (Phase, u32)>,
+    /// Insertion order, for eviction.
+    seq: u64,
+}
+
+impl NoteBook {
+    /// Starts from the notes already in the repository, so a restarted
+    /// controller rewrites them instead of replacing them with partial ones.
+    pub fn with_existing(notes: impl IntoIterator<Item = Note>) -> Self {
+        let mut book = NoteBook::default();
+        for note in notes {
+            if !note.valid {
+                book.invalid.insert(note.commit.clone());
+                continue;
+            }
+            let written = note
+                .groups
+                .iter()
+                .map(|(g, n)| (g.clone(), (n.phase, n.wave)))
+                .collect();
+            let seq = book.bump();
+            book.notes.insert(note.commit.clone(), Entry { note, written, seq });
+        }
+        book
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// The note for an invalid commit, once.
+    pub fn invalid(&mut self, commit: &CommitId, errors: &[String], now: SystemTime) -> Option<Note> {
+        if !self.invalid.insert(commit.clone()) {
+            return None;
+        }
+        Some(Note {
+            version: FORMAT_VERSION.into(),
+            commit: commit.clone(),
+            updated: now,
+            valid: false,
+            errors: errors.to_vec(),
+            groups: BTreeMap::new(),
+        })
+    }
+
+    /// Folds a plan's group statuses and events in, and answers the notes that
+    /// must be written: the desired commit's when it is new, and every note
+    /// whose group phase or wave changed.
+    pub fn after_plan(
+        &mut self,
+        desired: &CommitId,
+        groups: &BTreeMap<GroupName, GroupStatus>,
+        events: &[Event],
+        now: SystemTime,
+    ) -> Vec<Note> {
+        self.entry(desired, now);
+        for (name, status) in groups {
+            let rollout_commit = status.commit.as_ref();
+            if rollout_commit != Some(desired) {
+                let unchanged = NoteGroup {
+                    config_hash: status.config_hash,
+                    phase: Phase::Unchanged,
+                    wave: 0,
+                    waves: 0,
+                    agents: status.agents,
+                    failures: vec![],
+                    started: None,
+                    finished: None,
+                };
+                self.entry(desired, now)
+                    .note
+                    .groups
+                    .entry(name.clone())
+                    .or_insert(unchanged);
+            }
+            if let Some(commit) = rollout_commit {
+                let group = from_status(status);
+                self.entry(commit, now).note.groups.insert(name.clone(), group);
+            }
+        }
+        for event in events {
+            if let Event::Superseded {
+                group,
+                commit: Some(old),
+                ..
+            } = event
+                && let Some(entry) = self.notes.get_mut(old)
+                && let Some(g) = entry.note.groups.get_mut(group)
+            {
+                g.phase = Phase::Superseded;
+                g.finished = Some(now);
+            }
+        }
+        let due = self.due(now);
+        self.evict(groups);
+        due
+    }
+
+    fn entry(&mut self, commit: &CommitId, now: SystemTime) -> &mut Entry {
+        if !self.notes.contains_key(commit) {
+            let seq = self.bump();
+            let note = Note {
+                version: FORMAT_VERSION.into(),
+                commit: commit.clone(),
+                updated: now,
+                valid: true,
+                errors: vec![],
+                groups: BTreeMap::new(),
+            };
+            self.notes.insert(
+                commit.clone(),
+                Entry {
+                    note,
+                    written: BTreeMap::new(),
+                    seq,
+                },
+            );
+        }
+        self.notes.get_mut(commit).expect("inserted above")
+    }
+
+    /// Notes never handed out, or with a group whose phase or wave moved.
+    fn due(&mut self, now: SystemTime) -> Vec<Note> {
+        let mut out = Vec::new();
+        for entry in self.notes.values_mut() {
+            let current: BTreeMap<GroupName, (Phase, u32)> = entry
+                .note
+                .groups
+                .iter()
+                .map(|(g, n)| (g.clone(), (n.phase, n.wave)))
+                .collect();
+            let fresh = entry.written.is_empty() && !entry.note.groups.is_empty();
+            if fresh || current != entry.written {
+                entry.note.updated = now;
+                entry.written = current;
+                out.push(entry.note.clone());
+            }
+        }
+        out
+    }
+
+    fn evict(&mut self, groups: &BTreeMap<GroupName, GroupStatus>) {
+        if self.notes.len() <= KEEP {
+            return;
+        }
+        let live: HashSet<&CommitId> = groups.values().filter_map(|s| s.commit.as_ref()).collect();
+        let mut by_age: Vec<(u64, CommitId)> = self
+            .notes
+            .iter()
+            .filter(|(c, _)| !live.contains(c))
+            .map(|(c, e)| (e.seq, c.clone()))
+            .collect();
+        by_age.sort_unstable();
+        let excess = self.notes.len() - KEEP;
+        for (_, commit) in by_age.into_iter().take(excess) {
+            self.notes.remove(&commit);
+        }
+    }
+}
+
+fn time(t: Option<Timestamp>) -> Option<SystemTime> {
+    t.map(|t| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(t.millis()))
+}
+
+fn from_status(s: &GroupStatus) -> NoteGroup {
+    NoteGroup {
+        config_hash: s.config_hash,
+        phase: s.phase,
+        wave: s.wave,
+        waves: s.waves,
+        agents: s.agents,
+        failures: s
+            .failures
+            .iter()
+            .take(MAX_FAILURES)
+            .map(|f| Failure {
+                agent: f.agent.to_string(),
+                error: f.error.clone(),
+            })
+            .collect(),
+        started: time(s.started),
+        finished: time(s.finished),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigHash, InstanceUid};
+    use crate::reconcile::{AgentCounts, FailureView};
+
+    fn c(n: char) -> CommitId {
+        CommitId::new(n.to_string().repeat(40))
+    }
+
+    fn status(commit: char, phase: Phase, wave: u32, applied: u32) -> GroupStatus {
+        GroupStatus {
+            config_hash: ConfigHash([commit as u8; 32]),
+            stable_hash: None,
+            phase,
+            wave,
+            waves: 3,
+            commit: Some(c(commit)),
+            agents: AgentCounts {
+                targeted: 10,
+                applied,
+                ..Default::default()
+            },
+            failures: vec![],
+            started: Some(Timestamp::from_millis(1_000)),
+            finished: None,
+            actions: vec![],
+        }
+    }
+
+    fn g(n: &str) -> GroupName {
+        GroupName::new(n)
+    }
+
+    #[test]
+    fn written_on_phase_or_wave_change_not_on_counts() {
+        let mut book = NoteBook::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let mut groups = BTreeMap::from([(g("edge"), status('a', Phase::Progressing, 1, 0))]);
+        let first = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].groups[&g("edge")].phase, Phase::Progressing);
+        groups.insert(g("edge"), status('a', Phase::Progressing, 1, 1));
+        assert!(
+            book.after_plan(&c('a'), &groups, &[], now).is_empty(),
+            "counts alone do not rewrite"
+        );
+        groups.insert(g("edge"), status('a', Phase::Progressing, 2, 1));
+        let wave = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(wave[0].groups[&g("edge")].wave, 2);
+        groups.insert(g("edge"), status('a', Phase::Complete, 3, 10));
+        let done = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(
+            done[0].groups[&g("edge")].agents.applied,
+            10,
+            "the end carries the final counts"
+        );
+    }
+
+    #[test]
+    fn unchanged_groups_and_older_rollouts() {
+        let mut book = NoteBook::default();
+        let now = SystemTime::UNIX_EPOCH;
+        // Commit b changes only `apps`; `edge` still rolls out a's config.
+        let mut groups = BTreeMap::from([
+            (g("edge"), status('a', Phase::Progressing, 1, 0)),
+            (g("apps"), status('b', Phase::Progressing, 1, 0)),
+        ]);
+        let notes = book.after_plan(&c('b'), &groups, &[], now);
+        let by_commit: BTreeMap<_, _> = notes.iter().map(|n| (n.commit.clone(), n)).collect();
+        assert_eq!(by_commit[&c('b')].groups[&g("edge")].phase, Phase::Unchanged);
+        assert_eq!(by_commit[&c('b')].groups[&g("apps")].phase, Phase::Progressing);
+        assert_eq!(by_commit[&c('a')].groups[&g("edge")].phase, Phase::Progressing);
+        assert!(!by_commit[&c('a')].groups.contains_key(&g("apps")));
+        // edge's wave moves: only a's note is rewritten.
+        groups.insert(g("edge"), status('a', Phase::Progressing, 2, 1));
+        let notes = book.after_plan(&c('b'), &groups, &[], now);
+        assert_eq!(notes.iter().map(|n| n.commit.clone()).collect::<Vec<_>>(), vec![c('a')]);
+    }
+
+    #[test]
+    fn superseded_and_failures() {
+        let mut book = NoteBook::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let mut halted = status('a', Phase::Halted, 1, 0);
+        halted.failures = vec![FailureView {
+            agent: InstanceUid::Uuid([1; 16]),
+            error: "boom".into(),
+            at: Timestamp::from_millis(5),
+        }];
+        let groups = BTreeMap::from([(g("edge"), halted)]);
+        let notes = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(notes[0].groups[&g("edge")].failures[0].error, "boom");
+
+        let groups = BTreeMap::from([(g("edge"), status('b', Phase::Progressing, 1, 0))]);
+        let events = [Event::Superseded {
+            group: g("edge"),
+            commit: Some(c('a')),
+            hash: ConfigHash([b'a'; 32]),
+            by: ConfigHash([b'b'; 32]),
+        }];
+        let notes = book.after_plan(&c('b'), &groups, &events, now);
+        let a = notes
+            .iter()
+            .find(|n| n.commit == c('a'))
+            .expect("a's note is rewritten");
+        assert_eq!(a.groups[&g("edge")].phase, Phase::Superseded);
+    }
+
+    #[test]
+    fn invalid_commits_once_and_existing_notes_are_kept() {
+        let mut book = NoteBook::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let n = book.invalid(&c('x'), &["groups/a.yaml:1:1: bad".into()], now).unwrap();
+        assert!(!n.valid && n.errors.len() == 1);
+        assert!(book.invalid(&c('x'), &[], now).is_none());
+
+        // A restarted controller knows a's note had two groups; a wave change
+        // of one rewrites the note with both.
+        let mut existing = NoteBook::default();
+        let groups = BTreeMap::from([
+            (g("edge"), status('a', Phase::Progressing, 1, 0)),
+            (g("apps"), status('a', Phase::Complete, 3, 10)),
+        ]);
+        let notes = existing.after_plan(&c('a'), &groups, &[], now);
+        let mut book = NoteBook::with_existing(notes);
+        let groups = BTreeMap::from([(g("edge"), status('a', Phase::Progressing, 2, 3))]);
+        let notes = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].groups.contains_key(&g("apps")),
+            "the other group's entry survives"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! The rollout state file in `--state-dir`: written atomically (temp file,
+//! fsync, rename, fsync of the directory), so a crash leaves either the old
+//! state or the new one, never a torn file.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::reconcile::RolloutState;
+
+const FILE: &str = "rollouts.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rollout state {path} is unreadable ({source}); move it away to rebuild the state from the git notes")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PersistError + 'a {
+    move |source| PersistError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The saved state, or `None` when there is none yet.
+pub fn load(dir: &Path) -> Result<Option<RolloutState>, PersistError> {
+    let path = dir.join(FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading", &path)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| PersistError::Corrupt { path, source })
+}
+
+/// Replaces the saved state. Blocking; the file holds config bodies, so it is
+/// created readable by its owner only.
+pub fn save(dir: &Path, state: &RolloutState) -> Result<(), PersistError> {
+    fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let path = dir.join(FILE);
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let bytes = serde_json::to_vec(state).expect("the rollout state always serializes");
+    let mut f = private_file(&tmp).map_err(io("creating", &tmp))?;
+    f.write_all(&bytes).map_err(io("writing", &tmp))?;
+    f.sync_all().map_err(io("syncing", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io("replacing", &path))?;
+    // Make the rename itself durable.
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))
+}
+
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::model::GroupName;
+    use crate::reconcile::GroupState;
+
+    #[test]
+    fn round_trip_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let mut state = RolloutState::default();
+        state.groups.insert(GroupName::new("g"), GroupState::default());
+        save(dir.path(), &state).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(state));
+        let mode = fs::metadata(dir.path().join(FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.path().join("rollouts.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), b"{not json").unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("move it away"), "{err}");
+    }
+}

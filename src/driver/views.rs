@@ -1,0 +1,95 @@
+//! The fleet as the planner sees it: each inventory record projected to an
+//! `AgentView`, sorted by uid. Merged attribute maps are cached per agent and
+//! rebuilt only when the agent sends a new description.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot, RemoteConfigState as Wire};
+use crate::model::InstanceUid;
+use crate::reconcile::{AgentView, RemoteConfigState, RemoteStatus, Timestamp};
+
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// Builds views, reusing attribute maps across calls.
+pub struct ViewBuilder {
+    /// Distinguishes this process's connection epochs from a previous one's:
+    /// the planner remembers pushes per epoch across restarts, and the fleet
+    /// counts epochs from zero in every process.
+    boot: u64,
+    attributes: HashMap<InstanceUid, CachedAttributes>,
+}
+
+/// The description an agent last sent, and its attributes merged from it.
+type CachedAttributes = (Arc<Description>, Arc<BTreeMap<String, String>>);
+
+const EPOCH_BITS: u32 = 20;
+
+impl ViewBuilder {
+    /// `boot` must differ between controller processes: its start time in milliseconds.
+    pub fn new(boot: Timestamp) -> Self {
+        ViewBuilder {
+            boot: boot.millis(),
+            attributes: HashMap::new(),
+        }
+    }
+
+    pub fn build(&mut self, fleet: &FleetSnapshot) -> Vec<AgentView> {
+        let mut views: Vec<AgentView> = fleet.agents.values().map(|r| self.view(r)).collect();
+        views.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
+        if self.attributes.len() > fleet.agents.len() {
+            self.attributes.retain(|uid, _| fleet.agents.contains_key(uid));
+        }
+        views
+    }
+
+    fn view(&mut self, r: &AgentRecord) -> AgentView {
+        AgentView {
+            uid: r.uid.clone(),
+            attributes: self.attributes_of(r),
+            accepts_remote_config: r.capabilities.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
+            reports_health: r.capabilities.has(Capabilities::REPORTS_HEALTH),
+            connected: r.connected,
+            connection_epoch: (self.boot << EPOCH_BITS) | (r.connection_epoch & ((1 << EPOCH_BITS) - 1)),
+            disconnected_at: if r.connected {
+                None
+            } else {
+                r.disconnected_at.map(timestamp)
+            },
+            remote: r.remote_config_status.as_ref().map(|s| RemoteStatus {
+                hash: s.hash,
+                status: match s.state {
+                    Wire::Unset => RemoteConfigState::Unset,
+                    Wire::Applied => RemoteConfigState::Applied,
+                    Wire::Applying => RemoteConfigState::Applying,
+                    Wire::Failed => RemoteConfigState::Failed,
+                },
+                error: s.error_message.clone(),
+            }),
+            healthy: r.health.as_ref().map(|h| h.healthy),
+            health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Identifying and non-identifying attributes merged; identifying wins.
+    fn attributes_of(&mut self, r: &AgentRecord) -> Arc<BTreeMap<String, String>> {
+        let Some(desc) = &r.description else {
+            self.attributes.remove(&r.uid);
+            return Arc::default();
+        };
+        if let Some((seen, merged)) = self.attributes.get(&r.uid)
+            && Arc::ptr_eq(seen, desc)
+        {
+            return merged.clone();
+        }
+        let mut merged = desc.non_identifying.clone();
+        merged.extend(desc.identifying.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let merged = Arc::new(merged);
+        self.attributes.insert(r.uid.clone(), (desc.clone(), merged.clone()));
+        merged
+    }
+}

@@ -1,0 +1,230 @@
+//! End-to-end fixtures for rollouts: a real git repository in a temp dir, the
+//! controller reading it, simulated agents, and an observer that records
+//! every hash each agent reports.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use git2::{IndexAddOption, Repository, Signature};
+use opamp_gitops::app::ServeConfig;
+use opamp_gitops::fleet::RemoteConfigState;
+use opamp_gitops::gitsrc::{Auth, GitConfig, RepoLocation};
+use opamp_gitops::model::{CommitId, ConfigHash, InstanceUid};
+use opamp_gitops::simulate::{self, Simulation};
+use tokio_util::sync::CancellationToken;
+
+use super::{Body, DEADLINE, TestServer, http_request};
+
+/// A collector config that passes validation; `marker` makes each version distinct.
+pub fn collector_config(marker: &str) -> String {
+    format!(
+        "# {marker}\nreceivers:\n  otlp:\n    protocols:\n      grpc: {{}}\nprocessors:\n  batch: {{}}\nexporters:\n  debug: {{}}\nservice:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      processors: [batch]\n      exporters: [debug]\n"
+    )
+}
+
+/// A group of the agents `simulate` starts (service.name otelcol-sim), with a
+/// rollout policy block (YAML, indented under `rollout:`).
+pub fn group_yaml(policy: &str) -> String {
+    format!(
+        "selector:\n  match_attributes:\n    service.name: otelcol-sim\nconfig:\n  \"\": configs/edge.yaml\nrollout:\n{policy}"
+    )
+}
+
+/// The fleet defaults: fast rollouts and a long reconcile interval unless a test says otherwise.
+pub fn fleet_yaml(reconcile_interval: &str) -> String {
+    format!(
+        "rollout:\n  waves: [100%]\n  bake: 0s\n  apply_timeout: 5s\n  max_failures: 0\n  on_failure: rollback\nreconcile:\n  interval: {reconcile_interval}\n"
+    )
+}
+
+/// A working repository on disk; the controller reads its committed tree.
+pub struct GitRepo {
+    pub dir: tempfile::TempDir,
+}
+
+impl GitRepo {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Repository::init(dir.path()).expect("git init");
+        GitRepo { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes the files (path, body) and commits everything.
+    pub fn commit(&self, files: &[(&str, &str)], message: &str) -> CommitId {
+        for (path, body) in files {
+            let full = self.path().join(path);
+            std::fs::create_dir_all(full.parent().expect("a parent")).expect("mkdir");
+            std::fs::write(full, body).expect("write");
+        }
+        let repo = Repository::open(self.path()).expect("open");
+        let mut index = repo.index().expect("index");
+        index.add_all(["*"], IndexAddOption::DEFAULT, None).expect("add");
+        index.write().expect("write index");
+        let tree = repo.find_tree(index.write_tree().expect("tree")).expect("tree");
+        let sig = Signature::now("Test", "test@example.com").expect("sig");
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        let oid = repo
+            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
+            .expect("commit");
+        CommitId::new(oid.to_string())
+    }
+
+    /// The standard layout: fleet.yaml, groups/edge.yaml, configs/edge.yaml.
+    pub fn commit_edge(&self, policy: &str, config: &str, message: &str) -> CommitId {
+        self.commit(
+            &[
+                ("fleet.yaml", &fleet_yaml("1h")),
+                ("groups/edge.yaml", &group_yaml(policy)),
+                ("configs/edge.yaml", config),
+            ],
+            message,
+        )
+    }
+}
+
+/// The controller's settings for a test: fast ticks, no start-up grace.
+pub fn serve_config(repo: &Path, state_dir: &Path) -> ServeConfig {
+    let mut c = ServeConfig::local();
+    c.git = Some(GitConfig {
+        repo: RepoLocation::Local(repo.to_path_buf()),
+        branch: None,
+        subdir: None,
+        state_dir: state_dir.to_path_buf(),
+        poll_interval: Duration::from_secs(3600),
+        auth: Auth::default(),
+        webhook_secret_file: None,
+    });
+    c.reconcile_tick = Duration::from_millis(100);
+    c.startup_grace = Duration::ZERO;
+    c
+}
+
+impl TestServer {
+    /// Asks the controller to fetch now; answers the commit it reached.
+    pub async fn sync(&self) -> String {
+        let r = http_request(self.api_addr(), "POST", "/api/v1/sync", &[], Body::Empty).await;
+        assert_eq!(r.status, 200, "sync: {}", String::from_utf8_lossy(&r.body));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        v["commit"].as_str().expect("a commit").to_string()
+    }
+
+    pub async fn api_post(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = http_request(self.api_addr(), "POST", path, &[], Body::Empty).await;
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Waits until `GET /api/v1/groups` shows `group` satisfying `pred`; returns that group.
+    pub async fn wait_group(
+        &self,
+        group: &str,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + DEADLINE * 2;
+        loop {
+            let all = self.api_json("/api/v1/groups").await;
+            if let Some(g) = all["groups"]
+                .as_array()
+                .and_then(|gs| gs.iter().find(|g| g["name"] == group))
+                && pred(g)
+            {
+                return g.clone();
+            }
+            assert!(Instant::now() < deadline, "group {group} never reached {what}: {all}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Simulated agents (service.name otelcol-sim) against a server.
+pub fn simulate(
+    server: &TestServer,
+    agents: usize,
+    tweak: impl FnOnce(&mut simulate::Config),
+) -> (Simulation, CancellationToken) {
+    let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", server.opamp_addr()), agents);
+    config.apply_delay = Duration::from_millis(20);
+    config.attrs.push(("host.name".into(), "sim-{index}".into()));
+    tweak(&mut config);
+    let cancel = CancellationToken::new();
+    let sim = simulate::start(config, cancel.clone()).expect("simulation starts");
+    (sim, cancel)
+}
+
+/// One reported (hash, status) and when it was first seen.
+type Report = (Option<ConfigHash>, RemoteConfigState, Instant);
+
+/// Every (hash, status) each agent reported, with when it was first seen.
+#[derive(Clone, Default)]
+pub struct Observer {
+    seen: Arc<Mutex<HashMap<InstanceUid, Vec<Report>>>>,
+}
+
+impl Observer {
+    pub fn start(server: &TestServer) -> Self {
+        let obs = Observer::default();
+        let mut rx = server.fleet().subscribe();
+        let seen = obs.seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                {
+                    let mut seen = seen.lock().expect("observer lock");
+                    for (uid, rec) in &snap.agents {
+                        if let Some(s) = &rec.remote_config_status {
+                            let log = seen.entry(uid.clone()).or_default();
+                            if log.last().map(|(h, st, _)| (*h, *st)) != Some((s.hash, s.state)) {
+                                log.push((s.hash, s.state, Instant::now()));
+                            }
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        obs
+    }
+
+    /// True when the agent ever reported `hash` (in any status): it received it.
+    pub fn received(&self, uid: &InstanceUid, hash: ConfigHash) -> bool {
+        self.first(uid, hash, |_| true).is_some()
+    }
+
+    /// When the agent first reported `hash` with a status `pred` accepts.
+    pub fn first(
+        &self,
+        uid: &InstanceUid,
+        hash: ConfigHash,
+        pred: impl Fn(RemoteConfigState) -> bool,
+    ) -> Option<Instant> {
+        let seen = self.seen.lock().expect("observer lock");
+        seen.get(uid)?
+            .iter()
+            .find(|(h, st, _)| *h == Some(hash) && pred(*st))
+            .map(|(_, _, t)| *t)
+    }
+}
+
+/// The config hash the controller computes for the edge group's single file.
+pub fn edge_hash(config: &str) -> ConfigHash {
+    super::bundle(&[("", config)]).hash()
+}
+
+/// A free temp dir for the controller's state.
+pub fn state_dir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("temp dir");
+    let p = d.path().join("state");
+    (d, p)
+}
