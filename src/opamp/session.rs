@@ -129,6 +129,30 @@ async fn exchange(
     }
 }
 
+/// What a WebSocket does after a report.
+enum Next {
+    /// Send this frame; with the agent's uid (and its wire bytes) once the
+    /// report was accepted.
+    Send(Message, Option<(InstanceUid, Bytes)>),
+    Close(u16, &'static str),
+}
+
+/// The exchange for one WebSocket report, down to the frame to send.
+async fn answer(
+    ctx: &OpampContext,
+    msg: AgentToServer,
+    via: Via,
+    previous: Option<&InstanceUid>,
+    with_capabilities: bool,
+) -> Next {
+    match exchange(ctx, msg, via, previous, with_capabilities).await {
+        Outcome::Reply { uid, msg } => Next::Send(binary(&msg), Some((uid, msg.instance_uid))),
+        Outcome::Refused(msg) => Next::Send(binary(&msg), None),
+        Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
+        Outcome::Stopping => Next::Close(close::GOING_AWAY, "server shutting down"),
+    }
+}
+
 /// The WebSocket close codes we use.
 mod close {
     pub const NORMAL: u16 = 1000;
@@ -167,14 +191,14 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
             Some(bundle) = pushes.recv() => {
                 let Some((uid, wire)) = &agent else { continue };
                 tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
-                let msg = ServerToAgent {
+                let frame = binary(&ServerToAgent {
                     instance_uid: wire.clone(),
                     capabilities: if capabilities_sent { 0 } else { SERVER_CAPABILITIES },
                     remote_config: Some(remote_config(&bundle)),
                     ..Default::default()
-                };
+                });
                 capabilities_sent = true;
-                if send(&mut socket, &msg).await.is_err() {
+                if socket.send(frame).await.is_err() {
                     break None;
                 }
             }
@@ -215,17 +239,18 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 drop(data);
                 let previous = agent.as_ref().map(|(uid, _)| uid);
                 let via = Via::WebSocket(link.clone());
-                let reply = match exchange(&ctx, msg, via, previous, !capabilities_sent).await {
-                    Outcome::Reply { uid, msg } => {
-                        agent = Some((uid, msg.instance_uid.clone()));
+                // Boxed: the exchange is the largest state of this loop, and
+                // kept inline it would be paid by every idle connection.
+                let frame = match Box::pin(answer(&ctx, msg, via, previous, !capabilities_sent)).await {
+                    Next::Send(frame, None) => frame,
+                    Next::Send(frame, Some(known)) => {
+                        agent = Some(known);
                         capabilities_sent = true;
-                        msg
+                        frame
                     }
-                    Outcome::Refused(msg) => msg,
-                    Outcome::Replaced => break Some((close::NORMAL, "replaced by a newer connection")),
-                    Outcome::Stopping => break Some((close::GOING_AWAY, "server shutting down")),
+                    Next::Close(code, reason) => break Some((code, reason)),
                 };
-                if send(&mut socket, &reply).await.is_err() {
+                if socket.send(frame).await.is_err() {
                     break None;
                 }
             }
@@ -251,8 +276,10 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-async fn send(socket: &mut WebSocket, msg: &ServerToAgent) -> Result<(), axum::Error> {
-    socket.send(Message::Binary(codec::encode_ws(msg).into())).await
+/// The encoded frame; messages are encoded before an await so that the
+/// (large) message struct is not kept in the connection's future.
+fn binary(msg: &ServerToAgent) -> Message {
+    Message::Binary(codec::encode_ws(msg).into())
 }
 
 /// True when the WebSocket layer refused a frame or message for its size.
