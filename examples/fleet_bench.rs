@@ -48,6 +48,10 @@ struct Args {
     /// HTTP polling interval of the simulated agents.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     http_poll: Duration,
+    /// Run serve under this command, e.g. "valgrind --tool=massif" or
+    /// "perf record -g -o serve.perf --" (split at spaces).
+    #[arg(long)]
+    wrap: Option<String>,
     /// Give up on any one wait (connect, rollout) after this long.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -155,7 +159,15 @@ fn run_scenario(args: &Args, bin: &Path, s: Scenario, driver: bool) -> Result<Fi
     let api = free_port()?;
     let opamp = free_port()?;
 
-    let mut serve = Command::new(bin);
+    let wrap: Vec<&str> = args.wrap.as_deref().unwrap_or("").split_whitespace().collect();
+    let mut serve = match wrap.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     serve
         .arg("serve")
         .arg("--repo")
