@@ -16,6 +16,7 @@ pub use plan::{
     AgentCounts, AgentView, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, PlanInput,
     Push, PushReason, RemoteConfigState, RemoteStatus, plan,
 };
+pub use select::Matcher;
 pub use state::{
     AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
