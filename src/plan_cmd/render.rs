@@ -198,6 +198,43 @@ fn callouts(report: &Report, code: fn(&str) -> String) -> Vec<String> {
     out
 }
 
+/// Groups the commit leaves alone while an earlier commit's rollout to them
+/// has not completed.
+fn pending(report: &Report, code: fn(&str) -> String) -> Vec<String> {
+    report
+        .groups
+        .iter()
+        .filter(|g| g.previous_config_hash.is_some() && !g.change.pushes())
+        .map(|g| {
+            format!(
+                "{} is unchanged by this commit, but its rollout to {} (from an earlier commit) has not completed",
+                code(g.name.as_str()),
+                code(&short_hash(&g.config_hash))
+            )
+        })
+        .collect()
+}
+
+/// The group's agents that the waves leave out: offline and unsupported ones.
+fn left_out(g: &GroupPlan, show: impl Fn(&AgentRef) -> String) -> Vec<String> {
+    let mut out = Vec::new();
+    if !g.offline.is_empty() {
+        out.push(format!(
+            "offline, not counted ({}): {}",
+            g.offline.len(),
+            agent_list(&g.offline, &show)
+        ));
+    }
+    if !g.unsupported.is_empty() {
+        out.push(format!(
+            "unsupported, never pushed to ({}): {}",
+            g.unsupported.len(),
+            agent_list(&g.unsupported, &show)
+        ));
+    }
+    out
+}
+
 fn plain(s: &str) -> String {
     s.to_string()
 }
@@ -252,17 +289,8 @@ pub fn text(report: &Report) -> String {
         out.push('\n');
         text_group(&mut out, g);
     }
-    for g in report
-        .groups
-        .iter()
-        .filter(|g| g.previous_config_hash.is_some() && !g.change.pushes())
-    {
-        let _ = writeln!(
-            out,
-            "\nnote: {} is unchanged by this commit, but its rollout to {} (from an earlier commit) has not completed",
-            g.name,
-            short_hash(&g.config_hash)
-        );
+    for l in pending(report, plain) {
+        let _ = writeln!(out, "\nnote: {l}");
     }
     let lines = callouts(report, plain);
     if !lines.is_empty() {
@@ -307,21 +335,8 @@ fn text_group(out: &mut String, g: &GroupPlan) {
             let _ = writeln!(out, "{}", text_wave(g, w));
         }
     }
-    if !g.offline.is_empty() {
-        let _ = writeln!(
-            out,
-            "offline, not counted ({}): {}",
-            g.offline.len(),
-            agent_list(&g.offline, agent)
-        );
-    }
-    if !g.unsupported.is_empty() {
-        let _ = writeln!(
-            out,
-            "unsupported, never pushed to ({}): {}",
-            g.unsupported.len(),
-            agent_list(&g.unsupported, agent)
-        );
+    for l in left_out(g, agent) {
+        let _ = writeln!(out, "{l}");
     }
 }
 
@@ -417,17 +432,8 @@ pub fn markdown(report: &Report) -> String {
         out.push('\n');
         markdown_group(&mut out, g);
     }
-    for g in report
-        .groups
-        .iter()
-        .filter(|g| g.previous_config_hash.is_some() && !g.change.pushes())
-    {
-        let _ = writeln!(
-            out,
-            "\n> {} is unchanged by this commit, but its rollout to {} (from an earlier commit) has not completed.",
-            code(g.name.as_str()),
-            code(&short_hash(&g.config_hash))
-        );
+    for l in pending(report, code) {
+        let _ = writeln!(out, "\n> {l}.");
     }
     let lines = callouts(report, code);
     if !lines.is_empty() {
@@ -501,21 +507,8 @@ fn markdown_group(out: &mut String, g: &GroupPlan) {
         }
         out.push('\n');
     }
-    if !g.offline.is_empty() {
-        let _ = writeln!(
-            out,
-            "Offline, not counted ({}): {}\n",
-            g.offline.len(),
-            agent_list(&g.offline, |a| code_cell(&agent(a)))
-        );
-    }
-    if !g.unsupported.is_empty() {
-        let _ = writeln!(
-            out,
-            "Unsupported, never pushed to ({}): {}\n",
-            g.unsupported.len(),
-            agent_list(&g.unsupported, |a| code_cell(&agent(a)))
-        );
+    for l in left_out(g, |a| code(&agent(a))) {
+        let _ = writeln!(out, "{l}\n");
     }
     let _ = writeln!(out, "</details>");
 }
