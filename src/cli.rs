@@ -28,6 +28,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Rollout history of recent commits, from the git notes alone.
     Status(StatusArgs),
+    /// What a commit would do to the fleet: changed groups, diffs, waves.
+    Plan(PlanArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +124,39 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StatusFormat {
     Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("agents").required(true).args(["server", "fleet"])))]
+pub struct PlanArgs {
+    /// The config repository (a clone with the history and the notes).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// The commit to plan (its committed tree, never the work tree).
+    #[arg(long, default_value = "HEAD")]
+    pub rev: String,
+    /// Compare every group with this commit (e.g. origin/main for a pull
+    /// request) instead of the notes and the first parent.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Subdirectory that holds fleet.yaml and groups/.
+    #[arg(long = "path", id = "subdir")]
+    pub subdir: Option<String>,
+    /// The controller's API, e.g. http://127.0.0.1:4321.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// A file in the GET /api/v1/agents format, for offline use.
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Markdown,
     Json,
 }
 
@@ -237,6 +272,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Simulate(args) => crate::simulate::command(args),
+        Command::Plan(args) => crate::plan_cmd::command(&args),
     }
 }
 

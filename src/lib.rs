@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod model;
 pub mod notes;
 pub mod opamp;
+pub mod plan_cmd;
 pub mod reconcile;
 pub mod simulate;

@@ -18,6 +18,7 @@ pub use plan::{
     Push, PushReason, RemoteConfigState, RemoteStatus, plan,
 };
 pub use restore::{Recovered, RecoveredRollout, restore};
+pub use select::Matcher;
 pub use state::{
     AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
