@@ -247,16 +247,11 @@ async fn start_gitops(
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
     let git = GitSource::spawn(git_config, shutdown.child_token())?;
-    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
+    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author.clone());
     let callbacks = git.callback_factory();
-    let (store, existing_notes) = {
-        let callbacks = callbacks.clone();
-        tokio::task::spawn_blocking(move || {
-            let existing = read_existing_notes(&store, &*callbacks);
-            (store, existing)
-        })
-        .await?
-    };
+    let reader = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
+    let reader_callbacks = callbacks.clone();
+    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &*reader_callbacks));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, callbacks, Backoff::default(), notes_stop.clone());
     let driver_stop = CancellationToken::new();
@@ -271,7 +266,7 @@ async fn start_gitops(
             git: git.clone(),
             assignments: assignments.clone(),
             notes: Some(notes),
-            existing_notes,
+            existing_notes: Some(existing_notes),
         },
         driver_stop.clone(),
     )?;

@@ -108,9 +108,14 @@ pub struct Parts {
     pub git: GitHandle,
     pub assignments: watch::Sender<Arc<Assignments>>,
     pub notes: Option<NotesHandle>,
-    /// Notes already in the repository (so rewrites keep what they hold).
-    pub existing_notes: Vec<Note>,
+    /// Reads the notes already in the repository (blocking). Called once the
+    /// first commit is loaded, so a remote's mirror exists by then: rewrites
+    /// keep what those notes hold, and a lost state is rebuilt from them.
+    pub existing_notes: Option<NotesReader>,
 }
+
+/// Reads the repository's notes (blocking); see [`Parts::existing_notes`].
+pub type NotesReader = Box<dyn FnOnce() -> Vec<Note> + Send + Sync>;
 
 /// Loads the saved rollout state and starts the driver.
 pub fn spawn(
@@ -118,23 +123,16 @@ pub fn spawn(
     parts: Parts,
     cancel: CancellationToken,
 ) -> Result<(DriverHandle, JoinHandle<()>), PersistError> {
-    let (state, restore_from) = match persist::load(&config.state_dir)? {
+    let (state, restore) = match persist::load(&config.state_dir)? {
         Some(s) => {
             info!(
                 groups = s.groups.len(),
                 agents = s.agents.len(),
                 "rollout state restored"
             );
-            (s, None)
+            (s, false)
         }
-        None if !parts.existing_notes.is_empty() => {
-            info!(
-                notes = parts.existing_notes.len(),
-                "no rollout state saved; it will be rebuilt from the git notes"
-            );
-            (RolloutState::default(), Some(parts.existing_notes.clone()))
-        }
-        None => (RolloutState::default(), None),
+        None => (RolloutState::default(), true),
     };
     let (controls_tx, controls) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Arc::new(DriverStatus::default()));
@@ -146,9 +144,10 @@ pub fn spawn(
     };
     let driver = Driver {
         views: ViewBuilder::new(timestamp(SystemTime::now())),
-        book: NoteBook::with_existing(parts.existing_notes),
+        book: NoteBook::default(),
+        existing_notes: parts.existing_notes,
         seen: HashMap::new(),
-        restore_from,
+        restore,
         state,
         dirty: false,
         last_persist: Instant::now(),
@@ -177,8 +176,10 @@ struct Driver {
     /// When each recent commit was first seen, for the commit-to-complete time.
     seen: HashMap<CommitId, SystemTime>,
     state: RolloutState,
-    /// Notes to rebuild the state from on the first plan (no state was saved).
-    restore_from: Option<Vec<Note>>,
+    /// Read on the first plan; see [`Parts::existing_notes`].
+    existing_notes: Option<NotesReader>,
+    /// No state was saved: rebuild it from the notes on the first plan.
+    restore: bool,
     /// The state changed since it was last saved.
     dirty: bool,
     last_persist: Instant,
@@ -265,9 +266,17 @@ impl Driver {
         let snapshot = self.fleet.snapshot();
         let views = self.views.build(&snapshot);
         let now_wall = SystemTime::now();
-        if let Some(notes) = self.restore_from.take() {
-            self.state = self.recover(&notes, &loaded.desired, &views, timestamp(now_wall)).await;
-            self.dirty = true;
+        if let Some(read) = self.existing_notes.take() {
+            let notes = tokio::task::spawn_blocking(read).await.unwrap_or_default();
+            if self.restore && !notes.is_empty() {
+                info!(
+                    notes = notes.len(),
+                    "no rollout state was saved; rebuilding it from the git notes"
+                );
+                self.state = self.recover(&notes, &loaded.desired, &views, timestamp(now_wall)).await;
+                self.dirty = true;
+            }
+            self.book = NoteBook::with_existing(notes);
         }
         let plan = reconcile::plan(&PlanInput {
             desired: &loaded.desired,

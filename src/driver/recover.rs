@@ -54,9 +54,11 @@ pub fn remembered(notes: &[Note]) -> BTreeMap<GroupName, Remembered> {
             }
         }
     }
+    // Notes carry whole seconds: an unfinished rollout that started in the
+    // same second as the completed one is taken as the newer.
     for r in out.values_mut() {
         if let (Some(s), Some(u)) = (&r.stable, &r.unfinished)
-            && u.note.started <= s.note.started
+            && u.note.started < s.note.started
         {
             r.unfinished = None;
         }
@@ -107,6 +109,8 @@ mod tests {
             note('a', &[("edge", Phase::Complete, 10), ("apps", Phase::Complete, 10)]),
             note('b', &[("edge", Phase::Complete, 20), ("apps", Phase::Unchanged, 0)]),
             note('c', &[("edge", Phase::Halted, 30), ("apps", Phase::Progressing, 5)]),
+            note('e', &[("db", Phase::Complete, 50)]),
+            note('f', &[("db", Phase::Progressing, 50)]),
             note('d', &[("edge", Phase::Superseded, 40)]),
         ];
         let r = remembered(&notes);
@@ -124,6 +128,11 @@ mod tests {
             CommitId::new("a".repeat(40))
         );
         assert!(r[&GroupName::new("apps")].unfinished.is_none());
+        // Started in the same second as the completed one: the unfinished one is newer.
+        assert_eq!(
+            r[&GroupName::new("db")].unfinished.as_ref().unwrap().commit,
+            CommitId::new("f".repeat(40))
+        );
     }
 
     #[test]
