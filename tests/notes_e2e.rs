@@ -155,6 +155,34 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     assert!(note.contains("colour"), "{note}");
     assert!(note.contains("groups: {}"), "{note}");
 
+    // `status` reads the same history from a clone, with no server.
+    let dir = tempfile::tempdir().expect("temp dir");
+    git(dir.path(), &["clone", "-q", &remote.url(), "clone"]);
+    let clone = dir.path().join("clone");
+    let status = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .arg("status")
+            .args(["--repo", clone.to_str().expect("utf-8 path"), "--fetch", "origin"])
+            .args(args)
+            .output()
+            .expect("status runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let text = status(&[]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("COMMIT"), "{text}");
+    assert!(lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 errors)"), "{text}");
+    assert!(lines[2].starts_with(c2.short()) && lines[2].contains("halted") && lines[2].contains("0/5"), "{text}");
+    assert!(lines[3].starts_with(c1.short()) && lines[3].contains("complete") && lines[3].contains("5/5"), "{text}");
+    assert!(text.contains(&format!("{} is invalid:", c3.short())), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&status(&["--format", "json"])).expect("JSON");
+    let commits = json["commits"].as_array().expect("commits");
+    assert_eq!(commits[0]["commit"], c3.as_str());
+    assert_eq!(commits[0]["note"]["valid"], false);
+    assert_eq!(commits[1]["note"]["groups"]["edge"]["phase"], "halted");
+    assert_eq!(commits[2]["note"]["groups"]["edge"]["agents"]["applied"], 5);
+
     stop.cancel();
     server.stop().await;
 }
