@@ -2,6 +2,7 @@
 //! OpenTelemetry Collectors.
 
 pub mod api;
+pub mod api_client;
 pub mod app;
 pub mod cli;
 pub mod desired;

@@ -172,9 +172,18 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let text = status(&[]);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("COMMIT"), "{text}");
-    assert!(lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 errors)"), "{text}");
-    assert!(lines[2].starts_with(c2.short()) && lines[2].contains("halted") && lines[2].contains("0/5"), "{text}");
-    assert!(lines[3].starts_with(c1.short()) && lines[3].contains("complete") && lines[3].contains("5/5"), "{text}");
+    assert!(
+        lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 errors)"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(c2.short()) && lines[2].contains("halted") && lines[2].contains("0/5"),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with(c1.short()) && lines[3].contains("complete") && lines[3].contains("5/5"),
+        "{text}"
+    );
     assert!(text.contains(&format!("{} is invalid:", c3.short())), "{text}");
     let json: serde_json::Value = serde_json::from_str(&status(&["--format", "json"])).expect("JSON");
     let commits = json["commits"].as_array().expect("commits");

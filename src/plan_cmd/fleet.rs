@@ -3,16 +3,11 @@
 //! controller.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 use serde::Deserialize;
 
+use crate::api_client;
 use crate::desired::AgentAttributes;
 use crate::model::InstanceUid;
 
@@ -20,8 +15,6 @@ use crate::model::InstanceUid;
 const ACCEPTS_REMOTE_CONFIG: &str = "AcceptsRemoteConfig";
 /// The largest agent list read, in bytes (tens of thousands of agents fit
 /// many times over).
-const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One agent: the parts of the API's Agent a plan needs. Other fields of the
 /// API's answer are ignored.
@@ -74,10 +67,8 @@ pub enum FleetError {
     Read { path: String, source: std::io::Error },
     #[error("{from} is not an agent list like GET /api/v1/agents answers ({{\"agents\": [...]}}): {message}")]
     Parse { from: String, message: String },
-    #[error("--server {server:?}: {why}")]
-    BadServer { server: String, why: &'static str },
-    #[error("GET {url}: {message}")]
-    Request { url: String, message: String },
+    #[error(transparent)]
+    Client(#[from] api_client::ClientError),
     #[error("GET {url}: the server answered {status}")]
     Status { url: String, status: StatusCode },
 }
@@ -102,80 +93,15 @@ pub fn read_file(path: &std::path::Path) -> Result<Vec<FleetAgent>, FleetError> 
     parse(&bytes, &shown)
 }
 
-/// `{server}/api/v1/agents`, for a server given as `http://host:port`, with or
-/// without a trailing slash or a path prefix, or as a bare `host:port`.
-pub fn agents_url(server: &str) -> Result<Uri, FleetError> {
-    let bad = |why| FleetError::BadServer {
-        server: server.to_string(),
-        why,
-    };
-    let trimmed = server.trim();
-    let rest = match trimmed.split_once("://") {
-        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
-            "http" => rest,
-            "https" => {
-                return Err(bad(
-                    "https is not supported; reach the API over http (e.g. through a tunnel)",
-                ));
-            }
-            _ => return Err(bad("expected http://host:port")),
-        },
-        None => trimmed,
-    };
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(bad("expected a host and port"));
-    }
-    let url = format!("http://{}/api/v1/agents", rest.trim_end_matches('/'));
-    url.parse::<Uri>().map_err(|_| bad("not a valid URL"))
-}
-
 /// Fetches the agent list from a running controller.
 pub async fn fetch(server: &str) -> Result<Vec<FleetAgent>, FleetError> {
-    let uri = agents_url(server)?;
+    let uri = api_client::url(server, "/api/v1/agents")?;
     let url = uri.to_string();
-    let failed = |message: String| FleetError::Request {
-        url: url.clone(),
-        message,
-    };
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let request = Request::get(uri)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::new())
-        .map_err(|e| failed(e.to_string()))?;
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| failed(describe(&e)))?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            return Err(FleetError::Status {
-                url: url.clone(),
-                status,
-            });
-        }
-        Limited::new(response.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .map_err(|e| failed(format!("reading the answer: {e}")))
-    };
-    let body = tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| {
-        failed(format!(
-            "no answer within {}",
-            humantime::format_duration(REQUEST_TIMEOUT)
-        ))
-    })??;
-    parse(&body, &url)
-}
-
-/// The client error with its causes ("connection refused" sits a few levels down).
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+    let (status, body) = api_client::call(http::Method::GET, uri).await?;
+    if status != StatusCode::OK {
+        return Err(FleetError::Status { url, status });
     }
-    text
+    parse(&body, &url)
 }
 
 #[cfg(test)]
@@ -210,24 +136,6 @@ mod tests {
         for bad in ["[]", "{}", "not json", r#"{"agents": [{"instance_uid": "x"}]}"#] {
             let e = parse(bad.as_bytes(), "fleet.json").unwrap_err();
             assert!(e.to_string().starts_with("fleet.json is not an agent list"), "{e}");
-        }
-    }
-
-    #[test]
-    fn server_urls() {
-        for (given, want) in [
-            ("http://127.0.0.1:4321", "http://127.0.0.1:4321/api/v1/agents"),
-            ("http://127.0.0.1:4321/", "http://127.0.0.1:4321/api/v1/agents"),
-            ("127.0.0.1:4321", "http://127.0.0.1:4321/api/v1/agents"),
-            (
-                "http://ctl.example:80/prefix/",
-                "http://ctl.example:80/prefix/api/v1/agents",
-            ),
-        ] {
-            assert_eq!(agents_url(given).unwrap().to_string(), want, "{given}");
-        }
-        for bad in ["https://x:1", "ftp://x", "http://", "", "http:///x"] {
-            assert!(matches!(agents_url(bad), Err(FleetError::BadServer { .. })), "{bad}");
         }
     }
 }
