@@ -12,7 +12,7 @@ use common::gitops::{
 use common::{TestServer, eventually, healthy, remote_status, uid16};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, GroupName, InstanceUid};
-use opamp_gitops::opamp::proto::ComponentHealth;
+use opamp_gitops::opamp::proto::{ComponentHealth, RemoteConfigStatuses};
 use opamp_gitops::reconcile::{canary_order, order_key};
 use std::time::Instant;
 
@@ -142,7 +142,7 @@ async fn http_agents_converge_like_websocket_agents() {
     server.stop().await;
 }
 
-const APPLIED: i32 = 1;
+const APPLIED: i32 = RemoteConfigStatuses::Applied as i32;
 
 fn applied(s: RemoteConfigState) -> bool {
     s == RemoteConfigState::Applied
@@ -414,7 +414,7 @@ async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_compli
     server.stop().await;
 }
 
-/// Commits the edge config for 10 agents and waits for wave 1 of `policy`.
+/// Commits `v2` for the edge group and waits for wave 1 of `policy` to open.
 async fn wave_one(repo: &GitRepo, server: &TestServer, policy: &str, v2: &str) -> CommitId {
     let c2 = repo.commit_edge(policy, v2, "v2");
     server.sync().await;
@@ -554,6 +554,25 @@ async fn solo_agent(server: &TestServer, n: u8, config: &str) -> RawAgent {
     agent
 }
 
+/// A controller on a repository whose solo group runs `s1` under `policy`,
+/// with one raw agent of it per uid in `ns`, all having applied `s1`.
+async fn solo_fleet(policy: &str, s1: &str, ns: &[u8]) -> (GitRepo, tempfile::TempDir, TestServer, Vec<RawAgent>) {
+    let repo = GitRepo::new();
+    commit_two_groups(&repo, policy, s1, "solo s1");
+    let (tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let mut agents = Vec::new();
+    for &n in ns {
+        agents.push(solo_agent(&server, n, s1).await);
+    }
+    server
+        .wait_group("solo", "s1 applied", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == ns.len()
+        })
+        .await;
+    (repo, tmp, server, agents)
+}
+
 fn unhealthy(error: &str) -> ComponentHealth {
     ComponentHealth {
         healthy: false,
@@ -564,19 +583,11 @@ fn unhealthy(error: &str) -> ComponentHealth {
 
 #[tokio::test]
 async fn an_agent_unhealthy_after_applying_fails_the_rollout() {
-    let repo = GitRepo::new();
     let policy = "  waves: [100%]\n  bake: 0s\n";
     let (s1, s2) = (collector_config("s1"), collector_config("s2"));
-    commit_two_groups(&repo, policy, &s1, "solo s1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server, mut agents) = solo_fleet(policy, &s1, &[42]).await;
+    let mut agent = agents.remove(0);
     let (_sim, stop) = simulate(&server, 3, |_| {});
-    let mut agent = solo_agent(&server, 42, &s1).await;
-    server
-        .wait_group("solo", "s1 applied", |g| {
-            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 1
-        })
-        .await;
     let edge = server
         .wait_group("edge", "edge in sync", |g| g["agents"]["applied"] == 3)
         .await;
@@ -622,18 +633,10 @@ async fn an_agent_unhealthy_after_applying_fails_the_rollout() {
 
 #[tokio::test]
 async fn an_agent_that_never_answers_a_push_fails_after_apply_timeout() {
-    let repo = GitRepo::new();
     let policy = "  waves: [100%]\n  bake: 0s\n  apply_timeout: 1s\n";
     let (s1, s2) = (collector_config("s1"), collector_config("s2"));
-    commit_two_groups(&repo, policy, &s1, "solo s1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
-    let mut agent = solo_agent(&server, 43, &s1).await;
-    server
-        .wait_group("solo", "s1 applied", |g| {
-            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 1
-        })
-        .await;
+    let (repo, _tmp, server, mut agents) = solo_fleet(policy, &s1, &[43]).await;
+    let mut agent = agents.remove(0);
 
     commit_two_groups(&repo, policy, &s2, "solo s2");
     server.sync().await;
@@ -657,19 +660,11 @@ async fn an_agent_that_never_answers_a_push_fails_after_apply_timeout() {
 
 #[tokio::test]
 async fn a_disconnected_wave_member_stops_blocking_after_apply_timeout() {
-    let repo = GitRepo::new();
     let policy = "  waves: [100%]\n  bake: 0s\n  apply_timeout: 1s\n";
     let (s1, s2) = (collector_config("s1"), collector_config("s2"));
-    commit_two_groups(&repo, policy, &s1, "solo s1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
-    let mut stays = solo_agent(&server, 44, &s1).await;
-    let leaves = solo_agent(&server, 45, &s1).await;
-    server
-        .wait_group("solo", "s1 applied", |g| {
-            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 2
-        })
-        .await;
+    let (repo, _tmp, server, mut agents) = solo_fleet(policy, &s1, &[44, 45]).await;
+    let mut leaves = agents.remove(1);
+    let mut stays = agents.remove(0);
 
     commit_two_groups(&repo, policy, &s2, "solo s2");
     server.sync().await;
@@ -680,7 +675,6 @@ async fn a_disconnected_wave_member_stops_blocking_after_apply_timeout() {
         .report(remote_status(h2.as_bytes(), APPLIED, ""), Some(healthy(true)))
         .await;
     let uid = leaves.uid.clone();
-    let mut leaves = leaves;
     let (hash, _) = leaves.next_push().await;
     assert_eq!(hash, h2);
     leaves.close().await;
