@@ -13,8 +13,6 @@ use crate::model::InstanceUid;
 
 /// The capability name that lets an agent take remote config.
 const ACCEPTS_REMOTE_CONFIG: &str = "AcceptsRemoteConfig";
-/// The largest agent list read, in bytes (tens of thousands of agents fit
-/// many times over).
 
 /// One agent: the parts of the API's Agent a plan needs. Other fields of the
 /// API's answer are ignored.
