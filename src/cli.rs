@@ -30,6 +30,8 @@ pub enum Command {
     Status(StatusArgs),
     /// What a commit would do to the fleet: changed groups, diffs, waves.
     Plan(PlanArgs),
+    /// Pause, resume or promote a group's rollout on a running controller.
+    Rollout(RolloutArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +91,27 @@ pub struct ServeArgs {
     /// Author email of the git notes.
     #[arg(long, default_value = "opamp-gitops@localhost")]
     pub notes_author_email: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    #[arg(value_enum)]
+    pub action: RolloutAction,
+    /// The group whose rollout to act on.
+    pub group: String,
+    /// The controller's API address, e.g. http://127.0.0.1:4321.
+    #[arg(long)]
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RolloutAction {
+    /// Stop opening waves (failures still halt the rollout).
+    Pause,
+    /// Let a paused rollout open waves again.
+    Resume,
+    /// Skip the rest of the current wave's bake.
+    Promote,
 }
 
 #[derive(Debug, Args)]
@@ -273,7 +296,55 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Simulate(args) => crate::simulate::command(args),
         Command::Plan(args) => crate::plan_cmd::command(&args),
+        Command::Rollout(args) => rollout(&args),
     }
+}
+
+/// `rollout pause|resume|promote`: prints the group's rollout afterwards;
+/// exit 1 when the controller refuses (unknown group, no rollout in
+/// progress), 2 when it cannot be reached.
+fn rollout(args: &RolloutArgs) -> ExitCode {
+    let action = match args.action {
+        RolloutAction::Pause => "pause",
+        RolloutAction::Resume => "resume",
+        RolloutAction::Promote => "promote",
+    };
+    let path = format!("/api/v1/groups/{}/{action}", args.group);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = runtime.block_on(async {
+        let uri = crate::api_client::url(&args.server, &path)?;
+        crate::api_client::call(http::Method::POST, uri).await
+    });
+    let (status, body) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let why = json["error"].as_str().map_or_else(|| status.to_string(), String::from);
+        eprintln!("error: {action} {}: {why}", args.group);
+        return ExitCode::from(if status.is_client_error() { 1 } else { 2 });
+    }
+    let r = &json["rollout"];
+    println!(
+        "{}: {action} accepted; phase {}, wave {}/{}, {} of {} agents applied",
+        args.group,
+        r["phase"].as_str().unwrap_or("?"),
+        r["wave"],
+        r["waves"],
+        json["agents"]["applied"],
+        json["agents"]["targeted"]
+    );
+    ExitCode::SUCCESS
 }
 
 /// `validate`: 0 valid (with a summary), 1 invalid (every problem on
