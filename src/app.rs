@@ -20,7 +20,7 @@ use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::metrics::Metrics;
 use crate::notes::format::Note;
-use crate::notes::writer::{self, Backoff};
+use crate::notes::writer::{self, Backoff, WriterStats};
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
 
@@ -156,6 +156,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     };
     let git = gitops.as_ref().map(|g| g.git.clone());
     let driver = gitops.as_ref().map(|g| g.driver.clone());
+    let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
     let sessions = TaskTracker::new();
     let opamp_ctx = OpampContext::new(
         fleet.clone(),
@@ -168,6 +169,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet: fleet.clone(),
         git: git.clone(),
         driver: driver.clone(),
+        notes,
         metrics: metrics.clone(),
         readiness: readiness_rx,
         assignments: assignments_rx,
@@ -220,6 +222,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 struct GitOps {
     git: GitHandle,
     driver: DriverHandle,
+    notes_stats: Arc<WriterStats>,
     driver_stop: CancellationToken,
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
@@ -254,6 +257,7 @@ async fn start_gitops(
     let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &*reader_callbacks));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, callbacks, Backoff::default(), notes_stop.clone());
+    let notes_stats = notes.stats.clone();
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
         DriverConfig {
@@ -273,6 +277,7 @@ async fn start_gitops(
     Ok(GitOps {
         git,
         driver,
+        notes_stats,
         driver_stop,
         driver_task,
         notes_stop,

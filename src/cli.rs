@@ -60,8 +60,8 @@ pub struct ServeArgs {
     /// Largest OpAMP message accepted, after decompression, in bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Polling interval offered to agents that report heartbeats; an HTTP agent
-    /// silent for three intervals is offline.
+    /// How often agents are assumed to report (not offered to them: see
+    /// docs/opamp-server.md); an HTTP agent silent for three intervals is offline.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// File holding the shared secret that push webhooks are signed with

@@ -192,6 +192,14 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     assert_eq!(commits[1]["note"]["groups"]["edge"]["phase"], "halted");
     assert_eq!(commits[2]["note"]["groups"]["edge"]["agents"]["applied"], 5);
 
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body.to_vec()).expect("utf-8");
+    let written: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("opamp_gitops_notes_written_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the notes counter");
+    assert!(written >= 3, "{metrics}");
+
     stop.cancel();
     server.stop().await;
 }

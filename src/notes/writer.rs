@@ -24,6 +24,26 @@ pub struct WriterStats {
     pub write_failures: AtomicU64,
 }
 
+impl WriterStats {
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let written = self.notes_written.load(Ordering::Relaxed);
+        let failures = self.write_failures.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP opamp_gitops_notes_written_total Git notes written (and pushed, for a remote)."
+        );
+        let _ = writeln!(out, "# TYPE opamp_gitops_notes_written_total counter");
+        let _ = writeln!(out, "opamp_gitops_notes_written_total {written}");
+        let _ = writeln!(
+            out,
+            "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried)."
+        );
+        let _ = writeln!(out, "# TYPE opamp_gitops_notes_write_failures_total counter");
+        let _ = writeln!(out, "opamp_gitops_notes_write_failures_total {failures}");
+    }
+}
+
 /// Hands notes to the writer. Cheap to clone; `submit` never waits.
 #[derive(Clone)]
 pub struct NotesHandle {
