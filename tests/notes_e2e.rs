@@ -29,6 +29,13 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Another writer's note on `target`, in its clone `dir` of the remote.
+fn other_writer_note(dir: &Path, message: &str, target: &str) {
+    let identity = ["-c", "user.name=Other", "-c", "user.email=o@example.com"];
+    let add = ["notes", "--ref=opamp-gitops", "add", "-f", "-m", message, target];
+    git(dir, &[&identity[..], &add[..]].concat());
+}
+
 /// A bare "remote" that a developer's work repository pushes to.
 struct Remote {
     work: GitRepo,
@@ -220,22 +227,7 @@ async fn notes_pushed_by_another_writer_survive_ours() {
     git(other.path(), &["clone", "-q", &remote.url(), "o"]);
     let o = other.path().join("o");
     git(&o, &["fetch", "-q", "origin", "refs/notes/*:refs/notes/*"]);
-    git(
-        &o,
-        &[
-            "-c",
-            "user.name=Other",
-            "-c",
-            "user.email=o@example.com",
-            "notes",
-            "--ref=opamp-gitops",
-            "add",
-            "-f",
-            "-m",
-            "written by someone else",
-            "HEAD",
-        ],
-    );
+    other_writer_note(&o, "written by someone else", "HEAD");
     git(&o, &["push", "-q", "origin", "refs/notes/opamp-gitops"]);
     assert!(remote.note_in_fresh_clone(&c1).contains("written by someone else"));
 
@@ -243,22 +235,7 @@ async fn notes_pushed_by_another_writer_survive_ours() {
     // the commit we manage, and theirs on others stays.
     let other_commit = remote.push_files(&[("README.md", "docs only\n")], "docs");
     git(&o, &["fetch", "-q", "origin"]);
-    git(
-        &o,
-        &[
-            "-c",
-            "user.name=Other",
-            "-c",
-            "user.email=o@example.com",
-            "notes",
-            "--ref=opamp-gitops",
-            "add",
-            "-f",
-            "-m",
-            "their note",
-            other_commit.as_str(),
-        ],
-    );
+    other_writer_note(&o, "their note", other_commit.as_str());
     git(&o, &["push", "-q", "origin", "refs/notes/opamp-gitops"]);
     let c3 = remote.push_edge(FAST, &collector_config("v3"), "v3");
     server.sync().await;
