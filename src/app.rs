@@ -20,7 +20,7 @@ use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::metrics::Metrics;
 use crate::notes::format::Note;
-use crate::notes::writer::{self, Backoff};
+use crate::notes::writer::{self, Backoff, WriterStats};
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
 
@@ -156,6 +156,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     };
     let git = gitops.as_ref().map(|g| g.git.clone());
     let driver = gitops.as_ref().map(|g| g.driver.clone());
+    let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
     let sessions = TaskTracker::new();
     let opamp_ctx = OpampContext::new(
         fleet.clone(),
@@ -168,6 +169,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet: fleet.clone(),
         git: git.clone(),
         driver: driver.clone(),
+        notes,
         metrics: metrics.clone(),
         readiness: readiness_rx,
         assignments: assignments_rx,
@@ -220,6 +222,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 struct GitOps {
     git: GitHandle,
     driver: DriverHandle,
+    notes_stats: Arc<WriterStats>,
     driver_stop: CancellationToken,
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
@@ -247,18 +250,14 @@ async fn start_gitops(
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
     let git = GitSource::spawn(git_config, shutdown.child_token())?;
-    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
+    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author.clone());
     let callbacks = git.callback_factory();
-    let (store, existing_notes) = {
-        let callbacks = callbacks.clone();
-        tokio::task::spawn_blocking(move || {
-            let existing = read_existing_notes(&store, &*callbacks);
-            (store, existing)
-        })
-        .await?
-    };
+    let reader = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
+    let reader_callbacks = callbacks.clone();
+    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &*reader_callbacks));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, callbacks, Backoff::default(), notes_stop.clone());
+    let notes_stats = notes.stats.clone();
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
         DriverConfig {
@@ -271,13 +270,14 @@ async fn start_gitops(
             git: git.clone(),
             assignments: assignments.clone(),
             notes: Some(notes),
-            existing_notes,
+            existing_notes: Some(existing_notes),
         },
         driver_stop.clone(),
     )?;
     Ok(GitOps {
         git,
         driver,
+        notes_stats,
         driver_stop,
         driver_task,
         notes_stop,

@@ -28,6 +28,10 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Rollout history of recent commits, from the git notes alone.
     Status(StatusArgs),
+    /// What a commit would do to the fleet: changed groups, diffs, waves.
+    Plan(PlanArgs),
+    /// Pause, resume or promote a group's rollout on a running controller.
+    Rollout(RolloutArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,8 +60,8 @@ pub struct ServeArgs {
     /// Largest OpAMP message accepted, after decompression, in bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Polling interval offered to agents that report heartbeats; an HTTP agent
-    /// silent for three intervals is offline.
+    /// How often agents are assumed to report (not offered to them: see
+    /// docs/opamp-server.md); an HTTP agent silent for three intervals is offline.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// File holding the shared secret that push webhooks are signed with
@@ -87,6 +91,27 @@ pub struct ServeArgs {
     /// Author email of the git notes.
     #[arg(long, default_value = "opamp-gitops@localhost")]
     pub notes_author_email: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    #[arg(value_enum)]
+    pub action: RolloutAction,
+    /// The group whose rollout to act on.
+    pub group: String,
+    /// The controller's API address, e.g. http://127.0.0.1:4321.
+    #[arg(long)]
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RolloutAction {
+    /// Stop opening waves (failures still halt the rollout).
+    Pause,
+    /// Let a paused rollout open waves again.
+    Resume,
+    /// Skip the rest of the current wave's bake.
+    Promote,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +147,39 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StatusFormat {
     Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("agents").required(true).args(["server", "fleet"])))]
+pub struct PlanArgs {
+    /// The config repository (a clone with the history and the notes).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// The commit to plan (its committed tree, never the work tree).
+    #[arg(long, default_value = "HEAD")]
+    pub rev: String,
+    /// Compare every group with this commit (e.g. origin/main for a pull
+    /// request) instead of the notes and the first parent.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Subdirectory that holds fleet.yaml and groups/.
+    #[arg(long = "path", id = "subdir")]
+    pub subdir: Option<String>,
+    /// The controller's API, e.g. http://127.0.0.1:4321.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// A file in the GET /api/v1/agents format, for offline use.
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Markdown,
     Json,
 }
 
@@ -237,7 +295,56 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Simulate(args) => crate::simulate::command(args),
+        Command::Plan(args) => crate::plan_cmd::command(&args),
+        Command::Rollout(args) => rollout(&args),
     }
+}
+
+/// `rollout pause|resume|promote`: prints the group's rollout afterwards;
+/// exit 1 when the controller refuses (unknown group, no rollout in
+/// progress), 2 when it cannot be reached.
+fn rollout(args: &RolloutArgs) -> ExitCode {
+    let action = match args.action {
+        RolloutAction::Pause => "pause",
+        RolloutAction::Resume => "resume",
+        RolloutAction::Promote => "promote",
+    };
+    let path = format!("/api/v1/groups/{}/{action}", args.group);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = runtime.block_on(async {
+        let uri = crate::api_client::url(&args.server, &path)?;
+        crate::api_client::call(http::Method::POST, uri).await
+    });
+    let (status, body) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let why = json["error"].as_str().map_or_else(|| status.to_string(), String::from);
+        eprintln!("error: {action} {}: {why}", args.group);
+        return ExitCode::from(if status.is_client_error() { 1 } else { 2 });
+    }
+    let r = &json["rollout"];
+    println!(
+        "{}: {action} accepted; phase {}, wave {}/{}, {} of {} agents applied",
+        args.group,
+        r["phase"].as_str().unwrap_or("?"),
+        r["wave"],
+        r["waves"],
+        json["agents"]["applied"],
+        json["agents"]["targeted"]
+    );
+    ExitCode::SUCCESS
 }
 
 /// `validate`: 0 valid (with a summary), 1 invalid (every problem on

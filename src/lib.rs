@@ -2,6 +2,7 @@
 //! OpenTelemetry Collectors.
 
 pub mod api;
+pub mod api_client;
 pub mod app;
 pub mod cli;
 pub mod desired;
@@ -12,5 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod notes;
 pub mod opamp;
+pub mod plan_cmd;
 pub mod reconcile;
 pub mod simulate;

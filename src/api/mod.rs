@@ -21,6 +21,7 @@ use crate::driver::DriverHandle;
 use crate::fleet::FleetHandle;
 use crate::gitsrc::GitHandle;
 use crate::metrics::Metrics;
+use crate::notes::writer::WriterStats;
 
 /// What the API reads. Cheap to clone.
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct ApiState {
     pub git: Option<GitHandle>,
     /// The reconcile driver, when a repository was given: groups and rollout controls.
     pub driver: Option<DriverHandle>,
+    /// The notes writer's counters, when a repository was given.
+    pub notes: Option<Arc<WriterStats>>,
     pub metrics: Arc<Metrics>,
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
@@ -60,6 +63,9 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     }
     if let Some(driver) = &state.driver {
         driver.metrics.write_prometheus(&driver.status(), &mut text);
+    }
+    if let Some(notes) = &state.notes {
+        notes.write_prometheus(&mut text);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

@@ -62,7 +62,7 @@ pub fn selector(s: &Selector) -> String {
 }
 
 /// `5` or `10%`.
-pub(super) fn amount(a: Amount) -> String {
+pub fn amount(a: Amount) -> String {
     match a {
         Amount::Count(n) => n.to_string(),
         Amount::Percent(p) => format!("{p}%"),

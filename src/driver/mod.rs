@@ -7,6 +7,7 @@
 mod metrics;
 mod notebook;
 pub mod persist;
+mod recover;
 mod views;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,12 +26,16 @@ pub use persist::PersistError;
 use views::{ViewBuilder, timestamp};
 
 use crate::api::{Assignment as ApiAssignment, Assignments};
+use crate::desired::DesiredState;
 use crate::fleet::{FleetHandle, PushOutcome};
 use crate::gitsrc::{GitHandle, Status as GitStatus};
-use crate::model::{AgentState, CommitId, GroupName};
+use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
 use crate::notes::writer::NotesHandle;
-use crate::reconcile::{self, Control, ControlError, Event, GroupStatus, PlanInput, RolloutState};
+use crate::reconcile::{
+    self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
+    Stable,
+};
 
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -103,9 +108,14 @@ pub struct Parts {
     pub git: GitHandle,
     pub assignments: watch::Sender<Arc<Assignments>>,
     pub notes: Option<NotesHandle>,
-    /// Notes already in the repository (so rewrites keep what they hold).
-    pub existing_notes: Vec<Note>,
+    /// Reads the notes already in the repository (blocking). Called once the
+    /// first commit is loaded, so a remote's mirror exists by then: rewrites
+    /// keep what those notes hold, and a lost state is rebuilt from them.
+    pub existing_notes: Option<NotesReader>,
 }
+
+/// Reads the repository's notes (blocking); see [`Parts::existing_notes`].
+pub type NotesReader = Box<dyn FnOnce() -> Vec<Note> + Send + Sync>;
 
 /// Loads the saved rollout state and starts the driver.
 pub fn spawn(
@@ -113,16 +123,16 @@ pub fn spawn(
     parts: Parts,
     cancel: CancellationToken,
 ) -> Result<(DriverHandle, JoinHandle<()>), PersistError> {
-    let state = match persist::load(&config.state_dir)? {
+    let (state, restore) = match persist::load(&config.state_dir)? {
         Some(s) => {
             info!(
                 groups = s.groups.len(),
                 agents = s.agents.len(),
                 "rollout state restored"
             );
-            s
+            (s, false)
         }
-        None => RolloutState::default(),
+        None => (RolloutState::default(), true),
     };
     let (controls_tx, controls) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Arc::new(DriverStatus::default()));
@@ -134,8 +144,10 @@ pub fn spawn(
     };
     let driver = Driver {
         views: ViewBuilder::new(timestamp(SystemTime::now())),
-        book: NoteBook::with_existing(parts.existing_notes),
+        book: NoteBook::default(),
+        existing_notes: parts.existing_notes,
         seen: HashMap::new(),
+        restore,
         state,
         dirty: false,
         last_persist: Instant::now(),
@@ -164,6 +176,10 @@ struct Driver {
     /// When each recent commit was first seen, for the commit-to-complete time.
     seen: HashMap<CommitId, SystemTime>,
     state: RolloutState,
+    /// Read on the first plan; see [`Parts::existing_notes`].
+    existing_notes: Option<NotesReader>,
+    /// No state was saved: rebuild it from the notes on the first plan.
+    restore: bool,
     /// The state changed since it was last saved.
     dirty: bool,
     last_persist: Instant,
@@ -250,6 +266,18 @@ impl Driver {
         let snapshot = self.fleet.snapshot();
         let views = self.views.build(&snapshot);
         let now_wall = SystemTime::now();
+        if let Some(read) = self.existing_notes.take() {
+            let notes = tokio::task::spawn_blocking(read).await.unwrap_or_default();
+            if self.restore && !notes.is_empty() {
+                info!(
+                    notes = notes.len(),
+                    "no rollout state was saved; rebuilding it from the git notes"
+                );
+                self.state = self.recover(&notes, &loaded.desired, &views, timestamp(now_wall)).await;
+                self.dirty = true;
+            }
+            self.book = NoteBook::with_existing(notes);
+        }
         let plan = reconcile::plan(&PlanInput {
             desired: &loaded.desired,
             agents: &views,
@@ -308,6 +336,67 @@ impl Driver {
             groups: groups.clone(),
             agents_by_state: by_state,
         }));
+    }
+
+    /// Rebuilds the rollout state from the notes: each group's stable config
+    /// and unfinished rollout, read back from the commits the notes name.
+    async fn recover(
+        &self,
+        notes: &[Note],
+        desired: &DesiredState,
+        views: &[reconcile::AgentView],
+        now: reconcile::Timestamp,
+    ) -> RolloutState {
+        let mut loaded: HashMap<CommitId, Option<DesiredState>> = HashMap::new();
+        let mut recovered = BTreeMap::new();
+        for (group, r) in recover::remembered(notes) {
+            let mut bundle_of = async |found: &recover::Found| {
+                if !loaded.contains_key(&found.commit) {
+                    let state = match self.git.load_at(&found.commit).await {
+                        Ok(Ok(d)) => Some(d),
+                        Ok(Err(errors)) => {
+                            warn!(commit = %found.commit, errors = errors.len(), "a noted commit is not valid");
+                            None
+                        }
+                        Err(e) => {
+                            warn!(commit = %found.commit, error = %e, "reading a noted commit failed");
+                            None
+                        }
+                    };
+                    loaded.insert(found.commit.clone(), state);
+                }
+                let bundle = loaded.get(&found.commit)?.as_ref()?.groups.get(&group)?.config.clone();
+                (bundle.hash() == found.hash).then_some(bundle)
+            };
+            let stable = match &r.stable {
+                Some(f) => bundle_of(f).await.map(|bundle| Stable {
+                    bundle,
+                    commit: Some(f.commit.clone()),
+                }),
+                None => None,
+            };
+            let rollout = match &r.unfinished {
+                Some(f) => bundle_of(f).await.map(|target| RecoveredRollout {
+                    target,
+                    commit: Some(f.commit.clone()),
+                    halted: f.note.phase == Phase::Halted,
+                    paused: f.note.phase == Phase::Paused,
+                    opened: f.note.wave,
+                    started: f.note.started.map_or(now, timestamp),
+                    finished: f.note.finished.map(timestamp),
+                    failures: f
+                        .note
+                        .failures
+                        .iter()
+                        .filter_map(|x| Some((InstanceUid::parse_text(&x.agent)?, x.error.clone())))
+                        .collect(),
+                }),
+                None => None,
+            };
+            info!(group = %group, stable = stable.is_some(), unfinished = ?r.unfinished.as_ref().map(|f| f.note.phase), "rollout state rebuilt from notes");
+            recovered.insert(group, Recovered { stable, rollout });
+        }
+        reconcile::restore(desired, views, recovered, now)
     }
 
     async fn persist(&mut self) {

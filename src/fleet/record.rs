@@ -146,12 +146,14 @@ impl AgentRecord {
     }
 
     /// True when something the agent's capabilities promise (or its
-    /// description) has never arrived.
-    pub fn missing_state(&self) -> bool {
+    /// description) has never arrived. An agent at the very start of its
+    /// sequence that was never given a config has no remote config status to
+    /// report (the supervisor sends none), so that one is not missing then.
+    pub fn missing_state(&self, fresh: bool) -> bool {
         let caps = self.capabilities;
         self.description.is_none()
             || (caps.has(Capabilities::REPORTS_EFFECTIVE_CONFIG) && self.effective_config.is_none())
-            || (caps.has(Capabilities::REPORTS_REMOTE_CONFIG) && self.remote_config_status.is_none())
+            || (caps.has(Capabilities::REPORTS_REMOTE_CONFIG) && self.remote_config_status.is_none() && !fresh)
             || (caps.has(Capabilities::REPORTS_HEALTH) && self.health.is_none())
     }
 
@@ -259,7 +261,11 @@ pub fn apply(
         changed = true;
     }
     let decision = ReplyDecision {
-        report_full_state: !disconnected && (prev.is_none() || gap) && rec.missing_state(),
+        // Sequences start at 0 (or 1 for some clients): a new agent, not a
+        // known one that reconnects to a controller that forgot it.
+        report_full_state: !disconnected
+            && (prev.is_none() || gap)
+            && rec.missing_state(prev.is_none() && rec.sequence_num <= 1),
         new_instance_uid: msg.flags & FLAG_REQUEST_INSTANCE_UID != 0,
         new_connection,
         disconnected,
@@ -490,6 +496,24 @@ mod tests {
                 name: "unknown agent mid-sequence (a controller restart) without its state",
                 prev: None,
                 msg: heartbeat(41),
+                want: true,
+            },
+            Case {
+                name: "new agent never given a config: no remote config status to report",
+                prev: None,
+                msg: AgentToServer {
+                    remote_config_status: None,
+                    ..full(0)
+                },
+                want: false,
+            },
+            Case {
+                name: "unknown agent mid-sequence without its remote config status",
+                prev: None,
+                msg: AgentToServer {
+                    remote_config_status: None,
+                    ..full(17)
+                },
                 want: true,
             },
             Case {

@@ -366,11 +366,22 @@ pub struct GitHandle {
     metrics: Arc<GitMetrics>,
     webhook_secret: Option<Arc<[u8]>>,
     repo_dir: PathBuf,
+    subdir: Option<PathBuf>,
     remote_url: Option<String>,
     auth: Auth,
 }
 
 impl GitHandle {
+    /// The desired state at an older commit (to restore a stable config).
+    /// The outer error is a failure to read git; the inner one, why that
+    /// commit is not valid.
+    pub async fn load_at(&self, commit: &CommitId) -> Result<Result<DesiredState, Vec<String>>, GitError> {
+        let (dir, subdir, commit) = (self.repo_dir.clone(), self.subdir.clone(), commit.clone());
+        tokio::task::spawn_blocking(move || repo::load_commit(&dir, &commit, subdir.as_deref()))
+            .await
+            .map_err(|e| GitError::Worker(e.to_string()))?
+    }
+
     /// The newest valid commit's desired state; `None` until one is loaded.
     pub fn desired(&self) -> watch::Receiver<Option<Arc<Loaded>>> {
         self.desired.clone()
@@ -454,6 +465,7 @@ impl GitSource {
             RepoLocation::Remote(url) => Some(url.clone()),
         };
         let auth = config.auth.clone();
+        let subdir = config.subdir.clone();
         let driver = driver::Driver::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
         tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
         Ok(GitHandle {
@@ -464,6 +476,7 @@ impl GitSource {
             metrics,
             webhook_secret,
             repo_dir,
+            subdir,
             remote_url,
             auth,
         })

@@ -24,6 +24,26 @@ pub struct WriterStats {
     pub write_failures: AtomicU64,
 }
 
+impl WriterStats {
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let written = self.notes_written.load(Ordering::Relaxed);
+        let failures = self.write_failures.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP opamp_gitops_notes_written_total Git notes written (and pushed, for a remote)."
+        );
+        let _ = writeln!(out, "# TYPE opamp_gitops_notes_written_total counter");
+        let _ = writeln!(out, "opamp_gitops_notes_written_total {written}");
+        let _ = writeln!(
+            out,
+            "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried)."
+        );
+        let _ = writeln!(out, "# TYPE opamp_gitops_notes_write_failures_total counter");
+        let _ = writeln!(out, "opamp_gitops_notes_write_failures_total {failures}");
+    }
+}
+
 /// Hands notes to the writer. Cheap to clone; `submit` never waits.
 #[derive(Clone)]
 pub struct NotesHandle {
@@ -145,6 +165,7 @@ mod tests {
     use std::time::{Instant, UNIX_EPOCH};
 
     use git2::{Repository, Signature};
+    use tokio::task::JoinHandle;
 
     use super::*;
     use crate::gitsrc::notes::Author;
@@ -182,18 +203,17 @@ mod tests {
         }
     }
 
+    fn start(store: NotesStore, backoff: Backoff, cancel: &CancellationToken) -> (NotesHandle, JoinHandle<()>) {
+        spawn(store, Arc::new(git2::RemoteCallbacks::new), backoff, cancel.clone())
+    }
+
     #[tokio::test]
     async fn newest_note_per_commit_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let c = repo_with_commit(dir.path());
         let cancel = CancellationToken::new();
         let store = NotesStore::new(dir.path(), None, Author::default());
-        let (h, task) = spawn(
-            store,
-            Arc::new(git2::RemoteCallbacks::new),
-            Backoff::default(),
-            cancel.clone(),
-        );
+        let (h, task) = start(store, Backoff::default(), &cancel);
         h.submit(note(&c, false));
         h.submit(note(&c, true));
         let reader = NotesStore::new(dir.path(), None, Author::default());
@@ -216,7 +236,7 @@ mod tests {
             min: Duration::from_millis(20),
             max: Duration::from_millis(100),
         };
-        let (h, task) = spawn(store, Arc::new(git2::RemoteCallbacks::new), backoff, cancel.clone());
+        let (h, task) = start(store, backoff, &cancel);
         h.submit(note(&c, true));
         wait_for(|| h.stats.write_failures.load(Ordering::Relaxed) >= 2).await;
         assert_eq!(h.stats.notes_written.load(Ordering::Relaxed), 0);
@@ -239,12 +259,7 @@ mod tests {
         let c = repo_with_commit(dir.path());
         let cancel = CancellationToken::new();
         let store = NotesStore::new(dir.path(), None, Author::default());
-        let (h, task) = spawn(
-            store,
-            Arc::new(git2::RemoteCallbacks::new),
-            Backoff::default(),
-            cancel.clone(),
-        );
+        let (h, task) = start(store, Backoff::default(), &cancel);
         // Queue without waking the task, then stop: the final flush writes it.
         h.pending.lock().unwrap().insert(c.clone(), note(&c, true));
         cancel.cancel();

@@ -5,6 +5,7 @@
 //! persists [`RolloutState`]. The rules are in `docs/rollouts.md`.
 
 mod plan;
+mod restore;
 mod select;
 mod state;
 mod waves;
@@ -16,6 +17,8 @@ pub use plan::{
     AgentCounts, AgentView, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, PlanInput,
     Push, PushReason, RemoteConfigState, RemoteStatus, plan,
 };
+pub use restore::{Recovered, RecoveredRollout, restore};
+pub use select::Matcher;
 pub use state::{
     AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,

@@ -850,7 +850,12 @@ impl GroupCtx<'_> {
                 }
                 _ => false,
             };
-            let failed_rollout = active && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
+            // An agent given stable back that runs it well is in sync again;
+            // its failure stays in the rollout's list. (One that timed out was
+            // given nothing back: its old report proves nothing.)
+            let rolled_back = mode == Mode::Sync(PushReason::Rollback)
+                && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h));
+            let failed_rollout = active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
             let state = if !a.connected {
                 AgentState::Offline
             } else if failed_rollout

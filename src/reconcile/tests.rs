@@ -602,6 +602,32 @@ fn failed_report_beyond_the_budget_halts_and_rollback_restores_stable() {
 }
 
 #[test]
+fn a_rolled_back_agent_running_stable_is_in_sync_and_its_failure_stays_listed() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%"));
+    let c = order("gw", 10)[0].clone();
+    w.plan();
+    w.set(&c, |a| a.reports(&v2).failed("bad exporter"));
+    let p = w.plan();
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Failed, "until it runs v1 again");
+    assert_eq!(p.groups[&gname("gw")].agents.failed, 1);
+    w.set(&c, |a| a.reports(&v1).applied().unhealthy("crashed"));
+    let p = w.plan();
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Failed, "v1 but unhealthy");
+    w.set(&c, |a| a.healthy());
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    let a = p.agent(&c).unwrap();
+    assert_eq!((a.state, a.desired), (AgentState::InSync, Some(v1.hash())));
+    assert_eq!(
+        (st.phase, st.agents.failed, st.agents.applied, st.agents.pending),
+        (Phase::Halted, 0, 1, 9)
+    );
+    assert_eq!(st.failures.len(), 1, "the failure stays listed");
+    assert!(p.pushes.is_empty());
+}
+
+#[test]
 fn failures_within_the_budget_do_not_halt() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(10, &v1, &v2, |r| {

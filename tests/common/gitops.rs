@@ -15,7 +15,9 @@ use opamp_gitops::model::{CommitId, ConfigHash, InstanceUid};
 use opamp_gitops::simulate::{self, Simulation};
 use tokio_util::sync::CancellationToken;
 
-use super::{Body, DEADLINE, TestServer, http_request};
+use opamp_gitops::opamp::proto::{AgentToServer, ComponentHealth, RemoteConfigStatus};
+
+use super::{Body, DEADLINE, SUPERVISOR_CAPS, TestServer, WsAgent, description, http_request};
 
 /// A collector config that passes validation; `marker` makes each version distinct.
 pub fn collector_config(marker: &str) -> String {
@@ -30,6 +32,13 @@ pub fn group_yaml(policy: &str) -> String {
     format!(
         "selector:\n  match_attributes:\n    service.name: otelcol-sim\nconfig:\n  \"\": configs/edge.yaml\nrollout:\n{policy}"
     )
+}
+
+/// A group selecting the agents with all of `attrs`, with its own config file
+/// `configs/<name>.yaml` and a rollout policy block (as for [`group_yaml`]).
+pub fn selected_group_yaml(name: &str, attrs: &[(&str, &str)], policy: &str) -> String {
+    let attrs: String = attrs.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
+    format!("selector:\n  match_attributes:\n{attrs}config:\n  \"\": configs/{name}.yaml\nrollout:\n{policy}")
 }
 
 /// The fleet defaults: fast rollouts and a long reconcile interval unless a test says otherwise.
@@ -78,9 +87,14 @@ impl GitRepo {
 
     /// The standard layout: fleet.yaml, groups/edge.yaml, configs/edge.yaml.
     pub fn commit_edge(&self, policy: &str, config: &str, message: &str) -> CommitId {
+        self.commit_edge_every("1h", policy, config, message)
+    }
+
+    /// The standard layout with this reconcile interval in fleet.yaml.
+    pub fn commit_edge_every(&self, interval: &str, policy: &str, config: &str, message: &str) -> CommitId {
         self.commit(
             &[
-                ("fleet.yaml", &fleet_yaml("1h")),
+                ("fleet.yaml", &fleet_yaml(interval)),
                 ("groups/edge.yaml", &group_yaml(policy)),
                 ("configs/edge.yaml", config),
             ],
@@ -141,6 +155,28 @@ impl TestServer {
                 return g.clone();
             }
             assert!(Instant::now() < deadline, "group {group} never reached {what}: {all}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl TestServer {
+    /// Waits until `GET /api/v1/agents/{uid}` satisfies `pred`; returns that agent.
+    pub async fn wait_agent_json(
+        &self,
+        uid: &InstanceUid,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + DEADLINE;
+        let path = format!("/api/v1/agents/{uid}");
+        loop {
+            let r = self.api_get(&path).await;
+            let agent: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            if r.status == 200 && pred(&agent) {
+                return agent;
+            }
+            assert!(Instant::now() < deadline, "agent {uid} never reached {what}: {agent}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -209,11 +245,46 @@ impl Observer {
         hash: ConfigHash,
         pred: impl Fn(RemoteConfigState) -> bool,
     ) -> Option<Instant> {
+        self.first_after(uid, hash, None, pred)
+    }
+
+    /// Like [`Observer::first`], counting only reports first seen at or after `after`.
+    pub fn first_after(
+        &self,
+        uid: &InstanceUid,
+        hash: ConfigHash,
+        after: Option<Instant>,
+        pred: impl Fn(RemoteConfigState) -> bool,
+    ) -> Option<Instant> {
         let seen = self.seen.lock().expect("observer lock");
         seen.get(uid)?
             .iter()
-            .find(|(h, st, _)| *h == Some(hash) && pred(*st))
+            .find(|(h, st, t)| *h == Some(hash) && pred(*st) && after.is_none_or(|a| *t >= a))
             .map(|(_, _, t)| *t)
+    }
+
+    /// Waits until the agent has reported `hash` with a status `pred` accepts; answers when.
+    pub async fn wait(&self, uid: &InstanceUid, hash: ConfigHash, pred: impl Fn(RemoteConfigState) -> bool) -> Instant {
+        self.wait_after(uid, hash, None, pred).await
+    }
+
+    /// [`Observer::wait`] for a report first seen at or after `after`. The
+    /// observer may lag the API by a snapshot: wait rather than look once.
+    pub async fn wait_after(
+        &self,
+        uid: &InstanceUid,
+        hash: ConfigHash,
+        after: Option<Instant>,
+        pred: impl Fn(RemoteConfigState) -> bool,
+    ) -> Instant {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(t) = self.first_after(uid, hash, after, &pred) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "agent {uid} never reported {hash}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -227,4 +298,112 @@ pub fn state_dir() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().expect("temp dir");
     let p = d.path().join("state");
     (d, p)
+}
+
+/// The uids of the connected agents whose `host.name` starts with `prefix`.
+pub fn hosts_named(server: &TestServer, prefix: &str) -> Vec<InstanceUid> {
+    server
+        .fleet()
+        .snapshot()
+        .agents
+        .values()
+        .filter(|r| {
+            r.connected
+                && r.description
+                    .as_ref()
+                    .and_then(|d| d.non_identifying.get("host.name"))
+                    .is_some_and(|h| h.starts_with(prefix))
+        })
+        .map(|r| r.uid.clone())
+        .collect()
+}
+
+/// A hand-driven agent over a raw WebSocket, for behaviour the simulator
+/// does not have (ignoring pushes, never answering, turning unhealthy).
+/// Replies to its reports are read and dropped; pushes are what it waits for.
+pub struct RawAgent {
+    pub ws: WsAgent,
+    pub uid: InstanceUid,
+    wire: Vec<u8>,
+    seq: u64,
+}
+
+impl RawAgent {
+    /// Connects and introduces itself with these attributes, healthy, with
+    /// `status` as its remote config status (none for a fresh agent).
+    pub async fn connect(
+        server: &TestServer,
+        wire_uid: Vec<u8>,
+        identifying: &[(&str, &str)],
+        non_identifying: &[(&str, &str)],
+        status: Option<RemoteConfigStatus>,
+    ) -> Self {
+        let uid = InstanceUid::from_wire(&wire_uid).expect("a valid uid");
+        let mut agent = RawAgent {
+            ws: server.ws().await,
+            uid,
+            wire: wire_uid,
+            seq: 0,
+        };
+        let hello = AgentToServer {
+            agent_description: Some(description(identifying, non_identifying)),
+            health: Some(super::healthy(true)),
+            remote_config_status: status,
+            ..agent.message()
+        };
+        agent.ws.send(&hello).await;
+        agent
+    }
+
+    fn message(&mut self) -> AgentToServer {
+        let msg = AgentToServer {
+            instance_uid: bytes::Bytes::copy_from_slice(&self.wire),
+            sequence_num: self.seq,
+            capabilities: SUPERVISOR_CAPS,
+            ..Default::default()
+        };
+        self.seq += 1;
+        msg
+    }
+
+    /// Sends a remote config status, and health when given.
+    pub async fn report(&mut self, status: RemoteConfigStatus, health: Option<ComponentHealth>) {
+        let msg = AgentToServer {
+            remote_config_status: Some(status),
+            health,
+            ..self.message()
+        };
+        self.ws.send(&msg).await;
+    }
+
+    /// Waits for the next pushed config; answers its hash and when it arrived.
+    pub async fn next_push(&mut self) -> (ConfigHash, Instant) {
+        loop {
+            let m = self.ws.recv().await;
+            if let Some(rc) = m.remote_config {
+                let hash = ConfigHash::from_wire(&rc.config_hash).expect("a 32-byte hash");
+                return (hash, Instant::now());
+            }
+        }
+    }
+
+    /// Closes the connection without a goodbye (no `agent_disconnect`).
+    pub async fn close(self) {
+        self.ws.close().await;
+    }
+
+    /// Expects no pushed config within `wait` (replies to reports are fine).
+    pub async fn expect_no_push(&mut self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(until, self.ws.recv()).await {
+                Err(_) => return,
+                Ok(m) => assert!(
+                    m.remote_config.is_none(),
+                    "expected no push within {wait:?}, got one for {:?}",
+                    m.remote_config.map(|rc| ConfigHash::from_wire(&rc.config_hash))
+                ),
+            }
+        }
+    }
 }

@@ -1,0 +1,332 @@
+//! Rollout outcomes as git notes, end to end: the controller follows a bare
+//! repository over file://, writes notes and pushes them there; a fresh
+//! clone reads them with `git log --notes=opamp-gitops`. Also: another writer
+//! pushing notes in between, and a controller that lost its state directory
+//! rebuilding it from the notes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::gitops::{GitRepo, collector_config, edge_hash, group_yaml, serve_config, simulate};
+use common::{TestServer, eventually};
+use opamp_gitops::gitsrc::RepoLocation;
+use opamp_gitops::model::CommitId;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Another writer's note on `target`, in its clone `dir` of the remote.
+fn other_writer_note(dir: &Path, message: &str, target: &str) {
+    let identity = ["-c", "user.name=Other", "-c", "user.email=o@example.com"];
+    let add = ["notes", "--ref=opamp-gitops", "add", "-f", "-m", message, target];
+    git(dir, &[&identity[..], &add[..]].concat());
+}
+
+/// A bare "remote" that a developer's work repository pushes to.
+struct Remote {
+    work: GitRepo,
+    bare: PathBuf,
+}
+
+impl Remote {
+    fn new() -> Self {
+        let work = GitRepo::new();
+        let bare = work.path().parent().expect("temp parent").join(format!(
+            "{}-remote.git",
+            work.path().file_name().expect("a name").to_string_lossy()
+        ));
+        git2::Repository::init_bare(&bare).expect("bare repo");
+        Remote { work, bare }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+
+    /// Commits the edge layout in the work repository and pushes it.
+    fn push_edge(&self, policy: &str, config: &str, message: &str) -> CommitId {
+        let c = self.work.commit_edge(policy, config, message);
+        git(
+            self.work.path(),
+            &["push", "-q", "--force", &self.url(), "HEAD:refs/heads/master"],
+        );
+        c
+    }
+
+    fn push_files(&self, files: &[(&str, &str)], message: &str) -> CommitId {
+        let c = self.work.commit(files, message);
+        git(
+            self.work.path(),
+            &["push", "-q", "--force", &self.url(), "HEAD:refs/heads/master"],
+        );
+        c
+    }
+
+    /// The note on `commit` as a fresh clone sees it in `git log`.
+    fn note_in_fresh_clone(&self, commit: &CommitId) -> String {
+        let dir = tempfile::tempdir().expect("temp dir");
+        git(dir.path(), &["clone", "-q", &self.url(), "clone"]);
+        let clone = dir.path().join("clone");
+        git(&clone, &["fetch", "-q", "origin", "refs/notes/*:refs/notes/*"]);
+        git(
+            &clone,
+            &["log", "-1", "--notes=opamp-gitops", "--format=%N", commit.as_str()],
+        )
+    }
+
+    /// Waits until the remote's note on `commit` satisfies `pred`; returns it.
+    async fn wait_note(&self, commit: &CommitId, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        eventually(what, async || {
+            let n = self.note_in_fresh_clone(commit);
+            pred(&n).then_some(n)
+        })
+        .await
+    }
+}
+
+fn controller_config(remote: &Remote, state: &Path) -> opamp_gitops::app::ServeConfig {
+    let mut c = serve_config(Path::new("unused"), state);
+    if let Some(g) = c.git.as_mut() {
+        g.repo = RepoLocation::Remote(remote.url());
+    }
+    c
+}
+
+const FAST: &str = "  waves: [100%]\n  bake: 0s\n";
+
+#[tokio::test]
+async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
+    let remote = Remote::new();
+    let v1 = collector_config("v1");
+    let c1 = remote.push_edge(FAST, &v1, "first config");
+    let state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, state.path());
+    // The first rollout counts the agents connected when it starts.
+    config.startup_grace = Duration::from_millis(1500);
+    let server = TestServer::start_with(config).await;
+    let (_sim, stop) = simulate(&server, 5, |c| c.fail_if_contains = Some("BREAK-ME".into()));
+
+    let note = remote
+        .wait_note(&c1, "a complete note on the first commit", |n| {
+            n.contains("phase: complete")
+        })
+        .await;
+    assert!(note.contains("opamp-gitops: v1"), "{note}");
+    assert!(note.contains(&format!("config_hash: {}", edge_hash(&v1))), "{note}");
+    assert!(
+        note.contains("agents: {targeted: 5, applied: 5, applying: 0, failed: 0, pending: 0, offline: 0}"),
+        "{note}"
+    );
+    assert!(note.contains("valid: true"), "{note}");
+
+    // A config the agents refuse: the canary fails and the rollout halts.
+    let bad = format!("{}# BREAK-ME\n", collector_config("v2"));
+    let c2 = remote.push_edge("  waves: [1, 100%]\n  bake: 0s\n", &bad, "a config the agents refuse");
+    server.sync().await;
+    let note = remote
+        .wait_note(&c2, "a halted note", |n| n.contains("phase: halted"))
+        .await;
+    let canary = server
+        .wait_group("edge", "halted", |g| g["rollout"]["phase"] == "halted")
+        .await["rollout"]["failures"][0]["agent"]
+        .as_str()
+        .expect("the failed canary")
+        .to_string();
+    assert!(note.contains(&canary), "the note names the failed agent: {note}");
+    assert!(note.contains("BREAK-ME"), "the note carries the agent's error: {note}");
+
+    // An invalid commit: never rolled out, and its note says why.
+    let c3 = remote.push_files(
+        &[("groups/edge.yaml", &format!("{}colour: blue\n", group_yaml(FAST)))],
+        "typo",
+    );
+    server.sync().await;
+    let note = remote
+        .wait_note(&c3, "an invalid note", |n| n.contains("valid: false"))
+        .await;
+    assert!(note.contains("groups/edge.yaml:"), "{note}");
+    assert!(note.contains("colour"), "{note}");
+    assert!(note.contains("groups: {}"), "{note}");
+
+    // `status` reads the same history from a clone, with no server.
+    let dir = tempfile::tempdir().expect("temp dir");
+    git(dir.path(), &["clone", "-q", &remote.url(), "clone"]);
+    let clone = dir.path().join("clone");
+    let status = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .arg("status")
+            .args(["--repo", clone.to_str().expect("utf-8 path"), "--fetch", "origin"])
+            .args(args)
+            .output()
+            .expect("status runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let text = status(&[]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("COMMIT"), "{text}");
+    assert!(
+        lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 errors)"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(c2.short()) && lines[2].contains("halted") && lines[2].contains("0/5"),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with(c1.short()) && lines[3].contains("complete") && lines[3].contains("5/5"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{} is invalid:", c3.short())), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&status(&["--format", "json"])).expect("JSON");
+    let commits = json["commits"].as_array().expect("commits");
+    assert_eq!(commits[0]["commit"], c3.as_str());
+    assert_eq!(commits[0]["note"]["valid"], false);
+    assert_eq!(commits[1]["note"]["groups"]["edge"]["phase"], "halted");
+    assert_eq!(commits[2]["note"]["groups"]["edge"]["agents"]["applied"], 5);
+
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body.to_vec()).expect("utf-8");
+    let written: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("opamp_gitops_notes_written_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the notes counter");
+    assert!(written >= 3, "{metrics}");
+
+    stop.cancel();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn notes_pushed_by_another_writer_survive_ours() {
+    let remote = Remote::new();
+    let c1 = remote.push_edge(FAST, &collector_config("v1"), "first config");
+    let state = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start_with(controller_config(&remote, state.path())).await;
+    let (_sim, stop) = simulate(&server, 3, |_| {});
+    remote
+        .wait_note(&c1, "the first note", |n| n.contains("phase: complete"))
+        .await;
+
+    // Someone else adds a note to the remote's notes ref.
+    let other = tempfile::tempdir().expect("temp dir");
+    git(other.path(), &["clone", "-q", &remote.url(), "o"]);
+    let o = other.path().join("o");
+    git(&o, &["fetch", "-q", "origin", "refs/notes/*:refs/notes/*"]);
+    other_writer_note(&o, "written by someone else", "HEAD");
+    git(&o, &["push", "-q", "origin", "refs/notes/opamp-gitops"]);
+    assert!(remote.note_in_fresh_clone(&c1).contains("written by someone else"));
+
+    // Our next note must be merged with theirs to be pushed; ours wins on
+    // the commit we manage, and theirs on others stays.
+    let other_commit = remote.push_files(&[("README.md", "docs only\n")], "docs");
+    git(&o, &["fetch", "-q", "origin"]);
+    other_writer_note(&o, "their note", other_commit.as_str());
+    git(&o, &["push", "-q", "origin", "refs/notes/opamp-gitops"]);
+    let c3 = remote.push_edge(FAST, &collector_config("v3"), "v3");
+    server.sync().await;
+    remote
+        .wait_note(&c3, "our note on v3", |n| n.contains("phase: complete"))
+        .await;
+    // Our note reached the remote only through a merge (a plain push was
+    // refused), and theirs on a commit we never processed is intact.
+    let theirs = remote.note_in_fresh_clone(&other_commit);
+    assert_eq!(theirs.trim(), "their note");
+    let first = remote.note_in_fresh_clone(&c1);
+    assert!(
+        first.contains("phase: complete"),
+        "ours wins on the commit we manage: {first}"
+    );
+
+    stop.cancel();
+    server.stop().await;
+}
+
+/// A port free right now, so a restarted controller can take the address
+/// its agents reconnect to.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test]
+async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
+    let remote = Remote::new();
+    let v1 = collector_config("v1");
+    remote.push_edge(FAST, &v1, "first config");
+    let port = free_port();
+    let first_state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, first_state.path());
+    config.opamp_listen = ([127, 0, 0, 1], port).into();
+    let server = TestServer::start_with(config).await;
+    let (_sim, stop) = simulate(&server, 10, |_| {});
+    let h1 = edge_hash(&v1).to_string();
+    server
+        .wait_group("edge", "v1 complete", |g| {
+            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete"
+        })
+        .await;
+
+    // v2 in waves with a long bake; promote once so wave 2 is open.
+    let v2 = collector_config("v2");
+    let c2 = remote.push_edge("  waves: [1, 50%, 100%]\n  bake: 1h\n", &v2, "v2");
+    server.sync().await;
+    let h2 = edge_hash(&v2).to_string();
+    server
+        .wait_group("edge", "wave 1 applied", |g| {
+            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
+        })
+        .await;
+    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
+    assert_eq!(code, 200);
+    server
+        .wait_group("edge", "wave 2 applied", |g| {
+            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 5
+        })
+        .await;
+    remote
+        .wait_note(&c2, "the wave-2 note", |n| {
+            n.contains("phase: progressing") && n.contains("wave: 2")
+        })
+        .await;
+    server.stop().await;
+    drop(first_state);
+
+    // A new controller with an empty state directory, on the same address.
+    let second_state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, second_state.path());
+    config.opamp_listen = ([127, 0, 0, 1], port).into();
+    config.startup_grace = Duration::from_secs(2);
+    let server = TestServer::start_with(config).await;
+    let g = server
+        .wait_group("edge", "the rebuilt rollout", |g| {
+            g["rollout"]["phase"] == "progressing" && g["agents"]["targeted"] == 10
+        })
+        .await;
+    assert_eq!(g["rollout"]["wave"], 2, "resumes at the wave it had opened: {g}");
+    assert_eq!(g["stable_hash"], h1.as_str(), "the completed rollout is stable: {g}");
+    assert_eq!(
+        g["agents"]["applied"], 5,
+        "wave 2's agents keep v2, the rest keep v1: {g}"
+    );
+    assert_eq!(g["agents"]["pending"], 5, "{g}");
+    stop.cancel();
+    server.stop().await;
+}

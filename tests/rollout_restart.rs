@@ -1,0 +1,228 @@
+//! The controller killed with SIGKILL mid-rollout and started again resumes
+//! at the same wave, and the agents of the waves already done are not pushed
+//! again. Runs the real binary; the agents are simulated in this process.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::gitops::{GitRepo, collector_config, edge_hash};
+use common::{Body, DEADLINE, http_request};
+use opamp_gitops::simulate;
+use tokio_util::sync::CancellationToken;
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+struct Controller {
+    child: Child,
+    api: SocketAddr,
+}
+
+impl Controller {
+    fn start(repo: &Path, state: &Path, opamp: SocketAddr, api: SocketAddr, grace: &str) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .args([
+                "serve",
+                "--repo",
+                repo.to_str().expect("utf-8"),
+                "--state-dir",
+                state.to_str().expect("utf-8"),
+            ])
+            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()])
+            .args([
+                "--reconcile-tick",
+                "100ms",
+                "--startup-grace",
+                grace,
+                "--poll-interval",
+                "1h",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("serve starts");
+        Controller { child, api }
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let connect = tokio::net::TcpStream::connect(self.api).await;
+        connect.ok()?;
+        let r = http_request(self.api, "GET", path, &[], Body::Empty).await;
+        (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// Waits until the edge group satisfies `pred`; returns it.
+    async fn wait_group(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + DEADLINE * 2;
+        let mut last = String::new();
+        loop {
+            if let Some(body) = self.get("/api/v1/groups").await {
+                last.clone_from(&body);
+                let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                if let Some(g) = all["groups"]
+                    .as_array()
+                    .and_then(|gs| gs.iter().find(|g| g["name"] == "edge"))
+                    && pred(g)
+                {
+                    return g.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "the edge group never reached {what}: {last}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `opamp_gitops_pushes_total{reason="wave"}` of this process.
+    async fn wave_pushes(&self) -> u64 {
+        let metrics = self.get("/metrics").await.expect("metrics");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("opamp_gitops_pushes_total{reason=\"wave\"}"))
+            .expect("the wave push counter");
+        line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a number")
+    }
+
+    fn promote(&self) {
+        let out = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .args([
+                "rollout",
+                "promote",
+                "edge",
+                "--server",
+                &format!("http://{}", self.api),
+            ])
+            .output()
+            .expect("rollout runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("promote accepted"));
+    }
+
+    fn kill(mut self) {
+        // SIGKILL: no shutdown code runs.
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1");
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
+    let state = tempfile::tempdir().expect("temp dir");
+    let (opamp, api) = (free_addr(), free_addr());
+    let controller = Controller::start(repo.path(), state.path(), opamp, api, "0s");
+
+    let mut config = simulate::Config::new(format!("ws://{opamp}/v1/opamp"), 20);
+    config.apply_delay = Duration::from_millis(20);
+    let stop = CancellationToken::new();
+    let _sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    let h1 = edge_hash(&v1).to_string();
+    controller
+        .wait_group("v1 on all 20", |g| {
+            g["config_hash"] == h1.as_str() && g["agents"]["applied"] == 20
+        })
+        .await;
+
+    // v2 in waves [1, 25%, 100%] with a bake that never ends by itself.
+    let v2 = collector_config("v2");
+    repo.commit_edge("  waves: [1, 25%, 100%]\n  bake: 1h\n", &v2, "v2");
+    let h2 = edge_hash(&v2).to_string();
+    controller
+        .wait_group("wave 1 applied", |g| {
+            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
+        })
+        .await;
+    controller.promote();
+    let before = controller
+        .wait_group("wave 2 applied", |g| {
+            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 5
+        })
+        .await;
+    assert_eq!(controller.wave_pushes().await, 5);
+    controller.kill();
+
+    // The same state directory; agents reconnect during the start-up grace.
+    let controller = Controller::start(repo.path(), state.path(), opamp, api, "1s");
+    let after = controller
+        .wait_group("the resumed rollout", |g| {
+            g["config_hash"] == h2.as_str() && g["agents"]["targeted"] == 20
+        })
+        .await;
+    assert_eq!(
+        after["rollout"]["wave"], 2,
+        "resumes at the wave it had opened: {after}"
+    );
+    assert_eq!(
+        after["rollout"]["started"], before["rollout"]["started"],
+        "the same rollout, not a new one"
+    );
+    assert_eq!(after["rollout"]["phase"], "progressing");
+    // Give the resumed controller a few plans: nobody of waves 1-2 is pushed again.
+    controller
+        .wait_group("wave 2 still applied", |g| {
+            g["agents"]["applied"] == 5 && g["agents"]["pending"] == 15
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        controller.wave_pushes().await,
+        0,
+        "agents of completed waves are not pushed again"
+    );
+
+    // The rollout carries on from there: wave 3, then (the last wave bakes
+    // too) complete.
+    controller.promote();
+    controller
+        .wait_group("wave 3 applied", |g| {
+            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 20
+        })
+        .await;
+    controller.promote();
+    controller
+        .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
+        .await;
+    assert_eq!(
+        controller.wave_pushes().await,
+        15,
+        "only the last wave's agents were pushed"
+    );
+
+    // The command's refusals: a finished rollout, an unknown group, no controller.
+    let rollout = |action: &str, group: &str, server: String| {
+        Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .args(["rollout", action, group, "--server", &server])
+            .output()
+            .expect("rollout runs")
+    };
+    let idle = rollout("pause", "edge", format!("http://{api}"));
+    assert_eq!(idle.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&idle.stderr).contains("no rollout in progress"));
+    let unknown = rollout("resume", "nope", format!("http://{api}"));
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no group named nope"));
+    let unreachable = rollout("pause", "edge", format!("http://{}", free_addr()));
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr).contains("Connection refused"),
+        "{unreachable:?}"
+    );
+    stop.cancel();
+}
