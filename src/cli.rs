@@ -32,6 +32,22 @@ pub enum Command {
     Plan(PlanArgs),
     /// Pause, resume or promote a group's rollout on a running controller.
     Rollout(RolloutArgs),
+    /// The guided tour: a config repository, the controller and simulated
+    /// collectors in one process; a change, a broken change, a revert.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Simulated collectors (at least 6): a few gateways, mostly app agents, some others.
+    #[arg(long, default_value_t = 36)]
+    pub agents: usize,
+    /// Keep the config repository (and the controller's state) and print where.
+    #[arg(long)]
+    pub keep: bool,
+    /// Bake time of every wave (shorter for tests).
+    #[arg(long, default_value = "2s", value_parser = parse_duration, hide = true)]
+    pub bake: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +313,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Simulate(args) => crate::simulate::command(args),
         Command::Plan(args) => crate::plan_cmd::command(&args),
         Command::Rollout(args) => rollout(&args),
+        Command::Demo(args) => crate::demo::command(&args),
     }
 }
 

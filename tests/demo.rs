@@ -1,0 +1,142 @@
+//! `opamp-gitops demo` end to end: the built binary runs the whole tour with
+//! a small fleet and short bakes, and every step says what it should, in order.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tour must end by itself well before this.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary with `args`; kills it and fails if it outlives the deadline.
+fn run_demo(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+        .arg("demo")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).expect("read stdout");
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).expect("read stderr");
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+            panic!(
+                "the demo ran longer than {DEADLINE:?}; it printed:\n{}",
+                reader.join().expect("stdout reader")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        code: status.code(),
+        stdout: reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Every pattern (all its parts on one line) appears, each on a line after the previous one's.
+fn assert_in_order(text: &str, patterns: &[&[&str]]) {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut at = 0;
+    for parts in patterns {
+        match lines[at..].iter().position(|l| parts.iter().all(|p| l.contains(p))) {
+            Some(i) => at += i + 1,
+            None => panic!("expected a line with {parts:?} after line {at}; the output was:\n{text}"),
+        }
+    }
+}
+
+#[test]
+fn the_tour_runs_every_step_in_order_and_cleans_up() {
+    let out = run_demo(&["--agents", "12", "--bake", "300ms"]);
+    assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stderr, "", "no logs unless RUST_LOG is set");
+    assert_in_order(
+        &out.stdout,
+        &[
+            &["[1/7] A config repository in git"],
+            &["groups/app-agents.yaml"],
+            &["valid: 3 groups"],
+            &["[2/7] The controller and a simulated fleet"],
+            &["API", "http://127.0.0.1:"],
+            &["12 agents connected"],
+            &["every group complete, every agent in sync"],
+            &["app-agents", "9/9", "complete 3/3"],
+            &["12 agents: 12 in_sync"],
+            &["[3/7] A change, rolled out in canary waves"],
+            &["+    send_batch_size: 2048"],
+            &["wave 1/3 opens: the canary gets the change (1 of 9)"],
+            &["wave 1/3: 1 of 1 applied and healthy; baking 300ms"],
+            &["wave 1/3 done"],
+            &["wave 2/3 opens: 2 more agents get the change (3 of 9)"],
+            &["wave 2/3 done"],
+            &["wave 3/3 opens: 6 more agents get the change (9 of 9)"],
+            &["rollout complete: 9/9 agents run"],
+            &["[4/7] A broken change: the canary fails, the rollout halts"],
+            &["wave 1/3 opens: the canary gets the change (1 of 9)"],
+            &["canary app-", "reported FAILED"],
+            &["contains \"num_consumer:\": refusing to start"],
+            &["rollout halted at wave 1/3"],
+            &["rolled back: it runs"],
+            &["still halted at wave 1/3; the other 8 app agents never received"],
+            &["app-agents", "halted 1/3"],
+            &["[5/7] git revert: back to the last good config"],
+            &["revert complete in", "wave 1/1, 9/9 agents run", "0 failed"],
+            &["app-agents", "9/9", "complete 1/1"],
+            &["[6/7] The audit trail: git notes"],
+            &["COMMIT", "GROUP", "PHASE"],
+            &["app-agents", "complete", "1/1", "Revert \""],
+            &["app-agents", "halted", "1/3"],
+            &["app-agents", "complete", "3/3", "app-agents: send larger batches"],
+            &["Notes (opamp-gitops):"],
+            &["phase: halted"],
+            &["refusing to start"],
+            &["[7/7] Stopping"],
+            &["12 agents disconnected and the controller stopped"],
+            &["is removed (run with --keep"],
+            &["Run the real thing:"],
+            &["opamp-gitops serve --repo"],
+        ],
+    );
+    let removed = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("The temporary directory "))
+        .and_then(|l| l.split(' ').next())
+        .map(PathBuf::from)
+        .expect("the temp dir is named");
+    assert!(!removed.exists(), "{} is still there", removed.display());
+}
+
+#[test]
+fn too_few_agents_is_a_usage_error() {
+    let out = run_demo(&["--agents", "2"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("--agents must be at least 6"), "{}", out.stderr);
+    assert_eq!(out.stdout, "");
+}
