@@ -87,7 +87,11 @@ pub fn render_text(rows: &[CommitStatus]) -> String {
                     line(
                         name.as_str(),
                         g.phase.as_str(),
-                        format!("{}/{}", g.wave, g.waves),
+                        if g.waves == 0 {
+                            "-".into()
+                        } else {
+                            format!("{}/{}", g.wave, g.waves)
+                        },
                         format!("{}/{}", g.agents.applied, g.agents.targeted),
                         g.agents.failed.to_string(),
                     );
@@ -202,6 +206,13 @@ mod tests {
         );
         assert!(lines[3].contains("50/50"), "{text}");
         assert!(lines[4].contains("unreadable note"), "{text}");
+        let mut unchanged: Note = Note::parse(&note('e', true)).unwrap();
+        if let Some(g) = unchanged.groups.get_mut(&GroupName::new("edge")) {
+            (g.phase, g.wave, g.waves) = (Phase::Unchanged, 0, 0);
+        }
+        let rows = collect(vec![(info('e', "Docs"), Some(unchanged.render()))]);
+        let line = render_text(&rows).lines().nth(1).unwrap().to_string();
+        assert!(line.contains("unchanged") && !line.contains("0/0"), "{line}");
         assert!(
             text.contains("bbbbbbbbbbbb is invalid:\n  groups/a.yaml:1:1: bad"),
             "{text}"
