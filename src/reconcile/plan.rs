@@ -350,7 +350,7 @@ pub fn plan(input: &PlanInput) -> Plan {
         pushes: out.pushes,
         state: RolloutState {
             groups: next_groups,
-            agents: collect_records(agents, &by_uid, out.records),
+            agents: collect_records(agents, &by_uid, out.records, &input.state.agents),
             rollouts,
         },
         agents: out.assignments,
@@ -388,15 +388,31 @@ fn join_records<'a>(agents: &[AgentView], by_uid: &[usize], records: &'a AgentRe
 }
 
 /// The next records in uid order; a uid listed twice keeps its first record.
-fn collect_records(agents: &[AgentView], by_uid: &[usize], mut next: Vec<Option<AgentRecord>>) -> AgentRecords {
-    let mut out: Vec<(InstanceUid, AgentRecord)> = Vec::with_capacity(next.iter().filter(|r| r.is_some()).count());
+/// Agents the fleet does not list keep their previous record: after a
+/// controller restart the fleet fills up again as agents reconnect, and what
+/// was pushed to them, what they failed and their place in a rollout must
+/// still be known when they do.
+fn collect_records(
+    agents: &[AgentView],
+    by_uid: &[usize],
+    mut next: Vec<Option<AgentRecord>>,
+    previous: &AgentRecords,
+) -> AgentRecords {
+    let mut out: Vec<(InstanceUid, AgentRecord)> = Vec::with_capacity(previous.len().max(agents.len()));
+    let mut absent = previous.entries().iter().peekable();
     for &i in by_uid {
+        let uid = &agents[i].uid;
+        while let Some((u, r)) = absent.next_if(|(u, _)| u < uid) {
+            out.push((u.clone(), *r));
+        }
+        absent.next_if(|(u, _)| u == uid);
         if let Some(r) = next[i].take()
-            && out.last().is_none_or(|(u, _)| *u != agents[i].uid)
+            && out.last().is_none_or(|(u, _)| u != uid)
         {
-            out.push((agents[i].uid.clone(), r));
+            out.push((uid.clone(), r));
         }
     }
+    out.extend(absent.map(|(u, r)| (u.clone(), *r)));
     AgentRecords::from_sorted(out)
 }
 

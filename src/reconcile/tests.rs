@@ -1003,6 +1003,28 @@ fn a_hash_an_agent_reported_failed_for_is_never_pushed_again() {
 }
 
 #[test]
+fn an_agent_missing_from_the_fleet_keeps_its_record_until_it_returns() {
+    let v1 = config("v1");
+    let mut w = World::new(repo().interval(60).group("gw").config(&v1).build(), fleet(3, &v1));
+    w.run("gw", 120, 20);
+    w.agents[0] = w.agents[0].clone().reports(&v1).failed("cannot apply");
+    w.plan();
+    // A controller restart: the fleet is empty until the agent reconnects.
+    let gone = w.agents.remove(0);
+    w.plan();
+    w.agents.insert(0, gone.reports(&config("local")).applied());
+    w.agents[0].connection_epoch += 1;
+    w.advance(3600);
+    let p = w.plan();
+    assert!(
+        p.pushes.is_empty(),
+        "the failed hash is still remembered: {:?}",
+        p.pushes
+    );
+    assert_eq!(p.agents[0].state, AgentState::Failed);
+}
+
+#[test]
 fn the_same_hash_is_never_pushed_twice_on_one_connection_while_waiting() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(3, &v1, &v2, |r| r.waves("100%").apply_timeout(600));
