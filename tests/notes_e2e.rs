@@ -315,6 +315,10 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
     config.opamp_listen = ([127, 0, 0, 1], port).into();
     config.startup_grace = Duration::from_secs(2);
     let server = TestServer::start_with(config).await;
+    // Controls wait for the grace: planning now would count too few agents.
+    let (code, body) = server.api_post("/api/v1/groups/edge/pause").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("starting"), "{body}");
     let g = server
         .wait_group("edge", "the rebuilt rollout", |g| {
             g["rollout"]["phase"] == "progressing" && g["agents"]["targeted"] == 10

@@ -96,6 +96,7 @@ impl Fixture {
                     failures: vec![],
                     started: None,
                     finished: None,
+                    actions: vec![],
                 },
             )]),
         };

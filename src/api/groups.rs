@@ -173,7 +173,9 @@ async fn control(State(state): State<ApiState>, Path(name): Path<String>, action
         Ok(status) => Json(group_json(&group, &status)).into_response(),
         Err(e @ ControlFailure::Refused(ControlError::UnknownGroup(_))) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ ControlFailure::Refused(ControlError::Idle(_))) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ (ControlFailure::NotReady | ControlFailure::Starting(_) | ControlFailure::Stopped)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
     }
 }
 

@@ -64,6 +64,8 @@ pub enum ControlFailure {
     Refused(#[from] ControlError),
     #[error("no commit is loaded yet")]
     NotReady,
+    #[error("the controller is starting: agents have {0} left to reconnect")]
+    Starting(String),
     #[error("the controller is shutting down")]
     Stopped,
 }
@@ -146,6 +148,7 @@ pub fn spawn(
         views: ViewBuilder::new(timestamp(SystemTime::now())),
         book: NoteBook::default(),
         existing_notes: parts.existing_notes,
+        started: Instant::now(),
         seen: HashMap::new(),
         restore,
         state,
@@ -180,6 +183,8 @@ struct Driver {
     existing_notes: Option<NotesReader>,
     /// No state was saved: rebuild it from the notes on the first plan.
     restore: bool,
+    /// When the driver started: no plan before the start-up grace has passed.
+    started: Instant,
     /// The state changed since it was last saved.
     dirty: bool,
     last_persist: Instant,
@@ -190,7 +195,6 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(mut self, mut controls: mpsc::Receiver<ControlRequest>, cancel: CancellationToken) {
-        let started = Instant::now();
         let mut desired = self.git.desired();
         let mut git_status = self.git.status();
         let mut fleet = self.fleet.subscribe();
@@ -215,7 +219,7 @@ impl Driver {
                 }
                 _ = tick.tick() => {}
             }
-            if started.elapsed() >= self.config.startup_grace {
+            if self.started.elapsed() >= self.config.startup_grace {
                 self.plan_once().await;
             }
         }
@@ -226,6 +230,12 @@ impl Driver {
     }
 
     async fn control(&mut self, group: &GroupName, action: Control) -> Result<GroupStatus, ControlFailure> {
+        // Planning now would start rollouts with only the agents back so far.
+        if let Some(left) = self.config.startup_grace.checked_sub(self.started.elapsed())
+            && !left.is_zero()
+        {
+            return Err(ControlFailure::Starting(humantime::format_duration(left).to_string()));
+        }
         if self.git.desired().borrow().is_none() {
             return Err(ControlFailure::NotReady);
         }
@@ -238,6 +248,10 @@ impl Driver {
         info!(group = %group, action = ?action, "rollout control");
         self.dirty = true;
         self.plan_once().await;
+        // The API answers that the action took: it must survive a crash.
+        if self.dirty {
+            self.persist().await;
+        }
         self.status
             .borrow()
             .groups
@@ -278,16 +292,34 @@ impl Driver {
             }
             self.book = NoteBook::with_existing(notes);
         }
-        let plan = reconcile::plan(&PlanInput {
+        let reconcile::Plan {
+            pushes,
+            state,
+            agents,
+            groups,
+            events,
+        } = reconcile::plan(&PlanInput {
             desired: &loaded.desired,
             agents: &views,
             state: &self.state,
             now: timestamp(now_wall),
         });
-        for event in &plan.events {
+        for event in &events {
             self.log_event(event, now_wall);
         }
-        for push in &plan.pushes {
+        if state != self.state {
+            self.state = state;
+            self.dirty = true;
+        }
+        // When the rollout moved (a wave, a failure, a halt), save before
+        // pushing what the new state records: after a crash in between, the
+        // restarted controller pushes again anyway (connection epochs are per
+        // process), whereas a halt saved only after its rollback pushes could
+        // be lost and the bad config offered again.
+        if self.dirty && (!events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
+            self.persist().await;
+        }
+        for push in &pushes {
             match self.fleet.push(push.uid.clone(), push.bundle.clone()).await {
                 Ok(outcome) => {
                     self.metrics.pushed(push.reason, outcome);
@@ -296,18 +328,11 @@ impl Driver {
                         warn!(agent = %push.uid, "push refused: the agent does not accept remote config");
                     }
                 }
-                Err(_) => return,
+                Err(_) => break,
             }
         }
-        if plan.state != self.state {
-            self.state = plan.state;
-            self.dirty = true;
-        }
-        if self.dirty && (!plan.events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
-            self.persist().await;
-        }
-        self.publish(&commit, &plan.agents, &plan.groups);
-        let notes = self.book.after_plan(&commit, &plan.groups, &plan.events, now_wall);
+        self.publish(&commit, &agents, &groups);
+        let notes = self.book.after_plan(&commit, &groups, &events, now_wall);
         self.submit_notes(notes);
     }
 

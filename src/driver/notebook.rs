@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::SystemTime;
 
 use crate::model::{CommitId, GroupName};
-use crate::notes::format::{FORMAT_VERSION, Failure, MAX_FAILURES, Note, NoteGroup};
+use crate::notes::format::{FORMAT_VERSION, Failure, MAX_FAILURES, Note, NoteAction, NoteGroup};
 use crate::reconcile::{Event, GroupStatus, Phase, Timestamp};
 
 /// Notes of at most this many commits are kept in memory (those of rollouts
@@ -22,10 +22,18 @@ pub struct NoteBook {
     next_seq: u64,
 }
 
+/// A note is rewritten when one of these changes: phase, wave, or the
+/// number of operator actions.
+type Moves = (Phase, u32, usize);
+
+fn moves(g: &NoteGroup) -> Moves {
+    (g.phase, g.wave, g.actions.len())
+}
+
 struct Entry {
     note: Note,
-    /// (phase, wave) per group as last handed out for writing.
-    written: BTreeMap<GroupName, (Phase, u32)>,
+    /// What moves a note, per group, as last handed out for writing.
+    written: BTreeMap<GroupName, Moves>,
     /// Insertion order, for eviction.
     seq: u64,
 }
@@ -40,11 +48,7 @@ impl NoteBook {
                 book.invalid.insert(note.commit.clone());
                 continue;
             }
-            let written = note
-                .groups
-                .iter()
-                .map(|(g, n)| (g.clone(), (n.phase, n.wave)))
-                .collect();
+            let written = note.groups.iter().map(|(g, n)| (g.clone(), moves(n))).collect();
             let seq = book.bump();
             book.notes.insert(note.commit.clone(), Entry { note, written, seq });
         }
@@ -94,6 +98,7 @@ impl NoteBook {
                     failures: vec![],
                     started: None,
                     finished: None,
+                    actions: vec![],
                 };
                 self.entry(desired, now)
                     .note
@@ -151,14 +156,9 @@ impl NoteBook {
     fn due(&mut self, now: SystemTime) -> Vec<Note> {
         let mut out = Vec::new();
         for entry in self.notes.values_mut() {
-            let current: BTreeMap<GroupName, (Phase, u32)> = entry
-                .note
-                .groups
-                .iter()
-                .map(|(g, n)| (g.clone(), (n.phase, n.wave)))
-                .collect();
-            let fresh = entry.written.is_empty() && !entry.note.groups.is_empty();
-            if fresh || current != entry.written {
+            let current: BTreeMap<GroupName, Moves> =
+                entry.note.groups.iter().map(|(g, n)| (g.clone(), moves(n))).collect();
+            if current != entry.written {
                 entry.note.updated = now;
                 entry.written = current;
                 out.push(entry.note.clone());
@@ -208,6 +208,16 @@ fn from_status(s: &GroupStatus) -> NoteGroup {
             .collect(),
         started: time(s.started),
         finished: time(s.finished),
+        actions: s
+            .actions
+            .iter()
+            .filter_map(|a| {
+                Some(NoteAction {
+                    action: a.action,
+                    at: time(Some(a.at))?,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -215,7 +225,7 @@ fn from_status(s: &GroupStatus) -> NoteGroup {
 mod tests {
     use super::*;
     use crate::model::{ConfigHash, InstanceUid};
-    use crate::reconcile::{AgentCounts, FailureView};
+    use crate::reconcile::{AgentCounts, Control, ControlAction, FailureView};
 
     fn c(n: char) -> CommitId {
         CommitId::new(n.to_string().repeat(40))
@@ -261,6 +271,26 @@ mod tests {
         groups.insert(g("edge"), status('a', Phase::Progressing, 2, 1));
         let wave = book.after_plan(&c('a'), &groups, &[], now);
         assert_eq!(wave[0].groups[&g("edge")].wave, 2);
+        let mut paused = status('a', Phase::Paused, 2, 1);
+        paused.actions = vec![ControlAction {
+            action: Control::Pause,
+            at: Timestamp::from_millis(9_000),
+        }];
+        groups.insert(g("edge"), paused.clone());
+        let p = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(p[0].groups[&g("edge")].actions[0].action, Control::Pause);
+        paused.phase = Phase::Progressing;
+        paused.actions.push(ControlAction {
+            action: Control::Promote,
+            at: Timestamp::from_millis(9_500),
+        });
+        groups.insert(g("edge"), paused);
+        let p = book.after_plan(&c('a'), &groups, &[], now);
+        assert_eq!(
+            p[0].groups[&g("edge")].actions.len(),
+            2,
+            "each operator action is recorded in the note"
+        );
         groups.insert(g("edge"), status('a', Phase::Complete, 3, 10));
         let done = book.after_plan(&c('a'), &groups, &[], now);
         assert_eq!(

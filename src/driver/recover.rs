@@ -96,6 +96,7 @@ mod tests {
                             failures: vec![],
                             started: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(*started)),
                             finished: None,
+                            actions: vec![],
                         },
                     )
                 })

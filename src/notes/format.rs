@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{CommitId, ConfigHash, GroupName};
-pub use crate::reconcile::{AgentCounts, Phase};
+pub use crate::reconcile::{AgentCounts, Control, Phase};
 
 /// The format marker written as `opamp-gitops: v1`.
 pub const FORMAT_VERSION: &str = "v1";
@@ -48,6 +48,17 @@ pub struct NoteGroup {
     pub started: Option<SystemTime>,
     #[serde(with = "rfc3339_opt", default)]
     pub finished: Option<SystemTime>,
+    /// Operator pause/resume/promote actions on this rollout, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<NoteAction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoteAction {
+    pub action: Control,
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +126,20 @@ impl Note {
             }
             writeln!(out, "    started: {}", time_or_null(g.started))?;
             writeln!(out, "    finished: {}", time_or_null(g.finished))?;
+            if !g.actions.is_empty() {
+                let actions: Vec<String> = g
+                    .actions
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{{action: {}, at: {}}}",
+                            a.action.as_str(),
+                            humantime::format_rfc3339_seconds(a.at)
+                        )
+                    })
+                    .collect();
+                writeln!(out, "    actions: [{}]", actions.join(", "))?;
+            }
         }
         Ok(())
     }
@@ -239,6 +264,7 @@ mod tests {
                     }],
                     started: Some(at(1_795_255_080)),
                     finished: None,
+                    actions: vec![],
                 },
             )]),
         }
@@ -270,8 +296,25 @@ groups:
 
     #[test]
     fn round_trips() {
-        let note = sample();
+        let mut note = sample();
         assert_eq!(Note::parse(&note.render()).unwrap(), note);
+        let g = note.groups.values_mut().next().unwrap();
+        g.actions = vec![
+            NoteAction {
+                action: Control::Pause,
+                at: at(1_795_255_100),
+            },
+            NoteAction {
+                action: Control::Promote,
+                at: at(1_795_255_160),
+            },
+        ];
+        let text = note.render();
+        assert!(
+            text.contains("    actions: [{action: pause, at: 2026-11-21T09:58:20Z}, {action: promote, at: 2026-11-21T09:59:20Z}]\n"),
+            "{text}"
+        );
+        assert_eq!(Note::parse(&text).unwrap(), note);
         let invalid = Note {
             valid: false,
             errors: vec!["groups/a.yaml:3:5: unknown key \"foo\"".into(), "yes".into()],

@@ -166,6 +166,7 @@ mod tests {
                     failures: vec![],
                     started: None,
                     finished: None,
+                    actions: vec![],
                 },
             );
         }

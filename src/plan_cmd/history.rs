@@ -267,6 +267,7 @@ mod tests {
                             failures: vec![],
                             started: None,
                             finished: None,
+                            actions: vec![],
                         },
                     )
                 })

@@ -154,6 +154,16 @@ pub enum Control {
     Promote,
 }
 
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Pause => "pause",
+            Control::Resume => "resume",
+            Control::Promote => "promote",
+        }
+    }
+}
+
 /// An operator action, recorded so the notes can show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlAction {
