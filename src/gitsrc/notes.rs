@@ -64,6 +64,10 @@ pub struct NotesStore {
     author: Author,
     /// How many times a rejected push is merged and retried before giving up.
     pub push_attempts: u32,
+    /// Every note this store has written, newest text per commit: the
+    /// commits we manage, where ours win in a merge. Notes merged in from
+    /// others are not here, so a stale copy never overwrites a newer one.
+    ours: std::sync::Mutex<BTreeMap<CommitId, String>>,
 }
 
 impl NotesStore {
@@ -73,6 +77,7 @@ impl NotesStore {
             remote,
             author,
             push_attempts: 5,
+            ours: Default::default(),
         }
     }
 
@@ -108,21 +113,26 @@ impl NotesStore {
         for (commit, text) in notes {
             put_note(&repo, &sig, NOTES_REF, commit, text)?;
         }
+        let ours = {
+            let mut ours = self.ours.lock().unwrap_or_else(|e| e.into_inner());
+            ours.extend(notes.iter().map(|(c, t)| (c.clone(), t.clone())));
+            ours.clone()
+        };
         match &self.remote {
-            Some(remote) => self.push(&repo, &sig, remote, callbacks),
+            Some(remote) => self.push(&repo, &sig, remote, callbacks, &ours),
             None => Ok(()),
         }
     }
 
-    /// Fetches the remote's notes into our ref, merging: notes on other commits
-    /// are kept, ours win for a commit both have. Used at start-up before
-    /// state is rebuilt from notes.
+    /// Makes our notes ref the remote's (the remote is the record; notes we
+    /// failed to push are written again as rollouts move). Used at start-up
+    /// before state is rebuilt from notes, and by `status --fetch`.
     pub fn fetch(&self, callbacks: Callbacks<'_>) -> Result<(), NotesError> {
         let Some(remote) = &self.remote else { return Ok(()) };
         let repo = self.open()?;
         let sig = self.signature()?;
         if fetch_remote_notes(&repo, remote, callbacks)? {
-            merge_remote_notes(&repo, &sig)?;
+            merge_remote_notes(&repo, &sig, &BTreeMap::new())?;
         }
         Ok(())
     }
@@ -134,12 +144,16 @@ impl NotesStore {
         )
     }
 
+    /// Pushes our notes ref; when the remote has moved on, rebuilds ours on
+    /// top of the remote's with `ours` (the notes we manage) applied, and
+    /// tries again.
     fn push(
         &self,
         repo: &Repository,
         sig: &Signature<'_>,
         remote: &str,
         callbacks: Callbacks<'_>,
+        ours: &BTreeMap<CommitId, String>,
     ) -> Result<(), NotesError> {
         let mut reason = String::new();
         for attempt in 1..=self.push_attempts {
@@ -149,7 +163,7 @@ impl NotesStore {
             }
             tracing::info!(attempt, reason = %reason, "notes push rejected; merging the remote's notes");
             if fetch_remote_notes(repo, remote, callbacks)? {
-                merge_remote_notes(repo, sig)?;
+                merge_remote_notes(repo, sig, ours)?;
             }
             std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
         }
@@ -286,20 +300,24 @@ fn fetch_remote_notes(repo: &Repository, remote: &str, callbacks: Callbacks<'_>)
 }
 
 /// Rebuilds our notes ref on top of the remote's: start from their tip and
-/// write each of our notes that differs, so the result fast-forwards the
-/// remote and keeps its notes on commits we never wrote.
-fn merge_remote_notes(repo: &Repository, sig: &Signature<'_>) -> Result<(), NotesError> {
+/// write each of `ours` that differs, so the result fast-forwards the remote,
+/// ours win on the commits they are about, and every other note is the
+/// remote's (a copy merged in earlier never overwrites a newer one).
+fn merge_remote_notes(
+    repo: &Repository,
+    sig: &Signature<'_>,
+    ours: &BTreeMap<CommitId, String>,
+) -> Result<(), NotesError> {
     let theirs_tip = git(
         || "reading the fetched notes".into(),
         repo.refname_to_id(REMOTE_NOTES_REF),
     )?;
-    let ours = all_notes(repo, NOTES_REF)?;
     let theirs = all_notes(repo, REMOTE_NOTES_REF)?;
     git(
         || "starting the notes merge".into(),
         repo.reference(MERGE_NOTES_REF, theirs_tip, true, "opamp-gitops: merge notes"),
     )?;
-    for (commit, text) in &ours {
+    for (commit, text) in ours {
         if theirs.get(commit) != Some(text) {
             put_note(repo, sig, MERGE_NOTES_REF, commit, text)?;
         }
@@ -424,6 +442,31 @@ mod tests {
         let got = all_notes(&repo, NOTES_REF).unwrap();
         assert_eq!(got.get(&c1).map(String::as_str), Some("one again\n"));
         assert_eq!(got.get(&c2).map(String::as_str), Some("from two\n"));
+    }
+
+    #[test]
+    fn a_note_merged_in_earlier_never_overwrites_its_newer_version() {
+        let (dir, url, c1, c2) = setup();
+        let one = NotesStore::new(dir.path().join("one"), Some(url.clone()), Author::default());
+        let two = NotesStore::new(dir.path().join("two"), Some(url.clone()), Author::default());
+        two.write(&BTreeMap::from([(c2.clone(), "two v1\n".to_string())]), &no_callbacks)
+            .unwrap();
+        // `one` merges two's note on c2 into its own ref while pushing c1.
+        one.write(&BTreeMap::from([(c1.clone(), "one\n".to_string())]), &no_callbacks)
+            .unwrap();
+        assert_eq!(one.read(&c2).unwrap().as_deref(), Some("two v1\n"));
+        // `two` updates its note; `one` pushes again, holding the old copy.
+        two.write(&BTreeMap::from([(c2.clone(), "two v2\n".to_string())]), &no_callbacks)
+            .unwrap();
+        one.write(
+            &BTreeMap::from([(c1.clone(), "one again\n".to_string())]),
+            &no_callbacks,
+        )
+        .unwrap();
+        let fresh = NotesStore::new(dir.path().join("one"), Some(url), Author::default());
+        fresh.fetch(&no_callbacks).unwrap();
+        assert_eq!(fresh.read(&c2).unwrap().as_deref(), Some("two v2\n"));
+        assert_eq!(fresh.read(&c1).unwrap().as_deref(), Some("one again\n"));
     }
 
     #[test]
