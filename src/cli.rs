@@ -381,7 +381,7 @@ fn validate(args: ValidateArgs) -> ExitCode {
     }
     let subdir = match args.subdir.as_deref().map(|p| p.to_str()) {
         None => None,
-        Some(Some(s)) => Some(s.trim_matches('/').to_string()).filter(|s| !s.is_empty() && s != "."),
+        Some(Some(s)) => desired::normalize_subdir(s),
         Some(None) => return usage("--path must be valid UTF-8".to_string()),
     };
     let loaded = match &args.rev {
@@ -413,10 +413,7 @@ fn validate(args: ValidateArgs) -> ExitCode {
         }
         Err(LoadErrors::Invalid(diagnostics)) => {
             for d in &diagnostics {
-                match &subdir {
-                    Some(s) => println!("{s}/{d}"),
-                    None => println!("{d}"),
-                }
+                println!("{}", d.under(subdir.as_deref()));
             }
             let n = diagnostics.len();
             eprintln!("invalid: {n} problem{}", if n == 1 { "" } else { "s" });

@@ -517,8 +517,22 @@ async fn path_selects_a_subdirectory() {
     }
     let (other, _cancel) = remote.spawn(NEVER, |cfg| cfg.subdir = Some("elsewhere".into()));
     let status = wait_status(&other, "the missing directory", |s| !s.head_errors.is_empty()).await;
-    assert!(status.head_errors[0].contains("elsewhere"), "{status:?}");
+    assert!(status.head_errors[0].starts_with("elsewhere:0:0: "), "{status:?}");
     assert!(other.desired().borrow().is_none());
+
+    // Problems under the subdirectory are named from the repository root.
+    let mut broken = under("fleet", valid_files("debug"));
+    broken.push(("fleet/groups/broken.yaml".into(), BAD_GROUP.into()));
+    let bad = commit(&remote.repo, "main", &broken, "broken under fleet/");
+    let (handle, _cancel) = remote.spawn(NEVER, |cfg| cfg.subdir = Some("./fleet/".into()));
+    let status = wait_status(&handle, "the invalid commit", |s| s.head.as_ref() == Some(&bad)).await;
+    assert!(
+        status
+            .head_errors
+            .iter()
+            .all(|e| e.starts_with("fleet/groups/broken.yaml:")),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

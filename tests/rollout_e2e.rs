@@ -91,10 +91,7 @@ async fn a_change_reaches_every_agent_wave_by_wave() {
             .first(uid, h2, |s| s == RemoteConfigState::Applied)
             .expect("every agent applied v2")
     };
-    for (lo, hi) in [(0, 1), (1, 5), (5, 25), (25, 50)] {
-        if lo == 0 {
-            continue;
-        }
+    for (lo, hi) in [(1, 5), (5, 25), (25, 50)] {
         let previous_done = order[..lo].iter().map(applied).max().expect("a previous wave");
         let first_of_wave = order[lo..hi].iter().map(received).min().expect("a wave");
         assert!(
@@ -398,7 +395,8 @@ async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_compli
     assert_eq!(hash, h1);
     let gap = second - first;
     assert!(
-        gap >= Duration::from_millis(900) && gap < Duration::from_millis(2500),
+        // Not before the interval; the upper bound leaves room for a busy machine.
+        gap >= Duration::from_millis(900) && gap < Duration::from_secs(5),
         "pushed again after {gap:?}, the interval is 1s"
     );
     // It complies: no more pushes.

@@ -51,6 +51,27 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+impl Diagnostic {
+    /// The diagnostic with its path relative to the repository root, for a
+    /// repository whose files live under `subdir` (`--path`).
+    pub fn under(&self, subdir: Option<&str>) -> String {
+        match subdir {
+            Some(s) => format!("{s}/{self}"),
+            None => self.to_string(),
+        }
+    }
+}
+
+/// A `--path` value as the loaders and messages use it: `/`-separated with no
+/// leading or trailing slash; `None` for the repository root.
+pub fn normalize_subdir(path: &str) -> Option<String> {
+    let mut p = path.trim_matches('/');
+    while let Some(rest) = p.strip_prefix("./") {
+        p = rest.trim_start_matches('/');
+    }
+    Some(p.to_string()).filter(|s| !s.is_empty() && s != ".")
+}
+
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{}: {}", self.path, self.line, self.column, self.message)

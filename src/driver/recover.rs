@@ -14,6 +14,8 @@ pub struct Found {
     pub commit: CommitId,
     pub hash: ConfigHash,
     pub note: NoteGroup,
+    /// When the rollout started, as far as the note tells (see [`when`]).
+    pub when: SystemTime,
 }
 
 /// Per group: the newest completed rollout, and a newer one that had not
@@ -33,14 +35,13 @@ fn when(note: &Note, g: &NoteGroup) -> SystemTime {
 pub fn remembered(notes: &[Note]) -> BTreeMap<GroupName, Remembered> {
     let mut out: BTreeMap<GroupName, Remembered> = BTreeMap::new();
     let newest = |slot: &mut Option<Found>, note: &Note, g: &NoteGroup| {
-        if slot
-            .as_ref()
-            .is_none_or(|f| when(note, g) > f.note.started.unwrap_or(SystemTime::UNIX_EPOCH))
-        {
+        let at = when(note, g);
+        if slot.as_ref().is_none_or(|f| at > f.when) {
             *slot = Some(Found {
                 commit: note.commit.clone(),
                 hash: g.config_hash,
                 note: g.clone(),
+                when: at,
             });
         }
     };
@@ -58,7 +59,7 @@ pub fn remembered(notes: &[Note]) -> BTreeMap<GroupName, Remembered> {
     // same second as the completed one is taken as the newer.
     for r in out.values_mut() {
         if let (Some(s), Some(u)) = (&r.stable, &r.unfinished)
-            && u.note.started < s.note.started
+            && u.when < s.when
         {
             r.unfinished = None;
         }

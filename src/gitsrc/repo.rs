@@ -192,15 +192,19 @@ pub(crate) fn load_commit(
         what: format!("commit {commit}"),
         source,
     })?;
-    let subdir = subdir.map(|d| d.to_string_lossy());
+    let subdir = subdir.and_then(|d| desired::normalize_subdir(&d.to_string_lossy()));
     let files = match TreeSource::at_commit(repo, oid, subdir.as_deref()) {
         Ok(files) => files,
-        Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => return Ok(Err(vec![e.to_string()])),
+        Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => {
+            let at = subdir.as_deref().unwrap_or(".");
+            return Ok(Err(vec![format!("{at}:0:0: {e}")]));
+        }
         Err(e) => return Err(GitError::Tree(e)),
     };
     match desired::load(&files, Some(commit.clone())) {
         Ok(state) => Ok(Ok(state)),
-        Err(LoadErrors::Invalid(problems)) => Ok(Err(problems.iter().map(ToString::to_string).collect())),
+        // Paths relative to the repository root, as `validate` prints them.
+        Err(LoadErrors::Invalid(problems)) => Ok(Err(problems.iter().map(|d| d.under(subdir.as_deref())).collect())),
         Err(LoadErrors::Source(source)) => Err(GitError::Source {
             commit: commit.clone(),
             source,

@@ -64,9 +64,32 @@ pub fn restore(
         let Some((&pos, group)) = positions.get(&name).zip(desired.groups.get(&name)) else {
             continue;
         };
+        let stable_hash = rec.stable.as_ref().map(|s| s.bundle.hash());
         let rollout = rec.rollout.map(|r| {
             let id = state.rollouts;
             state.rollouts += 1;
+            // Back to the stable config: a revert goes to every agent at once.
+            if stable_hash == Some(r.target.hash()) {
+                let everyone = u32::try_from(members_of.get(&pos).map_or(0, Vec::len)).unwrap_or(u32::MAX);
+                return Rollout {
+                    id,
+                    kind: RolloutKind::Revert,
+                    opened: 1,
+                    cuts: vec![everyone],
+                    members: Arc::new(Members::default()),
+                    target: r.target,
+                    commit: r.commit,
+                    phase: RolloutPhase::Progressing,
+                    paused: false,
+                    promote: false,
+                    settled_since: None,
+                    started: r.started,
+                    finished: None,
+                    missing: BTreeMap::new(),
+                    failures: BTreeMap::new(),
+                    actions: Vec::new(),
+                };
+            }
             let mut order: Vec<&InstanceUid> = members_of.get(&pos).cloned().unwrap_or_default();
             order.sort_by_cached_key(|u| order_key(&name, u));
             for (rank, uid) in (0u32..).zip(&order) {
@@ -208,6 +231,28 @@ mod tests {
         assert_eq!((g.phase, g.wave), (Phase::Halted, 1));
         assert!(p.pushes.is_empty(), "the bad config goes to nobody: {:?}", p.pushes);
         assert!(!p.events.iter().any(|e| matches!(e, Event::RolloutStarted { .. })));
+    }
+
+    #[test]
+    fn a_revert_in_progress_resumes_as_a_revert() {
+        let (v1, v2) = (config("v1"), config("v2"));
+        let desired = repo().group("gw").waves("1, 50%, 100%").config(&v1).build();
+        // Half the fleet still runs the bad v2; the revert to v1 was under way.
+        let mut agents = fleet_on(&v1);
+        for a in agents.iter_mut().take(5) {
+            *a = a.clone().reports(&v2).applied();
+        }
+        let mut rec = recovered(&v1, &v1, false);
+        rec.get_mut(&gname("gw")).unwrap().rollout.as_mut().unwrap().opened = 1;
+        let state = restore(&desired, &agents, rec, t(100));
+        let p = plan(&PlanInput {
+            desired: &desired,
+            agents: &agents,
+            state: &state,
+            now: t(100),
+        });
+        assert_eq!(p.pushes.len(), 5, "every agent on v2 gets v1 at once: {:?}", p.pushes);
+        assert!(p.pushes.iter().all(|push| push.bundle.hash() == v1.hash()));
     }
 
     #[test]
