@@ -111,15 +111,21 @@ const FAST: &str = "  waves: [100%]\n  bake: 0s\n";
 #[tokio::test]
 async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let remote = Remote::new();
-    let v1 = collector_config("v1");
-    let c1 = remote.push_edge(FAST, &v1, "first config");
+    let c0 = remote.push_edge(FAST, &collector_config("v0"), "the fleet's first config");
     let state = tempfile::tempdir().expect("temp dir");
-    let mut config = controller_config(&remote, state.path());
-    // The first rollout counts the agents connected when it starts.
-    config.startup_grace = Duration::from_millis(1500);
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_with(controller_config(&remote, state.path())).await;
     let (_sim, stop) = simulate(&server, 5, |c| c.fail_if_contains = Some("BREAK-ME".into()));
+    // Every agent runs v0 before the change, so its rollout counts all five.
+    let h0 = edge_hash(&collector_config("v0")).to_string();
+    server
+        .wait_group("edge", "v0 on all 5", |g| {
+            g["config_hash"] == h0.as_str() && g["agents"]["applied"] == 5
+        })
+        .await;
 
+    let v1 = collector_config("v1");
+    let c1 = remote.push_edge(FAST, &v1, "v1");
+    server.sync().await;
     let note = remote
         .wait_note(&c1, "a complete note on the first commit", |n| {
             n.contains("phase: complete")
