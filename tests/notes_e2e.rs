@@ -197,6 +197,10 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
         lines[3].starts_with(c1.short()) && lines[3].contains("complete") && lines[3].contains("5/5"),
         "{text}"
     );
+    assert!(
+        lines[4].starts_with(c0.short()) && lines[4].contains("complete"),
+        "{text}"
+    );
     assert!(text.contains(&format!("{} is invalid:", c3.short())), "{text}");
     let json: serde_json::Value = serde_json::from_str(&status(&["--format", "json"])).expect("JSON");
     let commits = json["commits"].as_array().expect("commits");
