@@ -290,7 +290,7 @@ impl Driver {
                 self.state = self.recover(&notes, &loaded.desired, &views, timestamp(now_wall)).await;
                 self.dirty = true;
             }
-            self.book = NoteBook::with_existing(notes);
+            self.book = std::mem::take(&mut self.book).with_existing(notes);
         }
         let reconcile::Plan {
             pushes,

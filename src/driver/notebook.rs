@@ -39,20 +39,23 @@ struct Entry {
 }
 
 impl NoteBook {
-    /// Starts from the notes already in the repository, so a restarted
+    /// Takes in the notes already in the repository, so a restarted
     /// controller rewrites them instead of replacing them with partial ones.
-    pub fn with_existing(notes: impl IntoIterator<Item = Note>) -> Self {
-        let mut book = NoteBook::default();
+    /// What this book already holds stays (it is newer).
+    pub fn with_existing(mut self, notes: impl IntoIterator<Item = Note>) -> Self {
         for note in notes {
             if !note.valid {
-                book.invalid.insert(note.commit.clone());
+                self.invalid.insert(note.commit.clone());
+                continue;
+            }
+            if self.notes.contains_key(&note.commit) {
                 continue;
             }
             let written = note.groups.iter().map(|(g, n)| (g.clone(), moves(n))).collect();
-            let seq = book.bump();
-            book.notes.insert(note.commit.clone(), Entry { note, written, seq });
+            let seq = self.bump();
+            self.notes.insert(note.commit.clone(), Entry { note, written, seq });
         }
-        book
+        self
     }
 
     fn bump(&mut self) -> u64 {
@@ -366,7 +369,13 @@ mod tests {
             (g("apps"), status('a', Phase::Complete, 3, 10)),
         ]);
         let notes = existing.after_plan(&c('a'), &groups, &[], now);
-        let mut book = NoteBook::with_existing(notes);
+        let mut book = NoteBook::default();
+        assert!(book.invalid(&c('x'), &[], now).is_some());
+        let mut book = book.with_existing(notes);
+        assert!(
+            book.invalid(&c('x'), &[], now).is_none(),
+            "taking in notes keeps what the book knew"
+        );
         let groups = BTreeMap::from([(g("edge"), status('a', Phase::Progressing, 2, 3))]);
         let notes = book.after_plan(&c('a'), &groups, &[], now);
         assert_eq!(notes.len(), 1);

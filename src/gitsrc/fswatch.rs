@@ -55,8 +55,9 @@ pub(super) fn watch_refs(repo_path: &Path, tx: mpsc::Sender<()>) -> Option<Recom
     Some(watcher)
 }
 
-/// A write to HEAD, packed-refs or anything under refs/. Reads are ignored:
-/// the controller's own reads must not wake it.
+/// A write to HEAD, packed-refs or anything under refs/ but refs/notes/.
+/// Reads are ignored, and so are notes: the controller's own reads and note
+/// writes must not wake it.
 fn is_ref_change(event: &notify::Event, git_dirs: &[PathBuf], refs_dir: &Path) -> bool {
     let writes = matches!(
         event.kind,
@@ -68,7 +69,7 @@ fn is_ref_change(event: &notify::Event, git_dirs: &[PathBuf], refs_dir: &Path) -
     writes
         && event.paths.iter().any(|p| {
             if p.starts_with(refs_dir) {
-                return true;
+                return !p.starts_with(refs_dir.join("notes"));
             }
             let top_level = p.parent().is_some_and(|parent| git_dirs.iter().any(|d| d == parent));
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -103,6 +104,11 @@ mod tests {
             refs
         ));
         assert!(!is_ref_change(&event(rename, "/r/.git/index"), &dirs, refs));
+        assert!(!is_ref_change(
+            &event(rename, "/r/.git/refs/notes/opamp-gitops"),
+            &dirs,
+            refs
+        ));
         assert!(!is_ref_change(&event(rename, "/r/.git/logs/HEAD"), &dirs, refs));
     }
 }

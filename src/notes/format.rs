@@ -13,8 +13,9 @@ pub use crate::reconcile::{AgentCounts, Control, Phase};
 
 /// The format marker written as `opamp-gitops: v1`.
 pub const FORMAT_VERSION: &str = "v1";
-/// At most this many failures are kept in a note, newest first.
-pub const MAX_FAILURES: usize = 20;
+/// At most this many failures are kept in a note, newest first (as many as
+/// a group's status shows).
+pub const MAX_FAILURES: usize = crate::reconcile::MAX_FAILURES_SHOWN;
 
 /// What the controller did with one commit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
