@@ -24,8 +24,9 @@ use crate::notes::writer::{self, Backoff, WriterStats};
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
 
-/// How long shutdown waits for connections to finish before it gives up on them.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long shutdown waits, in all, for open connections (HTTP requests in
+/// flight, then WebSockets) to finish before it gives up on them.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What `serve` needs to run.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct ServeConfig {
     pub startup_grace: Duration,
     /// Who git notes are written as.
     pub notes_author: Author,
+    /// How long shutdown waits for open connections ([`DRAIN_DEADLINE`]).
+    pub drain_deadline: Duration,
 }
 
 impl ServeConfig {
@@ -58,6 +61,7 @@ impl ServeConfig {
             reconcile_tick: Duration::from_secs(1),
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
+            drain_deadline: DRAIN_DEADLINE,
         }
     }
 }
@@ -185,12 +189,32 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracing::info!(opamp = %opamp_addr, api = %api_addr, "listening");
 
+    let drain = config.drain_deadline;
+    let stop = shutdown.clone();
     let done = tokio::spawn(async move {
         let servers = async { tokio::join!(opamp_server.into_future(), api_server.into_future()) };
-        let (opamp_result, api_result) = servers.await;
+        tokio::pin!(servers);
+        let mut finished = None;
+        tokio::select! {
+            r = &mut servers => finished = Some(r),
+            () = stop.cancelled() => {}
+        }
+        // One deadline for the whole drain: a client that never finishes its
+        // request must not keep the controller alive.
+        let deadline = tokio::time::Instant::now() + drain;
+        let (opamp_result, api_result) = match finished {
+            Some(r) => r,
+            None => match tokio::time::timeout_at(deadline, servers).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("HTTP connections did not finish in time; abandoning them");
+                    (Ok(()), Ok(()))
+                }
+            },
+        };
         tracing::info!("listeners closed; waiting for connections to finish");
         sessions.close();
-        if tokio::time::timeout(DRAIN_DEADLINE, sessions.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, sessions.wait()).await.is_err() {
             tracing::warn!(open = sessions.len(), "WebSocket sessions did not finish in time");
         }
         if let Some(g) = gitops {

@@ -301,6 +301,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     name: args.notes_author_name.clone(),
                     email: args.notes_author_email.clone(),
                 },
+                drain_deadline: crate::app::DRAIN_DEADLINE,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

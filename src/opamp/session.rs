@@ -33,6 +33,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How much of an oversized HTTP body is read and dropped so that the client
 /// sees the 413 instead of a reset connection.
 const OVERSIZE_DRAIN: usize = 4 * 1024 * 1024;
+/// How long a client may take to send an HTTP body; a slower one gets 408.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 
@@ -308,9 +310,13 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = match read_capped(body, cap, declared).await {
+    let body = match read_body(body, cap, declared, BODY_READ_TIMEOUT).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return too_large(ctx),
+        Err(BodyError::TimedOut) => {
+            tracing::debug!("an HTTP body did not arrive in time");
+            return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response();
+        }
         Err(BodyError::Read(e)) => {
             tracing::debug!(error = %e, "reading an HTTP body failed");
             return StatusCode::BAD_REQUEST.into_response();
@@ -359,9 +365,18 @@ fn protobuf_response(msg: &ServerToAgent, gzip: bool) -> Response {
     resp
 }
 
+#[derive(Debug)]
 enum BodyError {
     TooLarge,
     Read(axum::Error),
+    TimedOut,
+}
+
+/// [`read_capped`] within `timeout`.
+async fn read_body(body: Body, cap: usize, declared: Option<u64>, timeout: Duration) -> Result<Bytes, BodyError> {
+    tokio::time::timeout(timeout, read_capped(body, cap, declared))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
 }
 
 /// Reads a body of at most `cap` bytes, plain or chunked. A larger one is
@@ -441,5 +456,19 @@ mod tests {
         let plain = reply_message(legacy, &Reply::default(), false);
         assert_eq!((plain.flags, plain.capabilities), (0, 0));
         assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_times_out() {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"))]);
+        let stalled = Body::from_stream(first.chain(futures_util::stream::pending()));
+        let started = tokio::time::Instant::now();
+        let r = read_body(stalled, 1024, Some(100), BODY_READ_TIMEOUT).await;
+        assert!(matches!(r, Err(BodyError::TimedOut)), "got {r:?}");
+        assert_eq!(started.elapsed(), BODY_READ_TIMEOUT);
+
+        let whole = Body::from(Bytes::from_static(b"abc"));
+        let r = read_body(whole, 1024, Some(3), BODY_READ_TIMEOUT).await;
+        assert_eq!(r.ok().as_deref(), Some(&b"abc"[..]));
     }
 }
