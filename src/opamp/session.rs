@@ -33,6 +33,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How much of an oversized HTTP body is read and dropped so that the client
 /// sees the 413 instead of a reset connection.
 const OVERSIZE_DRAIN: usize = 4 * 1024 * 1024;
+/// The most buffer reserved for an HTTP body before its bytes arrive: the
+/// declared length is the client's word, not memory it has paid for.
+const BODY_RESERVE: usize = 64 * 1024;
 /// How long a client may take to send an HTTP body; a slower one gets 408.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -372,6 +375,12 @@ enum BodyError {
     TimedOut,
 }
 
+/// What to reserve for a body that declares `declared` bytes (already known
+/// to be within the cap); the buffer grows as the data arrives.
+fn initial_reserve(declared: Option<u64>) -> usize {
+    declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(BODY_RESERVE))
+}
+
 /// [`read_capped`] within `timeout`.
 async fn read_body(body: Body, cap: usize, declared: Option<u64>, timeout: Duration) -> Result<Bytes, BodyError> {
     tokio::time::timeout(timeout, read_capped(body, cap, declared))
@@ -387,7 +396,7 @@ async fn read_capped(body: Body, cap: usize, declared: Option<u64>) -> Result<By
     let mut buf = BytesMut::new();
     let mut oversized = declared.is_some_and(|n| n > cap as u64);
     if !oversized {
-        buf.reserve(declared.map_or(0, |n| n as usize));
+        buf.reserve(initial_reserve(declared));
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(BodyError::Read)?;
             if buf.len() + chunk.len() > cap {
@@ -456,6 +465,24 @@ mod tests {
         let plain = reply_message(legacy, &Reply::default(), false);
         assert_eq!((plain.flags, plain.capabilities), (0, 0));
         assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+
+    #[test]
+    fn the_declared_length_reserves_at_most_64_kib() {
+        assert_eq!(initial_reserve(None), 0);
+        assert_eq!(initial_reserve(Some(300)), 300);
+        assert_eq!(initial_reserve(Some(16 * 1024 * 1024)), BODY_RESERVE);
+        assert_eq!(initial_reserve(Some(u64::MAX)), BODY_RESERVE);
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_reserve_is_read_whole() {
+        let data: Vec<u8> = (0..200 * 1024).map(|i| i as u8).collect();
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            data.chunks(7000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let r = read_body(body, 1024 * 1024, Some(data.len() as u64), BODY_READ_TIMEOUT).await;
+        assert_eq!(r.ok().as_deref(), Some(&data[..]));
     }
 
     #[tokio::test(start_paused = true)]
