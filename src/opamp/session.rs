@@ -295,8 +295,9 @@ fn is_too_big(e: &axum::Error) -> bool {
         .is_some_and(|e| matches!(e, WsError::Capacity(_)))
 }
 
-/// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body,
-/// except 413 for an oversized body.
+/// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body
+/// (an unreadable or malformed body gets `error_response` BadRequest), except
+/// 413 for an oversized body and 408 for one that does not arrive in time.
 pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
     ctx.metrics.messages_received.inc(Transport::Http);
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
@@ -321,8 +322,14 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
             return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response();
         }
         Err(BodyError::Read(e)) => {
+            ctx.metrics.decode_errors.inc(Transport::Http);
             tracing::debug!(error = %e, "reading an HTTP body failed");
-            return StatusCode::BAD_REQUEST.into_response();
+            let reply = error_reply(
+                Bytes::new(),
+                ServerErrorResponseType::BadRequest,
+                "the request body could not be read".into(),
+            );
+            return protobuf_response(&reply, false);
         }
     };
     let gzip_reply = headers
