@@ -383,6 +383,9 @@ impl Fleet {
             tracing::debug!(agent = %uid, "agent said goodbye");
             entry.pending = None;
         }
+        if !entry.record.capabilities.accepts_remote_config() && entry.pending.take().is_some() {
+            tracing::info!(agent = %uid, "agent no longer accepts remote config; its pending push is dropped");
+        }
         let reply = Reply {
             report_full_state: decision.report_full_state,
             new_instance_uid: decision.new_instance_uid.then(InstanceUid::new_v7),
@@ -537,6 +540,30 @@ mod tests {
             .await
             .unwrap();
         assert!(r.remote_config.is_none(), "sent once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_push_is_dropped_when_the_agent_stops_accepting_remote_config() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([4; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(
+            r.remote_config.is_none(),
+            "not offered to an agent without AcceptsRemoteConfig"
+        );
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 2, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_none(), "the push was dropped, not kept");
     }
 
     #[tokio::test(start_paused = true)]
