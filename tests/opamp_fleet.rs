@@ -179,7 +179,20 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         config.hash().as_bytes(),
         "the newest push wins"
     );
+    // That reply was lost: the agent never saw it. The next poll still carries the push.
     let poll = post(addr, &heartbeat(&http_uid, 2, 0x7), Post::default())
+        .await
+        .server_to_agent();
+    let rc = poll.remote_config.expect("offered again until the agent reports it");
+    assert_eq!(rc.config_hash.as_ref(), config.hash().as_bytes());
+    // Once the agent reports the hash (applying), it is not offered again.
+    let applying = AgentToServer {
+        remote_config_status: Some(remote_status(config.hash().as_bytes(), 2, "")),
+        ..heartbeat(&http_uid, 3, 0x7)
+    };
+    let poll = post(addr, &applying, Post::default()).await.server_to_agent();
+    assert!(poll.remote_config.is_none(), "reported: no more offers");
+    let poll = post(addr, &heartbeat(&http_uid, 4, 0x7), Post::default())
         .await
         .server_to_agent();
     assert!(poll.remote_config.is_none());

@@ -87,7 +87,7 @@ pub struct Reply {
     pub report_full_state: bool,
     /// Offer this uid in `agent_identification` (the agent asked for one).
     pub new_instance_uid: Option<InstanceUid>,
-    /// A pushed config that has not reached the agent yet.
+    /// A pushed config the agent has not yet reported receiving.
     pub remote_config: Option<Arc<ConfigBundle>>,
     /// This WebSocket was replaced by a newer one for the same agent: the
     /// report was ignored and the session should close.
@@ -101,7 +101,8 @@ pub enum PushOutcome {
     /// Handed to the agent's WebSocket.
     Sent,
     /// Goes out in the reply to the agent's next message (plain HTTP, or a
-    /// WebSocket too busy to take it now). A newer push replaces it.
+    /// WebSocket too busy to take it now), and over plain HTTP in every reply
+    /// after until the agent reports its hash. A newer push replaces it.
     Queued,
     /// Unknown or offline agent; nothing was kept.
     NotConnected,
@@ -386,10 +387,23 @@ impl Fleet {
         if !entry.record.capabilities.accepts_remote_config() && entry.pending.take().is_some() {
             tracing::info!(agent = %uid, "agent no longer accepts remote config; its pending push is dropped");
         }
+        let reported = entry.record.reported_hash();
+        if entry.pending.as_ref().is_some_and(|b| reported == Some(b.hash())) {
+            tracing::debug!(agent = %uid, "agent reported the pushed config; no longer offered");
+            entry.pending = None;
+        }
+        // A plain-HTTP reply can be lost on the way, and the reconciler pushes
+        // once per connection: the push rides on every reply until the agent
+        // reports its hash (agents take a repeated offer of the same hash as
+        // a no-op). A WebSocket delivers in order or closes, so once is enough.
+        let remote_config = match transport {
+            Transport::Http => entry.pending.clone(),
+            Transport::WebSocket => entry.pending.take(),
+        };
         let reply = Reply {
             report_full_state: decision.report_full_state,
             new_instance_uid: decision.new_instance_uid.then(InstanceUid::new_v7),
-            remote_config: entry.pending.take(),
+            remote_config,
             replaced: false,
         };
         self.agents.insert(uid, entry);
@@ -464,6 +478,7 @@ mod tests {
 
     use super::*;
     use crate::desired::ConfigFile;
+    use crate::opamp::proto::RemoteConfigStatus;
 
     fn msg(uid: &InstanceUid, seq: u64, caps: u64) -> AgentToServer {
         AgentToServer {
@@ -539,7 +554,36 @@ mod tests {
             .report(uid.clone(), msg(&uid, 3, 0x3), Via::Http, None)
             .await
             .unwrap();
-        assert!(r.remote_config.is_none(), "sent once");
+        assert_eq!(
+            r.remote_config.map(|b| b.hash()),
+            Some(bundle("b").hash()),
+            "offered again until the agent reports it"
+        );
+        for (seq, (hash, status)) in [(bundle("a").hash(), 1), (bundle("b").hash(), 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let report = AgentToServer {
+                remote_config_status: Some(RemoteConfigStatus {
+                    last_remote_config_hash: Bytes::copy_from_slice(hash.as_bytes()),
+                    status,
+                    error_message: String::new(),
+                }),
+                ..msg(&uid, 4 + seq as u64, 0x3)
+            };
+            let r = fleet.report(uid.clone(), report, Via::Http, None).await.unwrap();
+            let acknowledged = hash == bundle("b").hash();
+            assert_eq!(
+                r.remote_config.is_none(),
+                acknowledged,
+                "only its own hash (in any status) ends the offer"
+            );
+        }
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 6, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_none());
     }
 
     #[tokio::test(start_paused = true)]
