@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::fleet::{PushOutcome, Transport};
-use opamp_gitops::model::InstanceUid;
+use opamp_gitops::model::{ConfigHash, InstanceUid};
 use opamp_gitops::opamp::proto::{AgentDisconnect, AgentToServer, ComponentHealth};
 use serde_json::json;
 
@@ -208,6 +208,69 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         fleet.push(iuid(&uid16(28)), config).await.unwrap(),
         PushOutcome::NotConnected
     );
+    ws.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_newest_push_is_the_last_config_a_websocket_gets() {
+    let server = TestServer::start().await;
+    let fleet = server.fleet().clone();
+    let uid = uid16(33);
+    let mut ws = server.ws().await;
+    let mut seq = 0;
+    ws.exchange(&hello(&uid, seq)).await;
+    // Larger than the socket buffers: while we do not read, the session is
+    // stuck sending it, and what follows piles up behind it.
+    let large = bundle(&[("", &"#".repeat(12 << 20))]);
+    for round in 0..10 {
+        assert_eq!(fleet.push(iuid(&uid), large.clone()).await.unwrap(), PushOutcome::Sent);
+        // A report waiting while the pushes arrive.
+        seq += 1;
+        ws.send(&heartbeat(&uid, seq, 0x7)).await;
+        let bundles: Vec<_> = (0..8)
+            .map(|i| bundle(&[("", &format!("round: {round}\npush: {i}\n"))]))
+            .collect();
+        let newest = bundles.last().unwrap().hash();
+        let pushes = bundles.iter().map(|b| fleet.push(iuid(&uid), b.clone()));
+        for outcome in futures_util::future::join_all(pushes).await {
+            assert!(matches!(outcome.unwrap(), PushOutcome::Sent | PushOutcome::Queued));
+        }
+        // Reports whose replies are recognisable (a push never carries
+        // agent_identification), until the newest config arrived and one more
+        // report has been answered after it.
+        let mut configs = Vec::new();
+        let mut answered_after_newest = false;
+        for _ in 0..5 {
+            let newest_seen = configs.contains(&newest);
+            seq += 1;
+            ws.send(&AgentToServer {
+                flags: 0x1,
+                ..heartbeat(&uid, seq, 0x7)
+            })
+            .await;
+            loop {
+                let m = ws.recv().await;
+                if let Some(rc) = &m.remote_config {
+                    configs.push(ConfigHash::from_wire(&rc.config_hash).expect("our hash"));
+                }
+                if m.agent_identification.is_some() {
+                    break;
+                }
+            }
+            if newest_seen {
+                answered_after_newest = true;
+                break;
+            }
+        }
+        assert!(answered_after_newest, "round {round}: the newest push never arrived");
+        assert_eq!(
+            configs.last(),
+            Some(&newest),
+            "round {round}: an older push overtook the newest ({} configs)",
+            configs.len()
+        );
+    }
     ws.close().await;
     server.stop().await;
 }

@@ -7,10 +7,11 @@ pub mod capabilities;
 pub mod record;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,12 +65,66 @@ impl FleetSnapshot {
     }
 }
 
+/// The one config waiting to go out on a WebSocket. A newer push replaces
+/// one not yet sent (latest wins), so the last config a connection sends is
+/// always the newest push, however fast pushes come.
+#[derive(Default)]
+pub struct PushSlot {
+    bundle: Mutex<Option<Arc<ConfigBundle>>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl PushSlot {
+    /// Puts `bundle` in the slot, replacing what waits there; false when the
+    /// session has ended.
+    pub fn put(&self, bundle: Arc<ConfigBundle>) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        *self.lock() = Some(bundle);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Completes after a [`put`](Self::put); then [`take`](Self::take) may
+    /// still find the slot empty (a push already taken).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    pub fn take(&self) -> Option<Arc<ConfigBundle>> {
+        self.lock().take()
+    }
+
+    /// The session has ended: later pushes are refused.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<ConfigBundle>>> {
+        // The lock guards a plain replace or take: a panic cannot leave it half done.
+        self.bundle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for PushSlot {
+    /// The hash only: config bodies hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSlot")
+            .field("waiting", &self.lock().as_ref().map(|b| b.hash()))
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
 /// What a WebSocket session gives the fleet so that pushes and replacement reach it.
 #[derive(Debug, Clone)]
 pub struct WsLink {
     pub conn: ConnId,
-    /// Configs to send now.
-    pub push: mpsc::Sender<Arc<ConfigBundle>>,
+    /// The config to send next.
+    pub push: Arc<PushSlot>,
     /// Cancelled when a newer connection for the same agent replaces this one.
     pub close: CancellationToken,
 }
@@ -98,11 +153,11 @@ pub struct Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushOutcome {
-    /// Handed to the agent's WebSocket.
+    /// Handed to the agent's WebSocket (a newer push replaces it if it has
+    /// not gone out yet).
     Sent,
-    /// Goes out in the reply to the agent's next message (plain HTTP, or a
-    /// WebSocket too busy to take it now), and over plain HTTP in every reply
-    /// after until the agent reports its hash. A newer push replaces it.
+    /// Plain HTTP: goes out in the reply to the agent's next message, and in
+    /// every reply after until the agent reports its hash. A newer push replaces it.
     Queued,
     /// Unknown or offline agent; nothing was kept.
     NotConnected,
@@ -441,17 +496,12 @@ impl Fleet {
             e.pending = Some(bundle);
             return PushOutcome::Queued;
         };
-        match link.push.try_send(bundle) {
-            Ok(()) => {
-                e.pending = None;
-                PushOutcome::Sent
-            }
-            Err(mpsc::error::TrySendError::Full(bundle)) => {
-                e.pending = Some(bundle);
-                PushOutcome::Queued
-            }
+        if link.push.put(bundle) {
+            e.pending = None;
+            PushOutcome::Sent
+        } else {
             // The session is ending; its close will mark the agent offline.
-            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::NotConnected,
+            PushOutcome::NotConnected
         }
     }
 
@@ -500,15 +550,15 @@ mod tests {
         )])))
     }
 
-    fn link(conn: ConnId) -> (WsLink, mpsc::Receiver<Arc<ConfigBundle>>) {
-        let (push, rx) = mpsc::channel(1);
+    fn link(conn: ConnId) -> (WsLink, Arc<PushSlot>) {
+        let slot = Arc::new(PushSlot::default());
         (
             WsLink {
                 conn,
-                push,
+                push: slot.clone(),
                 close: CancellationToken::new(),
             },
-            rx,
+            slot,
         )
     }
 
@@ -615,7 +665,7 @@ mod tests {
         let (fleet, _c) = start(Duration::from_secs(30));
         let uid = InstanceUid::Uuid([2; 16]);
         let (old, _old_rx) = link(1);
-        let (new, mut new_rx) = link(2);
+        let (new, new_rx) = link(2);
         fleet
             .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(old.clone()), None)
             .await
@@ -632,7 +682,16 @@ mod tests {
         assert!(r.replaced);
         fleet.closed(1, uid.clone()).await;
         assert_eq!(fleet.push(uid.clone(), bundle("x")).await.unwrap(), PushOutcome::Sent);
-        assert!(new_rx.recv().await.is_some());
+        assert_eq!(fleet.push(uid.clone(), bundle("y")).await.unwrap(), PushOutcome::Sent);
+        new_rx.ready().await;
+        assert_eq!(new_rx.take().map(|b| b.hash()), Some(bundle("y").hash()), "latest wins");
+        assert!(new_rx.take().is_none());
+        new_rx.close();
+        assert_eq!(
+            fleet.push(uid.clone(), bundle("z")).await.unwrap(),
+            PushOutcome::NotConnected,
+            "a closed session takes no pushes"
+        );
         // Paused time: this lets every snapshot due be published.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let s = fleet.snapshot();

@@ -10,7 +10,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
 use super::codec::{self, DecodeError};
 use super::proto::{
@@ -19,15 +18,13 @@ use super::proto::{
 };
 use super::transport::OpampContext;
 use crate::desired::ConfigBundle;
-use crate::fleet::{Reply, Transport, Via, WsLink};
+use crate::fleet::{PushSlot, Reply, Transport, Via, WsLink};
 use crate::model::InstanceUid;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig. No heartbeat
 /// offer: agents keep their own interval (see `--heartbeat-interval`).
 pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
 const FLAG_REPORT_FULL_STATE: u64 = 0x1;
-/// Pushes waiting for one WebSocket; when full, a push waits for the next reply.
-const PUSH_QUEUE: usize = 2;
 /// How long a closing WebSocket waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How much of an oversized HTTP body is read and dropped so that the client
@@ -173,11 +170,11 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     ctx.metrics
         .websocket_opened
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (push, mut pushes) = mpsc::channel::<Arc<ConfigBundle>>(PUSH_QUEUE);
+    let pushes = Arc::new(PushSlot::default());
     let close = ctx.shutdown.child_token();
     let link = WsLink {
         conn,
-        push,
+        push: pushes.clone(),
         close: close.clone(),
     };
     // The uid this connection reports as, and its bytes as the agent sent them.
@@ -193,7 +190,8 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     (close::NORMAL, "replaced by a newer connection")
                 });
             }
-            Some(bundle) = pushes.recv() => {
+            () = pushes.ready() => {
+                let Some(bundle) = pushes.take() else { continue };
                 let Some((uid, wire)) = &agent else { continue };
                 tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
                 let frame = binary(&ServerToAgent {
@@ -272,6 +270,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
             let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
         }
     }
+    pushes.close();
     drop(socket);
     if let Some((uid, _)) = agent {
         ctx.fleet.closed(conn, uid).await;
