@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::ApiState;
+use super::{ApiState, error};
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
 
@@ -158,10 +158,6 @@ pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Resp
     };
     let assignments = state.assignments.borrow().clone();
     Json(agent_json(rec, assignments.get(&uid), true)).into_response()
-}
-
-fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 #[cfg(test)]

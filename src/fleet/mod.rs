@@ -55,14 +55,6 @@ impl FleetSnapshot {
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
         v
     }
-
-    /// How many agents are connected over `transport`.
-    pub fn connected(&self, transport: Transport) -> usize {
-        self.agents
-            .values()
-            .filter(|r| r.connected && r.transport == transport)
-            .count()
-    }
 }
 
 /// The one config waiting to go out on a WebSocket. A newer push replaces
