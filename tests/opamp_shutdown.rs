@@ -34,8 +34,8 @@ async fn cancel_closes_websockets_and_finishes_inflight_http() {
     tcp.write_all(a).await.unwrap();
     tcp.write_all(b"\r\n").await.unwrap();
     tcp.flush().await.unwrap();
-    // Let the server start on the request before it is told to stop.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The server has started on the request before it is told to stop.
+    http_requests_started(&server, 1).await;
 
     let shutdown = server.running.shutdown.clone();
     let stopping = tokio::spawn(server.stop());

@@ -409,5 +409,13 @@ async fn other_methods_are_refused_and_the_path_is_exact() {
     )
     .await;
     assert_eq!(r.server_to_agent().instance_uid.as_ref(), &uid16(12)[..]);
+    let msg = hello(&uid16(13), 0).encode_to_vec();
+    let r = http_request(server.opamp_addr(), "POST", "/v1/opamp", &[], Body::Plain(msg)).await;
+    assert_eq!(
+        r.server_to_agent().instance_uid.as_ref(),
+        &uid16(13)[..],
+        "no Content-Type at all"
+    );
+    server.wait_agent(&uid16(13), |r| r.connected).await;
     server.stop().await;
 }
