@@ -35,7 +35,9 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     pub max_message_bytes: usize,
     /// Agents are assumed to report at least this often; an HTTP agent silent
-    /// for three intervals is offline. Not offered to agents (see README).
+    /// for three intervals is offline. WebSockets are pinged at this interval
+    /// and closed after three silent ones. Not offered to agents (see
+    /// docs/opamp-server.md).
     pub heartbeat_interval: Duration,
     /// The config repository; without it the controller only keeps the inventory.
     pub git: Option<GitConfig>,
@@ -168,6 +170,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         config.max_message_bytes,
         shutdown.clone(),
         sessions.clone(),
+        config.heartbeat_interval,
     );
     let api_state = ApiState {
         fleet: fleet.clone(),

@@ -138,6 +138,46 @@ async fn an_http_agent_goes_offline_after_three_missed_heartbeats() {
 }
 
 #[tokio::test]
+async fn a_silent_websocket_is_closed_after_three_unanswered_intervals() {
+    let config = ServeConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        ..ServeConfig::local()
+    };
+    let server = TestServer::start_with(config).await;
+    let (quiet, live) = (uid16(34), uid16(35));
+    let mut q = server.ws().await;
+    q.exchange(&hello(&quiet, 0)).await;
+    let mut l = server.ws().await;
+    l.exchange(&hello(&live, 0)).await;
+    // The live agent keeps reading, so its client answers the pings; the
+    // quiet one (a half-open connection, as far as the server can tell) reads nothing.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        while let Some(Ok(frame)) = futures_util::StreamExt::next(&mut l.ws).await {
+            if matches!(frame, tokio_tungstenite::tungstenite::Message::Ping(_)) {
+                pings += 1;
+                if pings == 6 {
+                    break;
+                }
+            }
+        }
+        (l, pings)
+    });
+    let gone = server.wait_agent(&quiet, |r| !r.connected).await;
+    let silence = gone.disconnected_at.unwrap().duration_since(gone.last_seen).unwrap();
+    assert!(
+        silence > Duration::from_millis(300),
+        "closed only after three intervals ({silence:?})"
+    );
+    let (l, pings) = tokio::time::timeout(DEADLINE, reader).await.unwrap().unwrap();
+    assert_eq!(pings, 6, "the answering connection stays open past three intervals");
+    assert!(server.fleet().snapshot().get(&iuid(&live)).unwrap().connected);
+    l.close().await;
+    drop(q);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll() {
     let server = TestServer::start().await;
     let fleet = server.fleet().clone();

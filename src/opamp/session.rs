@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, DecodeError};
 use super::proto::{
@@ -180,9 +181,24 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     // The uid this connection reports as, and its bytes as the agent sent them.
     let mut agent: Option<(InstanceUid, Bytes)> = None;
     let mut capabilities_sent = false;
+    // A half-open connection never closes by itself: ping, and give up on a
+    // peer that has sent nothing (pongs included) for three intervals.
+    let interval = ctx.heartbeat_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_frame = Instant::now();
 
     let end: Option<(u16, &'static str)> = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if last_frame.elapsed() > interval.saturating_mul(3) {
+                    tracing::info!(conn, "WebSocket silent for three heartbeat intervals; closing it");
+                    break None;
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
             _ = close.cancelled() => {
                 break Some(if ctx.shutdown.is_cancelled() {
                     (close::GOING_AWAY, "server shutting down")
@@ -206,6 +222,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 }
             }
             frame = socket.recv() => {
+                last_frame = Instant::now();
                 let data = match frame {
                     None => break None,
                     Some(Err(e)) if is_too_big(&e) => {
@@ -222,8 +239,9 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                         tracing::warn!(conn, "ignored a WebSocket text frame");
                         continue;
                     }
-                    // Pings are answered by the WebSocket layer; a Close is
-                    // answered there too and then the stream ends.
+                    // Pings are answered by the WebSocket layer (pongs only
+                    // prove the peer is there); a Close is answered there
+                    // too and then the stream ends.
                     Some(Ok(_)) => continue,
                 };
                 ctx.metrics.messages_received.inc(Transport::WebSocket);
