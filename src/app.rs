@@ -24,8 +24,9 @@ use crate::notes::writer::{self, Backoff, WriterStats};
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport::{self, OpampContext};
 
-/// How long shutdown waits for connections to finish before it gives up on them.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long shutdown waits, in all, for open connections (HTTP requests in
+/// flight, then WebSockets) to finish before it gives up on them.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What `serve` needs to run.
 #[derive(Debug, Clone)]
@@ -34,7 +35,9 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     pub max_message_bytes: usize,
     /// Agents are assumed to report at least this often; an HTTP agent silent
-    /// for three intervals is offline. Not offered to agents (see README).
+    /// for three intervals is offline. WebSockets are pinged at this interval
+    /// and closed after three silent ones. Not offered to agents (see
+    /// docs/opamp-server.md).
     pub heartbeat_interval: Duration,
     /// The config repository; without it the controller only keeps the inventory.
     pub git: Option<GitConfig>,
@@ -44,6 +47,8 @@ pub struct ServeConfig {
     pub startup_grace: Duration,
     /// Who git notes are written as.
     pub notes_author: Author,
+    /// How long shutdown waits for open connections ([`DRAIN_DEADLINE`]).
+    pub drain_deadline: Duration,
 }
 
 impl ServeConfig {
@@ -58,6 +63,7 @@ impl ServeConfig {
             reconcile_tick: Duration::from_secs(1),
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
+            drain_deadline: DRAIN_DEADLINE,
         }
     }
 }
@@ -164,6 +170,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         config.max_message_bytes,
         shutdown.clone(),
         sessions.clone(),
+        config.heartbeat_interval,
     );
     let api_state = ApiState {
         fleet: fleet.clone(),
@@ -185,12 +192,32 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracing::info!(opamp = %opamp_addr, api = %api_addr, "listening");
 
+    let drain = config.drain_deadline;
+    let stop = shutdown.clone();
     let done = tokio::spawn(async move {
         let servers = async { tokio::join!(opamp_server.into_future(), api_server.into_future()) };
-        let (opamp_result, api_result) = servers.await;
+        tokio::pin!(servers);
+        let mut finished = None;
+        tokio::select! {
+            r = &mut servers => finished = Some(r),
+            () = stop.cancelled() => {}
+        }
+        // One deadline for the whole drain: a client that never finishes its
+        // request must not keep the controller alive.
+        let deadline = tokio::time::Instant::now() + drain;
+        let (opamp_result, api_result) = match finished {
+            Some(r) => r,
+            None => match tokio::time::timeout_at(deadline, servers).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("HTTP connections did not finish in time; abandoning them");
+                    (Ok(()), Ok(()))
+                }
+            },
+        };
         tracing::info!("listeners closed; waiting for connections to finish");
         sessions.close();
-        if tokio::time::timeout(DRAIN_DEADLINE, sessions.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, sessions.wait()).await.is_err() {
             tracing::warn!(open = sessions.len(), "WebSocket sessions did not finish in time");
         }
         if let Some(g) = gitops {

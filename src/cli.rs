@@ -71,14 +71,14 @@ pub struct ServeArgs {
     #[arg(long, default_value = ".opamp-gitops")]
     pub state_dir: PathBuf,
     /// How often to fetch the repository.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     pub poll_interval: Duration,
-    /// Largest OpAMP message accepted, after decompression, in bytes.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest OpAMP message accepted, after decompression, in bytes (at least 1024).
+    #[arg(long, default_value_t = crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_max_message_bytes)]
     pub max_message_bytes: usize,
     /// How often agents are assumed to report (not offered to them: see
     /// docs/opamp-server.md); an HTTP agent silent for three intervals is offline.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     pub heartbeat_interval: Duration,
     /// File holding the shared secret that push webhooks are signed with
     /// (X-Hub-Signature-256); without it webhooks are not authenticated.
@@ -95,7 +95,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub ssh_key_file: Option<PathBuf>,
     /// How often rollouts are re-planned without a change (bake and timeouts end on a tick).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     pub reconcile_tick: Duration,
     /// How long after start the first plan waits, so agents reconnect before
     /// a rollout counts its members.
@@ -229,7 +229,7 @@ pub struct SimulateArgs {
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Heartbeat (WebSocket) or polling (HTTP) interval.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     pub heartbeat: Duration,
     /// WebSocket handshakes (HTTP: requests) in flight at once, so a burst of
     /// agents does not overflow the server's accept queue.
@@ -239,6 +239,31 @@ pub struct SimulateArgs {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 1h 30m)"))
+}
+
+/// A duration that must not be zero: a zero interval would spin, panic
+/// (`tokio::time::interval`) or mark every agent offline at once.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero (examples: 500ms, 30s, 5m)".to_string());
+    }
+    Ok(d)
+}
+
+/// The smallest `--max-message-bytes`: below it even an agent's first message
+/// (description, capabilities) may not fit.
+pub const MIN_MAX_MESSAGE_BYTES: usize = 1024;
+
+fn parse_max_message_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (expected a number of bytes)"))?;
+    if n < MIN_MAX_MESSAGE_BYTES {
+        return Err(format!("must be at least {MIN_MAX_MESSAGE_BYTES} bytes"));
+    }
+    Ok(n)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -301,6 +326,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     name: args.notes_author_name.clone(),
                     email: args.notes_author_email.clone(),
                 },
+                drain_deadline: crate::app::DRAIN_DEADLINE,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

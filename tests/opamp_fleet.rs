@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::fleet::{PushOutcome, Transport};
-use opamp_gitops::model::InstanceUid;
+use opamp_gitops::model::{ConfigHash, InstanceUid};
 use opamp_gitops::opamp::proto::{AgentDisconnect, AgentToServer, ComponentHealth};
 use serde_json::json;
 
@@ -114,21 +114,66 @@ async fn an_http_agent_goes_offline_after_three_missed_heartbeats() {
     let server = TestServer::start_with(config).await;
     let uid = uid16(24);
     post(server.opamp_addr(), &hello(&uid, 0), Post::default()).await;
-    let online = server.wait_agent(&uid, |r| r.connected).await;
+    // With intervals this short the online snapshot may already be replaced
+    // by the offline one when we look: the offline record tells it all.
     let offline = server.wait_agent(&uid, |r| !r.connected).await;
     let silence = offline
         .disconnected_at
         .unwrap()
-        .duration_since(online.last_seen)
+        .duration_since(offline.last_seen)
         .unwrap();
     assert!(
         silence > Duration::from_millis(300),
         "offline only after three intervals ({silence:?})"
     );
-    // It comes back with a new epoch.
-    post(server.opamp_addr(), &heartbeat(&uid, 1, 0x7), Post::default()).await;
-    let back = server.wait_agent(&uid, |r| r.connected).await;
-    assert_eq!(back.connection_epoch, online.connection_epoch + 1);
+    // It comes back with a new epoch (and may go offline again before we look).
+    let reply = post(server.opamp_addr(), &heartbeat(&uid, 1, 0x7), Post::default()).await;
+    assert!(reply.server_to_agent().error_response.is_none());
+    let back = server
+        .wait_agent(&uid, |r| r.connection_epoch == offline.connection_epoch + 1)
+        .await;
+    assert_eq!(back.sequence_num, 1);
+    assert!(back.last_seen > offline.last_seen);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_websocket_is_closed_after_three_unanswered_intervals() {
+    let config = ServeConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        ..ServeConfig::local()
+    };
+    let server = TestServer::start_with(config).await;
+    let (quiet, live) = (uid16(34), uid16(35));
+    let mut q = server.ws().await;
+    q.exchange(&hello(&quiet, 0)).await;
+    let mut l = server.ws().await;
+    l.exchange(&hello(&live, 0)).await;
+    // The live agent keeps reading, so its client answers the pings; the
+    // quiet one (a half-open connection, as far as the server can tell) reads nothing.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        while let Some(Ok(frame)) = futures_util::StreamExt::next(&mut l.ws).await {
+            if matches!(frame, tokio_tungstenite::tungstenite::Message::Ping(_)) {
+                pings += 1;
+                if pings == 6 {
+                    break;
+                }
+            }
+        }
+        (l, pings)
+    });
+    let gone = server.wait_agent(&quiet, |r| !r.connected).await;
+    let silence = gone.disconnected_at.unwrap().duration_since(gone.last_seen).unwrap();
+    assert!(
+        silence > Duration::from_millis(300),
+        "closed only after three intervals ({silence:?})"
+    );
+    let (l, pings) = tokio::time::timeout(DEADLINE, reader).await.unwrap().unwrap();
+    assert_eq!(pings, 6, "the answering connection stays open past three intervals");
+    assert!(server.fleet().snapshot().get(&iuid(&live)).unwrap().connected);
+    l.close().await;
+    drop(q);
     server.stop().await;
 }
 
@@ -179,7 +224,20 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         config.hash().as_bytes(),
         "the newest push wins"
     );
+    // That reply was lost: the agent never saw it. The next poll still carries the push.
     let poll = post(addr, &heartbeat(&http_uid, 2, 0x7), Post::default())
+        .await
+        .server_to_agent();
+    let rc = poll.remote_config.expect("offered again until the agent reports it");
+    assert_eq!(rc.config_hash.as_ref(), config.hash().as_bytes());
+    // Once the agent reports the hash (applying), it is not offered again.
+    let applying = AgentToServer {
+        remote_config_status: Some(remote_status(config.hash().as_bytes(), 2, "")),
+        ..heartbeat(&http_uid, 3, 0x7)
+    };
+    let poll = post(addr, &applying, Post::default()).await.server_to_agent();
+    assert!(poll.remote_config.is_none(), "reported: no more offers");
+    let poll = post(addr, &heartbeat(&http_uid, 4, 0x7), Post::default())
         .await
         .server_to_agent();
     assert!(poll.remote_config.is_none());
@@ -195,6 +253,69 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         fleet.push(iuid(&uid16(28)), config).await.unwrap(),
         PushOutcome::NotConnected
     );
+    ws.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_newest_push_is_the_last_config_a_websocket_gets() {
+    let server = TestServer::start().await;
+    let fleet = server.fleet().clone();
+    let uid = uid16(33);
+    let mut ws = server.ws().await;
+    let mut seq = 0;
+    ws.exchange(&hello(&uid, seq)).await;
+    // Larger than the socket buffers: while we do not read, the session is
+    // stuck sending it, and what follows piles up behind it.
+    let large = bundle(&[("", &"#".repeat(12 << 20))]);
+    for round in 0..10 {
+        assert_eq!(fleet.push(iuid(&uid), large.clone()).await.unwrap(), PushOutcome::Sent);
+        // A report waiting while the pushes arrive.
+        seq += 1;
+        ws.send(&heartbeat(&uid, seq, 0x7)).await;
+        let bundles: Vec<_> = (0..8)
+            .map(|i| bundle(&[("", &format!("round: {round}\npush: {i}\n"))]))
+            .collect();
+        let newest = bundles.last().unwrap().hash();
+        let pushes = bundles.iter().map(|b| fleet.push(iuid(&uid), b.clone()));
+        for outcome in futures_util::future::join_all(pushes).await {
+            assert!(matches!(outcome.unwrap(), PushOutcome::Sent | PushOutcome::Queued));
+        }
+        // Reports whose replies are recognisable (a push never carries
+        // agent_identification), until the newest config arrived and one more
+        // report has been answered after it.
+        let mut configs = Vec::new();
+        let mut answered_after_newest = false;
+        for _ in 0..5 {
+            let newest_seen = configs.contains(&newest);
+            seq += 1;
+            ws.send(&AgentToServer {
+                flags: 0x1,
+                ..heartbeat(&uid, seq, 0x7)
+            })
+            .await;
+            loop {
+                let m = ws.recv().await;
+                if let Some(rc) = &m.remote_config {
+                    configs.push(ConfigHash::from_wire(&rc.config_hash).expect("our hash"));
+                }
+                if m.agent_identification.is_some() {
+                    break;
+                }
+            }
+            if newest_seen {
+                answered_after_newest = true;
+                break;
+            }
+        }
+        assert!(answered_after_newest, "round {round}: the newest push never arrived");
+        assert_eq!(
+            configs.last(),
+            Some(&newest),
+            "round {round}: an older push overtook the newest ({} configs)",
+            configs.len()
+        );
+    }
     ws.close().await;
     server.stop().await;
 }

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use opamp_gitops::app::ServeConfig;
 use opamp_gitops::opamp::codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,8 +34,8 @@ async fn cancel_closes_websockets_and_finishes_inflight_http() {
     tcp.write_all(a).await.unwrap();
     tcp.write_all(b"\r\n").await.unwrap();
     tcp.flush().await.unwrap();
-    // Let the server start on the request before it is told to stop.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The server has started on the request before it is told to stop.
+    http_requests_started(&server, 1).await;
 
     let shutdown = server.running.shutdown.clone();
     let stopping = tokio::spawn(server.stop());
@@ -83,6 +84,39 @@ async fn cancel_closes_websockets_and_finishes_inflight_http() {
         TcpStream::connect(addr).await.is_err(),
         "the listener is closed after shutdown"
     );
+}
+
+/// Waits until the server has started on `n` HTTP OpAMP requests.
+async fn http_requests_started(server: &TestServer, n: u32) {
+    let line = format!("opamp_gitops_opamp_messages_received_total{{transport=\"http\"}} {n}\n");
+    eventually("the server to start on the request", async || {
+        let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+        text.contains(&line).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_half_sent_body_does_not_hold_shutdown_past_the_drain_deadline() {
+    let config = ServeConfig {
+        drain_deadline: Duration::from_millis(300),
+        ..ServeConfig::local()
+    };
+    let server = TestServer::start_with(config).await;
+    let addr = server.opamp_addr();
+    // Declares 100 bytes, sends 10, then goes quiet (and keeps the connection open).
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST /v1/opamp HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&[0u8; 10]).await.unwrap();
+    tcp.flush().await.unwrap();
+    http_requests_started(&server, 1).await;
+
+    tokio::time::timeout(DEADLINE, server.running.stop())
+        .await
+        .expect("shutdown ends at the drain deadline, not when the client does")
+        .expect("clean shutdown");
+    drop(tcp);
 }
 
 #[tokio::test]

@@ -293,6 +293,28 @@ async fn malformed_messages_close_one_websocket_and_get_bad_request_over_http() 
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_body_that_cannot_be_read_gets_bad_request_in_protobuf() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let addr = server.opamp_addr();
+    // A chunked body whose chunk size is not hex: the body stream fails.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/opamp HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n\x0a\x02ab\r\nzz\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let r = parse_response(&raw);
+    let reply = r.server_to_agent();
+    assert_eq!(reply.error_response.map(|e| e.r#type), Some(1), "BadRequest");
+    server.stop().await;
+}
+
 /// Random bytes, truncated messages and mangled messages, 1,000 over each
 /// transport: the server answers or closes each, and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,5 +409,13 @@ async fn other_methods_are_refused_and_the_path_is_exact() {
     )
     .await;
     assert_eq!(r.server_to_agent().instance_uid.as_ref(), &uid16(12)[..]);
+    let msg = hello(&uid16(13), 0).encode_to_vec();
+    let r = http_request(server.opamp_addr(), "POST", "/v1/opamp", &[], Body::Plain(msg)).await;
+    assert_eq!(
+        r.server_to_agent().instance_uid.as_ref(),
+        &uid16(13)[..],
+        "no Content-Type at all"
+    );
+    server.wait_agent(&uid16(13), |r| r.connected).await;
     server.stop().await;
 }

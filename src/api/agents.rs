@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::ApiState;
+use super::{ApiState, error};
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
 
@@ -74,6 +74,15 @@ pub fn unassigned_state(rec: &AgentRecord) -> AgentState {
     }
 }
 
+/// The state the API shows: the reconciler's, except that a record that is
+/// not connected is offline at once (the assignment is from the last plan).
+pub fn agent_state(rec: &AgentRecord, assignment: Option<&Assignment>) -> AgentState {
+    match assignment {
+        Some(a) if rec.connected => a.state,
+        _ => unassigned_state(rec),
+    }
+}
+
 /// Builds an agent's JSON. `with_effective_config` adds the bodies (the
 /// single-agent answer).
 pub fn agent_json<'a>(
@@ -97,7 +106,7 @@ pub fn agent_json<'a>(
             error_message: &s.error_message,
         }),
         health: rec.health.as_deref().map(health_json),
-        state: assignment.map_or_else(|| unassigned_state(rec), |a| a.state),
+        state: agent_state(rec, assignment),
         effective_config: with_effective_config.then(|| {
             rec.effective_config
                 .as_deref()
@@ -149,10 +158,6 @@ pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Resp
     };
     let assignments = state.assignments.borrow().clone();
     Json(agent_json(rec, assignments.get(&uid), true)).into_response()
-}
-
-fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 #[cfg(test)]
@@ -226,6 +231,24 @@ mod tests {
         assert_eq!(detail["effective_config"], serde_json::json!({"": "a: 1\n"}));
         assert_eq!(detail["group"], serde_json::Value::Null);
         assert_eq!(detail["state"], "unmanaged");
+    }
+
+    #[test]
+    fn a_disconnected_agent_is_offline_whatever_the_last_plan_said() {
+        let mut r = record();
+        let assignment = Assignment {
+            group: Some(GroupName::new("edge-gateways")),
+            desired_config_hash: Some(ConfigHash([0x9a; 32])),
+            state: AgentState::InSync,
+        };
+        assert_eq!(agent_state(&r, Some(&assignment)), AgentState::InSync);
+        r.set_offline(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_255_260));
+        let v = serde_json::to_value(agent_json(&r, Some(&assignment), false)).unwrap();
+        assert_eq!(
+            (&v["connected"], &v["state"]),
+            (&serde_json::json!(false), &serde_json::json!("offline"))
+        );
+        assert_eq!(v["group"], "edge-gateways", "the group stays");
     }
 
     #[test]

@@ -7,11 +7,11 @@ pub mod health;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
 use tokio::sync::watch;
 
 pub use agents::{Assignment, Assignments};
@@ -54,6 +54,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(git_routes)
+}
+
+/// An error answer: `status` with `{"error": message}`.
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {

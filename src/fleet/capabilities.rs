@@ -28,12 +28,10 @@ const NAMES: [(u64, &str); 16] = [
 ];
 
 impl Capabilities {
-    pub const REPORTS_STATUS: u64 = 0x1;
     pub const ACCEPTS_REMOTE_CONFIG: u64 = 0x2;
     pub const REPORTS_EFFECTIVE_CONFIG: u64 = 0x4;
     pub const REPORTS_HEALTH: u64 = 0x800;
     pub const REPORTS_REMOTE_CONFIG: u64 = 0x1000;
-    pub const REPORTS_HEARTBEAT: u64 = 0x2000;
 
     /// True when every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {

@@ -7,10 +7,11 @@ pub mod capabilities;
 pub mod record;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,13 +55,59 @@ impl FleetSnapshot {
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
         v
     }
+}
 
-    /// How many agents are connected over `transport`.
-    pub fn connected(&self, transport: Transport) -> usize {
-        self.agents
-            .values()
-            .filter(|r| r.connected && r.transport == transport)
-            .count()
+/// The one config waiting to go out on a WebSocket. A newer push replaces
+/// one not yet sent (latest wins), so the last config a connection sends is
+/// always the newest push, however fast pushes come.
+#[derive(Default)]
+pub struct PushSlot {
+    bundle: Mutex<Option<Arc<ConfigBundle>>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl PushSlot {
+    /// Puts `bundle` in the slot, replacing what waits there; false when the
+    /// session has ended.
+    pub fn put(&self, bundle: Arc<ConfigBundle>) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        *self.lock() = Some(bundle);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Completes after a [`put`](Self::put); then [`take`](Self::take) may
+    /// still find the slot empty (a push already taken).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    pub fn take(&self) -> Option<Arc<ConfigBundle>> {
+        self.lock().take()
+    }
+
+    /// The session has ended: later pushes are refused.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<ConfigBundle>>> {
+        // The lock guards a plain replace or take: a panic cannot leave it half done.
+        self.bundle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for PushSlot {
+    /// The hash only: config bodies hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSlot")
+            .field("waiting", &self.lock().as_ref().map(|b| b.hash()))
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -68,8 +115,8 @@ impl FleetSnapshot {
 #[derive(Debug, Clone)]
 pub struct WsLink {
     pub conn: ConnId,
-    /// Configs to send now.
-    pub push: mpsc::Sender<Arc<ConfigBundle>>,
+    /// The config to send next.
+    pub push: Arc<PushSlot>,
     /// Cancelled when a newer connection for the same agent replaces this one.
     pub close: CancellationToken,
 }
@@ -87,7 +134,7 @@ pub struct Reply {
     pub report_full_state: bool,
     /// Offer this uid in `agent_identification` (the agent asked for one).
     pub new_instance_uid: Option<InstanceUid>,
-    /// A pushed config that has not reached the agent yet.
+    /// A pushed config the agent has not yet reported receiving.
     pub remote_config: Option<Arc<ConfigBundle>>,
     /// This WebSocket was replaced by a newer one for the same agent: the
     /// report was ignored and the session should close.
@@ -98,10 +145,11 @@ pub struct Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushOutcome {
-    /// Handed to the agent's WebSocket.
+    /// Handed to the agent's WebSocket (a newer push replaces it if it has
+    /// not gone out yet).
     Sent,
-    /// Goes out in the reply to the agent's next message (plain HTTP, or a
-    /// WebSocket too busy to take it now). A newer push replaces it.
+    /// Plain HTTP: goes out in the reply to the agent's next message, and in
+    /// every reply after until the agent reports its hash. A newer push replaces it.
     Queued,
     /// Unknown or offline agent; nothing was kept.
     NotConnected,
@@ -383,10 +431,26 @@ impl Fleet {
             tracing::debug!(agent = %uid, "agent said goodbye");
             entry.pending = None;
         }
+        if !entry.record.capabilities.accepts_remote_config() && entry.pending.take().is_some() {
+            tracing::info!(agent = %uid, "agent no longer accepts remote config; its pending push is dropped");
+        }
+        let reported = entry.record.reported_hash();
+        if entry.pending.as_ref().is_some_and(|b| reported == Some(b.hash())) {
+            tracing::debug!(agent = %uid, "agent reported the pushed config; no longer offered");
+            entry.pending = None;
+        }
+        // A plain-HTTP reply can be lost on the way, and the reconciler pushes
+        // once per connection: the push rides on every reply until the agent
+        // reports its hash (agents take a repeated offer of the same hash as
+        // a no-op). A WebSocket delivers in order or closes, so once is enough.
+        let remote_config = match transport {
+            Transport::Http => entry.pending.clone(),
+            Transport::WebSocket => entry.pending.take(),
+        };
         let reply = Reply {
             report_full_state: decision.report_full_state,
             new_instance_uid: decision.new_instance_uid.then(InstanceUid::new_v7),
-            remote_config: entry.pending.take(),
+            remote_config,
             replaced: false,
         };
         self.agents.insert(uid, entry);
@@ -424,17 +488,12 @@ impl Fleet {
             e.pending = Some(bundle);
             return PushOutcome::Queued;
         };
-        match link.push.try_send(bundle) {
-            Ok(()) => {
-                e.pending = None;
-                PushOutcome::Sent
-            }
-            Err(mpsc::error::TrySendError::Full(bundle)) => {
-                e.pending = Some(bundle);
-                PushOutcome::Queued
-            }
+        if link.push.put(bundle) {
+            e.pending = None;
+            PushOutcome::Sent
+        } else {
             // The session is ending; its close will mark the agent offline.
-            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::NotConnected,
+            PushOutcome::NotConnected
         }
     }
 
@@ -461,6 +520,7 @@ mod tests {
 
     use super::*;
     use crate::desired::ConfigFile;
+    use crate::opamp::proto::RemoteConfigStatus;
 
     fn msg(uid: &InstanceUid, seq: u64, caps: u64) -> AgentToServer {
         AgentToServer {
@@ -482,15 +542,15 @@ mod tests {
         )])))
     }
 
-    fn link(conn: ConnId) -> (WsLink, mpsc::Receiver<Arc<ConfigBundle>>) {
-        let (push, rx) = mpsc::channel(1);
+    fn link(conn: ConnId) -> (WsLink, Arc<PushSlot>) {
+        let slot = Arc::new(PushSlot::default());
         (
             WsLink {
                 conn,
-                push,
+                push: slot.clone(),
                 close: CancellationToken::new(),
             },
-            rx,
+            slot,
         )
     }
 
@@ -536,7 +596,60 @@ mod tests {
             .report(uid.clone(), msg(&uid, 3, 0x3), Via::Http, None)
             .await
             .unwrap();
-        assert!(r.remote_config.is_none(), "sent once");
+        assert_eq!(
+            r.remote_config.map(|b| b.hash()),
+            Some(bundle("b").hash()),
+            "offered again until the agent reports it"
+        );
+        for (seq, (hash, status)) in [(bundle("a").hash(), 1), (bundle("b").hash(), 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let report = AgentToServer {
+                remote_config_status: Some(RemoteConfigStatus {
+                    last_remote_config_hash: Bytes::copy_from_slice(hash.as_bytes()),
+                    status,
+                    error_message: String::new(),
+                }),
+                ..msg(&uid, 4 + seq as u64, 0x3)
+            };
+            let r = fleet.report(uid.clone(), report, Via::Http, None).await.unwrap();
+            let acknowledged = hash == bundle("b").hash();
+            assert_eq!(
+                r.remote_config.is_none(),
+                acknowledged,
+                "only its own hash (in any status) ends the offer"
+            );
+        }
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 6, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_push_is_dropped_when_the_agent_stops_accepting_remote_config() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([4; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(
+            r.remote_config.is_none(),
+            "not offered to an agent without AcceptsRemoteConfig"
+        );
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 2, 0x3), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_none(), "the push was dropped, not kept");
     }
 
     #[tokio::test(start_paused = true)]
@@ -544,7 +657,7 @@ mod tests {
         let (fleet, _c) = start(Duration::from_secs(30));
         let uid = InstanceUid::Uuid([2; 16]);
         let (old, _old_rx) = link(1);
-        let (new, mut new_rx) = link(2);
+        let (new, new_rx) = link(2);
         fleet
             .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(old.clone()), None)
             .await
@@ -561,7 +674,16 @@ mod tests {
         assert!(r.replaced);
         fleet.closed(1, uid.clone()).await;
         assert_eq!(fleet.push(uid.clone(), bundle("x")).await.unwrap(), PushOutcome::Sent);
-        assert!(new_rx.recv().await.is_some());
+        assert_eq!(fleet.push(uid.clone(), bundle("y")).await.unwrap(), PushOutcome::Sent);
+        new_rx.ready().await;
+        assert_eq!(new_rx.take().map(|b| b.hash()), Some(bundle("y").hash()), "latest wins");
+        assert!(new_rx.take().is_none());
+        new_rx.close();
+        assert_eq!(
+            fleet.push(uid.clone(), bundle("z")).await.unwrap(),
+            PushOutcome::NotConnected,
+            "a closed session takes no pushes"
+        );
         // Paused time: this lets every snapshot due be published.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let s = fleet.snapshot();

@@ -198,8 +198,6 @@ pub struct ReplyDecision {
     pub report_full_state: bool,
     /// The agent asked for a new instance uid.
     pub new_instance_uid: bool,
-    /// The message started a new connection (the epoch grew).
-    pub new_connection: bool,
     /// The agent said goodbye (`agent_disconnect`).
     pub disconnected: bool,
     /// Something besides liveness (last seen, sequence number) changed.
@@ -267,7 +265,6 @@ pub fn apply(
             && (prev.is_none() || gap)
             && rec.missing_state(prev.is_none() && rec.sequence_num <= 1),
         new_instance_uid: msg.flags & FLAG_REQUEST_INSTANCE_UID != 0,
-        new_connection,
         disconnected,
         changed,
     };
@@ -685,10 +682,10 @@ mod tests {
     fn connections_epochs_and_disconnect() {
         let first = known();
         assert_eq!((first.connection_epoch, first.connected), (0, true));
-        let (same, d) = apply(Some(&first), &uid(), heartbeat(1), ws(1, false));
-        assert_eq!((same.connection_epoch, d.new_connection), (0, false));
-        let (second, d) = apply(Some(&same), &uid(), heartbeat(2), ws(2, true));
-        assert_eq!((second.connection_epoch, d.new_connection), (1, true));
+        let (same, _) = apply(Some(&first), &uid(), heartbeat(1), ws(1, false));
+        assert_eq!(same.connection_epoch, 0);
+        let (second, _) = apply(Some(&same), &uid(), heartbeat(2), ws(2, true));
+        assert_eq!(second.connection_epoch, 1, "a new WebSocket starts a new epoch");
 
         let bye = AgentToServer {
             agent_disconnect: Some(AgentDisconnect {}),
@@ -699,11 +696,11 @@ mod tests {
         assert_eq!(gone.disconnected_at, Some(at(3)));
 
         // An HTTP agent: one epoch while it keeps polling, a new one when it returns from offline.
-        let (h1, d) = apply(Some(&gone), &uid(), heartbeat(0), http(10));
-        assert!(d.new_connection && h1.connected);
+        let (h1, _) = apply(Some(&gone), &uid(), heartbeat(0), http(10));
+        assert!(h1.connected);
         assert_eq!((h1.connection_epoch, h1.transport), (2, Transport::Http));
-        let (h2, d) = apply(Some(&h1), &uid(), heartbeat(1), http(20));
-        assert_eq!((h2.connection_epoch, d.new_connection), (2, false));
+        let (h2, _) = apply(Some(&h1), &uid(), heartbeat(1), http(20));
+        assert_eq!(h2.connection_epoch, 2);
         let mut off = h2.clone();
         off.set_offline(at(200));
         let (h3, _) = apply(Some(&off), &uid(), heartbeat(2), http(210));

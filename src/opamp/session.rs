@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, DecodeError};
 use super::proto::{
@@ -19,20 +19,23 @@ use super::proto::{
 };
 use super::transport::OpampContext;
 use crate::desired::ConfigBundle;
-use crate::fleet::{Reply, Transport, Via, WsLink};
+use crate::fleet::{PushSlot, Reply, Transport, Via, WsLink};
 use crate::model::InstanceUid;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig. No heartbeat
 /// offer: agents keep their own interval (see `--heartbeat-interval`).
 pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
 const FLAG_REPORT_FULL_STATE: u64 = 0x1;
-/// Pushes waiting for one WebSocket; when full, a push waits for the next reply.
-const PUSH_QUEUE: usize = 2;
 /// How long a closing WebSocket waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How much of an oversized HTTP body is read and dropped so that the client
 /// sees the 413 instead of a reset connection.
 const OVERSIZE_DRAIN: usize = 4 * 1024 * 1024;
+/// The most buffer reserved for an HTTP body before its bytes arrive: the
+/// declared length is the client's word, not memory it has paid for.
+const BODY_RESERVE: usize = 64 * 1024;
+/// How long a client may take to send an HTTP body; a slower one gets 408.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 
@@ -168,19 +171,34 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     ctx.metrics
         .websocket_opened
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (push, mut pushes) = mpsc::channel::<Arc<ConfigBundle>>(PUSH_QUEUE);
+    let pushes = Arc::new(PushSlot::default());
     let close = ctx.shutdown.child_token();
     let link = WsLink {
         conn,
-        push,
+        push: pushes.clone(),
         close: close.clone(),
     };
     // The uid this connection reports as, and its bytes as the agent sent them.
     let mut agent: Option<(InstanceUid, Bytes)> = None;
     let mut capabilities_sent = false;
+    // A half-open connection never closes by itself: ping, and give up on a
+    // peer that has sent nothing (pongs included) for three intervals.
+    let interval = ctx.heartbeat_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_frame = Instant::now();
 
     let end: Option<(u16, &'static str)> = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if last_frame.elapsed() > interval.saturating_mul(3) {
+                    tracing::info!(conn, "WebSocket silent for three heartbeat intervals; closing it");
+                    break None;
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
             _ = close.cancelled() => {
                 break Some(if ctx.shutdown.is_cancelled() {
                     (close::GOING_AWAY, "server shutting down")
@@ -188,7 +206,8 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     (close::NORMAL, "replaced by a newer connection")
                 });
             }
-            Some(bundle) = pushes.recv() => {
+            () = pushes.ready() => {
+                let Some(bundle) = pushes.take() else { continue };
                 let Some((uid, wire)) = &agent else { continue };
                 tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
                 let frame = binary(&ServerToAgent {
@@ -203,6 +222,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 }
             }
             frame = socket.recv() => {
+                last_frame = Instant::now();
                 let data = match frame {
                     None => break None,
                     Some(Err(e)) if is_too_big(&e) => {
@@ -219,8 +239,9 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                         tracing::warn!(conn, "ignored a WebSocket text frame");
                         continue;
                     }
-                    // Pings are answered by the WebSocket layer; a Close is
-                    // answered there too and then the stream ends.
+                    // Pings are answered by the WebSocket layer (pongs only
+                    // prove the peer is there); a Close is answered there
+                    // too and then the stream ends.
                     Some(Ok(_)) => continue,
                 };
                 ctx.metrics.messages_received.inc(Transport::WebSocket);
@@ -267,6 +288,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
             let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
         }
     }
+    pushes.close();
     drop(socket);
     if let Some((uid, _)) = agent {
         ctx.fleet.closed(conn, uid).await;
@@ -290,8 +312,9 @@ fn is_too_big(e: &axum::Error) -> bool {
         .is_some_and(|e| matches!(e, WsError::Capacity(_)))
 }
 
-/// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body,
-/// except 413 for an oversized body.
+/// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body
+/// (an unreadable or malformed body gets `error_response` BadRequest), except
+/// 413 for an oversized body and 408 for one that does not arrive in time.
 pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
     ctx.metrics.messages_received.inc(Transport::Http);
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
@@ -308,12 +331,22 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = match read_capped(body, cap, declared).await {
+    let body = match read_body(body, cap, declared, BODY_READ_TIMEOUT).await {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return too_large(ctx),
+        Err(BodyError::TimedOut) => {
+            tracing::debug!("an HTTP body did not arrive in time");
+            return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response();
+        }
         Err(BodyError::Read(e)) => {
+            ctx.metrics.decode_errors.inc(Transport::Http);
             tracing::debug!(error = %e, "reading an HTTP body failed");
-            return StatusCode::BAD_REQUEST.into_response();
+            let reply = error_reply(
+                Bytes::new(),
+                ServerErrorResponseType::BadRequest,
+                "the request body could not be read".into(),
+            );
+            return protobuf_response(&reply, false);
         }
     };
     let gzip_reply = headers
@@ -359,9 +392,24 @@ fn protobuf_response(msg: &ServerToAgent, gzip: bool) -> Response {
     resp
 }
 
+#[derive(Debug)]
 enum BodyError {
     TooLarge,
     Read(axum::Error),
+    TimedOut,
+}
+
+/// What to reserve for a body that declares `declared` bytes (already known
+/// to be within the cap); the buffer grows as the data arrives.
+fn initial_reserve(declared: Option<u64>) -> usize {
+    declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(BODY_RESERVE))
+}
+
+/// [`read_capped`] within `timeout`.
+async fn read_body(body: Body, cap: usize, declared: Option<u64>, timeout: Duration) -> Result<Bytes, BodyError> {
+    tokio::time::timeout(timeout, read_capped(body, cap, declared))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
 }
 
 /// Reads a body of at most `cap` bytes, plain or chunked. A larger one is
@@ -372,7 +420,7 @@ async fn read_capped(body: Body, cap: usize, declared: Option<u64>) -> Result<By
     let mut buf = BytesMut::new();
     let mut oversized = declared.is_some_and(|n| n > cap as u64);
     if !oversized {
-        buf.reserve(declared.map_or(0, |n| n as usize));
+        buf.reserve(initial_reserve(declared));
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(BodyError::Read)?;
             if buf.len() + chunk.len() > cap {
@@ -441,5 +489,37 @@ mod tests {
         let plain = reply_message(legacy, &Reply::default(), false);
         assert_eq!((plain.flags, plain.capabilities), (0, 0));
         assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+
+    #[test]
+    fn the_declared_length_reserves_at_most_64_kib() {
+        assert_eq!(initial_reserve(None), 0);
+        assert_eq!(initial_reserve(Some(300)), 300);
+        assert_eq!(initial_reserve(Some(16 * 1024 * 1024)), BODY_RESERVE);
+        assert_eq!(initial_reserve(Some(u64::MAX)), BODY_RESERVE);
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_reserve_is_read_whole() {
+        let data: Vec<u8> = (0..200 * 1024).map(|i| i as u8).collect();
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            data.chunks(7000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let r = read_body(body, 1024 * 1024, Some(data.len() as u64), BODY_READ_TIMEOUT).await;
+        assert_eq!(r.ok().as_deref(), Some(&data[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_times_out() {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"))]);
+        let stalled = Body::from_stream(first.chain(futures_util::stream::pending()));
+        let started = tokio::time::Instant::now();
+        let r = read_body(stalled, 1024, Some(100), BODY_READ_TIMEOUT).await;
+        assert!(matches!(r, Err(BodyError::TimedOut)), "got {r:?}");
+        assert_eq!(started.elapsed(), BODY_READ_TIMEOUT);
+
+        let whole = Body::from(Bytes::from_static(b"abc"));
+        let r = read_body(whole, 1024, Some(3), BODY_READ_TIMEOUT).await;
+        assert_eq!(r.ok().as_deref(), Some(&b"abc"[..]));
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -37,6 +38,9 @@ pub struct OpampContext {
     pub shutdown: CancellationToken,
     /// Tracks WebSocket sessions so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// WebSockets are pinged this often, and closed when silent (no frame,
+    /// pongs included) for three of these.
+    pub heartbeat_interval: Duration,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -47,6 +51,7 @@ impl OpampContext {
         max_message_bytes: usize,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        heartbeat_interval: Duration,
     ) -> Self {
         OpampContext {
             fleet,
@@ -54,6 +59,7 @@ impl OpampContext {
             max_message_bytes,
             shutdown,
             tracker,
+            heartbeat_interval,
             next_conn: Arc::new(AtomicU64::new(1)),
         }
     }

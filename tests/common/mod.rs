@@ -411,7 +411,8 @@ pub async fn http_request(
     .expect("HTTP exchange in time")
 }
 
-fn parse_response(raw: &[u8]) -> HttpResponse {
+/// Parses a raw HTTP/1.1 response (head and body).
+pub fn parse_response(raw: &[u8]) -> HttpResponse {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
