@@ -229,7 +229,7 @@ pub struct SimulateArgs {
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Heartbeat (WebSocket) or polling (HTTP) interval.
-    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub heartbeat: Duration,
     /// WebSocket handshakes (HTTP: requests) in flight at once, so a burst of
     /// agents does not overflow the server's accept queue.
