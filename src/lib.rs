@@ -5,6 +5,7 @@ pub mod api;
 pub mod api_client;
 pub mod app;
 pub mod cli;
+pub mod commands;
 pub mod demo;
 pub mod desired;
 pub mod driver;
