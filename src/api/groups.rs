@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
-use super::ApiState;
+use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -177,8 +177,4 @@ async fn control(State(state): State<ApiState>, Path(name): Path<String>, action
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
     }
-}
-
-fn error(code: StatusCode, message: &str) -> Response {
-    (code, Json(json!({"error": message}))).into_response()
 }

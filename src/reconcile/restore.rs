@@ -68,68 +68,56 @@ pub fn restore(
         let rollout = rec.rollout.map(|r| {
             let id = state.rollouts;
             state.rollouts += 1;
-            // Back to the stable config: a revert goes to every agent at once.
-            if stable_hash == Some(r.target.hash()) {
-                let everyone = u32::try_from(members_of.get(&pos).map_or(0, Vec::len)).unwrap_or(u32::MAX);
-                return Rollout {
-                    id,
-                    kind: RolloutKind::Revert,
-                    opened: 1,
-                    cuts: vec![everyone],
-                    members: Arc::new(Members::default()),
-                    target: r.target,
-                    commit: r.commit,
-                    phase: RolloutPhase::Progressing,
-                    paused: false,
-                    promote: false,
-                    settled_since: None,
-                    started: r.started,
-                    finished: None,
-                    missing: BTreeMap::new(),
-                    failures: BTreeMap::new(),
-                    actions: Vec::new(),
-                };
-            }
             let mut order: Vec<&InstanceUid> = members_of.get(&pos).cloned().unwrap_or_default();
-            order.sort_by_cached_key(|u| order_key(&name, u));
-            for (rank, uid) in (0u32..).zip(&order) {
-                records.entry((*uid).clone()).or_default().member = Some(Membership { rollout: id, rank });
-            }
-            let cuts = wave_cuts(&group.rollout.waves, order.len());
+            // Back to the stable config: a revert goes to every agent at once,
+            // with no members and one cut covering the group.
+            let revert = stable_hash == Some(r.target.hash());
+            let (kind, cuts, members) = if revert {
+                let everyone = u32::try_from(order.len()).unwrap_or(u32::MAX);
+                (RolloutKind::Revert, vec![everyone], Members::default())
+            } else {
+                order.sort_by_cached_key(|u| order_key(&name, u));
+                for (rank, uid) in (0u32..).zip(&order) {
+                    records.entry((*uid).clone()).or_default().member = Some(Membership { rollout: id, rank });
+                }
+                let cuts = wave_cuts(&group.rollout.waves, order.len());
+                (
+                    RolloutKind::Waves,
+                    cuts,
+                    Members::from_order(order.into_iter().cloned().collect()),
+                )
+            };
+            // A revert never halts; a failure noted on it must not bar an agent
+            // from the stable config.
+            let failed_at = r.finished.unwrap_or(now);
             let failures: BTreeMap<InstanceUid, FailureRecord> = r
                 .failures
                 .into_iter()
-                .map(|(uid, error)| {
-                    (
-                        uid,
-                        FailureRecord {
-                            error,
-                            at: r.finished.unwrap_or(now),
-                        },
-                    )
-                })
+                .filter(|_| !revert)
+                .map(|(uid, error)| (uid, FailureRecord { error, at: failed_at }))
                 .collect();
             for uid in failures.keys() {
                 records.entry(uid.clone()).or_default().failed = Some(r.target.hash());
             }
+            let halted = r.halted && !revert;
             Rollout {
                 id,
-                kind: RolloutKind::Waves,
+                kind,
                 opened: r.opened.clamp(1, u32::try_from(cuts.len()).unwrap_or(u32::MAX).max(1)),
                 cuts,
-                members: Arc::new(Members::from_order(order.into_iter().cloned().collect())),
+                members: Arc::new(members),
                 target: r.target,
                 commit: r.commit,
-                phase: if r.halted {
+                phase: if halted {
                     RolloutPhase::Halted
                 } else {
                     RolloutPhase::Progressing
                 },
-                paused: r.paused,
+                paused: r.paused && !revert,
                 promote: false,
                 settled_since: None,
                 started: r.started,
-                finished: r.finished.filter(|_| r.halted),
+                finished: r.finished.filter(|_| halted),
                 missing: BTreeMap::new(),
                 failures,
                 actions: Vec::new(),
@@ -152,6 +140,20 @@ mod tests {
     use super::*;
     use crate::reconcile::tests::{AgentFx, agent, config, gname, repo, t};
     use crate::reconcile::{Event, Phase, PlanInput, plan};
+
+    fn plan_at(
+        desired: &DesiredState,
+        agents: &[AgentView],
+        state: &RolloutState,
+        now: Timestamp,
+    ) -> crate::reconcile::Plan {
+        plan(&PlanInput {
+            desired,
+            agents,
+            state,
+            now,
+        })
+    }
 
     /// Ten agents running `v1`, sorted by uid as the driver passes them.
     fn fleet_on(v1: &Arc<ConfigBundle>) -> Vec<AgentView> {
@@ -188,12 +190,7 @@ mod tests {
         let desired = repo().group("gw").waves("1, 50%, 100%").bake(3600).config(&v2).build();
         let agents = fleet_on(&v1);
         let state = restore(&desired, &agents, recovered(&v1, &v2, false), t(100));
-        let p = plan(&PlanInput {
-            desired: &desired,
-            agents: &agents,
-            state: &state,
-            now: t(100),
-        });
+        let p = plan_at(&desired, &agents, &state, t(100));
         let g = &p.groups[&gname("gw")];
         assert_eq!((g.phase, g.wave, g.waves), (Phase::Progressing, 2, 3));
         // Wave 2 covers 50% of 10 agents, in canary order: exactly those get v2.
@@ -221,12 +218,7 @@ mod tests {
         r.opened = 1;
         r.failures = vec![(order[0].clone(), "boom".into())];
         let state = restore(&desired, &agents, rec, t(100));
-        let p = plan(&PlanInput {
-            desired: &desired,
-            agents: &agents,
-            state: &state,
-            now: t(100),
-        });
+        let p = plan_at(&desired, &agents, &state, t(100));
         let g = &p.groups[&gname("gw")];
         assert_eq!((g.phase, g.wave), (Phase::Halted, 1));
         assert!(p.pushes.is_empty(), "the bad config goes to nobody: {:?}", p.pushes);
@@ -243,14 +235,12 @@ mod tests {
             *a = a.clone().reports(&v2).applied();
         }
         let mut rec = recovered(&v1, &v1, false);
-        rec.get_mut(&gname("gw")).unwrap().rollout.as_mut().unwrap().opened = 1;
+        let r = rec.get_mut(&gname("gw")).unwrap().rollout.as_mut().unwrap();
+        r.opened = 1;
+        // Even a failure noted on it does not keep an agent from the stable config.
+        r.failures = vec![(agents[0].uid.clone(), "noted".into())];
         let state = restore(&desired, &agents, rec, t(100));
-        let p = plan(&PlanInput {
-            desired: &desired,
-            agents: &agents,
-            state: &state,
-            now: t(100),
-        });
+        let p = plan_at(&desired, &agents, &state, t(100));
         assert_eq!(p.pushes.len(), 5, "every agent on v2 gets v1 at once: {:?}", p.pushes);
         assert!(p.pushes.iter().all(|push| push.bundle.hash() == v1.hash()));
     }
@@ -271,12 +261,7 @@ mod tests {
             },
         )]);
         let state = restore(&desired, &agents, recovered, t(5));
-        let p = plan(&PlanInput {
-            desired: &desired,
-            agents: &agents,
-            state: &state,
-            now: t(5),
-        });
+        let p = plan_at(&desired, &agents, &state, t(5));
         assert!(p.pushes.is_empty());
         assert!(p.events.is_empty(), "{:?}", p.events);
         assert_eq!(p.groups[&gname("gw")].stable_hash, Some(v1.hash()));
@@ -294,12 +279,7 @@ mod tests {
         let state = restore(&desired, &agents, rec, t(9));
         assert!(!state.groups.contains_key(&gname("gone")));
         assert_eq!(state.agents.get(&canary).and_then(|r| r.failed), Some(v2.hash()));
-        let p = plan(&PlanInput {
-            desired: &desired,
-            agents: &agents,
-            state: &state,
-            now: t(9),
-        });
+        let p = plan_at(&desired, &agents, &state, t(9));
         assert_eq!(p.groups[&gname("gw")].failures[0].error, "boom");
     }
 }
