@@ -6,9 +6,11 @@
 
 mod common;
 
+use common::{run_cli, stderr, stdout};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::SystemTime;
 
 use git2::{IndexAddOption, Oid, Repository, Signature};
@@ -214,21 +216,8 @@ fn fleet() -> Vec<Value> {
 // ---------------------------------------------------------------- running
 
 fn plan(repo: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-        .arg("plan")
-        .arg("--repo")
-        .arg(repo)
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let repo = repo.to_str().expect("a UTF-8 path");
+    run_cli(&[&["plan", "--repo", repo][..], args].concat(), Path::new("."))
 }
 
 fn plan_json(repo: &Path, args: &[&str]) -> Value {

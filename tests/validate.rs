@@ -1,8 +1,12 @@
 //! `opamp-gitops validate` as a user runs it: the built binary against the
 //! example repository, broken copies of it, and real git repositories.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{run_cli, stderr, stdout};
 
 use git2::{IndexAddOption, Repository, Signature};
 
@@ -11,20 +15,7 @@ fn example_repo() -> PathBuf {
 }
 
 fn validate(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-        .arg("validate")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    run_cli(&[&["validate"][..], args].concat(), cwd)
 }
 
 fn copy_dir(from: &Path, to: &Path) {

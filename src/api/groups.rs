@@ -9,7 +9,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde_json::json;
 
 use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
@@ -140,7 +139,13 @@ pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(
 
 pub async fn list(State(state): State<ApiState>) -> Response {
     let Some(git) = &state.git else {
-        return Json(json!({"commit": null, "groups": []})).into_response();
+        let none = GroupsJson {
+            commit: None,
+            head: None,
+            head_errors: vec![],
+            groups: vec![],
+        };
+        return Json(none).into_response();
     };
     let view = git.groups_view();
     let loaded = view.groups.into_iter().map(|g| (g.name, g.config_hash)).collect();

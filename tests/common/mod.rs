@@ -117,6 +117,25 @@ pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) ->
     }
 }
 
+// ---------------------------------------------------------------- the binary
+
+/// Runs the built `opamp-gitops` with `args` in `cwd`, to completion.
+pub fn run_cli(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 // ---------------------------------------------------------------- messages
 
 pub fn uid16(n: u8) -> Vec<u8> {
