@@ -40,6 +40,8 @@ pub struct Metrics {
     pub decode_errors: PerTransport,
     /// Messages refused for their size.
     pub oversized: PerTransport,
+    /// Requests answered 503 because the fleet's queue was full.
+    pub overloaded: PerTransport,
     pub websocket_opened: AtomicU64,
     pub websocket_closed: AtomicU64,
 }
@@ -90,6 +92,11 @@ impl Metrics {
                 "opamp_gitops_opamp_oversized_messages_total",
                 "OpAMP messages refused for their size.",
                 &self.oversized,
+            ),
+            (
+                "opamp_gitops_opamp_overloaded_total",
+                "OpAMP requests answered 503 because the server was overloaded.",
+                &self.overloaded,
             ),
         ] {
             header(&mut out, name, "counter", help);

@@ -161,6 +161,16 @@ pub enum PushOutcome {
 #[error("the fleet task has stopped")]
 pub struct FleetStopped;
 
+/// Why a report was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("the fleet task has stopped")]
+    Stopped,
+    /// The fleet's queue is full: an HTTP agent is told to come back later.
+    #[error("the fleet is overloaded")]
+    Busy,
+}
+
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     /// An HTTP agent silent for three of these is offline.
@@ -218,14 +228,20 @@ impl FleetHandle {
     }
 
     /// Applies an agent's message and returns what the reply must carry.
+    ///
+    /// A WebSocket report waits for room in the fleet's queue (the socket
+    /// pushes back on its agent). An HTTP report does not: when the queue is
+    /// full it is refused as [`ReportError::Busy`], so requests do not pile up
+    /// and the agent is asked to retry later.
     pub async fn report(
         &self,
         uid: InstanceUid,
         msg: AgentToServer,
         via: Via,
         previous_uid: Option<InstanceUid>,
-    ) -> Result<Reply, FleetStopped> {
+    ) -> Result<Reply, ReportError> {
         let (reply, rx) = oneshot::channel();
+        let http = matches!(via, Via::Http);
         let cmd = Command::Report {
             uid,
             msg: Box::new(msg),
@@ -233,8 +249,15 @@ impl FleetHandle {
             previous_uid,
             reply,
         };
-        self.tx.send(cmd).await.map_err(|_| FleetStopped)?;
-        rx.await.map_err(|_| FleetStopped)
+        if http {
+            self.tx.try_send(cmd).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ReportError::Busy,
+                mpsc::error::TrySendError::Closed(_) => ReportError::Stopped,
+            })?;
+        } else {
+            self.tx.send(cmd).await.map_err(|_| ReportError::Stopped)?;
+        }
+        rx.await.map_err(|_| ReportError::Stopped)
     }
 
     /// A WebSocket that reported as `uid` has closed.
@@ -515,6 +538,29 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_http_reports() {
+        let (tx, rx) = mpsc::channel(1);
+        let (_snap_tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::default()));
+        let fleet = FleetHandle { tx, snapshots };
+        let uid = InstanceUid::Uuid([3; 16]);
+        // Nobody drains the queue: its one slot fills.
+        let first = tokio::spawn({
+            let fleet = fleet.clone();
+            let uid = uid.clone();
+            async move { fleet.report(uid, AgentToServer::default(), Via::Http, None).await }
+        });
+        while rx.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let busy = fleet
+            .report(uid.clone(), AgentToServer::default(), Via::Http, None)
+            .await;
+        assert_eq!(busy.unwrap_err(), ReportError::Busy);
+        drop(rx);
+        assert_eq!(first.await.unwrap().unwrap_err(), ReportError::Stopped);
+    }
 
     use bytes::Bytes;
 

@@ -14,12 +14,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, DecodeError};
 use super::proto::{
-    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ServerErrorResponse,
-    ServerErrorResponseType, ServerToAgent,
+    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, RetryInfo,
+    ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response,
 };
 use super::transport::OpampContext;
 use crate::desired::ConfigBundle;
-use crate::fleet::{PushSlot, Reply, Transport, Via, WsLink};
+use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::model::InstanceUid;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig. No heartbeat
@@ -98,6 +98,8 @@ enum Outcome {
     Refused(ServerToAgent),
     /// This WebSocket was replaced; close it.
     Replaced,
+    /// The fleet is overloaded: come back later.
+    Busy,
     Stopping,
 }
 
@@ -128,7 +130,8 @@ async fn exchange(
                 uid,
             }
         }
-        Err(_) => Outcome::Stopping,
+        Err(ReportError::Busy) => Outcome::Busy,
+        Err(ReportError::Stopped) => Outcome::Stopping,
     }
 }
 
@@ -152,6 +155,7 @@ async fn answer(
         Outcome::Reply { uid, msg } => Next::Send(binary(&msg), Some((uid, msg.instance_uid))),
         Outcome::Refused(msg) => Next::Send(binary(&msg), None),
         Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
+        Outcome::Busy => Next::Close(close::TRY_AGAIN_LATER, "server overloaded"),
         Outcome::Stopping => Next::Close(close::GOING_AWAY, "server shutting down"),
     }
 }
@@ -162,6 +166,7 @@ mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Runs one WebSocket connection until either side closes it, it is
@@ -365,6 +370,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
             let wire = msg.instance_uid.clone();
             match exchange(ctx, msg, Via::Http, None, true).await {
                 Outcome::Reply { msg, .. } | Outcome::Refused(msg) => msg,
+                Outcome::Busy => return overloaded(ctx, wire),
                 Outcome::Replaced | Outcome::Stopping => error_reply(
                     wire,
                     ServerErrorResponseType::Unavailable,
@@ -374,6 +380,32 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         }
     };
     protobuf_response(&reply, gzip_reply)
+}
+
+/// How long an overloaded server asks HTTP agents to wait (the minimum the
+/// specification recommends).
+const RETRY_AFTER_SECS: u64 = 30;
+
+/// 503 with `Retry-After`, and the same advice in an `error_response` for
+/// clients that read only the body.
+fn overloaded(ctx: &OpampContext, uid: Bytes) -> Response {
+    ctx.metrics.overloaded.inc(Transport::Http);
+    tracing::warn!("fleet queue full: an HTTP agent is asked to retry later");
+    overloaded_response(uid)
+}
+
+fn overloaded_response(uid: Bytes) -> Response {
+    let mut reply = error_reply(uid, ServerErrorResponseType::Unavailable, "server overloaded".into());
+    if let Some(e) = reply.error_response.as_mut() {
+        e.details = Some(server_error_response::Details::RetryInfo(RetryInfo {
+            retry_after_nanoseconds: RETRY_AFTER_SECS * 1_000_000_000,
+        }));
+    }
+    let mut resp = protobuf_response(&reply, false);
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    resp
 }
 
 fn too_large(ctx: &OpampContext) -> Response {
@@ -453,6 +485,25 @@ mod tests {
 
     use super::*;
     use crate::desired::ConfigFile;
+
+    #[tokio::test]
+    async fn overloaded_is_503_with_retry_after_and_the_same_advice_in_protobuf() {
+        let resp = overloaded_response(Bytes::from_static(&[7; 16]));
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "30");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], CONTENT_TYPE_PROTOBUF);
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        let msg: ServerToAgent = codec::decode_http(&body, None, 1024).unwrap();
+        assert_eq!(&msg.instance_uid[..], &[7; 16]);
+        let e = msg.error_response.unwrap();
+        assert_eq!(e.r#type, ServerErrorResponseType::Unavailable as i32);
+        assert_eq!(
+            e.details,
+            Some(server_error_response::Details::RetryInfo(RetryInfo {
+                retry_after_nanoseconds: 30_000_000_000
+            }))
+        );
+    }
 
     #[test]
     fn reply_carries_flags_capabilities_identification_and_config() {
