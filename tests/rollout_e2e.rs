@@ -192,7 +192,7 @@ async fn a_failing_commit_halts_at_the_canary_and_rolls_it_back() {
 
     // No further wave opens: a few bakes later it is still halted at wave 1,
     // and only the canary ever received the bad config.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.let_pass(Duration::from_millis(500)).await;
     let still = server.wait_group("edge", "halted", |_| true).await;
     assert_eq!(
         (still["rollout"]["phase"].as_str(), still["rollout"]["wave"].as_u64()),
@@ -449,7 +449,7 @@ async fn pause_holds_a_rollout_past_its_bake_and_resume_continues_it() {
     let bake = Duration::from_millis(200);
     repo.commit_edge("  waves: [1, 50%, 100%]\n  bake: 200ms\n", &v2, "shorter bake");
     server.sync().await;
-    tokio::time::sleep(bake * 3).await;
+    server.let_pass(bake * 3).await;
     let g = server.wait_group("edge", "paused", |_| true).await;
     assert_eq!(rollout_commit(&g), c2.as_str(), "a policy change is no new rollout");
     assert_eq!(

@@ -81,6 +81,12 @@ impl Controller {
         }
     }
 
+    /// `opamp_gitops_plans_total` of this process.
+    async fn plans(&self) -> u64 {
+        let metrics = self.get("/metrics").await.expect("metrics");
+        common::metric(&metrics, "opamp_gitops_plans_total").expect("the plans counter")
+    }
+
     /// `opamp_gitops_pushes_total{reason="wave"}` of this process.
     async fn wave_pushes(&self) -> u64 {
         let metrics = self.get("/metrics").await.expect("metrics");
@@ -180,7 +186,13 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
             g["agents"]["applied"] == 5 && g["agents"]["pending"] == 15
         })
         .await;
+    // Let time pass, then make sure the controller planned after it.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let (plans, deadline) = (controller.plans().await, Instant::now() + DEADLINE);
+    while controller.plans().await <= plans {
+        assert!(Instant::now() < deadline, "the controller stopped planning");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         controller.wave_pushes().await,
         0,

@@ -23,6 +23,8 @@ const BUCKETS: [u64; 8] = [1, 5, 15, 60, 300, 900, 3600, 14400];
 
 #[derive(Debug, Default)]
 pub struct DriverMetrics {
+    /// Plans made (each a full pass over the fleet).
+    plans: AtomicU64,
     /// Pushes handed to an agent's connection, by reason.
     pushes: [AtomicU64; 4],
     /// Pushes that found the agent gone or unable to take a config.
@@ -48,6 +50,10 @@ impl DriverMetrics {
                 self.pushes_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    pub fn planned(&self) {
+        self.plans.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn agent_failed(&self) {
@@ -118,6 +124,12 @@ impl DriverMetrics {
                 get(&self.pushes[i])
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP opamp_gitops_plans_total Rollout plans made (on changes and on each tick)."
+        );
+        let _ = writeln!(out, "# TYPE opamp_gitops_plans_total counter");
+        let _ = writeln!(out, "opamp_gitops_plans_total {}", get(&self.plans));
         let _ = writeln!(
             out,
             "# HELP opamp_gitops_pushes_dropped_total Pushes to agents that were gone or refuse remote config."
@@ -197,6 +209,7 @@ mod tests {
         m.pushed(PushReason::Wave, PushOutcome::Queued);
         m.pushed(PushReason::Sync, PushOutcome::NotConnected);
         m.rollout_ended("halted");
+        m.planned();
         m.observe_commit_to_complete(Duration::from_secs(10));
         let status = DriverStatus {
             agents_by_state: BTreeMap::from([(AgentState::InSync, 3)]),
@@ -206,6 +219,7 @@ mod tests {
         m.write_prometheus(&status, &mut out);
         assert!(out.contains("opamp_gitops_pushes_total{reason=\"wave\"} 2\n"), "{out}");
         assert!(out.contains("opamp_gitops_pushes_dropped_total 1\n"));
+        assert!(out.contains("opamp_gitops_plans_total 1\n"));
         assert!(out.contains("opamp_gitops_rollouts_ended_total{outcome=\"halted\"} 1\n"));
         assert!(out.contains("opamp_gitops_agents_by_state{state=\"in_sync\"} 3\n"));
         assert!(out.contains("opamp_gitops_commit_to_complete_seconds_bucket{le=\"5\"} 0\n"));

@@ -304,6 +304,7 @@ impl Driver {
             state: &self.state,
             now: timestamp(now_wall),
         });
+        self.metrics.planned();
         for event in &events {
             self.log_event(event, now_wall);
         }

@@ -129,6 +129,23 @@ impl TestServer {
         v["commit"].as_str().expect("a commit").to_string()
     }
 
+    /// Plans the controller has made (`opamp_gitops_plans_total`).
+    pub async fn plans(&self) -> u64 {
+        let r = self.api_get("/metrics").await;
+        super::metric(&String::from_utf8_lossy(&r.body), "opamp_gitops_plans_total").expect("the plans counter")
+    }
+
+    /// Lets `d` pass, then waits for a plan made after it: a check that
+    /// nothing happened in `d` then means the controller looked and did nothing.
+    pub async fn let_pass(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+        let before = self.plans().await;
+        super::eventually("a plan after the wait", async || {
+            (self.plans().await > before).then_some(())
+        })
+        .await;
+    }
+
     pub async fn api_post(&self, path: &str) -> (u16, serde_json::Value) {
         let r = http_request(self.api_addr(), "POST", path, &[], Body::Empty).await;
         (

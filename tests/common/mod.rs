@@ -117,6 +117,12 @@ pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) ->
     }
 }
 
+/// The value of an unlabelled counter or gauge in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 // ---------------------------------------------------------------- the binary
 
 /// Runs the built `opamp-gitops` with `args` in `cwd`, to completion.
