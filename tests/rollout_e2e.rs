@@ -79,6 +79,9 @@ async fn a_change_reaches_every_agent_wave_by_wave() {
         (Some(4), Some(4))
     );
     assert_eq!(done["agents"]["applied"], 50);
+    let metrics = String::from_utf8_lossy(&server.api_get("/metrics").await.body).into_owned();
+    let completed = common::metric(&metrics, "opamp_gitops_commit_to_complete_seconds_count");
+    assert!(completed >= Some(2), "v1 and v2 completed: {completed:?}");
 
     // Waves cover the first 1, 5, 25 and 50 agents of the canary order. No
     // agent of a wave received v2 before every agent of the waves before it

@@ -176,7 +176,7 @@ struct Driver {
     metrics: Arc<DriverMetrics>,
     views: ViewBuilder,
     book: NoteBook,
-    /// When each recent commit was first seen, for the commit-to-complete time.
+    /// When the commits of live rollouts were first seen, for the commit-to-complete time.
     seen: HashMap<CommitId, SystemTime>,
     state: RolloutState,
     /// Read on the first plan; see [`Parts::existing_notes`].
@@ -267,15 +267,14 @@ impl Driver {
         let Some(commit) = loaded.desired.commit.clone() else {
             return;
         };
-        if self.seen.len() > 1024 {
-            let live: Vec<CommitId> = self
-                .state
-                .groups
-                .values()
-                .filter_map(|g| g.rollout.as_ref()?.commit.clone())
-                .collect();
-            self.seen.retain(|c, _| live.contains(c));
-        }
+        // Only the commits of rollouts still known (a handful per group) can complete.
+        let live: Vec<&CommitId> = self
+            .state
+            .groups
+            .values()
+            .filter_map(|g| g.rollout.as_ref()?.commit.as_ref())
+            .collect();
+        self.seen.retain(|c, _| *c == commit || live.contains(&c));
         self.seen.entry(commit.clone()).or_insert(loaded.seen_at);
         let snapshot = self.fleet.snapshot();
         let views = self.views.build(&snapshot);
