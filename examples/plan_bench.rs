@@ -148,6 +148,7 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
                     ("service.name".to_string(), "otelcol".to_string()),
                 ])),
                 accepts_remote_config: true,
+                reports_remote_config: true,
                 reports_health: true,
                 connected: true,
                 connection_epoch: 1,
@@ -159,6 +160,8 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
                 }),
                 healthy: Some(true),
                 health_error: String::new(),
+                unhealthy_since: None,
+                delivered: None,
             }
         })
         .collect()

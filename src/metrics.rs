@@ -104,6 +104,13 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{transport=\"{}\"}} {}", t.as_str(), c.get(t));
             }
         }
+        header(
+            &mut out,
+            "opamp_gitops_opamp_uid_clashes_total",
+            "counter",
+            "Second agents found reporting under an instance uid in use, each offered a new uid.",
+        );
+        let _ = writeln!(out, "opamp_gitops_opamp_uid_clashes_total {}", fleet.uid_clashes);
         let opened = self.websocket_opened.load(Ordering::Relaxed);
         let closed = self.websocket_closed.load(Ordering::Relaxed);
         header(

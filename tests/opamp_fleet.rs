@@ -74,7 +74,7 @@ async fn agent_disconnect_and_closing_mark_agents_offline() {
     ws.exchange(&hello(&a, 0)).await;
     let bye = AgentToServer {
         agent_disconnect: Some(AgentDisconnect {}),
-        ..heartbeat(&a, 1, 0x7)
+        ..heartbeat(&a, 1, SUPERVISOR_CAPS)
     };
     let reply = ws.exchange(&bye).await;
     assert_eq!(reply.flags, 0, "a goodbye is not asked for more");
@@ -86,7 +86,7 @@ async fn agent_disconnect_and_closing_mark_agents_offline() {
     server.wait_agent(&b, |r| r.connected).await;
     let bye = AgentToServer {
         agent_disconnect: Some(AgentDisconnect {}),
-        ..heartbeat(&b, 1, 0x7)
+        ..heartbeat(&b, 1, SUPERVISOR_CAPS)
     };
     assert_eq!(post(server.opamp_addr(), &bye, Post::default()).await.status, 200);
     server.wait_agent(&b, |r| !r.connected).await;
@@ -127,7 +127,12 @@ async fn an_http_agent_goes_offline_after_three_missed_heartbeats() {
         "offline only after three intervals ({silence:?})"
     );
     // It comes back with a new epoch (and may go offline again before we look).
-    let reply = post(server.opamp_addr(), &heartbeat(&uid, 1, 0x7), Post::default()).await;
+    let reply = post(
+        server.opamp_addr(),
+        &heartbeat(&uid, 1, SUPERVISOR_CAPS),
+        Post::default(),
+    )
+    .await;
     assert!(reply.server_to_agent().error_response.is_none());
     let back = server
         .wait_agent(&uid, |r| r.connection_epoch == offline.connection_epoch + 1)
@@ -198,7 +203,7 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
     assert_eq!(files.len(), 2);
     assert_eq!(files[""].body.as_ref(), b"receivers: {otlp: {}}\n");
     assert_eq!(files["extra.yaml"].content_type, "text/yaml");
-    let next = ws.exchange(&heartbeat(&ws_uid, 1, 0x7)).await;
+    let next = ws.exchange(&heartbeat(&ws_uid, 1, SUPERVISOR_CAPS)).await;
     assert!(next.remote_config.is_none(), "sent once");
 
     let http_uid = uid16(26);
@@ -217,7 +222,9 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         accept_gzip: true,
         ..Post::default()
     };
-    let poll = post(addr, &heartbeat(&http_uid, 1, 0x7), how).await.server_to_agent();
+    let poll = post(addr, &heartbeat(&http_uid, 1, SUPERVISOR_CAPS), how)
+        .await
+        .server_to_agent();
     let rc = poll.remote_config.expect("the push rides on the reply");
     assert_eq!(
         rc.config_hash.as_ref(),
@@ -225,7 +232,7 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
         "the newest push wins"
     );
     // That reply was lost: the agent never saw it. The next poll still carries the push.
-    let poll = post(addr, &heartbeat(&http_uid, 2, 0x7), Post::default())
+    let poll = post(addr, &heartbeat(&http_uid, 2, SUPERVISOR_CAPS), Post::default())
         .await
         .server_to_agent();
     let rc = poll.remote_config.expect("offered again until the agent reports it");
@@ -233,11 +240,11 @@ async fn a_push_reaches_a_websocket_at_once_and_an_http_agent_on_its_next_poll()
     // Once the agent reports the hash (applying), it is not offered again.
     let applying = AgentToServer {
         remote_config_status: Some(remote_status(config.hash().as_bytes(), 2, "")),
-        ..heartbeat(&http_uid, 3, 0x7)
+        ..heartbeat(&http_uid, 3, SUPERVISOR_CAPS)
     };
     let poll = post(addr, &applying, Post::default()).await.server_to_agent();
     assert!(poll.remote_config.is_none(), "reported: no more offers");
-    let poll = post(addr, &heartbeat(&http_uid, 4, 0x7), Post::default())
+    let poll = post(addr, &heartbeat(&http_uid, 4, SUPERVISOR_CAPS), Post::default())
         .await
         .server_to_agent();
     assert!(poll.remote_config.is_none());
@@ -272,7 +279,7 @@ async fn the_newest_push_is_the_last_config_a_websocket_gets() {
         assert_eq!(fleet.push(iuid(&uid), large.clone()).await.unwrap(), PushOutcome::Sent);
         // A report waiting while the pushes arrive.
         seq += 1;
-        ws.send(&heartbeat(&uid, seq, 0x7)).await;
+        ws.send(&heartbeat(&uid, seq, SUPERVISOR_CAPS)).await;
         let bundles: Vec<_> = (0..8)
             .map(|i| bundle(&[("", &format!("round: {round}\npush: {i}\n"))]))
             .collect();
@@ -291,7 +298,7 @@ async fn the_newest_push_is_the_last_config_a_websocket_gets() {
             seq += 1;
             ws.send(&AgentToServer {
                 flags: 0x1,
-                ..heartbeat(&uid, seq, 0x7)
+                ..heartbeat(&uid, seq, SUPERVISOR_CAPS)
             })
             .await;
             loop {

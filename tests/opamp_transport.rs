@@ -147,24 +147,21 @@ async fn sequence_gap_gets_exactly_one_report_full_state() {
     let server = TestServer::start().await;
     let uid = uid16(3);
     let mut ws = server.ws().await;
-    // Known agent, nothing missing: ordinary messages never ask for full state.
+    // Known agent, no gap: ordinary messages never ask for full state.
+    let caps = SUPERVISOR_CAPS;
     let mut seq = 0;
     assert!(!full_state_requested(&ws.exchange(&hello(&uid, seq)).await));
     for _ in 0..5 {
         seq += 1;
-        assert!(!full_state_requested(&ws.exchange(&heartbeat(&uid, seq, 0x7)).await));
+        assert!(!full_state_requested(&ws.exchange(&heartbeat(&uid, seq, caps)).await));
     }
-    // A gap with nothing missing is accepted silently.
+    // A repeated number is a resend, not a lost message.
+    assert!(!full_state_requested(&ws.exchange(&heartbeat(&uid, seq, caps)).await));
+    // A gap may hide a lost report: we ask once, its full report satisfies us.
     seq += 10;
-    assert!(!full_state_requested(&ws.exchange(&heartbeat(&uid, seq, 0x7)).await));
-    // The agent now promises remote config status, which it never sent; a gap
-    // makes us ask once, its full report satisfies us.
-    seq += 3;
-    let caps = 0x7 | 0x1000;
     assert!(full_state_requested(&ws.exchange(&heartbeat(&uid, seq, caps)).await));
     seq += 1;
     let full = AgentToServer {
-        capabilities: caps,
         remote_config_status: Some(remote_status(&[0xaa; 32], 1, "")),
         ..hello(&uid, seq)
     };
@@ -173,6 +170,8 @@ async fn sequence_gap_gets_exactly_one_report_full_state() {
         seq += 1;
         assert!(!full_state_requested(&ws.exchange(&heartbeat(&uid, seq, caps)).await));
     }
+    // A restarted agent starts its sequence again: asked once more.
+    assert!(full_state_requested(&ws.exchange(&heartbeat(&uid, 0, caps)).await));
 
     // An unknown agent (say, after a controller restart) that sends only a
     // heartbeat is asked for everything, over HTTP too.

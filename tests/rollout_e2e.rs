@@ -583,8 +583,8 @@ fn unhealthy(error: &str) -> ComponentHealth {
 }
 
 #[tokio::test]
-async fn an_agent_unhealthy_after_applying_fails_the_rollout() {
-    let policy = "  waves: [100%]\n  bake: 0s\n";
+async fn an_agent_unhealthy_after_applying_past_the_grace_fails_the_rollout() {
+    let policy = "  waves: [100%]\n  bake: 0s\n  unhealthy_grace: 1s\n";
     let (s1, s2) = (collector_config("s1"), collector_config("s2"));
     let (repo, _tmp, server, mut agents) = solo_fleet(policy, &s1, &[42]).await;
     let mut agent = agents.remove(0);
@@ -652,7 +652,7 @@ async fn an_agent_that_never_answers_a_push_fails_after_apply_timeout() {
     let failures = halted["rollout"]["failures"].as_array().expect("failures");
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0]["agent"], agent.uid.to_string().as_str());
-    assert_eq!(failures[0]["error"], "not APPLIED within 1s");
+    assert_eq!(failures[0]["error"], "not APPLIED within 1s of receiving the config");
     // It still runs s1, the stable config: nothing to roll back, no more pushes.
     agent.expect_no_push(Duration::from_millis(300)).await;
     agent.close().await;

@@ -40,6 +40,9 @@ pub struct AgentJson<'a> {
     pub remote_config_status: Option<RemoteConfigStatusJson<'a>>,
     pub health: Option<HealthJson<'a>>,
     pub state: AgentState,
+    /// Why an `unsupported` agent cannot be managed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsupported_reason: Option<&'static str>,
     /// Only in the single-agent answer: file name to body (as UTF-8 text).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub effective_config: Option<BTreeMap<&'a str, String>>,
@@ -67,7 +70,7 @@ static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
 pub fn unassigned_state(rec: &AgentRecord) -> AgentState {
     if !rec.connected {
         AgentState::Offline
-    } else if !rec.capabilities.accepts_remote_config() {
+    } else if rec.capabilities.unsupported_reason().is_some() {
         AgentState::Unsupported
     } else {
         AgentState::Unmanaged
@@ -107,6 +110,10 @@ pub fn agent_json<'a>(
         }),
         health: rec.health.as_deref().map(health_json),
         state: agent_state(rec, assignment),
+        unsupported_reason: rec
+            .capabilities
+            .unsupported_reason()
+            .filter(|_| agent_state(rec, assignment) == AgentState::Unsupported),
         effective_config: with_effective_config.then(|| {
             rec.effective_config
                 .as_deref()
@@ -177,7 +184,7 @@ mod tests {
             Transport::WebSocket,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_255_200),
         );
-        r.capabilities = Capabilities(0x1 | 0x2);
+        r.capabilities = Capabilities(0x1 | 0x2 | 0x1000);
         r.description = Some(Arc::new(Description {
             identifying: BTreeMap::from([("service.name".into(), "otelcol".into())]),
             non_identifying: BTreeMap::from([("host.name".into(), "a".into())]),
@@ -220,7 +227,7 @@ mod tests {
                 "last_seen": "2026-11-21T10:00:00Z",
                 "identifying_attributes": {"service.name": "otelcol"},
                 "non_identifying_attributes": {"host.name": "a"},
-                "capabilities": ["ReportsStatus", "AcceptsRemoteConfig"],
+                "capabilities": ["ReportsStatus", "AcceptsRemoteConfig", "ReportsRemoteConfig"],
                 "group": "edge-gateways", "desired_config_hash": h,
                 "remote_config_status": {"status": "APPLIED", "last_remote_config_hash": h, "error_message": ""},
                 "health": {"healthy": true, "status": "", "last_error": ""},
@@ -256,8 +263,19 @@ mod tests {
         let mut r = AgentRecord::new(InstanceUid::Uuid([2; 16]), Transport::Http, SystemTime::UNIX_EPOCH);
         r.capabilities = Capabilities(0x1);
         assert_eq!(unassigned_state(&r), AgentState::Unsupported);
+        let v = serde_json::to_value(agent_json(&r, None, false)).unwrap();
+        assert_eq!(v["unsupported_reason"], "lacks the AcceptsRemoteConfig capability");
         r.capabilities = Capabilities(0x3);
+        assert_eq!(unassigned_state(&r), AgentState::Unsupported);
+        let v = serde_json::to_value(agent_json(&r, None, false)).unwrap();
+        assert_eq!(
+            v["unsupported_reason"],
+            "accepts remote config but does not report its status (ReportsRemoteConfig is off)"
+        );
+        r.capabilities = Capabilities(0x1003);
         assert_eq!(unassigned_state(&r), AgentState::Unmanaged);
+        let v = serde_json::to_value(agent_json(&r, None, false)).unwrap();
+        assert!(v.get("unsupported_reason").is_none());
         r.connected = false;
         assert_eq!(unassigned_state(&r), AgentState::Offline);
         r.remote_config_status = Some(RemoteStatus {

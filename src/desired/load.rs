@@ -412,7 +412,14 @@ fn waves(cx: &mut Cx, node: &Node, path: &str) -> Option<Vec<Amount>> {
     (cx.diags.len() == errors).then_some(out)
 }
 
-const ROLLOUT_KEYS: &[&str] = &["waves", "bake", "apply_timeout", "max_failures", "on_failure"];
+const ROLLOUT_KEYS: &[&str] = &[
+    "waves",
+    "bake",
+    "apply_timeout",
+    "unhealthy_grace",
+    "max_failures",
+    "on_failure",
+];
 
 /// Each key given overrides `base`.
 fn rollout(cx: &mut Cx, node: &Node, path: &str, base: &RolloutPolicy) -> RolloutPolicy {
@@ -437,6 +444,11 @@ fn rollout(cx: &mut Cx, node: &Node, path: &str, base: &RolloutPolicy) -> Rollou
             "apply_timeout" => {
                 if let Some(d) = duration(cx, v, &p, false) {
                     policy.apply_timeout = d;
+                }
+            }
+            "unhealthy_grace" => {
+                if let Some(d) = duration(cx, v, &p, true) {
+                    policy.unhealthy_grace = d;
                 }
             }
             "max_failures" => {

@@ -95,7 +95,7 @@ fn invalid_repositories() {
                 "config: {\"\": configs/main.yaml}\nrollout:\n  bake: 1m\n  wave: [100%]\n",
             )],
             &[
-                "groups/a.yaml:4:3: rollout.wave: unknown key (expected one of: waves, bake, apply_timeout, max_failures, on_failure)",
+                "groups/a.yaml:4:3: rollout.wave: unknown key (expected one of: waves, bake, apply_timeout, unhealthy_grace, max_failures, on_failure)",
             ],
         ),
         (
@@ -413,6 +413,7 @@ rollout:
   waves: [2, 25%, 100%]
   bake: 2m
   apply_timeout: 1h 30m
+  unhealthy_grace: 45s
   max_failures: 5%
   on_failure: hold
 reconcile:
@@ -462,6 +463,7 @@ fn a_valid_repository_loads_into_the_desired_state() {
         waves: vec![Amount::Count(2), Amount::Percent(25), Amount::Percent(100)],
         bake: Duration::from_secs(120),
         apply_timeout: Duration::from_secs(5400),
+        unhealthy_grace: Duration::from_secs(45),
         max_failures: Amount::Percent(5),
         on_failure: OnFailure::Hold,
     };

@@ -212,8 +212,10 @@ pub struct RolloutPolicy {
     pub waves: Vec<Amount>,
     /// How long a wave must stay applied and healthy before the next opens.
     pub bake: Duration,
-    /// An agent not APPLIED this long after its push counts as failed.
+    /// An agent not APPLIED this long after it received its push counts as failed.
     pub apply_timeout: Duration,
+    /// An agent unhealthy after applying counts as failed only past this.
+    pub unhealthy_grace: Duration,
     /// Failures tolerated in one rollout; one more halts it.
     pub max_failures: Amount,
     pub on_failure: OnFailure,
@@ -230,6 +232,7 @@ impl Default for RolloutPolicy {
             ],
             bake: Duration::from_secs(60),
             apply_timeout: Duration::from_secs(300),
+            unhealthy_grace: Duration::from_secs(30),
             max_failures: Amount::Count(0),
             on_failure: OnFailure::Rollback,
         }
@@ -250,6 +253,15 @@ impl Amount {
         match self {
             Amount::Count(n) => (n as usize).min(total),
             Amount::Percent(p) => (total * p as usize).div_ceil(100),
+        }
+    }
+
+    /// How many failures of `total` agents this tolerates. Percentages round
+    /// down: a budget never rounds up into tolerance (1% of 50 is none).
+    pub fn budget_of(self, total: usize) -> usize {
+        match self {
+            Amount::Count(n) => n as usize,
+            Amount::Percent(p) => total * p as usize / 100,
         }
     }
 }

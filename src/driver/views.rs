@@ -52,6 +52,7 @@ impl ViewBuilder {
             uid: r.uid.clone(),
             attributes: self.attributes_of(r),
             accepts_remote_config: r.capabilities.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
+            reports_remote_config: r.capabilities.has(Capabilities::REPORTS_REMOTE_CONFIG),
             reports_health: r.capabilities.has(Capabilities::REPORTS_HEALTH),
             connected: r.connected,
             connection_epoch: (self.boot << EPOCH_BITS) | (r.connection_epoch & ((1 << EPOCH_BITS) - 1)),
@@ -72,6 +73,8 @@ impl ViewBuilder {
             }),
             healthy: r.health.as_ref().map(|h| h.healthy),
             health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+            unhealthy_since: r.unhealthy_since.map(timestamp),
+            delivered: r.delivered_now().map(|d| (d.hash, timestamp(d.at))),
         }
     }
 

@@ -42,6 +42,19 @@ impl Capabilities {
         self.has(Self::ACCEPTS_REMOTE_CONFIG)
     }
 
+    /// Why the controller cannot manage an agent's config, if it cannot: it
+    /// must accept remote config, and report its status so that a rollout
+    /// can tell whether it applied.
+    pub fn unsupported_reason(self) -> Option<&'static str> {
+        if !self.accepts_remote_config() {
+            Some("lacks the AcceptsRemoteConfig capability")
+        } else if !self.has(Self::REPORTS_REMOTE_CONFIG) {
+            Some("accepts remote config but does not report its status (ReportsRemoteConfig is off)")
+        } else {
+            None
+        }
+    }
+
     /// The names of the known bits that are set, in bit order.
     pub fn names(self) -> Vec<&'static str> {
         NAMES

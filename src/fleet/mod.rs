@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use capabilities::Capabilities;
 pub use record::{
-    AgentRecord, Contact, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision, Transport,
+    AgentRecord, Contact, Delivery, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision, Transport,
 };
 
 use crate::desired::ConfigBundle;
-use crate::model::InstanceUid;
+use crate::model::{ConfigHash, InstanceUid};
 use crate::opamp::proto::AgentToServer;
 
 /// Identifies one WebSocket connection; later connections get larger ids.
@@ -42,6 +42,8 @@ pub struct FleetSnapshot {
     /// Grows with every published snapshot.
     pub version: u64,
     pub agents: HashMap<InstanceUid, Arc<AgentRecord>>,
+    /// Second agents found reporting under a uid in use, so far.
+    pub uid_clashes: u64,
 }
 
 impl FleetSnapshot {
@@ -139,6 +141,9 @@ pub struct Reply {
     /// This WebSocket was replaced by a newer one for the same agent: the
     /// report was ignored and the session should close.
     pub replaced: bool,
+    /// The report came from a second agent under a uid in use: it was not
+    /// applied, and `new_instance_uid` holds the uid offered instead.
+    pub clash: bool,
 }
 
 /// What became of a push.
@@ -153,7 +158,8 @@ pub enum PushOutcome {
     Queued,
     /// Unknown or offline agent; nothing was kept.
     NotConnected,
-    /// The agent lacks AcceptsRemoteConfig, so it must not be offered a config.
+    /// The agent lacks AcceptsRemoteConfig (it must not be offered a config)
+    /// or ReportsRemoteConfig (it would never say whether it applied one).
     NotAccepted,
 }
 
@@ -190,6 +196,11 @@ enum Command {
     Closed {
         conn: ConnId,
         uid: InstanceUid,
+    },
+    Delivered {
+        conn: ConnId,
+        uid: InstanceUid,
+        hash: ConfigHash,
     },
     Push {
         uid: InstanceUid,
@@ -260,6 +271,12 @@ impl FleetHandle {
         rx.await.map_err(|_| ReportError::Stopped)
     }
 
+    /// WebSocket `conn` of `uid` has written a pushed config: its apply clock starts.
+    pub async fn delivered(&self, conn: ConnId, uid: InstanceUid, hash: ConfigHash) {
+        // A stopped fleet has nothing left to update.
+        let _ = self.tx.send(Command::Delivered { conn, uid, hash }).await;
+    }
+
     /// A WebSocket that reported as `uid` has closed.
     pub async fn closed(&self, conn: ConnId, uid: InstanceUid) {
         // A stopped fleet has nothing left to update.
@@ -274,6 +291,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, Jo
     let fleet = Fleet {
         agents: HashMap::new(),
         heartbeat: config.heartbeat_interval,
+        uid_clashes: 0,
         snapshots: snap_tx,
         version: 0,
         dirty: None,
@@ -287,16 +305,60 @@ struct Entry {
     record: Arc<AgentRecord>,
     /// When the agent last reported, on the monotonic clock the sweep uses.
     seen: Instant,
+    /// The longest pause between two plain-HTTP reports on this connection:
+    /// the agent's own polling interval, when longer than the default.
+    poll_interval: Duration,
     ws: Option<WsLink>,
+    /// Plain HTTP: the push offered in every reply until the agent reports its hash.
     pending: Option<Arc<ConfigBundle>>,
+    /// The pending push has gone out in a reply at least once.
+    pending_delivered: bool,
 }
 
 impl Entry {
+    fn new(record: AgentRecord) -> Self {
+        Entry {
+            record: Arc::new(record),
+            seen: Instant::now(),
+            poll_interval: Duration::ZERO,
+            ws: None,
+            pending: None,
+            pending_delivered: false,
+        }
+    }
+
     fn go_offline(&mut self, now: SystemTime) {
         self.ws = None;
         self.pending = None;
         Arc::make_mut(&mut self.record).set_offline(now);
     }
+
+    fn delivered(&mut self, hash: ConfigHash, at: SystemTime) {
+        let rec = Arc::make_mut(&mut self.record);
+        rec.delivered = Some(Delivery {
+            hash,
+            at,
+            epoch: rec.connection_epoch,
+        });
+    }
+}
+
+/// Whether a second live WebSocket for a uid is another agent (a cloned host
+/// that shares the persisted uid) rather than the same agent reconnecting:
+/// it describes itself differently.
+fn is_clone(current: &AgentRecord, msg: &AgentToServer) -> bool {
+    let (Some(known), Some(d)) = (current.description.as_deref(), msg.agent_description.as_ref()) else {
+        return false;
+    };
+    let differs = |mine: &std::collections::BTreeMap<String, String>, theirs: &[crate::opamp::proto::KeyValue]| {
+        mine.len() != theirs.len()
+            || theirs.iter().any(|kv| {
+                mine.get(&kv.key).map(String::as_str)
+                    != Some(record::any_value_text(kv.value.clone().unwrap_or_default()).as_str())
+            })
+    };
+    differs(&known.identifying, &d.identifying_attributes)
+        || differs(&known.non_identifying, &d.non_identifying_attributes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -308,6 +370,8 @@ enum Dirty {
 struct Fleet {
     agents: HashMap<InstanceUid, Entry>,
     heartbeat: Duration,
+    /// Second agents found under a uid in use, given a uid of their own.
+    uid_clashes: u64,
     snapshots: watch::Sender<Arc<FleetSnapshot>>,
     version: u64,
     dirty: Option<Dirty>,
@@ -360,6 +424,7 @@ impl Fleet {
                 .iter()
                 .map(|(uid, e)| (uid.clone(), e.record.clone()))
                 .collect(),
+            uid_clashes: self.uid_clashes,
         };
         self.snapshots.send_replace(Arc::new(snapshot));
         self.dirty = None;
@@ -380,6 +445,14 @@ impl Fleet {
                 let _ = reply.send(r);
             }
             Command::Closed { conn, uid } => self.connection_lost(&uid, conn, SystemTime::now()),
+            Command::Delivered { conn, uid, hash } => {
+                if let Some(e) = self.agents.get_mut(&uid)
+                    && e.ws.as_ref().is_some_and(|l| l.conn == conn)
+                {
+                    e.delivered(hash, SystemTime::now());
+                    self.mark(Dirty::Changed);
+                }
+            }
             Command::Push { uid, bundle, reply } => {
                 let outcome = self.push(&uid, bundle);
                 tracing::debug!(agent = %uid, outcome = ?outcome, "push");
@@ -410,14 +483,34 @@ impl Fleet {
                 }
                 (Transport::Http, false)
             }
-            (Via::WebSocket(link), e) => match e.and_then(|e| e.ws.as_ref()) {
-                Some(cur) if cur.conn == link.conn => (Transport::WebSocket, false),
-                Some(cur) if cur.conn > link.conn => {
+            (Via::WebSocket(link), e) => match e.and_then(|e| e.ws.as_ref().map(|cur| (cur.conn, &e.record))) {
+                Some((cur, _)) if cur == link.conn => (Transport::WebSocket, false),
+                Some((cur, _)) if cur > link.conn => {
                     if let Some(e) = entry {
                         self.agents.insert(uid, e);
                     }
                     return Reply {
                         replaced: true,
+                        ..Reply::default()
+                    };
+                }
+                Some((cur, rec)) if rec.connected && is_clone(rec, &msg) => {
+                    // Two live agents under one uid would knock each other
+                    // off forever: the newcomer gets a uid of its own and
+                    // its report is not taken as the other agent's.
+                    let fresh = InstanceUid::new_v7();
+                    self.uid_clashes += 1;
+                    self.mark(Dirty::Liveness);
+                    tracing::warn!(
+                        agent = %uid, conn = link.conn, live = cur, new_uid = %fresh,
+                        "a second agent reported under a uid in use; offered it a new uid"
+                    );
+                    if let Some(e) = entry {
+                        self.agents.insert(uid, e);
+                    }
+                    return Reply {
+                        new_instance_uid: Some(fresh),
+                        clash: true,
                         ..Reply::default()
                     };
                 }
@@ -429,19 +522,25 @@ impl Fleet {
             transport,
             new_connection,
         };
+        // The hash this message says the agent received, in any status.
+        let acknowledged = msg
+            .remote_config_status
+            .as_ref()
+            .and_then(|s| ConfigHash::from_wire(&s.last_remote_config_hash));
         let (rec, decision) = record::apply(entry.as_ref().map(|e| &*e.record), &uid, msg, contact);
         let mut entry = match entry {
             Some(mut e) => {
+                let mono = Instant::now();
+                if transport == Transport::Http && !rec.connection_epoch.eq(&e.record.connection_epoch) {
+                    e.poll_interval = Duration::ZERO;
+                } else if transport == Transport::Http {
+                    e.poll_interval = e.poll_interval.max(mono.saturating_duration_since(e.seen));
+                }
                 e.record = Arc::new(rec);
-                e.seen = Instant::now();
+                e.seen = mono;
                 e
             }
-            None => Entry {
-                record: Arc::new(rec),
-                seen: Instant::now(),
-                ws: None,
-                pending: None,
-            },
+            None => Entry::new(rec),
         };
         if let (Via::WebSocket(link), true) = (&via, new_connection) {
             tracing::debug!(agent = %uid, conn = link.conn, "agent connected");
@@ -454,34 +553,40 @@ impl Fleet {
             tracing::debug!(agent = %uid, "agent said goodbye");
             entry.pending = None;
         }
-        if !entry.record.capabilities.accepts_remote_config() && entry.pending.take().is_some() {
-            tracing::info!(agent = %uid, "agent no longer accepts remote config; its pending push is dropped");
+        if let Some(why) = entry.record.capabilities.unsupported_reason()
+            && entry.pending.take().is_some()
+        {
+            tracing::info!(agent = %uid, reason = why, "its pending push is dropped");
         }
-        let reported = entry.record.reported_hash();
-        if entry.pending.as_ref().is_some_and(|b| reported == Some(b.hash())) {
+        if entry.pending.as_ref().is_some_and(|b| acknowledged == Some(b.hash())) {
             tracing::debug!(agent = %uid, "agent reported the pushed config; no longer offered");
             entry.pending = None;
         }
         // A plain-HTTP reply can be lost on the way, and the reconciler pushes
         // once per connection: the push rides on every reply until the agent
         // reports its hash (agents take a repeated offer of the same hash as
-        // a no-op). A WebSocket delivers in order or closes, so once is enough.
+        // a no-op). Its apply clock starts with the first reply that carries
+        // it. A WebSocket delivers in order or closes, so once is enough.
         let remote_config = match transport {
             Transport::Http => entry.pending.clone(),
             Transport::WebSocket => entry.pending.take(),
         };
+        let mut changed = decision.changed;
+        if let Some(b) = &remote_config
+            && !std::mem::replace(&mut entry.pending_delivered, true)
+        {
+            entry.delivered(b.hash(), now);
+            changed = true;
+        }
         let reply = Reply {
             report_full_state: decision.report_full_state,
             new_instance_uid: decision.new_instance_uid.then(InstanceUid::new_v7),
             remote_config,
             replaced: false,
+            clash: false,
         };
         self.agents.insert(uid, entry);
-        self.mark(if decision.changed {
-            Dirty::Changed
-        } else {
-            Dirty::Liveness
-        });
+        self.mark(if changed { Dirty::Changed } else { Dirty::Liveness });
         reply
     }
 
@@ -504,11 +609,12 @@ impl Fleet {
         if !e.record.connected {
             return PushOutcome::NotConnected;
         }
-        if !e.record.capabilities.accepts_remote_config() {
+        if e.record.capabilities.unsupported_reason().is_some() {
             return PushOutcome::NotAccepted;
         }
         let Some(link) = &e.ws else {
             e.pending = Some(bundle);
+            e.pending_delivered = false;
             return PushOutcome::Queued;
         };
         if link.push.put(bundle) {
@@ -523,7 +629,8 @@ impl Fleet {
     fn sweep(&mut self, mono: Instant, now: SystemTime) {
         let mut any = false;
         for e in self.agents.values_mut() {
-            if record::is_stale(&e.record, mono.saturating_duration_since(e.seen), self.heartbeat) {
+            let interval = self.heartbeat.max(e.poll_interval);
+            if record::is_stale(&e.record, mono.saturating_duration_since(e.seen), interval) {
                 tracing::info!(agent = %e.record.uid, "HTTP agent missed three heartbeats; offline");
                 e.go_offline(now);
                 any = true;
@@ -628,18 +735,18 @@ mod tests {
             PushOutcome::NotAccepted
         );
         fleet
-            .report(uid.clone(), msg(&uid, 1, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
         assert_eq!(fleet.push(uid.clone(), bundle("b")).await.unwrap(), PushOutcome::Queued);
         let r = fleet
-            .report(uid.clone(), msg(&uid, 2, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert_eq!(r.remote_config.map(|b| b.hash()), Some(bundle("b").hash()));
         let r = fleet
-            .report(uid.clone(), msg(&uid, 3, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 3, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert_eq!(
@@ -657,7 +764,7 @@ mod tests {
                     status,
                     error_message: String::new(),
                 }),
-                ..msg(&uid, 4 + seq as u64, 0x3)
+                ..msg(&uid, 4 + seq as u64, 0x1003)
             };
             let r = fleet.report(uid.clone(), report, Via::Http, None).await.unwrap();
             let acknowledged = hash == bundle("b").hash();
@@ -668,7 +775,7 @@ mod tests {
             );
         }
         let r = fleet
-            .report(uid.clone(), msg(&uid, 6, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 6, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert!(r.remote_config.is_none());
@@ -679,7 +786,7 @@ mod tests {
         let (fleet, _c) = start(Duration::from_secs(30));
         let uid = InstanceUid::Uuid([4; 16]);
         fleet
-            .report(uid.clone(), msg(&uid, 0, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
@@ -692,7 +799,7 @@ mod tests {
             "not offered to an agent without AcceptsRemoteConfig"
         );
         let r = fleet
-            .report(uid.clone(), msg(&uid, 2, 0x3), Via::Http, None)
+            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
             .await
             .unwrap();
         assert!(r.remote_config.is_none(), "the push was dropped, not kept");
@@ -705,16 +812,16 @@ mod tests {
         let (old, _old_rx) = link(1);
         let (new, new_rx) = link(2);
         fleet
-            .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(old.clone()), None)
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::WebSocket(old.clone()), None)
             .await
             .unwrap();
         fleet
-            .report(uid.clone(), msg(&uid, 0, 0x3), Via::WebSocket(new.clone()), None)
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::WebSocket(new.clone()), None)
             .await
             .unwrap();
         assert!(old.close.is_cancelled(), "the old connection is told to close");
         let r = fleet
-            .report(uid.clone(), msg(&uid, 1, 0x3), Via::WebSocket(old.clone()), None)
+            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::WebSocket(old.clone()), None)
             .await
             .unwrap();
         assert!(r.replaced);
@@ -744,6 +851,175 @@ mod tests {
         fleet.closed(2, uid.clone()).await;
         let s = snaps.wait_for(|s| s.get(&uid).is_some_and(|r| !r.connected)).await;
         assert!(s.is_ok());
+    }
+
+    use crate::desired::AgentAttributes;
+
+    fn described(uid: &InstanceUid, seq: u64, host: &str) -> AgentToServer {
+        use crate::opamp::proto::{AgentDescription, AnyValue, KeyValue, any_value::Value};
+        AgentToServer {
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![],
+                non_identifying_attributes: vec![KeyValue {
+                    key: "host.name".into(),
+                    value: Some(AnyValue {
+                        value: Some(Value::StringValue(host.into())),
+                    }),
+                }],
+            }),
+            ..msg(uid, seq, 0x1003)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_agent_under_a_live_uid_is_offered_its_own_uid_and_changes_nothing() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([6; 16]);
+        let (first, first_rx) = link(1);
+        let (clone, _clone_rx) = link(2);
+        let r = fleet
+            .report(
+                uid.clone(),
+                described(&uid, 0, "host-a"),
+                Via::WebSocket(first.clone()),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(!r.clash);
+        let r = fleet
+            .report(
+                uid.clone(),
+                described(&uid, 0, "host-b"),
+                Via::WebSocket(clone.clone()),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(r.clash, "another description under a live uid is another agent");
+        let offered = r.new_instance_uid.expect("a uid of its own");
+        assert_ne!(offered, uid);
+        assert!(matches!(offered, InstanceUid::Uuid(_)), "16 bytes");
+        assert!(!first.close.is_cancelled(), "the first agent keeps its connection");
+        // The clone adopts its uid; the first agent is untouched.
+        fleet
+            .report(
+                offered.clone(),
+                described(&offered, 1, "host-b"),
+                Via::WebSocket(clone.clone()),
+                Some(uid.clone()),
+            )
+            .await
+            .unwrap();
+        let mut snaps = fleet.subscribe();
+        let s = snaps.wait_for(|s| s.agents.len() == 2).await.unwrap().clone();
+        assert_eq!(s.uid_clashes, 1);
+        let a = s.get(&uid).unwrap();
+        assert!(a.connected);
+        assert_eq!(a.attribute("host.name"), Some("host-a"));
+        assert_eq!(s.get(&offered).unwrap().attribute("host.name"), Some("host-b"));
+        assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Sent);
+        assert_eq!(
+            first_rx.take().map(|b| b.hash()),
+            Some(bundle("a").hash()),
+            "to the first agent's socket"
+        );
+        // The same agent reconnecting (same description) replaces its old socket.
+        let (again, _again_rx) = link(3);
+        let r = fleet
+            .report(uid.clone(), described(&uid, 2, "host-a"), Via::WebSocket(again), None)
+            .await
+            .unwrap();
+        assert!(!r.clash);
+        assert!(first.close.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delivery_is_recorded_at_the_first_http_reply_and_at_the_websocket_write() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let uid = InstanceUid::Uuid([7; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
+            .await
+            .unwrap();
+        fleet.push(uid.clone(), bundle("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            fleet.snapshot().get(&uid).unwrap().delivered,
+            None,
+            "queued is not delivered"
+        );
+        fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
+            .await
+            .unwrap();
+        let mut snaps = fleet.subscribe();
+        let s = snaps
+            .wait_for(|s| s.get(&uid).is_some_and(|r| r.delivered.is_some()))
+            .await
+            .unwrap()
+            .clone();
+        let first = s.get(&uid).unwrap().delivered_now().unwrap();
+        assert_eq!(first.hash, bundle("a").hash());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let r = fleet
+            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
+            .await
+            .unwrap();
+        assert!(r.remote_config.is_some(), "offered again");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            fleet.snapshot().get(&uid).unwrap().delivered,
+            Some(first),
+            "a repeated offer does not restart the clock"
+        );
+
+        // WebSocket: delivered when the session says it wrote the frame.
+        let ws = InstanceUid::Uuid([8; 16]);
+        let (l, rx) = link(9);
+        fleet
+            .report(ws.clone(), msg(&ws, 0, 0x1003), Via::WebSocket(l), None)
+            .await
+            .unwrap();
+        fleet.push(ws.clone(), bundle("b")).await.unwrap();
+        assert!(rx.take().is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(fleet.snapshot().get(&ws).unwrap().delivered, None);
+        fleet.delivered(9, ws.clone(), bundle("b").hash()).await;
+        let s = snaps
+            .wait_for(|s| s.get(&ws).is_some_and(|r| r.delivered.is_some()))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(
+            s.get(&ws).unwrap().delivered_now().map(|d| d.hash),
+            Some(bundle("b").hash())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http_agent_that_polls_slower_than_the_default_is_judged_by_its_own_interval() {
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let uid = InstanceUid::Uuid([10; 16]);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        fleet
+            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
+            .await
+            .unwrap();
+        // Polls every 20 s: silent for 50 s is not yet three of its intervals.
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert!(fleet.snapshot().get(&uid).unwrap().connected);
+        let mut snaps = fleet.subscribe();
+        let s = snaps
+            .wait_for(|s| s.get(&uid).is_some_and(|r| !r.connected))
+            .await
+            .unwrap()
+            .clone();
+        assert!(s.get(&uid).unwrap().disconnected_at.is_some());
     }
 
     #[tokio::test(start_paused = true)]

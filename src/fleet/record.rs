@@ -111,6 +111,22 @@ pub struct AgentRecord {
     pub health: Option<Arc<Health>>,
     pub effective_config: Option<Arc<ConfigFiles>>,
     pub remote_config_status: Option<RemoteStatus>,
+    /// Since when the agent has reported itself unhealthy, counted from the
+    /// start of its current connection at the earliest; `None` while healthy
+    /// or before it reports health.
+    pub unhealthy_since: Option<SystemTime>,
+    /// The last config handed to the agent on its current connection, and when.
+    pub delivered: Option<Delivery>,
+}
+
+/// A config that left for the agent: over WebSocket when the frame was
+/// written, over plain HTTP when the first reply that carried it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub hash: ConfigHash,
+    pub at: SystemTime,
+    /// The connection it went out on (see [`AgentRecord::connection_epoch`]).
+    pub epoch: u64,
 }
 
 impl AgentRecord {
@@ -129,7 +145,14 @@ impl AgentRecord {
             health: None,
             effective_config: None,
             remote_config_status: None,
+            unhealthy_since: None,
+            delivered: None,
         }
+    }
+
+    /// The config delivered on the current connection, if any.
+    pub fn delivered_now(&self) -> Option<Delivery> {
+        self.delivered.filter(|d| d.epoch == self.connection_epoch)
     }
 
     pub fn identifying_attributes(&self) -> Option<&BTreeMap<String, String>> {
@@ -221,7 +244,9 @@ pub fn apply(
     };
     let new_connection =
         contact.new_connection || prev.is_none_or(|p| !p.connected || p.transport != contact.transport);
-    let gap = prev.is_some_and(|p| msg.sequence_num != p.sequence_num.wrapping_add(1));
+    // A repeated number is a resend, not a lost message.
+    let gap =
+        prev.is_some_and(|p| msg.sequence_num != p.sequence_num.wrapping_add(1) && msg.sequence_num != p.sequence_num);
 
     let mut changed = new_connection || rec.capabilities.0 != msg.capabilities;
     if new_connection {
@@ -244,6 +269,16 @@ pub fn apply(
         rec.health = Some(Arc::new(health(h)));
         changed = true;
     }
+    // The unhealthy clock starts at the first unhealthy report, and again at
+    // a new connection: a supervisor reports unhealthy while its collector
+    // (re)starts, so only a lasting unhealthy state is a verdict.
+    rec.unhealthy_since = match rec.health.as_deref() {
+        Some(h) if !h.healthy => match rec.unhealthy_since {
+            Some(t) if !new_connection => Some(t),
+            _ => Some(contact.now),
+        },
+        _ => None,
+    };
     if let Some(ec) = msg.effective_config {
         rec.effective_config = Some(Arc::new(config_files(ec.config_map)));
         changed = true;
@@ -259,11 +294,12 @@ pub fn apply(
         changed = true;
     }
     let decision = ReplyDecision {
-        // Sequences start at 0 (or 1 for some clients): a new agent, not a
-        // known one that reconnects to a controller that forgot it.
-        report_full_state: !disconnected
-            && (prev.is_none() || gap)
-            && rec.missing_state(prev.is_none() && rec.sequence_num <= 1),
+        // A gap in a known agent's sequence may hide a lost report: the
+        // specification asks for the full state then. An unknown agent is
+        // asked only when something is missing; sequences start at 0 (or 1
+        // for some clients), so a low one is a new agent, not a known one
+        // that reconnects to a controller that forgot it.
+        report_full_state: !disconnected && (gap || (prev.is_none() && rec.missing_state(rec.sequence_num <= 1))),
         new_instance_uid: msg.flags & FLAG_REQUEST_INSTANCE_UID != 0,
         disconnected,
         changed,
@@ -530,13 +566,22 @@ mod tests {
                 want: false,
             },
             Case {
-                name: "gap with nothing missing",
+                name: "gap with nothing missing: a lost report may hide anything",
                 prev: Some(known()),
                 msg: heartbeat(5),
-                want: false,
+                want: true,
             },
             Case {
-                name: "repeated sequence number with nothing missing",
+                name: "sequence restarted at 0 (the agent's process restarted)",
+                prev: Some(AgentRecord {
+                    sequence_num: 41,
+                    ..known()
+                }),
+                msg: heartbeat(0),
+                want: true,
+            },
+            Case {
+                name: "repeated sequence number (a resend) with nothing missing",
                 prev: Some(known()),
                 msg: heartbeat(0),
                 want: false,
@@ -554,13 +599,13 @@ mod tests {
                 want: false,
             },
             Case {
-                name: "gap, but the message itself fills the hole",
+                name: "gap, even when the message itself fills one hole",
                 prev: Some(no_health),
                 msg: AgentToServer {
                     health: Some(health_msg(false)),
                     ..heartbeat(5)
                 },
-                want: false,
+                want: true,
             },
             Case {
                 name: "gap with the description missing",
@@ -639,6 +684,36 @@ mod tests {
             rec2.effective_config, prev.effective_config,
             "still the old effective config"
         );
+    }
+
+    #[test]
+    fn unhealthy_clock_starts_at_the_first_unhealthy_report_and_at_each_connection() {
+        let unhealthy = |seq| AgentToServer {
+            health: Some(health_msg(false)),
+            ..heartbeat(seq)
+        };
+        let (rec, _) = apply(Some(&known()), &uid(), unhealthy(1), ws(5, false));
+        assert_eq!(rec.unhealthy_since, Some(at(5)));
+        let (rec, _) = apply(Some(&rec), &uid(), heartbeat(2), ws(9, false));
+        assert_eq!(rec.unhealthy_since, Some(at(5)), "still unhealthy: the clock runs on");
+        let (rec, _) = apply(Some(&rec), &uid(), unhealthy(3), ws(12, false));
+        assert_eq!(
+            rec.unhealthy_since,
+            Some(at(5)),
+            "a repeated unhealthy report keeps the start"
+        );
+        let (rec, _) = apply(Some(&rec), &uid(), heartbeat(4), ws(20, true));
+        assert_eq!(
+            rec.unhealthy_since,
+            Some(at(20)),
+            "a new connection starts the clock again"
+        );
+        let healthy = AgentToServer {
+            health: Some(health_msg(true)),
+            ..heartbeat(5)
+        };
+        let (rec, _) = apply(Some(&rec), &uid(), healthy, ws(21, false));
+        assert_eq!(rec.unhealthy_since, None);
     }
 
     #[test]

@@ -94,6 +94,12 @@ enum Outcome {
         uid: InstanceUid,
         msg: ServerToAgent,
     },
+    /// A second agent under a uid in use: offered the uid in the reply.
+    Clash {
+        uid: InstanceUid,
+        offered: InstanceUid,
+        msg: ServerToAgent,
+    },
     /// A protocol error answered with `error_response`.
     Refused(ServerToAgent),
     /// This WebSocket was replaced; close it.
@@ -121,6 +127,11 @@ async fn exchange(
     let previous = previous.filter(|p| **p != uid).cloned();
     match ctx.fleet.report(uid.clone(), msg, via, previous).await {
         Ok(r) if r.replaced => Outcome::Replaced,
+        Ok(r) if r.clash => Outcome::Clash {
+            msg: reply_message(wire, &r, with_capabilities),
+            offered: r.new_instance_uid.clone().unwrap_or_else(InstanceUid::new_v7),
+            uid,
+        },
         Ok(r) => {
             if r.report_full_state {
                 tracing::debug!(agent = %uid, "asking for full state");
@@ -140,6 +151,9 @@ enum Next {
     /// Send this frame; with the agent's uid (and its wire bytes) once the
     /// report was accepted.
     Send(Message, Option<(InstanceUid, Bytes)>),
+    /// Send this frame, which offers the agent a uid of its own (`.2`)
+    /// instead of the one in use (`.1`).
+    Clash(Message, InstanceUid, InstanceUid),
     Close(u16, &'static str),
 }
 
@@ -153,6 +167,7 @@ async fn answer(
 ) -> Next {
     match exchange(ctx, msg, via, previous, with_capabilities).await {
         Outcome::Reply { uid, msg } => Next::Send(binary(&msg), Some((uid, msg.instance_uid))),
+        Outcome::Clash { uid, offered, msg } => Next::Clash(binary(&msg), uid, offered),
         Outcome::Refused(msg) => Next::Send(binary(&msg), None),
         Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
         Outcome::Busy => Next::Close(close::TRY_AGAIN_LATER, "server overloaded"),
@@ -185,6 +200,9 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     };
     // The uid this connection reports as, and its bytes as the agent sent them.
     let mut agent: Option<(InstanceUid, Bytes)> = None;
+    // A uid in use by another agent that this one also reported under, and
+    // the uid it was offered instead: asked again until it adopts it.
+    let mut clash: Option<(InstanceUid, InstanceUid)> = None;
     let mut capabilities_sent = false;
     // A half-open connection never closes by itself: ping, and give up on a
     // peer that has sent nothing (pongs included) for three intervals.
@@ -225,6 +243,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 if socket.send(frame).await.is_err() {
                     break None;
                 }
+                ctx.fleet.delivered(conn, uid.clone(), bundle.hash()).await;
             }
             frame = socket.recv() => {
                 last_frame = Instant::now();
@@ -263,6 +282,21 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     }
                 };
                 drop(data);
+                if let Some((shared, offered)) = &clash
+                    && shared.as_bytes() == &msg.instance_uid[..]
+                {
+                    let again = ServerToAgent {
+                        instance_uid: msg.instance_uid,
+                        agent_identification: Some(AgentIdentification {
+                            new_instance_uid: Bytes::copy_from_slice(offered.as_bytes()),
+                        }),
+                        ..Default::default()
+                    };
+                    if socket.send(binary(&again)).await.is_err() {
+                        break None;
+                    }
+                    continue;
+                }
                 let previous = agent.as_ref().map(|(uid, _)| uid);
                 let via = Via::WebSocket(link.clone());
                 // Boxed: the exchange is the largest state of this loop, and
@@ -271,6 +305,11 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     Next::Send(frame, None) => frame,
                     Next::Send(frame, Some(known)) => {
                         agent = Some(known);
+                        capabilities_sent = true;
+                        frame
+                    }
+                    Next::Clash(frame, shared, offered) => {
+                        clash = Some((shared, offered));
                         capabilities_sent = true;
                         frame
                     }
@@ -369,7 +408,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
             drop(body);
             let wire = msg.instance_uid.clone();
             match exchange(ctx, msg, Via::Http, None, true).await {
-                Outcome::Reply { msg, .. } | Outcome::Refused(msg) => msg,
+                Outcome::Reply { msg, .. } | Outcome::Clash { msg, .. } | Outcome::Refused(msg) => msg,
                 Outcome::Busy => return overloaded(ctx, wire),
                 Outcome::Replaced | Outcome::Stopping => error_reply(
                     wire,
@@ -520,6 +559,7 @@ mod tests {
             new_instance_uid: Some(new_uid.clone()),
             remote_config: Some(bundle.clone()),
             replaced: false,
+            clash: false,
         };
         let legacy = Bytes::from_static(b"01ARZ3NDEKTSV4RRFFQ69G5FAV");
         let m = reply_message(legacy.clone(), &r, true);

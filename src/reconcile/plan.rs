@@ -37,6 +37,9 @@ pub struct AgentView {
     /// Identifying and non-identifying attributes merged (identifying wins).
     pub attributes: Arc<BTreeMap<String, String>>,
     pub accepts_remote_config: bool,
+    /// Without it the agent never says whether it applied a config, so it
+    /// is `unsupported` like one that does not accept remote config.
+    pub reports_remote_config: bool,
     pub reports_health: bool,
     pub connected: bool,
     /// Changes on every new connection of the agent and never repeats for it,
@@ -48,6 +51,11 @@ pub struct AgentView {
     /// `None` until the agent reports health.
     pub healthy: Option<bool>,
     pub health_error: String,
+    /// Since when it has been unhealthy, counted from its current connection at the earliest.
+    pub unhealthy_since: Option<Timestamp>,
+    /// The config that last left for it on its current connection, and when:
+    /// its apply clock starts then.
+    pub delivered: Option<(ConfigHash, Timestamp)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +95,25 @@ impl AgentView {
             && (!self.reports_health || self.healthy == Some(true))
     }
 
-    fn unhealthy_after_applying(&self, hash: ConfigHash) -> bool {
-        self.reports(hash) == Some(RemoteConfigState::Applied) && self.reports_health && self.healthy == Some(false)
+    /// APPLIED for `hash` but unhealthy for longer than `grace`: a failure.
+    /// Shorter spells are what a collector's (re)start looks like.
+    fn unhealthy_after_applying(&self, hash: ConfigHash, grace: Duration, now: Timestamp) -> bool {
+        self.reports(hash) == Some(RemoteConfigState::Applied)
+            && self.reports_health
+            && self.healthy == Some(false)
+            && self.unhealthy_since.is_none_or(|t| now.since(t) > grace)
+    }
+
+    /// Whether the controller can manage its config (see [`AgentState::Unsupported`]).
+    fn supported(&self) -> bool {
+        self.accepts_remote_config && self.reports_remote_config
+    }
+
+    /// When `hash` left for the agent on its current connection, at or after `since`.
+    fn delivered_since(&self, hash: ConfigHash, since: Timestamp) -> Option<Timestamp> {
+        self.delivered
+            .filter(|&(h, at)| h == hash && at >= since)
+            .map(|(_, at)| at)
     }
 }
 
@@ -303,7 +328,7 @@ pub fn plan(input: &PlanInput) -> Plan {
         let group = matcher.find(a);
         let state = match group {
             None => AgentState::Unmanaged,
-            Some(_) if !a.accepts_remote_config => AgentState::Unsupported,
+            Some(_) if !a.supported() => AgentState::Unsupported,
             Some(g) => {
                 in_group[g].push(i);
                 AgentState::Pending
@@ -681,6 +706,7 @@ impl GroupCtx<'_> {
         if !a.connected {
             return None;
         }
+        let grace = self.group.rollout.unhealthy_grace;
         match a.reports(th) {
             Some(RemoteConfigState::Failed) => {
                 let error = a.remote.as_ref().map(|r| r.error.as_str()).unwrap_or_default();
@@ -691,15 +717,30 @@ impl GroupCtx<'_> {
                 });
             }
             Some(RemoteConfigState::Applied) => {
-                return a
-                    .unhealthy_after_applying(th)
-                    .then(|| format!("unhealthy after applying: {}", a.health_error));
+                return a.unhealthy_after_applying(th, grace, self.now).then(|| {
+                    format!(
+                        "unhealthy for more than {} after applying: {}",
+                        humantime::format_duration(grace),
+                        a.health_error
+                    )
+                });
             }
             _ => {}
         }
+        // The clock runs from the moment the agent could receive the push
+        // (an HTTP agent only gets it with its next poll). A clock that only
+        // watched an agent already applying ends in one more push, not a failure.
         let pushed = prev.and_then(|r| r.pushed)?;
-        (pushed.hash == th && pushed.epoch == a.connection_epoch && self.now.reached(pushed.at, timeout))
-            .then(|| format!("not APPLIED within {}", humantime::format_duration(timeout)))
+        if pushed.hash != th || pushed.epoch != a.connection_epoch || pushed.observed {
+            return None;
+        }
+        let delivered = a.delivered_since(th, pushed.at)?;
+        self.now.reached(delivered, timeout).then(|| {
+            format!(
+                "not APPLIED within {} of receiving the config",
+                humantime::format_duration(timeout)
+            )
+        })
     }
 
     /// Halts, opens waves and completes the rollout as pass 1 allows.
@@ -708,7 +749,7 @@ impl GroupCtx<'_> {
             return;
         }
         let policy = &self.group.rollout;
-        if r.kind == RolloutKind::Waves && r.failures.len() > policy.max_failures.of(r.members.len()) {
+        if r.kind == RolloutKind::Waves && r.failures.len() > policy.max_failures.budget_of(r.members.len()) {
             r.phase = RolloutPhase::Halted;
             r.finished = Some(self.now);
             r.settled_since = None;
@@ -826,12 +867,32 @@ impl GroupCtx<'_> {
                 }
             }
             let sh = should.map(|b| b.hash());
+            if let Some(h) = sh
+                && mode != Mode::Keep
+                && a.connected
+                && matches!(
+                    a.reports(h),
+                    Some(RemoteConfigState::Applying | RemoteConfigState::Unset)
+                )
+                && rec.pushed.is_none_or(|p| p.hash != h || p.epoch != a.connection_epoch)
+            {
+                // Applying what it should on a connection where it was not
+                // given it (a restarted supervisor, a lost report): watch it
+                // for apply_timeout, then give it once more (see `should_push`).
+                rec.pushed = Some(Pushed {
+                    hash: h,
+                    at: self.now,
+                    epoch: a.connection_epoch,
+                    observed: true,
+                });
+            }
             let pushed = match (should, sh) {
                 (Some(bundle), Some(h)) if self.should_push(a, &rec, h, mode) => {
                     rec.pushed = Some(Pushed {
                         hash: h,
                         at: self.now,
                         epoch: a.connection_epoch,
+                        observed: false,
                     });
                     let reason = match mode {
                         Mode::Sync(r) => r,
@@ -878,18 +939,22 @@ impl GroupCtx<'_> {
                 || sh.is_some_and(|h| {
                     a.reports(h) == Some(RemoteConfigState::Failed)
                         || rec.failed == Some(h)
-                        || a.unhealthy_after_applying(h)
+                        || a.unhealthy_after_applying(h, self.group.rollout.unhealthy_grace, self.now)
                 })
             {
                 AgentState::Failed
             } else if !active || mode == Mode::Keep || sh.is_none() {
                 AgentState::Pending
-            } else if sh.is_some_and(|h| a.reports(h) == Some(RemoteConfigState::Applied)) {
+            } else if sh.is_some_and(|h| {
+                a.reports(h) == Some(RemoteConfigState::Applied) && !(a.reports_health && a.healthy == Some(false))
+            }) {
                 AgentState::InSync
             } else if pushed
                 || sh.is_some_and(|h| {
-                    a.reports(h) == Some(RemoteConfigState::Applying)
-                        || rec.pushed.is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch)
+                    matches!(
+                        a.reports(h),
+                        Some(RemoteConfigState::Applying | RemoteConfigState::Applied)
+                    ) || rec.pushed.is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch)
                 })
             {
                 AgentState::Applying
@@ -925,14 +990,22 @@ impl GroupCtx<'_> {
     }
 
     fn should_push(&self, a: &AgentView, rec: &AgentRecord, h: ConfigHash, mode: Mode) -> bool {
-        if !a.connected || a.reports(h).is_some() || rec.failed == Some(h) {
+        if !a.connected || rec.failed == Some(h) || mode == Mode::Keep {
             return false;
         }
         let same_connection = rec.pushed.filter(|p| p.hash == h && p.epoch == a.connection_epoch);
-        match mode {
-            Mode::Keep => false,
-            Mode::Wave => same_connection.is_none(),
-            Mode::Sync(_) => same_connection.is_none_or(|p| self.now.reached(p.at, self.reconcile_interval)),
+        match (a.reports(h), same_connection) {
+            // It has reached a verdict on this hash.
+            (Some(RemoteConfigState::Applied | RemoteConfigState::Failed), _) => false,
+            // Watched while it applies: once more when the watch runs out (a
+            // supervisor answers a hash it already has at once).
+            (Some(_), Some(p)) => p.observed && self.now.reached(p.at, self.group.rollout.apply_timeout),
+            (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(p)) => match mode {
+                Mode::Wave => p.observed,
+                _ => p.observed || self.now.reached(p.at, self.reconcile_interval),
+            },
         }
     }
 

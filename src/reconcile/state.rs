@@ -250,6 +250,10 @@ pub struct Pushed {
     pub at: Timestamp,
     /// The agent's connection epoch at the push; a new epoch means a reconnect.
     pub epoch: u64,
+    /// Nothing was sent: the agent was found applying this hash on a
+    /// connection where it had not been given it, and is watched from `at`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub observed: bool,
 }
 
 /// Why an operator control was refused.

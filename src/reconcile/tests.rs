@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::desired::{Amount, ConfigBundle, ConfigFile, DesiredState, Group, OnFailure, RolloutPolicy, Selector};
-use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
+use crate::model::{AgentState, CommitId, ConfigHash, GroupName, InstanceUid};
 
 mod props;
 
@@ -47,6 +47,7 @@ pub(super) fn agent(name: &str) -> AgentView {
         uid: uid(name),
         attributes: Arc::new(BTreeMap::new()),
         accepts_remote_config: true,
+        reports_remote_config: true,
         reports_health: true,
         connected: true,
         connection_epoch: 1,
@@ -54,6 +55,8 @@ pub(super) fn agent(name: &str) -> AgentView {
         remote: None,
         healthy: Some(true),
         health_error: String::new(),
+        unhealthy_since: None,
+        delivered: None,
     }
 }
 
@@ -65,6 +68,10 @@ pub(super) trait AgentFx: Sized {
     fn failed(self, error: &str) -> Self;
     fn healthy(self) -> Self;
     fn unhealthy(self, error: &str) -> Self;
+    /// Unhealthy since `since` (as the fleet counts it).
+    fn unhealthy_since(self, since: Timestamp, error: &str) -> Self;
+    /// Back on a new connection `epoch`, nothing delivered on it yet.
+    fn reconnected(self, epoch: u64) -> Self;
     fn no_health(self) -> Self;
     fn unsupported(self) -> Self;
     fn offline(self, since: Option<Timestamp>) -> Self;
@@ -104,6 +111,17 @@ impl AgentFx for AgentView {
     fn unhealthy(mut self, error: &str) -> Self {
         self.healthy = Some(false);
         self.health_error = error.into();
+        self
+    }
+    fn unhealthy_since(mut self, since: Timestamp, error: &str) -> Self {
+        self.unhealthy_since = Some(since);
+        self.unhealthy(error)
+    }
+    fn reconnected(mut self, epoch: u64) -> Self {
+        self.connected = true;
+        self.disconnected_at = None;
+        self.connection_epoch = epoch;
+        self.delivered = None;
         self
     }
     fn no_health(mut self) -> Self {
@@ -235,11 +253,16 @@ impl Repo {
 }
 
 /// A fleet, a desired state and the controller's rollout state over time.
+/// Pushes reach agents at once (as over WebSocket), except those of agents
+/// in `polling`, which wait for [`World::poll`] (plain HTTP).
 pub(super) struct World {
     pub desired: DesiredState,
     pub agents: Vec<AgentView>,
     pub state: RolloutState,
     pub now: Timestamp,
+    pub polling: BTreeSet<InstanceUid>,
+    /// Pushes not yet fetched by polling agents.
+    queued: BTreeMap<InstanceUid, ConfigHash>,
 }
 
 impl World {
@@ -249,10 +272,13 @@ impl World {
             agents,
             state: RolloutState::default(),
             now: t(1_000),
+            polling: BTreeSet::new(),
+            queued: BTreeMap::new(),
         }
     }
 
-    /// Plans and keeps the next state, as the driver does.
+    /// Plans and keeps the next state, as the driver does; pushes are
+    /// delivered (or queued for polling agents).
     pub(super) fn plan(&mut self) -> Plan {
         let p = plan(&PlanInput {
             desired: &self.desired,
@@ -261,7 +287,29 @@ impl World {
             now: self.now,
         });
         self.state = p.state.clone();
+        let now = self.now;
+        for push in &p.pushes {
+            if self.polling.contains(&push.uid) {
+                self.queued.insert(push.uid.clone(), push.bundle.hash());
+            } else {
+                self.set(&push.uid, |mut a| {
+                    a.delivered = Some((push.bundle.hash(), now));
+                    a
+                });
+            }
+        }
         p
+    }
+
+    /// A polling agent's request: the reply carries its queued push.
+    pub(super) fn poll(&mut self, uid: &InstanceUid) {
+        if let Some(h) = self.queued.remove(uid) {
+            let now = self.now;
+            self.set(uid, |mut a| {
+                a.delivered = Some((h, now));
+                a
+            });
+        }
     }
 
     pub(super) fn advance(&mut self, secs: u64) {
@@ -505,7 +553,7 @@ fn an_agent_that_reports_health_must_stay_healthy_through_the_bake() {
     let p = w.plan();
     assert_eq!(
         p.groups[&gname("gw")].failures[0].error,
-        "unhealthy after applying: exporter down"
+        "unhealthy for more than 30s after applying: exporter down"
     );
     assert_eq!(p.agent(&c).unwrap().state, AgentState::Failed);
     // The failure is within budget, so the wave is done once its bake is
@@ -682,10 +730,181 @@ fn not_applied_within_apply_timeout_is_a_failure() {
     let p = w.plan();
     let st = &p.groups[&gname("gw")];
     assert_eq!(st.phase, Phase::Halted);
-    assert_eq!(st.failures[0].error, "not APPLIED within 5m");
+    assert_eq!(st.failures[0].error, "not APPLIED within 5m of receiving the config");
     assert!(p.pushes.is_empty(), "it still runs v1: nothing to roll back");
     let a = p.agent(&c).unwrap();
     assert_eq!((a.state, a.desired), (AgentState::Failed, Some(v1.hash())));
+}
+
+#[test]
+fn apply_clock_starts_when_a_polling_agent_receives_the_config_not_when_it_is_queued() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").apply_timeout(20).bake(0));
+    w.polling = w.agents.iter().map(|a| a.uid.clone()).collect();
+    let c = order("gw", 4)[0].clone();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(std::slice::from_ref(&c)));
+    // It polls every 30 s: the push waits in the queue longer than apply_timeout.
+    w.advance(25);
+    let p = w.plan();
+    assert_eq!(
+        p.groups[&gname("gw")].phase,
+        Phase::Progressing,
+        "not received yet: no clock"
+    );
+    assert!(p.groups[&gname("gw")].failures.is_empty());
+    w.advance(5);
+    w.poll(&c);
+    w.advance(19);
+    assert!(
+        w.plan().groups[&gname("gw")].failures.is_empty(),
+        "19 s after receiving it"
+    );
+    w.set(&c, |a| a.reports(&v2).applied().healthy());
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 2, "applied in time: the next wave opens");
+    // Silence after receiving it is still a failure, counted from receipt.
+    let second = order("gw", 4)[1].clone();
+    w.advance(30);
+    w.poll(&second);
+    w.advance(20);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.phase, Phase::Halted);
+    assert_eq!(st.failures[0].agent, second);
+    assert_eq!(st.failures[0].error, "not APPLIED within 20s of receiving the config");
+}
+
+#[test]
+fn unhealthy_after_applying_is_a_failure_only_past_the_grace() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").bake(60));
+    let c = order("gw", 4)[0].clone();
+    let p = w.plan();
+    w.apply(&p);
+    // The collector restarts while the wave bakes: unhealthy for 20 s.
+    let since = w.now;
+    w.set(&c, |a| a.unhealthy_since(since, "starting"));
+    w.advance(20);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(
+        (st.phase, st.failures.len()),
+        (Phase::Progressing, 0),
+        "within the 30 s grace"
+    );
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Applying);
+    w.set(&c, |a| a.healthy());
+    w.plan(); // healthy again: the bake starts over
+    w.advance(59);
+    assert_eq!(w.plan().groups[&gname("gw")].wave, 1, "a full bake once healthy");
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].wave, 2);
+    // Unhealthy past the grace is a failure.
+    let second = order("gw", 4)[1].clone();
+    w.apply(&p);
+    let since = w.now;
+    w.set(&second, |a| a.unhealthy_since(since, "exporter refused"));
+    w.advance(30);
+    assert!(w.plan().groups[&gname("gw")].failures.is_empty(), "exactly the grace");
+    w.advance(1);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.phase, Phase::Halted);
+    assert_eq!(
+        st.failures[0].error,
+        "unhealthy for more than 30s after applying: exporter refused"
+    );
+}
+
+#[test]
+fn an_agent_applying_on_a_new_connection_is_watched_then_pushed_once_more_before_it_fails() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").apply_timeout(60).bake(0));
+    let c = order("gw", 4)[0].clone();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(std::slice::from_ref(&c)));
+    w.set(&c, |a| a.reports(&v2).applying());
+    w.advance(10);
+    // Its supervisor restarts mid-apply and keeps saying APPLYING.
+    w.set(&c, |a| a.reconnected(2));
+    let p = w.plan();
+    assert!(p.pushes.is_empty(), "it has the hash: watched, not pushed");
+    assert_eq!(p.agent(&c).unwrap().state, AgentState::Applying);
+    w.advance(59);
+    assert!(w.plan().pushes.is_empty());
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(
+        pushed(&p),
+        set(std::slice::from_ref(&c)),
+        "the watch ran out: given once more"
+    );
+    assert!(p.groups[&gname("gw")].failures.is_empty(), "not a failure yet");
+    w.advance(30);
+    assert!(w.plan().pushes.is_empty(), "once more, not again and again");
+    w.advance(30);
+    let p = w.plan();
+    let st = &p.groups[&gname("gw")];
+    assert_eq!(st.phase, Phase::Halted, "silent after the second push: a failure");
+    assert_eq!(st.failures[0].agent, c);
+}
+
+#[test]
+fn an_agent_applying_on_a_new_connection_that_answers_the_second_push_completes() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(2, &v1, &v2, |r| r.waves("1, 100%").apply_timeout(60).bake(0));
+    let p = w.plan();
+    w.set(&p.pushes[0].uid.clone(), |a| a.reports(&v2).applying().reconnected(2));
+    w.plan();
+    w.advance(60);
+    let p = w.plan();
+    assert_eq!(p.pushes.len(), 1);
+    w.apply(&p);
+    let p = w.run("gw", 1, 10);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    assert!(p.groups[&gname("gw")].failures.is_empty());
+}
+
+#[test]
+fn agents_that_accept_but_do_not_report_remote_config_are_unsupported_and_never_block() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(3, &v1, &v2, |r| r.waves("1, 100%").bake(0));
+    let silent = agent("silent").reports(&v1);
+    w.agents.push(AgentView {
+        reports_remote_config: false,
+        remote: None,
+        ..silent
+    });
+    let p = w.run("gw", 1, 20);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    assert_eq!(p.groups[&gname("gw")].agents.targeted, 3, "not counted");
+    let a = p.agent(&uid("silent")).unwrap();
+    assert_eq!((a.state, a.desired), (AgentState::Unsupported, None));
+    assert!(!pushed(&w.plan()).contains(&uid("silent")));
+}
+
+#[test]
+fn a_percentage_failure_budget_rounds_down_so_one_percent_of_fifty_tolerates_none() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(50, &v1, &v2, |r| r.waves("1, 100%").max_failures(Amount::Percent(1)));
+    let c = order("gw", 50)[0].clone();
+    w.plan();
+    w.set(&c, |a| a.reports(&v2).failed("bad"));
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted, "the first failure halts");
+
+    let mut w = stable_then(200, &v1, &v2, |r| r.waves("1, 100%").max_failures(Amount::Percent(1)));
+    let c = order("gw", 200)[0].clone();
+    w.plan();
+    w.set(&c, |a| a.reports(&v2).failed("bad"));
+    assert_eq!(
+        w.plan().groups[&gname("gw")].phase,
+        Phase::Progressing,
+        "1% of 200 tolerates two"
+    );
 }
 
 #[test]

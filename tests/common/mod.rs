@@ -203,7 +203,7 @@ pub fn hello(uid: &[u8], seq: u64) -> AgentToServer {
     AgentToServer {
         instance_uid: Bytes::copy_from_slice(uid),
         sequence_num: seq,
-        capabilities: SUPERVISOR_CAPS & !0x1000,
+        capabilities: SUPERVISOR_CAPS,
         agent_description: Some(description(
             &[("service.name", "otelcol-contrib")],
             &[("host.name", "test-host")],

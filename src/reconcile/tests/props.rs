@@ -139,9 +139,14 @@ fn check(w: &World, input_state: &RolloutState, p: &Plan) -> Result<(), TestCase
         let asg = p.agent(&push.uid).expect("assigned");
         prop_assert_eq!(asg.group.as_ref(), Some(&push.group), "pushed outside its group");
         let h = push.bundle.hash();
+        let watched = input_state
+            .agents
+            .get(&push.uid)
+            .and_then(|r| r.pushed)
+            .is_some_and(|p| p.observed && p.hash == h);
         prop_assert!(
-            a.remote.as_ref().is_none_or(|r| r.hash != Some(h)),
-            "pushed a hash the agent already has"
+            a.remote.as_ref().is_none_or(|r| r.hash != Some(h)) || watched,
+            "pushed a hash the agent already has, without having watched it apply"
         );
         prop_assert!(
             input_state.agents.get(&push.uid).is_none_or(|r| r.failed != Some(h)),
