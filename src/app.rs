@@ -1,6 +1,10 @@
 //! Wiring for `serve`: binds the listeners, spawns the fleet task, the OpAMP
 //! server and the API, and owns the shutdown order (stop accepting, close
-//! WebSockets, finish in-flight HTTP replies, then stop the fleet).
+//! WebSockets, finish in-flight HTTP replies, then stop the fleet). Every
+//! long-running task is supervised: one that ends while the controller is
+//! not shutting down (it returned, panicked or was aborted) shuts the rest
+//! down and makes the controller end with an error, so a dead loop never
+//! sits behind a ready `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +92,45 @@ pub enum AppError {
     State(#[from] PersistError),
     #[error("a task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the {task} task stopped unexpectedly ({how}); the controller shut down")]
+    TaskEnded { task: &'static str, how: String },
+}
+
+/// A supervised task that ended, and how.
+#[derive(Debug)]
+struct Ended {
+    task: &'static str,
+    how: String,
+}
+
+/// Watches `task`: when it ends, says so on `ended`. Returns a handle that
+/// completes when the task has ended (to await it during shutdown) and one
+/// that aborts the task itself.
+fn supervise(
+    name: &'static str,
+    task: JoinHandle<()>,
+    ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
+) -> (JoinHandle<()>, tokio::task::AbortHandle) {
+    let abort = task.abort_handle();
+    let ended = ended.clone();
+    let watcher = tokio::spawn(async move {
+        let how = match task.await {
+            Ok(()) => "it returned".to_string(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("it panicked: {text}")
+            }
+            Err(_) => "it was aborted".to_string(),
+        };
+        // Nobody listens once the controller has stopped.
+        let _ = ended.send(Ended { task: name, how });
+    });
+    (watcher, abort)
 }
 
 /// A started controller.
@@ -108,6 +151,8 @@ pub struct Running {
     pub assignments: watch::Sender<Arc<Assignments>>,
     /// Cancel to shut down.
     pub shutdown: CancellationToken,
+    /// The supervised tasks by name, to abort one (see [`Running::abort_task`]).
+    tasks: Vec<(&'static str, tokio::task::AbortHandle)>,
     done: JoinHandle<Result<(), AppError>>,
 }
 
@@ -121,6 +166,20 @@ impl Running {
     pub async fn stop(self) -> Result<(), AppError> {
         self.shutdown.cancel();
         self.wait().await
+    }
+
+    /// Aborts one supervised task (`fleet`, `git`, `driver`, `notes`,
+    /// `readiness`) as if it had died; false when there is none of that name.
+    /// For checking that the controller then stops.
+    #[doc(hidden)]
+    pub fn abort_task(&self, name: &str) -> bool {
+        let found = self.tasks.iter().filter(|(n, _)| *n == name);
+        let mut any = false;
+        for (_, handle) in found {
+            handle.abort();
+            any = true;
+        }
+        any
     }
 }
 
@@ -142,6 +201,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let api_addr = local(&api_listener, "the API", config.api_listen)?;
 
     let metrics = Arc::new(Metrics::default());
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
     let fleet_stop = CancellationToken::new();
     let (fleet, fleet_task) = fleet::spawn(
         FleetConfig {
@@ -149,17 +210,25 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         },
         fleet_stop.clone(),
     );
+    let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
+    tasks.push(("fleet", abort));
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
     let (assignments, assignments_rx) = watch::channel(Arc::new(Assignments::new()));
+    let mut forwarder = None;
     let gitops = match config.git {
         Some(git_config) => {
             let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
-            let g = start_gitops(git_config, settings, &fleet, &assignments, &shutdown).await?;
-            tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
+            let g = start_gitops(git_config, settings, &fleet, &assignments, &shutdown, &ended_tx).await?;
+            tasks.extend(g.aborts.iter().cloned());
+            let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
+            let (_, abort) = supervise("readiness", task, &ended_tx);
+            tasks.push(("readiness", abort.clone()));
+            forwarder = Some(abort);
             Some(g)
         }
         None => None,
     };
+    drop(ended_tx);
     let git = gitops.as_ref().map(|g| g.git.clone());
     let driver = gitops.as_ref().map(|g| g.driver.clone());
     let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
@@ -198,9 +267,15 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         let servers = async { tokio::join!(opamp_server.into_future(), api_server.into_future()) };
         tokio::pin!(servers);
         let mut finished = None;
+        let mut died = None;
         tokio::select! {
             r = &mut servers => finished = Some(r),
             () = stop.cancelled() => {}
+            Some(e) = ended.recv() => {
+                tracing::error!(task = e.task, how = %e.how, "a task stopped unexpectedly; shutting down");
+                died = Some(e);
+                stop.cancel();
+            }
         }
         // One deadline for the whole drain: a client that never finishes its
         // request must not keep the controller alive.
@@ -225,7 +300,14 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         }
         fleet_stop.cancel();
         fleet_task.await?;
+        if let Some(f) = forwarder {
+            // It runs until aborted (see `forward_readiness`).
+            f.abort();
+        }
         tracing::info!("stopped");
+        if let Some(Ended { task, how }) = died {
+            return Err(AppError::TaskEnded { task, how });
+        }
         opamp_result.map_err(|source| AppError::Serve { what: "OpAMP", source })?;
         api_result.map_err(|source| AppError::Serve { what: "API", source })?;
         Ok(())
@@ -241,6 +323,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         readiness,
         assignments,
         shutdown,
+        tasks,
         done,
     })
 }
@@ -254,6 +337,8 @@ struct GitOps {
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
     notes_task: JoinHandle<()>,
+    git_task: JoinHandle<()>,
+    aborts: Vec<(&'static str, tokio::task::AbortHandle)>,
 }
 
 impl GitOps {
@@ -264,6 +349,8 @@ impl GitOps {
         self.driver_task.await?;
         self.notes_stop.cancel();
         self.notes_task.await?;
+        // The git task stops with the shutdown token it was given.
+        self.git_task.await?;
         Ok(())
     }
 }
@@ -274,9 +361,11 @@ async fn start_gitops(
     fleet: &FleetHandle,
     assignments: &watch::Sender<Arc<Assignments>>,
     shutdown: &CancellationToken,
+    ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
-    let git = GitSource::spawn(git_config, shutdown.child_token())?;
+    let (git, git_task) = GitSource::spawn(git_config, shutdown.child_token())?;
+    let (git_task, git_abort) = supervise("git", git_task, ended);
     let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author.clone());
     let callbacks = git.callback_factory();
     let reader = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
@@ -301,6 +390,8 @@ async fn start_gitops(
         },
         driver_stop.clone(),
     )?;
+    let (driver_task, driver_abort) = supervise("driver", driver_task, ended);
+    let (notes_task, notes_abort) = supervise("notes", notes_task, ended);
     Ok(GitOps {
         git,
         driver,
@@ -309,6 +400,8 @@ async fn start_gitops(
         driver_task,
         notes_stop,
         notes_task,
+        git_task,
+        aborts: vec![("git", git_abort), ("driver", driver_abort), ("notes", notes_abort)],
     })
 }
 
@@ -328,7 +421,9 @@ fn read_existing_notes(store: &NotesStore, callbacks: &dyn Fn() -> git2::RemoteC
     }
 }
 
-/// Keeps `/readyz` in step with the git source: ready once a commit is in force.
+/// Keeps `/readyz` in step with the git source: ready once a commit is in
+/// force. Runs until aborted: when the git source is gone it says so and
+/// waits (the git task's own end is what the supervisor reports).
 async fn forward_readiness(mut status: watch::Receiver<Status>, readiness: watch::Sender<Readiness>) {
     loop {
         let next = match status.borrow_and_update().readiness() {
@@ -341,7 +436,8 @@ async fn forward_readiness(mut status: watch::Receiver<Status>, readiness: watch
             changed
         });
         if status.changed().await.is_err() {
-            return;
+            readiness.send_replace(Readiness::NotReady("the git source has stopped".to_string()));
+            return std::future::pending().await;
         }
     }
 }
@@ -386,5 +482,28 @@ fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_supervised_task_reports_how_it_ended() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done, _) = supervise("boom", tokio::spawn(async { panic!("the loop broke") }), &tx);
+        done.await.unwrap();
+        let e = rx.recv().await.unwrap();
+        assert_eq!((e.task, e.how.as_str()), ("boom", "it panicked: the loop broke"));
+
+        let (done, _) = supervise("quiet", tokio::spawn(async {}), &tx);
+        done.await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().how, "it returned");
+
+        let (done, abort) = supervise("stuck", tokio::spawn(std::future::pending()), &tx);
+        abort.abort();
+        done.await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().how, "it was aborted");
     }
 }

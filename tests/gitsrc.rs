@@ -146,7 +146,7 @@ impl Remote {
         let mut cfg = config(self.location(), &self.state, poll);
         tweak(&mut cfg);
         let cancel = CancellationToken::new();
-        (GitSource::spawn(cfg, cancel.clone()).unwrap(), cancel)
+        (GitSource::spawn(cfg, cancel.clone()).unwrap().0, cancel)
     }
 }
 
@@ -253,7 +253,7 @@ async fn local_repository_is_read_in_place_and_watched() {
 
     let cancel = CancellationToken::new();
     let cfg = config(RepoLocation::Local(tmp.path().to_path_buf()), tmp.path(), NEVER);
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     let loaded = wait_loaded(&handle, &first).await;
     assert_eq!(groups(&loaded), edge("debug"));
     assert_eq!(loaded.desired.commit.as_ref(), Some(&first));
@@ -409,7 +409,7 @@ async fn not_ready_until_a_commit_is_loaded() {
     let bad = commit(&repo, "main", &files, "bad");
     let cancel = CancellationToken::new();
     let cfg = config(RepoLocation::Local(tmp.path().join("r.git")), tmp.path(), NEVER);
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     wait_status(&handle, "the invalid head", |s| s.head.as_ref() == Some(&bad)).await;
     let reason = handle.status().borrow().readiness().unwrap_err();
     assert!(
@@ -420,7 +420,7 @@ async fn not_ready_until_a_commit_is_loaded() {
 
     // A repository that is not there: the reason names it.
     let cfg = config(RepoLocation::Local(tmp.path().join("nope")), tmp.path(), NEVER);
-    let missing = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let missing = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     let addr = serve(&missing).await;
     wait_status(&missing, "a fetch error", |s| s.last_fetch_error.is_some()).await;
     let reason = missing.status().borrow().readiness().unwrap_err();
@@ -552,12 +552,14 @@ async fn default_branch_is_the_remote_head_or_the_local_head() {
 
     // A local repository follows the branch its HEAD points at.
     let local = RepoLocation::Local(remote.dir.clone());
-    let handle = GitSource::spawn(config(local.clone(), &remote.state, NEVER), cancel.clone()).unwrap();
+    let handle = GitSource::spawn(config(local.clone(), &remote.state, NEVER), cancel.clone())
+        .unwrap()
+        .0;
     wait_loaded(&handle, &on_trunk).await;
 
     let mut cfg = config(local, &remote.state, NEVER);
     cfg.branch = Some("nope".into());
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     let status = wait_status(&handle, "the missing branch", |s| s.last_fetch_error.is_some()).await;
     assert!(
         status.last_fetch_error.unwrap().contains("branch nope not found"),
@@ -639,7 +641,7 @@ async fn http_remote_takes_a_token_from_a_file() {
 
     let mut cfg = config(RepoLocation::Remote(url.clone()), &remote.state, NEVER);
     cfg.auth.token_file = Some(token_file.clone());
-    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap();
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     assert_eq!(groups(&wait_loaded(&handle, &first).await), edge("debug"));
     assert_eq!(handle.status().borrow().branch.as_deref(), Some("main"));
 
@@ -671,7 +673,9 @@ async fn http_remote_takes_a_token_from_a_file() {
     assert_eq!(handle.sync().await.unwrap().commit, second);
 
     // Without any credentials the reason says what to configure.
-    let handle = GitSource::spawn(config(RepoLocation::Remote(url), &remote.state, NEVER), cancel.clone()).unwrap();
+    let handle = GitSource::spawn(config(RepoLocation::Remote(url), &remote.state, NEVER), cancel.clone())
+        .unwrap()
+        .0;
     let status = wait_status(&handle, "a fetch error", |s| s.last_fetch_error.is_some()).await;
     assert!(status.last_fetch_error.unwrap().contains("--git-token-file"));
     cancel.cancel();

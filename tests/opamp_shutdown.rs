@@ -156,3 +156,29 @@ async fn sigterm_stops_serve_cleanly_with_exit_status_zero() {
         .unwrap();
     assert_eq!(exit.code(), Some(0), "clean exit");
 }
+
+#[tokio::test]
+async fn a_task_that_dies_stops_the_controller_with_its_name_instead_of_staying_ready() {
+    use common::gitops::{GitRepo, collector_config, serve_config, state_dir};
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n", &collector_config("v1"), "v1");
+    let (_tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let api = server.api_addr();
+    eventually("ready", async || {
+        (server.api_get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+
+    assert!(!server.running.abort_task("no-such-task"));
+    assert!(server.running.abort_task("git"), "the git task is supervised");
+    let ended = tokio::time::timeout(DEADLINE, server.running.wait())
+        .await
+        .expect("the controller stops by itself");
+    let error = ended.expect_err("a dead task is an error").to_string();
+    assert!(error.contains("the git task stopped unexpectedly"), "{error}");
+    assert!(
+        TcpStream::connect(api).await.is_err(),
+        "the API is down: nothing answers ready over a dead git loop"
+    );
+}

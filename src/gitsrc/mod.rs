@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
@@ -442,7 +443,7 @@ impl GitSource {
     /// Spawns the task that fetches and loads commits; it stops on `cancel`.
     /// Fails only on configuration problems (an unreadable webhook secret);
     /// an unreachable repository is retried, with the reason in the status.
-    pub fn spawn(config: GitConfig, cancel: CancellationToken) -> Result<GitHandle, GitError> {
+    pub fn spawn(config: GitConfig, cancel: CancellationToken) -> Result<(GitHandle, JoinHandle<()>), GitError> {
         let webhook_secret = match &config.webhook_secret_file {
             Some(path) => Some(Arc::from(read_secret(path)?.into_bytes())),
             None => None,
@@ -467,8 +468,8 @@ impl GitSource {
         let auth = config.auth.clone();
         let subdir = config.subdir.clone();
         let driver = driver::Driver::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
-        tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
-        Ok(GitHandle {
+        let task = tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
+        let handle = GitHandle {
             desired: desired_rx,
             status: status_rx,
             syncs: sync_tx,
@@ -479,7 +480,8 @@ impl GitSource {
             subdir,
             remote_url,
             auth,
-        })
+        };
+        Ok((handle, task))
     }
 }
 
