@@ -17,16 +17,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, ApiState, Assignments, Readiness};
-use crate::driver::{self, DriverConfig, DriverHandle, Parts, PersistError};
+use crate::api::{self, ApiState, Readiness};
+use crate::driver::{self, Assignments, DriverConfig, DriverHandle, Parts, PersistError};
 use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::metrics::Metrics;
 use crate::notes::format::Note;
 use crate::notes::writer::{self, Backoff, WriterStats};
+use crate::opamp::OpampContext;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
-use crate::opamp::transport::{self, OpampContext};
+use crate::opamp::transport;
 
 /// How long shutdown waits, in all, for open connections (HTTP requests in
 /// flight, then WebSockets) to finish before it gives up on them.
@@ -148,7 +149,7 @@ pub struct Running {
     /// Readiness as `/readyz` reports it; the git source sets it.
     pub readiness: watch::Sender<Readiness>,
     /// Per-agent assignments the API shows; the reconciler publishes them.
-    pub assignments: watch::Sender<Arc<Assignments>>,
+    pub assignments: watch::Sender<Assignments>,
     /// Cancel to shut down.
     pub shutdown: CancellationToken,
     /// The supervised tasks by name, to abort one (see [`Running::abort_task`]).
@@ -213,7 +214,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
     tasks.push(("fleet", abort));
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
-    let (assignments, assignments_rx) = watch::channel(Arc::new(Assignments::new()));
+    let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
     let gitops = match config.git {
         Some(git_config) => {
@@ -359,20 +360,18 @@ async fn start_gitops(
     git_config: GitConfig,
     (tick, startup_grace, author): (Duration, Duration, Author),
     fleet: &FleetHandle,
-    assignments: &watch::Sender<Arc<Assignments>>,
+    assignments: &watch::Sender<Assignments>,
     shutdown: &CancellationToken,
     ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
     let (git, git_task) = GitSource::spawn(git_config, shutdown.child_token())?;
     let (git_task, git_abort) = supervise("git", git_task, ended);
-    let store = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author.clone());
-    let callbacks = git.callback_factory();
-    let reader = NotesStore::new(git.repo_dir(), git.remote_url().map(String::from), author);
-    let reader_callbacks = callbacks.clone();
-    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &*reader_callbacks));
+    let store = git.notes_store(author.clone());
+    let reader = git.notes_store(author);
+    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader));
     let notes_stop = CancellationToken::new();
-    let (notes, notes_task) = writer::spawn(store, callbacks, Backoff::default(), notes_stop.clone());
+    let (notes, notes_task) = writer::spawn(store, Backoff::default(), notes_stop.clone());
     let notes_stats = notes.stats.clone();
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
@@ -408,8 +407,8 @@ async fn start_gitops(
 /// The notes already in the repository (fetched from the remote first), so
 /// rewrites keep what they hold. A failure is logged: notes are an output,
 /// not something the controller needs to run.
-fn read_existing_notes(store: &NotesStore, callbacks: &dyn Fn() -> git2::RemoteCallbacks<'static>) -> Vec<Note> {
-    if let Err(e) = store.fetch(callbacks) {
+fn read_existing_notes(store: &NotesStore) -> Vec<Note> {
+    if let Err(e) = store.fetch() {
         tracing::warn!(error = %e, "fetching the remote's notes failed");
     }
     match store.all() {

@@ -285,10 +285,29 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// The git source's settings from `serve`'s arguments.
+pub fn git_config(args: &ServeArgs) -> Result<crate::gitsrc::GitConfig, crate::gitsrc::GitError> {
+    use crate::gitsrc::{Auth, GitConfig, GitError, RepoLocation};
+    let repo = args.repo.as_deref().ok_or(GitError::NoRepo)?;
+    Ok(GitConfig {
+        repo: RepoLocation::parse(repo),
+        branch: args.branch.clone(),
+        subdir: args.path.clone(),
+        state_dir: args.state_dir.clone(),
+        poll_interval: args.poll_interval,
+        auth: Auth {
+            token_file: args.git_token_file.clone(),
+            token: args.git_token.clone(),
+            ssh_key_file: args.ssh_key_file.clone(),
+        },
+        webhook_secret_file: args.webhook_secret_file.clone(),
+    })
+}
+
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Status(args) => match crate::notes::status_command(&args) {
+        Command::Status(args) => match crate::commands::status(&args) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -302,7 +321,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             init_tracing();
             let git = match args.repo {
-                Some(_) => match crate::gitsrc::GitConfig::from_serve_args(&args) {
+                Some(_) => match git_config(&args) {
                     Ok(g) => Some(g),
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -340,5 +359,52 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Plan(args) => crate::plan_cmd::command(&args),
         Command::Rollout(args) => crate::commands::rollout(&args),
         Command::Demo(args) => crate::demo::command(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_from_the_command_line() {
+        use crate::gitsrc::{GitError, RepoLocation};
+        use std::path::PathBuf;
+        let cli = Cli::try_parse_from([
+            "opamp-gitops",
+            "serve",
+            "--repo",
+            "https://u:t@example.com/r.git",
+            "--branch",
+            "prod",
+            "--path",
+            "fleet",
+            "--poll-interval",
+            "5s",
+            "--webhook-secret-file",
+            "/s/hook",
+            "--git-token-file",
+            "/s/token",
+            "--ssh-key-file",
+            "/s/key",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let cfg = git_config(&args).unwrap();
+        assert_eq!(cfg.repo, RepoLocation::Remote("https://u:t@example.com/r.git".into()));
+        assert_eq!(cfg.branch.as_deref(), Some("prod"));
+        assert_eq!(cfg.subdir, Some(PathBuf::from("fleet")));
+        assert_eq!(cfg.poll_interval, Duration::from_secs(5));
+        assert_eq!(cfg.webhook_secret_file, Some(PathBuf::from("/s/hook")));
+        assert_eq!(cfg.auth.token_file, Some(PathBuf::from("/s/token")));
+        assert_eq!(cfg.auth.ssh_key_file, Some(PathBuf::from("/s/key")));
+
+        let cli = Cli::try_parse_from(["opamp-gitops", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(matches!(git_config(&args), Err(GitError::NoRepo)));
     }
 }

@@ -1,10 +1,12 @@
-//! The `validate` and `rollout` commands: small enough to share a file,
-//! each maps its outcome to the exit code the CLI documents.
+//! The `validate`, `rollout` and `status` commands: small enough to share a
+//! file, each maps its outcome to the exit code the CLI documents.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::{RolloutAction, RolloutArgs, ValidateArgs};
+use crate::cli::{RolloutAction, RolloutArgs, StatusArgs, StatusFormat, ValidateArgs};
+use crate::gitsrc::notes::{Author, NotesError, NotesStore};
+use crate::notes::status;
 
 /// `rollout pause|resume|promote`: prints the group's rollout afterwards;
 /// exit 1 when the controller refuses (unknown group, no rollout in
@@ -110,4 +112,15 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         }
         Err(LoadErrors::Source(e)) => usage(e.to_string()),
     }
+}
+
+/// `status`: the rollout history of recent commits, read from the notes.
+pub fn status(args: &StatusArgs) -> Result<String, NotesError> {
+    let store = NotesStore::new(&args.repo, args.fetch.clone(), Author::default());
+    store.fetch()?;
+    let rows = status::collect(store.history(&args.rev, args.limit)?);
+    Ok(match args.format {
+        StatusFormat::Json => status::render_json(&rows) + "\n",
+        StatusFormat::Text => status::render_text(&rows),
+    })
 }

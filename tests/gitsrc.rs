@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use git2::{Oid, Repository, Signature};
 use opamp_gitops::desired::{ConfigFile, canonical_hash};
-use opamp_gitops::gitsrc::notes::{Author, NOTES_REF, NotesStore};
+use opamp_gitops::gitsrc::notes::{Author, NOTES_REF};
 use opamp_gitops::gitsrc::{self, Auth, GitConfig, GitHandle, GitSource, Loaded, RepoLocation, Status};
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -202,7 +202,7 @@ fn edge(exporter: &str) -> Vec<(GroupName, ConfigHash)> {
 }
 
 async fn serve(handle: &GitHandle) -> SocketAddr {
-    let app = gitsrc::api::routes(handle.clone());
+    let app = opamp_gitops::api::git::routes(handle.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -269,7 +269,10 @@ async fn local_repository_is_read_in_place_and_watched() {
         started.elapsed()
     );
     assert_eq!(groups(&loaded), edge("otlp"));
-    assert_eq!(handle.groups_view().commit, Some(second));
+    assert_eq!(
+        handle.desired().borrow().as_ref().map(|l| l.commit.clone()),
+        Some(second)
+    );
     cancel.cancel();
 }
 
@@ -646,14 +649,9 @@ async fn http_remote_takes_a_token_from_a_file() {
     assert_eq!(handle.status().borrow().branch.as_deref(), Some("main"));
 
     // Notes are written in the mirror and pushed with the same credentials.
-    let store = NotesStore::new(
-        handle.repo_dir(),
-        handle.remote_url().map(String::from),
-        Author::default(),
-    );
-    let factory = handle.callback_factory();
+    let store = handle.notes_store(Author::default());
     let notes = BTreeMap::from([(first.clone(), "valid: true\n".to_string())]);
-    tokio::task::spawn_blocking(move || store.write(&notes, &*factory))
+    tokio::task::spawn_blocking(move || store.write(&notes))
         .await
         .unwrap()
         .unwrap();

@@ -103,10 +103,7 @@ impl Fixture {
             )]),
         };
         NotesStore::new(self.path(), None, Author::default())
-            .write(
-                &BTreeMap::from([(CommitId::new(commit.to_string()), note.render())]),
-                &git2::RemoteCallbacks::new,
-            )
+            .write(&BTreeMap::from([(CommitId::new(commit.to_string()), note.render())]))
             .unwrap();
     }
 

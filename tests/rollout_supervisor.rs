@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::gitops::{
-    GitRepo, RawAgent, collector_config, edge_hash, fleet_yaml, group_yaml, serve_config, simulate, state_dir,
+    GitRepo, Observer, RawAgent, collector_config, edge_hash, fleet_yaml, group_yaml, serve_config, simulate, state_dir,
 };
-use common::{Post, TestServer, WsAgent, description, eventually, healthy, post, remote_status, uid16};
+use common::{Post, TestServer, WsAgent, description, healthy, post, remote_status, uid16};
 use opamp_gitops::model::InstanceUid;
 use opamp_gitops::opamp::proto::{AgentToServer, RemoteConfigStatuses};
 use opamp_gitops::simulate::TransportKind;
@@ -32,6 +32,13 @@ fn commit_edge(repo: &GitRepo, policy: &str, config: &str, message: &str) {
 
 fn failures(group: &serde_json::Value) -> usize {
     group["rollout"]["failures"].as_array().map_or(0, Vec::len)
+}
+
+fn failures_of(group: &serde_json::Value) -> Vec<InstanceUid> {
+    let list = group["rollout"]["failures"].as_array().cloned().unwrap_or_default();
+    list.iter()
+        .map(|f| InstanceUid::parse_text(f["agent"].as_str().expect("an agent")).expect("a uid"))
+        .collect()
 }
 
 #[tokio::test]
@@ -249,6 +256,7 @@ async fn a_one_percent_failure_budget_on_fifty_agents_halts_at_the_first_failure
     commit_edge(&repo, policy, &v1, "v1");
     let (_tmp, state) = state_dir();
     let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let observer = Observer::start(&server);
     let (_sim, stop) = simulate(&server, 50, |c| c.fail_if_contains = Some("BREAK-ME".into()));
     server
         .wait_group("edge", "v1 on fifty agents", |g| {
@@ -265,17 +273,11 @@ async fn a_one_percent_failure_budget_on_fifty_agents_halts_at_the_first_failure
     assert_eq!(failures(&g), 1);
     // Only the canary ever received the bad config.
     let bad_hash = edge_hash(&bad);
-    let received = eventually("the snapshot to settle", async || {
-        let snap = server.fleet().snapshot();
-        let n = snap
-            .agents
-            .values()
-            .filter(|r| r.reported_hash() == Some(bad_hash))
-            .count();
-        (n == 1).then_some(n)
-    })
-    .await;
-    assert_eq!(received, 1);
+    let canary = failures_of(&g)[0].clone();
+    observer.wait(&canary, bad_hash, |_| true).await;
+    let agents: Vec<InstanceUid> = server.fleet().snapshot().agents.keys().cloned().collect();
+    let reached: Vec<&InstanceUid> = agents.iter().filter(|u| observer.received(u, bad_hash)).collect();
+    assert_eq!(reached, [&canary]);
     stop.cancel();
     server.stop().await;
 }

@@ -2,7 +2,7 @@
 //! JSON, built by a pure function from a record and (once the reconciler
 //! supplies one) the agent's assignment.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -13,17 +13,15 @@ use serde::Serialize;
 use super::{ApiState, error};
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
+use crate::reconcile::Assignment;
 
-/// What the reconciler decided for one agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
-    pub group: Option<GroupName>,
-    pub desired_config_hash: Option<ConfigHash>,
-    pub state: AgentState,
+/// An agent's assignment in the driver's uid-ordered list.
+fn find<'a>(assignments: &'a [Assignment], uid: &InstanceUid) -> Option<&'a Assignment> {
+    assignments
+        .binary_search_by(|a| a.uid.cmp(uid))
+        .ok()
+        .map(|i| &assignments[i])
 }
-
-/// Assignments by agent, as the reconciler publishes them.
-pub type Assignments = HashMap<InstanceUid, Assignment>;
 
 /// One agent as the API shows it.
 #[derive(Debug, Serialize)]
@@ -102,7 +100,7 @@ pub fn agent_json<'a>(
         non_identifying_attributes: rec.non_identifying_attributes().unwrap_or(&NO_ATTRIBUTES),
         capabilities: rec.capabilities.names(),
         group: assignment.and_then(|a| a.group.as_ref()),
-        desired_config_hash: assignment.and_then(|a| a.desired_config_hash),
+        desired_config_hash: assignment.and_then(|a| a.desired),
         remote_config_status: rec.remote_config_status.as_ref().map(|s| RemoteConfigStatusJson {
             status: s.state.as_str(),
             last_remote_config_hash: s.hash.map_or_else(|| hex::encode(&s.last_hash), |h| h.to_string()),
@@ -147,7 +145,7 @@ pub async fn list(State(state): State<ApiState>) -> Response {
     let agents = snapshot
         .sorted()
         .into_iter()
-        .map(|r| agent_json(r, assignments.get(&r.uid), false))
+        .map(|r| agent_json(r, find(&assignments, &r.uid), false))
         .collect();
     Json(AgentList { agents }).into_response()
 }
@@ -164,7 +162,7 @@ pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Resp
         return error(StatusCode::NOT_FOUND, "no such agent");
     };
     let assignments = state.assignments.borrow().clone();
-    Json(agent_json(rec, assignments.get(&uid), true)).into_response()
+    Json(agent_json(rec, find(&assignments, &uid), true)).into_response()
 }
 
 #[cfg(test)]
@@ -213,8 +211,9 @@ mod tests {
     fn json_shape_matches_the_contract() {
         let r = record();
         let assignment = Assignment {
+            uid: r.uid.clone(),
             group: Some(GroupName::new("edge-gateways")),
-            desired_config_hash: Some(ConfigHash([0x9a; 32])),
+            desired: Some(ConfigHash([0x9a; 32])),
             state: AgentState::InSync,
         };
         let v = serde_json::to_value(agent_json(&r, Some(&assignment), false)).unwrap();
@@ -244,8 +243,9 @@ mod tests {
     fn a_disconnected_agent_is_offline_whatever_the_last_plan_said() {
         let mut r = record();
         let assignment = Assignment {
+            uid: r.uid.clone(),
             group: Some(GroupName::new("edge-gateways")),
-            desired_config_hash: Some(ConfigHash([0x9a; 32])),
+            desired: Some(ConfigHash([0x9a; 32])),
             state: AgentState::InSync,
         };
         assert_eq!(agent_state(&r, Some(&assignment)), AgentState::InSync);

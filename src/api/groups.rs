@@ -147,8 +147,18 @@ pub async fn list(State(state): State<ApiState>) -> Response {
         };
         return Json(none).into_response();
     };
-    let view = git.groups_view();
-    let loaded = view.groups.into_iter().map(|g| (g.name, g.config_hash)).collect();
+    let loaded = git
+        .desired()
+        .borrow()
+        .as_deref()
+        .map(|l| {
+            l.desired
+                .groups
+                .values()
+                .map(|g| (g.name.clone(), g.config.hash()))
+                .collect()
+        })
+        .unwrap_or_default();
     let driver = state.driver.as_ref().map(|d| d.status());
     let git_status = git.status().borrow().clone();
     Json(groups_json(driver.as_deref(), &git_status, loaded)).into_response()

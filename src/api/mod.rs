@@ -2,6 +2,7 @@
 //! Handlers read snapshots and `watch` values; they never lock the core.
 
 pub mod agents;
+pub mod git;
 pub mod groups;
 pub mod health;
 
@@ -14,7 +15,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-pub use agents::{Assignment, Assignments};
 pub use health::Readiness;
 
 use crate::driver::DriverHandle;
@@ -36,12 +36,12 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
-    pub assignments: watch::Receiver<Arc<Assignments>>,
+    pub assignments: watch::Receiver<crate::driver::Assignments>,
 }
 
 /// The API's routes. More routes can be merged into the returned router.
 pub fn router(state: ApiState) -> Router {
-    let git_routes = state.git.clone().map(crate::gitsrc::api::routes).unwrap_or_default();
+    let git_routes = state.git.clone().map(git::routes).unwrap_or_default();
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

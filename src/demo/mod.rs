@@ -656,8 +656,8 @@ impl Tour {
             .assignments
             .borrow()
             .iter()
-            .filter(|(uid, a)| a.group.as_ref().is_some_and(|g| g.as_str() == APP_GROUP) && **uid != canary)
-            .map(|(uid, _)| uid.clone())
+            .filter(|a| a.group.as_ref().is_some_and(|g| g.as_str() == APP_GROUP) && a.uid != canary)
+            .map(|a| a.uid.clone())
             .collect();
         let reached: Vec<&InstanceUid> = members.iter().filter(|u| self.reports.received(u, &bad)).collect();
         if !reached.is_empty() {

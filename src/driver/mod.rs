@@ -25,7 +25,6 @@ use notebook::NoteBook;
 pub use persist::PersistError;
 use views::{ViewBuilder, timestamp};
 
-use crate::api::{Assignment as ApiAssignment, Assignments};
 use crate::desired::DesiredState;
 use crate::fleet::{FleetHandle, PushOutcome};
 use crate::gitsrc::{GitHandle, Status as GitStatus};
@@ -47,6 +46,10 @@ pub struct DriverConfig {
     /// before a rollout counts its members.
     pub startup_grace: Duration,
 }
+
+/// Every agent's group, desired hash and state from the newest plan, in uid
+/// order (the order the planner is given the fleet in).
+pub type Assignments = Arc<[reconcile::Assignment]>;
 
 /// What the driver last decided, for the API and metrics.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +111,7 @@ impl DriverHandle {
 pub struct Parts {
     pub fleet: FleetHandle,
     pub git: GitHandle,
-    pub assignments: watch::Sender<Arc<Assignments>>,
+    pub assignments: watch::Sender<Assignments>,
     pub notes: Option<NotesHandle>,
     /// Reads the notes already in the repository (blocking). Called once the
     /// first commit is loaded, so a remote's mirror exists by then: rewrites
@@ -170,7 +173,7 @@ struct Driver {
     config: DriverConfig,
     fleet: FleetHandle,
     git: GitHandle,
-    assignments: watch::Sender<Arc<Assignments>>,
+    assignments: watch::Sender<Assignments>,
     notes: Option<NotesHandle>,
     status: watch::Sender<Arc<DriverStatus>>,
     metrics: Arc<DriverMetrics>,
@@ -343,19 +346,10 @@ impl Driver {
         groups: &BTreeMap<GroupName, GroupStatus>,
     ) {
         let mut by_state: BTreeMap<AgentState, u64> = BTreeMap::new();
-        let assignments: Assignments = agents
-            .iter()
-            .map(|a| {
-                *by_state.entry(a.state).or_default() += 1;
-                let shown = ApiAssignment {
-                    group: a.group.clone(),
-                    desired_config_hash: a.desired,
-                    state: a.state,
-                };
-                (a.uid.clone(), shown)
-            })
-            .collect();
-        self.assignments.send_replace(Arc::new(assignments));
+        for a in agents {
+            *by_state.entry(a.state).or_default() += 1;
+        }
+        self.assignments.send_replace(Arc::from(agents));
         self.status.send_replace(Arc::new(DriverStatus {
             commit: Some(commit.clone()),
             groups: groups.clone(),

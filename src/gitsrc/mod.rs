@@ -8,7 +8,6 @@
 //! fails validation is never published: the last good state stays in force and
 //! the reason is kept in the [`Status`] snapshot.
 
-pub mod api;
 mod driver;
 mod fswatch;
 pub mod notes;
@@ -26,9 +25,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::ServeArgs;
 use crate::desired::DesiredState;
-use crate::model::{CommitId, ConfigHash, GroupName};
+use crate::model::CommitId;
 
 /// Where the config repository is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,25 +119,6 @@ pub struct GitConfig {
     pub auth: Auth,
     /// When set, webhooks must carry a matching `X-Hub-Signature-256`.
     pub webhook_secret_file: Option<PathBuf>,
-}
-
-impl GitConfig {
-    pub fn from_serve_args(args: &ServeArgs) -> Result<GitConfig, GitError> {
-        let repo = args.repo.as_deref().ok_or(GitError::NoRepo)?;
-        Ok(GitConfig {
-            repo: RepoLocation::parse(repo),
-            branch: args.branch.clone(),
-            subdir: args.path.clone(),
-            state_dir: args.state_dir.clone(),
-            poll_interval: args.poll_interval,
-            auth: Auth {
-                token_file: args.git_token_file.clone(),
-                token: args.git_token.clone(),
-                ssh_key_file: args.ssh_key_file.clone(),
-            },
-            webhook_secret_file: args.webhook_secret_file.clone(),
-        })
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,39 +303,6 @@ pub enum SyncError {
     Stopped,
 }
 
-/// The `commit`/`groups` part of `GET /api/v1/groups`.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupsView {
-    pub commit: Option<CommitId>,
-    pub groups: Vec<GroupView>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupView {
-    pub name: GroupName,
-    pub config_hash: ConfigHash,
-}
-
-impl GroupsView {
-    pub fn of(loaded: Option<&Loaded>) -> GroupsView {
-        GroupsView {
-            commit: loaded.map(|l| l.commit.clone()),
-            groups: loaded
-                .map(|l| {
-                    l.desired
-                        .groups
-                        .values()
-                        .map(|g| GroupView {
-                            name: g.name.clone(),
-                            config_hash: g.config.hash(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
-    }
-}
-
 /// The running git source's interface: cheap to clone.
 #[derive(Clone)]
 pub struct GitHandle {
@@ -408,10 +354,6 @@ impl GitHandle {
         self.metrics.snapshot()
     }
 
-    pub fn groups_view(&self) -> GroupsView {
-        GroupsView::of(self.desired.borrow().as_deref())
-    }
-
     /// The repository that holds the commits: the local repository itself, or
     /// the mirror of a remote one.
     pub fn repo_dir(&self) -> &Path {
@@ -424,11 +366,11 @@ impl GitHandle {
         self.remote_url.as_deref()
     }
 
-    /// Makes the credential callbacks the fetches use, for other network
-    /// operations on the same remote (pushing notes).
-    pub fn callback_factory(&self) -> Arc<dyn Fn() -> git2::RemoteCallbacks<'static> + Send + Sync> {
-        let auth = self.auth.clone();
-        Arc::new(move || repo::callbacks(auth.clone()))
+    /// A notes store on this repository, pushing to its remote with the
+    /// credentials the fetches use.
+    pub fn notes_store(&self, author: notes::Author) -> notes::NotesStore {
+        notes::NotesStore::new(self.repo_dir(), self.remote_url().map(String::from), author)
+            .with_auth(self.auth.clone())
     }
 
     pub(crate) fn webhook_secret(&self) -> Option<&[u8]> {
@@ -508,47 +450,6 @@ mod tests {
             RepoLocation::Remote("https://u:t@h/r".into()).display(),
             "https://***@h/r"
         );
-    }
-
-    #[test]
-    fn config_from_the_command_line() {
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from([
-            "opamp-gitops",
-            "serve",
-            "--repo",
-            "https://u:t@example.com/r.git",
-            "--branch",
-            "prod",
-            "--path",
-            "fleet",
-            "--poll-interval",
-            "5s",
-            "--webhook-secret-file",
-            "/s/hook",
-            "--git-token-file",
-            "/s/token",
-            "--ssh-key-file",
-            "/s/key",
-        ])
-        .unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        let cfg = GitConfig::from_serve_args(&args).unwrap();
-        assert_eq!(cfg.repo, RepoLocation::Remote("https://u:t@example.com/r.git".into()));
-        assert_eq!(cfg.branch.as_deref(), Some("prod"));
-        assert_eq!(cfg.subdir, Some(PathBuf::from("fleet")));
-        assert_eq!(cfg.poll_interval, Duration::from_secs(5));
-        assert_eq!(cfg.webhook_secret_file, Some(PathBuf::from("/s/hook")));
-        assert_eq!(cfg.auth.token_file, Some(PathBuf::from("/s/token")));
-        assert_eq!(cfg.auth.ssh_key_file, Some(PathBuf::from("/s/key")));
-
-        let cli = crate::cli::Cli::try_parse_from(["opamp-gitops", "serve"]).unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        assert!(matches!(GitConfig::from_serve_args(&args), Err(GitError::NoRepo)));
     }
 
     #[test]

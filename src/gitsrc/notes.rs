@@ -53,15 +53,14 @@ impl Default for Author {
     }
 }
 
-/// Makes the callbacks (credentials) for each network operation.
-pub type Callbacks<'a> = &'a dyn Fn() -> git2::RemoteCallbacks<'static>;
-
 /// Notes of one repository, optionally mirrored to a remote.
 pub struct NotesStore {
     repo_path: PathBuf,
     /// The remote to push to (a URL or a remote name); `None` for a local repository.
     remote: Option<String>,
     author: Author,
+    /// Credentials for pushes and fetches.
+    auth: super::Auth,
     /// How many times a rejected push is merged and retried before giving up.
     pub push_attempts: u32,
     /// Every note this store has written, newest text per commit: the
@@ -76,9 +75,16 @@ impl NotesStore {
             repo_path: repo_path.into(),
             remote,
             author,
+            auth: super::Auth::default(),
             push_attempts: 5,
             ours: Default::default(),
         }
+    }
+
+    /// Pushes and fetches with these credentials.
+    pub fn with_auth(mut self, auth: super::Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     fn open(&self) -> Result<Repository, NotesError> {
@@ -107,7 +113,7 @@ impl NotesStore {
 
     /// Writes the notes locally (replacing any note on the same commit), then
     /// pushes them when there is a remote.
-    pub fn write(&self, notes: &BTreeMap<CommitId, String>, callbacks: Callbacks<'_>) -> Result<(), NotesError> {
+    pub fn write(&self, notes: &BTreeMap<CommitId, String>) -> Result<(), NotesError> {
         let repo = self.open()?;
         let sig = self.signature()?;
         for (commit, text) in notes {
@@ -119,7 +125,7 @@ impl NotesStore {
             ours.clone()
         };
         match &self.remote {
-            Some(remote) => self.push(&repo, &sig, remote, callbacks, &ours),
+            Some(remote) => self.push(&repo, &sig, remote, &ours),
             None => Ok(()),
         }
     }
@@ -127,11 +133,11 @@ impl NotesStore {
     /// Makes our notes ref the remote's (the remote is the record; notes we
     /// failed to push are written again as rollouts move). Used at start-up
     /// before state is rebuilt from notes, and by `status --fetch`.
-    pub fn fetch(&self, callbacks: Callbacks<'_>) -> Result<(), NotesError> {
+    pub fn fetch(&self) -> Result<(), NotesError> {
         let Some(remote) = &self.remote else { return Ok(()) };
         let repo = self.open()?;
         let sig = self.signature()?;
-        if fetch_remote_notes(&repo, remote, callbacks)? {
+        if fetch_remote_notes(&repo, remote, &self.auth)? {
             merge_remote_notes(&repo, &sig, &BTreeMap::new())?;
         }
         Ok(())
@@ -152,17 +158,16 @@ impl NotesStore {
         repo: &Repository,
         sig: &Signature<'_>,
         remote: &str,
-        callbacks: Callbacks<'_>,
         ours: &BTreeMap<CommitId, String>,
     ) -> Result<(), NotesError> {
         let mut reason = String::new();
         for attempt in 1..=self.push_attempts {
-            match push_once(repo, remote, callbacks)? {
+            match push_once(repo, remote, &self.auth)? {
                 None => return Ok(()),
                 Some(why) => reason = why,
             }
             tracing::info!(attempt, reason = %reason, "notes push rejected; merging the remote's notes");
-            if fetch_remote_notes(repo, remote, callbacks)? {
+            if fetch_remote_notes(repo, remote, &self.auth)? {
                 merge_remote_notes(repo, sig, ours)?;
             }
             std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
@@ -260,10 +265,10 @@ fn remote_for<'r>(repo: &'r Repository, remote: &str) -> Result<git2::Remote<'r>
 
 /// Pushes our notes ref without force. `Ok(None)` when the remote took it,
 /// `Ok(Some(reason))` when it refused (someone else pushed notes first).
-fn push_once(repo: &Repository, remote: &str, callbacks: Callbacks<'_>) -> Result<Option<String>, NotesError> {
+fn push_once(repo: &Repository, remote: &str, auth: &super::Auth) -> Result<Option<String>, NotesError> {
     let mut r = remote_for(repo, remote)?;
     let rejected = std::cell::RefCell::new(None::<String>);
-    let mut cbs = callbacks();
+    let mut cbs = super::repo::callbacks(auth.clone());
     cbs.push_update_reference(|_refname, status| {
         if let Some(msg) = status {
             *rejected.borrow_mut() = Some(msg.to_string());
@@ -287,10 +292,10 @@ fn push_once(repo: &Repository, remote: &str, callbacks: Callbacks<'_>) -> Resul
 
 /// Fetches the remote's notes ref into [`REMOTE_NOTES_REF`]; `false` when the
 /// remote has no notes yet.
-fn fetch_remote_notes(repo: &Repository, remote: &str, callbacks: Callbacks<'_>) -> Result<bool, NotesError> {
+fn fetch_remote_notes(repo: &Repository, remote: &str, auth: &super::Auth) -> Result<bool, NotesError> {
     let mut r = remote_for(repo, remote)?;
     let mut opts = git2::FetchOptions::new();
-    opts.remote_callbacks(callbacks());
+    opts.remote_callbacks(super::repo::callbacks(auth.clone()));
     let spec = format!("+{NOTES_REF}:{REMOTE_NOTES_REF}");
     git(
         || format!("fetching notes from {remote}"),
@@ -353,10 +358,6 @@ mod tests {
         CommitId::new(oid.to_string())
     }
 
-    fn no_callbacks() -> git2::RemoteCallbacks<'static> {
-        git2::RemoteCallbacks::new()
-    }
-
     /// A bare "remote" with two commits, and two clones of it.
     fn setup() -> (tempfile::TempDir, String, CommitId, CommitId) {
         let dir = tempfile::tempdir().unwrap();
@@ -385,10 +386,10 @@ mod tests {
         let store = NotesStore::new(dir.path(), None, Author::default());
         assert_eq!(store.read(&c).unwrap(), None);
         store
-            .write(&BTreeMap::from([(c.clone(), "phase: a\n".to_string())]), &no_callbacks)
+            .write(&BTreeMap::from([(c.clone(), "phase: a\n".to_string())]))
             .unwrap();
         store
-            .write(&BTreeMap::from([(c.clone(), "phase: b\n".to_string())]), &no_callbacks)
+            .write(&BTreeMap::from([(c.clone(), "phase: b\n".to_string())]))
             .unwrap();
         assert_eq!(store.read(&c).unwrap().as_deref(), Some("phase: b\n"));
         assert_eq!(store.all().unwrap().len(), 1);
@@ -403,16 +404,13 @@ mod tests {
         let (dir, url, c1, c2) = setup();
         let one = NotesStore::new(dir.path().join("one"), Some(url.clone()), Author::default());
         let two = NotesStore::new(dir.path().join("two"), Some(url.clone()), Author::default());
-        one.write(&BTreeMap::from([(c1.clone(), "from one\n".to_string())]), &no_callbacks)
+        one.write(&BTreeMap::from([(c1.clone(), "from one\n".to_string())]))
             .unwrap();
         // `two` has not seen one's notes: its first push is rejected, then merged.
-        two.write(
-            &BTreeMap::from([
-                (c2.clone(), "from two\n".to_string()),
-                (c1.clone(), "two wins on c1\n".to_string()),
-            ]),
-            &no_callbacks,
-        )
+        two.write(&BTreeMap::from([
+            (c2.clone(), "from two\n".to_string()),
+            (c1.clone(), "two wins on c1\n".to_string()),
+        ]))
         .unwrap();
 
         let fresh = dir.path().join("fresh");
@@ -430,11 +428,8 @@ mod tests {
         );
 
         // `one` writes again: rejected, merged, and c2's note from `two` survives.
-        one.write(
-            &BTreeMap::from([(c1.clone(), "one again\n".to_string())]),
-            &no_callbacks,
-        )
-        .unwrap();
+        one.write(&BTreeMap::from([(c1.clone(), "one again\n".to_string())]))
+            .unwrap();
         repo.find_remote("origin")
             .unwrap()
             .fetch(&["+refs/notes/*:refs/notes/*"], None, None)
@@ -449,22 +444,18 @@ mod tests {
         let (dir, url, c1, c2) = setup();
         let one = NotesStore::new(dir.path().join("one"), Some(url.clone()), Author::default());
         let two = NotesStore::new(dir.path().join("two"), Some(url.clone()), Author::default());
-        two.write(&BTreeMap::from([(c2.clone(), "two v1\n".to_string())]), &no_callbacks)
+        two.write(&BTreeMap::from([(c2.clone(), "two v1\n".to_string())]))
             .unwrap();
         // `one` merges two's note on c2 into its own ref while pushing c1.
-        one.write(&BTreeMap::from([(c1.clone(), "one\n".to_string())]), &no_callbacks)
-            .unwrap();
+        one.write(&BTreeMap::from([(c1.clone(), "one\n".to_string())])).unwrap();
         assert_eq!(one.read(&c2).unwrap().as_deref(), Some("two v1\n"));
         // `two` updates its note; `one` pushes again, holding the old copy.
-        two.write(&BTreeMap::from([(c2.clone(), "two v2\n".to_string())]), &no_callbacks)
+        two.write(&BTreeMap::from([(c2.clone(), "two v2\n".to_string())]))
             .unwrap();
-        one.write(
-            &BTreeMap::from([(c1.clone(), "one again\n".to_string())]),
-            &no_callbacks,
-        )
-        .unwrap();
+        one.write(&BTreeMap::from([(c1.clone(), "one again\n".to_string())]))
+            .unwrap();
         let fresh = NotesStore::new(dir.path().join("one"), Some(url), Author::default());
-        fresh.fetch(&no_callbacks).unwrap();
+        fresh.fetch().unwrap();
         assert_eq!(fresh.read(&c2).unwrap().as_deref(), Some("two v2\n"));
         assert_eq!(fresh.read(&c1).unwrap().as_deref(), Some("one again\n"));
     }
@@ -473,14 +464,11 @@ mod tests {
     fn fetch_brings_remote_notes_for_restore() {
         let (dir, url, c1, _) = setup();
         let one = NotesStore::new(dir.path().join("one"), Some(url.clone()), Author::default());
-        one.write(
-            &BTreeMap::from([(c1.clone(), "phase: complete\n".to_string())]),
-            &no_callbacks,
-        )
-        .unwrap();
+        one.write(&BTreeMap::from([(c1.clone(), "phase: complete\n".to_string())]))
+            .unwrap();
         let two = NotesStore::new(dir.path().join("two"), Some(url), Author::default());
         assert!(two.all().unwrap().is_empty());
-        two.fetch(&no_callbacks).unwrap();
+        two.fetch().unwrap();
         assert_eq!(two.read(&c1).unwrap().as_deref(), Some("phase: complete\n"));
     }
 
@@ -491,9 +479,7 @@ mod tests {
         let c1 = commit_file(&repo, "f", "1");
         let c2 = commit_file(&repo, "f", "2");
         let store = NotesStore::new(dir.path(), None, Author::default());
-        store
-            .write(&BTreeMap::from([(c1.clone(), "n1".to_string())]), &no_callbacks)
-            .unwrap();
+        store.write(&BTreeMap::from([(c1.clone(), "n1".to_string())])).unwrap();
         let h = store.history("HEAD", 10).unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!((h[0].0.id.clone(), h[0].1.clone()), (c2, None), "newest first");

@@ -14,9 +14,6 @@ use super::format::Note;
 use crate::gitsrc::notes::NotesStore;
 use crate::model::CommitId;
 
-/// Makes the credentials callbacks for each push and fetch.
-pub type CallbackFactory = Arc<dyn Fn() -> git2::RemoteCallbacks<'static> + Send + Sync>;
-
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterStats {
@@ -83,7 +80,6 @@ impl Default for Backoff {
 /// is queued, then stops.
 pub fn spawn(
     store: NotesStore,
-    callbacks: CallbackFactory,
     backoff: Backoff,
     cancel: CancellationToken,
 ) -> (NotesHandle, tokio::task::JoinHandle<()>) {
@@ -92,24 +88,18 @@ pub fn spawn(
         wake: Arc::new(Notify::new()),
         stats: Arc::default(),
     };
-    let task = tokio::spawn(run(handle.clone(), Arc::new(store), callbacks, backoff, cancel));
+    let task = tokio::spawn(run(handle.clone(), Arc::new(store), backoff, cancel));
     (handle, task)
 }
 
-async fn run(
-    handle: NotesHandle,
-    store: Arc<NotesStore>,
-    callbacks: CallbackFactory,
-    backoff: Backoff,
-    cancel: CancellationToken,
-) {
+async fn run(handle: NotesHandle, store: Arc<NotesStore>, backoff: Backoff, cancel: CancellationToken) {
     let mut delay = backoff.min;
     loop {
         let stopping = tokio::select! {
             _ = handle.wake.notified() => false,
             _ = cancel.cancelled() => true,
         };
-        let ok = flush(&handle, &store, &callbacks).await;
+        let ok = flush(&handle, &store).await;
         if stopping {
             return;
         }
@@ -120,7 +110,7 @@ async fn run(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => {
-                flush(&handle, &store, &callbacks).await;
+                flush(&handle, &store).await;
                 return;
             }
         }
@@ -131,14 +121,14 @@ async fn run(
 
 /// Writes everything queued. On failure the notes go back to the queue unless
 /// a newer note for the same commit arrived meanwhile.
-async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>, callbacks: &CallbackFactory) -> bool {
+async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
     let batch = std::mem::take(&mut *handle.pending.lock().expect("the pending map is never poisoned"));
     if batch.is_empty() {
         return true;
     }
     let texts: BTreeMap<CommitId, String> = batch.iter().map(|(c, n)| (c.clone(), n.render())).collect();
-    let (store, cbs) = (store.clone(), callbacks.clone());
-    let result = tokio::task::spawn_blocking(move || store.write(&texts, &*cbs)).await;
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || store.write(&texts)).await;
     let error = match result {
         Ok(Ok(())) => {
             handle
@@ -204,7 +194,7 @@ mod tests {
     }
 
     fn start(store: NotesStore, backoff: Backoff, cancel: &CancellationToken) -> (NotesHandle, JoinHandle<()>) {
-        spawn(store, Arc::new(git2::RemoteCallbacks::new), backoff, cancel.clone())
+        spawn(store, backoff, cancel.clone())
     }
 
     #[tokio::test]

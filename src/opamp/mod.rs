@@ -2,8 +2,11 @@
 //! transports and sessions.
 
 pub mod codec;
+mod context;
 pub mod session;
 pub mod transport;
+
+pub use context::OpampContext;
 
 /// Messages generated from `proto/opamp/v1/*.proto` by `build.rs`.
 #[allow(clippy::all, missing_docs)]

@@ -13,11 +13,11 @@ use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, DecodeError};
+use super::context::OpampContext;
 use super::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, RetryInfo,
     ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response,
 };
-use super::transport::OpampContext;
 use crate::desired::ConfigBundle;
 use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::model::InstanceUid;

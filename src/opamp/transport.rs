@@ -2,22 +2,15 @@
 //! header, whatever the Content-Type) and plain-HTTP POSTs, each handed to
 //! [`super::session`].
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use super::context::OpampContext;
 use super::session;
-use crate::fleet::{ConnId, FleetHandle};
-use crate::metrics::Metrics;
 
 /// The OpAMP path agents connect to.
 pub const OPAMP_PATH: &str = "/v1/opamp";
@@ -26,49 +19,6 @@ pub const OPAMP_PATH: &str = "/v1/opamp";
 const WS_READ_BUFFER: usize = 4 * 1024;
 /// Room for the varint header and framing around the largest message.
 const WS_FRAMING: usize = 64;
-
-/// Everything a session needs; cheap to clone.
-#[derive(Clone)]
-pub struct OpampContext {
-    pub fleet: FleetHandle,
-    pub metrics: Arc<Metrics>,
-    /// The largest message accepted, after decompression.
-    pub max_message_bytes: usize,
-    /// Fires when the server stops: WebSockets send a close frame and end.
-    pub shutdown: CancellationToken,
-    /// Tracks WebSocket sessions so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// WebSockets are pinged this often, and closed when silent (no frame,
-    /// pongs included) for three of these.
-    pub heartbeat_interval: Duration,
-    next_conn: Arc<AtomicU64>,
-}
-
-impl OpampContext {
-    pub fn new(
-        fleet: FleetHandle,
-        metrics: Arc<Metrics>,
-        max_message_bytes: usize,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-        heartbeat_interval: Duration,
-    ) -> Self {
-        OpampContext {
-            fleet,
-            metrics,
-            max_message_bytes,
-            shutdown,
-            tracker,
-            heartbeat_interval,
-            next_conn: Arc::new(AtomicU64::new(1)),
-        }
-    }
-
-    /// A fresh connection id, larger than every earlier one.
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// The router serving `/v1/opamp`.
 pub fn router(ctx: OpampContext) -> Router {

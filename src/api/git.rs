@@ -1,5 +1,5 @@
-//! The git source's HTTP endpoints, for the API listener to mount:
-//! `POST /api/v1/sync` and `POST /api/v1/webhook`.
+//! The git source's HTTP endpoints: `POST /api/v1/sync` and
+//! `POST /api/v1/webhook`.
 
 use axum::Json;
 use axum::Router;
@@ -11,8 +11,8 @@ use axum::routing::post;
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::webhook::{self, Delivery};
-use super::{GitHandle, SyncError};
+use crate::gitsrc::webhook::{self, Delivery};
+use crate::gitsrc::{GitHandle, SyncError};
 
 /// Push payloads are small; this bounds what an unauthenticated sender can make us buffer.
 const WEBHOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
@@ -53,7 +53,7 @@ async fn webhook(State(handle): State<GitHandle>, headers: HeaderMap, body: Byte
         )
             .into_response();
     }
-    let branch = handle.status.borrow().branch.clone();
+    let branch = handle.status().borrow().branch.clone();
     match webhook::classify(header("x-github-event"), &body, branch.as_deref()) {
         Delivery::Ping => Json(json!({"status": "pong"})).into_response(),
         Delivery::Ignore { pushed } => {

@@ -1,0 +1,54 @@
+//! What every OpAMP session shares: the fleet, metrics, limits, shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::fleet::{ConnId, FleetHandle};
+use crate::metrics::Metrics;
+
+/// Everything a session needs; cheap to clone.
+#[derive(Clone)]
+pub struct OpampContext {
+    pub fleet: FleetHandle,
+    pub metrics: Arc<Metrics>,
+    /// The largest message accepted, after decompression.
+    pub max_message_bytes: usize,
+    /// Fires when the server stops: WebSockets send a close frame and end.
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket sessions so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// WebSockets are pinged this often, and closed when silent (no frame,
+    /// pongs included) for three of these.
+    pub heartbeat_interval: Duration,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl OpampContext {
+    pub fn new(
+        fleet: FleetHandle,
+        metrics: Arc<Metrics>,
+        max_message_bytes: usize,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+        heartbeat_interval: Duration,
+    ) -> Self {
+        OpampContext {
+            fleet,
+            metrics,
+            max_message_bytes,
+            shutdown,
+            tracker,
+            heartbeat_interval,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// A fresh connection id, larger than every earlier one.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
