@@ -1,8 +1,11 @@
 //! Simulated agents against the real server, in-process on 127.0.0.1:0, over
-//! both transports: they connect and show in the API, apply a pushed config
-//! (APPLYING then APPLIED, effective config reported), fail on the fail text
-//! and on invalid YAML, keep their previous config when they fail, go offline
-//! when they stop, and come back with full state after a server restart.
+//! both transports: they connect and show in the API, turn healthy once their
+//! collector is up, apply a pushed config (APPLYING then APPLIED, effective
+//! config reported), crash-loop on the fail text (FAILED, health false),
+//! fail at once on invalid YAML, time out on a collector that never turns
+//! healthy, go offline when they stop, come back with full state after a
+//! server restart, restart their processes, and never loop over HTTP against
+//! a server that repeats its config in every reply.
 
 mod common;
 
@@ -23,7 +26,10 @@ fn config(server: &TestServer, transport: TransportKind) -> Config {
     // HTTP agents only hear of a push when they poll.
     c.heartbeat = Duration::from_millis(100);
     c.apply_delay = Duration::from_millis(300);
+    c.startup_time = Duration::from_millis(50);
+    c.config_apply_timeout = Duration::from_secs(2);
     c.fail_if_contains = Some("SIMULATED-FAILURE".into());
+    c.unhealthy_if_contains = Some("SIMULATED-SICKNESS".into());
     c.attrs = vec![
         ("deployment.environment".into(), "e2e".into()),
         ("service.version".into(), "1.0".into()),
@@ -112,9 +118,15 @@ async fn supervisor_lifecycle(transport: TransportKind, transport_name: &str) {
         ] {
             assert!(caps.contains(&cap), "{cap} in {caps:?}");
         }
-        assert_eq!(a["health"]["healthy"], true);
-        assert!(a["remote_config_status"].is_null(), "no status before any config");
+        assert!(
+            a["remote_config_status"].is_null(),
+            "UNSET, no status before any config"
+        );
     }
+    wait_all(&server, "collectors to turn healthy", |a| {
+        a["health"]["healthy"] == true
+    })
+    .await;
 
     // A good config: APPLYING (visible for the apply delay), then APPLIED with the effective config.
     let good = "receivers:\n  otlp: {}\nexporters:\n  debug: {}\n";
@@ -136,7 +148,8 @@ async fn supervisor_lifecycle(transport: TransportKind, transport_name: &str) {
         assert_eq!(one["health"]["healthy"], true);
     }
 
-    // The fail text: FAILED with an error, the previous config still running and healthy.
+    // The fail text: the collector exits, FAILED at once, health false with
+    // the exit; the effective config is the last one the collector ran.
     let failing = push_all(
         &server,
         &list,
@@ -145,25 +158,43 @@ async fn supervisor_lifecycle(transport: TransportKind, transport_name: &str) {
     .await;
     let list = wait_all(&server, "FAILED for the fail text", |a| {
         let (s, h, e) = status(a);
-        s == "FAILED" && h == failing && e.contains("SIMULATED-FAILURE")
+        s == "FAILED" && h == failing && e.contains("exited unexpectedly") && e.contains("SIMULATED-FAILURE")
     })
     .await;
     for a in &list {
         let one = server
             .api_json(&format!("/api/v1/agents/{}", a["instance_uid"].as_str().expect("uid")))
             .await;
-        assert_eq!(
-            one["effective_config"][""], good,
-            "a failed config leaves the previous one"
-        );
-        assert_eq!(one["health"]["healthy"], true);
+        assert_eq!(one["effective_config"][""], good, "the last config the collector ran");
+        assert_eq!(one["health"]["healthy"], false, "it crash-loops");
+        let error = one["health"]["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("exited unexpectedly"), "{error}");
     }
 
-    // Invalid YAML in a named file.
+    // Back to a good config: healthy and APPLIED again.
+    let again = push_all(&server, &list, &[("", "receivers:\n  otlp: {}\n")]).await;
+    let list = wait_all(&server, "APPLIED again", |a| {
+        status(a) == ("APPLIED", again.as_str(), "") && a["health"]["healthy"] == true
+    })
+    .await;
+
+    // A collector that never turns healthy: FAILED at the config apply timeout.
+    let sick = push_all(
+        &server,
+        &list,
+        &[("", "exporters: {otlp: {endpoint: SIMULATED-SICKNESS}}\n")],
+    )
+    .await;
+    let list = wait_all(&server, "FAILED at the apply timeout", |a| {
+        status(a) == ("FAILED", sick.as_str(), "Config apply timeout exceeded") && a["health"]["healthy"] == false
+    })
+    .await;
+
+    // Invalid YAML in a named file: FAILED at once, the collector untouched.
     let invalid = push_all(&server, &list, &[("", good), ("extra.yaml", "exporters: [unclosed\n")]).await;
     wait_all(&server, "FAILED for invalid YAML", |a| {
         let (s, h, e) = status(a);
-        s == "FAILED" && h == invalid && e.contains("extra.yaml") && e.contains("not valid YAML")
+        s == "FAILED" && h == invalid && e.starts_with("cannot parse config named extra.yaml: ")
     })
     .await;
 
