@@ -253,7 +253,7 @@ pub struct SimulateArgs {
     #[arg(long, value_parser = parse_positive_duration)]
     pub config_apply_timeout: Option<Duration>,
     /// Wait before a collector that exited starts again [fast: 1s, supervisor: 5s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_positive_duration)]
     pub crash_restart_delay: Option<Duration>,
     /// After a FAILED config, go back to the last applied one and report it
     /// APPLIED again (the supervisor's opt-in rollback).

@@ -7,11 +7,17 @@
 //! for it to finish; [`command`] is the CLI entry point.
 //!
 //! Attributes: every agent reports the identifying attributes `service.name`
-//! (default `otelcol-sim`) and `service.instance.id` (its instance uid as a
-//! UUID), and the non-identifying `host.name` (default `sim-<index>`, the
-//! agent's index from 0). An `--attr KEY=VALUE` whose key starts with
-//! `service.` is identifying and any other is non-identifying; either may
-//! replace a default. `{index}` in a value is replaced by the agent's index.
+//! (default `otelcol-sim`), `service.version` (default this crate's version)
+//! and `service.instance.id` (its instance uid as a UUID), and the
+//! non-identifying `host.name` (default `sim-<index>`, the agent's index from
+//! 0), `host.arch`, `os.type` and `os.description`. An `--attr KEY=VALUE`
+//! whose key starts with `service.` is identifying and any other is
+//! non-identifying; either may replace a default. `{index}` in a value is
+//! replaced by the agent's index.
+//!
+//! Some agents differ from the rest, picked evenly over the indexes by
+//! [`picked`]: clones (another agent's uid), agents that restart their
+//! process, agents without the ReportsRemoteConfig capability.
 //!
 //! The endpoint: `ws://`, `http://` or a bare `host:port`; a missing path
 //! becomes `/v1/opamp`. The scheme follows `--transport` (an `http://` URL
@@ -199,6 +205,10 @@ impl Config {
         if self.config_apply_timeout.is_zero() {
             return Err(SimulateError::ZeroApplyTimeout);
         }
+        if self.crash_restart_delay.is_zero() {
+            // A crash-looping collector would report its exits in a tight loop.
+            return Err(SimulateError::ZeroCrashRestartDelay);
+        }
         Ok(())
     }
 }
@@ -232,6 +242,8 @@ pub enum SimulateError {
     BadFraction(&'static str, String),
     #[error("--config-apply-timeout must be above zero")]
     ZeroApplyTimeout,
+    #[error("--crash-restart-delay must be above zero")]
+    ZeroCrashRestartDelay,
     #[error(
         "--agents {agents} needs {need} open files (one socket per agent plus {FD_HEADROOM}) \
          but the limit is {limit}; raise it (ulimit -n) or run fewer agents"
@@ -704,6 +716,12 @@ mod tests {
             Some(SimulateError::ZeroApplyTimeout)
         );
         c.config_apply_timeout = Duration::from_secs(5);
+        c.crash_restart_delay = Duration::ZERO;
+        assert_eq!(
+            start(c.clone(), cancel.clone()).err(),
+            Some(SimulateError::ZeroCrashRestartDelay)
+        );
+        c.crash_restart_delay = Duration::from_secs(1);
         c.agents = usize::MAX / 2;
         assert!(
             matches!(
