@@ -308,7 +308,9 @@ async fn restarted_agents_come_back_with_their_uid_status_and_config() {
         );
     }
     let summary = stop(sim, cancel).await;
-    assert!(summary.stats.connects >= 3 * AGENTS as u64, "{summary}");
+    // A restart caught by the stop may not have connected again.
+    assert!(summary.stats.restarts >= 2 * AGENTS as u64, "{summary}");
+    assert!(summary.stats.connects >= 2 * AGENTS as u64, "{summary}");
     server.stop().await;
 }
 
