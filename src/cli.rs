@@ -205,6 +205,17 @@ pub enum TransportKind {
     Http,
 }
 
+/// Timing presets of `simulate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SimProfile {
+    /// Short delays for tests and demos: healthy 100ms after a start,
+    /// APPLIED 200ms after a config, 1s before a crashed collector restarts.
+    Fast,
+    /// The real supervisor's: healthy 1s after a start, APPLIED when the 5s
+    /// config apply timeout passes, 5s before a crashed collector restarts.
+    Supervisor,
+}
+
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The OpAMP endpoint, e.g. ws://127.0.0.1:4320/v1/opamp or http://127.0.0.1:4320/v1/opamp.
@@ -219,12 +230,50 @@ pub struct SimulateArgs {
     /// Extra attribute on every agent, KEY=VALUE (repeatable).
     #[arg(long = "attr", value_parser = parse_key_value)]
     pub attrs: Vec<(String, String)>,
-    /// A config file holding this text fails to apply.
+    /// Timing preset; the timing options below override it.
+    #[arg(long, value_enum, default_value_t = SimProfile::Fast)]
+    pub profile: SimProfile,
+    /// The collector exits on a config with a file holding this text: FAILED
+    /// at once, then it crash-loops.
     #[arg(long)]
     pub fail_if_contains: Option<String>,
-    /// Time between APPLYING and APPLIED.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    pub apply_delay: Duration,
+    /// The collector runs a config with a file holding this text but never
+    /// turns healthy: FAILED when the config apply timeout passes.
+    #[arg(long)]
+    pub unhealthy_if_contains: Option<String>,
+    /// Least time between APPLYING and APPLIED [fast: 200ms, supervisor: 5s].
+    #[arg(long, value_parser = parse_duration)]
+    pub apply_delay: Option<Duration>,
+    /// Time a collector takes to turn healthy (or to exit on a refused config)
+    /// after it starts [fast: 100ms, supervisor: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub startup_time: Option<Duration>,
+    /// A config whose collector is not healthy this long after it arrived is
+    /// FAILED [5s, the supervisor's default].
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub config_apply_timeout: Option<Duration>,
+    /// Wait before a collector that exited starts again [fast: 1s, supervisor: 5s].
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub crash_restart_delay: Option<Duration>,
+    /// After a FAILED config, go back to the last applied one and report it
+    /// APPLIED again (the supervisor's opt-in rollback).
+    #[arg(long)]
+    pub rollback: bool,
+    /// Restart agents' processes about this often (each interval drawn
+    /// between half and one and a half of it).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub restart_every: Option<Duration>,
+    /// Share of agents that restart, 0 to 1 [1].
+    #[arg(long, value_parser = parse_fraction, requires = "restart_every")]
+    pub restart_fraction: Option<f64>,
+    /// Share of agents without the ReportsRemoteConfig capability (the
+    /// supervisor's default): they apply configs but report no status, 0 to 1.
+    #[arg(long, value_parser = parse_fraction, default_value = "0")]
+    pub no_config_status_fraction: f64,
+    /// Share of agents that are clones: each starts with the instance uid of
+    /// the agent before it (a copied host image), 0 to 1.
+    #[arg(long, value_parser = parse_fraction, default_value = "0")]
+    pub clone_fraction: f64,
     /// Stop after this long (default: run until interrupted).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -235,6 +284,18 @@ pub struct SimulateArgs {
     /// agents does not overflow the server's accept queue.
     #[arg(long, default_value_t = crate::simulate::DEFAULT_MAX_CONNECTING)]
     pub max_connecting: usize,
+}
+
+/// A share between 0 and 1.
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (expected a number from 0 to 1, e.g. 0.1)"))?;
+    if !(0.0..=1.0).contains(&f) {
+        return Err("must be from 0 to 1 (e.g. 0.1 for a tenth)".to_string());
+    }
+    Ok(f)
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -1,6 +1,8 @@
 //! The built binary: `opamp-gitops simulate --agents 2000` against
 //! `opamp-gitops serve` shows 2,000 connected agents in the API, and SIGTERM
-//! stops the agents with `agent_disconnect`.
+//! stops the agents with `agent_disconnect`; `--duration` stops thousands of
+//! agents promptly; more agents than the machine holds, and bad options, are
+//! refused with exit status 2 before anything starts.
 
 mod common;
 
@@ -66,10 +68,10 @@ async fn wait_counts(api: SocketAddr, within: Duration, pred: impl Fn(usize, usi
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulate_2000_agents_against_serve() {
+/// `opamp-gitops serve` on free ports, and its (OpAMP, API) addresses once the API listens.
+async fn serve() -> (Proc, SocketAddr, SocketAddr) {
     let (opamp, api) = (free_port(), free_port());
-    let _server = Proc(
+    let server = Proc(
         Command::new(BIN)
             .args([
                 "serve",
@@ -89,9 +91,29 @@ async fn simulate_2000_agents_against_serve() {
         assert!(Instant::now() < deadline, "serve never listened on {api}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (server, opamp, api)
+}
+
+/// Waits (in a blocking task) for the child to exit, at most `within`.
+async fn exit_within(child: Proc, within: Duration) -> std::process::ExitStatus {
+    let exit = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let status = child.0.wait();
+        (child, status)
+    });
+    let (_child, status) = tokio::time::timeout(within, exit)
+        .await
+        .expect("simulate exits in time")
+        .expect("join");
+    status.expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_2000_agents_against_serve() {
+    let (_server, opamp, api) = serve().await;
 
     let started = Instant::now();
-    let mut sim = Proc(
+    let sim = Proc(
         Command::new(BIN)
             .args([
                 "simulate",
@@ -115,14 +137,81 @@ async fn simulate_2000_agents_against_serve() {
     let pid = sim.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(killed.success());
-    let exit = tokio::task::spawn_blocking(move || {
-        let status = sim.0.wait();
-        (sim, status)
-    });
-    let (_sim, status) = tokio::time::timeout(Duration::from_secs(20), exit)
+    let status = exit_within(sim, Duration::from_secs(20)).await;
+    assert!(status.success(), "simulate exits 0 after SIGTERM");
+    wait_counts(api, Duration::from_secs(10), |c, t| c == 0 && t == AGENTS).await;
+}
+
+/// `--duration` ends a large simulation promptly, goodbyes included, and it
+/// exits 0 once its agents have connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_stops_thousands_of_agents_promptly() {
+    let (_server, opamp, api) = serve().await;
+    let agents = 3000;
+    let sim = Proc(
+        Command::new(BIN)
+            .args([
+                "simulate",
+                "--server",
+                &opamp.to_string(),
+                "--agents",
+                &agents.to_string(),
+                "--duration",
+                "4s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("simulate starts"),
+    );
+    let started = Instant::now();
+    // Generous: the point is that it ends by itself, not how fast a loaded machine is.
+    let status = exit_within(sim, Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}");
+    eprintln!(
+        "{agents} agents with --duration 4s exited after {:?}",
+        started.elapsed()
+    );
+    // However many connected in those seconds on a busy machine, all said goodbye.
+    wait_counts(api, Duration::from_secs(10), |c, t| c == 0 && t > 0).await;
+}
+
+/// Runs `simulate` with `args` to completion, with a generous bound.
+async fn simulate_cli(args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .arg("simulate")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(30), command.output())
         .await
         .expect("simulate exits in time")
-        .expect("join");
-    assert!(status.expect("wait").success(), "simulate exits 0 after SIGTERM");
-    wait_counts(api, Duration::from_secs(10), |c, t| c == 0 && t == AGENTS).await;
+        .expect("simulate runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_agents_and_bad_options_are_refused_before_anything_starts() {
+    // Nothing listens there: a refused run must not even try.
+    let server = free_port().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--agents", "1000000000"], "--agents 1000000000 needs"),
+        (&["--clone-fraction", "1.5"], "must be from 0 to 1"),
+        (&["--restart-fraction", "0.5"], "--restart-every"),
+        (&["--config-apply-timeout", "0s"], "greater than zero"),
+        (&["--profile", "slow"], "possible values: fast, supervisor"),
+    ];
+    for (args, error) in cases {
+        let mut all = vec!["--server", server.as_str()];
+        all.extend_from_slice(args);
+        let out = simulate_cli(&all).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(error), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("simulate: "),
+            "{args:?}: no progress, nothing started: {stderr}"
+        );
+    }
 }

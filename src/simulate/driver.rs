@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::agent::{Agent, Input, Output};
+use super::agent::{Agent, Input, Output, Timer};
 use super::stats::Counters;
 use crate::opamp::proto::{AgentConfigMap, AgentToServer, ServerToAgent};
 
@@ -35,6 +35,15 @@ pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// What the transport must do after an input.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    pub(crate) send: Option<AgentToServer>,
+    /// The process restarts: after sending, drop the connection and connect
+    /// again this long from now.
+    pub(crate) reconnect: Option<Duration>,
+}
+
 impl Driver {
     pub(crate) fn new(agent: Agent, shared: Arc<Shared>) -> Self {
         Driver {
@@ -44,17 +53,38 @@ impl Driver {
         }
     }
 
+    /// Starts the agent's process (its collector, its restart timer).
+    pub(crate) fn start(&mut self) {
+        let _ = self.step(Input::Start);
+    }
+
     /// Feeds one input and returns the message to send, if any.
     pub(crate) fn feed(&mut self, input: Input) -> Option<AgentToServer> {
-        self.timers.clear(&input);
-        let before = self.agent.status();
-        let out = self.agent.handle(input, now_unix_nano());
-        let after = self.agent.status();
-        if before != after {
-            self.shared.counters.status_changed(before, after);
+        self.step(input).send
+    }
+
+    /// Feeds one input and returns what the transport must do.
+    pub(crate) fn step(&mut self, input: Input) -> Step {
+        if let Input::Timer(t) = &input {
+            self.timers.clear(*t);
         }
-        self.timers.arm(&out, Instant::now());
-        out.send
+        let before = (self.agent.status(), self.agent.healthy());
+        let out = self.agent.handle(input, now_unix_nano());
+        let after = (self.agent.status(), self.agent.healthy());
+        if before.0 != after.0 {
+            self.shared.counters.status_changed(before.0, after.0);
+        }
+        if before.1 != after.1 {
+            self.shared.counters.health_changed(after.1);
+        }
+        if out.reconnect.is_some() {
+            self.shared.counters.restarted();
+        }
+        self.timers.apply(&out, Instant::now());
+        Step {
+            send: out.send,
+            reconnect: out.reconnect,
+        }
     }
 
     /// Feeds a message from the server, after sharing its config bodies.
@@ -81,56 +111,44 @@ impl Driver {
                 _ = tokio::time::sleep_until(until) => return true,
                 input = self.timers.next() => {
                     // Offline, the agent sends nothing; its state still moves on.
-                    let _ = self.feed(input);
+                    let _ = self.step(input);
                 }
             }
         }
     }
 }
 
-/// The agent's two timers as deadlines.
+/// The agent's timers as deadlines.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Timers {
-    apply: Option<Instant>,
-    heartbeat: Option<Instant>,
+    deadlines: [Option<Instant>; Timer::ALL.len()],
 }
 
 impl Timers {
-    fn arm(&mut self, out: &Output, now: Instant) {
-        if let Some(d) = out.apply_timer {
-            self.apply = Some(now + d);
-        }
-        if let Some(d) = out.heartbeat_timer {
-            self.heartbeat = Some(now + d);
+    fn apply(&mut self, out: &Output, now: Instant) {
+        for (timer, after) in &out.timers {
+            self.deadlines[*timer as usize] = after.map(|d| now + d);
         }
     }
 
-    fn clear(&mut self, input: &Input) {
-        match input {
-            Input::ApplyTimer => self.apply = None,
-            Input::HeartbeatTimer => self.heartbeat = None,
-            _ => {}
-        }
+    fn clear(&mut self, timer: Timer) {
+        self.deadlines[timer as usize] = None;
     }
 
-    /// Resolves to the input of the first timer due; never, when none is armed.
+    /// Resolves to the input of the first timer due (the first in
+    /// [`Timer::ALL`] order on a tie); never, when none is armed.
     pub(crate) fn next(&self) -> impl Future<Output = Input> + use<> {
-        let Timers { apply, heartbeat } = *self;
+        let first = Timer::ALL
+            .iter()
+            .filter_map(|t| self.deadlines[*t as usize].map(|at| (at, *t)))
+            .min();
         async move {
-            match (apply, heartbeat) {
-                (Some(a), Some(h)) if a <= h => {
-                    tokio::time::sleep_until(a).await;
-                    Input::ApplyTimer
+            match first {
+                Some((at, timer)) => {
+                    tokio::time::sleep_until(at).await;
+                    Input::Timer(timer)
                 }
-                (Some(a), None) => {
-                    tokio::time::sleep_until(a).await;
-                    Input::ApplyTimer
-                }
-                (_, Some(h)) => {
-                    tokio::time::sleep_until(h).await;
-                    Input::HeartbeatTimer
-                }
-                (None, None) => std::future::pending().await,
+                None => std::future::pending().await,
             }
         }
     }
@@ -211,11 +229,14 @@ pub(crate) fn now_unix_nano() -> u64 {
         .unwrap_or(0)
 }
 
-/// A seed for an agent's jitter, from its uid.
-pub(crate) fn seed(uid: &[u8; 16]) -> u64 {
+/// A seed for an agent's jitter, from its uid and index (clones share a uid
+/// but must not retry in step).
+pub(crate) fn seed(uid: &[u8; 16], index: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&uid[8..]);
-    u64::from_le_bytes(b) ^ u64::from_le_bytes([uid[0], uid[1], uid[2], uid[3], uid[4], uid[5], uid[6], uid[7]])
+    let from_uid =
+        u64::from_le_bytes(b) ^ u64::from_le_bytes([uid[0], uid[1], uid[2], uid[3], uid[4], uid[5], uid[6], uid[7]]);
+    from_uid ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 #[cfg(test)]
@@ -279,20 +300,37 @@ mod tests {
     async fn timers_fire_in_deadline_order() {
         let now = Instant::now();
         let mut t = Timers::default();
-        t.arm(
+        t.apply(
             &Output {
-                send: None,
-                apply_timer: Some(Duration::from_millis(200)),
-                heartbeat_timer: Some(Duration::from_secs(30)),
+                timers: vec![
+                    (Timer::Heartbeat, Some(Duration::from_secs(30))),
+                    (Timer::Apply, Some(Duration::from_millis(200))),
+                    (Timer::Collector, Some(Duration::from_millis(200))),
+                    (Timer::Restart, Some(Duration::from_secs(60))),
+                ],
+                ..Output::default()
             },
             now,
         );
-        assert_eq!(t.next().await, Input::ApplyTimer);
+        assert_eq!(
+            t.next().await,
+            Input::Timer(Timer::Apply),
+            "a tie goes to the first in order"
+        );
         assert_eq!(Instant::now() - now, Duration::from_millis(200));
-        t.clear(&Input::ApplyTimer);
-        assert_eq!(t.next().await, Input::HeartbeatTimer);
+        t.clear(Timer::Apply);
+        assert_eq!(t.next().await, Input::Timer(Timer::Collector));
+        t.clear(Timer::Collector);
+        t.apply(
+            &Output {
+                timers: vec![(Timer::Restart, None)],
+                ..Output::default()
+            },
+            now,
+        );
+        assert_eq!(t.next().await, Input::Timer(Timer::Heartbeat));
         assert_eq!(Instant::now() - now, Duration::from_secs(30));
-        t.clear(&Input::HeartbeatTimer);
+        t.clear(Timer::Heartbeat);
         let none = tokio::time::timeout(Duration::from_secs(3600), t.next()).await;
         assert!(none.is_err(), "no timer armed, nothing fires");
     }

@@ -56,10 +56,16 @@ enum PostError {
 }
 
 /// Runs one agent until `cancel`.
+///
+/// Like opamp-go's HTTP client: a request that fails is sent again, the same
+/// message, after a backoff; what changes meanwhile follows in the next
+/// request once the server answers. The polling timer is the heartbeat.
 pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: CancellationToken) {
     let shared = Arc::clone(&driver.shared);
-    let mut backoff = Backoff::new(seed(&driver.agent.uid()));
+    driver.start();
+    let mut backoff = Backoff::new(seed(&driver.agent.uid(), driver.agent.index()));
     let mut online = false;
+    let mut failing = false;
     let mut outbox = driver.feed(Input::Connected);
     loop {
         if let Some(msg) = outbox.take() {
@@ -75,7 +81,16 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
                         shared.counters.connected();
                     }
                     backoff.reset();
-                    outbox = driver.received(reply);
+                    if failing {
+                        // The reply is taken in while still offline, so that
+                        // it and what changed during the failures leave in
+                        // one message.
+                        failing = false;
+                        let _ = driver.received(reply);
+                        outbox = driver.feed(Input::Online);
+                    } else {
+                        outbox = driver.received(reply);
+                    }
                 }
                 Err(error) => {
                     shared.counters.connect_error();
@@ -84,7 +99,10 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
                         online = false;
                         shared.counters.disconnected();
                     }
-                    let _ = driver.feed(Input::Disconnected);
+                    if !failing {
+                        failing = true;
+                        let _ = driver.feed(Input::Disconnected);
+                    }
                     let delay = match error {
                         PostError::Busy(Some(d)) => d.min(MAX_RETRY_AFTER),
                         _ => backoff.next_delay(),
@@ -92,27 +110,49 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
                     if !driver.wait_offline(delay, &cancel).await {
                         break;
                     }
-                    // The server may have lost what we told it: start over with full state.
-                    outbox = driver.feed(Input::Connected);
+                    outbox = Some(msg);
                 }
             }
             continue;
         }
         let timer = driver.timers.next();
-        tokio::select! {
+        let step = tokio::select! {
             _ = cancel.cancelled() => break,
-            input = timer => outbox = driver.feed(input),
+            input = timer => driver.step(input),
+        };
+        match step.reconnect {
+            Some(gap) => {
+                // The process restarts: its goodbye, then a new process.
+                if let Some(bye) = step.send {
+                    deliver_goodbye(&shared, &client, &bye).await;
+                }
+                if online {
+                    online = false;
+                    shared.counters.disconnected();
+                }
+                if !driver.wait_offline(gap, &cancel).await {
+                    break;
+                }
+                failing = false;
+                outbox = driver.feed(Input::Connected);
+            }
+            None => outbox = step.send,
         }
     }
     if online {
         if let Some(msg) = driver.feed(Input::Shutdown) {
-            match tokio::time::timeout(GOODBYE_TIMEOUT, post(&shared, &client, &msg)).await {
-                Ok(Ok(_)) => shared.counters.sent(),
-                Ok(Err(error)) => tracing::debug!(%error, "agent_disconnect not delivered"),
-                Err(_) => tracing::debug!("agent_disconnect not answered in time"),
-            }
+            deliver_goodbye(&shared, &client, &msg).await;
         }
         shared.counters.disconnected();
+    }
+}
+
+/// Posts a last message, bounded in time; its reply does not matter.
+async fn deliver_goodbye(shared: &Shared, client: &HttpClient, msg: &AgentToServer) {
+    match tokio::time::timeout(GOODBYE_TIMEOUT, post(shared, client, msg)).await {
+        Ok(Ok(_)) => shared.counters.sent(),
+        Ok(Err(error)) => tracing::debug!(%error, "agent_disconnect not delivered"),
+        Err(_) => tracing::debug!("agent_disconnect not answered in time"),
     }
 }
 

@@ -16,7 +16,9 @@ pub(crate) struct Counters {
     applying: AtomicUsize,
     applied: AtomicUsize,
     failed: AtomicUsize,
+    healthy: AtomicUsize,
     connects: AtomicU64,
+    restarts: AtomicU64,
     connect_errors: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
@@ -50,6 +52,20 @@ impl Counters {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One agent's collector turned healthy (or stopped being).
+    pub(crate) fn health_changed(&self, healthy: bool) {
+        if healthy {
+            self.healthy.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.healthy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One agent's process restarted.
+    pub(crate) fn restarted(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Moves one agent from one remote-config status to another.
     pub(crate) fn status_changed(&self, from: Status, to: Status) {
         if let Some(g) = self.gauge(from) {
@@ -76,7 +92,9 @@ impl Counters {
             applying: self.applying.load(Ordering::Relaxed),
             applied: self.applied.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            healthy: self.healthy.load(Ordering::Relaxed),
             connects: self.connects.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
             messages_sent: self.sent.load(Ordering::Relaxed),
             messages_received: self.received.load(Ordering::Relaxed),
@@ -96,8 +114,12 @@ pub struct Snapshot {
     pub applying: usize,
     pub applied: usize,
     pub failed: usize,
+    /// Agents whose collector reports healthy now.
+    pub healthy: usize,
     /// Successful connections so far, reconnections included.
     pub connects: u64,
+    /// Process restarts so far (`--restart-every`).
+    pub restarts: u64,
     /// Failed connection attempts or requests so far.
     pub connect_errors: u64,
     pub messages_sent: u64,
@@ -110,14 +132,16 @@ impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}/{} connected, {} applying, {} applied, {} failed, {} connects, {} connect errors, \
-             {} sent, {} received, {} errors",
+            "{}/{} connected, {} healthy, {} applying, {} applied, {} failed, {} connects, {} restarts, \
+             {} connect errors, {} sent, {} received, {} errors",
             self.connected,
             self.agents,
+            self.healthy,
             self.applying,
             self.applied,
             self.failed,
             self.connects,
+            self.restarts,
             self.connect_errors,
             self.messages_sent,
             self.messages_received,
@@ -141,15 +165,17 @@ impl fmt::Display for Summary {
         let s = &self.stats;
         write!(
             f,
-            "{} agents ran {:.1}s: peak {} connected; {} applying, {} applied, {} failed; \
-             {} connects, {} connect errors, {} sent, {} received, {} errors",
+            "{} agents ran {:.1}s: peak {} connected; {} healthy, {} applying, {} applied, {} failed; \
+             {} connects, {} restarts, {} connect errors, {} sent, {} received, {} errors",
             s.agents,
             self.elapsed.as_secs_f64(),
             self.peak_connected,
+            s.healthy,
             s.applying,
             s.applied,
             s.failed,
             s.connects,
+            s.restarts,
             s.connect_errors,
             s.messages_sent,
             s.messages_received,
@@ -173,12 +199,16 @@ mod tests {
         c.connected();
         c.connected();
         c.disconnected();
+        c.health_changed(true);
+        c.health_changed(true);
+        c.health_changed(false);
+        c.restarted();
         let s = c.snapshot(5);
-        assert_eq!((s.agents, s.connected, s.connects), (5, 1, 2));
-        assert_eq!((s.applying, s.applied, s.failed), (1, 1, 0));
+        assert_eq!((s.agents, s.connected, s.connects, s.restarts), (5, 1, 2, 1));
+        assert_eq!((s.applying, s.applied, s.failed, s.healthy), (1, 1, 0, 1));
         assert!(
             s.to_string()
-                .starts_with("1/5 connected, 1 applying, 1 applied, 0 failed")
+                .starts_with("1/5 connected, 1 healthy, 1 applying, 1 applied, 0 failed, 2 connects, 1 restarts")
         );
     }
 }

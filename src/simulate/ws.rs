@@ -36,12 +36,15 @@ fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
 enum End {
     Lost,
     Stopped,
+    /// The process restarts; the new one connects after this long.
+    Restart(Duration),
 }
 
 /// Runs one agent until `cancel`.
 pub(crate) async fn run(mut driver: Driver, cancel: CancellationToken) {
     let shared = Arc::clone(&driver.shared);
-    let mut backoff = Backoff::new(seed(&driver.agent.uid()));
+    driver.start();
+    let mut backoff = Backoff::new(seed(&driver.agent.uid(), driver.agent.index()));
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -54,8 +57,15 @@ pub(crate) async fn run(mut driver: Driver, cancel: CancellationToken) {
                 let end = session(&mut driver, ws, &cancel).await;
                 shared.counters.disconnected();
                 let _ = driver.feed(Input::Disconnected);
-                if matches!(end, End::Stopped) {
-                    return;
+                match end {
+                    End::Stopped => return,
+                    End::Restart(gap) => {
+                        if !driver.wait_offline(gap, &cancel).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    End::Lost => {}
                 }
             }
             Err(error) => {
@@ -117,7 +127,18 @@ async fn session(driver: &mut Driver, mut ws: Ws, cancel: &CancellationToken) ->
                 // Pings are answered by tungstenite; text frames are not OpAMP.
                 Some(Ok(_)) => None,
             },
-            input = timer => driver.feed(input),
+            input = timer => {
+                let step = driver.step(input);
+                if let Some(gap) = step.reconnect {
+                    // The process restarts: its goodbye, then the connection closes.
+                    if let Some(msg) = step.send {
+                        let _ = send(driver, &mut ws, &msg).await;
+                    }
+                    close(ws).await;
+                    return End::Restart(gap);
+                }
+                step.send
+            }
         };
         if let Some(msg) = reply
             && send(driver, &mut ws, &msg).await.is_err()
@@ -135,10 +156,15 @@ async fn send(driver: &Driver, ws: &mut Ws, msg: &AgentToServer) -> Result<(), t
 
 /// `agent_disconnect`, then a Close frame, then wait briefly for the server's Close.
 async fn goodbye(driver: &mut Driver, mut ws: Ws) {
+    if let Some(msg) = driver.feed(Input::Shutdown) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, send(driver, &mut ws, &msg)).await;
+    }
+    close(ws).await;
+}
+
+/// A Close frame, then wait briefly for the server's Close.
+async fn close(mut ws: Ws) {
     let farewell = async {
-        if let Some(msg) = driver.feed(Input::Shutdown) {
-            send(driver, &mut ws, &msg).await?;
-        }
         ws.close(None).await?;
         while let Some(frame) = ws.next().await {
             frame?;
