@@ -44,6 +44,9 @@ pub struct ServeConfig {
     /// and closed after three silent ones. Not offered to agents (see
     /// docs/opamp-server.md).
     pub heartbeat_interval: Duration,
+    /// The heartbeat interval offered to agents that report heartbeats (and
+    /// do not accept OpAMP connection settings); `None` offers none.
+    pub offer_heartbeat_interval: Option<Duration>,
     /// The config repository; without it the controller only keeps the inventory.
     pub git: Option<GitConfig>,
     /// How often the reconciler plans without a change.
@@ -64,6 +67,7 @@ impl ServeConfig {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             heartbeat_interval: Duration::from_secs(30),
+            offer_heartbeat_interval: None,
             git: None,
             reconcile_tick: Duration::from_secs(1),
             startup_grace: Duration::ZERO,
@@ -234,7 +238,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let driver = gitops.as_ref().map(|g| g.driver.clone());
     let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
     let sessions = TaskTracker::new();
-    let opamp_ctx = OpampContext::new(
+    let mut opamp_ctx = OpampContext::new(
         fleet.clone(),
         metrics.clone(),
         config.max_message_bytes,
@@ -242,6 +246,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         sessions.clone(),
         config.heartbeat_interval,
     );
+    opamp_ctx.offer_heartbeat = config.offer_heartbeat_interval;
     let api_state = ApiState {
         fleet: fleet.clone(),
         git: git.clone(),

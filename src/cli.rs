@@ -76,10 +76,16 @@ pub struct ServeArgs {
     /// Largest OpAMP message accepted, after decompression, in bytes (at least 1024).
     #[arg(long, default_value_t = crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_max_message_bytes)]
     pub max_message_bytes: usize,
-    /// How often agents are assumed to report (not offered to them: see
-    /// docs/opamp-server.md); an HTTP agent silent for three intervals is offline.
+    /// How often agents are assumed to report; an HTTP agent silent for three
+    /// intervals is offline (see docs/opamp-server.md).
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     pub heartbeat_interval: Duration,
+    /// Offer agents this heartbeat interval (over plain HTTP: how often they
+    /// poll, and so how soon they receive a push). Only to agents that report
+    /// heartbeats and do not accept OpAMP connection settings. Default: none
+    /// offered, agents keep their own (30s for the OpAMP supervisor).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub offer_heartbeat_interval: Option<Duration>,
     /// File holding the shared secret that push webhooks are signed with
     /// (X-Hub-Signature-256); without it webhooks are not authenticated.
     #[arg(long)]
@@ -399,6 +405,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 api_listen: args.api_listen,
                 max_message_bytes: args.max_message_bytes,
                 heartbeat_interval: args.heartbeat_interval,
+                offer_heartbeat_interval: args.offer_heartbeat_interval,
                 git,
                 reconcile_tick: args.reconcile_tick,
                 startup_grace: args.startup_grace,

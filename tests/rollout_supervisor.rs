@@ -281,3 +281,82 @@ async fn a_one_percent_failure_budget_on_fifty_agents_halts_at_the_first_failure
     stop.cancel();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_good_rollout_whose_agents_restart_during_the_bake_completes_without_a_failure() {
+    // Half the agents restart every 2-6 s: a goodbye, then a new process that
+    // resends its saved status and is unhealthy while its collector starts.
+    let policy = "  waves: [1, 50%, 100%]\n  bake: 1s\n  apply_timeout: 5s\n";
+    let repo = GitRepo::new();
+    let (v1, v2) = (collector_config("v1"), collector_config("v2"));
+    commit_edge(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
+    let (_tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (sim, stop) = simulate(&server, 4, |c| {
+        c.restart_every = Some(Duration::from_secs(4));
+        c.restart_fraction = 0.5;
+        c.startup_time = Duration::from_millis(500);
+    });
+    let v1_hash = edge_hash(&v1).to_string();
+    server
+        .wait_group("edge", "v1 complete", |g| {
+            g["config_hash"] == v1_hash.as_str() && g["rollout"]["phase"] == "complete"
+        })
+        .await;
+
+    let before = sim.stats().borrow().restarts;
+    commit_edge(&repo, policy, &v2, "v2");
+    server.sync().await;
+    let v2_hash = edge_hash(&v2).to_string();
+    let g = server
+        .wait_group("edge", "v2 ended", |g| {
+            g["config_hash"] == v2_hash.as_str() && g["rollout"]["phase"] != "progressing"
+        })
+        .await;
+    assert_eq!(g["rollout"]["phase"], "complete", "{g}");
+    assert_eq!(failures(&g), 0, "restarts are not failures: {g}");
+    let during = sim.stats().borrow().restarts - before;
+    assert!(during > 0, "agents restarted during the rollout");
+    stop.cancel();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_agents_sharing_one_uid_end_with_two_uids_both_in_sync() {
+    let policy = "  waves: [100%]\n  bake: 0s\n";
+    let repo = GitRepo::new();
+    let (v1, v2) = (collector_config("v1"), collector_config("v2"));
+    commit_edge(&repo, policy, &v1, "v1");
+    let (_tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    // Two agents, the second a clone of the first: one uid, two hosts.
+    let (_sim, stop) = simulate(&server, 2, |c| c.clone_fraction = 0.5);
+    let g = server
+        .wait_group("edge", "v1 on both", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 2
+        })
+        .await;
+    assert_eq!(g["agents"]["targeted"], 2, "{g}");
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    assert_eq!(
+        common::metric(&metrics, "opamp_gitops_opamp_uid_clashes_total"),
+        Some(1)
+    );
+
+    commit_edge(&repo, policy, &v2, "v2");
+    server.sync().await;
+    let v2_hash = edge_hash(&v2).to_string();
+    server
+        .wait_group("edge", "v2 on both", |g| {
+            g["config_hash"] == v2_hash.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 2
+        })
+        .await;
+    let agents = server.api_json("/api/v1/agents").await;
+    let list = agents["agents"].as_array().unwrap();
+    let connected: Vec<&serde_json::Value> = list.iter().filter(|a| a["connected"] == true).collect();
+    assert_eq!(connected.len(), 2, "{agents}");
+    assert_ne!(connected[0]["instance_uid"], connected[1]["instance_uid"]);
+    assert!(connected.iter().all(|a| a["state"] == "in_sync"), "{agents}");
+    stop.cancel();
+    server.stop().await;
+}

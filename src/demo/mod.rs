@@ -380,6 +380,11 @@ impl Tour {
             }
         }
         println!("They refuse any config containing {REFUSED_TEXT:?} (a misspelt setting a real collector rejects).");
+        println!("Like the real supervisor, each is unhealthy for a moment after it starts and after every new");
+        println!("config, and reports APPLIED only once its collector is healthy. The controller judges that");
+        println!("fairly: an agent's apply clock starts when the config reaches it (an HTTP agent only gets it");
+        println!("at its next poll), unhealthy spells shorter than `unhealthy_grace` are not failures, and an");
+        println!("agent still APPLYING after a restart gets its config once more before it counts as failed.");
         Ok(Tour {
             options,
             clock,
@@ -615,7 +620,9 @@ impl Tour {
         let canary = failure.agent.clone();
         let host = self.host_name(&canary);
         self.say(&format!("canary {host} ({canary}) reported FAILED:"));
-        println!("             {}", failure.error);
+        for line in failure.error.lines() {
+            println!("             {line}");
+        }
         self.say(&format!(
             "rollout halted at wave {}/{}: max_failures is 0, so no further wave opens",
             halted.wave, halted.waves

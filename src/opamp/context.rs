@@ -24,6 +24,8 @@ pub struct OpampContext {
     /// WebSockets are pinged this often, and closed when silent (no frame,
     /// pongs included) for three of these.
     pub heartbeat_interval: Duration,
+    /// The heartbeat (HTTP: polling) interval offered to agents, if any.
+    pub offer_heartbeat: Option<Duration>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -43,6 +45,7 @@ impl OpampContext {
             shutdown,
             tracker,
             heartbeat_interval,
+            offer_heartbeat: None,
             next_conn: Arc::new(AtomicU64::new(1)),
         }
     }

@@ -15,16 +15,22 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::codec::{self, DecodeError};
 use super::context::OpampContext;
 use super::proto::{
-    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, RetryInfo,
-    ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response,
+    AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ConnectionSettingsOffers,
+    OpAmpConnectionSettings, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    server_error_response,
 };
 use crate::desired::ConfigBundle;
 use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::model::InstanceUid;
+use sha2::Digest;
 
-/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig. No heartbeat
-/// offer: agents keep their own interval (see `--heartbeat-interval`).
+/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig, plus
+/// OffersConnectionSettings when a heartbeat interval is offered (see
+/// [`heartbeat_offer`]).
 pub const SERVER_CAPABILITIES: u64 = 0x1 | 0x2 | 0x4;
+const OFFERS_CONNECTION_SETTINGS: u64 = 0x20;
+const REPORTS_HEARTBEAT: u64 = 0x2000;
+const ACCEPTS_OPAMP_CONNECTION_SETTINGS: u64 = 0x100;
 const FLAG_REPORT_FULL_STATE: u64 = 0x1;
 /// How long a closing WebSocket waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -61,12 +67,44 @@ pub fn remote_config(bundle: &ConfigBundle) -> AgentRemoteConfig {
     }
 }
 
+/// The server's capabilities as this server is configured.
+fn capabilities(ctx: &OpampContext) -> u64 {
+    match ctx.offer_heartbeat {
+        Some(_) => SERVER_CAPABILITIES | OFFERS_CONNECTION_SETTINGS,
+        None => SERVER_CAPABILITIES,
+    }
+}
+
+/// The heartbeat interval to offer an agent with these capabilities, if any:
+/// only to agents that report heartbeats and do not accept OpAMP connection
+/// settings (a supervisor that does rebuilds its whole server connection from
+/// an offer, dropping the headers and TLS settings it was configured with).
+/// The offer's hash is fixed by the interval, so a client that has applied
+/// it treats a repeat as nothing new.
+fn heartbeat_offer(ctx: &OpampContext, agent_capabilities: u64) -> Option<ConnectionSettingsOffers> {
+    let interval = ctx.offer_heartbeat?;
+    if agent_capabilities & REPORTS_HEARTBEAT == 0 || agent_capabilities & ACCEPTS_OPAMP_CONNECTION_SETTINGS != 0 {
+        return None;
+    }
+    let seconds = interval.as_secs().max(1);
+    Some(ConnectionSettingsOffers {
+        hash: Bytes::copy_from_slice(&sha2::Sha256::digest(seconds.to_be_bytes())),
+        opamp: Some(OpAmpConnectionSettings {
+            heartbeat_interval_seconds: seconds,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// The reply to a report, echoing the agent's uid bytes unchanged.
-fn reply_message(uid: Bytes, r: &Reply, with_capabilities: bool) -> ServerToAgent {
+/// `capabilities` is 0 where the reply need not carry them.
+fn reply_message(uid: Bytes, r: &Reply, capabilities: u64, offer: Option<ConnectionSettingsOffers>) -> ServerToAgent {
     ServerToAgent {
         instance_uid: uid,
         flags: if r.report_full_state { FLAG_REPORT_FULL_STATE } else { 0 },
-        capabilities: if with_capabilities { SERVER_CAPABILITIES } else { 0 },
+        capabilities,
+        connection_settings: offer,
         agent_identification: r.new_instance_uid.as_ref().map(|u| AgentIdentification {
             new_instance_uid: Bytes::copy_from_slice(u.as_bytes()),
         }),
@@ -125,10 +163,17 @@ async fn exchange(
         }
     };
     let previous = previous.filter(|p| **p != uid).cloned();
+    // Capabilities and the heartbeat offer go in every HTTP reply and in the
+    // first reply on a WebSocket.
+    let (caps, offer) = if with_capabilities {
+        (capabilities(ctx), heartbeat_offer(ctx, msg.capabilities))
+    } else {
+        (0, None)
+    };
     match ctx.fleet.report(uid.clone(), msg, via, previous).await {
         Ok(r) if r.replaced => Outcome::Replaced,
         Ok(r) if r.clash => Outcome::Clash {
-            msg: reply_message(wire, &r, with_capabilities),
+            msg: reply_message(wire, &r, caps, offer),
             offered: r.new_instance_uid.clone().unwrap_or_else(InstanceUid::new_v7),
             uid,
         },
@@ -137,7 +182,7 @@ async fn exchange(
                 tracing::debug!(agent = %uid, "asking for full state");
             }
             Outcome::Reply {
-                msg: reply_message(wire, &r, with_capabilities),
+                msg: reply_message(wire, &r, caps, offer),
                 uid,
             }
         }
@@ -235,7 +280,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
                 let frame = binary(&ServerToAgent {
                     instance_uid: wire.clone(),
-                    capabilities: if capabilities_sent { 0 } else { SERVER_CAPABILITIES },
+                    capabilities: if capabilities_sent { 0 } else { capabilities(&ctx) },
                     remote_config: Some(remote_config(&bundle)),
                     ..Default::default()
                 });
@@ -562,9 +607,10 @@ mod tests {
             clash: false,
         };
         let legacy = Bytes::from_static(b"01ARZ3NDEKTSV4RRFFQ69G5FAV");
-        let m = reply_message(legacy.clone(), &r, true);
+        let m = reply_message(legacy.clone(), &r, SERVER_CAPABILITIES, None);
         assert_eq!(m.instance_uid, legacy, "the old uid is echoed byte for byte");
         assert_eq!((m.flags, m.capabilities), (1, 7));
+        assert!(m.connection_settings.is_none());
         assert_eq!(
             m.agent_identification.unwrap().new_instance_uid.as_ref(),
             new_uid.as_bytes()
@@ -577,9 +623,43 @@ mod tests {
             (&b"a: 1\n"[..], "text/yaml")
         );
 
-        let plain = reply_message(legacy, &Reply::default(), false);
+        let plain = reply_message(legacy, &Reply::default(), 0, None);
         assert_eq!((plain.flags, plain.capabilities), (0, 0));
         assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_is_offered_only_to_agents_that_report_heartbeats_and_do_not_take_connection_settings() {
+        let (fleet, _task) = crate::fleet::spawn(
+            crate::fleet::FleetConfig {
+                heartbeat_interval: Duration::from_secs(30),
+            },
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let mut ctx = OpampContext::new(
+            fleet,
+            Default::default(),
+            1 << 20,
+            Default::default(),
+            Default::default(),
+            Duration::from_secs(30),
+        );
+        assert_eq!(capabilities(&ctx), 0x7);
+        assert!(
+            heartbeat_offer(&ctx, 0x2003).is_none(),
+            "nothing offered unless configured"
+        );
+        ctx.offer_heartbeat = Some(Duration::from_secs(5));
+        assert_eq!(capabilities(&ctx), 0x27, "OffersConnectionSettings");
+        let offer = heartbeat_offer(&ctx, 0x1 | 0x2 | 0x2000).expect("offered");
+        assert_eq!(offer.opamp.as_ref().map(|o| o.heartbeat_interval_seconds), Some(5));
+        assert_eq!(offer.hash.len(), 32);
+        assert_eq!(heartbeat_offer(&ctx, 0x2003).unwrap().hash, offer.hash, "a stable hash");
+        assert!(heartbeat_offer(&ctx, 0x3).is_none(), "no ReportsHeartbeat");
+        assert!(
+            heartbeat_offer(&ctx, 0x2103).is_none(),
+            "AcceptsOpAMPConnectionSettings: an offer would replace its whole connection"
+        );
     }
 
     #[test]
