@@ -1,0 +1,413 @@
+//! The real OpAMP supervisor running a real OpenTelemetry Collector, against
+//! the controller on a real git repository: the pair that `interop/build.sh`
+//! builds into `interop/bin/`, configured with the supervisor configs shipped
+//! in `deploy/supervisor/`. Everything on 127.0.0.1.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::gitops::{GitRepo, Observer, fleet_yaml, serve_config, state_dir};
+use common::{Body, TestServer, http_request};
+use opamp_gitops::fleet::RemoteConfigState;
+use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+use opamp_gitops::reconcile::canary_order;
+
+/// Real processes start slowly (the supervisor runs the collector once to
+/// learn its description): conditions get this long.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// The collectors' apply window: the supervisor reports APPLIED this long
+/// after a config arrives (when the collector is healthy by then).
+const APPLY_WINDOW: &str = "2s";
+
+fn interop_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the real supervisor and collector with interop/build.sh \
+         (scripts/test does that before running the tests)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, for up to [`PATIENCE`].
+async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether something answers HTTP on `port`, and with what status.
+async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(http_request(addr, "GET", path, &[], Body::Empty).await.status)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transport {
+    WebSocket,
+    Http,
+}
+
+/// One supervisor and the collector it runs, with storage of its own that
+/// survives restarts, and two ports of its own for its collector's config
+/// (`OTLP_PORT`, `HEALTH_PORT`).
+struct Pair {
+    name: String,
+    transport: Transport,
+    dir: tempfile::TempDir,
+    opamp: SocketAddr,
+    otlp_port: u16,
+    health_port: u16,
+    child: Option<Child>,
+}
+
+impl Pair {
+    fn start(name: &str, transport: Transport, opamp: SocketAddr) -> Pair {
+        let mut pair = Pair {
+            name: name.to_string(),
+            transport,
+            dir: tempfile::tempdir().expect("temp dir"),
+            opamp,
+            otlp_port: free_port(),
+            health_port: free_port(),
+            child: None,
+        };
+        pair.spawn();
+        pair
+    }
+
+    /// The shipped supervisor config, with two settings for several
+    /// collectors on one host: their own metrics endpoint off (they would
+    /// all take port 8888), and a quick exit once orphaned.
+    fn config(&self) -> PathBuf {
+        let shipped = match self.transport {
+            Transport::WebSocket => "supervisor-ws.yaml",
+            Transport::Http => "supervisor-http.yaml",
+        };
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/supervisor")
+                .join(shipped),
+        )
+        .expect("the shipped supervisor config");
+        assert!(text.contains("\nagent:\n"), "the shipped config has an agent section");
+        let text = text.replacen(
+            "\nagent:\n",
+            "\nagent:\n  args: [\"--set=service::telemetry::metrics::level=none\"]\n  orphan_detection_interval: 500ms\n",
+            1,
+        );
+        let path = self.dir.path().join("supervisor.yaml");
+        std::fs::write(&path, text).expect("write the supervisor config");
+        path
+    }
+
+    /// Starts (or restarts) the supervisor on the same storage.
+    fn spawn(&mut self) {
+        let scheme = match self.transport {
+            Transport::WebSocket => "ws",
+            Transport::Http => "http",
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("supervisor.log"))
+            .expect("log file");
+        let child = Command::new(interop_bin("opampsupervisor"))
+            .arg("--config")
+            .arg(self.config())
+            .env("OPAMP_ENDPOINT", format!("{scheme}://{}/v1/opamp", self.opamp))
+            .env("CONFIG_APPLY_TIMEOUT", APPLY_WINDOW)
+            .env("OTELCOL_EXECUTABLE", interop_bin("otelcol"))
+            .env("SUPERVISOR_STORAGE_DIR", self.dir.path().join("storage"))
+            .env("AGENT_ROLE", "app")
+            .env("OTLP_PORT", self.otlp_port.to_string())
+            .env("HEALTH_PORT", self.health_port.to_string())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("the supervisor starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL to the supervisor alone: its collector notices it was
+    /// orphaned and exits by itself, as on a real host.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill");
+            c.wait().expect("reaped");
+        }
+    }
+
+    /// The instance uid the supervisor persisted (once it has started).
+    fn uid(&self) -> Option<InstanceUid> {
+        let state = std::fs::read_to_string(self.dir.path().join("storage/persistent_state.yaml")).ok()?;
+        let id = state.lines().find_map(|l| l.trim().strip_prefix("instance_id:"))?;
+        InstanceUid::parse_text(id.trim().trim_matches('"'))
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("supervisor.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // The whole process group: the supervisor and its collector.
+            let _ = Command::new("kill").args(["-KILL", &format!("-{}", c.id())]).status();
+        }
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ({:?}) supervisor log tail ---\n{}",
+                self.name,
+                self.transport,
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// The group's collector config: an OTLP/HTTP receiver on the pair's own
+/// port, `marker` to tell versions apart, `extra` appended at the top level.
+fn collector_config(marker: &str, extensions: &str, debug: &str) -> String {
+    format!(
+        "# {marker}\n\
+         receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:${{env:OTLP_PORT}}\n\
+         processors:\n  batch: {{}}\n\
+         exporters:\n  debug:{debug}\n\
+         {extensions}\
+         service:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      processors: [batch]\n      exporters: [debug]\n"
+    )
+}
+
+const HEALTH_CHECK: &str = "extensions:\n  health_check:\n    endpoint: 127.0.0.1:${env:HEALTH_PORT}\n";
+
+fn group(policy: &str) -> String {
+    format!(
+        "selector:\n  match_attributes:\n    service.name: otelcol-agent\n    agent.role: app\nconfig:\n  \"\": configs/agents.yaml\nrollout:\n{policy}"
+    )
+}
+
+fn commit(repo: &GitRepo, policy: &str, config: &str, message: &str) -> CommitId {
+    repo.commit(
+        &[
+            ("fleet.yaml", &fleet_yaml("1h")),
+            ("groups/agents.yaml", &group(policy)),
+            ("configs/agents.yaml", config),
+        ],
+        message,
+    )
+}
+
+/// The controller in this process, offering a 1 s heartbeat so that plain-HTTP
+/// supervisors poll (and receive pushes) every second instead of every 30.
+async fn controller(repo: &GitRepo) -> (TestServer, tempfile::TempDir) {
+    let (tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.offer_heartbeat_interval = Some(Duration::from_secs(1));
+    (TestServer::start_with(config).await, tmp)
+}
+
+async fn group_json(server: &TestServer) -> serde_json::Value {
+    let all = server.api_json("/api/v1/groups").await;
+    all["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["name"] == "agents").cloned())
+        .unwrap_or_default()
+}
+
+async fn wait_group(server: &TestServer, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_for(what, async || Some(group_json(server).await).filter(|g| pred(g))).await
+}
+
+fn hash_of(files: &[(&str, &str)]) -> ConfigHash {
+    common::bundle(files).hash()
+}
+
+/// The uids of the pairs, once each supervisor has persisted one and its
+/// agent is connected.
+async fn uids(server: &TestServer, pairs: &[Pair]) -> Vec<InstanceUid> {
+    wait_for("every supervisor to connect", async || {
+        let uids: Option<Vec<InstanceUid>> = pairs.iter().map(Pair::uid).collect();
+        let uids = uids?;
+        let snap = server.fleet().snapshot();
+        uids.iter()
+            .all(|u| snap.get(u).is_some_and(|r| r.connected))
+            .then_some(uids)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_canary_and_revert() {
+    let policy = "  waves: [1, 50%, 100%]\n  bake: 1s\n  apply_timeout: 30s\n";
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1", "", " {}");
+    commit(&repo, policy, &v1, "v1");
+    let (server, _state) = controller(&repo).await;
+    let observer = Observer::start(&server);
+    let kinds = [
+        Transport::WebSocket,
+        Transport::WebSocket,
+        Transport::WebSocket,
+        Transport::Http,
+        Transport::Http,
+        Transport::Http,
+    ];
+    let pairs: Vec<Pair> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
+        .collect();
+    let uids = uids(&server, &pairs).await;
+
+    // 1. Every pair is listed with what its supervisor reports, in the group
+    // its selector matches, in sync after the first rollout.
+    let v1_hash = hash_of(&[("", &v1)]);
+    wait_group(&server, "v1 on all six", |g| {
+        g["config_hash"] == v1_hash.to_string().as_str()
+            && g["rollout"]["phase"] == "complete"
+            && g["agents"]["applied"] == 6
+    })
+    .await;
+    for (pair, uid) in pairs.iter().zip(&uids) {
+        let a = server.api_json(&format!("/api/v1/agents/{uid}")).await;
+        assert_eq!(a["group"], "agents", "{}: {a}", pair.name);
+        assert_eq!(a["state"], "in_sync", "{}: {a}", pair.name);
+        assert_eq!(a["identifying_attributes"]["service.name"], "otelcol-agent");
+        assert_eq!(a["non_identifying_attributes"]["agent.role"], "app");
+        assert!(a["non_identifying_attributes"]["os.type"].is_string(), "{a}");
+        let transport = match pair.transport {
+            Transport::WebSocket => "websocket",
+            Transport::Http => "http",
+        };
+        assert_eq!(a["transport"], transport);
+        assert!(
+            a["capabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == "ReportsRemoteConfig")
+        );
+        assert_eq!(http_status(pair.health_port, "/").await, None, "no health_check yet");
+        let otlp = http_status(pair.otlp_port, "/v1/traces").await;
+        assert!(otlp.is_some(), "{}: the OTLP receiver of v1 listens", pair.name);
+    }
+
+    // 2. A good change rolls out wave by wave, and each collector runs it.
+    let v2 = collector_config("v2", HEALTH_CHECK, " {}");
+    let v2 = v2.replace("service:\n", "service:\n  extensions: [health_check]\n");
+    commit(&repo, policy, &v2, "v2: a health_check endpoint");
+    server.sync().await;
+    let v2_hash = hash_of(&[("", &v2)]);
+    let g = wait_group(&server, "v2 ended", |g| {
+        g["config_hash"] == v2_hash.to_string().as_str() && g["rollout"]["phase"] != "progressing"
+    })
+    .await;
+    assert_eq!(g["rollout"]["phase"], "complete", "{g}");
+    assert_eq!(g["rollout"]["waves"], 3);
+    let order = canary_order(&GroupName::new("agents"), uids.clone());
+    let applied_at = |u: &InstanceUid| {
+        observer
+            .first(u, v2_hash, |s| s == RemoteConfigState::Applied)
+            .expect("applied v2")
+    };
+    let received_at = |u: &InstanceUid| observer.first(u, v2_hash, |_| true).expect("received v2");
+    // Waves of 1, 3 and 6 agents: no agent of a wave received v2 before
+    // every agent of the waves before it had applied it.
+    for (wave, (done, next)) in [(0..1, 1..3), (0..3, 3..6)].into_iter().enumerate() {
+        let last_applied = order[done].iter().map(applied_at).max().unwrap();
+        for u in &order[next] {
+            assert!(received_at(u) > last_applied, "wave {}: {u} got v2 too early", wave + 2);
+        }
+    }
+    for (pair, uid) in pairs.iter().zip(&uids) {
+        let a = server.api_json(&format!("/api/v1/agents/{uid}")).await;
+        let effective = a["effective_config"][""].as_str().unwrap_or_default();
+        assert!(effective.contains("health_check"), "{}: {effective}", pair.name);
+        let status = wait_for("the health_check endpoint", async || {
+            http_status(pair.health_port, "/").await
+        })
+        .await;
+        assert_eq!(status, 200, "{}: v2 opened the health_check port", pair.name);
+    }
+
+    // 3. A change our checks pass but the collector refuses: the canary
+    // fails, the rollout halts, the canary gets v2 back, nobody else sees it.
+    let v3 = v2.replace("  debug: {}\n", "  debug:\n    verbosity: loud\n");
+    assert_ne!(v3, v2);
+    commit(&repo, policy, &v3, "v3: a verbosity the collector does not know");
+    server.sync().await;
+    let v3_hash = hash_of(&[("", &v3)]);
+    let g = wait_group(&server, "v3 halted", |g| g["rollout"]["phase"] == "halted").await;
+    assert_eq!(g["rollout"]["wave"], 1, "{g}");
+    let failure = &g["rollout"]["failures"][0];
+    assert_eq!(
+        failure["agent"],
+        order[0].to_string().as_str(),
+        "the canary failed: {g}"
+    );
+    let error = failure["error"].as_str().unwrap_or_default();
+    eprintln!("the supervisor's FAILED message: {error}");
+    assert!(error.contains("exit"), "the supervisor says the collector exited: {g}");
+    let canary = server
+        .wait_agent_json(&order[0], "the canary back on v2, healthy", |a| {
+            a["remote_config_status"]["last_remote_config_hash"] == v2_hash.to_string().as_str()
+                && a["remote_config_status"]["status"] == "APPLIED"
+                && a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(canary["state"], "in_sync", "{canary}");
+    for u in &order[1..] {
+        assert!(!observer.received(u, v3_hash), "{u} received the refused config");
+    }
+
+    // 4. git revert: the group is back to complete at once.
+    let revert = commit(
+        &repo,
+        policy,
+        &v2,
+        "Revert \"v3: a verbosity the collector does not know\"",
+    );
+    server.sync().await;
+    let g = wait_group(&server, "the revert complete", |g| {
+        g["rollout"]["commit"] == revert.as_str() && g["rollout"]["phase"] == "complete"
+    })
+    .await;
+    assert_eq!(
+        (g["rollout"]["wave"].as_u64(), g["rollout"]["waves"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(g["agents"]["applied"], 6, "{g}");
+    assert_eq!(g["config_hash"], v2_hash.to_string().as_str());
+    server.stop().await;
+}
