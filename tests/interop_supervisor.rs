@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::gitops::{GitRepo, Observer, fleet_yaml, serve_config, state_dir};
+use common::process::{Controller, free_addr};
 use common::{Body, TestServer, http_request};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -155,11 +156,15 @@ impl Pair {
         self.child = Some(child);
     }
 
-    /// SIGKILL to the supervisor alone: its collector notices it was
-    /// orphaned and exits by itself, as on a real host.
+    /// SIGKILL to the supervisor and its collector, as a service manager
+    /// kills a service (the process group).
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            c.kill().expect("kill");
+            // `--` first: without it `-<pgid>` may be read as an option.
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.kill();
             c.wait().expect("reaped");
         }
     }
@@ -171,19 +176,23 @@ impl Pair {
         InstanceUid::parse_text(id.trim().trim_matches('"'))
     }
 
+    /// The last lines of the supervisor's log and of its collector's.
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("supervisor.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        let tail = |file: &str| {
+            let log = std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(12)..].join("\n")
+        };
+        format!(
+            "{}\n--- its collector ---\n{}",
+            tail("supervisor.log"),
+            tail("storage/agent.log")
+        )
     }
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // The whole process group: the supervisor and its collector.
-            let _ = Command::new("kill").args(["-KILL", &format!("-{}", c.id())]).status();
-        }
         self.kill();
         if std::thread::panicking() {
             eprintln!(
@@ -410,4 +419,157 @@ async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_cana
     assert_eq!(g["agents"]["applied"], 6, "{g}");
     assert_eq!(g["config_hash"], v2_hash.to_string().as_str());
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good_rollout() {
+    let policy = "  waves: [1, 100%]\n  bake: 3s\n  apply_timeout: 10s\n";
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1", "", " {}");
+    commit(&repo, policy, &v1, "v1");
+    let (server, _state) = controller(&repo).await;
+    let observer = Observer::start(&server);
+    let kinds = [Transport::WebSocket, Transport::WebSocket, Transport::Http];
+    let mut pairs: Vec<Pair> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
+        .collect();
+    let uids = uids(&server, &pairs).await;
+    wait_group(&server, "v1 on all three", |g| {
+        g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
+    })
+    .await;
+    let order = canary_order(&GroupName::new("agents"), uids.clone());
+    let pair_of = |u: &InstanceUid| uids.iter().position(|x| x == u).expect("a pair's uid");
+
+    let v2 = collector_config("v2", "", "\n    verbosity: basic");
+    commit(&repo, policy, &v2, "v2");
+    server.sync().await;
+    let v2_hash = hash_of(&[("", &v2)]);
+
+    // The canary applied v2 and its wave bakes: its supervisor is killed
+    // and comes back, resending its saved status, unhealthy at first.
+    wait_for("the canary to apply v2", async || {
+        observer.first(&order[0], v2_hash, |s| s == RemoteConfigState::Applied)
+    })
+    .await;
+    let canary = pair_of(&order[0]);
+    pairs[canary].kill();
+    pairs[canary].spawn();
+
+    // In the next wave, one supervisor is killed while it applies v2.
+    let second = pair_of(&order[1]);
+    let start = Instant::now();
+    while observer
+        .first(&order[1], v2_hash, |s| s == RemoteConfigState::Applying)
+        .is_none()
+    {
+        let g = group_json(&server).await;
+        assert!(start.elapsed() < PATIENCE, "the second wave never applied v2: {g}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pairs[second].kill();
+    pairs[second].spawn();
+
+    let v2_text = v2_hash.to_string();
+    let g = wait_group(&server, "v2 ended", |g| {
+        g["config_hash"] == v2_text.as_str() && g["rollout"]["phase"] != "progressing"
+    })
+    .await;
+    assert_eq!(g["rollout"]["phase"], "complete", "{g}");
+    assert_eq!(g["rollout"]["failures"].as_array().map(Vec::len), Some(0), "{g}");
+    for u in &uids {
+        server
+            .wait_agent_json(u, "in sync on v2", |a| {
+                a["state"] == "in_sync" && a["remote_config_status"]["last_remote_config_hash"] == v2_text.as_str()
+            })
+            .await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_real_pairs() {
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1", "", " {}");
+    commit(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
+    let state = tempfile::tempdir().expect("temp dir");
+    let (opamp, api) = (free_addr(), free_addr());
+    let start = |grace: &'static str| {
+        let args = ["--startup-grace", grace, "--offer-heartbeat-interval", "1s"];
+        Controller::start(repo.path(), state.path(), (opamp, api), "agents", &args).with_patience(PATIENCE)
+    };
+    let controller = start("0s");
+    let _pairs: Vec<Pair> = (0..3)
+        .map(|i| Pair::start(&format!("pair-{i}"), Transport::WebSocket, opamp))
+        .collect();
+    controller
+        .wait_group("v1 on all three", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
+        })
+        .await;
+
+    // v2 in waves of 1, 2 and 3 agents, with a bake that never ends by itself.
+    let v2 = collector_config("v2", "", "\n    verbosity: basic");
+    commit(&repo, "  waves: [1, 2, 100%]\n  bake: 1h\n", &v2, "v2");
+    let h2 = hash_of(&[("", &v2)]).to_string();
+    controller
+        .wait_group("wave 1 applied", |g| {
+            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
+        })
+        .await;
+    controller.promote();
+    let before = controller
+        .wait_group("wave 2 applied", |g| {
+            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 2
+        })
+        .await;
+    assert_eq!(controller.wave_pushes().await, 2);
+    controller.kill();
+
+    // The same state; the supervisors reconnect during the start-up grace.
+    let controller = start("5s");
+    let after = controller
+        .wait_group("the resumed rollout", |g| {
+            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 2 && g["agents"]["pending"] == 1
+        })
+        .await;
+    assert_eq!(
+        after["rollout"]["wave"], 2,
+        "resumes at the wave it had opened: {after}"
+    );
+    assert_eq!(
+        after["rollout"]["started"], before["rollout"]["started"],
+        "the same rollout"
+    );
+    assert_eq!(after["rollout"]["phase"], "progressing");
+    // A plan after a while: nobody of waves 1-2 was pushed again.
+    let plans = controller.plans().await;
+    wait_for("two more plans", async || {
+        (controller.plans().await > plans + 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        controller.wave_pushes().await,
+        0,
+        "completed waves are not pushed again"
+    );
+
+    controller.promote();
+    controller
+        .wait_group("wave 3 applied", |g| {
+            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 3
+        })
+        .await;
+    controller.promote();
+    let done = controller
+        .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
+        .await;
+    assert_eq!(done["rollout"]["failures"].as_array().map(Vec::len), Some(0), "{done}");
+    assert_eq!(
+        controller.wave_pushes().await,
+        1,
+        "only the last wave's agent was pushed"
+    );
 }

@@ -4,127 +4,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::DEADLINE;
 use common::gitops::{GitRepo, collector_config, edge_hash};
-use common::{Body, DEADLINE, http_request};
+use common::process::{Controller, free_addr};
 use opamp_gitops::simulate;
 use tokio_util::sync::CancellationToken;
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
-struct Controller {
-    child: Child,
-    api: SocketAddr,
-}
-
-impl Controller {
-    fn start(repo: &Path, state: &Path, opamp: SocketAddr, api: SocketAddr, grace: &str) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-            .args([
-                "serve",
-                "--repo",
-                repo.to_str().expect("utf-8"),
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ])
-            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()])
-            .args([
-                "--reconcile-tick",
-                "100ms",
-                "--startup-grace",
-                grace,
-                "--poll-interval",
-                "1h",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("serve starts");
-        Controller { child, api }
-    }
-
-    async fn get(&self, path: &str) -> Option<String> {
-        let connect = tokio::net::TcpStream::connect(self.api).await;
-        connect.ok()?;
-        let r = http_request(self.api, "GET", path, &[], Body::Empty).await;
-        (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
-    }
-
-    /// Waits until the edge group satisfies `pred`; returns it.
-    async fn wait_group(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE * 2;
-        let mut last = String::new();
-        loop {
-            if let Some(body) = self.get("/api/v1/groups").await {
-                last.clone_from(&body);
-                let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-                if let Some(g) = all["groups"]
-                    .as_array()
-                    .and_then(|gs| gs.iter().find(|g| g["name"] == "edge"))
-                    && pred(g)
-                {
-                    return g.clone();
-                }
-            }
-            assert!(Instant::now() < deadline, "the edge group never reached {what}: {last}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// `opamp_gitops_plans_total` of this process.
-    async fn plans(&self) -> u64 {
-        let metrics = self.get("/metrics").await.expect("metrics");
-        common::metric(&metrics, "opamp_gitops_plans_total").expect("the plans counter")
-    }
-
-    /// `opamp_gitops_pushes_total{reason="wave"}` of this process.
-    async fn wave_pushes(&self) -> u64 {
-        let metrics = self.get("/metrics").await.expect("metrics");
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("opamp_gitops_pushes_total{reason=\"wave\"}"))
-            .expect("the wave push counter");
-        line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a number")
-    }
-
-    fn promote(&self) {
-        let out = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-            .args([
-                "rollout",
-                "promote",
-                "edge",
-                "--server",
-                &format!("http://{}", self.api),
-            ])
-            .output()
-            .expect("rollout runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("promote accepted"));
-    }
-
-    fn kill(mut self) {
-        // SIGKILL: no shutdown code runs.
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
@@ -133,7 +20,13 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     let state = tempfile::tempdir().expect("temp dir");
     let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(repo.path(), state.path(), opamp, api, "0s");
+    let controller = Controller::start(
+        repo.path(),
+        state.path(),
+        (opamp, api),
+        "edge",
+        &["--startup-grace", "0s"],
+    );
 
     let mut config = simulate::Config::new(format!("ws://{opamp}/v1/opamp"), 20);
     config.apply_delay = Duration::from_millis(20);
@@ -165,7 +58,13 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
     controller.kill();
 
     // The same state directory; agents reconnect during the start-up grace.
-    let controller = Controller::start(repo.path(), state.path(), opamp, api, "1s");
+    let controller = Controller::start(
+        repo.path(),
+        state.path(),
+        (opamp, api),
+        "edge",
+        &["--startup-grace", "1s"],
+    );
     let after = controller
         .wait_group("the resumed rollout", |g| {
             g["config_hash"] == h2.as_str() && g["agents"]["targeted"] == 20
