@@ -28,6 +28,25 @@ use tokio_util::sync::CancellationToken;
 use crate::desired::DesiredState;
 use crate::model::CommitId;
 
+/// A git server that accepts a connection and then says nothing would hold a
+/// fetch (and every sync waiting on it) forever: libgit2 has no network
+/// timeouts unless told.
+const GIT_CONNECT_TIMEOUT_MS: i32 = 15_000;
+const GIT_IO_TIMEOUT_MS: i32 = 60_000;
+
+/// Gives every git network operation of this process connect and I/O timeouts.
+///
+/// # Safety
+/// Sets libgit2 globals without synchronization: call it before any thread
+/// that may use git is spawned.
+pub unsafe fn set_network_timeouts() {
+    // SAFETY: the caller guarantees no other thread uses libgit2 yet.
+    unsafe {
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(GIT_CONNECT_TIMEOUT_MS);
+        let _ = git2::opts::set_server_timeout_in_milliseconds(GIT_IO_TIMEOUT_MS);
+    }
+}
+
 /// Where the config repository is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoLocation {
