@@ -9,7 +9,7 @@ use common::*;
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::fleet::{PushOutcome, Transport};
 use opamp_gitops::model::{ConfigHash, InstanceUid};
-use opamp_gitops::opamp::proto::{AgentDisconnect, AgentToServer, ComponentHealth};
+use opamp_gitops::proto::{AgentDisconnect, AgentToServer, ComponentHealth};
 use serde_json::json;
 
 fn iuid(b: &[u8]) -> InstanceUid {

@@ -9,7 +9,7 @@ use futures_util::SinkExt;
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::desired::AgentAttributes;
 use opamp_gitops::opamp::codec;
-use opamp_gitops::opamp::proto::{AgentToServer, ServerToAgent};
+use opamp_gitops::proto::{AgentToServer, ServerToAgent};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -12,7 +12,7 @@ use common::gitops::{
 use common::{TestServer, eventually, healthy, remote_status, uid16};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, GroupName, InstanceUid};
-use opamp_gitops::opamp::proto::{ComponentHealth, RemoteConfigStatuses};
+use opamp_gitops::proto::{ComponentHealth, RemoteConfigStatuses};
 use opamp_gitops::reconcile::{canary_order, order_key};
 use std::time::Instant;
 

@@ -12,7 +12,7 @@ use common::gitops::{
 };
 use common::{Post, TestServer, WsAgent, description, healthy, post, remote_status, uid16};
 use opamp_gitops::model::InstanceUid;
-use opamp_gitops::opamp::proto::{AgentToServer, RemoteConfigStatuses};
+use opamp_gitops::proto::{AgentToServer, RemoteConfigStatuses};
 use opamp_gitops::simulate::TransportKind;
 
 const APPLIED: i32 = RemoteConfigStatuses::Applied as i32;

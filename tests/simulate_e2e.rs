@@ -22,7 +22,7 @@ use common::{DEADLINE, TestServer, bundle, eventually};
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::model::InstanceUid;
 use opamp_gitops::opamp::codec;
-use opamp_gitops::opamp::proto::{
+use opamp_gitops::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, RemoteConfigStatuses,
     ServerToAgent, any_value,
 };

@@ -23,7 +23,7 @@ pub use record::{
 
 use crate::desired::ConfigBundle;
 use crate::model::{ConfigHash, InstanceUid};
-use crate::opamp::proto::AgentToServer;
+use crate::proto::AgentToServer;
 
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
@@ -350,7 +350,7 @@ fn is_clone(current: &AgentRecord, msg: &AgentToServer) -> bool {
     let (Some(known), Some(d)) = (current.description.as_deref(), msg.agent_description.as_ref()) else {
         return false;
     };
-    let differs = |mine: &std::collections::BTreeMap<String, String>, theirs: &[crate::opamp::proto::KeyValue]| {
+    let differs = |mine: &std::collections::BTreeMap<String, String>, theirs: &[crate::proto::KeyValue]| {
         mine.len() != theirs.len()
             || theirs.iter().any(|kv| {
                 mine.get(&kv.key).map(String::as_str)
@@ -673,7 +673,7 @@ mod tests {
 
     use super::*;
     use crate::desired::ConfigFile;
-    use crate::opamp::proto::RemoteConfigStatus;
+    use crate::proto::RemoteConfigStatus;
 
     fn msg(uid: &InstanceUid, seq: u64, caps: u64) -> AgentToServer {
         AgentToServer {
@@ -856,7 +856,7 @@ mod tests {
     use crate::desired::AgentAttributes;
 
     fn described(uid: &InstanceUid, seq: u64, host: &str) -> AgentToServer {
-        use crate::opamp::proto::{AgentDescription, AnyValue, KeyValue, any_value::Value};
+        use crate::proto::{AgentDescription, AnyValue, KeyValue, any_value::Value};
         AgentToServer {
             agent_description: Some(AgentDescription {
                 identifying_attributes: vec![],

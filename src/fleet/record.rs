@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::capabilities::Capabilities;
 use crate::desired::{AgentAttributes, ConfigFile};
 use crate::model::{ConfigHash, InstanceUid};
-use crate::opamp::proto;
+use crate::proto;
 
 /// How an agent talks to us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -403,7 +403,7 @@ fn remote_status(s: proto::RemoteConfigStatus) -> Option<RemoteStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::opamp::proto::{
+    use crate::proto::{
         AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AnyValue, ComponentHealth,
         EffectiveConfig, KeyValue, RemoteConfigStatus, any_value::Value,
     };

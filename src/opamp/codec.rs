@@ -127,7 +127,7 @@ fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::opamp::proto::{AgentToServer, ServerToAgent};
+    use crate::proto::{AgentToServer, ServerToAgent};
 
     fn sample() -> AgentToServer {
         AgentToServer {

@@ -1,5 +1,5 @@
-//! The OpAMP protocol: generated messages, the wire codec, and the server
-//! transports and sessions.
+//! The OpAMP protocol: the wire codec, and the server transports and
+//! sessions. The messages themselves are generated into [`crate::proto`].
 
 pub mod codec;
 mod context;
@@ -7,9 +7,3 @@ pub mod session;
 pub mod transport;
 
 pub use context::OpampContext;
-
-/// Messages generated from `proto/opamp/v1/*.proto` by `build.rs`.
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/opamp.proto.v1.rs"));
-}

@@ -14,14 +14,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, DecodeError};
 use super::context::OpampContext;
-use super::proto::{
+use crate::desired::ConfigBundle;
+use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
+use crate::model::InstanceUid;
+use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ConnectionSettingsOffers,
     OpAmpConnectionSettings, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
     server_error_response,
 };
-use crate::desired::ConfigBundle;
-use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
-use crate::model::InstanceUid;
 use sha2::Digest;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig, plus

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::opamp::proto::{
+use crate::proto::{
     AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentRemoteConfig, AgentToServer, AnyValue,
     ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
     ServerToAgentFlags, any_value,
@@ -902,7 +902,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::opamp::proto::{
+    use crate::proto::{
         AgentConfigFile, AgentIdentification, ConnectionSettingsOffers, OpAmpConnectionSettings, ServerErrorResponse,
     };
 

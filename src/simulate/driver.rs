@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::agent::{Agent, Input, Output, Timer};
 use super::stats::Counters;
-use crate::opamp::proto::{AgentConfigMap, AgentToServer, ServerToAgent};
+use crate::proto::{AgentConfigMap, AgentToServer, ServerToAgent};
 
 /// State every agent task of one simulation reads.
 #[derive(Debug)]
@@ -242,7 +242,7 @@ pub(crate) fn seed(uid: &[u8; 16], index: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::opamp::proto::AgentConfigFile;
+    use crate::proto::AgentConfigFile;
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter_and_resets() {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::Input;
 use super::driver::{Backoff, Driver, Shared, seed};
 use crate::opamp::codec;
-use crate::opamp::proto::{AgentToServer, ServerToAgent};
+use crate::proto::{AgentToServer, ServerToAgent};
 
 /// The client every HTTP agent of a simulation shares.
 pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::Input;
 use super::driver::{Backoff, Driver, Shared, seed};
 use crate::opamp::codec;
-use crate::opamp::proto::{AgentToServer, ServerToAgent};
+use crate::proto::{AgentToServer, ServerToAgent};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -15,7 +15,7 @@ use opamp_gitops::model::{CommitId, ConfigHash, InstanceUid};
 use opamp_gitops::simulate::{self, Simulation};
 use tokio_util::sync::CancellationToken;
 
-use opamp_gitops::opamp::proto::{AgentToServer, ComponentHealth, RemoteConfigStatus};
+use opamp_gitops::proto::{AgentToServer, ComponentHealth, RemoteConfigStatus};
 
 use super::{Body, DEADLINE, SUPERVISOR_CAPS, TestServer, WsAgent, description, http_request};
 

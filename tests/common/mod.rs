@@ -16,7 +16,7 @@ use opamp_gitops::desired::{ConfigBundle, ConfigFile};
 use opamp_gitops::fleet::{AgentRecord, FleetHandle};
 use opamp_gitops::model::InstanceUid;
 use opamp_gitops::opamp::codec;
-use opamp_gitops::opamp::proto::{
+use opamp_gitops::proto::{
     AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth, EffectiveConfig,
     KeyValue, RemoteConfigStatus, ServerToAgent, any_value,
 };
