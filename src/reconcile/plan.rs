@@ -313,6 +313,41 @@ pub enum Event {
     },
 }
 
+/// What an agent's state is decided from (see [`classify`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Facts {
+    connected: bool,
+    /// It failed the rollout it is in, or the config it should run (FAILED
+    /// for it now or before, or unhealthy past the grace after applying it).
+    failed: bool,
+    /// It waits for its wave, or has no config to run yet.
+    waiting: bool,
+    /// Its status for the config it should run, if it reports one for it.
+    reports: Option<RemoteConfigState>,
+    /// It reports health, and is unhealthy.
+    unhealthy: bool,
+    /// The config it should run was given to it on this connection.
+    given: bool,
+}
+
+/// An agent's state from what is known of it; the first rule that holds wins.
+fn classify(f: Facts) -> AgentState {
+    use RemoteConfigState::{Applied, Applying, Failed};
+    if !f.connected {
+        AgentState::Offline
+    } else if f.failed || f.reports == Some(Failed) {
+        AgentState::Failed
+    } else if f.waiting {
+        AgentState::Pending
+    } else if f.reports == Some(Applied) && !f.unhealthy {
+        AgentState::InSync
+    } else if f.given || matches!(f.reports, Some(Applying | Applied)) {
+        AgentState::Applying
+    } else {
+        AgentState::Drifted
+    }
+}
+
 /// Decides pushes, statuses and the next rollout state. Pure: the same input
 /// always gives the same plan.
 pub fn plan(input: &PlanInput) -> Plan {
@@ -933,34 +968,17 @@ impl GroupCtx<'_> {
             let rolled_back = mode == Mode::Sync(PushReason::Rollback)
                 && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h));
             let failed_rollout = active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
-            let state = if !a.connected {
-                AgentState::Offline
-            } else if failed_rollout
-                || sh.is_some_and(|h| {
-                    a.reports(h) == Some(RemoteConfigState::Failed)
-                        || rec.failed == Some(h)
-                        || a.unhealthy_after_applying(h, self.group.rollout.unhealthy_grace, self.now)
-                })
-            {
-                AgentState::Failed
-            } else if !active || mode == Mode::Keep || sh.is_none() {
-                AgentState::Pending
-            } else if sh.is_some_and(|h| {
-                a.reports(h) == Some(RemoteConfigState::Applied) && !(a.reports_health && a.healthy == Some(false))
-            }) {
-                AgentState::InSync
-            } else if pushed
-                || sh.is_some_and(|h| {
-                    matches!(
-                        a.reports(h),
-                        Some(RemoteConfigState::Applying | RemoteConfigState::Applied)
-                    ) || rec.pushed.is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch)
-                })
-            {
-                AgentState::Applying
-            } else {
-                AgentState::Drifted
-            };
+            let grace = self.group.rollout.unhealthy_grace;
+            let state = classify(Facts {
+                connected: a.connected,
+                failed: failed_rollout
+                    || sh.is_some_and(|h| rec.failed == Some(h) || a.unhealthy_after_applying(h, grace, self.now)),
+                waiting: !active || mode == Mode::Keep || sh.is_none(),
+                reports: sh.and_then(|h| a.reports(h)),
+                unhealthy: a.reports_health && a.healthy == Some(false),
+                given: pushed
+                    || sh.is_some_and(|h| rec.pushed.is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch)),
+            });
             match state {
                 AgentState::InSync => counts.applied += 1,
                 AgentState::Applying | AgentState::Drifted => counts.applying += 1,
@@ -1056,6 +1074,99 @@ impl GroupCtx<'_> {
             started: Some(r.started),
             finished: r.finished,
             actions: r.actions.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn agent_states_from_facts() {
+        let on = Facts {
+            connected: true,
+            ..Facts::default()
+        };
+        let cases: &[(&str, Facts, AgentState)] = &[
+            (
+                "disconnected is offline, whatever else holds",
+                Facts {
+                    failed: true,
+                    ..Facts::default()
+                },
+                AgentState::Offline,
+            ),
+            ("failed its rollout", Facts { failed: true, ..on }, AgentState::Failed),
+            (
+                "FAILED for what it should run",
+                Facts {
+                    reports: Some(RemoteConfigState::Failed),
+                    ..on
+                },
+                AgentState::Failed,
+            ),
+            (
+                "failed wins over waiting",
+                Facts {
+                    failed: true,
+                    waiting: true,
+                    ..on
+                },
+                AgentState::Failed,
+            ),
+            (
+                "waiting for its wave",
+                Facts {
+                    waiting: true,
+                    reports: Some(RemoteConfigState::Applied),
+                    ..on
+                },
+                AgentState::Pending,
+            ),
+            (
+                "APPLIED and healthy",
+                Facts {
+                    reports: Some(RemoteConfigState::Applied),
+                    ..on
+                },
+                AgentState::InSync,
+            ),
+            (
+                "APPLIED but unhealthy within the grace",
+                Facts {
+                    reports: Some(RemoteConfigState::Applied),
+                    unhealthy: true,
+                    ..on
+                },
+                AgentState::Applying,
+            ),
+            (
+                "APPLYING",
+                Facts {
+                    reports: Some(RemoteConfigState::Applying),
+                    ..on
+                },
+                AgentState::Applying,
+            ),
+            (
+                "given it, no word yet",
+                Facts { given: true, ..on },
+                AgentState::Applying,
+            ),
+            (
+                "UNSET for it and given it",
+                Facts {
+                    reports: Some(RemoteConfigState::Unset),
+                    given: true,
+                    ..on
+                },
+                AgentState::Applying,
+            ),
+            ("runs something else, not given it yet", on, AgentState::Drifted),
+        ];
+        for (name, facts, want) in cases {
+            assert_eq!(classify(*facts), *want, "{name}");
         }
     }
 }

@@ -118,16 +118,17 @@ fn in_opened_wave(group: &GroupName, r: &Rollout, rec: Option<&AgentRecord>, uid
     }
 }
 
-/// Checks what must hold of every plan.
-fn check(w: &World, input_state: &RolloutState, p: &Plan) -> Result<(), TestCaseError> {
+/// Checks what must hold of every plan; `agents` and `input_state` are what
+/// it was made from (the world delivers its pushes afterwards).
+fn check(w: &World, agents: &[AgentView], input_state: &RolloutState, p: &Plan) -> Result<(), TestCaseError> {
     let again = plan(&PlanInput {
         desired: &w.desired,
-        agents: &w.agents,
+        agents,
         state: input_state,
         now: w.now,
     });
     prop_assert_eq!(&again, p, "the same input gives the same plan");
-    prop_assert_eq!(p.agents.len(), w.agents.len());
+    prop_assert_eq!(p.agents.len(), agents.len());
     for push in &p.pushes {
         let a = w
             .agents
@@ -168,7 +169,7 @@ fn check(w: &World, input_state: &RolloutState, p: &Plan) -> Result<(), TestCase
         let Some(r) = gs.rollout.as_ref().filter(|r| r.kind == RolloutKind::Waves) else {
             continue;
         };
-        for a in &w.agents {
+        for a in agents {
             if let Some(rank) = p.state.agents.get(&a.uid).and_then(|rec| rec.rank_in(r.id)) {
                 prop_assert_eq!(
                     r.members.at_rank(rank),
@@ -236,8 +237,9 @@ proptest! {
         let mut commits = 0;
         let groups = [gname("ga"), gname("gb")];
         let mut prev_state = w.state.clone();
+        let mut prev_agents = w.agents.clone();
         let mut last = w.plan();
-        check(&w, &prev_state, &last)?;
+        check(&w, &prev_agents, &prev_state, &last)?;
         for step in &s.steps {
             match step {
                 Step::Advance(secs) => w.advance(*secs),
@@ -263,8 +265,9 @@ proptest! {
                 Step::Promote(g) => { let _ = w.state.promote(&groups[*g], w.now); }
             }
             prev_state = w.state.clone();
+            prev_agents = w.agents.clone();
             last = w.plan();
-            check(&w, &prev_state, &last)?;
+            check(&w, &prev_agents, &prev_state, &last)?;
         }
     }
 
