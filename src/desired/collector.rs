@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use super::yaml::{Entry, Mark, Node, Value};
+use super::yaml::{Entry, Mark, Node, Value, decodes_as_string};
 
 /// Component kinds defined at the top level of a collector config.
 const SECTIONS: &[&str] = &["receivers", "processors", "exporters", "connectors", "extensions"];
@@ -135,24 +135,10 @@ fn same_item(a: &Node, b: &Node) -> bool {
     match (&a.value, &b.value) {
         (Value::Null, Value::Null) => true,
         (Value::Scalar { text: x, plain: px }, Value::Scalar { text: y, plain: py }) => {
-            x == y && (*px && !is_string(x)) == (*py && !is_string(y))
+            x == y && (*px && !decodes_as_string(x)) == (*py && !decodes_as_string(y))
         }
         _ => false,
     }
-}
-
-/// Whether a plain scalar decodes as a string rather than a boolean or a
-/// number (YAML 1.2 core schema, as the supervisor's YAML library reads it).
-fn is_string(text: &str) -> bool {
-    let t = text.strip_prefix(['+', '-']).unwrap_or(text);
-    let number = t
-        .parse::<f64>()
-        .is_ok_and(|_| t.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.'))
-        || [".inf", ".Inf", ".INF"].contains(&t)
-        || [".nan", ".NaN", ".NAN"].contains(&text)
-        || ["0x", "0o", "0b"].iter().any(|p| t.len() > 2 && t.starts_with(p));
-    let boolean = ["true", "True", "TRUE", "false", "False", "FALSE"].contains(&text);
-    !(number || boolean)
 }
 
 fn null(mark: Mark) -> Node {
