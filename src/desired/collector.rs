@@ -28,9 +28,10 @@ pub(super) struct Finding {
 }
 
 /// Merges `files` (already in the supervisor's order: named files sorted,
-/// then `""`) and checks the result. `fallback` is where to report a problem
-/// no file contributed to (the group's `config:` key).
-pub(super) fn check(files: &[&Node], fallback: Mark) -> Vec<Finding> {
+/// then `""`) and checks the result; returns the merged config and what is
+/// wrong with it. `fallback` is where to report a problem no file contributed
+/// to (the group's `config:` key).
+pub(super) fn check(files: &[&Node], fallback: Mark) -> (Node, Vec<Finding>) {
     let mut out = Vec::new();
     let mut merged: Option<Node> = None;
     for file in files {
@@ -58,7 +59,7 @@ pub(super) fn check(files: &[&Node], fallback: Mark) -> Vec<Finding> {
         out: &mut out,
     }
     .run(&root);
-    out
+    (root, out)
 }
 
 /// Merges `over` (a later file) into `base` as the supervisor's
@@ -572,7 +573,7 @@ mod tests {
             line: 1,
             column: 1,
         };
-        let found = check(&[&named, &main], fallback);
+        let (_, found) = check(&[&named, &main], fallback);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(
             (found[0].mark.src, found[0].mark.line, found[0].mark.column),
