@@ -146,6 +146,14 @@ pub struct ValidateArgs {
     /// Subdirectory that holds fleet.yaml and groups/.
     #[arg(long = "path", id = "subdir")]
     pub subdir: Option<PathBuf>,
+    /// Once the repository's own checks pass, run `BIN validate` on each
+    /// group's merged config: BIN is an OpenTelemetry Collector binary with
+    /// the components the fleet runs (e.g. otelcol-contrib).
+    #[arg(long, value_name = "BIN")]
+    pub collector: Option<PathBuf>,
+    /// How long one `BIN validate` may take before it counts as stuck.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_positive_duration, hide = true)]
+    pub collector_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -218,3 +218,272 @@ fn usage_errors_exit_2_with_a_message() {
         assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
     }
 }
+
+// ------------------------------------------------------ validate --collector
+
+/// The small collector `interop/build.sh` builds (OTELCOL_BIN when set): it
+/// has the opamp, health_check and pprof extensions, the otlp and nop
+/// receivers, the debug, nop and otlp exporters, and the batch and
+/// memory_limiter processors.
+fn otelcol() -> PathBuf {
+    let bin = std::env::var_os("OTELCOL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/bin/otelcol"));
+    assert!(
+        bin.is_file(),
+        "no collector at {}: run interop/build.sh to build it (or set OTELCOL_BIN to an OpenTelemetry Collector binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// `validate` with `BACKEND_TOKEN` (which the gateway config references)
+/// set to `token`, or unset.
+fn validate_with_token(args: &[&str], cwd: &Path, token: Option<&str>) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"));
+    cmd.arg("validate").args(args).current_dir(cwd);
+    match token {
+        Some(t) => cmd.env("BACKEND_TOKEN", t),
+        None => cmd.env_remove("BACKEND_TOKEN"),
+    };
+    cmd.output().expect("the binary runs")
+}
+
+/// A copy of the example repository whose every component the small
+/// collector has: the infra agents scrape no host metrics.
+fn covered_example(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    copy_dir(&example_repo(), &repo);
+    let infra = repo.join("configs/infra-metrics.yaml");
+    edit(
+        &infra,
+        "  hostmetrics:\n    collection_interval: 30s\n    scrapers:\n      cpu: {}\n      memory: {}\n      \
+         disk: {}\n      filesystem: {}\n      load: {}\n      network: {}\n",
+        "",
+    );
+    edit(&infra, "receivers: [hostmetrics, otlp]", "receivers: [otlp]");
+    repo
+}
+
+#[test]
+fn the_collector_accepts_a_repository_whose_components_it_has() {
+    let bin = otelcol();
+    let bin = bin.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    covered_example(dir.path());
+
+    let out = validate_with_token(&["repo", "--collector", bin], dir.path(), None);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("valid: 4 groups"), "{text}");
+    let last = text.lines().last().unwrap();
+    assert!(
+        last.starts_with("collector: otelcol version ") && last.ends_with(" accepts every group's merged config"),
+        "{text}"
+    );
+    let dots = "\u{2026}";
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "checking app-trace-agents with {bin}{dots}\n\
+             checking default with {bin}{dots}\n\
+             checking edge-gateways with {bin}{dots} (\"placeholder\" for unset BACKEND_TOKEN)\n\
+             checking infra-metrics-agents with {bin}{dots}\n"
+        ),
+        "progress per group, and which variables stood in"
+    );
+
+    // A variable set in the environment is passed through as it is.
+    let out = validate_with_token(&["repo", "--collector", bin], dir.path(), Some("t0ken"));
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(!stderr(&out).contains("placeholder"), "{}", stderr(&out));
+
+    // The same from a commit, in a subdirectory.
+    let git = Repository::init(dir.path()).unwrap();
+    let commit = commit_all(&git, "fleet config");
+    let out = validate_with_token(
+        &["--rev", "HEAD", "--path", "repo", "--collector", bin],
+        dir.path(),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).starts_with(&format!("commit {commit}\n")));
+}
+
+#[test]
+fn the_collector_refuses_bad_settings_and_each_points_at_its_file_and_line() {
+    let bin = otelcol();
+    let bin = bin.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = covered_example(dir.path());
+    // Settings our own checks have no opinion on; the collector does.
+    let gateway = repo.join("configs/gateway.yaml");
+    let default = repo.join("configs/default.yaml");
+    edit(&gateway, "check_interval: 1s", "check_interval: 0s");
+    edit(&default, "verbosity: basic", "verbosity: loud");
+    let own = validate(&["repo"], dir.path());
+    assert_eq!(own.status.code(), Some(0), "our own checks pass: {}", stdout(&own));
+
+    let out = validate(&["repo", "--collector", bin], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = [
+        (
+            "groups/default.yaml: collector refuses the merged config: ",
+            "'verbosity' unknown metrics level \"loud\"",
+        ),
+        (
+            "configs/default.yaml:19:3: exporters::debug: ",
+            "'verbosity' unknown metrics level \"loud\" (group \"default\")",
+        ),
+        (
+            "groups/edge-gateways.yaml: collector refuses the merged config: ",
+            "processors::memory_limiter: 'check_interval' must be greater than zero",
+        ),
+        (
+            "configs/gateway.yaml:10:3: processors::memory_limiter: ",
+            "'check_interval' must be greater than zero (group \"edge-gateways\")",
+        ),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{text}");
+    for (line, (start, end)) in lines.iter().zip(expected) {
+        assert!(line.starts_with(start) && line.ends_with(end), "{line:?} in:\n{text}");
+    }
+    assert!(
+        stderr(&out).ends_with("invalid: the collector refuses 2 of 4 groups\n"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A shared file's problem is reported for every group, at the shared file.
+    edit(&gateway, "check_interval: 0s", "check_interval: 1s");
+    edit(&default, "verbosity: loud", "verbosity: basic");
+    edit(
+        &repo.join("configs/common/extensions.yaml"),
+        "endpoint: localhost:1777",
+        "endpoint: localhost:1777\n    block_profile_fraction: lots",
+    );
+    let out = validate(&["repo", "--collector", bin], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let groups: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("configs/common/extensions.yaml:7:3: extensions::pprof: "))
+        .filter_map(|l| l.rsplit_once(" (group ").map(|(_, g)| g))
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            "\"app-trace-agents\")",
+            "\"default\")",
+            "\"edge-gateways\")",
+            "\"infra-metrics-agents\")"
+        ],
+        "{text}"
+    );
+}
+
+#[test]
+fn a_component_the_collector_lacks_is_named_with_its_file_and_line() {
+    // The example's infra agents scrape host metrics: the small collector
+    // has no hostmetrics receiver.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&example_repo(), &dir.path().join("repo"));
+    let out = validate(&["repo", "--collector", otelcol().to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("groups/infra-metrics-agents.yaml: collector refuses the merged config: ")
+            && lines[0].contains("'receivers' unknown type: \"hostmetrics\" for id: \"hostmetrics\""),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "configs/infra-metrics.yaml:2:3: receivers::hostmetrics: 'receivers' unknown type: \"hostmetrics\""
+        ) && lines[1].ends_with(" (group \"infra-metrics-agents\")"),
+        "{text}"
+    );
+    assert!(stderr(&out).ends_with("invalid: the collector refuses 1 of 4 groups\n"));
+}
+
+#[test]
+fn an_invalid_repository_is_not_given_to_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = covered_example(dir.path());
+    edit(&repo.join("groups/default.yaml"), "priority: -100", "priority: low");
+    let out = validate(&["repo", "--collector", "/no/such/otelcol"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "groups/default.yaml:3:11: priority: expected an integer, found \"low\"\n"
+    );
+    assert_eq!(
+        stderr(&out),
+        "invalid: 1 problem\n(the collector was not run: fix these first)\n"
+    );
+}
+
+#[test]
+fn a_collector_that_cannot_be_run_is_exit_2_with_a_message() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    covered_example(dir.path());
+    let script = |name: &str, body: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let collector = |on_validate: &str| {
+        format!("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'otelcol version 0'; exit 0; fi\n{on_validate}\n")
+    };
+    let not_executable = script("plain-file", &collector("exit 0"), 0o644);
+    let not_a_collector = script("not-a-collector", "#!/bin/sh\necho 'unknown flag' >&2\nexit 2\n", 0o755);
+    // Stuck until the timeout stops it (exec: the shell becomes the waiting process).
+    let stuck = script("stuck", &collector("exec tail -f /dev/null"), 0o755);
+    let crashes = script("crashes", &collector("echo 'panic: oops' >&2; exit 2"), 0o755);
+    let missing = dir.path().join("no-such-otelcol");
+    let missing = missing.to_str().unwrap();
+    let cases: &[(&str, &[&str], String)] = &[
+        (
+            "no such file",
+            &[missing],
+            format!("error: cannot run the collector {missing}: no such file"),
+        ),
+        (
+            "not executable",
+            &[&not_executable],
+            format!("error: cannot run the collector {not_executable}: permission denied"),
+        ),
+        (
+            "not a collector",
+            &[&not_a_collector],
+            format!(
+                "error: {not_a_collector} --version failed (exit status: 2): unknown flag; is it an OpenTelemetry Collector?"
+            ),
+        ),
+        (
+            "stuck",
+            &[&stuck, "--collector-timeout", "1s"],
+            format!("error: the collector {stuck} did not finish `validate --config="),
+        ),
+        (
+            "crashes",
+            &[&crashes],
+            format!(
+                "error: {crashes} validate stopped with exit status: 2 checking group app-trace-agents: panic: oops"
+            ),
+        ),
+    ];
+    for (name, args, message) in cases {
+        let args = [&["repo", "--collector"][..], args].concat();
+        let out = validate(&args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(message.as_str()), "{name}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{name}: {}", stdout(&out));
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use super::yaml::{Entry, Mark, Node, Value};
+use super::yaml::{Entry, Mark, Node, Value, decodes_as_string};
 
 /// Component kinds defined at the top level of a collector config.
 const SECTIONS: &[&str] = &["receivers", "processors", "exporters", "connectors", "extensions"];
@@ -28,9 +28,10 @@ pub(super) struct Finding {
 }
 
 /// Merges `files` (already in the supervisor's order: named files sorted,
-/// then `""`) and checks the result. `fallback` is where to report a problem
-/// no file contributed to (the group's `config:` key).
-pub(super) fn check(files: &[&Node], fallback: Mark) -> Vec<Finding> {
+/// then `""`) and checks the result; returns the merged config and what is
+/// wrong with it. `fallback` is where to report a problem no file contributed
+/// to (the group's `config:` key).
+pub(super) fn check(files: &[&Node], fallback: Mark) -> (Node, Vec<Finding>) {
     let mut out = Vec::new();
     let mut merged: Option<Node> = None;
     for file in files {
@@ -58,19 +59,42 @@ pub(super) fn check(files: &[&Node], fallback: Mark) -> Vec<Finding> {
         out: &mut out,
     }
     .run(&root);
-    out
+    (root, out)
 }
 
-/// Maps merge key by key, recursively; anything else in `over` replaces
-/// what `base` had (lists are replaced, not appended).
-fn merge(base: Node, over: Node) -> Node {
+/// Merges `over` (a later file) into `base` as the supervisor's
+/// `configMergeFunc` does: maps merge key by key, recursively; anything else
+/// in `over` replaces what `base` had, lists included, except
+/// `service.extensions`. When both have a list there, the result is `base`'s
+/// items then `over`'s, each kept once in the order first seen (the
+/// supervisor's workaround for collector issue 8754).
+pub(super) fn merge(base: Node, over: Node) -> Node {
+    let earlier = service_extensions(&base).map(<[Node]>::to_vec);
+    let later = service_extensions(&over).map(<[Node]>::to_vec);
+    let mut merged = merge_deep(base, over);
+    if let (Some(mut items), Some(more)) = (earlier, later)
+        && let Some(list) = service_extensions_mut(&mut merged)
+    {
+        items.extend(more);
+        let mut kept: Vec<Node> = Vec::with_capacity(items.len());
+        for item in items {
+            if !kept.iter().any(|k| same_item(k, &item)) {
+                kept.push(item);
+            }
+        }
+        *list = kept;
+    }
+    merged
+}
+
+fn merge_deep(base: Node, over: Node) -> Node {
     match (base.value, over.value) {
         (Value::Map(mut entries), Value::Map(more)) => {
             for e in more {
                 match entries.iter_mut().find(|x| x.key == e.key) {
                     Some(slot) if slot.value.as_map().is_some() && e.value.as_map().is_some() => {
                         let old = std::mem::replace(&mut slot.value, null(e.value.mark));
-                        slot.value = merge(old, e.value);
+                        slot.value = merge_deep(old, e.value);
                     }
                     Some(slot) => *slot = e,
                     None => entries.push(e),
@@ -82,6 +106,39 @@ fn merge(base: Node, over: Node) -> Node {
             }
         }
         (_, value) => Node { mark: over.mark, value },
+    }
+}
+
+fn service_extensions(root: &Node) -> Option<&[Node]> {
+    root.get("service")?.value.get("extensions")?.value.as_seq()
+}
+
+fn service_extensions_mut(root: &mut Node) -> Option<&mut Vec<Node>> {
+    let Value::Map(top) = &mut root.value else {
+        return None;
+    };
+    let service = top.iter_mut().find(|e| e.key == "service")?;
+    let Value::Map(entries) = &mut service.value.value else {
+        return None;
+    };
+    match &mut entries.iter_mut().find(|e| e.key == "extensions")?.value.value {
+        Value::Seq(items) => Some(items),
+        _ => None,
+    }
+}
+
+/// Whether two list items are the same value once decoded, as the supervisor
+/// compares them: `pprof` and `"pprof"` are one string; `1` (a number) and
+/// `"1"` (a string) differ; plain numbers and booleans compare as written.
+/// Lists and mappings are never the same (the supervisor cannot compare them
+/// at all; the checks below refuse them as extension ids anyway).
+fn same_item(a: &Node, b: &Node) -> bool {
+    match (&a.value, &b.value) {
+        (Value::Null, Value::Null) => true,
+        (Value::Scalar { text: x, plain: px }, Value::Scalar { text: y, plain: py }) => {
+            x == y && (*px && !decodes_as_string(x)) == (*py && !decodes_as_string(y))
+        }
+        _ => false,
     }
 }
 
@@ -360,5 +417,171 @@ mod tests {
         let mm = &x.get("m").unwrap().value;
         assert!(mm.get("p").is_some() && mm.get("q").is_some());
         assert!(m.get("y").unwrap().value.get("z").is_some(), "a map replaces a scalar");
+    }
+
+    /// Merges the files in order; `service.extensions` as its items describe
+    /// themselves (`"pprof"`), or the node's description when not a list.
+    fn merged_extensions(files: &[&str]) -> String {
+        let nodes = files.iter().enumerate().map(|(i, f)| parse(i as u32, f).unwrap());
+        let root = nodes.reduce(merge).unwrap();
+        let node = &root.get("service").unwrap().value.get("extensions").unwrap().value;
+        match node.as_seq() {
+            Some(items) => {
+                let items: Vec<String> = items.iter().map(Node::describe).collect();
+                format!("[{}]", items.join(", "))
+            }
+            None => node.describe(),
+        }
+    }
+
+    #[test]
+    fn service_extensions_are_concatenated_as_the_supervisor_does() {
+        let hc_pprof = r#"["health_check", "pprof"]"#;
+        let cases: &[(&str, &[&str], &str)] = &[
+            (
+                "a named file's list, then the main file's",
+                &[
+                    "service: {extensions: [health_check]}",
+                    "service: {extensions: [pprof]}",
+                ],
+                hc_pprof,
+            ),
+            (
+                "duplicates are dropped, each kept where first seen",
+                &[
+                    "service: {extensions: [health_check, pprof]}",
+                    "service: {extensions: [pprof, opamp, health_check]}",
+                ],
+                r#"["health_check", "pprof", "opamp"]"#,
+            ),
+            (
+                "duplicates within one list go too once two lists meet",
+                &["service: {extensions: [a, a]}", "service: {extensions: [b]}"],
+                r#"["a", "b"]"#,
+            ),
+            (
+                "quoted and plain text are one string",
+                &[
+                    "service: {extensions: [pprof]}",
+                    "service: {extensions: ['pprof', \"x\"]}",
+                ],
+                r#"["pprof", "x"]"#,
+            ),
+            (
+                "a number is not the string of its digits",
+                &[
+                    "service: {extensions: [1, true]}",
+                    "service: {extensions: ['1', 1, 'true']}",
+                ],
+                r#"["1", "true", "1", "true"]"#,
+            ),
+            (
+                "an empty list adds nothing and removes nothing",
+                &["service: {extensions: [a]}", "service: {extensions: []}"],
+                r#"["a"]"#,
+            ),
+            (
+                "three files, in order",
+                &[
+                    "service: {extensions: [a]}",
+                    "service: {extensions: [b]}",
+                    "service: {extensions: [a, c]}",
+                ],
+                r#"["a", "b", "c"]"#,
+            ),
+            (
+                "a later file without the list keeps the earlier list",
+                &["service: {extensions: [a]}", "service: {pipelines: {}}"],
+                r#"["a"]"#,
+            ),
+            (
+                "an earlier file without the list",
+                &["extensions: {}", "service: {extensions: [b]}"],
+                r#"["b"]"#,
+            ),
+            (
+                "null replaces the list",
+                &["service: {extensions: [a]}", "service: {extensions: ~}"],
+                "nothing",
+            ),
+            (
+                "a list replaces null",
+                &["service: {extensions: ~}", "service: {extensions: [b]}"],
+                r#"["b"]"#,
+            ),
+            (
+                "a list replaces a scalar",
+                &["service: {extensions: x}", "service: {extensions: [b]}"],
+                r#"["b"]"#,
+            ),
+        ];
+        for (name, files, want) in cases {
+            assert_eq!(merged_extensions(files), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn other_lists_are_still_replaced() {
+        let a = parse(
+            0,
+            "service: {pipelines: {traces: {receivers: [a, b]}}}\nx: {service: {extensions: [a]}}\n",
+        )
+        .unwrap();
+        let b = parse(
+            1,
+            "service: {pipelines: {traces: {receivers: [c]}}}\nx: {service: {extensions: [b]}}\n",
+        )
+        .unwrap();
+        let m = merge(a, b);
+        let texts = |n: &Node| -> Vec<String> { n.as_seq().unwrap().iter().map(Node::describe).collect() };
+        let pipelines = &m.get("service").unwrap().value.get("pipelines").unwrap().value;
+        let receivers = &pipelines.get("traces").unwrap().value.get("receivers").unwrap().value;
+        assert_eq!(texts(receivers), ["\"c\""]);
+        // Only the top-level service.extensions: a list so named elsewhere is replaced.
+        let nested = &m.get("x").unwrap().value.get("service").unwrap().value;
+        assert_eq!(texts(&nested.get("extensions").unwrap().value), ["\"b\""]);
+    }
+
+    #[test]
+    fn merged_extensions_keep_where_each_item_was_written() {
+        let a = parse(0, "service:\n  extensions: [health_check]\n").unwrap();
+        let b = parse(1, "service:\n  extensions: [pprof, health_check]\n").unwrap();
+        let m = merge(a, b);
+        let at: Vec<(u32, u32, u32)> = service_extensions(&m)
+            .unwrap()
+            .iter()
+            .map(|n| (n.mark.src, n.mark.line, n.mark.column))
+            .collect();
+        assert_eq!(at, [(0, 2, 16), (1, 2, 16)]);
+    }
+
+    #[test]
+    fn concatenated_extensions_are_checked_as_one_list() {
+        let named = parse(
+            0,
+            "extensions: {health_check: {}}\nservice: {extensions: [health_check]}\n",
+        )
+        .unwrap();
+        let main = parse(
+            1,
+            "receivers: {otlp: {}}\nexporters: {debug: {}}\nservice:\n  extensions: [pprof]\n  \
+             pipelines: {traces: {receivers: [otlp], exporters: [debug]}}\n",
+        )
+        .unwrap();
+        let fallback = Mark {
+            src: 9,
+            line: 1,
+            column: 1,
+        };
+        let (_, found) = check(&[&named, &main], fallback);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].mark.src, found[0].mark.line, found[0].mark.column),
+            (1, 4, 16)
+        );
+        assert_eq!(
+            found[0].message,
+            "service.extensions[1]: extension \"pprof\" is not defined under extensions"
+        );
     }
 }

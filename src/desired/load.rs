@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::collector;
+use super::merged::MergedConfig;
 use super::yaml::{self, Mark, Node, Value};
 use super::{
     Amount, ConfigBundle, ConfigFile, DesiredState, Diagnostic, Expression, FileSource, Group, OnFailure, Operator,
@@ -64,6 +65,26 @@ pub const GROUPS_DIR: &str = "groups";
 /// reference from `source`, and checks all of it. `commit` is recorded in the
 /// result as the commit the files were read from.
 pub fn load(source: &dyn FileSource, commit: Option<CommitId>) -> Result<DesiredState, LoadErrors> {
+    load_inner(source, commit, false).map(|(state, _)| state)
+}
+
+/// Each group's config merged as the supervisor merges it, by group name.
+pub type MergedConfigs = BTreeMap<GroupName, MergedConfig>;
+
+/// [`load`], and each group's config files merged into the one config its
+/// agents' supervisors will build (what `validate --collector` checks).
+pub fn load_merged(
+    source: &dyn FileSource,
+    commit: Option<CommitId>,
+) -> Result<(DesiredState, MergedConfigs), LoadErrors> {
+    load_inner(source, commit, true)
+}
+
+fn load_inner(
+    source: &dyn FileSource,
+    commit: Option<CommitId>,
+    keep_merged: bool,
+) -> Result<(DesiredState, MergedConfigs), LoadErrors> {
     let mut cx = Cx::default();
 
     let (fleet_policy, reconcile_interval) = match cx.read_yaml(source, FLEET_FILE)? {
@@ -124,19 +145,31 @@ pub fn load(source: &dyn FileSource, commit: Option<CommitId>) -> Result<Desired
     let mut files = ConfigFiles::default();
     let mut findings = Findings::new();
     let mut groups = BTreeMap::new();
+    let mut merged = keep_merged.then(Vec::new);
     for draft in drafts {
-        if let Some(group) = finish_group(&mut cx, source, &mut files, &mut findings, draft)? {
+        if let Some(group) = finish_group(&mut cx, source, &mut files, &mut findings, merged.as_mut(), draft)? {
             groups.insert(group.name.clone(), group);
         }
     }
     report_findings(&mut cx, findings);
 
     if cx.diags.is_empty() {
-        Ok(DesiredState {
+        let state = DesiredState {
             commit,
             groups,
             reconcile_interval,
-        })
+        };
+        let paths: Arc<[String]> = cx.paths.into();
+        let merged = merged
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                let group_file = paths.get(m.group_file as usize).cloned().unwrap_or_default();
+                let config = MergedConfig::new(m.group.clone(), group_file, m.files, m.root, paths.clone());
+                (m.group, config)
+            })
+            .collect();
+        Ok((state, merged))
     } else {
         let mut diags = cx.diags;
         diags.sort();
@@ -807,13 +840,23 @@ fn report_findings(cx: &mut Cx, findings: Findings) {
     }
 }
 
+/// A group's merged config, kept for [`load_merged`].
+struct MergedDraft {
+    group: GroupName,
+    group_file: u32,
+    files: Vec<Arc<Node>>,
+    root: Node,
+}
+
 /// Reads the group's config files, checks them as one collector config and
-/// builds the group (when everything about it is valid).
+/// builds the group (when everything about it is valid). Keeps the merged
+/// config in `merged` when given.
 fn finish_group(
     cx: &mut Cx,
     source: &dyn FileSource,
     files: &mut ConfigFiles,
     findings: &mut Findings,
+    merged: Option<&mut Vec<MergedDraft>>,
     d: Draft,
 ) -> Result<Option<Group>, SourceError> {
     let errors = cx.diags.len();
@@ -858,11 +901,21 @@ fn finish_group(
         // The supervisor's order: named files sorted, then "" last.
         docs.sort_by(|a, b| (a.0.is_empty(), &a.0).cmp(&(b.0.is_empty(), &b.0)));
         let ordered: Vec<&Node> = docs.iter().map(|(_, n)| n.as_ref()).collect();
-        let found = collector::check(&ordered, d.config_mark);
+        let (root, found) = collector::check(&ordered, d.config_mark);
         complete = found.is_empty();
         for f in found {
             let group = f.merged.then(|| d.name.clone());
             findings.entry((f.mark, f.message)).or_default().insert(group);
+        }
+        if let Some(merged) = merged
+            && complete
+        {
+            merged.push(MergedDraft {
+                group: d.name.clone(),
+                group_file: d.file_mark.src,
+                files: docs.iter().map(|(_, n)| n.clone()).collect(),
+                root,
+            });
         }
     }
     if !d.valid || !complete || cx.diags.len() != errors {

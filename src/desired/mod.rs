@@ -15,12 +15,14 @@ mod collector;
 mod disk;
 mod load;
 mod mem;
+mod merged;
 pub mod summary;
 pub mod yaml;
 
 pub use disk::DiskSource;
-pub use load::{LoadErrors, content_type, load};
+pub use load::{LoadErrors, MergedConfigs, content_type, load, load_merged};
 pub use mem::MemSource;
+pub use merged::{MergedConfig, Refusal};
 
 /// Where the repository's files come from: a commit's tree (see `gitsrc`) or
 /// the files on disk (what `validate` checks before a commit). Paths are

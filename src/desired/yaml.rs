@@ -376,6 +376,139 @@ fn apply_merges(mut entries: Vec<Entry>, merges: Vec<Node>) -> Result<Vec<Entry>
     Ok(entries)
 }
 
+/// Writes a tree back as YAML that parses to the same values: block style,
+/// two-space indents, plain scalars as written where that reads back the
+/// same, everything else double-quoted. Keys are quoted when they would not
+/// read back as the same string (`"1"`, `"true"`, `"<<"`). Comments, anchors
+/// and the original layout are not kept; `${env:NAME}` references are kept as
+/// text for whoever reads the YAML to expand.
+pub fn emit(node: &Node) -> String {
+    let mut out = String::new();
+    match &node.value {
+        Value::Map(entries) if !entries.is_empty() => emit_map(&mut out, entries, 0),
+        Value::Seq(items) if !items.is_empty() => emit_seq(&mut out, items, 0),
+        _ => {
+            out.push_str(&inline(node));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn emit_map(out: &mut String, entries: &[Entry], indent: usize) {
+    for e in entries {
+        out.extend(std::iter::repeat_n(' ', indent));
+        if key_needs_quotes(&e.key) {
+            out.push_str(&quoted(&e.key));
+        } else {
+            out.push_str(&e.key);
+        }
+        out.push(':');
+        emit_value(out, &e.value, indent + 2);
+    }
+}
+
+fn emit_seq(out: &mut String, items: &[Node], indent: usize) {
+    for item in items {
+        out.extend(std::iter::repeat_n(' ', indent));
+        out.push('-');
+        emit_value(out, item, indent + 2);
+    }
+}
+
+/// What follows `key:` or `-`: a scalar or an empty collection on the same
+/// line, anything else on the lines below, indented.
+fn emit_value(out: &mut String, node: &Node, indent: usize) {
+    match &node.value {
+        Value::Map(entries) if !entries.is_empty() => {
+            out.push('\n');
+            emit_map(out, entries, indent);
+        }
+        Value::Seq(items) if !items.is_empty() => {
+            out.push('\n');
+            emit_seq(out, items, indent);
+        }
+        _ => {
+            out.push(' ');
+            out.push_str(&inline(node));
+            out.push('\n');
+        }
+    }
+}
+
+/// A scalar, null or empty collection on one line.
+fn inline(node: &Node) -> String {
+    match &node.value {
+        Value::Null => "null".to_string(),
+        Value::Scalar { text, plain: true } if plain_reads_back(text) => text.clone(),
+        // Only strings can hold what a plain scalar cannot, so quoting keeps the type.
+        Value::Scalar { text, .. } => quoted(text),
+        Value::Seq(_) => "[]".to_string(),
+        Value::Map(_) => "{}".to_string(),
+    }
+}
+
+/// Whether `text` written as a plain scalar after `key: ` or `- ` in block
+/// context reads back as the same text. Conservative: when in doubt, no.
+fn plain_reads_back(text: &str) -> bool {
+    let Some(first) = text.chars().next() else {
+        return false;
+    };
+    let second = text.chars().nth(1);
+    let indicator = "-?:,[]{}#&*!|>'\"%@`".contains(first);
+    // `-1` and `-.5` are numbers; `-` alone or before a space is a list item.
+    let dash_ok = first == '-' && second.is_some_and(|c| c != ' ');
+    (!indicator || dash_ok)
+        && !text.starts_with(' ')
+        && !text.ends_with([' ', ':'])
+        && !text.contains(": ")
+        && !text.contains(" #")
+        && !text.chars().any(needs_escape)
+}
+
+fn key_needs_quotes(key: &str) -> bool {
+    !plain_reads_back(key) || key == "<<" || matches!(key, "~" | "null" | "Null" | "NULL") || !decodes_as_string(key)
+}
+
+/// Whether a plain scalar decodes as a string rather than a boolean or a
+/// number (YAML 1.2 core schema, as the supervisor's YAML library reads it).
+pub(super) fn decodes_as_string(text: &str) -> bool {
+    let t = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let number = t
+        .parse::<f64>()
+        .is_ok_and(|_| t.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.'))
+        || [".inf", ".Inf", ".INF"].contains(&t)
+        || [".nan", ".NaN", ".NAN"].contains(&text)
+        || ["0x", "0o", "0b"].iter().any(|p| t.len() > 2 && t.starts_with(p));
+    let boolean = ["true", "True", "TRUE", "false", "False", "FALSE"].contains(&text);
+    !(number || boolean)
+}
+
+/// Characters a double-quoted scalar writes as escapes.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
+}
+
+/// A YAML double-quoted scalar (JSON-compatible escapes).
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if needs_escape(c) && (c as u32) <= 0xffff => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if needs_escape(c) => out.push_str(&format!("\\U{:08x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +619,80 @@ mod tests {
             "\t- a",
         ] {
             let _ = parse(0, text);
+        }
+    }
+
+    /// The values of a tree without its positions, for comparing.
+    fn values(node: &Node) -> String {
+        match &node.value {
+            Value::Null => "~".to_string(),
+            Value::Scalar { text, plain } => format!("{}{text:?}", if *plain { "p" } else { "q" }),
+            Value::Seq(items) => format!("[{}]", items.iter().map(values).collect::<Vec<_>>().join(", ")),
+            Value::Map(entries) => format!(
+                "{{{}}}",
+                entries
+                    .iter()
+                    .map(|e| format!("{:?}: {}", e.key, values(&e.value)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    #[test]
+    fn emitted_yaml_reads_back_as_the_same_values() {
+        let cases = [
+            "receivers: {otlp: {protocols: {grpc: {endpoint: 'localhost:4317'}}}}",
+            "a: [1, -1, -.5, 0x1f, 1e3, true, 'true', \"1\", ~, '', ' x ']",
+            "headers:\n  authorization: Bearer ${env:TOKEN}\n  x: ${env:X:-a,b}\n  y: $${env:Y}\n",
+            "a: {'1': x, 'true': y, 'null': z, '~': w, '<<': v, 'a b': u, 'k: v': t, '': s, '-': r}",
+            "s: {a: 'x: y', b: 'x #y', c: '#x', d: '- x', e: '-', f: 'x:', g: '[x]', h: '{x}', i: '*x', j: '&x', k: '!x', l: '%x', m: '@x', n: '`x', o: '|', p: '>', q: '?', r: ':x'}",
+            "plain:\n  - a[1]\n  - b{2}\n  - c,d\n  - e:f\n  - g#h\n  - it's\n  - C:\\dir\n  - http://x:1/p?q=1#f\n",
+            "text: |\n  line one\n  line \"two\"\\n\n",
+            "ctl: \"tab\\tnl\\ncr\\rbell\\u0007del\\u007fnel\\u0085ls\\u2028bom\\ufeff\"",
+            "unicode: {ключ: значение, emoji: \"🦀\", cjk: 日本}",
+            "nested: [[a, [b]], [], {}, [{x: 1, y: [2, {z: ~}]}], {k: []}]",
+            "folded: a\n  multi\n  line\n",
+            "merge: {base: &b {x: 1}, use: {<<: *b, y: 2}}",
+            "[a, b]",
+            "x",
+            "",
+            "'--- x'",
+        ];
+        for text in cases {
+            let node = p(text);
+            let yaml = emit(&node);
+            let back = parse(0, &yaml).unwrap_or_else(|e| panic!("{text:?} emitted\n{yaml}\nwhich fails: {e:?}"));
+            assert_eq!(values(&back), values(&node), "{text:?} emitted\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn emitted_yaml_is_block_style() {
+        let node = p(
+            "service: {extensions: [a, b], pipelines: {traces: {receivers: [otlp]}}}\nempty: {l: [], m: {}}\nitems: [{k: 1, j: 2}, [x]]\n",
+        );
+        assert_eq!(
+            emit(&node),
+            "service:\n  extensions:\n    - a\n    - b\n  pipelines:\n    traces:\n      receivers:\n        - otlp\n\
+             empty:\n  l: []\n  m: {}\nitems:\n  -\n    k: 1\n    j: 2\n  -\n    - x\n"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_reads_back_as_key_and_value(key in "\\PC*|[ -~\\t\\n]*", value in proptest::string::string_regex("(?s).*").unwrap()) {
+            let node = Node {
+                mark: Mark { src: 0, line: 1, column: 1 },
+                value: Value::Map(vec![Entry {
+                    key: key.clone(),
+                    key_mark: Mark { src: 0, line: 1, column: 1 },
+                    value: Node { mark: Mark { src: 0, line: 1, column: 1 }, value: Value::Scalar { text: value.clone(), plain: false } },
+                }]),
+            };
+            let yaml = emit(&node);
+            let back = parse(0, &yaml).unwrap();
+            proptest::prop_assert_eq!(values(&back), values(&node), "emitted {}", yaml);
         }
     }
 }
