@@ -30,6 +30,28 @@ fn commit_edge(repo: &GitRepo, policy: &str, config: &str, message: &str) {
     );
 }
 
+/// A controller on a new repository whose edge group runs `v1` under `policy`.
+async fn controller_on(policy: &str, v1: &str) -> (GitRepo, tempfile::TempDir, TestServer) {
+    let repo = GitRepo::new();
+    commit_edge(&repo, policy, v1, "v1");
+    let (tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    (repo, tmp, server)
+}
+
+/// Commits `config` under `policy` and waits until its rollout has ended
+/// (whatever the outcome); answers the edge group then.
+async fn roll_out(repo: &GitRepo, server: &TestServer, policy: &str, config: &str) -> serde_json::Value {
+    commit_edge(repo, policy, config, "next");
+    server.sync().await;
+    let hash = edge_hash(config).to_string();
+    server
+        .wait_group("edge", "the rollout ended", |g| {
+            g["config_hash"] == hash.as_str() && g["rollout"]["phase"] != "progressing"
+        })
+        .await
+}
+
 fn failures(group: &serde_json::Value) -> usize {
     group["rollout"]["failures"].as_array().map_or(0, Vec::len)
 }
@@ -46,11 +68,8 @@ async fn http_agents_polling_slower_than_apply_timeout_take_a_good_commit_throug
     // Agents poll every 3 s; apply_timeout is 1 s: a clock that started when
     // the push was queued would fail nearly every agent.
     let policy = "  waves: [1, 50%, 100%]\n  bake: 0s\n  apply_timeout: 1s\n";
-    let repo = GitRepo::new();
     let (v1, v2) = (collector_config("v1"), collector_config("v2"));
-    commit_edge(&repo, policy, &v1, "v1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server) = controller_on(policy, &v1).await;
     let (_sim, stop) = simulate(&server, 4, |c| {
         c.transport = TransportKind::Http;
         c.server = format!("http://{}/v1/opamp", server.opamp_addr());
@@ -65,14 +84,7 @@ async fn http_agents_polling_slower_than_apply_timeout_take_a_good_commit_throug
     assert_eq!(g["rollout"]["phase"], "complete", "{g}");
     assert_eq!(failures(&g), 0, "{g}");
 
-    commit_edge(&repo, policy, &v2, "v2");
-    server.sync().await;
-    let v2_hash = edge_hash(&v2).to_string();
-    let g = server
-        .wait_group("edge", "v2 ended", |g| {
-            g["config_hash"] == v2_hash.as_str() && g["rollout"]["phase"] != "progressing"
-        })
-        .await;
+    let g = roll_out(&repo, &server, policy, &v2).await;
     assert_eq!(g["rollout"]["phase"], "complete", "{g}");
     assert_eq!(g["rollout"]["wave"], 3);
     assert_eq!(failures(&g), 0, "{g}");
@@ -84,11 +96,8 @@ async fn http_agents_polling_slower_than_apply_timeout_take_a_good_commit_throug
 #[tokio::test]
 async fn an_agent_restarted_while_applying_is_pushed_once_more_and_the_rollout_completes() {
     let policy = "  waves: [100%]\n  bake: 0s\n  apply_timeout: 1s\n";
-    let repo = GitRepo::new();
     let (v1, v2) = (collector_config("v1"), collector_config("v2"));
-    commit_edge(&repo, policy, &v1, "v1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server) = controller_on(policy, &v1).await;
     let attrs = [("service.name", "otelcol-sim")];
     let host = [("host.name", "restarts")];
     let mut agent = RawAgent::connect(&server, uid16(7), &attrs, &host, None).await;
@@ -129,11 +138,8 @@ async fn an_agent_restarted_while_applying_is_pushed_once_more_and_the_rollout_c
 #[tokio::test]
 async fn agents_that_accept_remote_config_but_do_not_report_it_are_unsupported_and_do_not_block() {
     let policy = "  waves: [1, 100%]\n  bake: 0s\n  apply_timeout: 1s\n";
-    let repo = GitRepo::new();
     let (v1, v2) = (collector_config("v1"), collector_config("v2"));
-    commit_edge(&repo, policy, &v1, "v1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server) = controller_on(policy, &v1).await;
     // The supervisor's defaults: AcceptsRemoteConfig without ReportsRemoteConfig.
     let silent = uid16(9);
     let mut ws = WsAgent::connect(server.opamp_addr()).await;
@@ -163,14 +169,7 @@ async fn agents_that_accept_remote_config_but_do_not_report_it_are_unsupported_a
         "accepts remote config but does not report its status (ReportsRemoteConfig is off)"
     );
 
-    commit_edge(&repo, policy, &v2, "v2");
-    server.sync().await;
-    let v2_hash = edge_hash(&v2).to_string();
-    let g = server
-        .wait_group("edge", "v2 ended", |g| {
-            g["config_hash"] == v2_hash.as_str() && g["rollout"]["phase"] != "progressing"
-        })
-        .await;
+    let g = roll_out(&repo, &server, policy, &v2).await;
     assert_eq!(g["rollout"]["phase"], "complete", "{g}");
     assert_eq!(g["agents"]["targeted"], 3, "not counted: {g}");
     // It was never offered a config: its replies carry none.
@@ -287,11 +286,8 @@ async fn a_good_rollout_whose_agents_restart_during_the_bake_completes_without_a
     // Half the agents restart every 2-6 s: a goodbye, then a new process that
     // resends its saved status and is unhealthy while its collector starts.
     let policy = "  waves: [1, 50%, 100%]\n  bake: 1s\n  apply_timeout: 5s\n";
-    let repo = GitRepo::new();
     let (v1, v2) = (collector_config("v1"), collector_config("v2"));
-    commit_edge(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server) = controller_on("  waves: [100%]\n  bake: 0s\n", &v1).await;
     let (sim, stop) = simulate(&server, 4, |c| {
         c.restart_every = Some(Duration::from_secs(4));
         c.restart_fraction = 0.5;
@@ -305,14 +301,7 @@ async fn a_good_rollout_whose_agents_restart_during_the_bake_completes_without_a
         .await;
 
     let before = sim.stats().borrow().restarts;
-    commit_edge(&repo, policy, &v2, "v2");
-    server.sync().await;
-    let v2_hash = edge_hash(&v2).to_string();
-    let g = server
-        .wait_group("edge", "v2 ended", |g| {
-            g["config_hash"] == v2_hash.as_str() && g["rollout"]["phase"] != "progressing"
-        })
-        .await;
+    let g = roll_out(&repo, &server, policy, &v2).await;
     assert_eq!(g["rollout"]["phase"], "complete", "{g}");
     assert_eq!(failures(&g), 0, "restarts are not failures: {g}");
     let during = sim.stats().borrow().restarts - before;
@@ -324,11 +313,8 @@ async fn a_good_rollout_whose_agents_restart_during_the_bake_completes_without_a
 #[tokio::test]
 async fn two_agents_sharing_one_uid_end_with_two_uids_both_in_sync() {
     let policy = "  waves: [100%]\n  bake: 0s\n";
-    let repo = GitRepo::new();
     let (v1, v2) = (collector_config("v1"), collector_config("v2"));
-    commit_edge(&repo, policy, &v1, "v1");
-    let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let (repo, _tmp, server) = controller_on(policy, &v1).await;
     // Two agents, the second a clone of the first: one uid, two hosts.
     let (_sim, stop) = simulate(&server, 2, |c| c.clone_fraction = 0.5);
     let g = server
