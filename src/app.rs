@@ -274,15 +274,21 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         tokio::pin!(servers);
         let mut finished = None;
         let mut died = None;
+        // Biased: on shutdown the tasks end because of it, and their ends
+        // must not read as deaths.
         tokio::select! {
-            r = &mut servers => finished = Some(r),
+            biased;
             () = stop.cancelled() => {}
             Some(e) = ended.recv() => {
-                tracing::error!(task = e.task, how = %e.how, "a task stopped unexpectedly; shutting down");
-                died = Some(e);
-                stop.cancel();
+                if !stop.is_cancelled() {
+                    tracing::error!(task = e.task, how = %e.how, "a task stopped unexpectedly; shutting down");
+                    died = Some(e);
+                }
             }
+            r = &mut servers => finished = Some(r),
         }
+        // Whatever ended the wait, everything else stops now.
+        stop.cancel();
         // One deadline for the whole drain: a client that never finishes its
         // request must not keep the controller alive.
         let deadline = tokio::time::Instant::now() + drain;

@@ -84,7 +84,7 @@ pub struct ServeArgs {
     /// poll, and so how soon they receive a push). Only to agents that report
     /// heartbeats and do not accept OpAMP connection settings. Default: none
     /// offered, agents keep their own (30s for the OpAMP supervisor).
-    #[arg(long, value_parser = parse_positive_duration)]
+    #[arg(long, value_parser = parse_whole_seconds)]
     pub offer_heartbeat_interval: Option<Duration>,
     /// File holding the shared secret that push webhooks are signed with
     /// (X-Hub-Signature-256); without it webhooks are not authenticated.
@@ -326,6 +326,18 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration of whole seconds, at least one (what OpAMP's
+/// `heartbeat_interval_seconds` can carry).
+fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d.subsec_nanos() != 0 || d < Duration::from_secs(1) {
+        return Err(format!(
+            "must be whole seconds, at least 1s (found {s}; examples: 5s, 1m)"
+        ));
+    }
+    Ok(d)
+}
+
 /// The smallest `--max-message-bytes`: below it even an agent's first message
 /// (description, capabilities) may not fit.
 pub const MIN_MAX_MESSAGE_BYTES: usize = 1024;
@@ -441,6 +453,15 @@ pub fn run(cli: Cli) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offered_heartbeats_are_whole_seconds() {
+        assert_eq!(parse_whole_seconds("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_whole_seconds("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["1.5s", "500ms", "0s"] {
+            assert!(parse_whole_seconds(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn config_from_the_command_line() {

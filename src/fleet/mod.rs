@@ -32,6 +32,9 @@ pub type ConnId = u64;
 const URGENT_PUBLISH: Duration = Duration::from_millis(50);
 /// ...and at most this often when only liveness (last seen) changed.
 const LIVENESS_PUBLISH: Duration = Duration::from_secs(1);
+/// The longest polling interval an HTTP agent is credited with: one long
+/// pause (a network hiccup) must not hide for hours that it has gone.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Commands waiting for the fleet task; sessions wait when it is full.
 const COMMAND_QUEUE: usize = 4096;
 
@@ -475,6 +478,9 @@ impl Fleet {
             self.connection_lost(old, link.conn, now);
         }
         let mut entry = self.agents.remove(&uid);
+        // A connection silent for a heartbeat may be half-open (a host that
+        // rebooted): a newcomer with another description then replaces it.
+        let live = entry.as_ref().is_some_and(|e| e.seen.elapsed() <= self.heartbeat);
         let (transport, new_connection) = match (&via, entry.as_mut()) {
             (Via::Http, e) => {
                 // An agent that moved from a WebSocket to plain HTTP.
@@ -494,7 +500,7 @@ impl Fleet {
                         ..Reply::default()
                     };
                 }
-                Some((cur, rec)) if rec.connected && is_clone(rec, &msg) => {
+                Some((cur, rec)) if rec.connected && live && is_clone(rec, &msg) => {
                     // Two live agents under one uid would knock each other
                     // off forever: the newcomer gets a uid of its own and
                     // its report is not taken as the other agent's.
@@ -531,10 +537,11 @@ impl Fleet {
         let mut entry = match entry {
             Some(mut e) => {
                 let mono = Instant::now();
-                if transport == Transport::Http && !rec.connection_epoch.eq(&e.record.connection_epoch) {
+                if transport == Transport::Http && rec.connection_epoch != e.record.connection_epoch {
                     e.poll_interval = Duration::ZERO;
                 } else if transport == Transport::Http {
-                    e.poll_interval = e.poll_interval.max(mono.saturating_duration_since(e.seen));
+                    let gap = mono.saturating_duration_since(e.seen).min(MAX_POLL_INTERVAL);
+                    e.poll_interval = e.poll_interval.max(gap);
                 }
                 e.record = Arc::new(rec);
                 e.seen = mono;
@@ -558,7 +565,9 @@ impl Fleet {
         {
             tracing::info!(agent = %uid, reason = why, "its pending push is dropped");
         }
-        if entry.pending.as_ref().is_some_and(|b| acknowledged == Some(b.hash())) {
+        // Only a report after the push went out acknowledges it: an agent
+        // stuck at APPLYING for the hash is being given it once more.
+        if entry.pending_delivered && entry.pending.as_ref().is_some_and(|b| acknowledged == Some(b.hash())) {
             tracing::debug!(agent = %uid, "agent reported the pushed config; no longer offered");
             entry.pending = None;
         }

@@ -163,11 +163,6 @@ impl AgentRecord {
         self.description.as_deref().map(|d| &d.non_identifying)
     }
 
-    /// The hash of the remote config the agent last received, when it is ours.
-    pub fn reported_hash(&self) -> Option<ConfigHash> {
-        self.remote_config_status.as_ref().and_then(|s| s.hash)
-    }
-
     /// True when something the agent's capabilities promise (or its
     /// description) has never arrived. An agent at the very start of its
     /// sequence that was never given a config has no remote config status to

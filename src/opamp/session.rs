@@ -174,7 +174,7 @@ async fn exchange(
         Ok(r) if r.replaced => Outcome::Replaced,
         Ok(r) if r.clash => Outcome::Clash {
             msg: reply_message(wire, &r, caps, offer),
-            offered: r.new_instance_uid.clone().unwrap_or_else(InstanceUid::new_v7),
+            offered: r.new_instance_uid.clone().expect("a clash always offers a uid"),
             uid,
         },
         Ok(r) => {

@@ -97,11 +97,17 @@ impl AgentView {
 
     /// APPLIED for `hash` but unhealthy for longer than `grace`: a failure.
     /// Shorter spells are what a collector's (re)start looks like.
+    /// The grace runs from the later of the first unhealthy report and the
+    /// moment `hash` reached the agent: a collector that was unhealthy on its
+    /// old config gets the whole grace to come up healthy on the new one.
     fn unhealthy_after_applying(&self, hash: ConfigHash, grace: Duration, now: Timestamp) -> bool {
+        let since = self
+            .unhealthy_since
+            .max(self.delivered_since(hash, Timestamp::default()));
         self.reports(hash) == Some(RemoteConfigState::Applied)
             && self.reports_health
             && self.healthy == Some(false)
-            && self.unhealthy_since.is_none_or(|t| now.since(t) > grace)
+            && since.is_none_or(|t| now.since(t) > grace)
     }
 
     /// Whether the controller can manage its config (see [`AgentState::Unsupported`]).
@@ -966,7 +972,7 @@ impl GroupCtx<'_> {
             // its failure stays in the rollout's list. (One that timed out was
             // given nothing back: its old report proves nothing.)
             let rolled_back = mode == Mode::Sync(PushReason::Rollback)
-                && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h));
+                && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h && !p.observed));
             let failed_rollout = active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
             let grace = self.group.rollout.unhealthy_grace;
             let state = classify(Facts {
@@ -977,7 +983,10 @@ impl GroupCtx<'_> {
                 reports: sh.and_then(|h| a.reports(h)),
                 unhealthy: a.reports_health && a.healthy == Some(false),
                 given: pushed
-                    || sh.is_some_and(|h| rec.pushed.is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch)),
+                    || sh.is_some_and(|h| {
+                        rec.pushed
+                            .is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch && !p.observed)
+                    }),
             });
             match state {
                 AgentState::InSync => counts.applied += 1,
@@ -1018,6 +1027,7 @@ impl GroupCtx<'_> {
             // Watched while it applies: once more when the watch runs out (a
             // supervisor answers a hash it already has at once).
             (Some(_), Some(p)) => p.observed && self.now.reached(p.at, self.group.rollout.apply_timeout),
+            // Cannot happen: a watch is set above for exactly this case.
             (Some(_), None) => false,
             (None, None) => true,
             (None, Some(p)) => match mode {

@@ -820,6 +820,29 @@ fn unhealthy_after_applying_is_a_failure_only_past_the_grace() {
 }
 
 #[test]
+fn an_agent_unhealthy_before_a_fix_gets_the_whole_grace_after_receiving_it() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(2, &v1, &v2, |r| r.waves("1, 100%").bake(0));
+    let c = order("gw", 2)[0].clone();
+    // Unhealthy on v1 for an hour (a wrong endpoint that v2 fixes).
+    let long_ago = w.now;
+    w.set(&c, |a| a.unhealthy_since(long_ago, "export failed"));
+    w.advance(3600);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(std::slice::from_ref(&c)));
+    w.set(&c, |a| a.reports(&v2).applied());
+    w.advance(20);
+    let p = w.plan();
+    assert!(
+        p.groups[&gname("gw")].failures.is_empty(),
+        "20 s after receiving v2: within the grace"
+    );
+    w.set(&c, |a| a.healthy());
+    let p = w.run("gw", 1, 10);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+}
+
+#[test]
 fn an_agent_applying_on_a_new_connection_is_watched_then_pushed_once_more_before_it_fails() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").apply_timeout(60).bake(0));
