@@ -237,8 +237,11 @@ pub fn apply(
         Some(p) => p.clone(),
         None => AgentRecord::new(uid.clone(), contact.transport, contact.now),
     };
+    // A sequence that goes back means the agent's process restarted: over
+    // plain HTTP that is the only sign of a new connection.
+    let restarted = prev.is_some_and(|p| msg.sequence_num < p.sequence_num);
     let new_connection =
-        contact.new_connection || prev.is_none_or(|p| !p.connected || p.transport != contact.transport);
+        contact.new_connection || restarted || prev.is_none_or(|p| !p.connected || p.transport != contact.transport);
     // A repeated number is a resend, not a lost message.
     let gap =
         prev.is_some_and(|p| msg.sequence_num != p.sequence_num.wrapping_add(1) && msg.sequence_num != p.sequence_num);
@@ -679,6 +682,24 @@ mod tests {
             rec2.effective_config, prev.effective_config,
             "still the old effective config"
         );
+    }
+
+    #[test]
+    fn a_restarted_http_agent_is_on_a_new_connection() {
+        let (rec, _) = apply(None, &uid(), full(0), http(0));
+        let (rec, _) = apply(Some(&rec), &uid(), heartbeat(1), http(1));
+        let (same, _) = apply(Some(&rec), &uid(), heartbeat(1), http(2));
+        assert_eq!(
+            same.connection_epoch, rec.connection_epoch,
+            "a resend is the same connection"
+        );
+        let (again, d) = apply(Some(&rec), &uid(), full(0), http(3));
+        assert_eq!(
+            again.connection_epoch,
+            rec.connection_epoch + 1,
+            "its sequence started again"
+        );
+        assert!(d.changed);
     }
 
     #[test]
