@@ -346,10 +346,48 @@ impl Entry {
     }
 }
 
-/// Whether a second live WebSocket for a uid is another agent (a cloned host
-/// that shares the persisted uid) rather than the same agent reconnecting:
-/// it describes itself differently.
-fn is_clone(current: &AgentRecord, msg: &AgentToServer) -> bool {
+/// The WebSocket an agent is known on, as [`arbitrate`] needs it.
+#[derive(Clone, Copy)]
+struct Current<'a> {
+    conn: ConnId,
+    /// Connected, and it reported within the last heartbeat interval (one
+    /// silent longer may be half-open: a host that rebooted).
+    live: bool,
+    record: &'a AgentRecord,
+}
+
+/// How a report's connection relates to the one the agent is known on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arbitration {
+    /// Plain HTTP (any WebSocket of the agent is closed: it moved).
+    Http,
+    /// The WebSocket the agent is known on.
+    Same,
+    /// A newer WebSocket of the same agent: it replaces the known one.
+    New,
+    /// An older WebSocket, already replaced: the report is ignored.
+    Stale,
+    /// A second agent under a uid that a live connection uses (a cloned
+    /// host): it is offered a uid of its own, and its report is not applied.
+    Clash,
+}
+
+/// Decides which connection a report belongs to; `incoming` is the
+/// WebSocket it came on (`None` for plain HTTP). Pure.
+fn arbitrate(current: Option<Current<'_>>, incoming: Option<ConnId>, msg: &AgentToServer) -> Arbitration {
+    let Some(conn) = incoming else {
+        return Arbitration::Http;
+    };
+    match current {
+        Some(c) if c.conn == conn => Arbitration::Same,
+        Some(c) if c.conn > conn => Arbitration::Stale,
+        Some(c) if c.live && describes_another(c.record, msg) => Arbitration::Clash,
+        _ => Arbitration::New,
+    }
+}
+
+/// True when `msg` carries a description that differs from the agent's.
+fn describes_another(current: &AgentRecord, msg: &AgentToServer) -> bool {
     let (Some(known), Some(d)) = (current.description.as_deref(), msg.agent_description.as_ref()) else {
         return false;
     };
@@ -478,50 +516,55 @@ impl Fleet {
             self.connection_lost(old, link.conn, now);
         }
         let mut entry = self.agents.remove(&uid);
-        // A connection silent for a heartbeat may be half-open (a host that
-        // rebooted): a newcomer with another description then replaces it.
-        let live = entry.as_ref().is_some_and(|e| e.seen.elapsed() <= self.heartbeat);
-        let (transport, new_connection) = match (&via, entry.as_mut()) {
-            (Via::Http, e) => {
+        let current = entry.as_ref().and_then(|e| {
+            let conn = e.ws.as_ref()?.conn;
+            let live = e.record.connected && e.seen.elapsed() <= self.heartbeat;
+            Some(Current {
+                conn,
+                live,
+                record: &e.record,
+            })
+        });
+        let incoming = match &via {
+            Via::WebSocket(link) => Some(link.conn),
+            Via::Http => None,
+        };
+        let (transport, new_connection) = match arbitrate(current, incoming, &msg) {
+            Arbitration::Http => {
                 // An agent that moved from a WebSocket to plain HTTP.
-                if let Some(old) = e.and_then(|e| e.ws.take()) {
+                if let Some(old) = entry.as_mut().and_then(|e| e.ws.take()) {
                     old.close.cancel();
                 }
                 (Transport::Http, false)
             }
-            (Via::WebSocket(link), e) => match e.and_then(|e| e.ws.as_ref().map(|cur| (cur.conn, &e.record))) {
-                Some((cur, _)) if cur == link.conn => (Transport::WebSocket, false),
-                Some((cur, _)) if cur > link.conn => {
-                    if let Some(e) = entry {
-                        self.agents.insert(uid, e);
-                    }
-                    return Reply {
-                        replaced: true,
-                        ..Reply::default()
-                    };
+            Arbitration::Same => (Transport::WebSocket, false),
+            Arbitration::New => (Transport::WebSocket, true),
+            Arbitration::Stale => {
+                if let Some(e) = entry {
+                    self.agents.insert(uid, e);
                 }
-                Some((cur, rec)) if rec.connected && live && is_clone(rec, &msg) => {
-                    // Two live agents under one uid would knock each other
-                    // off forever: the newcomer gets a uid of its own and
-                    // its report is not taken as the other agent's.
-                    let fresh = InstanceUid::new_v7();
-                    self.uid_clashes += 1;
-                    self.mark(Dirty::Liveness);
-                    tracing::warn!(
-                        agent = %uid, conn = link.conn, live = cur, new_uid = %fresh,
-                        "a second agent reported under a uid in use; offered it a new uid"
-                    );
-                    if let Some(e) = entry {
-                        self.agents.insert(uid, e);
-                    }
-                    return Reply {
-                        new_instance_uid: Some(fresh),
-                        clash: true,
-                        ..Reply::default()
-                    };
+                return Reply {
+                    replaced: true,
+                    ..Reply::default()
+                };
+            }
+            Arbitration::Clash => {
+                let fresh = InstanceUid::new_v7();
+                self.uid_clashes += 1;
+                self.mark(Dirty::Liveness);
+                tracing::warn!(
+                    agent = %uid, conn = ?incoming, new_uid = %fresh,
+                    "a second agent reported under a uid in use; offered it a new uid"
+                );
+                if let Some(e) = entry {
+                    self.agents.insert(uid, e);
                 }
-                _ => (Transport::WebSocket, true),
-            },
+                return Reply {
+                    new_instance_uid: Some(fresh),
+                    clash: true,
+                    ..Reply::default()
+                };
+            }
         };
         let contact = Contact {
             now,
@@ -877,6 +920,84 @@ mod tests {
                 }],
             }),
             ..msg(uid, seq, 0x1003)
+        }
+    }
+
+    #[test]
+    fn which_connection_a_report_belongs_to() {
+        let uid = InstanceUid::Uuid([12; 16]);
+        let (known, _) = record::apply(
+            None,
+            &uid,
+            described(&uid, 0, "host-a"),
+            Contact {
+                now: SystemTime::UNIX_EPOCH,
+                transport: Transport::WebSocket,
+                new_connection: true,
+            },
+        );
+        let on = |conn, live| {
+            Some(Current {
+                conn,
+                live,
+                record: &known,
+            })
+        };
+        let same = described(&uid, 1, "host-a");
+        let other = described(&uid, 0, "host-b");
+        let silent = AgentToServer {
+            agent_description: None,
+            ..msg(&uid, 1, 0x1003)
+        };
+        type Case<'a> = (
+            &'a str,
+            Option<Current<'a>>,
+            Option<ConnId>,
+            &'a AgentToServer,
+            Arbitration,
+        );
+        let cases: &[Case<'_>] = &[
+            ("plain HTTP", on(5, true), None, &same, Arbitration::Http),
+            ("first WebSocket of the agent", None, Some(5), &same, Arbitration::New),
+            ("the known WebSocket", on(5, true), Some(5), &other, Arbitration::Same),
+            (
+                "an older, replaced WebSocket",
+                on(5, true),
+                Some(4),
+                &same,
+                Arbitration::Stale,
+            ),
+            (
+                "a reconnect that describes itself alike",
+                on(5, true),
+                Some(6),
+                &same,
+                Arbitration::New,
+            ),
+            (
+                "a reconnect that sends no description",
+                on(5, true),
+                Some(6),
+                &silent,
+                Arbitration::New,
+            ),
+            (
+                "another host under a live uid",
+                on(5, true),
+                Some(6),
+                &other,
+                Arbitration::Clash,
+            ),
+            (
+                "another description while the old one is silent",
+                on(5, false),
+                Some(6),
+                &other,
+                Arbitration::New,
+            ),
+        ];
+        for (name, current, incoming, m, want) in cases {
+            assert_eq!(arbitrate(*current, *incoming, m), *want, "{name}");
         }
     }
 

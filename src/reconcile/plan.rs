@@ -920,9 +920,12 @@ impl GroupCtx<'_> {
                 // Applying what it should on a connection where it was not
                 // given it (a restarted supervisor, a lost report): watch it
                 // for apply_timeout, then give it once more (see `should_push`).
+                // The watch runs from the push or the first sighting on an
+                // earlier connection, so reconnecting does not put it off.
+                let since = rec.pushed.filter(|p| p.hash == h).map_or(self.now, |p| p.at);
                 rec.pushed = Some(Pushed {
                     hash: h,
-                    at: self.now,
+                    at: since,
                     epoch: a.connection_epoch,
                     observed: true,
                 });

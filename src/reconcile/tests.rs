@@ -856,8 +856,12 @@ fn an_agent_applying_on_a_new_connection_is_watched_then_pushed_once_more_before
     let p = w.plan();
     assert!(p.pushes.is_empty(), "it has the hash: watched, not pushed");
     assert_eq!(p.agent(&c).unwrap().state, AgentState::Applying);
-    w.advance(59);
+    // It restarts again and again: the watch still runs from the push.
+    w.advance(30);
+    w.set(&c, |a| a.reconnected(3));
     assert!(w.plan().pushes.is_empty());
+    w.advance(19);
+    assert!(w.plan().pushes.is_empty(), "59 s since the push");
     w.advance(1);
     let p = w.plan();
     assert_eq!(
