@@ -243,6 +243,37 @@ fn commit(repo: &GitRepo, policy: &str, config: &str, message: &str) -> CommitId
     )
 }
 
+/// A first commit whose one group selects nobody: the supervisors connect
+/// and start before any config is pushed to them. (A config that reaches a
+/// supervisor while it is still starting can be reported APPLIED without its
+/// collector ever running it: the supervisor drops the restart signal.)
+fn commit_before_the_fleet(repo: &GitRepo) {
+    let nobody = group("  waves: [100%]\n").replace("agent.role: app", "agent.role: nobody");
+    let config = collector_config("v0", "", " {}");
+    repo.commit(
+        &[
+            ("fleet.yaml", &fleet_yaml("1h")),
+            ("groups/agents.yaml", &nobody),
+            ("configs/agents.yaml", &config),
+        ],
+        "before the fleet",
+    );
+}
+
+/// Waits until every agent the API lists is connected and healthy, `n` of them.
+async fn fleet_started(api: impl AsyncFn() -> serde_json::Value, n: usize) {
+    wait_for("every supervisor to start its collector", async || {
+        let all = api().await;
+        let agents = all["agents"].as_array()?;
+        (agents.len() == n
+            && agents
+                .iter()
+                .all(|a| a["connected"] == true && a["health"]["healthy"] == true))
+        .then_some(())
+    })
+    .await;
+}
+
 /// The controller in this process, offering a 1 s heartbeat so that plain-HTTP
 /// supervisors poll (and receive pushes) every second instead of every 30.
 async fn controller(repo: &GitRepo) -> (TestServer, tempfile::TempDir) {
@@ -287,7 +318,7 @@ async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_cana
     let policy = "  waves: [1, 50%, 100%]\n  bake: 1s\n  apply_timeout: 30s\n";
     let repo = GitRepo::new();
     let v1 = collector_config("v1", "", " {}");
-    commit(&repo, policy, &v1, "v1");
+    commit_before_the_fleet(&repo);
     let (server, _state) = controller(&repo).await;
     let observer = Observer::start(&server);
     let kinds = [
@@ -304,6 +335,9 @@ async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_cana
         .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
         .collect();
     let uids = uids(&server, &pairs).await;
+    fleet_started(async || server.api_json("/api/v1/agents").await, 6).await;
+    commit(&repo, policy, &v1, "v1");
+    server.sync().await;
 
     // 1. Every pair is listed with what its supervisor reports, in the group
     // its selector matches, in sync after the first rollout.
@@ -434,7 +468,7 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
     let policy = "  waves: [1, 100%]\n  bake: 3s\n  apply_timeout: 20s\n";
     let repo = GitRepo::new();
     let v1 = collector_config("v1", "", " {}");
-    commit(&repo, policy, &v1, "v1");
+    commit_before_the_fleet(&repo);
     let (server, _state) = controller(&repo).await;
     let observer = Observer::start(&server);
     let kinds = [Transport::WebSocket, Transport::WebSocket, Transport::Http];
@@ -444,6 +478,9 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
         .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
         .collect();
     let uids = uids(&server, &pairs).await;
+    fleet_started(async || server.api_json("/api/v1/agents").await, 3).await;
+    commit(&repo, policy, &v1, "v1");
+    server.sync().await;
     wait_group(&server, "v1 on all three", |g| {
         g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
     })
@@ -501,7 +538,7 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
 async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_real_pairs() {
     let repo = GitRepo::new();
     let v1 = collector_config("v1", "", " {}");
-    commit(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
+    commit_before_the_fleet(&repo);
     let state = tempfile::tempdir().expect("temp dir");
     let (opamp, api) = (free_addr(), free_addr());
     let start = |grace: &'static str| {
@@ -512,6 +549,12 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
     let _pairs: Vec<Pair> = (0..3)
         .map(|i| Pair::start(&format!("pair-{i}"), Transport::WebSocket, opamp))
         .collect();
+    let agents = async || {
+        let body = controller.get("/api/v1/agents").await.unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    fleet_started(agents, 3).await;
+    commit(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     controller
         .wait_group("v1 on all three", |g| {
             g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
@@ -519,6 +562,7 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
         .await;
 
     // v2 in waves of 1, 2 and 3 agents, with a bake that never ends by itself.
+    let v1_pushes = controller.wave_pushes().await;
     let v2 = collector_config("v2", "", "\n    verbosity: basic");
     commit(&repo, "  waves: [1, 2, 100%]\n  bake: 1h\n", &v2, "v2");
     let h2 = hash_of(&[("", &v2)]).to_string();
@@ -533,7 +577,11 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
             g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 2
         })
         .await;
-    assert_eq!(controller.wave_pushes().await, 2);
+    assert_eq!(
+        controller.wave_pushes().await - v1_pushes,
+        2,
+        "one push per agent of waves 1 and 2"
+    );
     controller.kill();
 
     // The same state; the supervisors reconnect during the start-up grace.

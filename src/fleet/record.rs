@@ -237,9 +237,10 @@ pub fn apply(
         Some(p) => p.clone(),
         None => AgentRecord::new(uid.clone(), contact.transport, contact.now),
     };
-    // A sequence that goes back means the agent's process restarted: over
-    // plain HTTP that is the only sign of a new connection.
-    let restarted = prev.is_some_and(|p| msg.sequence_num < p.sequence_num);
+    // A sequence that starts again at 0 means the agent's process restarted:
+    // over plain HTTP that is the only sign of a new connection. (A number
+    // that merely goes back can be a request overtaken by the next one.)
+    let restarted = prev.is_some_and(|p| msg.sequence_num == 0 && p.sequence_num > 0);
     let new_connection =
         contact.new_connection || restarted || prev.is_none_or(|p| !p.connected || p.transport != contact.transport);
     // A repeated number is a resend, not a lost message.

@@ -902,8 +902,8 @@ impl GroupCtx<'_> {
                 && let Some(h) = rs.hash
             {
                 match rs.status {
-                    RemoteConfigState::Failed => rec.failed = Some(h),
-                    RemoteConfigState::Applied if rec.failed == Some(h) => rec.failed = None,
+                    RemoteConfigState::Failed => rec.note_failed(h),
+                    RemoteConfigState::Applied => rec.forget_failed(h),
                     _ => {}
                 }
             }
@@ -981,7 +981,7 @@ impl GroupCtx<'_> {
             let state = classify(Facts {
                 connected: a.connected,
                 failed: failed_rollout
-                    || sh.is_some_and(|h| rec.failed == Some(h) || a.unhealthy_after_applying(h, grace, self.now)),
+                    || sh.is_some_and(|h| rec.has_failed(h) || a.unhealthy_after_applying(h, grace, self.now)),
                 waiting: !active || mode == Mode::Keep || sh.is_none(),
                 reports: sh.and_then(|h| a.reports(h)),
                 unhealthy: a.reports_health && a.healthy == Some(false),
@@ -1020,7 +1020,7 @@ impl GroupCtx<'_> {
     }
 
     fn should_push(&self, a: &AgentView, rec: &AgentRecord, h: ConfigHash, mode: Mode) -> bool {
-        if !a.connected || rec.failed == Some(h) || mode == Mode::Keep {
+        if !a.connected || rec.has_failed(h) || mode == Mode::Keep {
             return false;
         }
         let same_connection = rec.pushed.filter(|p| p.hash == h && p.epoch == a.connection_epoch);

@@ -207,6 +207,9 @@ pub struct AgentRecord {
     /// The last hash the agent reported FAILED for; never pushed to it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<ConfigHash>,
+    /// The one it failed before that (a rollback must not bring it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_before: Option<ConfigHash>,
     /// Its place among the members of its group's rollout in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<Membership>,
@@ -214,7 +217,28 @@ pub struct AgentRecord {
 
 impl AgentRecord {
     pub fn is_empty(&self) -> bool {
-        self.pushed.is_none() && self.failed.is_none() && self.member.is_none()
+        self.pushed.is_none() && self.failed.is_none() && self.failed_before.is_none() && self.member.is_none()
+    }
+
+    /// Whether the agent reported FAILED for `hash` (one of its last two).
+    pub fn has_failed(&self, hash: ConfigHash) -> bool {
+        self.failed == Some(hash) || self.failed_before == Some(hash)
+    }
+
+    /// The agent reported FAILED for `hash`.
+    pub fn note_failed(&mut self, hash: ConfigHash) {
+        if self.failed != Some(hash) {
+            self.failed_before = self.failed.replace(hash).filter(|h| *h != hash);
+        }
+    }
+
+    /// The agent applied `hash`: it no longer counts as failed for it.
+    pub fn forget_failed(&mut self, hash: ConfigHash) {
+        if self.failed == Some(hash) {
+            self.failed = self.failed_before.take();
+        } else if self.failed_before == Some(hash) {
+            self.failed_before = None;
+        }
     }
 
     /// The agent's rank among the members of rollout `id`, if it is one.
@@ -440,5 +464,30 @@ mod bundle_serde {
             )));
         }
         Ok(Arc::new(bundle))
+    }
+}
+
+#[cfg(test)]
+mod failed_tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_remembers_its_last_two_failed_hashes() {
+        let (a, b, c) = (ConfigHash([1; 32]), ConfigHash([2; 32]), ConfigHash([3; 32]));
+        let mut r = AgentRecord::default();
+        r.note_failed(a);
+        r.note_failed(b);
+        assert!(
+            r.has_failed(a) && r.has_failed(b),
+            "a rollback must not bring back the older one"
+        );
+        r.note_failed(b);
+        assert!(r.has_failed(a), "a repeated report does not push the older one out");
+        r.note_failed(c);
+        assert!(!r.has_failed(a) && r.has_failed(b) && r.has_failed(c));
+        r.forget_failed(c);
+        assert!(r.has_failed(b) && !r.has_failed(c));
+        r.forget_failed(b);
+        assert!(r.is_empty());
     }
 }

@@ -144,14 +144,18 @@ fn check(w: &World, agents: &[AgentView], input_state: &RolloutState, p: &Plan) 
             .agents
             .get(&push.uid)
             .and_then(|r| r.pushed)
-            .is_some_and(|p| p.observed && p.hash == h);
+            .is_some_and(|p| p.hash == h && (p.observed || p.epoch != a.connection_epoch));
         prop_assert!(
             a.remote.as_ref().is_none_or(|r| r.hash != Some(h)) || watched,
             "pushed a hash the agent already has, without having watched it apply"
         );
         prop_assert!(
-            input_state.agents.get(&push.uid).is_none_or(|r| r.failed != Some(h)),
-            "pushed a hash the agent reported FAILED for"
+            input_state.agents.get(&push.uid).is_none_or(|r| !r.has_failed(h)),
+            "pushed a hash the agent reported FAILED for: {:?} now reports {:?}, record {:?}, push {:?}",
+            push.uid,
+            a.remote,
+            input_state.agents.get(&push.uid),
+            push.reason
         );
         let gs = &p.state.groups[&push.group];
         if let Some(r) = &gs.rollout
