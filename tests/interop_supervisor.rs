@@ -601,11 +601,7 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
     );
     assert_eq!(after["rollout"]["phase"], "progressing");
     // A plan after a while: nobody of waves 1-2 was pushed again.
-    let plans = controller.plans().await;
-    wait_for("two more plans", async || {
-        (controller.plans().await > plans + 1).then_some(())
-    })
-    .await;
+    controller.two_more_plans().await;
     assert_eq!(
         controller.wave_pushes().await,
         0,

@@ -318,23 +318,7 @@ async fn restarted_agents_come_back_with_their_uid_status_and_config() {
 async fn agents_without_reports_remote_config_apply_but_report_no_status() {
     // opamp-gitops refuses to push to such agents (they cannot say whether
     // they applied anything), so a server that pushes anyway plays the part.
-    let remote = AgentRemoteConfig {
-        config: Some(AgentConfigMap {
-            config_map: HashMap::from([(
-                String::new(),
-                AgentConfigFile {
-                    body: Bytes::from_static(b"receivers: {otlp: {}}\n"),
-                    content_type: "text/yaml".into(),
-                },
-            )]),
-        }),
-        config_hash: Bytes::from_static(&[9; 32]),
-    };
-    let server = MiniServer::start(move |_| ServerToAgent {
-        remote_config: Some(remote.clone()),
-        ..ServerToAgent::default()
-    })
-    .await;
+    let server = MiniServer::repeating(b"receivers: {otlp: {}}\n", [9; 32]).await;
     let mut c = Config::new(format!("http://{}/v1/opamp", server.addr), 1);
     c.transport = TransportKind::Http;
     c.heartbeat = Duration::from_millis(200);
@@ -407,6 +391,28 @@ impl MiniServer {
         MiniServer { addr, requests }
     }
 
+    /// A server that puts this config (the main file) in every reply, as
+    /// the opamp-go example server does.
+    async fn repeating(body: &'static [u8], hash: [u8; 32]) -> Self {
+        let remote = AgentRemoteConfig {
+            config: Some(AgentConfigMap {
+                config_map: HashMap::from([(
+                    String::new(),
+                    AgentConfigFile {
+                        body: Bytes::from_static(body),
+                        content_type: "text/yaml".into(),
+                    },
+                )]),
+            }),
+            config_hash: Bytes::copy_from_slice(&hash),
+        };
+        MiniServer::start(move |_| ServerToAgent {
+            remote_config: Some(remote.clone()),
+            ..ServerToAgent::default()
+        })
+        .await
+    }
+
     fn requests(&self) -> Vec<AgentToServer> {
         self.requests.lock().expect("requests lock").clone()
     }
@@ -431,23 +437,7 @@ fn host_name(msg: &AgentToServer) -> Option<String> {
 /// changes, and nothing more: a repeated hash is answered by nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_agent_does_not_loop_on_a_server_that_repeats_its_config() {
-    let remote = AgentRemoteConfig {
-        config: Some(AgentConfigMap {
-            config_map: HashMap::from([(
-                String::new(),
-                AgentConfigFile {
-                    body: Bytes::from_static(b"receivers: {otlp: {}}\n"),
-                    content_type: "text/yaml".into(),
-                },
-            )]),
-        }),
-        config_hash: Bytes::from_static(&[7; 32]),
-    };
-    let server = MiniServer::start(move |_| ServerToAgent {
-        remote_config: Some(remote.clone()),
-        ..ServerToAgent::default()
-    })
-    .await;
+    let server = MiniServer::repeating(b"receivers: {otlp: {}}\n", [7; 32]).await;
     let mut c = Config::new(format!("http://{}/v1/opamp", server.addr), 1);
     c.transport = TransportKind::Http;
     c.heartbeat = Duration::from_millis(500);

@@ -737,6 +737,14 @@ mod tests {
         }
     }
 
+    /// A plain-HTTP report of `uid` with only its capabilities.
+    async fn poll(fleet: &FleetHandle, uid: &InstanceUid, seq: u64, caps: u64) -> Reply {
+        fleet
+            .report(uid.clone(), msg(uid, seq, caps), Via::Http, None)
+            .await
+            .expect("the fleet answers")
+    }
+
     fn bundle(body: &str) -> Arc<ConfigBundle> {
         Arc::new(ConfigBundle::new(BTreeMap::from([(
             String::new(),
@@ -778,29 +786,17 @@ mod tests {
             fleet.push(uid.clone(), bundle("a")).await.unwrap(),
             PushOutcome::NotConnected
         );
-        fleet
-            .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 0, 0x1).await;
         assert_eq!(
             fleet.push(uid.clone(), bundle("a")).await.unwrap(),
             PushOutcome::NotAccepted
         );
-        fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 1, 0x1003).await;
         assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
         assert_eq!(fleet.push(uid.clone(), bundle("b")).await.unwrap(), PushOutcome::Queued);
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 2, 0x1003).await;
         assert_eq!(r.remote_config.map(|b| b.hash()), Some(bundle("b").hash()));
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 3, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 3, 0x1003).await;
         assert_eq!(
             r.remote_config.map(|b| b.hash()),
             Some(bundle("b").hash()),
@@ -826,10 +822,7 @@ mod tests {
                 "only its own hash (in any status) ends the offer"
             );
         }
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 6, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 6, 0x1003).await;
         assert!(r.remote_config.is_none());
     }
 
@@ -837,23 +830,14 @@ mod tests {
     async fn a_pending_push_is_dropped_when_the_agent_stops_accepting_remote_config() {
         let (fleet, _c) = start(Duration::from_secs(30));
         let uid = InstanceUid::Uuid([4; 16]);
-        fleet
-            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 0, 0x1003).await;
         assert_eq!(fleet.push(uid.clone(), bundle("a")).await.unwrap(), PushOutcome::Queued);
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 1, 0x1).await;
         assert!(
             r.remote_config.is_none(),
             "not offered to an agent without AcceptsRemoteConfig"
         );
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 2, 0x1003).await;
         assert!(r.remote_config.is_none(), "the push was dropped, not kept");
     }
 
@@ -1068,10 +1052,7 @@ mod tests {
     async fn delivery_is_recorded_at_the_first_http_reply_and_at_the_websocket_write() {
         let (fleet, _c) = start(Duration::from_secs(30));
         let uid = InstanceUid::Uuid([7; 16]);
-        fleet
-            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 0, 0x1003).await;
         fleet.push(uid.clone(), bundle("a")).await.unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
@@ -1079,10 +1060,7 @@ mod tests {
             None,
             "queued is not delivered"
         );
-        fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 1, 0x1003).await;
         let mut snaps = fleet.subscribe();
         let s = snaps
             .wait_for(|s| s.get(&uid).is_some_and(|r| r.delivered.is_some()))
@@ -1092,10 +1070,7 @@ mod tests {
         let first = s.get(&uid).unwrap().delivered_now().unwrap();
         assert_eq!(first.hash, bundle("a").hash());
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let r = fleet
-            .report(uid.clone(), msg(&uid, 2, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        let r = poll(&fleet, &uid, 2, 0x1003).await;
         assert!(r.remote_config.is_some(), "offered again");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
@@ -1131,15 +1106,9 @@ mod tests {
     async fn an_http_agent_that_polls_slower_than_the_default_is_judged_by_its_own_interval() {
         let (fleet, _c) = start(Duration::from_secs(10));
         let uid = InstanceUid::Uuid([10; 16]);
-        fleet
-            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 0, 0x1003).await;
         tokio::time::sleep(Duration::from_secs(20)).await;
-        fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1003), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 1, 0x1003).await;
         // Polls every 20 s: silent for 50 s is not yet three of its intervals.
         tokio::time::sleep(Duration::from_secs(50)).await;
         assert!(fleet.snapshot().get(&uid).unwrap().connected);
@@ -1156,18 +1125,12 @@ mod tests {
     async fn http_agents_go_offline_after_three_silent_intervals() {
         let (fleet, _c) = start(Duration::from_secs(10));
         let uid = InstanceUid::Uuid([3; 16]);
-        fleet
-            .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 0, 0x1).await;
         let mut snaps = fleet.subscribe();
         let s = snaps.wait_for(|s| s.get(&uid).is_some()).await.unwrap().clone();
         assert!(s.get(&uid).unwrap().connected);
         tokio::time::sleep(Duration::from_secs(25)).await;
-        fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 1, 0x1).await;
         tokio::time::sleep(Duration::from_secs(29)).await;
         assert!(fleet.snapshot().get(&uid).unwrap().connected, "a poll resets the clock");
         let s = snaps
@@ -1188,10 +1151,7 @@ mod tests {
         let mut snaps = fleet.subscribe();
         for i in 0..100u8 {
             let uid = InstanceUid::Uuid([i; 16]);
-            fleet
-                .report(uid.clone(), msg(&uid, 0, 0x1), Via::Http, None)
-                .await
-                .unwrap();
+            poll(&fleet, &uid, 0, 0x1).await;
         }
         let s = snaps.wait_for(|s| s.agents.len() == 100).await.unwrap().clone();
         assert!(s.version >= 1);
@@ -1201,10 +1161,7 @@ mod tests {
         );
         let v = s.version;
         let uid = InstanceUid::Uuid([0; 16]);
-        fleet
-            .report(uid.clone(), msg(&uid, 1, 0x1), Via::Http, None)
-            .await
-            .unwrap();
+        poll(&fleet, &uid, 1, 0x1).await;
         let s2 = snaps.wait_for(|s| s.version > v).await.unwrap().clone();
         assert_eq!(s2.agents.len(), 100);
     }

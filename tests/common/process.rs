@@ -96,6 +96,16 @@ impl Controller {
         }
     }
 
+    /// Waits until the controller has planned twice more: a check that
+    /// nothing happened since then means it looked and did nothing.
+    pub async fn two_more_plans(&self) {
+        let (plans, deadline) = (self.plans().await, Instant::now() + self.patience);
+        while self.plans().await <= plans + 1 {
+            assert!(Instant::now() < deadline, "the controller stopped planning");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `opamp_gitops_plans_total` of this process.
     pub async fn plans(&self) -> u64 {
         let metrics = self.get("/metrics").await.expect("metrics");
