@@ -464,6 +464,33 @@ mod tests {
     }
 
     #[test]
+    fn the_command_reference_names_every_command_and_option() {
+        use clap::CommandFactory;
+        let reference = include_str!("../docs/cli.md");
+        let mut missing = vec![];
+        for command in Cli::command().get_subcommands() {
+            if !reference.contains(&format!("## {}", command.get_name())) {
+                missing.push(command.get_name().to_string());
+            }
+            // simulate's many timing options are documented in simulate.md.
+            let documented = if command.get_name() == "simulate" {
+                include_str!("../docs/simulate.md")
+            } else {
+                reference
+            };
+            for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+                if let Some(long) = arg.get_long()
+                    && long != "help"
+                    && !documented.contains(&format!("--{long}"))
+                {
+                    missing.push(format!("{} --{long}", command.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "docs/cli.md does not mention: {missing:?}");
+    }
+
+    #[test]
     fn config_from_the_command_line() {
         use crate::gitsrc::{GitError, RepoLocation};
         use std::path::PathBuf;

@@ -126,7 +126,7 @@ fn a_broken_copy_reports_every_problem() {
         "configs/common/extensions.yaml:10:30: service.extensions[1]: extension \"pprof\" is not defined under extensions (groups \"app-trace-agents\", \"edge-gateways\", \"infra-metrics-agents\")",
         "groups/default.yaml:4:1: owner: unknown key (expected one of: description, priority, selector, config, rollout)",
         "groups/default.yaml:8:7: config[\"\"]: no such file: configs/defaults.yaml",
-        "groups/edge-gateways.yaml:14:17: rollout.waves: the last wave must be 100% (the whole group), found 50%",
+        "groups/edge-gateways.yaml:12:17: rollout.waves: the last wave must be 100% (the whole group), found 50%",
         "groups/infra-metrics-agents.yaml:12:9: rollout.bake: invalid duration \"soon\": expected number at 0 (examples: 30s, 5m, 1h 30m)",
     ];
     assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), expected);
