@@ -62,10 +62,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub path: Option<PathBuf>,
     /// Where OpAMP agents connect (WebSocket and plain HTTP on /v1/opamp).
-    #[arg(long, default_value = "0.0.0.0:4320")]
+    #[arg(long, default_value = "0.0.0.0:4320", value_parser = parse_listen)]
     pub opamp_listen: SocketAddr,
     /// Where the HTTP API, metrics and health endpoints listen.
-    #[arg(long, default_value = "127.0.0.1:4321")]
+    #[arg(long, default_value = "127.0.0.1:4321", value_parser = parse_listen)]
     pub api_listen: SocketAddr,
     /// Directory for clones and rollout state.
     #[arg(long, default_value = ".opamp-gitops")]
@@ -353,6 +353,18 @@ fn parse_max_message_bytes(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// A listen address: `host:port`, where host is an address or a name
+/// (`localhost:4320`), resolved once; the first address found is used.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{e} (expected host:port, e.g. 0.0.0.0:4320 or localhost:4320)"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s} resolves to no address (expected host:port, e.g. 0.0.0.0:4320)"))
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -408,7 +420,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             init_tracing();
             let git = match args.repo {
-                Some(_) => match git_config(&args) {
+                Some(_) => match git_config(&args).and_then(crate::gitsrc::resolve) {
                     Ok(g) => Some(g),
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -460,6 +472,15 @@ mod tests {
         assert_eq!(parse_whole_seconds("1m"), Ok(Duration::from_secs(60)));
         for bad in ["1.5s", "500ms", "0s"] {
             assert!(parse_whole_seconds(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses_may_name_the_host() {
+        assert_eq!(parse_listen("0.0.0.0:4320"), Ok("0.0.0.0:4320".parse().unwrap()));
+        assert!(parse_listen("localhost:4320").is_ok_and(|a| a.ip().is_loopback() && a.port() == 4320));
+        for bad in ["localhost", "4320", "no such host.invalid:1"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
         }
     }
 

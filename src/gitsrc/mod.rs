@@ -10,6 +10,7 @@
 
 mod driver;
 mod fswatch;
+mod locate;
 pub mod notes;
 mod repo;
 pub mod tree;
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::desired::DesiredState;
 use crate::model::CommitId;
+
+pub use locate::resolve;
 
 /// A git server that accepts a connection and then says nothing would hold a
 /// fetch (and every sync waiting on it) forever: libgit2 has no network
@@ -144,6 +147,20 @@ pub struct GitConfig {
 pub enum GitError {
     #[error("no repository given (--repo URL|PATH)")]
     NoRepo,
+    #[error(
+        "unsupported URL scheme {scheme:?} in {url} (use https://, ssh://, file://, user@host:path or a local path)"
+    )]
+    Scheme { scheme: String, url: String },
+    #[error("{}: no such file or directory (give the path of a git repository, or its URL)", .0.display())]
+    NoSuchPath(PathBuf),
+    #[error("{}: not a git repository, nor a folder inside one (run `git init` there and commit the config, or give the repository's URL)", .0.display())]
+    NotARepository(PathBuf),
+    #[error("--path {}: no such folder at the tip of branch {branch} ({commit})", .path.display())]
+    NoSuchFolder {
+        path: PathBuf,
+        branch: String,
+        commit: CommitId,
+    },
     #[error("opening repository {path}: {source}")]
     Open { path: PathBuf, source: git2::Error },
     #[error("preparing mirror {path}: {source}")]
