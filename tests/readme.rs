@@ -1,7 +1,8 @@
 //! Runs every shell command of the README's "Running it" section as written,
-//! except that `cargo run --release --` is the built binary, the ports are
-//! free ones and the state directory is a temporary one, and checks that each
-//! does what the README says.
+//! in a fresh clone of this checkout (the controller writes its notes into the
+//! repository it reads), except that `cargo run --release --` is the built
+//! binary, the ports are free ones and the state directory is a temporary
+//! one, and checks that each does what the README says.
 
 mod common;
 
@@ -42,6 +43,7 @@ fn running_it(readme: &str) -> Vec<String> {
 }
 
 struct Shell {
+    clone: std::path::PathBuf,
     bin: String,
     opamp_port: String,
     api_port: String,
@@ -57,7 +59,7 @@ impl Shell {
             .replace("/tmp/opamp-gitops", &self.state);
         let mut c = Command::new("bash");
         c.args(["-c", &format!("exec {line}")])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(&self.clone)
             .env("RUST_LOG", "warn");
         c
     }
@@ -112,8 +114,11 @@ fn the_commands_of_running_it_do_what_the_readme_says() {
     assert!(agents.starts_with("curl -s 127.0.0.1:4321/api/v1/agents"), "{agents}");
 
     let state = tempfile::tempdir().unwrap();
+    let clone = state.path().join("clone");
+    git2::Repository::clone(env!("CARGO_MANIFEST_DIR"), &clone).expect("a clone of the checkout");
     let (opamp, api) = (free_addr(), free_addr());
     let shell = Shell {
+        clone,
         bin: env!("CARGO_BIN_EXE_opamp-gitops").to_string(),
         opamp_port: opamp.port().to_string(),
         api_port: api.port().to_string(),
