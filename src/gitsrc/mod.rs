@@ -161,19 +161,19 @@ pub enum GitError {
         branch: String,
         commit: CommitId,
     },
-    #[error("opening repository {path}: {source}")]
+    #[error("opening repository {path}: {}", .source.message())]
     Open { path: PathBuf, source: git2::Error },
-    #[error("preparing mirror {path}: {source}")]
+    #[error("preparing mirror {path}: {}", .source.message())]
     Mirror { path: PathBuf, source: git2::Error },
-    #[error("fetching {url}: {source}")]
+    #[error("fetching {url}: {}", .source.message())]
     Fetch { url: String, source: git2::Error },
-    #[error("finding the default branch of {url}: {source} (pass --branch)")]
+    #[error("finding the default branch of {url}: {} (pass --branch)", .source.message())]
     NoDefaultBranch { url: String, source: git2::Error },
     #[error("branch {branch} not found in {repo}")]
     BranchNotFound { branch: String, repo: String },
     #[error("HEAD of {repo} is not a branch (pass --branch)")]
     DetachedHead { repo: String },
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}: {}", .source.message())]
     Read { what: String, source: git2::Error },
     #[error(transparent)]
     Tree(tree::TreeError),
