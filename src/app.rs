@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,6 +21,7 @@ use crate::driver::{self, Assignments, DriverConfig, DriverHandle, Parts, Persis
 use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
+use crate::listen::{AdmittingListener, Limits};
 use crate::metrics::Metrics;
 use crate::notes::format::Note;
 use crate::notes::writer::{self, Backoff, WriterStats};
@@ -57,6 +57,45 @@ pub struct ServeConfig {
     pub notes_author: Author,
     /// How long shutdown waits for open connections ([`DRAIN_DEADLINE`]).
     pub drain_deadline: Duration,
+    /// Open OpAMP connections at most; `None`: the process's file-descriptor
+    /// limit less [`FD_RESERVE`].
+    pub max_connections: Option<usize>,
+    /// Open OpAMP connections from one IP address at most; `None`: a quarter
+    /// of `max_connections`; 0: no limit.
+    pub max_connections_per_source: Option<usize>,
+    /// How long a connection (OpAMP or API) may stay open before its first request.
+    pub first_request_timeout: Duration,
+}
+
+/// File descriptors kept for everything but OpAMP connections: the API's
+/// connections ([`API_MAX_CONNECTIONS`]), git, the state and notes files.
+pub const FD_RESERVE: usize = 1024;
+/// Open API connections at most.
+pub const API_MAX_CONNECTIONS: usize = 512;
+/// The default of [`ServeConfig::first_request_timeout`].
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ServeConfig {
+    /// The OpAMP listener's limits, given the file-descriptor limit.
+    fn opamp_limits(&self, fd_limit: u64) -> Limits {
+        let from_fds = usize::try_from(fd_limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FD_RESERVE);
+        let max_connections = self.max_connections.unwrap_or(from_fds).max(1);
+        Limits {
+            max_connections,
+            per_source: self.max_connections_per_source.unwrap_or(max_connections / 4),
+            quiet_for: self.first_request_timeout,
+        }
+    }
+
+    fn api_limits(&self) -> Limits {
+        Limits {
+            max_connections: API_MAX_CONNECTIONS,
+            per_source: 0,
+            quiet_for: self.first_request_timeout,
+        }
+    }
 }
 
 impl ServeConfig {
@@ -73,6 +112,9 @@ impl ServeConfig {
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
             drain_deadline: DRAIN_DEADLINE,
+            max_connections: None,
+            max_connections_per_source: None,
+            first_request_timeout: FIRST_REQUEST_TIMEOUT,
         }
     }
 }
@@ -191,7 +233,8 @@ impl Running {
 /// Binds both listeners and starts everything. Returns once the sockets are
 /// bound; the controller runs until `shutdown` is cancelled.
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
+    let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -257,15 +300,19 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         assignments: assignments_rx,
     };
 
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        // Replies are small; do not let Nagle hold them back.
-        let _ = tcp.set_nodelay(true);
-    };
-    let opamp_server = axum::serve(opamp_listener.tap_io(nodelay), transport::router(opamp_ctx))
+    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits)
+        .serve(transport::router(opamp_ctx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_server = axum::serve(api_listener.tap_io(nodelay), api::router(api_state))
+    let api_server = AdmittingListener::new(api_listener, api_limits)
+        .serve(api::router(api_state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tracing::info!(opamp = %opamp_addr, api = %api_addr, "listening");
+    tracing::info!(
+        opamp = %opamp_addr,
+        api = %api_addr,
+        max_connections = opamp_limits.max_connections,
+        per_source = opamp_limits.per_source,
+        "listening"
+    );
 
     let drain = config.drain_deadline;
     let stop = shutdown.clone();
@@ -488,10 +535,18 @@ async fn wait_for_signal() -> Result<impl Future<Output = ()>, AppError> {
 }
 
 /// Every agent holds a socket: allow as many open files as the hard limit does.
-fn raise_fd_limit() {
+/// Raises the open-file limit as far as allowed; returns it.
+fn raise_fd_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        Ok(n) => {
+            tracing::debug!(limit = n, "open file limit");
+            n
+        }
+        Err(e) => {
+            let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+            tracing::warn!(error = %e, limit = soft, "cannot raise the open file limit");
+            soft
+        }
     }
 }
 

@@ -107,6 +107,19 @@ pub struct ServeArgs {
     /// a rollout counts its members.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub startup_grace: Duration,
+    /// Open OpAMP connections at most (default: the open-file limit less 1024).
+    /// When full, a new connection closes the oldest one that has not sent a
+    /// request yet; only when every one has is it turned away.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open OpAMP connections from one IP address at most (default: a quarter
+    /// of --max-connections; 0: no limit). Raise it when many agents share an
+    /// address behind NAT.
+    #[arg(long)]
+    pub max_connections_per_source: Option<usize>,
+    /// How long a connection may stay open before its first request.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub first_request_timeout: Duration,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -446,6 +459,9 @@ pub fn run(cli: Cli) -> ExitCode {
                     email: args.notes_author_email.clone(),
                 },
                 drain_deadline: crate::app::DRAIN_DEADLINE,
+                max_connections: args.max_connections,
+                max_connections_per_source: args.max_connections_per_source,
+                first_request_timeout: args.first_request_timeout,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

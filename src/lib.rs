@@ -11,6 +11,7 @@ pub mod desired;
 pub mod driver;
 pub mod fleet;
 pub mod gitsrc;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod notes;

@@ -481,7 +481,7 @@ fn is_timestamp(s: &str) -> bool {
 fn is_base64(text: &str) -> bool {
     let b: Vec<u8> = text.bytes().filter(|c| !matches!(c, b'\r' | b'\n')).collect();
     let body = b.strip_suffix(b"==").or_else(|| b.strip_suffix(b"=")).unwrap_or(&b);
-    b.len() % 4 == 0
+    b.len().is_multiple_of(4)
         && body
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))

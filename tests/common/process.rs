@@ -65,6 +65,20 @@ impl Controller {
         (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
     }
 
+    /// The process id of the controller.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + self.patience;
+        while self.get("/readyz").await.is_none() {
+            assert!(Instant::now() < deadline, "the controller never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits longer in [`Controller::wait_group`] (real agents start slowly).
     pub fn with_patience(mut self, patience: Duration) -> Self {
         self.patience = patience;
