@@ -17,11 +17,6 @@ pub mod model;
 pub mod notes;
 pub mod opamp;
 pub mod plan_cmd;
-/// The OpAMP messages, generated from `proto/opamp/v1/*.proto` by `build.rs`:
-/// a leaf that every layer may use.
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/opamp.proto.v1.rs"));
-}
+pub mod proto;
 pub mod reconcile;
 pub mod simulate;

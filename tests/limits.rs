@@ -117,3 +117,62 @@ async fn a_socket_that_never_sends_a_request_is_closed() {
     );
     still_serves(&controller, opamp).await;
 }
+
+/// Peak resident memory of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A gzip body of about 16 KiB that inflates to 16 MiB: an AgentToServer
+/// whose description holds eight million empty attributes.
+fn amplification_body() -> Vec<u8> {
+    use prost::encoding::encode_varint;
+    let attributes = [0x12u8, 0x00].repeat(8 << 20); // field 2, empty, eight million times
+    let mut description = vec![0x1a]; // AgentToServer field 3
+    encode_varint(attributes.len() as u64, &mut description);
+    let mut raw = description;
+    raw.extend_from_slice(&attributes);
+    let mut gz = Vec::new();
+    flate2::read::GzEncoder::new(&raw[..], flate2::Compression::best())
+        .read_to_end(&mut gz)
+        .unwrap();
+    gz
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_decode_into_gigabytes_are_refused_within_a_memory_bound() {
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
+    let state = tempfile::tempdir().unwrap();
+    let (opamp, api) = (free_addr(), free_addr());
+    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]);
+    controller.wait_ready().await;
+    let body = amplification_body();
+    assert!(body.len() < 64 << 10, "{} bytes", body.len());
+    let before = peak_rss_kib(controller.pid());
+    let requests = (0..8).map(|_| {
+        let body = body.clone();
+        tokio::spawn(async move {
+            http_request(
+                opamp,
+                "POST",
+                "/v1/opamp",
+                &[("Content-Type", "application/x-protobuf"), ("Content-Encoding", "gzip")],
+                common::Body::Plain(body),
+            )
+            .await
+        })
+    });
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.unwrap().status, 413);
+    }
+    let grew_mib = (peak_rss_kib(controller.pid()) - before) / 1024;
+    // Eight inflated bodies of 16 MiB at once, and nothing decoded from them.
+    assert!(grew_mib < 8 * 16 + 64, "peak memory grew by {grew_mib} MiB");
+    still_serves(&controller, opamp).await;
+}

@@ -316,7 +316,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 ctx.metrics.messages_received.inc(Transport::WebSocket);
                 let msg = match codec::decode_ws::<AgentToServer>(&data, ctx.max_message_bytes) {
                     Ok(msg) => msg,
-                    Err(DecodeError::TooLarge { .. }) => {
+                    Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
                         ctx.metrics.oversized.inc(Transport::WebSocket);
                         break Some((close::TOO_BIG, "message too big"));
                     }
@@ -443,7 +443,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         .and_then(|v| v.to_str().ok())
         .is_some_and(codec::accepts_gzip);
     let reply = match codec::decode_http::<AgentToServer>(&body, encoding, limit) {
-        Err(DecodeError::TooLarge { .. }) => return too_large(ctx),
+        Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => return too_large(ctx),
         Err(e) => {
             ctx.metrics.decode_errors.inc(Transport::Http);
             tracing::warn!(error = %e, "malformed HTTP OpAMP message");
