@@ -11,7 +11,6 @@ pub mod desired;
 pub mod driver;
 pub mod fleet;
 pub mod gitsrc;
-pub mod metrics;
 pub mod model;
 pub mod notes;
 pub mod opamp;
@@ -23,4 +22,6 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/opamp.proto.v1.rs"));
 }
 pub mod reconcile;
+pub mod rfc3339;
 pub mod simulate;
+pub mod telemetry;
