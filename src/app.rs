@@ -22,12 +22,14 @@ use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::listen::{AdmittingListener, Limits};
-use crate::metrics::Metrics;
 use crate::notes::format::Note;
-use crate::notes::writer::{self, Backoff, WriterStats};
+use crate::notes::writer::{self, Backoff};
 use crate::opamp::OpampContext;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport;
+use crate::telemetry::Registry;
+use crate::telemetry::connections::ConnectionMetrics;
+use crate::telemetry::opamp::OpampMetrics;
 
 /// How long shutdown waits, in all, for open connections (HTTP requests in
 /// flight, then WebSockets) to finish before it gives up on them.
@@ -191,7 +193,6 @@ pub struct Running {
     pub git: Option<GitHandle>,
     /// The reconcile driver, when a repository was given.
     pub driver: Option<DriverHandle>,
-    pub metrics: Arc<Metrics>,
     /// Readiness as `/readyz` reports it; the git source sets it.
     pub readiness: watch::Sender<Readiness>,
     /// Per-agent assignments the API shows; the reconciler publishes them.
@@ -248,7 +249,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let opamp_addr = local(&opamp_listener, "OpAMP", config.opamp_listen)?;
     let api_addr = local(&api_listener, "the API", config.api_listen)?;
 
-    let metrics = Arc::new(Metrics::default());
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     let fleet_stop = CancellationToken::new();
@@ -260,13 +260,29 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     );
     let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
     tasks.push(("fleet", abort));
+    let opamp_metrics = OpampMetrics::default();
+    let mut registry = Registry::default();
+    opamp_metrics.register(&mut registry);
+    let (opamp_connections, api_connections) = (ConnectionMetrics::new("opamp"), ConnectionMetrics::new("api"));
+    opamp_connections.register(&mut registry);
+    api_connections.register(&mut registry);
+    fleet.register_metrics(&mut registry);
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
     let gitops = match config.git {
         Some(git_config) => {
             let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
-            let g = start_gitops(git_config, settings, &fleet, &assignments, &shutdown, &ended_tx).await?;
+            let g = start_gitops(
+                git_config,
+                settings,
+                &fleet,
+                &assignments,
+                &mut registry,
+                &shutdown,
+                &ended_tx,
+            )
+            .await?;
             tasks.extend(g.aborts.iter().cloned());
             let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
             let (_, abort) = supervise("readiness", task, &ended_tx);
@@ -279,11 +295,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     drop(ended_tx);
     let git = gitops.as_ref().map(|g| g.git.clone());
     let driver = gitops.as_ref().map(|g| g.driver.clone());
-    let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
     let sessions = TaskTracker::new();
     let mut opamp_ctx = OpampContext::new(
         fleet.clone(),
-        metrics.clone(),
+        Arc::new(opamp_metrics),
         config.max_message_bytes,
         shutdown.clone(),
         sessions.clone(),
@@ -294,16 +309,15 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet: fleet.clone(),
         git: git.clone(),
         driver: driver.clone(),
-        notes,
-        metrics: metrics.clone(),
+        metrics: Arc::new(registry),
         readiness: readiness_rx,
         assignments: assignments_rx,
     };
 
-    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits)
+    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections)
         .serve(transport::router(opamp_ctx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_server = AdmittingListener::new(api_listener, api_limits)
+    let api_server = AdmittingListener::new(api_listener, api_limits, api_connections)
         .serve(api::router(api_state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracing::info!(
@@ -378,7 +392,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet,
         git,
         driver,
-        metrics,
         readiness,
         assignments,
         shutdown,
@@ -391,7 +404,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 struct GitOps {
     git: GitHandle,
     driver: DriverHandle,
-    notes_stats: Arc<WriterStats>,
     driver_stop: CancellationToken,
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
@@ -419,18 +431,20 @@ async fn start_gitops(
     (tick, startup_grace, author): (Duration, Duration, Author),
     fleet: &FleetHandle,
     assignments: &watch::Sender<Assignments>,
+    registry: &mut Registry,
     shutdown: &CancellationToken,
     ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
     let (git, git_task) = GitSource::spawn(git_config, shutdown.child_token())?;
     let (git_task, git_abort) = supervise("git", git_task, ended);
+    git.register_metrics(registry);
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
     let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, Backoff::default(), notes_stop.clone());
-    let notes_stats = notes.stats.clone();
+    notes.register_metrics(registry);
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
         DriverConfig {
@@ -447,12 +461,12 @@ async fn start_gitops(
         },
         driver_stop.clone(),
     )?;
+    driver.register_metrics(registry);
     let (driver_task, driver_abort) = supervise("driver", driver_task, ended);
     let (notes_task, notes_abort) = supervise("notes", notes_task, ended);
     Ok(GitOps {
         git,
         driver,
-        notes_stats,
         driver_stop,
         driver_task,
         notes_stop,

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,6 +28,9 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::telemetry::InternalEvent;
+use crate::telemetry::connections::{Closed, ConnectionClosed, ConnectionMetrics};
+
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -37,18 +40,6 @@ pub struct Limits {
     pub per_source: usize,
     /// How long a connection may stay open before its first request.
     pub quiet_for: Duration,
-}
-
-/// How many connections were turned away or closed, per reason.
-#[derive(Debug, Default)]
-pub struct AdmissionStats {
-    /// Closed at once: the listener (or the source) was full of connections
-    /// that all had spoken.
-    pub refused: AtomicU64,
-    /// Quiet connections closed to make room for a new one.
-    pub evicted: AtomicU64,
-    /// Quiet connections closed because `quiet_for` passed.
-    pub timed_out: AtomicU64,
 }
 
 /// One open connection, as admission sees it.
@@ -109,7 +100,7 @@ fn compact(queue: &mut VecDeque<Weak<Conn>>, live: usize) {
 struct Admission {
     limits: Limits,
     open: Mutex<Open>,
-    stats: Arc<AdmissionStats>,
+    metrics: ConnectionMetrics,
 }
 
 impl Admission {
@@ -121,17 +112,11 @@ impl Admission {
         let from_source = open.sources.get(&source).map_or(0, |s| s.open);
         if self.limits.per_source > 0 && from_source >= self.limits.per_source {
             let queue = &mut open.sources.get_mut(&source).expect("a source with connections").quiet;
-            if !evict_oldest(queue) {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            if !self.evict_oldest(queue, source) {
                 return None;
             }
-            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-        } else if open.total >= self.limits.max_connections {
-            if !evict_oldest(&mut open.quiet) {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        } else if open.total >= self.limits.max_connections && !self.evict_oldest(&mut open.quiet, source) {
+            return None;
         }
         let conn = Arc::new(Conn {
             source,
@@ -140,6 +125,7 @@ impl Admission {
             waker: AtomicWaker::new(),
         });
         open.total += 1;
+        self.metrics.opened();
         open.quiet.push_back(Arc::downgrade(&conn));
         compact(&mut open.quiet, open.total);
         let entry = open.sources.entry(source).or_default();
@@ -152,7 +138,17 @@ impl Admission {
         })
     }
 
+    /// Closes the oldest quiet connection of `queue` for a new one from
+    /// `source`; false (and the new one is refused) when there is none.
+    fn evict_oldest(&self, queue: &mut VecDeque<Weak<Conn>>, source: IpAddr) -> bool {
+        let evicted = evict_oldest(queue);
+        let reason = if evicted { Closed::Evicted } else { Closed::Refused };
+        ConnectionClosed { reason, source }.emit(&self.metrics);
+        evicted
+    }
+
     fn release(&self, source: IpAddr) {
+        self.metrics.released();
         let mut open = self.open.lock().expect("admission lock");
         open.total -= 1;
         if let Some(s) = open.sources.get_mut(&source) {
@@ -190,19 +186,15 @@ pub struct AdmittingListener {
 }
 
 impl AdmittingListener {
-    pub fn new(inner: TcpListener, limits: Limits) -> Self {
+    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics) -> Self {
         AdmittingListener {
             inner,
             admission: Arc::new(Admission {
                 limits,
                 open: Mutex::new(Open::default()),
-                stats: Arc::new(AdmissionStats::default()),
+                metrics,
             }),
         }
-    }
-
-    pub fn stats(&self) -> Arc<AdmissionStats> {
-        self.admission.stats.clone()
     }
 
     /// Serves `router` on this listener: requests mark their connection as
@@ -261,7 +253,6 @@ impl axum::serve::Listener for AdmittingListener {
                 tcp,
                 place,
                 deadline: Some(deadline),
-                stats: self.admission.stats.clone(),
             };
             return (io, Peer { addr, conn });
         }
@@ -299,7 +290,6 @@ pub struct Admitted {
     place: Place,
     /// When a quiet connection is closed; `None` once it spoke.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    stats: Arc<AdmissionStats>,
 }
 
 impl AsyncRead for Admitted {
@@ -317,7 +307,8 @@ impl AsyncRead for Admitted {
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 conn.closing.store(true, Ordering::Release);
-                this.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                let (reason, source) = (Closed::TimedOut, conn.source);
+                ConnectionClosed { reason, source }.emit(&this.place.admission.metrics);
                 return Poll::Ready(Ok(()));
             }
         }
@@ -363,7 +354,7 @@ mod tests {
                 quiet_for: Duration::from_secs(10),
             },
             open: Mutex::new(Open::default()),
-            stats: Arc::new(AdmissionStats::default()),
+            metrics: ConnectionMetrics::new("test"),
         })
     }
 
@@ -381,13 +372,13 @@ mod tests {
             "the oldest quiet one closes"
         );
         assert!(!second.conn.closing.load(Ordering::Acquire));
-        assert_eq!(adm.stats.evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(adm.metrics.closed(Closed::Evicted), 1);
         drop(first);
         // Both open ones spoke: nothing to close, the next is turned away.
         second.conn.spoke.store(true, Ordering::Release);
         third.conn.spoke.store(true, Ordering::Release);
         assert!(adm.admit(B).is_none());
-        assert_eq!(adm.stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(adm.metrics.closed(Closed::Refused), 1);
         drop(second);
         assert!(adm.admit(B).is_some(), "a closed connection gives its place back");
     }

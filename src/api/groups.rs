@@ -2,8 +2,6 @@
 //! counts and rollout) and the rollout controls
 //! `POST /api/v1/groups/{name}/pause|resume|promote`.
 
-use std::time::{Duration, SystemTime};
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,7 +12,8 @@ use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
-use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase, Timestamp};
+use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase};
+use crate::rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct GroupsJson {
@@ -64,10 +63,6 @@ pub struct ActionJson {
     pub at: String,
 }
 
-fn rfc3339(t: Timestamp) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(t.millis())).to_string()
-}
-
 pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
     GroupJson {
         name: name.clone(),
@@ -79,15 +74,15 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
             wave: s.wave,
             waves: s.waves,
             commit: s.commit.clone(),
-            started: s.started.map(rfc3339),
-            finished: s.finished.map(rfc3339),
+            started: s.started.map(|t| rfc3339::format_millis(t.millis())),
+            finished: s.finished.map(|t| rfc3339::format_millis(t.millis())),
             failures: s
                 .failures
                 .iter()
                 .map(|f| FailureJson {
                     agent: f.agent.clone(),
                     error: f.error.clone(),
-                    at: rfc3339(f.at),
+                    at: rfc3339::format_millis(f.at.millis()),
                 })
                 .collect(),
             actions: s
@@ -95,7 +90,7 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
                 .iter()
                 .map(|a| ActionJson {
                     action: a.action,
-                    at: rfc3339(a.at),
+                    at: rfc3339::format_millis(a.at.millis()),
                 })
                 .collect(),
         }),

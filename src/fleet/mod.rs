@@ -17,13 +17,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use capabilities::Capabilities;
-pub use record::{
-    AgentRecord, Contact, Delivery, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision, Transport,
-};
+pub use record::{AgentRecord, Contact, Delivery, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision};
+
+// Defined in `model` so that the layers below the fleet (telemetry) can name them too.
+pub use crate::model::{PushOutcome, Transport};
 
 use crate::desired::ConfigBundle;
 use crate::model::{ConfigHash, InstanceUid};
 use crate::proto::AgentToServer;
+use crate::telemetry::fleet::FleetCounts;
+use crate::telemetry::{self, Registry};
 
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
@@ -59,6 +62,19 @@ impl FleetSnapshot {
         let mut v: Vec<_> = self.agents.values().collect();
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
         v
+    }
+
+    /// What the inventory gauges show: one pass over the records.
+    pub fn counts(&self) -> FleetCounts {
+        let mut counts = FleetCounts {
+            uid_clashes: self.uid_clashes,
+            version: self.version,
+            ..FleetCounts::default()
+        };
+        for r in self.agents.values() {
+            counts.add(r.connected, r.transport);
+        }
+        counts
     }
 }
 
@@ -149,23 +165,6 @@ pub struct Reply {
     pub clash: bool,
 }
 
-/// What became of a push.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PushOutcome {
-    /// Handed to the agent's WebSocket (a newer push replaces it if it has
-    /// not gone out yet).
-    Sent,
-    /// Plain HTTP: goes out in the reply to the agent's next message, and in
-    /// every reply after until the agent reports its hash. A newer push replaces it.
-    Queued,
-    /// Unknown or offline agent; nothing was kept.
-    NotConnected,
-    /// The agent lacks AcceptsRemoteConfig (it must not be offered a config)
-    /// or ReportsRemoteConfig (it would never say whether it applied one).
-    NotAccepted,
-}
-
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the fleet task has stopped")]
 pub struct FleetStopped;
@@ -239,6 +238,17 @@ impl FleetHandle {
     /// A receiver that wakes on every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<FleetSnapshot>> {
         self.snapshots.clone()
+    }
+
+    /// Adds the inventory gauges to `registry`, counted from the newest
+    /// snapshot when scraped.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let snapshots = self.snapshots.clone();
+        telemetry::fleet::register(registry, move || {
+            // Counted outside the channel's lock, so the fleet task never waits for a scrape.
+            let snapshot = snapshots.borrow().clone();
+            snapshot.counts()
+        });
     }
 
     /// Applies an agent's message and returns what the reply must carry.

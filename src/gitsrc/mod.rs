@@ -18,7 +18,6 @@ pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -28,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::desired::DesiredState;
 use crate::model::CommitId;
+use crate::telemetry::Registry;
+use crate::telemetry::git::{GitCounts, GitMetrics};
 
 pub use locate::resolve;
 
@@ -212,17 +213,10 @@ pub struct Status {
     /// when `head` is the loaded commit.
     pub head_errors: Vec<String>,
     /// When the last fetch (or local read) was attempted.
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::rfc3339::option::serialize")]
     pub last_fetch: Option<SystemTime>,
     /// Why the last fetch failed; `None` once one succeeds.
     pub last_fetch_error: Option<String>,
-}
-
-fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.collect_str(&humantime::format_rfc3339_seconds(*t)),
-        None => s.serialize_none(),
-    }
 }
 
 impl Status {
@@ -244,75 +238,6 @@ impl Status {
             return Err(e.clone());
         }
         Err("no commit loaded yet".to_string())
-    }
-}
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct GitMetrics {
-    fetches: AtomicU64,
-    fetch_failures: AtomicU64,
-    commits_loaded: AtomicU64,
-    commits_invalid: AtomicU64,
-}
-
-/// A copy of [`GitMetrics`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct MetricsSnapshot {
-    /// Fetches (or reads of a local repository) attempted.
-    pub fetches: u64,
-    pub fetch_failures: u64,
-    /// Commits that passed validation and were published.
-    pub commits_loaded: u64,
-    /// Commits rejected by validation.
-    pub commits_invalid: u64,
-}
-
-impl GitMetrics {
-    pub fn snapshot(&self) -> MetricsSnapshot {
-        MetricsSnapshot {
-            fetches: self.fetches.load(Ordering::Relaxed),
-            fetch_failures: self.fetch_failures.load(Ordering::Relaxed),
-            commits_loaded: self.commits_loaded.load(Ordering::Relaxed),
-            commits_invalid: self.commits_invalid.load(Ordering::Relaxed),
-        }
-    }
-
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl MetricsSnapshot {
-    /// The counters in Prometheus text format.
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        for (name, help, value) in [
-            (
-                "git_fetches_total",
-                "Fetches of the config repository attempted.",
-                self.fetches,
-            ),
-            (
-                "git_fetch_failures_total",
-                "Fetches of the config repository that failed.",
-                self.fetch_failures,
-            ),
-            (
-                "git_commits_loaded_total",
-                "Commits that passed validation and were loaded.",
-                self.commits_loaded,
-            ),
-            (
-                "git_commits_invalid_total",
-                "Commits rejected by validation.",
-                self.commits_invalid,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP opamp_gitops_{name} {help}");
-            let _ = writeln!(out, "# TYPE opamp_gitops_{name} counter");
-            let _ = writeln!(out, "opamp_gitops_{name} {value}");
-        }
     }
 }
 
@@ -346,7 +271,7 @@ pub struct GitHandle {
     status: watch::Receiver<Status>,
     syncs: mpsc::Sender<oneshot::Sender<Result<SyncOutcome, SyncError>>>,
     wake: Arc<Notify>,
-    metrics: Arc<GitMetrics>,
+    metrics: GitMetrics,
     webhook_secret: Option<Arc<[u8]>>,
     repo_dir: PathBuf,
     subdir: Option<PathBuf>,
@@ -386,8 +311,14 @@ impl GitHandle {
         self.wake.notify_one();
     }
 
-    pub fn metrics(&self) -> MetricsSnapshot {
-        self.metrics.snapshot()
+    /// The git source's counters now.
+    pub fn metrics(&self) -> GitCounts {
+        self.metrics.counts()
+    }
+
+    /// Adds the git source's metrics to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 
     /// The repository that holds the commits: the local repository itself, or
@@ -438,7 +369,7 @@ impl GitSource {
         });
         let (sync_tx, sync_rx) = mpsc::channel(64);
         let wake = Arc::new(Notify::new());
-        let metrics = Arc::new(GitMetrics::default());
+        let metrics = GitMetrics::default();
         let remote_url = match &config.repo {
             RepoLocation::Local(_) => None,
             RepoLocation::Remote(url) => Some(url.clone()),
@@ -502,20 +433,6 @@ mod tests {
         );
         s.loaded = Some(CommitId::new("cd".repeat(20)));
         assert!(s.readiness().is_ok());
-    }
-
-    #[test]
-    fn prometheus_text() {
-        let mut out = String::new();
-        MetricsSnapshot {
-            fetches: 3,
-            fetch_failures: 1,
-            commits_loaded: 2,
-            commits_invalid: 0,
-        }
-        .write_prometheus(&mut out);
-        assert!(out.contains("opamp_gitops_git_fetches_total 3\n"));
-        assert!(out.contains("# TYPE opamp_gitops_git_fetch_failures_total counter\n"));
     }
 
     #[test]

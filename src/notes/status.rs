@@ -32,7 +32,7 @@ pub fn collect(history: Vec<(CommitInfo, Option<String>)>) -> Vec<CommitStatus> 
             CommitStatus {
                 commit: info.id.to_string(),
                 summary: info.summary,
-                time: humantime::format_rfc3339_seconds(info.time).to_string(),
+                time: crate::rfc3339::format(info.time),
                 note,
                 note_error,
             }

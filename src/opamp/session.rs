@@ -22,6 +22,11 @@ use crate::proto::{
     OpAmpConnectionSettings, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
     server_error_response,
 };
+use crate::telemetry::InternalEvent;
+use crate::telemetry::opamp::{
+    HttpBodyUnreadable, HttpMessageMalformed, HttpMessageTooBig, HttpOverloaded, MessageReceived, WebSocketClosed,
+    WebSocketMessageMalformed, WebSocketMessageTooBig, WebSocketOpened,
+};
 use sha2::Digest;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig, plus
@@ -233,9 +238,7 @@ mod close {
 /// replaced by a newer connection of the same agent, or the server stops.
 pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     let conn = ctx.next_conn_id();
-    ctx.metrics
-        .websocket_opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WebSocketOpened.emit(&ctx.metrics);
     let pushes = Arc::new(PushSlot::default());
     let close = ctx.shutdown.child_token();
     let link = WsLink {
@@ -295,8 +298,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 let data = match frame {
                     None => break None,
                     Some(Err(e)) if is_too_big(&e) => {
-                        ctx.metrics.oversized.inc(Transport::WebSocket);
-                        tracing::warn!(conn, "WebSocket message over the size limit; closing the connection");
+                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
                         break Some((close::TOO_BIG, "message too big"));
                     }
                     Some(Err(e)) => {
@@ -313,16 +315,15 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     // too and then the stream ends.
                     Some(Ok(_)) => continue,
                 };
-                ctx.metrics.messages_received.inc(Transport::WebSocket);
+                MessageReceived { transport: Transport::WebSocket }.emit(&ctx.metrics);
                 let msg = match codec::decode_ws::<AgentToServer>(&data, ctx.max_message_bytes) {
                     Ok(msg) => msg,
                     Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
-                        ctx.metrics.oversized.inc(Transport::WebSocket);
+                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
                         break Some((close::TOO_BIG, "message too big"));
                     }
                     Err(e) => {
-                        ctx.metrics.decode_errors.inc(Transport::WebSocket);
-                        tracing::warn!(conn, error = %e, "malformed WebSocket message; closing the connection");
+                        WebSocketMessageMalformed { conn, error: &e }.emit(&ctx.metrics);
                         break Some((close::INVALID_PAYLOAD, "malformed OpAMP message"));
                     }
                 };
@@ -382,9 +383,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     if let Some((uid, _)) = agent {
         ctx.fleet.closed(conn, uid).await;
     }
-    ctx.metrics
-        .websocket_closed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WebSocketClosed.emit(&ctx.metrics);
 }
 
 /// The encoded frame; messages are encoded before an await so that the
@@ -405,7 +404,10 @@ fn is_too_big(e: &axum::Error) -> bool {
 /// (an unreadable or malformed body gets `error_response` BadRequest), except
 /// 413 for an oversized body and 408 for one that does not arrive in time.
 pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
-    ctx.metrics.messages_received.inc(Transport::Http);
+    MessageReceived {
+        transport: Transport::Http,
+    }
+    .emit(&ctx.metrics);
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     let gzipped = encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
     let limit = ctx.max_message_bytes;
@@ -428,8 +430,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
             return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response();
         }
         Err(BodyError::Read(e)) => {
-            ctx.metrics.decode_errors.inc(Transport::Http);
-            tracing::debug!(error = %e, "reading an HTTP body failed");
+            HttpBodyUnreadable { error: &e }.emit(&ctx.metrics);
             let reply = error_reply(
                 Bytes::new(),
                 ServerErrorResponseType::BadRequest,
@@ -445,8 +446,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
     let reply = match codec::decode_http::<AgentToServer>(&body, encoding, limit) {
         Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => return too_large(ctx),
         Err(e) => {
-            ctx.metrics.decode_errors.inc(Transport::Http);
-            tracing::warn!(error = %e, "malformed HTTP OpAMP message");
+            HttpMessageMalformed { error: &e }.emit(&ctx.metrics);
             error_reply(Bytes::new(), ServerErrorResponseType::BadRequest, e.to_string())
         }
         Ok(msg) => {
@@ -473,8 +473,7 @@ const RETRY_AFTER_SECS: u64 = 30;
 /// 503 with `Retry-After`, and the same advice in an `error_response` for
 /// clients that read only the body.
 fn overloaded(ctx: &OpampContext, uid: Bytes) -> Response {
-    ctx.metrics.overloaded.inc(Transport::Http);
-    tracing::warn!("fleet queue full: an HTTP agent is asked to retry later");
+    HttpOverloaded.emit(&ctx.metrics);
     overloaded_response(uid)
 }
 
@@ -493,8 +492,7 @@ fn overloaded_response(uid: Bytes) -> Response {
 }
 
 fn too_large(ctx: &OpampContext) -> Response {
-    ctx.metrics.oversized.inc(Transport::Http);
-    tracing::warn!("HTTP OpAMP message over the size limit");
+    HttpMessageTooBig.emit(&ctx.metrics);
     StatusCode::PAYLOAD_TOO_LARGE.into_response()
 }
 
