@@ -176,3 +176,29 @@ async fn bodies_that_decode_into_gigabytes_are_refused_within_a_memory_bound() {
     assert!(grew_mib < 8 * 16 + 64, "peak memory grew by {grew_mib} MiB");
     still_serves(&controller, opamp).await;
 }
+
+#[tokio::test]
+async fn a_websocket_that_stops_reading_is_closed() {
+    use opamp_gitops::app::ServeConfig;
+    let config = ServeConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        ..ServeConfig::local()
+    };
+    let server = common::TestServer::start_with(config).await;
+    let uid = uid16(9);
+    let mut agent = WsAgent::connect(server.opamp_addr()).await;
+    agent.exchange(&hello(&uid, 0)).await;
+    // A config far larger than the socket buffers: the write cannot finish
+    // while the agent reads nothing.
+    let big = "x".repeat(12 << 20);
+    let pushed = server
+        .fleet()
+        .push(opamp_gitops::model::InstanceUid::from_wire(&uid).unwrap(), common::bundle(&[("", &big)]))
+        .await
+        .unwrap();
+    assert_eq!(pushed, opamp_gitops::model::PushOutcome::Sent);
+    let gone = server.wait_agent(&uid, |r| !r.connected).await;
+    assert!(gone.disconnected_at.is_some());
+    drop(agent);
+    server.stop().await;
+}

@@ -258,6 +258,9 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_frame = Instant::now();
+    // A peer that stops reading would hold a write (and its buffered frame)
+    // forever: a frame not written within three intervals ends the connection.
+    let stuck_after = interval.saturating_mul(3);
 
     let end: Option<(u16, &'static str)> = loop {
         tokio::select! {
@@ -266,7 +269,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     tracing::info!(conn, "WebSocket silent for three heartbeat intervals; closing it");
                     break None;
                 }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                if !send(&mut socket, Message::Ping(Bytes::new()), stuck_after).await {
                     break None;
                 }
             }
@@ -288,7 +291,8 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     ..Default::default()
                 });
                 capabilities_sent = true;
-                if socket.send(frame).await.is_err() {
+                if !send(&mut socket, frame, stuck_after).await {
+                    tracing::info!(conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
                     break None;
                 }
                 ctx.fleet.delivered(conn, uid.clone(), bundle.hash()).await;
@@ -338,7 +342,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                         }),
                         ..Default::default()
                     };
-                    if socket.send(binary(&again)).await.is_err() {
+                    if !send(&mut socket, binary(&again), stuck_after).await {
                         break None;
                     }
                     continue;
@@ -361,7 +365,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     }
                     Next::Close(code, reason) => break Some((code, reason)),
                 };
-                if socket.send(frame).await.is_err() {
+                if !send(&mut socket, frame, stuck_after).await {
                     break None;
                 }
             }
@@ -373,7 +377,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
             code,
             reason: reason.into(),
         };
-        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+        if send(&mut socket, Message::Close(Some(frame)), CLOSE_GRACE).await {
             // Wait briefly for the peer's close frame, so it sees a clean close.
             let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
         }
@@ -384,6 +388,12 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
         ctx.fleet.closed(conn, uid).await;
     }
     WebSocketClosed.emit(&ctx.metrics);
+}
+
+/// Writes `frame`; false when the connection failed or the peer took longer
+/// than `within` to take it.
+async fn send(socket: &mut WebSocket, frame: Message, within: Duration) -> bool {
+    matches!(tokio::time::timeout(within, socket.send(frame)).await, Ok(Ok(())))
 }
 
 /// The encoded frame; messages are encoded before an await so that the
