@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub max_connections_per_source: Option<usize>,
     /// How long a connection (OpAMP or API) may stay open before its first request.
     pub first_request_timeout: Duration,
+    /// How long an agent may stay offline before it is forgotten.
+    pub agent_retention: Duration,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -117,6 +119,7 @@ impl ServeConfig {
             max_connections: None,
             max_connections_per_source: None,
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
+            agent_retention: crate::fleet::DEFAULT_RETENTION,
         }
     }
 }
@@ -255,6 +258,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let (fleet, fleet_task) = fleet::spawn(
         FleetConfig {
             heartbeat_interval: config.heartbeat_interval,
+            retention: config.agent_retention,
         },
         fleet_stop.clone(),
     );

@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// How long a connection may stay open before its first request.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub first_request_timeout: Duration,
+    /// How long an agent may stay offline before it is forgotten (agents
+    /// away for less keep their places in rollouts).
+    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
+    pub agent_retention: Duration,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -462,6 +466,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 max_connections: args.max_connections,
                 max_connections_per_source: args.max_connections_per_source,
                 first_request_timeout: args.first_request_timeout,
+                agent_retention: args.agent_retention,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

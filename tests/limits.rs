@@ -193,7 +193,10 @@ async fn a_websocket_that_stops_reading_is_closed() {
     let big = "x".repeat(12 << 20);
     let pushed = server
         .fleet()
-        .push(opamp_gitops::model::InstanceUid::from_wire(&uid).unwrap(), common::bundle(&[("", &big)]))
+        .push(
+            opamp_gitops::model::InstanceUid::from_wire(&uid).unwrap(),
+            common::bundle(&[("", &big)]),
+        )
         .await
         .unwrap();
     assert_eq!(pushed, opamp_gitops::model::PushOutcome::Sent);

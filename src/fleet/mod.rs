@@ -183,7 +183,13 @@ pub enum ReportError {
 pub struct FleetConfig {
     /// An HTTP agent silent for three of these is offline.
     pub heartbeat_interval: Duration,
+    /// An agent offline this long is forgotten.
+    pub retention: Duration,
 }
+
+/// The default of [`FleetConfig::retention`]: long enough that agents away
+/// for an outage keep their records (and their places in rollouts).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 enum Command {
     Report {
@@ -304,6 +310,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, Jo
     let fleet = Fleet {
         agents: HashMap::new(),
         heartbeat: config.heartbeat_interval,
+        retention: config.retention,
         uid_clashes: 0,
         snapshots: snap_tx,
         version: 0,
@@ -421,6 +428,7 @@ enum Dirty {
 struct Fleet {
     agents: HashMap<InstanceUid, Entry>,
     heartbeat: Duration,
+    retention: Duration,
     /// Second agents found under a uid in use, given a uid of their own.
     uid_clashes: u64,
     snapshots: watch::Sender<Arc<FleetSnapshot>>,
@@ -698,6 +706,18 @@ impl Fleet {
                 any = true;
             }
         }
+        let before = self.agents.len();
+        let retention = self.retention;
+        self.agents
+            .retain(|_, e| e.record.connected || mono.saturating_duration_since(e.seen) <= retention);
+        if self.agents.len() < before {
+            tracing::info!(
+                forgotten = before - self.agents.len(),
+                retention = %humantime::format_duration(retention),
+                "forgot agents offline longer than the retention"
+            );
+            any = true;
+        }
         if any {
             self.mark(Dirty::Changed);
         }
@@ -782,6 +802,7 @@ mod tests {
         let (h, _) = spawn(
             FleetConfig {
                 heartbeat_interval: heartbeat,
+                retention: Duration::from_secs(3600),
             },
             cancel.clone(),
         );
@@ -1153,6 +1174,24 @@ mod tests {
             fleet.push(uid.clone(), bundle("late")).await.unwrap(),
             PushOutcome::NotConnected
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn agents_offline_longer_than_the_retention_are_forgotten() {
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let (gone, staying) = (InstanceUid::Uuid([4; 16]), InstanceUid::Uuid([5; 16]));
+        poll(&fleet, &gone, 0, 0x1).await;
+        let mut snaps = fleet.subscribe();
+        snaps
+            .wait_for(|s| s.get(&gone).is_some_and(|r| !r.connected))
+            .await
+            .unwrap();
+        // Offline, but within the hour of retention: still listed.
+        tokio::time::sleep(Duration::from_secs(3000)).await;
+        assert!(fleet.snapshot().get(&gone).is_some());
+        poll(&fleet, &staying, 0, 0x1).await;
+        let s = snaps.wait_for(|s| s.get(&gone).is_none()).await.unwrap().clone();
+        assert!(s.get(&staying).is_some(), "a recent agent stays");
     }
 
     #[tokio::test(start_paused = true)]

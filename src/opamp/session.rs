@@ -641,6 +641,7 @@ mod tests {
         let (fleet, _task) = crate::fleet::spawn(
             crate::fleet::FleetConfig {
                 heartbeat_interval: Duration::from_secs(30),
+                retention: crate::fleet::DEFAULT_RETENTION,
             },
             tokio_util::sync::CancellationToken::new(),
         );
