@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -69,6 +69,9 @@ pub struct ServeConfig {
     pub first_request_timeout: Duration,
     /// How long an agent may stay offline before it is forgotten.
     pub agent_retention: Duration,
+    /// How long fetches may fail before the source counts as stale (`/readyz`
+    /// answers 503 and says since when).
+    pub source_stale_after: Duration,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -76,6 +79,8 @@ pub struct ServeConfig {
 pub const FD_RESERVE: usize = 1024;
 /// Open API connections at most.
 pub const API_MAX_CONNECTIONS: usize = 512;
+/// The default of [`ServeConfig::source_stale_after`].
+pub const SOURCE_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
 /// The default of [`ServeConfig::first_request_timeout`].
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -120,6 +125,7 @@ impl ServeConfig {
             max_connections_per_source: None,
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
             agent_retention: crate::fleet::DEFAULT_RETENTION,
+            source_stale_after: SOURCE_STALE_AFTER,
         }
     }
 }
@@ -274,6 +280,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
+    let stale_after = config.source_stale_after;
     let gitops = match config.git {
         Some(git_config) => {
             let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
@@ -288,7 +295,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             )
             .await?;
             tasks.extend(g.aborts.iter().cloned());
-            let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
+            let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone(), stale_after));
             let (_, abort) = supervise("readiness", task, &ended_tx);
             tasks.push(("readiness", abort.clone()));
             forwarder = Some(abort);
@@ -316,6 +323,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         metrics: Arc::new(registry),
         readiness: readiness_rx,
         assignments: assignments_rx,
+        source_stale_after: stale_after,
     };
 
     let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections)
@@ -497,22 +505,47 @@ fn read_existing_notes(store: &NotesStore) -> Vec<Note> {
 }
 
 /// Keeps `/readyz` in step with the git source: ready once a commit is in
-/// force. Runs until aborted: when the git source is gone it says so and
-/// waits (the git task's own end is what the supervisor reports).
-async fn forward_readiness(mut status: watch::Receiver<Status>, readiness: watch::Sender<Readiness>) {
+/// force, and not while the source is stale (no fetch has succeeded for
+/// `stale_after`). Runs until aborted: when the git source is gone it says
+/// so and waits (the git task's own end is what the supervisor reports).
+async fn forward_readiness(
+    mut status: watch::Receiver<Status>,
+    readiness: watch::Sender<Readiness>,
+    stale_after: Duration,
+) {
     loop {
-        let next = match status.borrow_and_update().readiness() {
-            Ok(commit) => Readiness::Ready(commit.clone()),
-            Err(reason) => Readiness::NotReady(reason),
+        let (next, recheck) = {
+            let status = status.borrow_and_update();
+            let now = SystemTime::now();
+            let next = match status.readiness(now, stale_after) {
+                Ok(commit) => Readiness::Ready(commit.clone()),
+                Err(reason) => Readiness::NotReady(reason),
+            };
+            // While fetches fail, look again when the source would turn stale.
+            let since = status.last_success.or(status.last_fetch);
+            let recheck = match (&status.last_fetch_error, since) {
+                (Some(_), Some(since)) => (since + stale_after).duration_since(now).ok(),
+                _ => None,
+            };
+            (next, recheck)
         };
         readiness.send_if_modified(|r| {
             let changed = *r != next;
             *r = next;
             changed
         });
-        if status.changed().await.is_err() {
-            readiness.send_replace(Readiness::NotReady("the git source has stopped".to_string()));
-            return std::future::pending().await;
+        let stale = async {
+            match recheck {
+                Some(wait) => tokio::time::sleep(wait + Duration::from_millis(10)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() {
+                readiness.send_replace(Readiness::NotReady("the git source has stopped".to_string()));
+                return std::future::pending().await;
+            },
+            () = stale => {}
         }
     }
 }

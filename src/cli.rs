@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// away for less keep their places in rollouts).
     #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
     pub agent_retention: Duration,
+    /// How long fetches of the repository may fail before /readyz answers
+    /// 503 (the commit in force stays in force).
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pub source_stale_after: Duration,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -467,6 +471,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 max_connections_per_source: args.max_connections_per_source,
                 first_request_timeout: args.first_request_timeout,
                 agent_retention: args.agent_retention,
+                source_stale_after: args.source_stale_after,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

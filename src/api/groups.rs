@@ -2,6 +2,8 @@
 //! counts and rollout) and the rollout controls
 //! `POST /api/v1/groups/{name}/pause|resume|promote`.
 
+use std::time::{Duration, SystemTime};
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -26,6 +28,33 @@ pub struct GroupsJson {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub head_errors: Vec<String>,
     pub groups: Vec<GroupJson>,
+    /// The repository: when it was last read, and whether it is stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceJson {
+    /// When the last fetch (or local read) was tried.
+    pub last_fetch: Option<String>,
+    /// When one last succeeded.
+    pub last_success: Option<String>,
+    /// Why the last one failed.
+    pub error: Option<String>,
+    /// Since when fetches have failed for longer than the controller allows
+    /// (`serve --source-stale-after`): newer commits may exist.
+    pub stale_since: Option<String>,
+}
+
+impl SourceJson {
+    pub fn of(git: &GitStatus, now: SystemTime, stale_after: Duration) -> Self {
+        SourceJson {
+            last_fetch: git.last_fetch.map(crate::rfc3339::format),
+            last_success: git.last_success.map(crate::rfc3339::format),
+            error: git.last_fetch_error.clone(),
+            stale_since: git.stale_since(now, stale_after).map(crate::rfc3339::format),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -129,6 +158,7 @@ pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(
         },
         head,
         groups,
+        source: None,
     }
 }
 
@@ -139,6 +169,7 @@ pub async fn list(State(state): State<ApiState>) -> Response {
             head: None,
             head_errors: vec![],
             groups: vec![],
+            source: None,
         };
         return Json(none).into_response();
     };
@@ -156,7 +187,9 @@ pub async fn list(State(state): State<ApiState>) -> Response {
         .unwrap_or_default();
     let driver = state.driver.as_ref().map(|d| d.status());
     let git_status = git.status().borrow().clone();
-    Json(groups_json(driver.as_deref(), &git_status, loaded)).into_response()
+    let mut answer = groups_json(driver.as_deref(), &git_status, loaded);
+    answer.source = Some(SourceJson::of(&git_status, SystemTime::now(), state.source_stale_after));
+    Json(answer).into_response()
 }
 
 pub async fn pause(state: State<ApiState>, name: Path<String>) -> Response {

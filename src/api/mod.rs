@@ -35,6 +35,8 @@ pub struct ApiState {
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
     pub assignments: watch::Receiver<crate::driver::Assignments>,
+    /// How long fetches may fail before the source is shown as stale.
+    pub source_stale_after: std::time::Duration,
 }
 
 /// The API's routes. More routes can be merged into the returned router.

@@ -167,6 +167,7 @@ impl Driver {
         self.status.send_modify(|s| {
             s.last_fetch = Some(now);
             s.last_fetch_error = None;
+            s.last_success = Some(now);
             s.branch = Some(head.branch.clone());
         });
         let outcome = match self.remembered(&head.commit) {

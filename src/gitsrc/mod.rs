@@ -217,13 +217,34 @@ pub struct Status {
     pub last_fetch: Option<SystemTime>,
     /// Why the last fetch failed; `None` once one succeeds.
     pub last_fetch_error: Option<String>,
+    /// When a fetch (or local read) last succeeded.
+    #[serde(serialize_with = "crate::rfc3339::option::serialize")]
+    pub last_success: Option<SystemTime>,
 }
 
 impl Status {
-    /// `Ok(commit in force)`, or why there is none yet.
-    pub fn readiness(&self) -> Result<&CommitId, String> {
+    /// When the source went stale: the last success (or, before any, the
+    /// first failure) when it is older than `stale_after` and the newest
+    /// fetch failed.
+    pub fn stale_since(&self, now: SystemTime, stale_after: Duration) -> Option<SystemTime> {
+        self.last_fetch_error.as_ref()?;
+        let since = self.last_success.or(self.last_fetch)?;
+        (now.duration_since(since).unwrap_or_default() > stale_after).then_some(since)
+    }
+
+    /// `Ok(commit in force)`, or why there is none, or why it may no longer
+    /// be the newest: no fetch has succeeded for longer than `stale_after`.
+    pub fn readiness(&self, now: SystemTime, stale_after: Duration) -> Result<&CommitId, String> {
         if let Some(c) = &self.loaded {
-            return Ok(c);
+            return match self.stale_since(now, stale_after) {
+                Some(since) => Err(format!(
+                    "the repository has not been read since {} ({}); commit {} stays in force",
+                    crate::rfc3339::format(since),
+                    self.last_fetch_error.as_deref().unwrap_or("no fetch succeeded"),
+                    c.short()
+                )),
+                None => Ok(c),
+            };
         }
         if let (Some(head), Some(first)) = (&self.head, self.head_errors.first()) {
             let more = self.head_errors.len() - 1;
@@ -421,18 +442,32 @@ mod tests {
 
     #[test]
     fn readiness_reasons() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let minute = Duration::from_secs(60);
         let mut s = Status::default();
-        assert_eq!(s.readiness(), Err("no commit loaded yet".to_string()));
+        assert_eq!(s.readiness(now, minute), Err("no commit loaded yet".to_string()));
         s.last_fetch_error = Some("fetching x: down".into());
-        assert_eq!(s.readiness(), Err("fetching x: down".to_string()));
+        assert_eq!(s.readiness(now, minute), Err("fetching x: down".to_string()));
         s.head = Some(CommitId::new("ab".repeat(20)));
         s.head_errors = vec!["groups/a.yaml:1:2: bad".into(), "b".into()];
         assert_eq!(
-            s.readiness(),
+            s.readiness(now, minute),
             Err("commit abababababab is invalid: groups/a.yaml:1:2: bad (and 1 more)".to_string())
         );
         s.loaded = Some(CommitId::new("cd".repeat(20)));
-        assert!(s.readiness().is_ok());
+        s.last_fetch = Some(now);
+        s.last_success = Some(now - minute / 2);
+        assert!(s.readiness(now, minute).is_ok(), "failing, but not for long");
+        s.last_success = Some(now - minute * 2);
+        assert_eq!(
+            s.readiness(now, minute),
+            Err(
+                "the repository has not been read since 2027-01-15T08:28:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
+                    .to_string()
+            )
+        );
+        s.last_fetch_error = None;
+        assert!(s.readiness(now, minute).is_ok(), "a fetch succeeded since");
     }
 
     #[test]
