@@ -38,16 +38,28 @@ pub use locate::resolve;
 const GIT_CONNECT_TIMEOUT_MS: i32 = 15_000;
 const GIT_IO_TIMEOUT_MS: i32 = 60_000;
 
-/// Gives every git network operation of this process connect and I/O timeouts.
+/// libgit2 keeps up to 256 MiB of objects in a cache and maps pack files
+/// in windows of up to 8 GiB in all: a large repository would take that much
+/// memory for a controller that reads a few small files from it.
+const GIT_CACHE_BYTES: usize = 16 << 20;
+const GIT_MAPPED_BYTES: usize = 64 << 20;
+const GIT_WINDOW_BYTES: usize = 8 << 20;
+
+/// Gives every git network operation of this process connect and I/O
+/// timeouts, and bounds the memory libgit2 keeps for object caches and
+/// mapped pack files.
 ///
 /// # Safety
 /// Sets libgit2 globals without synchronization: call it before any thread
 /// that may use git is spawned.
-pub unsafe fn set_network_timeouts() {
+pub unsafe fn set_process_limits() {
     // SAFETY: the caller guarantees no other thread uses libgit2 yet.
     unsafe {
         let _ = git2::opts::set_server_connect_timeout_in_milliseconds(GIT_CONNECT_TIMEOUT_MS);
         let _ = git2::opts::set_server_timeout_in_milliseconds(GIT_IO_TIMEOUT_MS);
+        let _ = git2::opts::set_mwindow_size(GIT_WINDOW_BYTES);
+        let _ = git2::opts::set_mwindow_mapped_limit(GIT_MAPPED_BYTES);
+        let _ = git2::opts::set_cache_max_size(GIT_CACHE_BYTES as isize);
     }
 }
 
