@@ -30,6 +30,7 @@ use crate::opamp::transport;
 use crate::telemetry::Registry;
 use crate::telemetry::connections::ConnectionMetrics;
 use crate::telemetry::opamp::OpampMetrics;
+use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// How long shutdown waits, in all, for open connections (HTTP requests in
 /// flight, then WebSockets) to finish before it gives up on them.
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     /// How long fetches may fail before the source counts as stale (`/readyz`
     /// answers 503 and says since when).
     pub source_stale_after: Duration,
+    /// TLS on both listeners; its client CA (mTLS) applies to agents only.
+    pub tls: Option<TlsFiles>,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -126,6 +129,7 @@ impl ServeConfig {
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
             agent_retention: crate::fleet::DEFAULT_RETENTION,
             source_stale_after: SOURCE_STALE_AFTER,
+            tls: None,
         }
     }
 }
@@ -152,6 +156,10 @@ pub enum AppError {
     Task(#[from] tokio::task::JoinError),
     #[error("the {task} task stopped unexpectedly ({how}); the controller shut down")]
     TaskEnded { task: &'static str, how: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot watch the TLS certificate for changes: {0}")]
+    TlsWatch(notify::Error),
 }
 
 /// A supervised task that ended, and how.
@@ -244,6 +252,26 @@ impl Running {
 /// bound; the controller runs until `shutdown` is cancelled.
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
     let fd_limit = raise_fd_limit();
+    let (opamp_tls, api_tls) = match &config.tls {
+        Some(files) => {
+            let agents = ServerTls::load(files.clone())?;
+            let operators = ServerTls::load(TlsFiles {
+                client_ca: None,
+                ..files.clone()
+            })?;
+            (Some(agents), Some(operators))
+        }
+        None => {
+            tracing::warn!("no --tls-cert: agents and operators connect over plain, unencrypted HTTP");
+            (None, None)
+        }
+    };
+    let watchers = [&opamp_tls, &api_tls]
+        .into_iter()
+        .flatten()
+        .map(ServerTls::watch)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AppError::TlsWatch)?;
     let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -326,10 +354,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         source_stale_after: stale_after,
     };
 
-    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections)
+    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections, opamp_tls)
         .serve(transport::router(opamp_ctx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_server = AdmittingListener::new(api_listener, api_limits, api_connections)
+    let api_server = AdmittingListener::new(api_listener, api_limits, api_connections, api_tls)
         .serve(api::router(api_state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracing::info!(
@@ -343,6 +371,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let drain = config.drain_deadline;
     let stop = shutdown.clone();
     let done = tokio::spawn(async move {
+        // Certificates are reloaded for as long as the controller runs.
+        let _watchers = watchers;
         let servers = async { tokio::join!(opamp_server.into_future(), api_server.into_future()) };
         tokio::pin!(servers);
         let mut finished = None;

@@ -128,6 +128,16 @@ pub struct ServeArgs {
     /// 503 (the commit in force stays in force).
     #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
     pub source_stale_after: Duration,
+    /// TLS certificate chain (PEM) for both listeners; read again when it
+    /// changes. Without it, both listen in plain HTTP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Agents must present a client certificate signed by this CA (PEM): mTLS.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -472,6 +482,15 @@ pub fn run(cli: Cli) -> ExitCode {
                 first_request_timeout: args.first_request_timeout,
                 agent_retention: args.agent_retention,
                 source_stale_after: args.source_stale_after,
+                tls: args
+                    .tls_cert
+                    .clone()
+                    .zip(args.tls_key.clone())
+                    .map(|(cert, key)| crate::tls::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: args.client_ca.clone(),
+                    }),
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -21,3 +21,4 @@ pub mod reconcile;
 pub mod rfc3339;
 pub mod simulate;
 pub mod telemetry;
+pub mod tls;

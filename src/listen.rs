@@ -27,9 +27,11 @@ use axum::serve::IncomingStream;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use crate::telemetry::InternalEvent;
 use crate::telemetry::connections::{Closed, ConnectionClosed, ConnectionMetrics};
+use crate::tls::ServerTls;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -183,10 +185,17 @@ pub type Serving = axum::serve::Serve<
 pub struct AdmittingListener {
     inner: TcpListener,
     admission: Arc<Admission>,
+    /// With TLS, handshakes run in tasks of their own (a slow client must
+    /// not hold up the accept loop) and come back here when done.
+    tls: Option<ServerTls>,
+    handshaken: (mpsc::Sender<Connection>, mpsc::Receiver<Connection>),
 }
 
+/// An accepted connection, as axum takes it.
+type Connection = (Admitted, Peer);
+
 impl AdmittingListener {
-    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics) -> Self {
+    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics, tls: Option<ServerTls>) -> Self {
         AdmittingListener {
             inner,
             admission: Arc::new(Admission {
@@ -194,6 +203,8 @@ impl AdmittingListener {
                 open: Mutex::new(Open::default()),
                 metrics,
             }),
+            tls,
+            handshaken: mpsc::channel(64),
         }
     }
 
@@ -214,6 +225,8 @@ async fn mark_spoken(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, nex
 #[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The subject of the client certificate the peer presented (mTLS).
+    pub certificate: Option<Arc<str>>,
     conn: Arc<Conn>,
 }
 
@@ -235,7 +248,11 @@ impl axum::serve::Listener for AdmittingListener {
 
     async fn accept(&mut self) -> (Admitted, Peer) {
         loop {
-            let (tcp, addr) = match self.inner.accept().await {
+            let accepted = tokio::select! {
+                Some(done) = self.handshaken.1.recv() => return done,
+                accepted = self.inner.accept() => accepted,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
@@ -247,14 +264,38 @@ impl axum::serve::Listener for AdmittingListener {
             };
             // Replies are small; do not let Nagle hold them back.
             let _ = tcp.set_nodelay(true);
-            let conn = place.conn.clone();
-            let deadline = Box::pin(tokio::time::sleep(self.admission.limits.quiet_for));
-            let io = Admitted {
-                tcp,
-                place,
-                deadline: Some(deadline),
+            let quiet_for = self.admission.limits.quiet_for;
+            let peer = Peer {
+                addr,
+                certificate: None,
+                conn: place.conn.clone(),
             };
-            return (io, Peer { addr, conn });
+            let admitted = move |io| Admitted {
+                io,
+                place,
+                deadline: Some(Box::pin(tokio::time::sleep(quiet_for))),
+            };
+            let Some(tls) = &self.tls else {
+                return (admitted(Io::Plain(tcp)), peer);
+            };
+            let (acceptor, done) = (tls.acceptor().clone(), self.handshaken.0.clone());
+            tokio::spawn(async move {
+                // The handshake counts against the time to the first request.
+                let stream = match tokio::time::timeout(quiet_for, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(peer = %addr, "TLS handshake took too long"),
+                };
+                let certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::identity)
+                    .map(Arc::from);
+                let peer = Peer { certificate, ..peer };
+                let _ = done.send((admitted(Io::Tls(Box::new(stream))), peer)).await;
+            });
         }
     }
 
@@ -266,7 +307,11 @@ impl axum::serve::Listener for AdmittingListener {
             closing: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        Ok(Peer { addr, conn })
+        Ok(Peer {
+            addr,
+            certificate: None,
+            conn,
+        })
     }
 }
 
@@ -286,7 +331,7 @@ async fn accept_failed(e: io::Error) {
 /// An admitted connection's socket: reads end (as if the peer had closed)
 /// once the connection is closed by admission or stays quiet too long.
 pub struct Admitted {
-    tcp: TcpStream,
+    io: Io,
     place: Place,
     /// When a quiet connection is closed; `None` once it spoke.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -312,21 +357,77 @@ impl AsyncRead for Admitted {
                 return Poll::Ready(Ok(()));
             }
         }
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+/// The socket, plain or with TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 
 impl AsyncWrite for Admitted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -334,11 +435,11 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
