@@ -100,6 +100,9 @@ pub struct AgentRecord {
     pub unhealthy_since: Option<SystemTime>,
     /// The last config handed to the agent on its current connection, and when.
     pub delivered: Option<Delivery>,
+    /// The identity (token name, client certificate subject) the agent was
+    /// first seen under: only that identity may report for its uid.
+    pub identity: Option<Arc<str>>,
 }
 
 /// A config that left for the agent: over WebSocket when the frame was
@@ -130,6 +133,7 @@ impl AgentRecord {
             remote_config_status: None,
             unhealthy_since: None,
             delivered: None,
+            identity: None,
         }
     }
 

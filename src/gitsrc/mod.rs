@@ -474,7 +474,7 @@ mod tests {
         assert_eq!(
             s.readiness(now, minute),
             Err(
-                "the repository has not been read since 2027-01-15T08:28:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
+                "the repository has not been read since 2027-01-15T07:58:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
                     .to_string()
             )
         );
