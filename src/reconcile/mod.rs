@@ -4,19 +4,27 @@
 //! driver calls it on every change and on a timer, carries out the pushes and
 //! persists [`RolloutState`]. The rules are in `docs/rollouts.md`.
 
+mod assign;
+mod classify;
+mod input;
+mod join;
+mod output;
 mod plan;
 mod restore;
+mod rollout;
 mod select;
 mod state;
+mod status;
 mod waves;
 
 #[cfg(test)]
 mod tests;
 
-pub use plan::{
-    AgentCounts, AgentView, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, PlanInput,
-    Push, PushReason, RemoteConfigState, RemoteStatus, plan,
+pub use input::{AgentView, PlanInput, RemoteConfigState, RemoteStatus};
+pub use output::{
+    AgentCounts, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, Push, PushReason,
 };
+pub use plan::plan;
 pub use restore::{Recovered, RecoveredRollout, restore};
 pub use select::Matcher;
 pub use state::{

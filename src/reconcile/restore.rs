@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::plan::AgentView;
+use super::input::AgentView;
 use super::select::Matcher;
 use super::state::{
     AgentRecord, AgentRecords, FailureRecord, GroupState, Membership, Rollout, RolloutKind, RolloutPhase, RolloutState,
