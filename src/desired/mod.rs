@@ -11,16 +11,20 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
+mod bundle;
 mod collector;
 mod disk;
 mod load;
 mod mem;
 mod merged;
+mod read;
+mod schema;
 pub mod summary;
 pub mod yaml;
 
+pub use bundle::content_type;
 pub use disk::DiskSource;
-pub use load::{LoadErrors, MergedConfigs, content_type, load, load_merged};
+pub use load::{LoadErrors, MergedConfigs, load, load_merged};
 pub use mem::MemSource;
 pub use merged::{MergedConfig, Refusal};
 
