@@ -52,7 +52,7 @@ pub(super) fn report_findings(cx: &mut Cx, findings: Findings) {
     }
 }
 
-/// A group's merged config, kept for [`load_merged`].
+/// A group's merged config, kept for [`super::load_merged`].
 pub(super) struct MergedDraft {
     pub(super) group: GroupName,
     pub(super) group_file: u32,
@@ -139,6 +139,7 @@ pub(super) fn finish_group(
         priority: d.priority,
         selector: d.selector,
         config: Arc::new(ConfigBundle::new(bundle)),
+        config_paths: d.config.into_iter().map(|r| (r.key, r.path)).collect(),
         rollout: d.rollout,
     }))
 }

@@ -625,6 +625,11 @@ fn dotfiles_in_groups_are_ignored_and_paths_are_normalized() {
     )
     .unwrap();
     assert_eq!(state.groups.len(), 1);
+    assert_eq!(
+        state.groups[&GroupName::new("a")].config_paths,
+        BTreeMap::from([(String::new(), "configs/main.yaml".to_string())]),
+        "the group keeps each config file's normalized path"
+    );
 }
 
 proptest::proptest! {

@@ -103,6 +103,9 @@ pub struct Group {
     pub priority: i64,
     pub selector: Selector,
     pub config: Arc<ConfigBundle>,
+    /// The repository path of each file of `config`, by its key (relative to
+    /// the repository root, or to `--path`), as the group file names it.
+    pub config_paths: BTreeMap<String, String>,
     pub rollout: RolloutPolicy,
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::report::{Stable, StableSource};
-use crate::desired::{self, DesiredState, Diagnostic, FileSource, LoadErrors};
+use crate::desired::{self, DesiredState, Diagnostic, LoadErrors};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
 use crate::model::{CommitId, ConfigHash, GroupName};
@@ -26,20 +26,12 @@ pub enum HistoryError {
     Notes(#[from] crate::gitsrc::notes::NotesError),
 }
 
-/// A valid commit's desired state and its groups' config paths.
-#[derive(Debug)]
-pub struct Loaded {
-    pub state: DesiredState,
-    /// Per group: config file key to repository path.
-    pub paths: BTreeMap<GroupName, BTreeMap<String, String>>,
-}
-
 /// One repository (optionally a subdirectory of it), read commit by commit.
 pub struct Repo {
     path: PathBuf,
     subdir: Option<String>,
     /// `None` for a commit that failed validation.
-    cache: HashMap<CommitId, Option<Rc<Loaded>>>,
+    cache: HashMap<CommitId, Option<Rc<DesiredState>>>,
 }
 
 impl Repo {
@@ -52,7 +44,7 @@ impl Repo {
     }
 
     /// Resolves `rev` and loads it: `Ok(Err(diagnostics))` when it is invalid.
-    pub fn load_rev(&mut self, rev: &str) -> Result<Result<Rc<Loaded>, Vec<Diagnostic>>, HistoryError> {
+    pub fn load_rev(&mut self, rev: &str) -> Result<Result<Rc<DesiredState>, Vec<Diagnostic>>, HistoryError> {
         let source = TreeSource::open(&self.path, rev, self.subdir.as_deref())?;
         let commit = source.commit().clone();
         let loaded = read(&source, &commit)?;
@@ -63,7 +55,7 @@ impl Repo {
 
     /// The state at `commit`; `None` when it fails validation (or its
     /// subdirectory does not exist there).
-    pub fn load(&mut self, commit: &CommitId) -> Result<Option<Rc<Loaded>>, HistoryError> {
+    pub fn load(&mut self, commit: &CommitId) -> Result<Option<Rc<DesiredState>>, HistoryError> {
         if let Some(hit) = self.cache.get(commit) {
             return Ok(hit.clone());
         }
@@ -102,7 +94,10 @@ impl Repo {
     }
 
     /// The newest valid commit of `history` (newest first).
-    pub fn newest_valid(&mut self, history: &[(CommitId, Option<Note>)]) -> Result<Option<Rc<Loaded>>, HistoryError> {
+    pub fn newest_valid(
+        &mut self,
+        history: &[(CommitId, Option<Note>)],
+    ) -> Result<Option<Rc<DesiredState>>, HistoryError> {
         for (commit, _) in history {
             if let Some(l) = self.load(commit)? {
                 return Ok(Some(l));
@@ -112,43 +107,13 @@ impl Repo {
     }
 }
 
-/// Loads the state and, when valid, each group's config paths.
-fn read(source: &TreeSource, commit: &CommitId) -> Result<Result<Rc<Loaded>, Vec<Diagnostic>>, HistoryError> {
-    let state = match desired::load(source, Some(commit.clone())) {
-        Ok(s) => s,
-        Err(LoadErrors::Invalid(d)) => return Ok(Err(d)),
-        Err(LoadErrors::Source(e)) => return Err(e.into()),
-    };
-    let mut paths = BTreeMap::new();
-    for name in state.groups.keys() {
-        paths.insert(name.clone(), config_paths(source, name)?);
+/// Loads the state at `commit`.
+fn read(source: &TreeSource, commit: &CommitId) -> Result<Result<Rc<DesiredState>, Vec<Diagnostic>>, HistoryError> {
+    match desired::load(source, Some(commit.clone())) {
+        Ok(s) => Ok(Ok(Rc::new(s))),
+        Err(LoadErrors::Invalid(d)) => Ok(Err(d)),
+        Err(LoadErrors::Source(e)) => Err(e.into()),
     }
-    Ok(Ok(Rc::new(Loaded { state, paths })))
-}
-
-/// The `config:` map of a group's file, key to path. Only for display: the
-/// file already passed validation, so anything unexpected just yields nothing.
-fn config_paths(source: &dyn FileSource, group: &GroupName) -> Result<BTreeMap<String, String>, HistoryError> {
-    for ext in ["yaml", "yml"] {
-        let Some(bytes) = source.read(&format!("groups/{group}.{ext}"))? else {
-            continue;
-        };
-        let Ok(value) = serde_yaml_ng::from_slice::<serde_yaml_ng::Value>(&bytes) else {
-            return Ok(BTreeMap::new());
-        };
-        let Some(map) = value.get("config").and_then(|c| c.as_mapping()) else {
-            return Ok(BTreeMap::new());
-        };
-        return Ok(map
-            .iter()
-            .filter_map(|(k, v)| {
-                let path = v.as_str()?;
-                let clean: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-                Some((k.as_str()?.to_string(), clean.join("/")))
-            })
-            .collect());
-    }
-    Ok(BTreeMap::new())
 }
 
 /// The newest commit of `history` whose note says `group`'s rollout is
@@ -174,7 +139,7 @@ pub fn newest_complete<'h>(
 pub fn stable_configs(
     repo: &mut Repo,
     target: &DesiredState,
-    previous: Option<&Loaded>,
+    previous: Option<&DesiredState>,
     ancestors: &[(CommitId, Option<Note>)],
     base_given: bool,
     warnings: &mut Vec<String>,
@@ -183,15 +148,15 @@ pub fn stable_configs(
     let Some(previous) = previous else {
         return Ok(out);
     };
-    let Some(previous_commit) = previous.state.commit.clone() else {
+    let Some(previous_commit) = previous.commit.clone() else {
         return Ok(out);
     };
-    let from = |loaded: &Loaded, commit: &CommitId, name: &GroupName, source| {
-        loaded.state.groups.get(name).map(|g| Stable {
+    let from = |state: &DesiredState, commit: &CommitId, name: &GroupName, source| {
+        state.groups.get(name).map(|g| Stable {
             commit: commit.clone(),
             source,
             config: g.config.clone(),
-            paths: loaded.paths.get(name).cloned().unwrap_or_default(),
+            paths: g.config_paths.clone(),
         })
     };
     let fallback_source = if base_given {

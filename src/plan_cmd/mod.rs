@@ -47,7 +47,6 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
     let mut repo = Repo::new(&args.repo, subdir.clone());
     let target = repo.load_rev(&args.rev)?.map_err(PlanError::Invalid)?;
     let target_commit = target
-        .state
         .commit
         .clone()
         .ok_or_else(|| PlanError::Usage("the commit has no id".into()))?;
@@ -73,7 +72,7 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
             let base = BaseInfo {
                 kind: StableSource::Base,
                 rev: Some(rev.clone()),
-                commit: previous.as_ref().and_then(|p| p.state.commit.clone()),
+                commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };
             (previous, base)
         }
@@ -88,14 +87,14 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
             let base = BaseInfo {
                 kind: StableSource::FirstParent,
                 rev: None,
-                commit: previous.as_ref().and_then(|p| p.state.commit.clone()),
+                commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };
             (previous, base)
         }
     };
     let stable = history::stable_configs(
         &mut repo,
-        &target.state,
+        &target,
         previous.as_deref(),
         ancestors,
         args.base.is_some(),
@@ -108,9 +107,8 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
         (None, None) => return Err(PlanError::Usage("give --server URL or --fleet FILE".into())),
     };
     let inputs = Inputs {
-        target: &target.state,
-        target_paths: &target.paths,
-        previous: previous.as_ref().map(|p| &p.state),
+        target: &target,
+        previous: previous.as_deref(),
         stable: &stable,
         agents: &agents,
     };
@@ -131,10 +129,10 @@ fn note_skipped_invalid(
     warnings: &mut Vec<String>,
     what: &str,
     named: Option<&crate::model::CommitId>,
-    used: Option<&history::Loaded>,
+    used: Option<&crate::desired::DesiredState>,
 ) {
     let Some(named) = named else { return };
-    let used = used.and_then(|l| l.state.commit.as_ref());
+    let used = used.and_then(|l| l.commit.as_ref());
     if used != Some(named) {
         warnings.push(match used {
             Some(u) => format!(

@@ -40,8 +40,6 @@ pub struct Stable {
 pub struct Inputs<'a> {
     /// The desired state at the commit being planned.
     pub target: &'a DesiredState,
-    /// Per group of `target`: config file key to repository path.
-    pub target_paths: &'a BTreeMap<GroupName, BTreeMap<String, String>>,
     /// The state compared against for reverts, removed groups and agents that
     /// change group: the first parent (or `--base`); `None` when there is no
     /// earlier valid commit.
@@ -291,7 +289,6 @@ fn winners<'s>(state: &'s DesiredState, agents: &[FleetAgent]) -> Vec<Option<&'s
 pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Report {
     let Inputs {
         target,
-        target_paths,
         previous,
         stable,
         agents,
@@ -353,7 +350,6 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
         let previous_group = previous.and_then(|p| p.groups.get(name));
         groups.push(plan_group(
             group,
-            target_paths.get(name),
             stable.get(name),
             previous_group.map(|g| g.config.hash()),
             members,
@@ -397,7 +393,6 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
 /// One group: its change against stable, the diffs and the waves.
 fn plan_group(
     group: &Group,
-    paths: Option<&BTreeMap<String, String>>,
     stable: Option<&Stable>,
     previous_hash: Option<ConfigHash>,
     agents: &[&FleetAgent],
@@ -439,10 +434,9 @@ fn plan_group(
             .iter()
             .filter_map(|u| refs.get(u).map(|a| AgentRef::of(a)))
             .collect();
-        let empty = BTreeMap::new();
         let files = file_changes(
             stable.map(|s| (s.config.files(), &s.paths)),
-            (group.config.files(), paths.unwrap_or(&empty)),
+            (group.config.files(), &group.config_paths),
         );
         let waves = if change == Change::Revert {
             vec![Wave {

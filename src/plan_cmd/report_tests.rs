@@ -33,6 +33,7 @@ fn group(name: &str, selector: &[(&str, &str)], priority: i64, config: &Arc<Conf
             ..Default::default()
         },
         config: Arc::clone(config),
+        config_paths: [(String::new(), "configs/new.yaml".to_string())].into(),
         rollout: RolloutPolicy {
             waves: vec![Amount::Count(1), Amount::Percent(50), Amount::Percent(100)],
             ..Default::default()
@@ -84,15 +85,9 @@ fn run(target: &DesiredState, previous: Option<&DesiredState>, stable: &[Stable]
         .filter(|(_, s)| !s.commit.as_str().is_empty())
         .map(|(k, s)| (k.clone(), s.clone()))
         .collect();
-    let paths = target
-        .groups
-        .keys()
-        .map(|k| (k.clone(), [(String::new(), "configs/new.yaml".to_string())].into()))
-        .collect();
     build(
         &Inputs {
             target,
-            target_paths: &paths,
             previous,
             stable: &stable,
             agents,
