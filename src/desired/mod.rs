@@ -140,6 +140,29 @@ pub trait AgentAttributes {
     fn attribute(&self, key: &str) -> Option<&str>;
 }
 
+/// One attribute of an agent as selectors see it: an identifying attribute
+/// wins over a non-identifying one of the same key.
+pub fn attribute<'m>(
+    identifying: &'m BTreeMap<String, String>,
+    non_identifying: &'m BTreeMap<String, String>,
+    key: &str,
+) -> Option<&'m str> {
+    identifying
+        .get(key)
+        .or_else(|| non_identifying.get(key))
+        .map(String::as_str)
+}
+
+/// An agent's attributes as selectors see them (see [`attribute`]).
+pub fn merge_attributes(
+    identifying: &BTreeMap<String, String>,
+    non_identifying: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut merged = non_identifying.clone();
+    merged.extend(identifying.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged
+}
+
 impl Selector {
     pub fn is_empty(&self) -> bool {
         self.match_attributes.is_empty() && self.match_expressions.is_empty() && self.instance_uids.is_empty()

@@ -55,6 +55,17 @@ impl Capabilities {
         }
     }
 
+    /// The bits of the given proto names (as [`Capabilities::names`] lists
+    /// them); unknown names are ignored.
+    pub fn from_names<'n>(names: impl IntoIterator<Item = &'n str>) -> Self {
+        Capabilities(
+            names
+                .into_iter()
+                .filter_map(|n| NAMES.iter().find(|(_, name)| *name == n).map(|(bit, _)| bit))
+                .fold(0, |bits, bit| bits | bit),
+        )
+    }
+
     /// The names of the known bits that are set, in bit order.
     pub fn names(self) -> Vec<&'static str> {
         NAMES
@@ -85,5 +96,16 @@ mod tests {
         assert!(c.accepts_remote_config());
         assert!(!Capabilities(0x1).accepts_remote_config());
         assert!(Capabilities(0xffff).names().len() == 16);
+    }
+
+    #[test]
+    fn names_back_to_bits() {
+        for bits in [0x0, 0x1 | 0x2 | 0x1000, 0xffff] {
+            assert_eq!(Capabilities::from_names(Capabilities(bits).names()), Capabilities(bits));
+        }
+        assert_eq!(
+            Capabilities::from_names(["AcceptsRemoteConfig", "NoSuchCapability"]),
+            Capabilities(0x2)
+        );
     }
 }

@@ -161,7 +161,7 @@ fn callouts(report: &Report, code: fn(&str) -> String) -> Vec<String> {
         .filter(|g| g.change.pushes() && !g.unsupported.is_empty())
     {
         out.push(format!(
-            "group {} ({}) has {} without AcceptsRemoteConfig, never pushed to: {}",
+            "group {} ({}) has {} without AcceptsRemoteConfig or ReportsRemoteConfig, never pushed to: {}",
             code(g.name.as_str()),
             g.change.as_str(),
             plural(g.unsupported.len(), "agent", "agents"),

@@ -100,8 +100,10 @@ impl AgentView {
             && since.is_none_or(|t| now.since(t) > grace)
     }
 
-    /// Whether the controller can manage its config (see [`AgentState::Unsupported`]).
-    pub(super) fn supported(&self) -> bool {
+    /// Whether the controller can manage its config (see
+    /// [`crate::model::AgentState::Unsupported`]): it accepts remote config
+    /// and reports whether it applied it.
+    pub fn supported(&self) -> bool {
         self.accepts_remote_config && self.reports_remote_config
     }
 

@@ -26,9 +26,10 @@ pub use output::{
 };
 pub use plan::plan;
 pub use restore::{Recovered, RecoveredRollout, restore};
+pub use rollout::Change;
 pub use select::Matcher;
 pub use state::{
     AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
 };
-pub use waves::{Members, OrderKey, canary_order, order_key, wave_cuts};
+pub use waves::{Members, OrderKey, canary_order, order_key, rollout_members, wave_cuts};

@@ -1,17 +1,139 @@
-//! The rollout state machine of one group: starting a rollout when the
-//! group's config changes, recording failures, halting, opening waves after
-//! their bake and completing. The rules are in `docs/rollouts.md`.
+//! The rollout state machine of one group: whether a config starts a rollout
+//! and of which kind ([`Change`], which `plan` and recovery use too),
+//! starting it, recording failures, halting, opening waves after their bake
+//! and completing. The rules are in `docs/rollouts.md`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use super::input::{AgentView, RemoteConfigState};
 use super::output::Event;
 use super::plan::{GroupCtx, Out};
-use super::state::{AgentRecord, FailureRecord, GroupState, Rollout, RolloutKind, RolloutPhase, Stable};
-use super::waves::{Members, OrderKey, order_key, wave_cuts};
-use crate::model::{ConfigHash, GroupName, InstanceUid};
+use super::state::{AgentRecord, FailureRecord, GroupState, Rollout, RolloutKind, RolloutPhase, Stable, Timestamp};
+use super::waves::{Members, OrderKey, order_key, rollout_members, wave_cuts};
+use crate::desired::{Amount, ConfigBundle};
+use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+
+/// What a group's config means for its agents, against the config its
+/// current (or last) rollout delivers and the stable one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// What the group is given already: nothing starts.
+    Unchanged,
+    /// A new config, rolled out in waves.
+    Changed,
+    /// A group with no stable config: its first rollout, in waves.
+    New,
+    /// Back to the stable config after a change: pushed to every agent at once.
+    Revert,
+}
+
+impl Change {
+    /// `delivering`: what the group's current or last rollout delivers, else
+    /// its stable config. A config the group is given already changes
+    /// nothing, even while its rollout has not completed.
+    pub fn of(config: ConfigHash, delivering: Option<ConfigHash>, stable: Option<ConfigHash>) -> Change {
+        if delivering == Some(config) {
+            return Change::Unchanged;
+        }
+        match RolloutKind::of(config, stable) {
+            RolloutKind::Revert => Change::Revert,
+            RolloutKind::Waves if stable.is_none() => Change::New,
+            RolloutKind::Waves => Change::Changed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Unchanged => "unchanged",
+            Change::Changed => "changed",
+            Change::New => "new",
+            Change::Revert => "revert",
+        }
+    }
+
+    /// The rollout it starts, if it starts one.
+    pub fn rollout(self) -> Option<RolloutKind> {
+        match self {
+            Change::Unchanged => None,
+            Change::Changed | Change::New => Some(RolloutKind::Waves),
+            Change::Revert => Some(RolloutKind::Revert),
+        }
+    }
+
+    /// Whether the controller pushes anything for the group.
+    pub fn pushes(self) -> bool {
+        self != Change::Unchanged
+    }
+}
+
+impl RolloutKind {
+    /// A rollout back to the stable config is a revert; any other goes in waves.
+    pub fn of(target: ConfigHash, stable: Option<ConfigHash>) -> RolloutKind {
+        if stable == Some(target) {
+            RolloutKind::Revert
+        } else {
+            RolloutKind::Waves
+        }
+    }
+}
+
+/// Who a new rollout goes to.
+pub(super) enum Reach<'w> {
+    /// In canary waves over `members` (in canary order), cut by `waves`.
+    Waves {
+        members: Vec<InstanceUid>,
+        waves: &'w [Amount],
+    },
+    /// Back to the stable config: every one of the group's `agents` at once,
+    /// with no members and one cut covering the group.
+    Everyone { agents: usize },
+}
+
+impl Rollout {
+    /// A rollout of `target`, brought by `commit`, starting at `now` with its first wave open.
+    pub(super) fn begin(
+        id: u64,
+        target: Arc<ConfigBundle>,
+        commit: Option<CommitId>,
+        reach: Reach<'_>,
+        now: Timestamp,
+    ) -> Rollout {
+        let (kind, members, cuts) = match reach {
+            Reach::Waves { members, waves } => {
+                let cuts = wave_cuts(waves, members.len());
+                (RolloutKind::Waves, members, cuts)
+            }
+            Reach::Everyone { agents } => (
+                RolloutKind::Revert,
+                Vec::new(),
+                vec![u32::try_from(agents).unwrap_or(u32::MAX)],
+            ),
+        };
+        Rollout {
+            id,
+            kind,
+            target,
+            commit,
+            phase: RolloutPhase::Progressing,
+            paused: false,
+            promote: false,
+            opened: 1,
+            settled_since: None,
+            started: now,
+            finished: None,
+            failures: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            actions: Vec::new(),
+            cuts,
+            members: Arc::new(Members::from_order(members)),
+        }
+    }
+}
 
 /// Which agents the opened waves of a rollout cover.
 pub(super) struct Opened {
@@ -62,14 +184,8 @@ impl GroupCtx<'_> {
     ) -> Option<Vec<Option<u32>>> {
         let target = &self.group.config;
         let th = target.hash();
-        let delivered = match (&gs.rollout, &gs.stable) {
-            (Some(r), _) => Some(r.target.hash()),
-            (None, Some(s)) => Some(s.bundle.hash()),
-            (None, None) => None,
-        };
-        if delivered == Some(th) {
-            return None;
-        }
+        let stable = gs.stable.as_ref().map(|s| s.bundle.hash());
+        let kind = Change::of(th, gs.delivering(), stable).rollout()?;
         if let Some(old) = &gs.rollout
             && old.in_progress()
         {
@@ -82,51 +198,26 @@ impl GroupCtx<'_> {
         }
         // The desired state's commit is the one that brought the new config.
         let commit = self.commit.cloned();
-        let revert = gs.stable.as_ref().is_some_and(|s| s.bundle.hash() == th);
         let mut ranks = None;
-        let (kind, members) = if revert {
-            (RolloutKind::Revert, Arc::new(Members::default()))
-        } else {
-            // The canary order of the connected agents, fixed for the rollout.
-            let mut keyed: Vec<(OrderKey, usize)> = self
-                .idx
-                .iter()
-                .enumerate()
-                .filter(|&(_, &i)| self.agents[i].connected)
-                .map(|(n, &i)| (order_key(self.name(), &self.agents[i].uid), n))
-                .collect();
-            keyed.sort_unstable();
-            let mut r = vec![None; self.idx.len()];
-            let mut order = Vec::with_capacity(keyed.len());
-            for (rank, (_, n)) in (0u32..).zip(keyed) {
-                r[n] = Some(rank);
-                order.push(self.agents[self.idx[n]].uid.clone());
+        let reach = match kind {
+            RolloutKind::Revert => Reach::Everyone { agents: self.idx.len() },
+            RolloutKind::Waves => {
+                // The canary order, fixed for the rollout.
+                let order = rollout_members(self.name(), self.idx.iter().map(|&i| &self.agents[i]));
+                let mut r = vec![None; self.idx.len()];
+                let mut members = Vec::with_capacity(order.len());
+                for (rank, n) in (0u32..).zip(order) {
+                    r[n] = Some(rank);
+                    members.push(self.agents[self.idx[n]].uid.clone());
+                }
+                ranks = Some(r);
+                Reach::Waves {
+                    members,
+                    waves: &self.group.rollout.waves,
+                }
             }
-            ranks = Some(r);
-            (RolloutKind::Waves, Arc::new(Members::from_order(order)))
         };
-        let cuts = match kind {
-            RolloutKind::Waves => wave_cuts(&self.group.rollout.waves, members.len()),
-            RolloutKind::Revert => vec![u32::try_from(self.idx.len()).unwrap_or(u32::MAX)],
-        };
-        let r = Rollout {
-            id: *rollouts,
-            kind,
-            target: Arc::clone(target),
-            commit: commit.clone(),
-            phase: RolloutPhase::Progressing,
-            paused: false,
-            promote: false,
-            opened: 1,
-            settled_since: None,
-            started: self.now,
-            finished: None,
-            failures: BTreeMap::new(),
-            missing: BTreeMap::new(),
-            actions: Vec::new(),
-            cuts,
-            members,
-        };
+        let r = Rollout::begin(*rollouts, Arc::clone(target), commit.clone(), reach, self.now);
         if kind == RolloutKind::Waves {
             out.events.push(Event::RolloutStarted {
                 group: self.name().clone(),

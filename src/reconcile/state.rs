@@ -289,6 +289,18 @@ pub enum ControlError {
     Idle(GroupName),
 }
 
+impl GroupState {
+    /// The config the group's current (or last) rollout delivers, else its
+    /// stable config.
+    pub fn delivering(&self) -> Option<ConfigHash> {
+        match (&self.rollout, &self.stable) {
+            (Some(r), _) => Some(r.target.hash()),
+            (None, Some(s)) => Some(s.bundle.hash()),
+            (None, None) => None,
+        }
+    }
+}
+
 impl RolloutState {
     /// Stops opening waves of `group`'s rollout (failures still halt it).
     /// Pausing a paused rollout changes nothing.
