@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::report::{Stable, StableSource};
-use crate::desired::{self, DesiredState, Diagnostic, LoadErrors};
+use crate::desired::{self, DesiredState, Diagnostic, Group, LoadErrors};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
 use crate::model::{CommitId, ConfigHash, GroupName};
-use crate::notes::format::{Note, Phase};
+use crate::notes::format::Note;
+use crate::notes::remembered::remembered;
 
 /// How far back the first-parent walk looks for notes and valid commits.
 pub const HISTORY_LIMIT: usize = 500;
@@ -116,24 +117,13 @@ fn read(source: &TreeSource, commit: &CommitId) -> Result<Result<Rc<DesiredState
     }
 }
 
-/// The newest commit of `history` whose note says `group`'s rollout is
-/// complete, with the config hash the note gives.
-pub fn newest_complete<'h>(
-    group: &GroupName,
-    history: &'h [(CommitId, Option<Note>)],
-) -> Option<(&'h CommitId, ConfigHash)> {
-    history.iter().find_map(|(commit, note)| {
-        let g = note.as_ref()?.groups.get(group)?;
-        (g.phase == Phase::Complete).then_some((commit, g.config_hash))
-    })
-}
-
 /// Each group's stable config, with warnings for notes that could not be used.
 ///
 /// With `--base` every group's stable config is the base's. Otherwise it is
-/// the one at the newest ancestor whose note says the group's rollout is
-/// complete, when that commit's config hash for the group is the note's;
-/// else the previous (first-parent) commit's. A group the previous state
+/// the config of the newest completed rollout the ancestors' notes remember
+/// (as the controller reads them back, see [`remembered`]), when that
+/// commit's config for the group is the note's; else the previous
+/// (first-parent) commit's. A group the previous state
 /// lacks is new, whatever older notes say: the controller forgets a removed
 /// group's rollouts.
 pub fn stable_configs(
@@ -151,35 +141,40 @@ pub fn stable_configs(
     let Some(previous_commit) = previous.commit.clone() else {
         return Ok(out);
     };
-    let from = |state: &DesiredState, commit: &CommitId, name: &GroupName, source| {
-        state.groups.get(name).map(|g| Stable {
-            commit: commit.clone(),
-            source,
-            config: g.config.clone(),
-            paths: g.config_paths.clone(),
-        })
+    let stable = |g: &Group, commit: &CommitId, source| Stable {
+        commit: commit.clone(),
+        source,
+        config: g.config.clone(),
+        paths: g.config_paths.clone(),
     };
     let fallback_source = if base_given {
         StableSource::Base
     } else {
         StableSource::FirstParent
     };
+    let noted = if base_given {
+        BTreeMap::new()
+    } else {
+        // Newest commit first: of rollouts noted with the same start, the newer commit's.
+        remembered(ancestors.iter().filter_map(|(_, note)| note.as_ref()))
+    };
     for name in target.groups.keys() {
-        let Some(fallback) = from(previous, &previous_commit, name, fallback_source) else {
+        let Some(before) = previous.groups.get(name) else {
             continue;
         };
-        let mut chosen = fallback;
-        if !base_given && let Some((commit, noted)) = newest_complete(name, ancestors) {
+        let mut chosen = stable(before, &previous_commit, fallback_source);
+        if let Some(found) = noted.get(name).and_then(|r| r.stable.as_ref()) {
+            let commit = &found.commit;
             match repo.load(commit)? {
-                Some(loaded) => match from(&loaded, commit, name, StableSource::Note) {
-                    Some(s) if s.config.hash() == noted => chosen = s,
-                    found => warnings.push(format!(
+                Some(loaded) => match found.group_in(name, &loaded) {
+                    Some(g) => chosen = stable(g, commit, StableSource::Note),
+                    None => warnings.push(format!(
                         "the note on {} says {name} completed with config {}, but that commit {}; \
                          comparing {name} with {} instead",
                         commit.short(),
-                        short_hash(&noted),
-                        match found {
-                            Some(s) => format!("has {}", short_hash(&s.config.hash())),
+                        short_hash(&found.hash),
+                        match loaded.groups.get(name) {
+                            Some(g) => format!("has {}", short_hash(&g.config.hash())),
                             None => "has no such group".to_string(),
                         },
                         previous_commit.short()
@@ -202,67 +197,4 @@ pub fn short_hash(h: &ConfigHash) -> String {
     let mut s = h.to_string();
     s.truncate(12);
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::SystemTime;
-
-    use super::*;
-    use crate::notes::format::{AgentCounts, NoteGroup};
-
-    fn note(commit: &str, groups: &[(&str, Phase, u8)]) -> Note {
-        Note {
-            version: "v1".into(),
-            commit: CommitId::new(commit),
-            updated: SystemTime::UNIX_EPOCH,
-            valid: true,
-            errors: vec![],
-            groups: groups
-                .iter()
-                .map(|(g, phase, h)| {
-                    (
-                        GroupName::new(*g),
-                        NoteGroup {
-                            config_hash: ConfigHash([*h; 32]),
-                            phase: *phase,
-                            wave: 1,
-                            waves: 1,
-                            agents: AgentCounts::default(),
-                            failures: vec![],
-                            started: None,
-                            finished: None,
-                            actions: vec![],
-                        },
-                    )
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn newest_complete_note_per_group() {
-        let gw = GroupName::new("gw");
-        let core = GroupName::new("core");
-        let history = vec![
-            (CommitId::new("c3"), Some(note("c3", &[("gw", Phase::Progressing, 3)]))),
-            (CommitId::new("c2"), None),
-            (
-                CommitId::new("c1"),
-                Some(note("c1", &[("gw", Phase::Complete, 1), ("core", Phase::Halted, 9)])),
-            ),
-            (CommitId::new("c0"), Some(note("c0", &[("gw", Phase::Complete, 0)]))),
-        ];
-        assert_eq!(
-            newest_complete(&gw, &history),
-            Some((&CommitId::new("c1"), ConfigHash([1; 32]))),
-            "the newest complete one, not a progressing one"
-        );
-        assert_eq!(newest_complete(&core, &history), None, "halted is not complete");
-        assert_eq!(
-            newest_complete(&gw, &history[3..]),
-            Some((&CommitId::new("c0"), ConfigHash([0; 32])))
-        );
-        assert_eq!(newest_complete(&gw, &[]), None);
-    }
 }

@@ -1,11 +1,15 @@
-//! Reading the notes for what each group last reached, when the rollout state
-//! is gone. Pure: the driver loads the configs these commits name.
+//! What the notes remember of each group's rollouts: the newest one that
+//! completed (its config is the group's stable config) and a newer one that
+//! had not. The driver reads them back when its rollout state is gone, and
+//! `plan` takes a group's stable config from them. Pure: the callers load the
+//! commits the notes name.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use super::format::{Note, NoteGroup};
+use crate::desired::{DesiredState, Group};
 use crate::model::{CommitId, ConfigHash, GroupName};
-use crate::notes::format::{Note, NoteGroup};
 use crate::reconcile::Phase;
 
 /// A group's rollout as one note recorded it.
@@ -26,13 +30,25 @@ pub struct Remembered {
     pub unfinished: Option<Found>,
 }
 
+impl Found {
+    /// The group as the noted commit defines it, when its config is the one
+    /// the note names: a commit whose config differs from its note is not
+    /// trusted.
+    pub fn group_in<'s>(&self, group: &GroupName, state: &'s DesiredState) -> Option<&'s Group> {
+        state.groups.get(group).filter(|g| g.config.hash() == self.hash)
+    }
+}
+
 /// Rollouts are ordered by when they started; a note without a start time
 /// (written by an older controller) orders by its update time.
 fn when(note: &Note, g: &NoteGroup) -> SystemTime {
     g.started.unwrap_or(note.updated)
 }
 
-pub fn remembered(notes: &[Note]) -> BTreeMap<GroupName, Remembered> {
+/// Per group, from `notes` in any order. Of rollouts that started at the same
+/// time, the one whose note comes first is taken as the newer (pass notes
+/// newest commit first).
+pub fn remembered<'n>(notes: impl IntoIterator<Item = &'n Note>) -> BTreeMap<GroupName, Remembered> {
     let mut out: BTreeMap<GroupName, Remembered> = BTreeMap::new();
     let newest = |slot: &mut Option<Found>, note: &Note, g: &NoteGroup| {
         let at = when(note, g);
@@ -45,7 +61,7 @@ pub fn remembered(notes: &[Note]) -> BTreeMap<GroupName, Remembered> {
             });
         }
     };
-    for note in notes.iter().filter(|n| n.valid) {
+    for note in notes.into_iter().filter(|n| n.valid) {
         for (name, g) in &note.groups {
             let entry = out.entry(name.clone()).or_default();
             match g.phase {
@@ -143,5 +159,103 @@ mod tests {
         bad.valid = false;
         let r = remembered(&[bad, note('b', &[("x", Phase::Unchanged, 1)])]);
         assert!(r.is_empty());
+    }
+
+    /// Notes without start times, all updated at once, newest commit first
+    /// (as `plan` reads the first-parent history).
+    fn undated(commit: &str, groups: &[(&str, Phase, u8)]) -> Note {
+        Note {
+            version: "v1".into(),
+            commit: CommitId::new(commit),
+            updated: SystemTime::UNIX_EPOCH,
+            valid: true,
+            errors: vec![],
+            groups: groups
+                .iter()
+                .map(|(g, phase, h)| {
+                    (
+                        GroupName::new(*g),
+                        NoteGroup {
+                            config_hash: ConfigHash([*h; 32]),
+                            phase: *phase,
+                            wave: 1,
+                            waves: 1,
+                            agents: AgentCounts::default(),
+                            failures: vec![],
+                            started: None,
+                            finished: None,
+                            actions: vec![],
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn newest_complete_note_per_group() {
+        let gw = GroupName::new("gw");
+        let core = GroupName::new("core");
+        let history = vec![
+            undated("c3", &[("gw", Phase::Progressing, 3)]),
+            undated("c1", &[("gw", Phase::Complete, 1), ("core", Phase::Halted, 9)]),
+            undated("c0", &[("gw", Phase::Complete, 0)]),
+        ];
+        let stable = |notes: &[Note], g: &GroupName| {
+            let r = remembered(notes);
+            r.get(g)
+                .and_then(|r| r.stable.as_ref())
+                .map(|f| (f.commit.clone(), f.hash))
+        };
+        assert_eq!(
+            stable(&history, &gw),
+            Some((CommitId::new("c1"), ConfigHash([1; 32]))),
+            "the newest complete one, not a progressing one"
+        );
+        assert_eq!(stable(&history, &core), None, "halted is not complete");
+        assert_eq!(
+            stable(&history[2..], &gw),
+            Some((CommitId::new("c0"), ConfigHash([0; 32])))
+        );
+        assert_eq!(stable(&[], &gw), None);
+    }
+
+    #[test]
+    fn a_noted_group_is_trusted_only_with_the_noted_config() {
+        use std::sync::Arc;
+
+        use crate::desired::{ConfigBundle, RolloutPolicy, Selector};
+
+        let bundle = Arc::new(ConfigBundle::new(BTreeMap::new()));
+        let gw = GroupName::new("gw");
+        let state = DesiredState {
+            commit: Some(CommitId::new("c1")),
+            groups: BTreeMap::from([(
+                gw.clone(),
+                Group {
+                    name: gw.clone(),
+                    description: String::new(),
+                    priority: 0,
+                    selector: Selector::default(),
+                    config: bundle.clone(),
+                    config_paths: BTreeMap::new(),
+                    rollout: RolloutPolicy::default(),
+                },
+            )]),
+            reconcile_interval: Duration::from_secs(300),
+        };
+        let found = |hash| Found {
+            commit: CommitId::new("c1"),
+            hash,
+            note: undated("c1", &[("gw", Phase::Complete, 0)]).groups.remove(&gw).unwrap(),
+            when: SystemTime::UNIX_EPOCH,
+        };
+        assert!(found(bundle.hash()).group_in(&gw, &state).is_some());
+        assert!(found(ConfigHash([7; 32])).group_in(&gw, &state).is_none());
+        assert!(
+            found(bundle.hash())
+                .group_in(&GroupName::new("other"), &state)
+                .is_none()
+        );
     }
 }
