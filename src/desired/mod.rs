@@ -60,10 +60,40 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// The diagnostic with its path relative to the repository root, for a
     /// repository whose files live under `subdir` (`--path`).
+    pub fn rooted(mut self, subdir: Option<&str>) -> Diagnostic {
+        if let Some(s) = subdir {
+            self.path = format!("{s}/{}", self.path);
+        }
+        self
+    }
+
+    /// [`Diagnostic::rooted`], as `validate` prints it.
     pub fn under(&self, subdir: Option<&str>) -> String {
-        match subdir {
-            Some(s) => format!("{s}/{self}"),
-            None => self.to_string(),
+        self.clone().rooted(subdir).to_string()
+    }
+}
+
+/// A repository's files read to the end: the desired state, or every problem
+/// that keeps them from being one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Validated<T = DesiredState> {
+    Valid(T),
+    /// Sorted by path, line and column.
+    Invalid(Vec<Diagnostic>),
+}
+
+impl<T> Validated<T> {
+    pub fn valid(self) -> Option<T> {
+        match self {
+            Validated::Valid(t) => Some(t),
+            Validated::Invalid(_) => None,
+        }
+    }
+
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Validated<U> {
+        match self {
+            Validated::Valid(t) => Validated::Valid(f(t)),
+            Validated::Invalid(d) => Validated::Invalid(d),
         }
     }
 }

@@ -22,7 +22,7 @@ use notebook::NoteBook;
 pub use persist::PersistError;
 use views::{ViewBuilder, timestamp};
 
-use crate::desired::DesiredState;
+use crate::desired::{DesiredState, Validated};
 use crate::fleet::FleetHandle;
 use crate::gitsrc::{GitHandle, Status as GitStatus};
 use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
@@ -392,9 +392,9 @@ impl Driver {
             let mut bundle_of = async |found: &Found| {
                 if !loaded.contains_key(&found.commit) {
                     let state = match self.git.load_at(&found.commit).await {
-                        Ok(Ok(d)) => Some(d),
-                        Ok(Err(errors)) => {
-                            warn!(commit = %found.commit, errors = errors.len(), "a noted commit is not valid");
+                        Ok(Validated::Valid(d)) => Some(d),
+                        Ok(Validated::Invalid(problems)) => {
+                            warn!(commit = %found.commit, errors = problems.len(), "a noted commit is not valid");
                             None
                         }
                         Err(e) => {

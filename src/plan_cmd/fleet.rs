@@ -65,8 +65,8 @@ struct AgentList {
 pub enum FleetError {
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{from} is not an agent list like GET /api/v1/agents answers ({{\"agents\": [...]}}): {message}")]
-    Parse { from: String, message: String },
+    #[error("{from} is not an agent list like GET /api/v1/agents answers ({{\"agents\": [...]}}): {source}")]
+    Parse { from: String, source: serde_json::Error },
     #[error(transparent)]
     Client(#[from] api_client::ClientError),
     #[error("GET {url}: the server answered {status}")]
@@ -77,9 +77,9 @@ pub enum FleetError {
 pub fn parse(bytes: &[u8], from: &str) -> Result<Vec<FleetAgent>, FleetError> {
     serde_json::from_slice::<AgentList>(bytes)
         .map(|l| l.agents)
-        .map_err(|e| FleetError::Parse {
+        .map_err(|source| FleetError::Parse {
             from: from.to_string(),
-            message: e.to_string(),
+            source,
         })
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::report::{Stable, StableSource};
-use crate::desired::{self, DesiredState, Diagnostic, Group, LoadErrors};
+use crate::desired::{self, DesiredState, Group, LoadErrors, Validated};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
 use crate::model::{CommitId, ConfigHash, GroupName};
@@ -19,11 +19,11 @@ pub const HISTORY_LIMIT: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    #[error("{0}")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("{0}")]
+    #[error(transparent)]
     Source(#[from] desired::SourceError),
-    #[error("{0}")]
+    #[error(transparent)]
     Notes(#[from] crate::gitsrc::notes::NotesError),
 }
 
@@ -44,13 +44,12 @@ impl Repo {
         }
     }
 
-    /// Resolves `rev` and loads it: `Ok(Err(diagnostics))` when it is invalid.
-    pub fn load_rev(&mut self, rev: &str) -> Result<Result<Rc<DesiredState>, Vec<Diagnostic>>, HistoryError> {
+    /// Resolves `rev` and loads it.
+    pub fn load_rev(&mut self, rev: &str) -> Result<Validated<Rc<DesiredState>>, HistoryError> {
         let source = TreeSource::open(&self.path, rev, self.subdir.as_deref())?;
         let commit = source.commit().clone();
         let loaded = read(&source, &commit)?;
-        let ok = loaded.as_ref().ok().cloned();
-        self.cache.insert(commit, ok);
+        self.cache.insert(commit, loaded.clone().valid());
         Ok(loaded)
     }
 
@@ -61,7 +60,7 @@ impl Repo {
             return Ok(hit.clone());
         }
         let loaded = match TreeSource::open(&self.path, commit.as_str(), self.subdir.as_deref()) {
-            Ok(source) => read(&source, commit)?.ok(),
+            Ok(source) => read(&source, commit)?.valid(),
             Err(TreeError::NoSuchSubdir { .. }) => None,
             Err(e) => return Err(e.into()),
         };
@@ -109,10 +108,10 @@ impl Repo {
 }
 
 /// Loads the state at `commit`.
-fn read(source: &TreeSource, commit: &CommitId) -> Result<Result<Rc<DesiredState>, Vec<Diagnostic>>, HistoryError> {
+fn read(source: &TreeSource, commit: &CommitId) -> Result<Validated<Rc<DesiredState>>, HistoryError> {
     match desired::load(source, Some(commit.clone())) {
-        Ok(s) => Ok(Ok(Rc::new(s))),
-        Err(LoadErrors::Invalid(d)) => Ok(Err(d)),
+        Ok(s) => Ok(Validated::Valid(Rc::new(s))),
+        Err(LoadErrors::Invalid(d)) => Ok(Validated::Invalid(d)),
         Err(LoadErrors::Source(e)) => Err(e.into()),
     }
 }

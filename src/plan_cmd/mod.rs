@@ -13,7 +13,7 @@ pub mod report;
 use std::process::ExitCode;
 
 use crate::cli::{PlanArgs, PlanFormat};
-use crate::desired::Diagnostic;
+use crate::desired::{Diagnostic, Validated, normalize_subdir};
 use fleet::{FleetAgent, FleetError};
 use history::{HISTORY_LIMIT, HistoryError, Repo};
 use report::{BaseInfo, Inputs, Report, StableSource};
@@ -24,10 +24,12 @@ pub enum PlanError {
     /// The commit fails validation; every problem, as `validate` prints them.
     #[error("the commit is not valid ({} problems)", .0.len())]
     Invalid(Vec<Diagnostic>),
-    #[error("{0}")]
+    #[error(transparent)]
     History(#[from] HistoryError),
-    #[error("{0}")]
+    #[error(transparent)]
     Fleet(#[from] FleetError),
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -40,12 +42,15 @@ pub enum FleetFrom<'a> {
 
 /// Computes the plan (blocking: git, and the HTTP request on a small runtime).
 pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
-    let subdir = subdir(args).map(str::to_string);
+    let subdir = subdir(args);
     if !args.repo.is_dir() {
         return Err(PlanError::Usage(format!("no such directory: {}", args.repo.display())));
     }
     let mut repo = Repo::new(&args.repo, subdir.clone());
-    let target = repo.load_rev(&args.rev)?.map_err(PlanError::Invalid)?;
+    let target = match repo.load_rev(&args.rev)? {
+        Validated::Valid(state) => state,
+        Validated::Invalid(problems) => return Err(PlanError::Invalid(problems)),
+    };
     let target_commit = target
         .commit
         .clone()
@@ -115,12 +120,9 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
     Ok(report::build(&inputs, base, warnings))
 }
 
-/// `--path`, without surrounding slashes; `None` for the repository root.
-fn subdir(args: &PlanArgs) -> Option<&str> {
-    args.subdir
-        .as_deref()
-        .map(|s| s.trim_matches('/'))
-        .filter(|s| !s.is_empty() && *s != ".")
+/// `--path`, as the loaders take it; `None` for the repository root.
+fn subdir(args: &PlanArgs) -> Option<String> {
+    args.subdir.as_deref().and_then(normalize_subdir)
 }
 
 /// Says so when the commit compared with is not the one named, because that
@@ -156,7 +158,7 @@ pub fn load_agents(from: FleetFrom<'_>) -> Result<Vec<FleetAgent>, PlanError> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| PlanError::Usage(format!("starting the runtime: {e}")))?;
+                .map_err(PlanError::Runtime)?;
             Ok(runtime.block_on(fleet::fetch(url))?)
         }
     }
@@ -176,11 +178,9 @@ pub fn command(args: &PlanArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(PlanError::Invalid(diagnostics)) => {
+            let subdir = subdir(args);
             for d in &diagnostics {
-                match subdir(args) {
-                    Some(p) => println!("{p}/{d}"),
-                    None => println!("{d}"),
-                }
+                println!("{}", d.under(subdir.as_deref()));
             }
             let n = diagnostics.len();
             eprintln!("invalid: {n} problem{} at {}", if n == 1 { "" } else { "s" }, args.rev);
