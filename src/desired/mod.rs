@@ -336,6 +336,18 @@ pub enum OnFailure {
     Hold,
 }
 
+impl OnFailure {
+    pub const ALL: [OnFailure; 2] = [OnFailure::Rollback, OnFailure::Hold];
+
+    /// As the repository format writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Hold => "hold",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

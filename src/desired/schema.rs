@@ -109,10 +109,9 @@ pub(super) fn rollout(cx: &mut Cx, node: &Node, path: &str, base: &RolloutPolicy
                     policy.max_failures = a;
                 }
             }
-            "on_failure" => match v.as_scalar() {
-                Some("rollback") => policy.on_failure = OnFailure::Rollback,
-                Some("hold") => policy.on_failure = OnFailure::Hold,
-                _ => cx.error(
+            "on_failure" => match OnFailure::ALL.into_iter().find(|o| v.as_scalar() == Some(o.as_str())) {
+                Some(o) => policy.on_failure = o,
+                None => cx.error(
                     v.mark,
                     format!("{p}: expected rollback or hold, found {}", v.describe()),
                 ),

@@ -92,26 +92,28 @@ mod tests {
     use crate::notes::format::FORMAT_VERSION;
     use crate::reconcile::AgentCounts;
 
-    fn note(commit: char, groups: &[(&str, Phase, u64)]) -> Note {
+    /// A note on `commit` with one entry per group: (name, phase, hash
+    /// byte, start in seconds since the epoch if known).
+    fn note_on(commit: &str, updated: SystemTime, groups: &[(&str, Phase, u8, Option<u64>)]) -> Note {
         Note {
             version: FORMAT_VERSION.into(),
-            commit: CommitId::new(commit.to_string().repeat(40)),
-            updated: SystemTime::UNIX_EPOCH + Duration::from_secs(10_000),
+            commit: CommitId::new(commit),
+            updated,
             valid: true,
             errors: vec![],
             groups: groups
                 .iter()
-                .map(|(g, phase, started)| {
+                .map(|&(g, phase, hash, started)| {
                     (
-                        GroupName::new(*g),
+                        GroupName::new(g),
                         NoteGroup {
-                            config_hash: ConfigHash([commit as u8; 32]),
-                            phase: *phase,
+                            config_hash: ConfigHash([hash; 32]),
+                            phase,
                             wave: 2,
                             waves: 4,
                             agents: AgentCounts::default(),
                             failures: vec![],
-                            started: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(*started)),
+                            started: started.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
                             finished: None,
                             actions: vec![],
                         },
@@ -119,6 +121,18 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn note(commit: char, groups: &[(&str, Phase, u64)]) -> Note {
+        let groups: Vec<_> = groups
+            .iter()
+            .map(|&(g, phase, started)| (g, phase, commit as u8, Some(started)))
+            .collect();
+        note_on(
+            &commit.to_string().repeat(40),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(10_000),
+            &groups,
+        )
     }
 
     #[test]
@@ -164,32 +178,8 @@ mod tests {
     /// Notes without start times, all updated at once, newest commit first
     /// (as `plan` reads the first-parent history).
     fn undated(commit: &str, groups: &[(&str, Phase, u8)]) -> Note {
-        Note {
-            version: "v1".into(),
-            commit: CommitId::new(commit),
-            updated: SystemTime::UNIX_EPOCH,
-            valid: true,
-            errors: vec![],
-            groups: groups
-                .iter()
-                .map(|(g, phase, h)| {
-                    (
-                        GroupName::new(*g),
-                        NoteGroup {
-                            config_hash: ConfigHash([*h; 32]),
-                            phase: *phase,
-                            wave: 1,
-                            waves: 1,
-                            agents: AgentCounts::default(),
-                            failures: vec![],
-                            started: None,
-                            finished: None,
-                            actions: vec![],
-                        },
-                    )
-                })
-                .collect(),
-        }
+        let groups: Vec<_> = groups.iter().map(|&(g, phase, hash)| (g, phase, hash, None)).collect();
+        note_on(commit, SystemTime::UNIX_EPOCH, &groups)
     }
 
     #[test]

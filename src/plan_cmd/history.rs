@@ -10,7 +10,7 @@ use super::report::{Stable, StableSource};
 use crate::desired::{self, DesiredState, Group, LoadErrors, Validated};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
-use crate::model::{CommitId, ConfigHash, GroupName};
+use crate::model::{CommitId, GroupName};
 use crate::notes::format::Note;
 use crate::notes::remembered::remembered;
 
@@ -171,9 +171,9 @@ pub fn stable_configs(
                         "the note on {} says {name} completed with config {}, but that commit {}; \
                          comparing {name} with {} instead",
                         commit.short(),
-                        short_hash(&found.hash),
+                        found.hash.short(),
                         match loaded.groups.get(name) {
-                            Some(g) => format!("has {}", short_hash(&g.config.hash())),
+                            Some(g) => format!("has {}", g.config.hash().short()),
                             None => "has no such group".to_string(),
                         },
                         previous_commit.short()
@@ -189,11 +189,4 @@ pub fn stable_configs(
         out.insert(name.clone(), chosen);
     }
     Ok(out)
-}
-
-/// The first 12 hex digits of a hash, for messages.
-pub fn short_hash(h: &ConfigHash) -> String {
-    let mut s = h.to_string();
-    s.truncate(12);
-    s
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::fleet::FleetAgent;
 use crate::desired::summary::amount;
-use crate::desired::{ConfigBundle, ConfigFile, DesiredState, Group, OnFailure, RolloutPolicy};
+use crate::desired::{ConfigBundle, ConfigFile, DesiredState, Group, RolloutPolicy};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 pub use crate::reconcile::Change;
 use crate::reconcile::{AgentView, Matcher, rollout_members, wave_cuts};
@@ -140,10 +140,7 @@ impl PolicyView {
             bake: humantime::format_duration(p.bake).to_string(),
             apply_timeout: humantime::format_duration(p.apply_timeout).to_string(),
             max_failures: amount(p.max_failures),
-            on_failure: match p.on_failure {
-                OnFailure::Rollback => "rollback",
-                OnFailure::Hold => "hold",
-            },
+            on_failure: p.on_failure.as_str(),
         }
     }
 }
