@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::reconcile;
+
 /// The `AgentCapabilities` bit set an agent reported (kept as sent; unknown
 /// bits are kept but have no name).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -42,17 +44,10 @@ impl Capabilities {
         self.has(Self::ACCEPTS_REMOTE_CONFIG)
     }
 
-    /// Why the controller cannot manage an agent's config, if it cannot: it
-    /// must accept remote config, and report its status so that a rollout
-    /// can tell whether it applied.
+    /// Why the controller cannot manage an agent's config, if it cannot (the
+    /// planner's rule, [`reconcile::unsupported_reason`]).
     pub fn unsupported_reason(self) -> Option<&'static str> {
-        if !self.accepts_remote_config() {
-            Some("lacks the AcceptsRemoteConfig capability")
-        } else if !self.has(Self::REPORTS_REMOTE_CONFIG) {
-            Some("accepts remote config but does not report its status (ReportsRemoteConfig is off)")
-        } else {
-            None
-        }
+        reconcile::unsupported_reason(self.accepts_remote_config(), self.has(Self::REPORTS_REMOTE_CONFIG))
     }
 
     /// The bits of the given proto names (as [`Capabilities::names`] lists

@@ -100,11 +100,9 @@ impl AgentView {
             && since.is_none_or(|t| now.since(t) > grace)
     }
 
-    /// Whether the controller can manage its config (see
-    /// [`crate::model::AgentState::Unsupported`]): it accepts remote config
-    /// and reports whether it applied it.
+    /// Whether the controller can manage its config (see [`unsupported_reason`]).
     pub fn supported(&self) -> bool {
-        self.accepts_remote_config && self.reports_remote_config
+        unsupported_reason(self.accepts_remote_config, self.reports_remote_config).is_none()
     }
 
     /// When `hash` left for the agent on its current connection, at or after `since`.
@@ -112,5 +110,18 @@ impl AgentView {
         self.delivered
             .filter(|&(h, at)| h == hash && at >= since)
             .map(|(_, at)| at)
+    }
+}
+
+/// Why the controller cannot manage an agent's config, if it cannot (it is
+/// [`crate::model::AgentState::Unsupported`]): it must accept remote config,
+/// and report its status so that a rollout can tell whether it applied.
+pub fn unsupported_reason(accepts_remote_config: bool, reports_remote_config: bool) -> Option<&'static str> {
+    if !accepts_remote_config {
+        Some("lacks the AcceptsRemoteConfig capability")
+    } else if !reports_remote_config {
+        Some("accepts remote config but does not report its status (ReportsRemoteConfig is off)")
+    } else {
+        None
     }
 }

@@ -20,7 +20,7 @@ mod waves;
 #[cfg(test)]
 mod tests;
 
-pub use input::{AgentView, PlanInput, RemoteConfigState, RemoteStatus};
+pub use input::{AgentView, PlanInput, RemoteConfigState, RemoteStatus, unsupported_reason};
 pub use output::{
     AgentCounts, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, Push, PushReason,
 };
