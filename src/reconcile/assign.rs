@@ -69,11 +69,7 @@ impl GroupCtx<'_> {
             if let Some(rs) = &a.remote
                 && let Some(h) = rs.hash
             {
-                match rs.status {
-                    RemoteConfigState::Failed => rec.note_failed(h),
-                    RemoteConfigState::Applied => rec.forget_failed(h),
-                    _ => {}
-                }
+                rec.note_report(h, rs.status);
             }
             let sh = t.should.map(|b| b.hash());
             if let Some(h) = sh {
@@ -99,26 +95,7 @@ impl GroupCtx<'_> {
                 }
                 _ => false,
             };
-            // An agent given stable back that runs it well is in sync again;
-            // its failure stays in the rollout's list. (One that timed out was
-            // given nothing back: its old report proves nothing.)
-            let rolled_back = t.mode == Mode::Sync(PushReason::Rollback)
-                && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h && !p.observed));
-            let failed_rollout = t.active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
-            let grace = self.group.rollout.unhealthy_grace;
-            let state = classify(Facts {
-                connected: a.connected,
-                failed: failed_rollout
-                    || sh.is_some_and(|h| rec.has_failed(h) || a.unhealthy_after_applying(h, grace, self.now)),
-                waiting: !t.active || t.mode == Mode::Keep || sh.is_none(),
-                reports: sh.and_then(|h| a.reports(h)),
-                unhealthy: a.reports_health && a.healthy == Some(false),
-                given: pushed
-                    || sh.is_some_and(|h| {
-                        rec.pushed
-                            .is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch && !p.observed)
-                    }),
-            });
+            let state = classify(self.facts(a, &rec, &t, rolling, pushed));
             counts.add(state);
             let asg = &mut out.assignments[i];
             asg.desired = sh;
@@ -138,6 +115,38 @@ impl GroupCtx<'_> {
             });
         }
         self.status(gs, counts)
+    }
+
+    /// What an agent's state is decided from, once pass 2 has dealt with it.
+    fn facts(
+        &self,
+        a: &AgentView,
+        rec: &AgentRecord,
+        t: &Treatment<'_>,
+        rolling: Option<&Rollout>,
+        pushed: bool,
+    ) -> Facts {
+        let sh = t.should.map(|b| b.hash());
+        // An agent given stable back that runs it well is in sync again;
+        // its failure stays in the rollout's list. (One that timed out was
+        // given nothing back: its old report proves nothing.)
+        let rolled_back = t.mode == Mode::Sync(PushReason::Rollback)
+            && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h && !p.observed));
+        let failed_rollout = t.active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
+        let grace = self.group.rollout.unhealthy_grace;
+        Facts {
+            connected: a.connected,
+            failed: failed_rollout
+                || sh.is_some_and(|h| rec.has_failed(h) || a.unhealthy_after_applying(h, grace, self.now)),
+            waiting: !t.active || t.mode == Mode::Keep || sh.is_none(),
+            reports: sh.and_then(|h| a.reports(h)),
+            unhealthy: a.reports_health && a.healthy == Some(false),
+            given: pushed
+                || sh.is_some_and(|h| {
+                    rec.pushed
+                        .is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch && !p.observed)
+                }),
+        }
     }
 
     /// What an agent of the group should run: during a rollout in waves the

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::input::RemoteConfigState;
 use super::waves::Members;
 use crate::desired::{ConfigBundle, ConfigFile};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -223,6 +224,16 @@ impl AgentRecord {
     /// Whether the agent reported FAILED for `hash` (one of its last two).
     pub fn has_failed(&self, hash: ConfigHash) -> bool {
         self.failed == Some(hash) || self.failed_before == Some(hash)
+    }
+
+    /// What the agent reported for `hash`: FAILED is remembered, APPLIED
+    /// clears an earlier failure of it.
+    pub fn note_report(&mut self, hash: ConfigHash, status: RemoteConfigState) {
+        match status {
+            RemoteConfigState::Failed => self.note_failed(hash),
+            RemoteConfigState::Applied => self.forget_failed(hash),
+            RemoteConfigState::Unset | RemoteConfigState::Applying => {}
+        }
     }
 
     /// The agent reported FAILED for `hash`.
