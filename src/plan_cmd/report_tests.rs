@@ -110,19 +110,25 @@ fn uids(agents: &[AgentRef]) -> Vec<InstanceUid> {
     agents.iter().map(|a| a.uid.clone()).collect()
 }
 
-#[test]
-fn waves_follow_the_canary_order_and_the_cuts() {
+/// The plan of a commit that changes group `gw` (selecting service.name=gw)
+/// from `a: 1` (stable at the first parent) to `a: 2`.
+fn gw_changed(agents: &[FleetAgent]) -> Report {
     let v1 = bundle(&[("", "a: 1\n")]);
     let v2 = bundle(&[("", "a: 2\n")]);
     let target = state("t", vec![group("gw", &[("service.name", "gw")], 0, &v2)]);
     let previous = state("p", vec![group("gw", &[("service.name", "gw")], 0, &v1)]);
-    let agents: Vec<FleetAgent> = (1..=5).map(|n| agent(n, &[("service.name", "gw")])).collect();
-    let r = run(
+    run(
         &target,
         Some(&previous),
         &[stable("p", StableSource::FirstParent, &v1)],
-        &agents,
-    );
+        agents,
+    )
+}
+
+#[test]
+fn waves_follow_the_canary_order_and_the_cuts() {
+    let agents: Vec<FleetAgent> = (1..=5).map(|n| agent(n, &[("service.name", "gw")])).collect();
+    let r = gw_changed(&agents);
     let g = &r.groups[0];
     assert_eq!(g.change, Change::Changed);
     let order = canary_order(
@@ -153,21 +159,11 @@ fn waves_follow_the_canary_order_and_the_cuts() {
 
 #[test]
 fn agents_that_do_not_report_whether_they_applied_are_not_members() {
-    let v1 = bundle(&[("", "a: 1\n")]);
-    let v2 = bundle(&[("", "a: 2\n")]);
     let sel = [("service.name", "gw")];
-    let target = state("t", vec![group("gw", &sel, 0, &v2)]);
-    let previous = state("p", vec![group("gw", &sel, 0, &v1)]);
     // The supervisor's defaults: AcceptsRemoteConfig without ReportsRemoteConfig.
     let mut silent = agent(2, &sel);
     silent.capabilities = vec!["ReportsStatus".into(), "AcceptsRemoteConfig".into()];
-    let agents = [agent(1, &sel), silent, agent(3, &sel)];
-    let r = run(
-        &target,
-        Some(&previous),
-        &[stable("p", StableSource::FirstParent, &v1)],
-        &agents,
-    );
+    let r = gw_changed(&[agent(1, &sel), silent, agent(3, &sel)]);
     let g = &r.groups[0];
     assert_eq!(
         g.agents,
