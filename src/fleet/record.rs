@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::capabilities::Capabilities;
-use crate::desired::{AgentAttributes, ConfigFile};
+use crate::desired::{self, AgentAttributes, ConfigFile};
 use crate::model::{ConfigHash, InstanceUid, Transport};
 use crate::proto;
 
@@ -178,10 +178,7 @@ impl AgentAttributes for AgentRecord {
 
     fn attribute(&self, key: &str) -> Option<&str> {
         let d = self.description.as_deref()?;
-        d.identifying
-            .get(key)
-            .or_else(|| d.non_identifying.get(key))
-            .map(String::as_str)
+        desired::attribute(&d.identifying, &d.non_identifying, key)
     }
 }
 
