@@ -571,3 +571,57 @@ fn core_tags_are_judged_as_the_collector_judges_them() {
         );
     }
 }
+
+/// A repository whose one group's config is a mapping of about `mb` MB.
+fn large_config_repo(root: &Path, mb: usize) -> PathBuf {
+    use std::fmt::Write;
+    let repo = root.join(format!("repo-{mb}"));
+    std::fs::create_dir_all(repo.join("groups")).unwrap();
+    std::fs::create_dir_all(repo.join("configs")).unwrap();
+    std::fs::write(repo.join("groups/all.yaml"), "config:\n  \"\": configs/all.yaml\n").unwrap();
+    let mut config = String::from(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {}\nexporters:\n  debug: {}\n\
+         service:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [debug]\n\
+         processors:\n  attributes/big:\n    settings:\n",
+    );
+    let mut i = 0;
+    while config.len() < mb << 20 {
+        let _ = writeln!(config, "      key_{i:09}: value_{i:09}");
+        i += 1;
+    }
+    std::fs::write(repo.join("configs/all.yaml"), config).unwrap();
+    repo
+}
+
+/// Validation takes time in proportion to the input: ten times the config
+/// takes about ten times as long (a step quadratic in the size of one
+/// mapping made it a hundred).
+#[test]
+fn validation_time_grows_linearly_with_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let timed = |mb: usize| {
+        let repo = large_config_repo(dir.path(), mb);
+        let start = std::time::Instant::now();
+        let out = validate(&[repo.to_str().unwrap()], dir.path());
+        let took = start.elapsed();
+        if mb > 8 {
+            // Too large to send to agents, but read and checked whole.
+            assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+            assert!(
+                stdout(&out).contains("over the limit of 8 MiB that agents are sent in one message"),
+                "{}",
+                stdout(&out)
+            );
+        } else {
+            assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+        }
+        took
+    };
+    let small = timed(5);
+    let large = timed(50);
+    let ratio = large.as_secs_f64() / small.as_secs_f64();
+    assert!(
+        ratio < 20.0,
+        "5 MB took {small:?}, 50 MB {large:?}: {ratio:.1} times as long"
+    );
+}

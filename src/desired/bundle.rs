@@ -109,6 +109,18 @@ pub(super) fn finish_group(
             },
         );
     }
+    let size: usize = bundle.values().map(|f: &ConfigFile| f.body.len()).sum();
+    if size > super::MAX_CONFIG_BYTES {
+        cx.error(
+            d.config_mark,
+            format!(
+                "config: the group's files total {}, over the limit of {} that agents are sent in one message",
+                super::read::mib(size),
+                super::read::mib(super::MAX_CONFIG_BYTES)
+            ),
+        );
+        complete = false;
+    }
     if complete && !d.config.is_empty() {
         // The supervisor's order: named files sorted, then "" last.
         docs.sort_by(|a, b| (a.0.is_empty(), &a.0).cmp(&(b.0.is_empty(), &b.0)));

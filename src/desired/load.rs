@@ -54,6 +54,13 @@ impl fmt::Display for Lines<'_> {
 }
 
 pub const FLEET_FILE: &str = "fleet.yaml";
+/// The largest file the controller reads from a repository: a config file
+/// this big is a mistake, and parsing it costs about ten times its size.
+pub const MAX_FILE_BYTES: usize = 64 << 20;
+/// The largest config one group may send: every agent of the group receives
+/// its files in one OpAMP message, which agents refuse above their own limit
+/// (16 MiB for this controller and the usual clients).
+pub const MAX_CONFIG_BYTES: usize = 8 << 20;
 pub const GROUPS_DIR: &str = "groups";
 
 /// Reads `fleet.yaml`, every `groups/*.yaml` and the config files they

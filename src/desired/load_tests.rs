@@ -643,3 +643,24 @@ proptest::proptest! {
         let _ = load(&repo(&[("groups/a.yaml", text.as_str())]), None);
     }
 }
+
+#[test]
+fn configs_too_large_for_agents_and_files_too_large_to_read_are_refused() {
+    // Just over the limit agents are sent, in a comment so it stays valid YAML.
+    let padded = format!("{MAIN}# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+    assert_eq!(
+        errors(&[("configs/main.yaml", &padded)]),
+        [format!(
+            "groups/a.yaml:1:1: config: the group's files total {}, over the limit of 8 MiB that agents are sent in one message",
+            crate::desired::read::mib(padded.len())
+        )]
+    );
+    let huge = format!("{MAIN}# {}\n", "x".repeat(MAX_FILE_BYTES));
+    assert_eq!(
+        errors(&[("configs/main.yaml", &huge)]),
+        [
+            "configs/main.yaml:1:1: the file is 64.0 MiB, over the limit of 64 MiB for a file of the repository",
+            "groups/a.yaml:1:1: config: the group's files total 64.0 MiB, over the limit of 8 MiB that agents are sent in one message",
+        ]
+    );
+}

@@ -24,7 +24,7 @@ pub mod yaml;
 
 pub use bundle::content_type;
 pub use disk::DiskSource;
-pub use load::{LoadErrors, MergedConfigs, load, load_merged};
+pub use load::{LoadErrors, MAX_CONFIG_BYTES, MAX_FILE_BYTES, MergedConfigs, load, load_merged};
 pub use mem::MemSource;
 pub use merged::{MergedConfig, Refusal};
 

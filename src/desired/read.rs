@@ -46,6 +46,17 @@ impl Cx {
     }
 
     pub(super) fn parse(&mut self, path: &str, bytes: &[u8]) -> Option<Node> {
+        if bytes.len() > super::MAX_FILE_BYTES {
+            self.error_in(
+                path,
+                format!(
+                    "the file is {}, over the limit of {} for a file of the repository",
+                    mib(bytes.len()),
+                    mib(super::MAX_FILE_BYTES)
+                ),
+            );
+            return None;
+        }
         let Ok(text) = std::str::from_utf8(bytes) else {
             self.error_in(path, "not valid UTF-8");
             return None;
@@ -64,6 +75,16 @@ impl Cx {
                 None
             }
         }
+    }
+}
+
+/// A size in MiB, as people read it: `8 MiB`, `12.5 MiB`.
+pub(super) fn mib(bytes: usize) -> String {
+    let m = bytes as f64 / (1 << 20) as f64;
+    if m.fract() == 0.0 {
+        format!("{m} MiB")
+    } else {
+        format!("{m:.1} MiB")
     }
 }
 

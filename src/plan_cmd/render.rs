@@ -385,11 +385,12 @@ pub fn markdown(report: &Report) -> String {
     let changed = report.groups.iter().filter(|g| g.change.pushes()).count();
     let _ = writeln!(out, "### opamp-gitops plan for {}", code(report.commit.short()));
     out.push('\n');
+    let total = report.groups.len();
     let _ = writeln!(
         out,
-        "{} of {} change, {} removed. Compared with {}. Fleet: {}.",
-        plural(changed, "group", "groups"),
-        report.groups.len(),
+        "{changed} of {} {}, {} removed. Compared with {}. Fleet: {}.",
+        plural(total, "group", "groups"),
+        if changed == 1 { "changes" } else { "change" },
         report.removed.len(),
         cell(&base_line(&report.base)),
         fleet_line(report)
