@@ -755,3 +755,46 @@ async fn a_stale_repository_shows_in_readiness_and_the_groups_api() {
     let (_, groups) = get("/api/v1/groups").await;
     assert!(groups["source"]["stale_since"].is_null(), "{groups}");
 }
+
+/// A revert pushed while a large commit is being validated is loaded at
+/// once: the large commit, no longer the tip, is dropped unpublished.
+#[tokio::test]
+async fn a_revert_does_not_wait_behind_a_large_commit_being_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(tmp.path()).unwrap();
+    repo.set_head("refs/heads/main").unwrap();
+    let first = commit(&repo, "main", &valid_files("debug"), "first");
+    let cancel = CancellationToken::new();
+    let cfg = config(RepoLocation::Local(tmp.path().to_path_buf()), tmp.path(), NEVER);
+    let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
+    wait_loaded(&handle, &first).await;
+
+    // About 6 MB of one mapping: seconds to validate in a test build.
+    let mut big = collector_config("debug");
+    big.push_str("x-big:\n");
+    for i in 0..200_000 {
+        big.push_str(&format!("  key_{i:08}: value_{i:08}\n"));
+    }
+    let mut files = valid_files("debug");
+    files[2].1 = big;
+    let large = commit(&repo, "main", &files, "large");
+    let status = wait_status(&handle, "the large commit to be validated", |s| {
+        s.validating.as_ref() == Some(&large)
+    })
+    .await;
+    assert_eq!(status.loaded.as_ref(), Some(&first));
+
+    let mut seen = handle.desired();
+    seen.mark_unchanged();
+    let revert = commit(&repo, "main", &valid_files("otlp"), "revert");
+    let next = tokio::time::timeout(WAIT, seen.changed()).await;
+    assert!(next.is_ok(), "nothing was loaded");
+    let loaded = seen.borrow_and_update().clone().unwrap();
+    assert_eq!(
+        loaded.commit, revert,
+        "the revert is the next commit in force; the large one never was"
+    );
+    assert_eq!(groups(&loaded), edge("otlp"));
+    assert_ne!(handle.status().borrow().validating.as_ref(), Some(&large));
+    cancel.cancel();
+}

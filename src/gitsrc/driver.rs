@@ -34,6 +34,32 @@ const REMEMBERED: usize = 16;
 
 type SyncReply = oneshot::Sender<Result<SyncOutcome, SyncError>>;
 
+/// What makes the source look at the branch again, besides the poll timer.
+struct Triggers {
+    syncs: mpsc::Receiver<SyncReply>,
+    wake: Arc<Notify>,
+    /// Ref changes of a local repository.
+    fs: mpsc::Receiver<()>,
+    /// Syncs waiting for the outcome of the next refresh.
+    pending: Vec<SyncReply>,
+}
+
+impl Triggers {
+    /// Waits for a sync request (which joins `pending`), a webhook or a ref
+    /// change on disk.
+    async fn next(&mut self) {
+        tokio::select! {
+            Some(reply) = self.syncs.recv() => self.pending.push(reply),
+            _ = self.wake.notified() => debug!("woken"),
+            Some(()) = self.fs.recv() => {
+                tokio::time::sleep(FS_DEBOUNCE).await;
+                while self.fs.try_recv().is_ok() {}
+                debug!("refs changed");
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Outcome {
     Valid(Arc<Loaded>),
@@ -80,15 +106,15 @@ impl Driver {
         FIRST_BACKOFF.saturating_mul(1 << shift).min(cap)
     }
 
-    pub(super) async fn run(
-        mut self,
-        mut syncs: mpsc::Receiver<SyncReply>,
-        wake: Arc<Notify>,
-        cancel: CancellationToken,
-    ) {
-        let (fs_tx, mut fs_rx) = mpsc::channel(1);
+    pub(super) async fn run(mut self, syncs: mpsc::Receiver<SyncReply>, wake: Arc<Notify>, cancel: CancellationToken) {
+        let (fs_tx, fs) = mpsc::channel(1);
         let mut watcher = None;
-        let mut pending: Vec<SyncReply> = Vec::new();
+        let mut triggers = Triggers {
+            syncs,
+            wake,
+            fs,
+            pending: Vec::new(),
+        };
         info!(repo = %self.config.repo.display(), "git source started");
         loop {
             // Watch before reading, so no change after the read goes unseen.
@@ -104,9 +130,9 @@ impl Driver {
             // A fetch in flight is abandoned on cancel (its blocking thread ends on its own).
             let result = tokio::select! {
                 _ = cancel.cancelled() => break,
-                result = self.refresh() => result,
+                result = self.refresh(&mut triggers) => result,
             };
-            for reply in pending.drain(..) {
+            for reply in triggers.pending.drain(..) {
                 let _ = reply.send(result.clone());
             }
             if result.is_err() {
@@ -116,19 +142,10 @@ impl Driver {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(self.next_delay()) => debug!("poll"),
-                Some(reply) = syncs.recv() => pending.push(reply),
-                _ = wake.notified() => debug!("woken"),
-                Some(()) = fs_rx.recv() => {
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(FS_DEBOUNCE) => {}
-                    }
-                    while fs_rx.try_recv().is_ok() {}
-                    debug!("refs changed");
-                }
+                () = triggers.next() => {}
             }
-            while let Ok(reply) = syncs.try_recv() {
-                pending.push(reply);
+            while let Ok(reply) = triggers.syncs.try_recv() {
+                triggers.pending.push(reply);
             }
         }
         drop(watcher);
@@ -137,7 +154,7 @@ impl Driver {
 
     /// One fetch, and the load of a new tip. Errors only when git could not be
     /// read; an invalid commit is a successful outcome with errors.
-    async fn refresh(&mut self) -> Result<SyncOutcome, SyncError> {
+    async fn refresh(&mut self, triggers: &mut Triggers) -> Result<SyncOutcome, SyncError> {
         FetchStarted.emit(&self.metrics);
         let head = self.fetch().await;
         let now = SystemTime::now();
@@ -171,24 +188,59 @@ impl Driver {
             s.last_success = Some(now);
             s.branch = Some(head.branch.clone());
         });
-        let outcome = match self.remembered(&head.commit) {
-            Some(outcome) => outcome,
-            None => match self.load(&head.commit, now).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    self.failures = 1;
-                    CommitUnreadable {
-                        commit: &head.commit,
-                        error: &e,
-                    }
-                    .emit(&self.metrics);
-                    let reason = e.to_string();
-                    self.status.send_modify(|s| s.last_fetch_error = Some(reason.clone()));
-                    return Err(SyncError::Fetch(reason));
+        let (head, loaded) = self.validate_newest(head, now, triggers).await;
+        let outcome = match loaded {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                self.failures = 1;
+                CommitUnreadable {
+                    commit: &head.commit,
+                    error: &e,
                 }
-            },
+                .emit(&self.metrics);
+                let reason = e.to_string();
+                self.status.send_modify(|s| s.last_fetch_error = Some(reason.clone()));
+                return Err(SyncError::Fetch(reason));
+            }
         };
         Ok(self.publish(head.commit, outcome))
+    }
+
+    /// The outcome of `head`, validating it when it is new. A trigger while
+    /// it is being validated looks at the branch again: when the tip has
+    /// moved (a revert pushed behind a large commit), the commit being
+    /// validated is dropped and the new tip validated at once, so nothing
+    /// waits behind a commit that is no longer the newest.
+    async fn validate_newest(
+        &mut self,
+        mut head: Head,
+        seen_at: SystemTime,
+        triggers: &mut Triggers,
+    ) -> (Head, Result<Outcome, GitError>) {
+        loop {
+            if let Some(outcome) = self.remembered(&head.commit) {
+                return (head, Ok(outcome));
+            }
+            self.status.send_modify(|s| s.validating = Some(head.commit.clone()));
+            let (dir, c, subdir) = (self.repo_dir.clone(), head.commit.clone(), self.config.subdir.clone());
+            let mut job = tokio::task::spawn_blocking(move || repo::load_commit(&dir, &c, subdir.as_deref()));
+            let newer = loop {
+                tokio::select! {
+                    loaded = &mut job => {
+                        self.status.send_modify(|s| s.validating = None);
+                        let loaded = loaded.map_err(GitError::Worker).and_then(|r| r);
+                        let outcome = loaded.map(|v| self.remember(&head.commit, seen_at, v));
+                        return (head, outcome);
+                    }
+                    () = triggers.next() => match self.fetch().await {
+                        Ok(newest) if newest.commit != head.commit => break newest,
+                        _ => {}
+                    },
+                }
+            };
+            info!(dropped = %head.commit, newest = %newer.commit, "the branch moved while a commit was validated; validating its new tip");
+            head = newer;
+        }
     }
 
     async fn fetch(&self) -> Result<Head, GitError> {
@@ -210,12 +262,9 @@ impl Driver {
         self.outcomes.iter().find(|(c, _)| c == commit).map(|(_, o)| o.clone())
     }
 
-    async fn load(&mut self, commit: &CommitId, seen_at: SystemTime) -> Result<Outcome, GitError> {
-        let (dir, c, subdir) = (self.repo_dir.clone(), commit.clone(), self.config.subdir.clone());
-        let loaded = tokio::task::spawn_blocking(move || repo::load_commit(&dir, &c, subdir.as_deref()))
-            .await
-            .map_err(GitError::Worker)??;
-        let outcome = match loaded {
+    /// Records the outcome of validating `commit`, and counts it.
+    fn remember(&mut self, commit: &CommitId, seen_at: SystemTime, validated: Validated) -> Outcome {
+        let outcome = match validated {
             Validated::Valid(desired) => {
                 CommitLoaded {
                     commit,
@@ -241,7 +290,7 @@ impl Driver {
             self.outcomes.pop_front();
         }
         self.outcomes.push_back((commit.clone(), outcome.clone()));
-        Ok(outcome)
+        outcome
     }
 
     /// Makes `head` the desired state when it is valid; records why not otherwise.

@@ -232,6 +232,8 @@ pub struct Status {
     /// When a fetch (or local read) last succeeded.
     #[serde(serialize_with = "crate::rfc3339::option::serialize")]
     pub last_success: Option<SystemTime>,
+    /// The commit being validated right now, if any.
+    pub validating: Option<CommitId>,
 }
 
 impl Status {
