@@ -255,6 +255,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         metrics: metrics.clone(),
         readiness: readiness_rx,
         assignments: assignments_rx,
+        shutdown: shutdown.clone(),
     };
 
     let nodelay = |tcp: &mut tokio::net::TcpStream| {
