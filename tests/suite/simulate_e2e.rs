@@ -7,7 +7,7 @@
 //! server restart, restart their processes, and never loop over HTTP against
 //! a server that repeats its config in every reply.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! Rollouts end to end: the real controller reading a real git repository,
 //! simulated agents over real sockets, short bake times and timeouts.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

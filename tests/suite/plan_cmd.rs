@@ -4,7 +4,7 @@
 //! simulated agents. Expected wave members are computed here from
 //! `reconcile::canary_order` and `wave_cuts`.
 
-mod common;
+use crate::common;
 
 use common::{run_cli, stderr, stdout};
 

@@ -1,7 +1,7 @@
 //! Graceful shutdown: in-process through the cancellation token, and the
 //! real binary through SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! The inventory and the push path end to end: connections, liveness, pushes
 //! and what the API shows, against the real server over real sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

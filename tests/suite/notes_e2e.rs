@@ -4,7 +4,7 @@
 //! pushing notes in between, and a controller that lost its state directory
 //! rebuilding it from the notes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! agents that leave without a word, strict failure budgets. The real
 //! controller on a real git repository, agents over real sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

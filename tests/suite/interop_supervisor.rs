@@ -3,7 +3,7 @@
 //! builds into `interop/bin/`, configured with the supervisor configs shipped
 //! in `deploy/supervisor/`. Everything on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;

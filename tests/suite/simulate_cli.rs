@@ -4,7 +4,7 @@
 //! agents promptly; more agents than the machine holds, and bad options, are
 //! refused with exit status 2 before anything starts.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};

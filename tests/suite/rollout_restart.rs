@@ -2,7 +2,7 @@
 //! at the same wave, and the agents of the waves already done are not pushed
 //! again. Runs the real binary; the agents are simulated in this process.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
