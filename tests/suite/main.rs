@@ -4,6 +4,7 @@
 
 mod common;
 
+mod api_wait;
 mod demo;
 mod gitsrc;
 mod interop_supervisor;

@@ -7,10 +7,12 @@
 use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Body, http_request};
+use common::process::{Serve, any_port};
+use common::wait_agents_at;
+use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_opamp-gitops");
@@ -23,119 +25,64 @@ fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
-/// Kills the child when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Connected and total agents the API lists.
-async fn connected(api: SocketAddr) -> Option<(usize, usize)> {
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        http_request(api, "GET", "/api/v1/agents", &[], Body::Empty),
-    )
-    .await
-    .ok()?;
-    if r.status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-    let agents = v["agents"].as_array()?;
-    Some((agents.iter().filter(|a| a["connected"] == true).count(), agents.len()))
-}
-
-/// Polls until `pred` holds for the (connected, total) counts, or the deadline.
+/// Waits until `pred` holds for the (connected, total) counts the API lists, or the deadline.
 async fn wait_counts(api: SocketAddr, within: Duration, pred: impl Fn(usize, usize) -> bool) -> (usize, usize) {
-    let deadline = Instant::now() + within;
-    let mut last = (0, 0);
-    loop {
-        if let Some(counts) = connected(api).await {
-            last = counts;
-            if pred(counts.0, counts.1) {
-                return counts;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deadline passed; last counts (connected, total) = {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_agents_at(api, "the expected agent counts", within, |agents| {
+        let counts = (agents.iter().filter(|a| a["connected"] == true).count(), agents.len());
+        pred(counts.0, counts.1).then_some(counts)
+    })
+    .await
 }
 
-/// `opamp-gitops serve` on free ports, and its (OpAMP, API) addresses once the API listens.
-async fn serve() -> (Proc, SocketAddr, SocketAddr) {
-    let (opamp, api) = (free_port(), free_port());
-    let server = Proc(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--opamp-listen",
-                &opamp.to_string(),
-                "--api-listen",
-                &api.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("serve starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(api).await.is_err() {
-        assert!(Instant::now() < deadline, "serve never listened on {api}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (server, opamp, api)
+/// `opamp-gitops serve` on free ports, once its API listens.
+async fn serve() -> Serve {
+    Serve::start(&[], (any_port(), any_port())).await
 }
 
-/// Waits (in a blocking task) for the child to exit, at most `within`.
-async fn exit_within(child: Proc, within: Duration) -> std::process::ExitStatus {
-    let exit = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        let status = child.0.wait();
-        (child, status)
-    });
-    let (_child, status) = tokio::time::timeout(within, exit)
+/// `opamp-gitops simulate` with `args` (killed when dropped).
+fn simulate(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("simulate")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("simulate starts")
+}
+
+/// Waits for the child to exit, at most `within`.
+async fn exit_within(mut child: Child, within: Duration) -> std::process::ExitStatus {
+    tokio::time::timeout(within, child.wait())
         .await
         .expect("simulate exits in time")
-        .expect("join");
-    status.expect("wait")
+        .expect("wait")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_2000_agents_against_serve() {
-    let (_server, opamp, api) = serve().await;
+    let server = serve().await;
+    let (opamp, api) = (server.opamp, server.api);
 
     let started = Instant::now();
-    let sim = Proc(
-        Command::new(BIN)
-            .args([
-                "simulate",
-                "--server",
-                &format!("ws://{opamp}/v1/opamp"),
-                "--agents",
-                &AGENTS.to_string(),
-                "--duration",
-                "5m",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("simulate starts"),
-    );
+    let sim = simulate(&[
+        "--server",
+        &format!("ws://{opamp}/v1/opamp"),
+        "--agents",
+        &AGENTS.to_string(),
+        "--duration",
+        "5m",
+    ]);
     wait_counts(api, Duration::from_secs(10), |c, _| c == AGENTS).await;
     eprintln!("{AGENTS} agents connected after {:?}", started.elapsed());
 
     // SIGTERM: every agent says goodbye, so the server marks them offline at once.
-    let pid = sim.0.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    let pid = sim.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
     assert!(killed.success());
     let status = exit_within(sim, Duration::from_secs(20)).await;
     assert!(status.success(), "simulate exits 0 after SIGTERM");
@@ -146,25 +93,17 @@ async fn simulate_2000_agents_against_serve() {
 /// exits 0 once its agents have connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duration_stops_thousands_of_agents_promptly() {
-    let (_server, opamp, api) = serve().await;
+    let server = serve().await;
+    let (opamp, api) = (server.opamp, server.api);
     let agents = 3000;
-    let sim = Proc(
-        Command::new(BIN)
-            .args([
-                "simulate",
-                "--server",
-                &opamp.to_string(),
-                "--agents",
-                &agents.to_string(),
-                "--duration",
-                "4s",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("simulate starts"),
-    );
+    let sim = simulate(&[
+        "--server",
+        &opamp.to_string(),
+        "--agents",
+        &agents.to_string(),
+        "--duration",
+        "4s",
+    ]);
     let started = Instant::now();
     // Generous: the point is that it ends by itself, not how fast a loaded machine is.
     let status = exit_within(sim, Duration::from_secs(60)).await;
@@ -179,16 +118,9 @@ async fn duration_stops_thousands_of_agents_promptly() {
 
 /// Runs `simulate` with `args` to completion, with a generous bound.
 async fn simulate_cli(args: &[&str]) -> std::process::Output {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .arg("simulate")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("simulate exits in time")
-        .expect("simulate runs")
+    let mut command = Command::new(BIN);
+    command.arg("simulate").args(args);
+    common::process::output_within(&mut command, Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,17 @@
 //! The real `opamp-gitops serve` binary as a child process, for tests that
-//! kill it with SIGKILL and start it again on the same state.
+//! kill it with SIGKILL and start it again on the same state. It is waited
+//! for through what it says: its "listening" log line, then the API's long
+//! polls.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
-use super::{Body, DEADLINE, http_request};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::task::JoinHandle;
+
+use super::{DEADLINE, http_request, let_pass_at, wait_group_at};
 
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -15,8 +20,134 @@ pub fn free_addr() -> SocketAddr {
         .expect("addr")
 }
 
+/// Any free port on 127.0.0.1, chosen by the controller as it binds.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A `serve` child process (killed when dropped) whose log shows on the
+/// test's stderr.
+pub struct Serve {
+    child: tokio::process::Child,
+    /// Where agents connect (the bound address, port resolved).
+    pub opamp: SocketAddr,
+    /// Where the API listens (the bound address, port resolved).
+    pub api: SocketAddr,
+}
+
+impl Serve {
+    /// Runs `opamp-gitops serve` with `args`, listening on `(opamp, api)`
+    /// (port 0 for any), and waits until it listens.
+    pub async fn start(args: &[&str], (opamp, api): (SocketAddr, SocketAddr)) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+            .arg("serve")
+            .args(args)
+            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()])
+            // The app's info lines say where it listens; everything else only warnings.
+            .env("RUST_LOG", "warn,opamp_gitops::app=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("serve starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addrs) = listening(&line)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addrs);
+                }
+                eprintln!("serve: {line}");
+            }
+        });
+        let (opamp, api) = tokio::time::timeout(DEADLINE, rx)
+            .await
+            .expect("serve listens in time")
+            .expect("serve says where it listens before it exits");
+        Serve { child, opamp, api }
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        let sent = Command::new("kill").args([&format!("-{signal}"), &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
+    /// Waits for the process to exit by itself, at most `within`.
+    pub async fn exit_within(mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("serve did not exit within {within:?}"))
+            .expect("wait")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+}
+
+/// Runs `command` to completion; its output. One that outlives `within` is
+/// killed and fails the test with what it printed so far.
+pub async fn output_within(command: &mut tokio::process::Command, within: Duration) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the command starts");
+    let stdout = read_all(child.stdout.take().expect("stdout"));
+    let stderr = read_all(child.stderr.take().expect("stderr"));
+    let status = match tokio::time::timeout(within, child.wait()).await {
+        Ok(status) => status.expect("wait"),
+        Err(_) => {
+            child.kill().await.expect("kill");
+            let (out, err) = (stdout.await.expect("reader"), stderr.await.expect("reader"));
+            let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+            panic!("{command:?} ran longer than {within:?}; it printed:\n{out}\nand on stderr:\n{err}");
+        }
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.await.expect("stdout reader"),
+        stderr: stderr.await.expect("stderr reader"),
+    }
+}
+
+/// Reads a pipe to its end in a task of its own.
+fn read_all(mut pipe: impl AsyncRead + Send + Unpin + 'static) -> JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        pipe.read_to_end(&mut bytes).await.expect("read the output");
+        bytes
+    })
+}
+
+/// The addresses in the app's `listening opamp=… api=…` log line.
+fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|a| a.parse().ok())
+    };
+    Some((field("opamp=")?, field("api=")?))
+}
+
+/// A controller on a repository, watching one group.
 pub struct Controller {
-    child: Child,
+    serve: Serve,
+    /// Where agents connect.
+    pub opamp: SocketAddr,
+    /// Where the API listens.
     pub api: SocketAddr,
     /// The group `wait_group` and `promote` are about.
     group: &'static str,
@@ -26,43 +157,35 @@ pub struct Controller {
 
 impl Controller {
     /// `serve` on `repo`, with its state in `state`, listening on `(opamp,
-    /// api)`, watching `group`; `args` are added to the command line.
-    pub fn start(
+    /// api)` (port 0 for any), watching `group`; `args` are added to the
+    /// command line. Returns once it listens.
+    pub async fn start(
         repo: &Path,
         state: &Path,
-        (opamp, api): (SocketAddr, SocketAddr),
+        addrs: (SocketAddr, SocketAddr),
         group: &'static str,
         args: &[&str],
     ) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-            .args([
-                "serve",
-                "--repo",
-                repo.to_str().expect("utf-8"),
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ])
-            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()])
-            .args(["--reconcile-tick", "100ms", "--poll-interval", "1h"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("serve starts");
+        let repo = repo.to_str().expect("utf-8");
+        let state = state.to_str().expect("utf-8");
+        let mut all = vec!["--repo", repo, "--state-dir", state];
+        all.extend(["--reconcile-tick", "100ms", "--poll-interval", "1h"]);
+        all.extend(args);
+        let serve = Serve::start(&all, addrs).await;
         Controller {
-            child,
-            api,
+            opamp: serve.opamp,
+            api: serve.api,
+            serve,
             group,
             patience: DEADLINE * 2,
         }
     }
 
-    pub async fn get(&self, path: &str) -> Option<String> {
-        let connect = tokio::net::TcpStream::connect(self.api).await;
-        connect.ok()?;
-        let r = http_request(self.api, "GET", path, &[], Body::Empty).await;
-        (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
+    /// GET on the API, expecting 200; the body.
+    pub async fn get(&self, path: &str) -> String {
+        let r = http_request(self.api, "GET", path, &[], super::Body::Empty).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", String::from_utf8_lossy(&r.body));
+        String::from_utf8_lossy(&r.body).into_owned()
     }
 
     /// Waits longer in [`Controller::wait_group`] (real agents start slowly).
@@ -73,48 +196,41 @@ impl Controller {
 
     /// Waits until the group satisfies `pred`; returns it.
     pub async fn wait_group(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = Instant::now() + self.patience;
-        let mut last = String::new();
-        loop {
-            if let Some(body) = self.get("/api/v1/groups").await {
-                last.clone_from(&body);
-                let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-                if let Some(g) = all["groups"]
-                    .as_array()
-                    .and_then(|gs| gs.iter().find(|g| g["name"] == self.group))
-                    && pred(g)
-                {
-                    return g.clone();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "group {} never reached {what}: {last}",
-                self.group
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_group_at(self.api, self.group, what, self.patience, pred).await
     }
 
-    /// Waits until the controller has planned twice more: a check that
-    /// nothing happened since then means it looked and did nothing.
-    pub async fn two_more_plans(&self) {
-        let (plans, deadline) = (self.plans().await, Instant::now() + self.patience);
-        while self.plans().await <= plans + 1 {
-            assert!(Instant::now() < deadline, "the controller stopped planning");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    /// Waits until the controller has planned twice more once `d` has passed
+    /// (see [`let_pass_at`]).
+    pub async fn let_pass(&self, d: Duration) {
+        let_pass_at(self.api, d, self.patience).await;
     }
 
-    /// `opamp_gitops_plans_total` of this process.
-    pub async fn plans(&self) -> u64 {
-        let metrics = self.get("/metrics").await.expect("metrics");
-        super::metric(&metrics, "opamp_gitops_plans_total").expect("the plans counter")
+    /// For a rollout of `hash` in waves of 1, `applied` and more, with a bake
+    /// that never ends by itself: waits for the canary to apply it, promotes,
+    /// and waits for wave 2's `applied` agents; checks that those alone were
+    /// pushed since the counter stood at `wave_pushes`. Answers the group.
+    pub async fn promote_to_wave_two(&self, hash: &str, applied: u64, wave_pushes: u64) -> serde_json::Value {
+        self.wait_group("wave 1 applied", |g| {
+            g["config_hash"] == hash && g["agents"]["applied"] == 1
+        })
+        .await;
+        self.promote();
+        let group = self
+            .wait_group("wave 2 applied", |g| {
+                g["rollout"]["wave"] == 2 && g["agents"]["applied"] == applied
+            })
+            .await;
+        assert_eq!(
+            self.wave_pushes().await - wave_pushes,
+            applied,
+            "one push per agent of waves 1 and 2"
+        );
+        group
     }
 
     /// `opamp_gitops_pushes_total{reason="wave"}` of this process.
     pub async fn wave_pushes(&self) -> u64 {
-        let metrics = self.get("/metrics").await.expect("metrics");
+        let metrics = self.get("/metrics").await;
         let line = metrics
             .lines()
             .find(|l| l.starts_with("opamp_gitops_pushes_total{reason=\"wave\"}"))
@@ -137,16 +253,8 @@ impl Controller {
         assert!(String::from_utf8_lossy(&out.stdout).contains("promote accepted"));
     }
 
-    pub fn kill(mut self) {
-        // SIGKILL: no shutdown code runs.
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(self) {
+        self.serve.kill().await;
     }
 }
