@@ -8,9 +8,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,12 +21,16 @@ use crate::driver::{self, Assignments, DriverConfig, DriverHandle, Parts, Persis
 use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
-use crate::metrics::Metrics;
+use crate::listen::{AdmittingListener, Limits};
 use crate::notes::format::Note;
-use crate::notes::writer::{self, Backoff, WriterStats};
+use crate::notes::writer::{self, Backoff};
 use crate::opamp::OpampContext;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport;
+use crate::telemetry::Registry;
+use crate::telemetry::connections::ConnectionMetrics;
+use crate::telemetry::opamp::OpampMetrics;
+use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// How long shutdown waits, in all, for open connections (HTTP requests in
 /// flight, then WebSockets) to finish before it gives up on them.
@@ -57,6 +60,54 @@ pub struct ServeConfig {
     pub notes_author: Author,
     /// How long shutdown waits for open connections ([`DRAIN_DEADLINE`]).
     pub drain_deadline: Duration,
+    /// Open OpAMP connections at most; `None`: the process's file-descriptor
+    /// limit less [`FD_RESERVE`].
+    pub max_connections: Option<usize>,
+    /// Open OpAMP connections from one IP address at most; `None`: a quarter
+    /// of `max_connections`; 0: no limit.
+    pub max_connections_per_source: Option<usize>,
+    /// How long a connection (OpAMP or API) may stay open before its first request.
+    pub first_request_timeout: Duration,
+    /// How long an agent may stay offline before it is forgotten.
+    pub agent_retention: Duration,
+    /// How long fetches may fail before the source counts as stale (`/readyz`
+    /// answers 503 and says since when).
+    pub source_stale_after: Duration,
+    /// TLS on both listeners; its client CA (mTLS) applies to agents only.
+    pub tls: Option<TlsFiles>,
+}
+
+/// File descriptors kept for everything but OpAMP connections: the API's
+/// connections ([`API_MAX_CONNECTIONS`]), git, the state and notes files.
+pub const FD_RESERVE: usize = 1024;
+/// Open API connections at most.
+pub const API_MAX_CONNECTIONS: usize = 512;
+/// The default of [`ServeConfig::source_stale_after`].
+pub const SOURCE_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// The default of [`ServeConfig::first_request_timeout`].
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ServeConfig {
+    /// The OpAMP listener's limits, given the file-descriptor limit.
+    fn opamp_limits(&self, fd_limit: u64) -> Limits {
+        let from_fds = usize::try_from(fd_limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FD_RESERVE);
+        let max_connections = self.max_connections.unwrap_or(from_fds).max(1);
+        Limits {
+            max_connections,
+            per_source: self.max_connections_per_source.unwrap_or(max_connections / 4),
+            quiet_for: self.first_request_timeout,
+        }
+    }
+
+    fn api_limits(&self) -> Limits {
+        Limits {
+            max_connections: API_MAX_CONNECTIONS,
+            per_source: 0,
+            quiet_for: self.first_request_timeout,
+        }
+    }
 }
 
 impl ServeConfig {
@@ -73,6 +124,12 @@ impl ServeConfig {
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
             drain_deadline: DRAIN_DEADLINE,
+            max_connections: None,
+            max_connections_per_source: None,
+            first_request_timeout: FIRST_REQUEST_TIMEOUT,
+            agent_retention: crate::fleet::DEFAULT_RETENTION,
+            source_stale_after: SOURCE_STALE_AFTER,
+            tls: None,
         }
     }
 }
@@ -99,6 +156,10 @@ pub enum AppError {
     Task(#[from] tokio::task::JoinError),
     #[error("the {task} task stopped unexpectedly ({how}); the controller shut down")]
     TaskEnded { task: &'static str, how: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot watch the TLS certificate for changes: {0}")]
+    TlsWatch(notify::Error),
 }
 
 /// A supervised task that ended, and how.
@@ -149,7 +210,6 @@ pub struct Running {
     pub git: Option<GitHandle>,
     /// The reconcile driver, when a repository was given.
     pub driver: Option<DriverHandle>,
-    pub metrics: Arc<Metrics>,
     /// Readiness as `/readyz` reports it; the git source sets it.
     pub readiness: watch::Sender<Readiness>,
     /// Per-agent assignments the API shows; the reconciler publishes them.
@@ -191,7 +251,28 @@ impl Running {
 /// Binds both listeners and starts everything. Returns once the sockets are
 /// bound; the controller runs until `shutdown` is cancelled.
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
+    let (opamp_tls, api_tls) = match &config.tls {
+        Some(files) => {
+            let agents = ServerTls::load(files.clone())?;
+            let operators = ServerTls::load(TlsFiles {
+                client_ca: None,
+                ..files.clone()
+            })?;
+            (Some(agents), Some(operators))
+        }
+        None => {
+            tracing::warn!("no --tls-cert: agents and operators connect over plain, unencrypted HTTP");
+            (None, None)
+        }
+    };
+    let watchers = [&opamp_tls, &api_tls]
+        .into_iter()
+        .flatten()
+        .map(ServerTls::watch)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AppError::TlsWatch)?;
+    let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -205,27 +286,44 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let opamp_addr = local(&opamp_listener, "OpAMP", config.opamp_listen)?;
     let api_addr = local(&api_listener, "the API", config.api_listen)?;
 
-    let metrics = Arc::new(Metrics::default());
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     let fleet_stop = CancellationToken::new();
     let (fleet, fleet_task) = fleet::spawn(
         FleetConfig {
             heartbeat_interval: config.heartbeat_interval,
+            retention: config.agent_retention,
         },
         fleet_stop.clone(),
     );
     let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
     tasks.push(("fleet", abort));
+    let opamp_metrics = OpampMetrics::default();
+    let mut registry = Registry::default();
+    opamp_metrics.register(&mut registry);
+    let (opamp_connections, api_connections) = (ConnectionMetrics::new("opamp"), ConnectionMetrics::new("api"));
+    opamp_connections.register(&mut registry);
+    api_connections.register(&mut registry);
+    fleet.register_metrics(&mut registry);
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
+    let stale_after = config.source_stale_after;
     let gitops = match config.git {
         Some(git_config) => {
             let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
-            let g = start_gitops(git_config, settings, &fleet, &assignments, &shutdown, &ended_tx).await?;
+            let g = start_gitops(
+                git_config,
+                settings,
+                &fleet,
+                &assignments,
+                &mut registry,
+                &shutdown,
+                &ended_tx,
+            )
+            .await?;
             tasks.extend(g.aborts.iter().cloned());
-            let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone()));
+            let task = tokio::spawn(forward_readiness(g.git.status(), readiness.clone(), stale_after));
             let (_, abort) = supervise("readiness", task, &ended_tx);
             tasks.push(("readiness", abort.clone()));
             forwarder = Some(abort);
@@ -236,11 +334,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     drop(ended_tx);
     let git = gitops.as_ref().map(|g| g.git.clone());
     let driver = gitops.as_ref().map(|g| g.driver.clone());
-    let notes = gitops.as_ref().map(|g| g.notes_stats.clone());
     let sessions = TaskTracker::new();
     let mut opamp_ctx = OpampContext::new(
         fleet.clone(),
-        metrics.clone(),
+        Arc::new(opamp_metrics),
         config.max_message_bytes,
         shutdown.clone(),
         sessions.clone(),
@@ -251,26 +348,32 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet: fleet.clone(),
         git: git.clone(),
         driver: driver.clone(),
-        notes,
-        metrics: metrics.clone(),
+        metrics: Arc::new(registry),
         readiness: readiness_rx,
         assignments: assignments_rx,
         shutdown: shutdown.clone(),
+        source_stale_after: stale_after,
     };
 
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        // Replies are small; do not let Nagle hold them back.
-        let _ = tcp.set_nodelay(true);
-    };
-    let opamp_server = axum::serve(opamp_listener.tap_io(nodelay), transport::router(opamp_ctx))
+    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections, opamp_tls)
+        .serve(transport::router(opamp_ctx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_server = axum::serve(api_listener.tap_io(nodelay), api::router(api_state))
+    let api_server = AdmittingListener::new(api_listener, api_limits, api_connections, api_tls)
+        .serve(api::router(api_state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tracing::info!(opamp = %opamp_addr, api = %api_addr, "listening");
+    tracing::info!(
+        opamp = %opamp_addr,
+        api = %api_addr,
+        max_connections = opamp_limits.max_connections,
+        per_source = opamp_limits.per_source,
+        "listening"
+    );
 
     let drain = config.drain_deadline;
     let stop = shutdown.clone();
     let done = tokio::spawn(async move {
+        // Certificates are reloaded for as long as the controller runs.
+        let _watchers = watchers;
         let servers = async { tokio::join!(opamp_server.into_future(), api_server.into_future()) };
         tokio::pin!(servers);
         let mut finished = None;
@@ -332,7 +435,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         fleet,
         git,
         driver,
-        metrics,
         readiness,
         assignments,
         shutdown,
@@ -345,7 +447,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 struct GitOps {
     git: GitHandle,
     driver: DriverHandle,
-    notes_stats: Arc<WriterStats>,
     driver_stop: CancellationToken,
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
@@ -373,18 +474,20 @@ async fn start_gitops(
     (tick, startup_grace, author): (Duration, Duration, Author),
     fleet: &FleetHandle,
     assignments: &watch::Sender<Assignments>,
+    registry: &mut Registry,
     shutdown: &CancellationToken,
     ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
 ) -> Result<GitOps, AppError> {
     let state_dir = git_config.state_dir.clone();
     let (git, git_task) = GitSource::spawn(git_config, shutdown.child_token())?;
     let (git_task, git_abort) = supervise("git", git_task, ended);
+    git.register_metrics(registry);
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
     let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, Backoff::default(), notes_stop.clone());
-    let notes_stats = notes.stats.clone();
+    notes.register_metrics(registry);
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
         DriverConfig {
@@ -401,12 +504,12 @@ async fn start_gitops(
         },
         driver_stop.clone(),
     )?;
+    driver.register_metrics(registry);
     let (driver_task, driver_abort) = supervise("driver", driver_task, ended);
     let (notes_task, notes_abort) = supervise("notes", notes_task, ended);
     Ok(GitOps {
         git,
         driver,
-        notes_stats,
         driver_stop,
         driver_task,
         notes_stop,
@@ -433,22 +536,47 @@ fn read_existing_notes(store: &NotesStore) -> Vec<Note> {
 }
 
 /// Keeps `/readyz` in step with the git source: ready once a commit is in
-/// force. Runs until aborted: when the git source is gone it says so and
-/// waits (the git task's own end is what the supervisor reports).
-async fn forward_readiness(mut status: watch::Receiver<Status>, readiness: watch::Sender<Readiness>) {
+/// force, and not while the source is stale (no fetch has succeeded for
+/// `stale_after`). Runs until aborted: when the git source is gone it says
+/// so and waits (the git task's own end is what the supervisor reports).
+async fn forward_readiness(
+    mut status: watch::Receiver<Status>,
+    readiness: watch::Sender<Readiness>,
+    stale_after: Duration,
+) {
     loop {
-        let next = match status.borrow_and_update().readiness() {
-            Ok(commit) => Readiness::Ready(commit.clone()),
-            Err(reason) => Readiness::NotReady(reason),
+        let (next, recheck) = {
+            let status = status.borrow_and_update();
+            let now = SystemTime::now();
+            let next = match status.readiness(now, stale_after) {
+                Ok(commit) => Readiness::Ready(commit.clone()),
+                Err(reason) => Readiness::NotReady(reason),
+            };
+            // While fetches fail, look again when the source would turn stale.
+            let since = status.last_success.or(status.last_fetch);
+            let recheck = match (&status.last_fetch_error, since) {
+                (Some(_), Some(since)) => (since + stale_after).duration_since(now).ok(),
+                _ => None,
+            };
+            (next, recheck)
         };
         readiness.send_if_modified(|r| {
             let changed = *r != next;
             *r = next;
             changed
         });
-        if status.changed().await.is_err() {
-            readiness.send_replace(Readiness::NotReady("the git source has stopped".to_string()));
-            return std::future::pending().await;
+        let stale = async {
+            match recheck {
+                Some(wait) => tokio::time::sleep(wait + Duration::from_millis(10)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() {
+                readiness.send_replace(Readiness::NotReady("the git source has stopped".to_string()));
+                return std::future::pending().await;
+            },
+            () = stale => {}
         }
     }
 }
@@ -489,10 +617,18 @@ async fn wait_for_signal() -> Result<impl Future<Output = ()>, AppError> {
 }
 
 /// Every agent holds a socket: allow as many open files as the hard limit does.
-fn raise_fd_limit() {
+/// Raises the open-file limit as far as allowed; returns it.
+fn raise_fd_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        Ok(n) => {
+            tracing::debug!(limit = n, "open file limit");
+            n
+        }
+        Err(e) => {
+            let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+            tracing::warn!(error = %e, limit = soft, "cannot raise the open file limit");
+            soft
+        }
     }
 }
 

@@ -62,10 +62,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub path: Option<PathBuf>,
     /// Where OpAMP agents connect (WebSocket and plain HTTP on /v1/opamp).
-    #[arg(long, default_value = "0.0.0.0:4320")]
+    #[arg(long, default_value = "0.0.0.0:4320", value_parser = parse_listen)]
     pub opamp_listen: SocketAddr,
     /// Where the HTTP API, metrics and health endpoints listen.
-    #[arg(long, default_value = "127.0.0.1:4321")]
+    #[arg(long, default_value = "127.0.0.1:4321", value_parser = parse_listen)]
     pub api_listen: SocketAddr,
     /// Directory for clones and rollout state.
     #[arg(long, default_value = ".opamp-gitops")]
@@ -107,6 +107,37 @@ pub struct ServeArgs {
     /// a rollout counts its members.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub startup_grace: Duration,
+    /// Open OpAMP connections at most (default: the open-file limit less 1024).
+    /// When full, a new connection closes the oldest one that has not sent a
+    /// request yet; only when every one has is it turned away.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open OpAMP connections from one IP address at most (default: a quarter
+    /// of --max-connections; 0: no limit). Raise it when many agents share an
+    /// address behind NAT.
+    #[arg(long)]
+    pub max_connections_per_source: Option<usize>,
+    /// How long a connection may stay open before its first request.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub first_request_timeout: Duration,
+    /// How long an agent may stay offline before it is forgotten (agents
+    /// away for less keep their places in rollouts).
+    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
+    pub agent_retention: Duration,
+    /// How long fetches of the repository may fail before /readyz answers
+    /// 503 (the commit in force stays in force).
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pub source_stale_after: Duration,
+    /// TLS certificate chain (PEM) for both listeners; read again when it
+    /// changes. Without it, both listen in plain HTTP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Agents must present a client certificate signed by this CA (PEM): mTLS.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -353,6 +384,18 @@ fn parse_max_message_bytes(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// A listen address: `host:port`, where host is an address or a name
+/// (`localhost:4320`), resolved once; the first address found is used.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{e} (expected host:port, e.g. 0.0.0.0:4320 or localhost:4320)"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s} resolves to no address (expected host:port, e.g. 0.0.0.0:4320)"))
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -408,7 +451,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             init_tracing();
             let git = match args.repo {
-                Some(_) => match git_config(&args) {
+                Some(_) => match git_config(&args).and_then(crate::gitsrc::resolve) {
                     Ok(g) => Some(g),
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -434,6 +477,20 @@ pub fn run(cli: Cli) -> ExitCode {
                     email: args.notes_author_email.clone(),
                 },
                 drain_deadline: crate::app::DRAIN_DEADLINE,
+                max_connections: args.max_connections,
+                max_connections_per_source: args.max_connections_per_source,
+                first_request_timeout: args.first_request_timeout,
+                agent_retention: args.agent_retention,
+                source_stale_after: args.source_stale_after,
+                tls: args
+                    .tls_cert
+                    .clone()
+                    .zip(args.tls_key.clone())
+                    .map(|(cert, key)| crate::tls::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: args.client_ca.clone(),
+                    }),
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -461,6 +518,42 @@ mod tests {
         for bad in ["1.5s", "500ms", "0s"] {
             assert!(parse_whole_seconds(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn listen_addresses_may_name_the_host() {
+        assert_eq!(parse_listen("0.0.0.0:4320"), Ok("0.0.0.0:4320".parse().unwrap()));
+        assert!(parse_listen("localhost:4320").is_ok_and(|a| a.ip().is_loopback() && a.port() == 4320));
+        for bad in ["localhost", "4320", "no such host.invalid:1"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_command_reference_names_every_command_and_option() {
+        use clap::CommandFactory;
+        let reference = include_str!("../docs/cli.md");
+        let mut missing = vec![];
+        for command in Cli::command().get_subcommands() {
+            if !reference.contains(&format!("## {}", command.get_name())) {
+                missing.push(command.get_name().to_string());
+            }
+            // simulate's many timing options are documented in simulate.md.
+            let documented = if command.get_name() == "simulate" {
+                include_str!("../docs/simulate.md")
+            } else {
+                reference
+            };
+            for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+                if let Some(long) = arg.get_long()
+                    && long != "help"
+                    && !documented.contains(&format!("--{long}"))
+                {
+                    missing.push(format!("{} --{long}", command.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "docs/cli.md does not mention: {missing:?}");
     }
 
     #[test]

@@ -58,6 +58,16 @@ pub fn rollout(args: &RolloutArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Why `path` cannot be read as a folder, and what to give instead.
+fn not_a_folder(path: &std::path::Path, wanted: &str) -> String {
+    let problem = if path.exists() {
+        "not a folder"
+    } else {
+        "no such folder"
+    };
+    format!("{}: {problem} (validate takes {wanted})", path.display())
+}
+
 /// `validate`: 0 valid (with a summary), 1 invalid (every problem on
 /// stdout, paths relative to the repository root), 2 when the repository
 /// cannot be read at all. With `--collector`, a valid repository is also
@@ -73,7 +83,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
     };
     let root = args.path.unwrap_or_else(|| PathBuf::from("."));
     if !root.is_dir() {
-        return usage(format!("no such directory: {}", root.display()));
+        return usage(not_a_folder(&root, "the repository's folder"));
     }
     let subdir = match args.subdir.as_deref().map(|p| p.to_str()) {
         None => None,
@@ -99,7 +109,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         None => {
             let dir = subdir.as_ref().map_or_else(|| root.clone(), |s| root.join(s));
             if !dir.is_dir() {
-                return usage(format!("no such directory: {}", dir.display()));
+                return usage(not_a_folder(&dir, "the folder that holds fleet.yaml and groups/"));
             }
             match DiskSource::new(&dir) {
                 Ok(source) => load(&source, None),

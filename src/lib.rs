@@ -11,16 +11,14 @@ pub mod desired;
 pub mod driver;
 pub mod fleet;
 pub mod gitsrc;
-pub mod metrics;
+pub mod listen;
 pub mod model;
 pub mod notes;
 pub mod opamp;
 pub mod plan_cmd;
-/// The OpAMP messages, generated from `proto/opamp/v1/*.proto` by `build.rs`:
-/// a leaf that every layer may use.
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/opamp.proto.v1.rs"));
-}
+pub mod proto;
 pub mod reconcile;
+pub mod rfc3339;
 pub mod simulate;
+pub mod telemetry;
+pub mod tls;

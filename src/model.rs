@@ -1,4 +1,5 @@
-//! Identity newtypes shared by every module: agents, config hashes, commits, groups.
+//! Identity newtypes shared by every module (agents, config hashes, commits,
+//! groups) and the small plain enums the layers above all speak of.
 
 use std::fmt;
 
@@ -230,6 +231,71 @@ pub enum AgentState {
     Offline,
 }
 
+impl AgentState {
+    /// Every state, in the order the metrics list them.
+    pub const ALL: [AgentState; 8] = [
+        AgentState::InSync,
+        AgentState::Pending,
+        AgentState::Applying,
+        AgentState::Failed,
+        AgentState::Drifted,
+        AgentState::Unmanaged,
+        AgentState::Unsupported,
+        AgentState::Offline,
+    ];
+
+    /// The name the API, metrics and commands show (`in_sync`, `pending`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::InSync => "in_sync",
+            AgentState::Pending => "pending",
+            AgentState::Applying => "applying",
+            AgentState::Failed => "failed",
+            AgentState::Drifted => "drifted",
+            AgentState::Unmanaged => "unmanaged",
+            AgentState::Unsupported => "unsupported",
+            AgentState::Offline => "offline",
+        }
+    }
+}
+
+/// How an agent talks to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    WebSocket,
+    Http,
+}
+
+impl Transport {
+    /// Both, in the order the metrics list them.
+    pub const ALL: [Transport; 2] = [Transport::WebSocket, Transport::Http];
+
+    /// The name the API and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushOutcome {
+    /// Handed to the agent's WebSocket (a newer push replaces it if it has
+    /// not gone out yet).
+    Sent,
+    /// Plain HTTP: goes out in the reply to the agent's next message, and in
+    /// every reply after until the agent reports its hash. A newer push replaces it.
+    Queued,
+    /// Unknown or offline agent; nothing was kept.
+    NotConnected,
+    /// The agent lacks AcceptsRemoteConfig (it must not be offered a config)
+    /// or ReportsRemoteConfig (it would never say whether it applied one).
+    NotAccepted,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +314,13 @@ mod tests {
         assert_eq!(InstanceUid::from_wire(b""), Err(UidError::Empty));
         assert_eq!(InstanceUid::from_wire(&[1; 5]), Err(UidError::BadLength(5)));
         assert_eq!(InstanceUid::from_wire(&[0xff; 26]), Err(UidError::NotUlid));
+    }
+
+    #[test]
+    fn state_names_are_the_serialized_names() {
+        for s in AgentState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 
     #[test]

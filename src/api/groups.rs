@@ -16,12 +16,13 @@ use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
-use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase, Timestamp};
+use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase};
+use crate::rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct GroupsJson {
     /// The driver's status version: grows with every plan; send it back as
-    /// `after` to wait for the next.
+    /// `after` to wait for the next (or for a change of `source`).
     pub version: u64,
     /// The commit in force.
     pub commit: Option<CommitId>,
@@ -32,6 +33,33 @@ pub struct GroupsJson {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub head_errors: Vec<String>,
     pub groups: Vec<GroupJson>,
+    /// The repository: when it was last read, and whether it is stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceJson {
+    /// When the last fetch (or local read) was tried.
+    pub last_fetch: Option<String>,
+    /// When one last succeeded.
+    pub last_success: Option<String>,
+    /// Why the last one failed.
+    pub error: Option<String>,
+    /// Since when fetches have failed for longer than the controller allows
+    /// (`serve --source-stale-after`): newer commits may exist.
+    pub stale_since: Option<String>,
+}
+
+impl SourceJson {
+    pub fn of(git: &GitStatus, now: SystemTime, stale_after: Duration) -> Self {
+        SourceJson {
+            last_fetch: git.last_fetch.map(crate::rfc3339::format),
+            last_success: git.last_success.map(crate::rfc3339::format),
+            error: git.last_fetch_error.clone(),
+            stale_since: git.stale_since(now, stale_after).map(crate::rfc3339::format),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -69,10 +97,6 @@ pub struct ActionJson {
     pub at: String,
 }
 
-fn rfc3339(t: Timestamp) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(t.millis())).to_string()
-}
-
 pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
     GroupJson {
         name: name.clone(),
@@ -84,15 +108,15 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
             wave: s.wave,
             waves: s.waves,
             commit: s.commit.clone(),
-            started: s.started.map(rfc3339),
-            finished: s.finished.map(rfc3339),
+            started: s.started.map(|t| rfc3339::format_millis(t.millis())),
+            finished: s.finished.map(|t| rfc3339::format_millis(t.millis())),
             failures: s
                 .failures
                 .iter()
                 .map(|f| FailureJson {
                     agent: f.agent.clone(),
                     error: f.error.clone(),
-                    at: rfc3339(f.at),
+                    at: rfc3339::format_millis(f.at.millis()),
                 })
                 .collect(),
             actions: s
@@ -100,7 +124,7 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
                 .iter()
                 .map(|a| ActionJson {
                     action: a.action,
-                    at: rfc3339(a.at),
+                    at: rfc3339::format_millis(a.at.millis()),
                 })
                 .collect(),
         }),
@@ -140,6 +164,7 @@ pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(
         },
         head,
         groups,
+        source: None,
     }
 }
 
@@ -150,7 +175,11 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let driver = state.driver.as_ref().map(|d| d.subscribe());
-    Sources::new(None, driver).wait(poll, &state.shutdown).await;
+    let git = state.git.as_ref().map(|g| g.status());
+    Sources::new(None, driver)
+        .with_git(git)
+        .wait(poll, &state.shutdown)
+        .await;
     let Some(git) = &state.git else {
         let none = GroupsJson {
             version: 0,
@@ -158,6 +187,7 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
             head: None,
             head_errors: vec![],
             groups: vec![],
+            source: None,
         };
         return Json(none).into_response();
     };
@@ -175,7 +205,9 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
         .unwrap_or_default();
     let driver = state.driver.as_ref().map(|d| d.status());
     let git_status = git.status().borrow().clone();
-    Json(groups_json(driver.as_deref(), &git_status, loaded)).into_response()
+    let mut answer = groups_json(driver.as_deref(), &git_status, loaded);
+    answer.source = Some(SourceJson::of(&git_status, SystemTime::now(), state.source_stale_after));
+    Json(answer).into_response()
 }
 
 pub async fn pause(state: State<ApiState>, name: Path<String>) -> Response {

@@ -22,25 +22,25 @@ pub use health::Readiness;
 use crate::driver::DriverHandle;
 use crate::fleet::FleetHandle;
 use crate::gitsrc::GitHandle;
-use crate::metrics::Metrics;
-use crate::notes::writer::WriterStats;
+use crate::telemetry::{self, Registry};
 
 /// What the API reads. Cheap to clone.
 #[derive(Clone)]
 pub struct ApiState {
     pub fleet: FleetHandle,
-    /// The git source, when a repository was given: sync, webhook, metrics.
+    /// The git source, when a repository was given: sync and webhook.
     pub git: Option<GitHandle>,
     /// The reconcile driver, when a repository was given: groups and rollout controls.
     pub driver: Option<DriverHandle>,
-    /// The notes writer's counters, when a repository was given.
-    pub notes: Option<Arc<WriterStats>>,
-    pub metrics: Arc<Metrics>,
+    /// Every metric of the controller, for `/metrics`.
+    pub metrics: Arc<Registry>,
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
     pub assignments: watch::Receiver<crate::driver::Assignments>,
     /// Cancelled at shutdown: long polls answer at once.
     pub shutdown: CancellationToken,
+    /// How long fetches may fail before the source is shown as stale.
+    pub source_stale_after: std::time::Duration,
 }
 
 /// The API's routes. More routes can be merged into the returned router.
@@ -66,18 +66,8 @@ pub(crate) fn error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    let mut text = state.metrics.render(&state.fleet.snapshot());
-    if let Some(git) = &state.git {
-        git.metrics().write_prometheus(&mut text);
-    }
-    if let Some(driver) = &state.driver {
-        driver.metrics.write_prometheus(&driver.status(), &mut text);
-    }
-    if let Some(notes) = &state.notes {
-        notes.write_prometheus(&mut text);
-    }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        text,
+        [(header::CONTENT_TYPE, telemetry::CONTENT_TYPE)],
+        state.metrics.encode(),
     )
 }

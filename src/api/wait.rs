@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::driver::DriverStatus;
 use crate::fleet::FleetSnapshot;
+use crate::gitsrc::Status as GitStatus;
 
 /// A wait longer than this is cut to it, so that no proxy or client times out first.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -65,38 +66,48 @@ pub async fn published<T>(rx: Option<&mut watch::Receiver<T>>) {
     std::future::pending().await
 }
 
-/// The published values an answer is built from; its version is the sum of
-/// theirs, each of which only grows within a process.
+/// The published values an answer is built from. Its version is the sum of
+/// the fleet's and the driver's, each of which only grows within a process;
+/// the git source's status has no version, so a change to it ends a wait
+/// with the version as it is (the next plan shows it too).
 pub struct Sources {
     fleet: Option<watch::Receiver<Arc<FleetSnapshot>>>,
     driver: Option<watch::Receiver<Arc<DriverStatus>>>,
+    git: Option<watch::Receiver<GitStatus>>,
 }
 
 impl Sources {
+    /// The fleet and the driver (either optional), counted in the version.
     pub fn new(
         fleet: Option<watch::Receiver<Arc<FleetSnapshot>>>,
         driver: Option<watch::Receiver<Arc<DriverStatus>>>,
     ) -> Self {
-        Sources { fleet, driver }
+        Sources {
+            fleet,
+            driver,
+            git: None,
+        }
+    }
+
+    /// Also answers when the git source's status changes.
+    pub fn with_git(mut self, git: Option<watch::Receiver<GitStatus>>) -> Self {
+        self.git = git;
+        self
     }
 
     /// The current version; what is read counts as seen.
     fn version(&mut self) -> u64 {
+        if let Some(git) = &mut self.git {
+            git.mark_unchanged();
+        }
         let fleet = self.fleet.as_mut().map_or(0, |rx| rx.borrow_and_update().version);
         let driver = self.driver.as_mut().map_or(0, |rx| rx.borrow_and_update().version);
         fleet + driver
     }
 
-    /// Resolves when any source publishes again; never when none can.
-    async fn changed(&mut self) {
-        tokio::select! {
-            () = published(self.fleet.as_mut()) => {}
-            () = published(self.driver.as_mut()) => {}
-        }
-    }
-
     /// Waits while the version is `poll.after`, at most `poll.wait` and
-    /// never past `shutdown`; answers the version then.
+    /// never past `shutdown` or a change of the git source's status;
+    /// answers the version then.
     pub async fn wait(mut self, poll: Option<LongPoll>, shutdown: &CancellationToken) -> u64 {
         let Some(poll) = poll else {
             return self.version();
@@ -108,7 +119,9 @@ impl Sources {
                 return version;
             }
             tokio::select! {
-                () = self.changed() => {}
+                () = published(self.fleet.as_mut()) => {}
+                () = published(self.driver.as_mut()) => {}
+                () = published(self.git.as_mut()) => return version,
                 () = tokio::time::sleep_until(deadline) => return version,
                 () = shutdown.cancelled() => return version,
             }
@@ -205,6 +218,24 @@ mod tests {
         drop(tx);
         assert_eq!(Sources::new(None, Some(rx)).wait(poll(4, 10), &never).await, 4);
         assert_eq!(start.elapsed(), Duration::from_secs(13));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_of_the_git_status_ends_a_wait_with_the_version_as_it_is() {
+        let (_driver_tx, driver) = watch::channel(status(4));
+        let (git_tx, git) = watch::channel(GitStatus::default());
+        let never = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let waiting = tokio::spawn(async move {
+            Sources::new(None, Some(driver))
+                .with_git(Some(git))
+                .wait(poll(4, 30), &never)
+                .await
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        git_tx.send_modify(|s| s.head_errors.push("groups/a.yaml:1:1: bad".into()));
+        assert_eq!(waiting.await.unwrap(), 4);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -156,17 +156,9 @@ pub fn agent_line(by_state: &BTreeMap<AgentState, u64>) -> String {
     let parts: Vec<String> = by_state
         .iter()
         .filter(|(_, n)| **n > 0)
-        .map(|(s, n)| format!("{n} {}", state_name(*s)))
+        .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     format!("{total} agents: {}", parts.join(", "))
-}
-
-/// The state's name as the API shows it (`in_sync`, `pending`...).
-fn state_name(s: AgentState) -> String {
-    match serde_json::to_value(s) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{s:?}"),
-    }
 }
 
 /// The group's status, if the driver has one.

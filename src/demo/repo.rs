@@ -147,7 +147,7 @@ impl DemoRepo {
         let c = git(|| format!("finding {commit}"), repo.find_commit(oid))?;
         let author = c.author();
         let secs = u64::try_from(c.time().seconds()).unwrap_or(0);
-        let date = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs));
+        let date = crate::rfc3339::format(UNIX_EPOCH + Duration::from_secs(secs));
         let mut out = format!(
             "commit {commit}\nAuthor: {} <{}>\nDate:   {date}\n\n",
             author.name().unwrap_or_default(),

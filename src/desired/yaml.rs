@@ -166,6 +166,9 @@ enum Frame {
         mark: Mark,
         anchor: usize,
         entries: Vec<Entry>,
+        /// Where each key was first written, so a duplicate is found in
+        /// constant time however large the mapping is.
+        lines: HashMap<String, u32>,
         /// `<<` values, merged in when the mapping ends.
         merges: Vec<Node>,
         /// The key read, waiting for its value; `bool` is "a plain `<<`".
@@ -202,6 +205,9 @@ impl Builder {
     fn event(&mut self, event: Event, mark: Mark) -> Result<(), YamlError> {
         match event {
             Event::Scalar(text, style, anchor, tag) => {
+                if let Some(message) = tag.as_ref().and_then(|t| tag_misfit(t, &text)) {
+                    return Err(self.error(mark, &message));
+                }
                 let value = scalar_value(text, style, tag.as_ref());
                 self.finish(Node { mark, value }, anchor)
             }
@@ -230,6 +236,7 @@ impl Builder {
                     mark,
                     anchor,
                     entries: Vec::new(),
+                    lines: HashMap::new(),
                     merges: Vec::new(),
                     key: None,
                 },
@@ -296,7 +303,11 @@ impl Builder {
                 Ok(())
             }
             Some(Frame::Map {
-                entries, merges, key, ..
+                entries,
+                lines,
+                merges,
+                key,
+                ..
             }) => match key.take() {
                 None => {
                     let (text, merge) = match node.value {
@@ -317,10 +328,11 @@ impl Builder {
                     Ok(())
                 }
                 Some((text, key_mark, false)) => {
-                    if let Some(first) = entries.iter().find(|e| e.key == text) {
-                        let message = format!("duplicate key {text:?} (first at line {})", first.key_mark.line);
+                    if let Some(first) = lines.get(&text) {
+                        let message = format!("duplicate key {text:?} (first at line {first})");
                         return Err(self.error(key_mark, &message));
                     }
+                    lines.insert(text.clone(), key_mark.line);
                     entries.push(Entry {
                         key: text,
                         key_mark,
@@ -345,9 +357,143 @@ fn scalar_value(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value {
     }
 }
 
+/// The YAML core schema's name of a tag (`int` for `!!int` and
+/// `!<tag:yaml.org,2002:int>`); `None` for application tags.
+fn core_tag(tag: &Tag) -> Option<&str> {
+    const CORE: &str = "tag:yaml.org,2002:";
+    match tag.handle.as_str() {
+        "!!" | CORE => Some(&tag.suffix),
+        "" | "!" => tag.suffix.strip_prefix(CORE),
+        _ => None,
+    }
+}
+
+/// Why the collector's YAML library refuses a scalar with this core tag, if
+/// it does: `!!bool`, `!!int`, `!!float`, `!!null` and `!!timestamp` must fit
+/// what the text reads as (an int fits `!!float`), and `!!binary` must be
+/// base64. Quoting does not matter once a tag is given. Other tags take any
+/// text.
+fn tag_misfit(tag: &Tag, text: &str) -> Option<String> {
+    let wanted = core_tag(tag)?;
+    let fits = match wanted {
+        "bool" | "int" | "null" => resolve_plain(text) == wanted,
+        "float" => matches!(resolve_plain(text), "float" | "int"),
+        "timestamp" => is_timestamp(text) || resolve_plain(text) == "timestamp",
+        "binary" => is_base64(text),
+        _ => return None,
+    };
+    if fits {
+        return None;
+    }
+    if wanted == "binary" {
+        return Some("!!binary value contains invalid base64 data (the collector refuses it)".to_string());
+    }
+    Some(format!(
+        "!!{wanted} does not fit {text:?}, which reads as {} (the collector refuses it; remove the tag or fix the value)",
+        match resolve_plain(text) {
+            "str" => "text",
+            "int" => "an integer",
+            "float" => "a number",
+            "bool" => "a boolean",
+            "null" => "null",
+            _ => "something else",
+        }
+    ))
+}
+
+/// The core-schema type a plain scalar resolves to, as the collector's YAML
+/// library (go-yaml v3) resolves it: `null`, `bool`, `int`, `float` or `str`.
+fn resolve_plain(text: &str) -> &'static str {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return "null",
+        "true" | "True" | "TRUE" | "false" | "False" | "FALSE" => return "bool",
+        ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" | "-.inf" | "-.Inf"
+        | "-.INF" => return "float",
+        _ => {}
+    }
+    match text.as_bytes()[0] {
+        b'.' if text.parse::<f64>().is_ok() => "float",
+        b'0'..=b'9' | b'+' | b'-' => {
+            let plain = text.replace('_', "");
+            if is_go_integer(&plain) {
+                "int"
+            } else if is_yaml_float(&plain) {
+                "float"
+            } else {
+                "str"
+            }
+        }
+        _ => "str",
+    }
+}
+
+/// Whether Go's `strconv.ParseInt(s, 0, 64)` or `ParseUint` accepts `s`:
+/// an optional sign, then decimal, `0x` hex, `0o` or leading-`0` octal, or
+/// `0b` binary digits, within 64 bits.
+fn is_go_integer(s: &str) -> bool {
+    let (negative, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let lower = digits.to_ascii_lowercase();
+    let (radix, digits) = if let Some(d) = lower.strip_prefix("0x") {
+        (16, d)
+    } else if let Some(d) = lower.strip_prefix("0o") {
+        (8, d)
+    } else if let Some(d) = lower.strip_prefix("0b") {
+        (2, d)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (8, &lower[1..])
+    } else {
+        (10, lower.as_str())
+    };
+    if digits.starts_with(['+', '-']) {
+        return false;
+    }
+    match u64::from_str_radix(digits, radix) {
+        Ok(n) => !negative || n <= 1 << 63,
+        Err(_) => false,
+    }
+}
+
+/// go-yaml's float syntax: `[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?`.
+fn is_yaml_float(s: &str) -> bool {
+    static FLOAT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$").expect("a valid regex")
+    });
+    FLOAT.is_match(s) && s.parse::<f64>().is_ok_and(f64::is_finite)
+}
+
+/// The timestamps go-yaml accepts: a date `2001-12-14`, or a date and time
+/// with `T`/`t` and a zone, or with a space and no zone.
+fn is_timestamp(s: &str) -> bool {
+    static TIMESTAMP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([Tt][0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\.[0-9]+)?(Z|[-+][0-9]{2}:[0-9]{2})| [0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\.[0-9]+)?)?$",
+        )
+        .expect("a valid regex")
+    });
+    TIMESTAMP.is_match(s)
+}
+
+/// Standard base64 with padding; line breaks are ignored.
+fn is_base64(text: &str) -> bool {
+    let b: Vec<u8> = text.bytes().filter(|c| !matches!(c, b'\r' | b'\n')).collect();
+    let body = b.strip_suffix(b"==").or_else(|| b.strip_suffix(b"=")).unwrap_or(&b);
+    b.len().is_multiple_of(4)
+        && body
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))
+}
+
 /// Applies `<<` merge keys: keys written in the mapping win, then earlier
 /// merged mappings win over later ones.
 fn apply_merges(mut entries: Vec<Entry>, merges: Vec<Node>) -> Result<Vec<Entry>, (Mark, String)> {
+    if merges.is_empty() {
+        return Ok(entries);
+    }
+    let mut present: std::collections::HashSet<String> = entries.iter().map(|e| e.key.clone()).collect();
     for merge in merges {
         let sources: Vec<Node> = match merge.value {
             Value::Map(_) => vec![merge],
@@ -367,7 +513,7 @@ fn apply_merges(mut entries: Vec<Entry>, merges: Vec<Node>) -> Result<Vec<Entry>
                 ));
             };
             for entry in more {
-                if !entries.iter().any(|e| e.key == entry.key) {
+                if present.insert(entry.key.clone()) {
                     entries.push(entry);
                 }
             }
@@ -592,6 +738,54 @@ mod tests {
         let deep = format!("{}x", "- ".repeat(200));
         assert_eq!(err(&deep), "1:257: YAML nested too deeply");
         assert!(err(&"[".repeat(500)).contains("invalid YAML"));
+    }
+
+    #[test]
+    fn core_tags_must_fit_their_values_as_the_collector_requires() {
+        for ok in [
+            "a: !!int 4317",
+            "a: !!int -0x1F",
+            "a: !!int 0o17",
+            "a: !!int 1_000",
+            "a: !!int \"42\"",
+            "a: !!float 1",
+            "a: !!float 1.5e3",
+            "a: !!float .inf",
+            "a: !!bool true",
+            "a: !!bool FALSE",
+            "a: !!null",
+            "a: !!null ~",
+            "a: !!str 42",
+            "a: !!timestamp 2001-12-14",
+            "a: !!timestamp 2001-12-14t21:59:43.10-05:00",
+            "a: !!binary aGVsbG8=",
+            "a: !<tag:yaml.org,2002:int> 7",
+            "a: !custom anything",
+        ] {
+            assert!(parse(0, ok).is_ok(), "{ok}: {:?}", parse(0, ok));
+        }
+        assert_eq!(
+            err("endpoint: !!int gateway:4317"),
+            "1:17: !!int does not fit \"gateway:4317\", which reads as text (the collector refuses it; remove the tag or fix the value)"
+        );
+        assert_eq!(
+            err("a:\n  b: !!bool yes"),
+            "2:13: !!bool does not fit \"yes\", which reads as text (the collector refuses it; remove the tag or fix the value)"
+        );
+        assert_eq!(
+            err("a: !!int 1.5"),
+            "1:10: !!int does not fit \"1.5\", which reads as a number (the collector refuses it; remove the tag or fix the value)"
+        );
+        assert_eq!(
+            err("a: !!null 0"),
+            "1:11: !!null does not fit \"0\", which reads as an integer (the collector refuses it; remove the tag or fix the value)"
+        );
+        assert_eq!(
+            err("a: !!binary not*base64"),
+            "1:13: !!binary value contains invalid base64 data (the collector refuses it)"
+        );
+        assert!(err("a: !<tag:yaml.org,2002:float> x").contains(": !!float does not fit"));
+        assert!(err("a: !!int 99999999999999999999").starts_with("1:10: !!int does not fit"));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! persists the state, publishes what the API shows, logs the story of each
 //! rollout and hands notes to the notes writer.
 
-mod metrics;
 mod notebook;
 pub mod persist;
 mod recover;
@@ -18,15 +17,14 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-pub use metrics::DriverMetrics;
 use notebook::NoteBook;
 pub use persist::PersistError;
 use views::{ViewBuilder, timestamp};
 
 use crate::desired::DesiredState;
-use crate::fleet::{FleetHandle, PushOutcome};
+use crate::fleet::FleetHandle;
 use crate::gitsrc::{GitHandle, Status as GitStatus};
 use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
@@ -35,6 +33,8 @@ use crate::reconcile::{
     self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
     Stable,
 };
+use crate::telemetry::rollout::{ConfigPushed, Planned, RolloutEvent, RolloutMetrics};
+use crate::telemetry::{InternalEvent, Registry};
 
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -51,7 +51,7 @@ pub struct DriverConfig {
 /// order (the order the planner is given the fleet in).
 pub type Assignments = Arc<[reconcile::Assignment]>;
 
-/// What the driver last decided, for the API and metrics.
+/// What the driver last decided, for the API.
 #[derive(Debug, Clone, Default)]
 pub struct DriverStatus {
     /// Grows with every published status (once per plan); 0 before the first.
@@ -86,7 +86,7 @@ struct ControlRequest {
 pub struct DriverHandle {
     controls: mpsc::Sender<ControlRequest>,
     status: watch::Receiver<Arc<DriverStatus>>,
-    pub metrics: Arc<DriverMetrics>,
+    metrics: RolloutMetrics,
 }
 
 impl DriverHandle {
@@ -96,6 +96,11 @@ impl DriverHandle {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<DriverStatus>> {
         self.status.clone()
+    }
+
+    /// Adds the driver's metrics to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 
     /// Pause, resume or promote a group's rollout; answers its new status.
@@ -143,7 +148,7 @@ pub fn spawn(
     };
     let (controls_tx, controls) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Arc::new(DriverStatus::default()));
-    let metrics = Arc::new(DriverMetrics::default());
+    let metrics = RolloutMetrics::default();
     let handle = DriverHandle {
         controls: controls_tx,
         status,
@@ -178,7 +183,7 @@ struct Driver {
     assignments: watch::Sender<Assignments>,
     notes: Option<NotesHandle>,
     status: watch::Sender<Arc<DriverStatus>>,
-    metrics: Arc<DriverMetrics>,
+    metrics: RolloutMetrics,
     views: ViewBuilder,
     book: NoteBook,
     /// When the commits of live rollouts were first seen, for the commit-to-complete time.
@@ -308,9 +313,12 @@ impl Driver {
             state: &self.state,
             now: timestamp(now_wall),
         });
-        self.metrics.planned();
         for event in &events {
-            self.log_event(event, now_wall);
+            let took = match event {
+                Event::Complete { commit: Some(c), .. } => self.since_seen(c, now_wall),
+                _ => None,
+            };
+            RolloutEvent { event, took }.emit(&self.metrics);
         }
         if state != self.state {
             self.state = state;
@@ -326,19 +334,26 @@ impl Driver {
         }
         for push in &pushes {
             match self.fleet.push(push.uid.clone(), push.bundle.clone()).await {
-                Ok(outcome) => {
-                    self.metrics.pushed(push.reason, outcome);
-                    debug!(agent = %push.uid, group = %push.group, hash = %push.bundle.hash(), reason = ?push.reason, outcome = ?outcome, "pushed config");
-                    if outcome == PushOutcome::NotAccepted {
-                        warn!(agent = %push.uid, "push refused: the agent does not accept remote config");
-                    }
+                Ok(outcome) => ConfigPushed {
+                    agent: &push.uid,
+                    group: &push.group,
+                    hash: &push.bundle.hash(),
+                    reason: push.reason,
+                    outcome,
                 }
+                .emit(&self.metrics),
                 Err(_) => break,
             }
         }
         self.publish(&commit, &agents, &groups);
         let notes = self.book.after_plan(&commit, &groups, &events, now_wall);
         self.submit_notes(notes);
+    }
+
+    /// How long ago `commit` was first seen at the tip, while it is remembered.
+    fn since_seen(&self, commit: &CommitId, now: SystemTime) -> Option<Duration> {
+        let seen = self.seen.get(commit)?;
+        Some(now.duration_since(*seen).unwrap_or_default())
     }
 
     fn publish(
@@ -351,6 +366,11 @@ impl Driver {
         for a in agents {
             *by_state.entry(a.state).or_default() += 1;
         }
+        Planned {
+            agents_by_state: &by_state,
+            phases: groups.values().map(|g| g.phase),
+        }
+        .emit(&self.metrics);
         self.assignments.send_replace(Arc::from(agents));
         let version = self.status.borrow().version + 1;
         self.status.send_replace(Arc::new(DriverStatus {
@@ -450,80 +470,6 @@ impl Driver {
         if let Some(writer) = &self.notes {
             for note in notes {
                 writer.submit(note);
-            }
-        }
-    }
-
-    fn log_event(&mut self, event: &Event, now: SystemTime) {
-        let short = |c: &Option<CommitId>| c.as_ref().map_or("-".to_string(), |c| c.short().to_string());
-        match event {
-            Event::RolloutStarted {
-                group,
-                commit,
-                hash,
-                waves,
-                targeted,
-            } => {
-                info!(group = %group, commit = %short(commit), hash = %hash, waves, agents = targeted, "rollout started")
-            }
-            Event::WaveOpened {
-                group,
-                commit,
-                wave,
-                agents,
-            } => {
-                info!(group = %group, commit = %short(commit), wave, agents, "wave opened")
-            }
-            Event::WaveDone { group, commit, wave } => {
-                info!(group = %group, commit = %short(commit), wave, "wave done")
-            }
-            Event::AgentFailed {
-                group,
-                agent,
-                hash,
-                error,
-            } => {
-                self.metrics.agent_failed();
-                warn!(group = %group, agent = %agent, hash = %hash, error = %error, "agent failed")
-            }
-            Event::Halted {
-                group,
-                commit,
-                failures,
-            } => {
-                self.metrics.rollout_ended("halted");
-                warn!(group = %group, commit = %short(commit), failures, "rollout halted")
-            }
-            Event::RolledBack { group, agent, hash } => {
-                info!(group = %group, agent = %agent, hash = %hash, "rolled back")
-            }
-            Event::Complete { group, commit, hash } => {
-                self.metrics.rollout_ended("complete");
-                if let Some(seen) = commit.as_ref().and_then(|c| self.seen.get(c)) {
-                    self.metrics
-                        .observe_commit_to_complete(now.duration_since(*seen).unwrap_or_default());
-                }
-                info!(group = %group, commit = %short(commit), hash = %hash, "rollout complete")
-            }
-            Event::Superseded {
-                group,
-                commit,
-                hash,
-                by,
-            } => {
-                self.metrics.rollout_ended("superseded");
-                info!(group = %group, commit = %short(commit), hash = %hash, by = %by, "rollout superseded")
-            }
-            Event::RevertPushed {
-                group,
-                commit,
-                hash,
-                agents,
-            } => {
-                info!(group = %group, commit = %short(commit), hash = %hash, agents, "revert pushed to every agent")
-            }
-            Event::DriftHealed { group, agent, hash } => {
-                info!(group = %group, agent = %agent, hash = %hash, "drift healed")
             }
         }
     }

@@ -17,13 +17,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use capabilities::Capabilities;
-pub use record::{
-    AgentRecord, Contact, Delivery, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision, Transport,
-};
+pub use record::{AgentRecord, Contact, Delivery, Description, Health, RemoteConfigState, RemoteStatus, ReplyDecision};
+
+// Defined in `model` so that the layers below the fleet (telemetry) can name them too.
+pub use crate::model::{PushOutcome, Transport};
 
 use crate::desired::ConfigBundle;
 use crate::model::{ConfigHash, InstanceUid};
 use crate::proto::AgentToServer;
+use crate::telemetry::fleet::FleetCounts;
+use crate::telemetry::{self, Registry};
 
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
@@ -59,6 +62,19 @@ impl FleetSnapshot {
         let mut v: Vec<_> = self.agents.values().collect();
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
         v
+    }
+
+    /// What the inventory gauges show: one pass over the records.
+    pub fn counts(&self) -> FleetCounts {
+        let mut counts = FleetCounts {
+            uid_clashes: self.uid_clashes,
+            version: self.version,
+            ..FleetCounts::default()
+        };
+        for r in self.agents.values() {
+            counts.add(r.connected, r.transport);
+        }
+        counts
     }
 }
 
@@ -149,23 +165,6 @@ pub struct Reply {
     pub clash: bool,
 }
 
-/// What became of a push.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PushOutcome {
-    /// Handed to the agent's WebSocket (a newer push replaces it if it has
-    /// not gone out yet).
-    Sent,
-    /// Plain HTTP: goes out in the reply to the agent's next message, and in
-    /// every reply after until the agent reports its hash. A newer push replaces it.
-    Queued,
-    /// Unknown or offline agent; nothing was kept.
-    NotConnected,
-    /// The agent lacks AcceptsRemoteConfig (it must not be offered a config)
-    /// or ReportsRemoteConfig (it would never say whether it applied one).
-    NotAccepted,
-}
-
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the fleet task has stopped")]
 pub struct FleetStopped;
@@ -184,7 +183,13 @@ pub enum ReportError {
 pub struct FleetConfig {
     /// An HTTP agent silent for three of these is offline.
     pub heartbeat_interval: Duration,
+    /// An agent offline this long is forgotten.
+    pub retention: Duration,
 }
+
+/// The default of [`FleetConfig::retention`]: long enough that agents away
+/// for an outage keep their records (and their places in rollouts).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 enum Command {
     Report {
@@ -241,6 +246,17 @@ impl FleetHandle {
         self.snapshots.clone()
     }
 
+    /// Adds the inventory gauges to `registry`, counted from the newest
+    /// snapshot when scraped.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let snapshots = self.snapshots.clone();
+        telemetry::fleet::register(registry, move || {
+            // Counted outside the channel's lock, so the fleet task never waits for a scrape.
+            let snapshot = snapshots.borrow().clone();
+            snapshot.counts()
+        });
+    }
+
     /// Applies an agent's message and returns what the reply must carry.
     ///
     /// A WebSocket report waits for room in the fleet's queue (the socket
@@ -294,6 +310,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, Jo
     let fleet = Fleet {
         agents: HashMap::new(),
         heartbeat: config.heartbeat_interval,
+        retention: config.retention,
         uid_clashes: 0,
         snapshots: snap_tx,
         version: 0,
@@ -411,6 +428,7 @@ enum Dirty {
 struct Fleet {
     agents: HashMap<InstanceUid, Entry>,
     heartbeat: Duration,
+    retention: Duration,
     /// Second agents found under a uid in use, given a uid of their own.
     uid_clashes: u64,
     snapshots: watch::Sender<Arc<FleetSnapshot>>,
@@ -688,6 +706,18 @@ impl Fleet {
                 any = true;
             }
         }
+        let before = self.agents.len();
+        let retention = self.retention;
+        self.agents
+            .retain(|_, e| e.record.connected || mono.saturating_duration_since(e.seen) <= retention);
+        if self.agents.len() < before {
+            tracing::info!(
+                forgotten = before - self.agents.len(),
+                retention = %humantime::format_duration(retention),
+                "forgot agents offline longer than the retention"
+            );
+            any = true;
+        }
         if any {
             self.mark(Dirty::Changed);
         }
@@ -772,6 +802,7 @@ mod tests {
         let (h, _) = spawn(
             FleetConfig {
                 heartbeat_interval: heartbeat,
+                retention: Duration::from_secs(3600),
             },
             cancel.clone(),
         );
@@ -1143,6 +1174,24 @@ mod tests {
             fleet.push(uid.clone(), bundle("late")).await.unwrap(),
             PushOutcome::NotConnected
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn agents_offline_longer_than_the_retention_are_forgotten() {
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let (gone, staying) = (InstanceUid::Uuid([4; 16]), InstanceUid::Uuid([5; 16]));
+        poll(&fleet, &gone, 0, 0x1).await;
+        let mut snaps = fleet.subscribe();
+        snaps
+            .wait_for(|s| s.get(&gone).is_some_and(|r| !r.connected))
+            .await
+            .unwrap();
+        // Offline, but within the hour of retention: still listed.
+        tokio::time::sleep(Duration::from_secs(3000)).await;
+        assert!(fleet.snapshot().get(&gone).is_some());
+        poll(&fleet, &staying, 0, 0x1).await;
+        let s = snaps.wait_for(|s| s.get(&gone).is_none()).await.unwrap().clone();
+        assert!(s.get(&staying).is_some(), "a recent agent stays");
     }
 
     #[tokio::test(start_paused = true)]

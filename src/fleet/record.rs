@@ -9,25 +9,8 @@ use bytes::Bytes;
 
 use super::capabilities::Capabilities;
 use crate::desired::{AgentAttributes, ConfigFile};
-use crate::model::{ConfigHash, InstanceUid};
+use crate::model::{ConfigHash, InstanceUid, Transport};
 use crate::proto;
-
-/// How an agent talks to us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    WebSocket,
-    Http,
-}
-
-impl Transport {
-    /// The name the API and metrics use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::WebSocket => "websocket",
-            Transport::Http => "http",
-        }
-    }
-}
 
 /// The agent's description: attributes rendered as strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

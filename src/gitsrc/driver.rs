@@ -9,11 +9,15 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::repo::{self, Head};
-use super::{GitConfig, GitError, GitMetrics, Loaded, RepoLocation, Status, SyncError, SyncOutcome, fswatch};
+use super::{GitConfig, GitError, Loaded, RepoLocation, Status, SyncError, SyncOutcome, fswatch};
 use crate::model::CommitId;
+use crate::telemetry::InternalEvent;
+use crate::telemetry::git::{
+    CommitInvalid, CommitLoaded, CommitUnreadable, FetchFailed, FetchRecovered, FetchStarted, GitMetrics,
+};
 
 /// The first retry after a failed fetch; it doubles up to [`MAX_BACKOFF`] (or
 /// the poll interval, when shorter).
@@ -40,7 +44,7 @@ pub(super) struct Driver {
     repo_dir: PathBuf,
     desired: watch::Sender<Option<Arc<Loaded>>>,
     status: watch::Sender<Status>,
-    metrics: Arc<GitMetrics>,
+    metrics: GitMetrics,
     outcomes: VecDeque<(CommitId, Outcome)>,
     failures: u32,
 }
@@ -51,7 +55,7 @@ impl Driver {
         repo_dir: PathBuf,
         desired: watch::Sender<Option<Arc<Loaded>>>,
         status: watch::Sender<Status>,
-        metrics: Arc<GitMetrics>,
+        metrics: GitMetrics,
     ) -> Driver {
         Driver {
             config,
@@ -133,15 +137,18 @@ impl Driver {
     /// One fetch, and the load of a new tip. Errors only when git could not be
     /// read; an invalid commit is a successful outcome with errors.
     async fn refresh(&mut self) -> Result<SyncOutcome, SyncError> {
-        GitMetrics::bump(&self.metrics.fetches);
+        FetchStarted.emit(&self.metrics);
         let head = self.fetch().await;
         let now = SystemTime::now();
         let head = match head {
             Ok(head) => head,
             Err(e) => {
-                GitMetrics::bump(&self.metrics.fetch_failures);
                 self.failures = self.failures.saturating_add(1);
-                warn!(error = %e, failures = self.failures, "fetch failed; keeping the last state");
+                FetchFailed {
+                    error: &e,
+                    failures: self.failures,
+                }
+                .emit(&self.metrics);
                 let reason = e.to_string();
                 self.status.send_modify(|s| {
                     s.last_fetch = Some(now);
@@ -151,12 +158,16 @@ impl Driver {
             }
         };
         if self.failures > 0 {
-            info!(failures = self.failures, "fetch recovered");
+            FetchRecovered {
+                failures: self.failures,
+            }
+            .emit(&self.metrics);
         }
         self.failures = 0;
         self.status.send_modify(|s| {
             s.last_fetch = Some(now);
             s.last_fetch_error = None;
+            s.last_success = Some(now);
             s.branch = Some(head.branch.clone());
         });
         let outcome = match self.remembered(&head.commit) {
@@ -164,9 +175,12 @@ impl Driver {
             None => match self.load(&head.commit, now).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
-                    GitMetrics::bump(&self.metrics.fetch_failures);
                     self.failures = 1;
-                    warn!(commit = %head.commit, error = %e, "reading commit failed");
+                    CommitUnreadable {
+                        commit: &head.commit,
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
                     let reason = e.to_string();
                     self.status.send_modify(|s| s.last_fetch_error = Some(reason.clone()));
                     return Err(SyncError::Fetch(reason));
@@ -204,8 +218,11 @@ impl Driver {
             .map_err(|e| GitError::Worker(e.to_string()))??;
         let outcome = match loaded {
             Ok(desired) => {
-                GitMetrics::bump(&self.metrics.commits_loaded);
-                info!(commit = %commit, groups = desired.groups.len(), "commit loaded");
+                CommitLoaded {
+                    commit,
+                    groups: desired.groups.len(),
+                }
+                .emit(&self.metrics);
                 Outcome::Valid(Arc::new(Loaded {
                     commit: commit.clone(),
                     desired,
@@ -213,8 +230,11 @@ impl Driver {
                 }))
             }
             Err(errors) => {
-                GitMetrics::bump(&self.metrics.commits_invalid);
-                warn!(commit = %commit, errors = errors.len(), "commit is invalid; keeping the last state");
+                CommitInvalid {
+                    commit,
+                    errors: errors.len(),
+                }
+                .emit(&self.metrics);
                 Outcome::Invalid(errors.into())
             }
         };

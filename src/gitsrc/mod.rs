@@ -10,6 +10,7 @@
 
 mod driver;
 mod fswatch;
+mod locate;
 pub mod notes;
 mod repo;
 pub mod tree;
@@ -17,7 +18,6 @@ pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::desired::DesiredState;
 use crate::model::CommitId;
+use crate::telemetry::Registry;
+use crate::telemetry::git::{GitCounts, GitMetrics};
+
+pub use locate::resolve;
 
 /// A git server that accepts a connection and then says nothing would hold a
 /// fetch (and every sync waiting on it) forever: libgit2 has no network
@@ -34,16 +38,28 @@ use crate::model::CommitId;
 const GIT_CONNECT_TIMEOUT_MS: i32 = 15_000;
 const GIT_IO_TIMEOUT_MS: i32 = 60_000;
 
-/// Gives every git network operation of this process connect and I/O timeouts.
+/// libgit2 keeps up to 256 MiB of objects in a cache and maps pack files
+/// in windows of up to 8 GiB in all: a large repository would take that much
+/// memory for a controller that reads a few small files from it.
+const GIT_CACHE_BYTES: usize = 16 << 20;
+const GIT_MAPPED_BYTES: usize = 64 << 20;
+const GIT_WINDOW_BYTES: usize = 8 << 20;
+
+/// Gives every git network operation of this process connect and I/O
+/// timeouts, and bounds the memory libgit2 keeps for object caches and
+/// mapped pack files.
 ///
 /// # Safety
 /// Sets libgit2 globals without synchronization: call it before any thread
 /// that may use git is spawned.
-pub unsafe fn set_network_timeouts() {
+pub unsafe fn set_process_limits() {
     // SAFETY: the caller guarantees no other thread uses libgit2 yet.
     unsafe {
         let _ = git2::opts::set_server_connect_timeout_in_milliseconds(GIT_CONNECT_TIMEOUT_MS);
         let _ = git2::opts::set_server_timeout_in_milliseconds(GIT_IO_TIMEOUT_MS);
+        let _ = git2::opts::set_mwindow_size(GIT_WINDOW_BYTES);
+        let _ = git2::opts::set_mwindow_mapped_limit(GIT_MAPPED_BYTES);
+        let _ = git2::opts::set_cache_max_size(GIT_CACHE_BYTES as isize);
     }
 }
 
@@ -144,19 +160,33 @@ pub struct GitConfig {
 pub enum GitError {
     #[error("no repository given (--repo URL|PATH)")]
     NoRepo,
-    #[error("opening repository {path}: {source}")]
+    #[error(
+        "unsupported URL scheme {scheme:?} in {url} (use https://, ssh://, file://, user@host:path or a local path)"
+    )]
+    Scheme { scheme: String, url: String },
+    #[error("{}: no such file or directory (give the path of a git repository, or its URL)", .0.display())]
+    NoSuchPath(PathBuf),
+    #[error("{}: not a git repository, nor a folder inside one (run `git init` there and commit the config, or give the repository's URL)", .0.display())]
+    NotARepository(PathBuf),
+    #[error("--path {}: no such folder at the tip of branch {branch} ({commit})", .path.display())]
+    NoSuchFolder {
+        path: PathBuf,
+        branch: String,
+        commit: CommitId,
+    },
+    #[error("opening repository {path}: {}", .source.message())]
     Open { path: PathBuf, source: git2::Error },
-    #[error("preparing mirror {path}: {source}")]
+    #[error("preparing mirror {path}: {}", .source.message())]
     Mirror { path: PathBuf, source: git2::Error },
-    #[error("fetching {url}: {source}")]
+    #[error("fetching {url}: {}", .source.message())]
     Fetch { url: String, source: git2::Error },
-    #[error("finding the default branch of {url}: {source} (pass --branch)")]
+    #[error("finding the default branch of {url}: {} (pass --branch)", .source.message())]
     NoDefaultBranch { url: String, source: git2::Error },
     #[error("branch {branch} not found in {repo}")]
     BranchNotFound { branch: String, repo: String },
     #[error("HEAD of {repo} is not a branch (pass --branch)")]
     DetachedHead { repo: String },
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}: {}", .source.message())]
     Read { what: String, source: git2::Error },
     #[error(transparent)]
     Tree(tree::TreeError),
@@ -195,24 +225,38 @@ pub struct Status {
     /// when `head` is the loaded commit.
     pub head_errors: Vec<String>,
     /// When the last fetch (or local read) was attempted.
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::rfc3339::option::serialize")]
     pub last_fetch: Option<SystemTime>,
     /// Why the last fetch failed; `None` once one succeeds.
     pub last_fetch_error: Option<String>,
-}
-
-fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.collect_str(&humantime::format_rfc3339_seconds(*t)),
-        None => s.serialize_none(),
-    }
+    /// When a fetch (or local read) last succeeded.
+    #[serde(serialize_with = "crate::rfc3339::option::serialize")]
+    pub last_success: Option<SystemTime>,
 }
 
 impl Status {
-    /// `Ok(commit in force)`, or why there is none yet.
-    pub fn readiness(&self) -> Result<&CommitId, String> {
+    /// When the source went stale: the last success (or, before any, the
+    /// first failure) when it is older than `stale_after` and the newest
+    /// fetch failed.
+    pub fn stale_since(&self, now: SystemTime, stale_after: Duration) -> Option<SystemTime> {
+        self.last_fetch_error.as_ref()?;
+        let since = self.last_success.or(self.last_fetch)?;
+        (now.duration_since(since).unwrap_or_default() > stale_after).then_some(since)
+    }
+
+    /// `Ok(commit in force)`, or why there is none, or why it may no longer
+    /// be the newest: no fetch has succeeded for longer than `stale_after`.
+    pub fn readiness(&self, now: SystemTime, stale_after: Duration) -> Result<&CommitId, String> {
         if let Some(c) = &self.loaded {
-            return Ok(c);
+            return match self.stale_since(now, stale_after) {
+                Some(since) => Err(format!(
+                    "the repository has not been read since {} ({}); commit {} stays in force",
+                    crate::rfc3339::format(since),
+                    self.last_fetch_error.as_deref().unwrap_or("no fetch succeeded"),
+                    c.short()
+                )),
+                None => Ok(c),
+            };
         }
         if let (Some(head), Some(first)) = (&self.head, self.head_errors.first()) {
             let more = self.head_errors.len() - 1;
@@ -227,75 +271,6 @@ impl Status {
             return Err(e.clone());
         }
         Err("no commit loaded yet".to_string())
-    }
-}
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct GitMetrics {
-    fetches: AtomicU64,
-    fetch_failures: AtomicU64,
-    commits_loaded: AtomicU64,
-    commits_invalid: AtomicU64,
-}
-
-/// A copy of [`GitMetrics`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct MetricsSnapshot {
-    /// Fetches (or reads of a local repository) attempted.
-    pub fetches: u64,
-    pub fetch_failures: u64,
-    /// Commits that passed validation and were published.
-    pub commits_loaded: u64,
-    /// Commits rejected by validation.
-    pub commits_invalid: u64,
-}
-
-impl GitMetrics {
-    pub fn snapshot(&self) -> MetricsSnapshot {
-        MetricsSnapshot {
-            fetches: self.fetches.load(Ordering::Relaxed),
-            fetch_failures: self.fetch_failures.load(Ordering::Relaxed),
-            commits_loaded: self.commits_loaded.load(Ordering::Relaxed),
-            commits_invalid: self.commits_invalid.load(Ordering::Relaxed),
-        }
-    }
-
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl MetricsSnapshot {
-    /// The counters in Prometheus text format.
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        for (name, help, value) in [
-            (
-                "git_fetches_total",
-                "Fetches of the config repository attempted.",
-                self.fetches,
-            ),
-            (
-                "git_fetch_failures_total",
-                "Fetches of the config repository that failed.",
-                self.fetch_failures,
-            ),
-            (
-                "git_commits_loaded_total",
-                "Commits that passed validation and were loaded.",
-                self.commits_loaded,
-            ),
-            (
-                "git_commits_invalid_total",
-                "Commits rejected by validation.",
-                self.commits_invalid,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP opamp_gitops_{name} {help}");
-            let _ = writeln!(out, "# TYPE opamp_gitops_{name} counter");
-            let _ = writeln!(out, "opamp_gitops_{name} {value}");
-        }
     }
 }
 
@@ -329,7 +304,7 @@ pub struct GitHandle {
     status: watch::Receiver<Status>,
     syncs: mpsc::Sender<oneshot::Sender<Result<SyncOutcome, SyncError>>>,
     wake: Arc<Notify>,
-    metrics: Arc<GitMetrics>,
+    metrics: GitMetrics,
     webhook_secret: Option<Arc<[u8]>>,
     repo_dir: PathBuf,
     subdir: Option<PathBuf>,
@@ -369,8 +344,14 @@ impl GitHandle {
         self.wake.notify_one();
     }
 
-    pub fn metrics(&self) -> MetricsSnapshot {
-        self.metrics.snapshot()
+    /// The git source's counters now.
+    pub fn metrics(&self) -> GitCounts {
+        self.metrics.counts()
+    }
+
+    /// Adds the git source's metrics to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 
     /// The repository that holds the commits: the local repository itself, or
@@ -421,7 +402,7 @@ impl GitSource {
         });
         let (sync_tx, sync_rx) = mpsc::channel(64);
         let wake = Arc::new(Notify::new());
-        let metrics = Arc::new(GitMetrics::default());
+        let metrics = GitMetrics::default();
         let remote_url = match &config.repo {
             RepoLocation::Local(_) => None,
             RepoLocation::Remote(url) => Some(url.clone()),
@@ -473,32 +454,32 @@ mod tests {
 
     #[test]
     fn readiness_reasons() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let minute = Duration::from_secs(60);
         let mut s = Status::default();
-        assert_eq!(s.readiness(), Err("no commit loaded yet".to_string()));
+        assert_eq!(s.readiness(now, minute), Err("no commit loaded yet".to_string()));
         s.last_fetch_error = Some("fetching x: down".into());
-        assert_eq!(s.readiness(), Err("fetching x: down".to_string()));
+        assert_eq!(s.readiness(now, minute), Err("fetching x: down".to_string()));
         s.head = Some(CommitId::new("ab".repeat(20)));
         s.head_errors = vec!["groups/a.yaml:1:2: bad".into(), "b".into()];
         assert_eq!(
-            s.readiness(),
+            s.readiness(now, minute),
             Err("commit abababababab is invalid: groups/a.yaml:1:2: bad (and 1 more)".to_string())
         );
         s.loaded = Some(CommitId::new("cd".repeat(20)));
-        assert!(s.readiness().is_ok());
-    }
-
-    #[test]
-    fn prometheus_text() {
-        let mut out = String::new();
-        MetricsSnapshot {
-            fetches: 3,
-            fetch_failures: 1,
-            commits_loaded: 2,
-            commits_invalid: 0,
-        }
-        .write_prometheus(&mut out);
-        assert!(out.contains("opamp_gitops_git_fetches_total 3\n"));
-        assert!(out.contains("# TYPE opamp_gitops_git_fetch_failures_total counter\n"));
+        s.last_fetch = Some(now);
+        s.last_success = Some(now - minute / 2);
+        assert!(s.readiness(now, minute).is_ok(), "failing, but not for long");
+        s.last_success = Some(now - minute * 2);
+        assert_eq!(
+            s.readiness(now, minute),
+            Err(
+                "the repository has not been read since 2027-01-15T08:28:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
+                    .to_string()
+            )
+        );
+        s.last_fetch_error = None;
+        assert!(s.readiness(now, minute).is_ok(), "a fetch succeeded since");
     }
 
     #[test]

@@ -19,9 +19,13 @@ const MERGE_NOTES_REF: &str = "refs/notes/opamp-gitops-merge";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotesError {
-    #[error("opening repository {path}: {source}")]
+    #[error("{}: not a git repository (give --repo a clone of the config repository)", .0.display())]
+    NotARepository(PathBuf),
+    #[error("opening repository {path}: {}", .source.message())]
     Open { path: PathBuf, source: git2::Error },
-    #[error("{what}: {source}")]
+    #[error("no remote named {0:?} in this repository (`git remote -v` lists them; give a remote's name or URL)")]
+    NoRemote(String),
+    #[error("{what}: {}", .source.message())]
     Git { what: String, source: git2::Error },
     #[error("{0} is not a commit id")]
     BadCommit(String),
@@ -88,9 +92,12 @@ impl NotesStore {
     }
 
     fn open(&self) -> Result<Repository, NotesError> {
-        Repository::open(&self.repo_path).map_err(|source| NotesError::Open {
-            path: self.repo_path.clone(),
-            source,
+        Repository::open(&self.repo_path).map_err(|source| match source.code() {
+            git2::ErrorCode::NotFound => NotesError::NotARepository(self.repo_path.clone()),
+            _ => NotesError::Open {
+                path: self.repo_path.clone(),
+                source,
+            },
         })
     }
 
@@ -256,8 +263,12 @@ fn all_notes(repo: &Repository, notes_ref: &str) -> Result<BTreeMap<CommitId, St
 }
 
 fn remote_for<'r>(repo: &'r Repository, remote: &str) -> Result<git2::Remote<'r>, NotesError> {
+    // A name that is no remote of the repository, and does not look like a
+    // URL or path either, is a typo: say so rather than what libgit2 says.
+    let url_like = remote.contains(['/', ':', '\\']);
     let r = match repo.find_remote(remote) {
         Ok(r) => Ok(r),
+        Err(_) if !url_like => return Err(NotesError::NoRemote(remote.to_string())),
         Err(_) => repo.remote_anonymous(remote),
     };
     git(|| format!("opening remote {remote}"), r)

@@ -71,6 +71,26 @@ fn resolve_branch(repo: &Repository, branch: &str, repo_name: &str) -> Result<Co
     Ok(CommitId::new(commit.id().to_string()))
 }
 
+/// Whether the tree of `commit` has the folder `subdir`.
+pub(crate) fn has_folder(repo_dir: &Path, commit: &CommitId, subdir: &Path) -> Result<bool, GitError> {
+    let read = |source| GitError::Read {
+        what: format!("commit {commit}"),
+        source,
+    };
+    let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
+        path: repo_dir.to_path_buf(),
+        source,
+    })?;
+    let oid = Oid::from_str(commit.as_str()).map_err(read)?;
+    let tree = repo.find_commit(oid).and_then(|c| c.tree()).map_err(read)?;
+    let Some(subdir) = desired::normalize_subdir(&subdir.to_string_lossy()) else {
+        return Ok(true);
+    };
+    Ok(tree
+        .get_path(Path::new(&subdir))
+        .is_ok_and(|entry| entry.kind() == Some(git2::ObjectType::Tree)))
+}
+
 /// Opens the bare mirror at `dir`, creating it on first use.
 fn open_mirror(dir: &Path) -> Result<Repository, GitError> {
     let mirror_err = |source| GitError::Mirror {

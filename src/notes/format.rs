@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{CommitId, ConfigHash, GroupName};
 pub use crate::reconcile::{AgentCounts, Control, Phase};
+use crate::rfc3339;
 
 /// The format marker written as `opamp-gitops: v1`.
 pub const FORMAT_VERSION: &str = "v1";
@@ -24,7 +25,7 @@ pub struct Note {
     #[serde(rename = "opamp-gitops")]
     pub version: String,
     pub commit: CommitId,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub updated: SystemTime,
     pub valid: bool,
     #[serde(default)]
@@ -45,9 +46,9 @@ pub struct NoteGroup {
     pub agents: AgentCounts,
     #[serde(default)]
     pub failures: Vec<Failure>,
-    #[serde(with = "rfc3339_opt", default)]
+    #[serde(with = "crate::rfc3339::option", default)]
     pub started: Option<SystemTime>,
-    #[serde(with = "rfc3339_opt", default)]
+    #[serde(with = "crate::rfc3339::option", default)]
     pub finished: Option<SystemTime>,
     /// Operator pause/resume/promote actions on this rollout, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -58,7 +59,7 @@ pub struct NoteGroup {
 #[serde(deny_unknown_fields)]
 pub struct NoteAction {
     pub action: Control,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub at: SystemTime,
 }
 
@@ -86,7 +87,7 @@ impl Note {
     fn write_yaml(&self, out: &mut String) -> std::fmt::Result {
         writeln!(out, "opamp-gitops: {}", self.version)?;
         writeln!(out, "commit: {}", scalar(self.commit.as_str()))?;
-        writeln!(out, "updated: {}", humantime::format_rfc3339_seconds(self.updated))?;
+        writeln!(out, "updated: {}", rfc3339::format(self.updated))?;
         writeln!(out, "valid: {}", self.valid)?;
         if self.errors.is_empty() {
             writeln!(out, "errors: []")?;
@@ -131,13 +132,7 @@ impl Note {
                 let actions: Vec<String> = g
                     .actions
                     .iter()
-                    .map(|a| {
-                        format!(
-                            "{{action: {}, at: {}}}",
-                            a.action.as_str(),
-                            humantime::format_rfc3339_seconds(a.at)
-                        )
-                    })
+                    .map(|a| format!("{{action: {}, at: {}}}", a.action.as_str(), rfc3339::format(a.at)))
                     .collect();
                 writeln!(out, "    actions: [{}]", actions.join(", "))?;
             }
@@ -155,10 +150,7 @@ impl Note {
 }
 
 fn time_or_null(t: Option<SystemTime>) -> String {
-    t.map_or_else(
-        || "null".to_string(),
-        |t| humantime::format_rfc3339_seconds(t).to_string(),
-    )
+    t.map_or_else(|| "null".to_string(), rfc3339::format)
 }
 
 /// A plain scalar when YAML reads it back as the same string (so commit ids
@@ -176,40 +168,6 @@ fn scalar(s: &str) -> String {
 /// A double-quoted YAML string; JSON string syntax is valid YAML.
 fn quoted(s: &str) -> String {
     serde_json::to_string(s).expect("a string always serializes")
-}
-
-mod rfc3339 {
-    use std::time::SystemTime;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_seconds(*t))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-mod rfc3339_opt {
-    use std::time::SystemTime;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => super::rfc3339::serialize(t, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|s| humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 mod hash_hex {

@@ -32,7 +32,7 @@ pub fn collect(history: Vec<(CommitInfo, Option<String>)>) -> Vec<CommitStatus> 
             CommitStatus {
                 commit: info.id.to_string(),
                 summary: info.summary,
-                time: humantime::format_rfc3339_seconds(info.time).to_string(),
+                time: crate::rfc3339::format(info.time),
                 note,
                 note_error,
             }
@@ -76,7 +76,10 @@ pub fn render_text(rows: &[CommitStatus]) -> String {
             (None, None) => line("-", "not processed", "-".into(), "-".into(), "-".into()),
             (Some(n), _) if !n.valid => line(
                 "-",
-                &format!("invalid ({} errors)", n.errors.len()),
+                &match n.errors.len() {
+                    1 => "invalid (1 error)".to_string(),
+                    many => format!("invalid ({many} errors)"),
+                },
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -200,7 +203,7 @@ mod tests {
             lines[1].starts_with("cccccccccccc") && lines[1].contains("not processed"),
             "{text}"
         );
-        assert!(lines[2].contains("invalid (1 errors)"), "{text}");
+        assert!(lines[2].contains("invalid (1 error) "), "{text}");
         assert!(
             lines[3].contains("edge") && lines[3].contains("complete") && lines[3].contains("4/4"),
             "{text}"

@@ -3,7 +3,6 @@
 //! background, retrying failures with backoff.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,40 +12,15 @@ use tokio_util::sync::CancellationToken;
 use super::format::Note;
 use crate::gitsrc::notes::NotesStore;
 use crate::model::CommitId;
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    pub notes_written: AtomicU64,
-    pub write_failures: AtomicU64,
-}
-
-impl WriterStats {
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write;
-        let written = self.notes_written.load(Ordering::Relaxed);
-        let failures = self.write_failures.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP opamp_gitops_notes_written_total Git notes written (and pushed, for a remote)."
-        );
-        let _ = writeln!(out, "# TYPE opamp_gitops_notes_written_total counter");
-        let _ = writeln!(out, "opamp_gitops_notes_written_total {written}");
-        let _ = writeln!(
-            out,
-            "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried)."
-        );
-        let _ = writeln!(out, "# TYPE opamp_gitops_notes_write_failures_total counter");
-        let _ = writeln!(out, "opamp_gitops_notes_write_failures_total {failures}");
-    }
-}
+use crate::telemetry::notes::{NotesMetrics, NotesWriteFailed, NotesWritten};
+use crate::telemetry::{InternalEvent, Registry};
 
 /// Hands notes to the writer. Cheap to clone; `submit` never waits.
 #[derive(Clone)]
 pub struct NotesHandle {
     pending: Arc<Mutex<BTreeMap<CommitId, Note>>>,
     wake: Arc<Notify>,
-    pub stats: Arc<WriterStats>,
+    metrics: NotesMetrics,
 }
 
 impl NotesHandle {
@@ -57,6 +31,11 @@ impl NotesHandle {
             .expect("the pending map is never poisoned")
             .insert(note.commit.clone(), note);
         self.wake.notify_one();
+    }
+
+    /// Adds the writer's metrics to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 }
 
@@ -86,7 +65,7 @@ pub fn spawn(
     let handle = NotesHandle {
         pending: Arc::default(),
         wake: Arc::new(Notify::new()),
-        stats: Arc::default(),
+        metrics: NotesMetrics::default(),
     };
     let task = tokio::spawn(run(handle.clone(), Arc::new(store), backoff, cancel));
     (handle, task)
@@ -131,18 +110,17 @@ async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
     let result = tokio::task::spawn_blocking(move || store.write(&texts)).await;
     let error = match result {
         Ok(Ok(())) => {
-            handle
-                .stats
-                .notes_written
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            tracing::info!(notes = batch.len(), "notes written");
+            NotesWritten { notes: batch.len() }.emit(&handle.metrics);
             return true;
         }
         Ok(Err(e)) => e.to_string(),
         Err(e) => format!("notes writer panicked: {e}"),
     };
-    handle.stats.write_failures.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(error = %error, notes = batch.len(), "writing notes failed; will retry");
+    NotesWriteFailed {
+        error: &error,
+        notes: batch.len(),
+    }
+    .emit(&handle.metrics);
     let mut pending = handle.pending.lock().expect("the pending map is never poisoned");
     for (commit, note) in batch {
         pending.entry(commit).or_insert(note);
@@ -210,7 +188,7 @@ mod tests {
         wait_for(|| reader.read(&c).unwrap().is_some_and(|t| t.contains("valid: true"))).await;
         cancel.cancel();
         task.await.unwrap();
-        assert_eq!(h.stats.write_failures.load(Ordering::Relaxed), 0);
+        assert_eq!(h.metrics.write_failures(), 0);
     }
 
     #[tokio::test]
@@ -228,10 +206,10 @@ mod tests {
         };
         let (h, task) = start(store, backoff, &cancel);
         h.submit(note(&c, true));
-        wait_for(|| h.stats.write_failures.load(Ordering::Relaxed) >= 2).await;
-        assert_eq!(h.stats.notes_written.load(Ordering::Relaxed), 0);
+        wait_for(|| h.metrics.write_failures() >= 2).await;
+        assert_eq!(h.metrics.written(), 0);
         Repository::init_bare(&remote).unwrap();
-        wait_for(|| h.stats.notes_written.load(Ordering::Relaxed) == 1).await;
+        wait_for(|| h.metrics.written() == 1).await;
         let remote_repo = Repository::open(&remote).unwrap();
         let oid = git2::Oid::from_str(c.as_str()).unwrap();
         assert!(

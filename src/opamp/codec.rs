@@ -5,16 +5,25 @@ use std::io::Read;
 
 use bytes::Bytes;
 use flate2::Compression;
-use flate2::read::{GzDecoder, GzEncoder};
+use flate2::read::{GzEncoder, MultiGzDecoder};
 use prost::Message;
+
+use crate::proto::elements::{self, Elements, TooMany};
 
 /// The default largest message, after decompression.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// The most message elements (nested messages, list and map entries) one
+/// message may hold: far above what an agent reports (attributes, component
+/// health, config files), and it bounds what decoding a message can allocate
+/// to some tens of MiB whatever its bytes say.
+pub const MAX_MESSAGE_ELEMENTS: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("message is {size} bytes, over the limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    #[error("message holds {0}")]
+    TooMany(#[from] TooMany),
     #[error("WebSocket header {0} is not 0")]
     BadHeader(u64),
     #[error("malformed protobuf: {0}")]
@@ -31,7 +40,7 @@ pub enum DecodeError {
 /// from before November 2022 send the bare protobuf. A protobuf message never
 /// starts with a 0x00 byte (field number 0 is invalid), so a leading 0x00 is
 /// the header and anything else is a headerless message.
-pub fn decode_ws<M: Message + Default>(frame: &[u8], limit: usize) -> Result<M, DecodeError> {
+pub fn decode_ws<M: Message + Default + Elements>(frame: &[u8], limit: usize) -> Result<M, DecodeError> {
     if frame.len() > limit {
         return Err(DecodeError::TooLarge {
             size: frame.len(),
@@ -47,7 +56,13 @@ pub fn decode_ws<M: Message + Default>(frame: &[u8], limit: usize) -> Result<M, 
         }
         _ => frame,
     };
-    Ok(M::decode(payload)?)
+    decode(payload)
+}
+
+/// Decodes a message whose element count is within [`MAX_MESSAGE_ELEMENTS`].
+fn decode<M: Message + Default + Elements>(bytes: &[u8]) -> Result<M, DecodeError> {
+    elements::check::<M>(bytes, MAX_MESSAGE_ELEMENTS)?;
+    Ok(M::decode(bytes)?)
 }
 
 /// Encodes a message as a WebSocket binary frame: header 0, then the protobuf.
@@ -60,7 +75,7 @@ pub fn encode_ws<M: Message>(msg: &M) -> Vec<u8> {
 
 /// Decodes a plain-HTTP request body, inflating it first when the client sent
 /// `Content-Encoding: gzip`. The limit applies to the inflated size.
-pub fn decode_http<M: Message + Default>(
+pub fn decode_http<M: Message + Default + Elements>(
     body: &[u8],
     content_encoding: Option<&str>,
     limit: usize,
@@ -68,7 +83,7 @@ pub fn decode_http<M: Message + Default>(
     let encoding = content_encoding.map(str::trim).unwrap_or("");
     if encoding.eq_ignore_ascii_case("gzip") || encoding.eq_ignore_ascii_case("x-gzip") {
         let inflated = gunzip(body, limit)?;
-        Ok(M::decode(&inflated[..])?)
+        decode(&inflated)
     } else if encoding.is_empty() || encoding.eq_ignore_ascii_case("identity") {
         if body.len() > limit {
             return Err(DecodeError::TooLarge {
@@ -76,7 +91,7 @@ pub fn decode_http<M: Message + Default>(
                 limit,
             });
         }
-        Ok(M::decode(body)?)
+        decode(body)
     } else {
         Err(DecodeError::UnsupportedEncoding(encoding.to_string()))
     }
@@ -112,9 +127,11 @@ pub fn accepts_gzip(accept_encoding: &str) -> bool {
 
 /// Inflates at most `limit` bytes; a body that inflates beyond it is refused
 /// without inflating the rest (a gzip bomb costs us `limit` bytes, no more).
+/// A body of several gzip members (legal, and what some clients send) is
+/// inflated whole.
 fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
-    GzDecoder::new(body)
+    MultiGzDecoder::new(body)
         .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(DecodeError::Gzip)?;
@@ -199,6 +216,43 @@ mod tests {
                 size: 10_001,
                 limit: 10_000
             })
+        ));
+    }
+
+    #[test]
+    fn a_body_of_several_gzip_members_is_inflated_whole() {
+        let raw = sample().encode_to_vec();
+        let (head, tail) = raw.split_at(raw.len() / 2);
+        let mut body = Vec::new();
+        for part in [head, tail] {
+            GzEncoder::new(part, Compression::fast())
+                .read_to_end(&mut body)
+                .unwrap();
+        }
+        assert_eq!(
+            decode_http::<AgentToServer>(&body, Some("gzip"), 1024).unwrap(),
+            sample()
+        );
+    }
+
+    #[test]
+    fn many_empty_entries_are_refused_before_they_are_decoded() {
+        use crate::proto::{AgentDescription, KeyValue};
+        let bomb = AgentToServer {
+            agent_description: Some(AgentDescription {
+                non_identifying_attributes: vec![KeyValue::default(); MAX_MESSAGE_ELEMENTS],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let gz = encode_http(&bomb, true);
+        assert!(matches!(
+            decode_http::<AgentToServer>(&gz, Some("gzip"), DEFAULT_MAX_MESSAGE_BYTES),
+            Err(DecodeError::TooMany(TooMany::Elements(MAX_MESSAGE_ELEMENTS)))
+        ));
+        assert!(matches!(
+            decode_ws::<AgentToServer>(&encode_ws(&bomb), DEFAULT_MAX_MESSAGE_BYTES),
+            Err(DecodeError::TooMany(_))
         ));
     }
 

@@ -8,13 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::fleet::{ConnId, FleetHandle};
-use crate::metrics::Metrics;
+use crate::telemetry::opamp::OpampMetrics;
 
 /// Everything a session needs; cheap to clone.
 #[derive(Clone)]
 pub struct OpampContext {
     pub fleet: FleetHandle,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<OpampMetrics>,
     /// The largest message accepted, after decompression.
     pub max_message_bytes: usize,
     /// Fires when the server stops: WebSockets send a close frame and end.
@@ -32,7 +32,7 @@ pub struct OpampContext {
 impl OpampContext {
     pub fn new(
         fleet: FleetHandle,
-        metrics: Arc<Metrics>,
+        metrics: Arc<OpampMetrics>,
         max_message_bytes: usize,
         shutdown: CancellationToken,
         tracker: TaskTracker,

@@ -22,6 +22,11 @@ use crate::proto::{
     OpAmpConnectionSettings, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
     server_error_response,
 };
+use crate::telemetry::InternalEvent;
+use crate::telemetry::opamp::{
+    HttpBodyUnreadable, HttpMessageMalformed, HttpMessageTooBig, HttpOverloaded, MessageReceived, WebSocketClosed,
+    WebSocketMessageMalformed, WebSocketMessageTooBig, WebSocketOpened,
+};
 use sha2::Digest;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig, plus
@@ -233,9 +238,7 @@ mod close {
 /// replaced by a newer connection of the same agent, or the server stops.
 pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     let conn = ctx.next_conn_id();
-    ctx.metrics
-        .websocket_opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WebSocketOpened.emit(&ctx.metrics);
     let pushes = Arc::new(PushSlot::default());
     let close = ctx.shutdown.child_token();
     let link = WsLink {
@@ -255,6 +258,9 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_frame = Instant::now();
+    // A peer that stops reading would hold a write (and its buffered frame)
+    // forever: a frame not written within three intervals ends the connection.
+    let stuck_after = interval.saturating_mul(3);
 
     let end: Option<(u16, &'static str)> = loop {
         tokio::select! {
@@ -263,7 +269,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     tracing::info!(conn, "WebSocket silent for three heartbeat intervals; closing it");
                     break None;
                 }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                if !send(&mut socket, Message::Ping(Bytes::new()), stuck_after).await {
                     break None;
                 }
             }
@@ -285,7 +291,8 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     ..Default::default()
                 });
                 capabilities_sent = true;
-                if socket.send(frame).await.is_err() {
+                if !send(&mut socket, frame, stuck_after).await {
+                    tracing::info!(conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
                     break None;
                 }
                 ctx.fleet.delivered(conn, uid.clone(), bundle.hash()).await;
@@ -295,8 +302,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 let data = match frame {
                     None => break None,
                     Some(Err(e)) if is_too_big(&e) => {
-                        ctx.metrics.oversized.inc(Transport::WebSocket);
-                        tracing::warn!(conn, "WebSocket message over the size limit; closing the connection");
+                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
                         break Some((close::TOO_BIG, "message too big"));
                     }
                     Some(Err(e)) => {
@@ -313,16 +319,15 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     // too and then the stream ends.
                     Some(Ok(_)) => continue,
                 };
-                ctx.metrics.messages_received.inc(Transport::WebSocket);
+                MessageReceived { transport: Transport::WebSocket }.emit(&ctx.metrics);
                 let msg = match codec::decode_ws::<AgentToServer>(&data, ctx.max_message_bytes) {
                     Ok(msg) => msg,
-                    Err(DecodeError::TooLarge { .. }) => {
-                        ctx.metrics.oversized.inc(Transport::WebSocket);
+                    Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
+                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
                         break Some((close::TOO_BIG, "message too big"));
                     }
                     Err(e) => {
-                        ctx.metrics.decode_errors.inc(Transport::WebSocket);
-                        tracing::warn!(conn, error = %e, "malformed WebSocket message; closing the connection");
+                        WebSocketMessageMalformed { conn, error: &e }.emit(&ctx.metrics);
                         break Some((close::INVALID_PAYLOAD, "malformed OpAMP message"));
                     }
                 };
@@ -337,7 +342,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                         }),
                         ..Default::default()
                     };
-                    if socket.send(binary(&again)).await.is_err() {
+                    if !send(&mut socket, binary(&again), stuck_after).await {
                         break None;
                     }
                     continue;
@@ -360,7 +365,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                     }
                     Next::Close(code, reason) => break Some((code, reason)),
                 };
-                if socket.send(frame).await.is_err() {
+                if !send(&mut socket, frame, stuck_after).await {
                     break None;
                 }
             }
@@ -372,7 +377,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
             code,
             reason: reason.into(),
         };
-        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+        if send(&mut socket, Message::Close(Some(frame)), CLOSE_GRACE).await {
             // Wait briefly for the peer's close frame, so it sees a clean close.
             let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
         }
@@ -382,9 +387,13 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
     if let Some((uid, _)) = agent {
         ctx.fleet.closed(conn, uid).await;
     }
-    ctx.metrics
-        .websocket_closed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WebSocketClosed.emit(&ctx.metrics);
+}
+
+/// Writes `frame`; false when the connection failed or the peer took longer
+/// than `within` to take it.
+async fn send(socket: &mut WebSocket, frame: Message, within: Duration) -> bool {
+    matches!(tokio::time::timeout(within, socket.send(frame)).await, Ok(Ok(())))
 }
 
 /// The encoded frame; messages are encoded before an await so that the
@@ -405,7 +414,10 @@ fn is_too_big(e: &axum::Error) -> bool {
 /// (an unreadable or malformed body gets `error_response` BadRequest), except
 /// 413 for an oversized body and 408 for one that does not arrive in time.
 pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
-    ctx.metrics.messages_received.inc(Transport::Http);
+    MessageReceived {
+        transport: Transport::Http,
+    }
+    .emit(&ctx.metrics);
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     let gzipped = encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
     let limit = ctx.max_message_bytes;
@@ -428,8 +440,7 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
             return (StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response();
         }
         Err(BodyError::Read(e)) => {
-            ctx.metrics.decode_errors.inc(Transport::Http);
-            tracing::debug!(error = %e, "reading an HTTP body failed");
+            HttpBodyUnreadable { error: &e }.emit(&ctx.metrics);
             let reply = error_reply(
                 Bytes::new(),
                 ServerErrorResponseType::BadRequest,
@@ -443,10 +454,9 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         .and_then(|v| v.to_str().ok())
         .is_some_and(codec::accepts_gzip);
     let reply = match codec::decode_http::<AgentToServer>(&body, encoding, limit) {
-        Err(DecodeError::TooLarge { .. }) => return too_large(ctx),
+        Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => return too_large(ctx),
         Err(e) => {
-            ctx.metrics.decode_errors.inc(Transport::Http);
-            tracing::warn!(error = %e, "malformed HTTP OpAMP message");
+            HttpMessageMalformed { error: &e }.emit(&ctx.metrics);
             error_reply(Bytes::new(), ServerErrorResponseType::BadRequest, e.to_string())
         }
         Ok(msg) => {
@@ -473,8 +483,7 @@ const RETRY_AFTER_SECS: u64 = 30;
 /// 503 with `Retry-After`, and the same advice in an `error_response` for
 /// clients that read only the body.
 fn overloaded(ctx: &OpampContext, uid: Bytes) -> Response {
-    ctx.metrics.overloaded.inc(Transport::Http);
-    tracing::warn!("fleet queue full: an HTTP agent is asked to retry later");
+    HttpOverloaded.emit(&ctx.metrics);
     overloaded_response(uid)
 }
 
@@ -493,8 +502,7 @@ fn overloaded_response(uid: Bytes) -> Response {
 }
 
 fn too_large(ctx: &OpampContext) -> Response {
-    ctx.metrics.oversized.inc(Transport::Http);
-    tracing::warn!("HTTP OpAMP message over the size limit");
+    HttpMessageTooBig.emit(&ctx.metrics);
     StatusCode::PAYLOAD_TOO_LARGE.into_response()
 }
 
@@ -633,6 +641,7 @@ mod tests {
         let (fleet, _task) = crate::fleet::spawn(
             crate::fleet::FleetConfig {
                 heartbeat_interval: Duration::from_secs(30),
+                retention: crate::fleet::DEFAULT_RETENTION,
             },
             tokio_util::sync::CancellationToken::new(),
         );

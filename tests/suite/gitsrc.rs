@@ -311,7 +311,13 @@ async fn sync_endpoint_answers_the_commit_it_reached() {
     assert_eq!(handle.metrics().commits_loaded, before.commits_loaded);
     assert_eq!(handle.metrics().fetches, before.fetches + 1);
 
-    assert_eq!(handle.status().borrow().readiness(), Ok(&second));
+    assert_eq!(
+        handle
+            .status()
+            .borrow()
+            .readiness(std::time::SystemTime::now(), std::time::Duration::from_secs(300)),
+        Ok(&second)
+    );
     cancel.cancel();
 }
 
@@ -387,7 +393,13 @@ async fn invalid_commit_leaves_the_previous_state_in_force() {
     );
     assert!(status.head_errors.iter().any(|e| e.starts_with("groups/broken.yaml:")));
     // Still ready: a good commit is in force.
-    assert_eq!(handle.status().borrow().readiness(), Ok(&good));
+    assert_eq!(
+        handle
+            .status()
+            .borrow()
+            .readiness(std::time::SystemTime::now(), std::time::Duration::from_secs(300)),
+        Ok(&good)
+    );
 
     // A rejected commit is not validated again.
     assert_eq!(handle.metrics().commits_invalid, 1);
@@ -414,7 +426,11 @@ async fn not_ready_until_a_commit_is_loaded() {
     let cfg = config(RepoLocation::Local(tmp.path().join("r.git")), tmp.path(), NEVER);
     let handle = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     wait_status(&handle, "the invalid head", |s| s.head.as_ref() == Some(&bad)).await;
-    let reason = handle.status().borrow().readiness().unwrap_err();
+    let reason = handle
+        .status()
+        .borrow()
+        .readiness(std::time::SystemTime::now(), std::time::Duration::from_secs(300))
+        .unwrap_err();
     assert!(
         reason.contains("is invalid") && reason.contains("configs/missing.yaml"),
         "{reason}"
@@ -426,7 +442,11 @@ async fn not_ready_until_a_commit_is_loaded() {
     let missing = GitSource::spawn(cfg, cancel.clone()).unwrap().0;
     let addr = serve(&missing).await;
     wait_status(&missing, "a fetch error", |s| s.last_fetch_error.is_some()).await;
-    let reason = missing.status().borrow().readiness().unwrap_err();
+    let reason = missing
+        .status()
+        .borrow()
+        .readiness(std::time::SystemTime::now(), std::time::Duration::from_secs(300))
+        .unwrap_err();
     assert!(reason.contains("opening repository"), "{reason}");
     let (code, body) = http(addr, "POST", "/api/v1/sync", &[], b"").await;
     assert_eq!(code, 502);
@@ -671,4 +691,61 @@ async fn http_remote_takes_a_token_from_a_file() {
     let status = wait_status(&handle, "a fetch error", |s| s.last_fetch_error.is_some()).await;
     assert!(status.last_fetch_error.unwrap().contains("--git-token-file"));
     cancel.cancel();
+}
+
+/// The whole controller on a remote that goes away: `/readyz` and the groups
+/// API say the source is stale, with since when, once fetches have failed
+/// for longer than allowed, and recover with the remote.
+#[tokio::test]
+async fn a_stale_repository_shows_in_readiness_and_the_groups_api() {
+    let remote = Remote::new();
+    commit(&remote.repo, "main", &valid_files("debug"), "first");
+    let mut serve = opamp_gitops::app::ServeConfig::local();
+    serve.git = Some(config(remote.location(), &remote.state, Duration::from_millis(100)));
+    serve.source_stale_after = Duration::from_millis(500);
+    let running = opamp_gitops::app::start(serve, CancellationToken::new()).await.unwrap();
+    let api = running.api_addr;
+    let get = |path: &'static str| http(api, "GET", path, &[], b"");
+    let until = |what: &'static str, pred: fn(u16, &serde_json::Value) -> bool| async move {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let (status, body) = get("/readyz").await;
+                if pred(status, &body) {
+                    return body;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    };
+    until("ready", |s, _| s == 200).await;
+
+    let away = remote.dir.with_file_name("moved-away.git");
+    std::fs::rename(&remote.dir, &away).unwrap();
+    let body = until("stale", |s, _| s == 503).await;
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the repository has not been read since "),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("fetching file://") && reason.ends_with("stays in force"),
+        "{reason}"
+    );
+    let (_, groups) = get("/api/v1/groups").await;
+    assert!(groups["source"]["stale_since"].is_string(), "{groups}");
+    assert_eq!(
+        groups["source"]["stale_since"], groups["source"]["last_success"],
+        "{groups}"
+    );
+    assert_eq!(
+        groups["groups"][0]["name"], "edge",
+        "the commit in force stays: {groups}"
+    );
+
+    std::fs::rename(&away, &remote.dir).unwrap();
+    until("ready again", |s, _| s == 200).await;
+    let (_, groups) = get("/api/v1/groups").await;
+    assert!(groups["source"]["stale_since"].is_null(), "{groups}");
 }

@@ -1,6 +1,8 @@
 //! The integration tests, linked into one binary: each module was a test
 //! file of its own, and `common` is the harness they share (the controller
-//! in-process or as a child process, OpAMP clients, git fixtures).
+//! in-process or as a child process, OpAMP clients, git fixtures). Only
+//! `tests/limits.rs` runs in a process of its own: it takes nearly every
+//! file descriptor its process may open.
 
 mod common;
 
@@ -14,9 +16,12 @@ mod opamp_fleet;
 mod opamp_shutdown;
 mod opamp_transport;
 mod plan_cmd;
+mod readme;
 mod rollout_e2e;
 mod rollout_restart;
 mod rollout_supervisor;
+mod serve_start;
 mod simulate_cli;
 mod simulate_e2e;
+mod tls;
 mod validate;

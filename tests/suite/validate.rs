@@ -126,11 +126,29 @@ fn a_broken_copy_reports_every_problem() {
         "configs/common/extensions.yaml:10:30: service.extensions[1]: extension \"pprof\" is not defined under extensions (groups \"app-trace-agents\", \"edge-gateways\", \"infra-metrics-agents\")",
         "groups/default.yaml:4:1: owner: unknown key (expected one of: description, priority, selector, config, rollout)",
         "groups/default.yaml:8:7: config[\"\"]: no such file: configs/defaults.yaml",
-        "groups/edge-gateways.yaml:14:17: rollout.waves: the last wave must be 100% (the whole group), found 50%",
+        "groups/edge-gateways.yaml:12:17: rollout.waves: the last wave must be 100% (the whole group), found 50%",
         "groups/infra-metrics-agents.yaml:12:9: rollout.bake: invalid duration \"soon\": expected number at 0 (examples: 30s, 5m, 1h 30m)",
     ];
     assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), expected);
     assert_eq!(stderr(&out).trim(), "invalid: 7 problems");
+}
+
+#[test]
+fn a_core_tag_the_collector_would_refuse_is_reported_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_dir(&example_repo(), &repo);
+    edit(
+        &repo.join("configs/gateway.yaml"),
+        "    endpoint: otlp.observability.example.com:4317",
+        "    endpoint: !!int otlp.observability.example.com:4317",
+    );
+    let out = validate(&["repo"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "configs/gateway.yaml:21:21: !!int does not fit \"otlp.observability.example.com:4317\", which reads as text (the collector refuses it; remove the tag or fix the value)\n"
+    );
 }
 
 #[test]
@@ -188,9 +206,19 @@ fn rev_validates_the_committed_tree_not_the_work_tree() {
 fn usage_errors_exit_2_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["does-not-exist"], "error: no such directory: does-not-exist"),
+        (
+            &["does-not-exist"],
+            "error: does-not-exist: no such folder (validate takes the repository's folder)",
+        ),
+        (
+            &["/etc/passwd"],
+            "error: /etc/passwd: not a folder (validate takes the repository's folder)",
+        ),
         (&[".", "--rev", "HEAD"], "is not a git repository"),
-        (&[".", "--path", "nope"], "error: no such directory: ./nope"),
+        (
+            &[".", "--path", "nope"],
+            "error: ./nope: no such folder (validate takes the folder that holds fleet.yaml and groups/)",
+        ),
         (&["--bogus-flag"], "unexpected argument '--bogus-flag'"),
     ];
     for (args, message) in cases {
@@ -485,5 +513,61 @@ fn a_collector_that_cannot_be_run_is_exit_2_with_a_message() {
         assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
         assert!(stderr(&out).contains(message.as_str()), "{name}: {}", stderr(&out));
         assert!(stdout(&out).is_empty(), "{name}: {}", stdout(&out));
+    }
+}
+
+/// Our check of core tags agrees with the collector's YAML parser, value by
+/// value: `validate` refuses exactly the tagged values the collector's parser
+/// refuses (its other complaints, such as the unknown top-level key that
+/// holds the value, do not count here).
+#[test]
+fn core_tags_are_judged_as_the_collector_judges_them() {
+    let bin = otelcol();
+    let dir = tempfile::tempdir().unwrap();
+    let values = [
+        "!!int 4317",
+        "!!int gateway:4317",
+        "!!int 0x1F",
+        "!!int 1.5",
+        "!!int 1_000",
+        "!!float 3",
+        "!!float x",
+        "!!bool true",
+        "!!bool yes",
+        "!!null ~",
+        "!!null 0",
+        "!!str 42",
+        "!!binary aGVsbG8=",
+        "!!binary not*base64",
+        "!!timestamp 2001-12-14",
+        "!!timestamp soon",
+    ];
+    for value in values {
+        let repo = dir.path().join("repo");
+        let _ = std::fs::remove_dir_all(&repo);
+        std::fs::create_dir_all(repo.join("groups")).unwrap();
+        std::fs::create_dir_all(repo.join("configs")).unwrap();
+        std::fs::write(repo.join("groups/all.yaml"), "config:\n  \"\": configs/all.yaml\n").unwrap();
+        let config = format!(
+            "receivers:\n  otlp:\n    protocols:\n      grpc: {{}}\nexporters:\n  debug: {{}}\n\
+             service:\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [debug]\n\
+             x-unused: {value}\n"
+        );
+        std::fs::write(repo.join("configs/all.yaml"), &config).unwrap();
+        let ours = validate(&["repo"], dir.path());
+        let file = repo.join("configs/all.yaml");
+        let theirs = std::process::Command::new(&bin)
+            .args(["validate", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let refused_by_parser = String::from_utf8_lossy(&theirs.stderr).contains("cannot decode")
+            || String::from_utf8_lossy(&theirs.stderr).contains("invalid base64");
+        assert_eq!(
+            ours.status.code() == Some(1),
+            refused_by_parser,
+            "{value}: ours {} / collector {}",
+            stdout(&ours),
+            String::from_utf8_lossy(&theirs.stderr)
+        );
     }
 }

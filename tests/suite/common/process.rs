@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::task::JoinHandle;
 
-use super::{DEADLINE, http_request, let_pass_at, wait_group_at};
+use super::{DEADLINE, follow, http_request, let_pass_at, wait_group_at};
 
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -39,10 +39,18 @@ impl Serve {
     /// Runs `opamp-gitops serve` with `args`, listening on `(opamp, api)`
     /// (port 0 for any), and waits until it listens.
     pub async fn start(args: &[&str], (opamp, api): (SocketAddr, SocketAddr)) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"));
+        command
             .arg("serve")
             .args(args)
-            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()])
+            .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()]);
+        Serve::run(command).await
+    }
+
+    /// Runs `command`, which runs `serve` (however: through a shell, say),
+    /// and waits until it listens.
+    pub async fn run(mut command: tokio::process::Command) -> Self {
+        let mut child = command
             // The app's info lines say where it listens; everything else only warnings.
             .env("RUST_LOG", "warn,opamp_gitops::app=info")
             .stdin(Stdio::null())
@@ -179,6 +187,23 @@ impl Controller {
             group,
             patience: DEADLINE * 2,
         }
+    }
+
+    /// The process id of the controller.
+    #[allow(dead_code, reason = "for tests/limits.rs, a binary of its own")]
+    pub fn pid(&self) -> u32 {
+        self.serve.child.id().expect("running")
+    }
+
+    /// Waits until the controller has loaded a commit (what `/readyz` reports),
+    /// following the groups' long poll, which a change of the repository's
+    /// status ends.
+    #[allow(dead_code, reason = "for tests/limits.rs, a binary of its own")]
+    pub async fn wait_ready(&self) {
+        follow(self.api, "/api/v1/groups", "a commit loaded", self.patience, |all| {
+            all["commit"].is_string().then_some(())
+        })
+        .await;
     }
 
     /// GET on the API, expecting 200; the body.

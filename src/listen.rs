@@ -1,0 +1,517 @@
+//! Admission for the two listeners: how many connections may be open, how
+//! many from one source address, and how long a connection may stay open
+//! without sending a request. The rest of HTTP is axum's.
+//!
+//! A connection that has not sent a request yet is *quiet*. When a listener
+//! is full, a new connection closes the oldest quiet one (of its own source
+//! when that source is at its limit) instead of being turned away, so a
+//! flood of sockets that never speak cannot lock real agents out; only when
+//! nothing is quiet is the new connection closed at once. A quiet connection
+//! is also closed when `quiet_for` passes. Each open connection, WebSockets
+//! included, holds its place until its socket closes.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::serve::IncomingStream;
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::telemetry::InternalEvent;
+use crate::telemetry::connections::{Closed, ConnectionClosed, ConnectionMetrics};
+use crate::tls::ServerTls;
+
+/// The limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Open connections from one IP address at most (0: no limit).
+    pub per_source: usize,
+    /// How long a connection may stay open before its first request.
+    pub quiet_for: Duration,
+}
+
+/// One open connection, as admission sees it.
+struct Conn {
+    source: IpAddr,
+    spoke: AtomicBool,
+    closing: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Conn {
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_quiet(&self) -> bool {
+        !self.spoke.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Default)]
+struct Source {
+    open: usize,
+    quiet: VecDeque<Weak<Conn>>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    /// Every connection in the order it was accepted, to find the oldest
+    /// quiet one; entries that spoke or closed are skipped and dropped.
+    quiet: VecDeque<Weak<Conn>>,
+    sources: HashMap<IpAddr, Source>,
+}
+
+/// The oldest connection of `queue` that is still quiet, marked closing.
+fn evict_oldest(queue: &mut VecDeque<Weak<Conn>>) -> bool {
+    while let Some(weak) = queue.pop_front() {
+        if let Some(conn) = weak.upgrade()
+            && conn.is_quiet()
+        {
+            conn.close();
+            return true;
+        }
+    }
+    false
+}
+
+/// Drops entries of connections that are gone or spoke, once they outnumber
+/// the live ones, so the queues stay proportional to what is open.
+fn compact(queue: &mut VecDeque<Weak<Conn>>, live: usize) {
+    if queue.len() > 2 * live + 16 {
+        queue.retain(|w| w.upgrade().is_some_and(|c| c.is_quiet()));
+    }
+}
+
+struct Admission {
+    limits: Limits,
+    open: Mutex<Open>,
+    metrics: ConnectionMetrics,
+}
+
+impl Admission {
+    /// A place for a connection from `source`, or `None` when there is no
+    /// room and nothing quiet to close.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Place> {
+        let mut open = self.open.lock().expect("admission lock");
+        let open = &mut *open;
+        let from_source = open.sources.get(&source).map_or(0, |s| s.open);
+        if self.limits.per_source > 0 && from_source >= self.limits.per_source {
+            let queue = &mut open.sources.get_mut(&source).expect("a source with connections").quiet;
+            if !self.evict_oldest(queue, source) {
+                return None;
+            }
+        } else if open.total >= self.limits.max_connections && !self.evict_oldest(&mut open.quiet, source) {
+            return None;
+        }
+        let conn = Arc::new(Conn {
+            source,
+            spoke: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        open.total += 1;
+        self.metrics.opened();
+        open.quiet.push_back(Arc::downgrade(&conn));
+        compact(&mut open.quiet, open.total);
+        let entry = open.sources.entry(source).or_default();
+        entry.open += 1;
+        entry.quiet.push_back(Arc::downgrade(&conn));
+        compact(&mut entry.quiet, entry.open);
+        Some(Place {
+            admission: self.clone(),
+            conn,
+        })
+    }
+
+    /// Closes the oldest quiet connection of `queue` for a new one from
+    /// `source`; false (and the new one is refused) when there is none.
+    fn evict_oldest(&self, queue: &mut VecDeque<Weak<Conn>>, source: IpAddr) -> bool {
+        let evicted = evict_oldest(queue);
+        let reason = if evicted { Closed::Evicted } else { Closed::Refused };
+        ConnectionClosed { reason, source }.emit(&self.metrics);
+        evicted
+    }
+
+    fn release(&self, source: IpAddr) {
+        self.metrics.released();
+        let mut open = self.open.lock().expect("admission lock");
+        open.total -= 1;
+        if let Some(s) = open.sources.get_mut(&source) {
+            s.open -= 1;
+            if s.open == 0 {
+                open.sources.remove(&source);
+            }
+        }
+    }
+}
+
+/// A connection's place; given back when its socket closes.
+struct Place {
+    admission: Arc<Admission>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.admission.release(self.conn.source);
+    }
+}
+
+/// `axum::serve` over an [`AdmittingListener`].
+pub type Serving = axum::serve::Serve<
+    AdmittingListener,
+    axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, Peer>,
+    axum::middleware::AddExtension<Router, ConnectInfo<Peer>>,
+>;
+
+/// A TCP listener that admits connections within [`Limits`].
+pub struct AdmittingListener {
+    inner: TcpListener,
+    admission: Arc<Admission>,
+    /// With TLS, handshakes run in tasks of their own (a slow client must
+    /// not hold up the accept loop) and come back here when done.
+    tls: Option<ServerTls>,
+    handshaken: (mpsc::Sender<Connection>, mpsc::Receiver<Connection>),
+}
+
+/// An accepted connection, as axum takes it.
+type Connection = (Admitted, Peer);
+
+impl AdmittingListener {
+    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics, tls: Option<ServerTls>) -> Self {
+        AdmittingListener {
+            inner,
+            admission: Arc::new(Admission {
+                limits,
+                open: Mutex::new(Open::default()),
+                metrics,
+            }),
+            tls,
+            handshaken: mpsc::channel(64),
+        }
+    }
+
+    /// Serves `router` on this listener: requests mark their connection as
+    /// having spoken.
+    pub fn serve(self, router: Router) -> Serving {
+        let router = router.layer(axum::middleware::from_fn(mark_spoken));
+        axum::serve(self, router.into_make_service_with_connect_info::<Peer>())
+    }
+}
+
+async fn mark_spoken(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
+    peer.conn.spoke.store(true, Ordering::Release);
+    next.run(request).await
+}
+
+/// The remote end of a connection, and its place in admission.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The subject of the client certificate the peer presented (mTLS).
+    pub certificate: Option<Arc<str>>,
+    conn: Arc<Conn>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, AdmittingListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, AdmittingListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+impl axum::serve::Listener for AdmittingListener {
+    type Io = Admitted;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Admitted, Peer) {
+        loop {
+            let accepted = tokio::select! {
+                Some(done) = self.handshaken.1.recv() => return done,
+                accepted = self.inner.accept() => accepted,
+            };
+            let (tcp, addr) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            };
+            let Some(place) = self.admission.admit(addr.ip()) else {
+                continue;
+            };
+            // Replies are small; do not let Nagle hold them back.
+            let _ = tcp.set_nodelay(true);
+            let quiet_for = self.admission.limits.quiet_for;
+            let peer = Peer {
+                addr,
+                certificate: None,
+                conn: place.conn.clone(),
+            };
+            let admitted = move |io| Admitted {
+                io,
+                place,
+                deadline: Some(Box::pin(tokio::time::sleep(quiet_for))),
+            };
+            let Some(tls) = &self.tls else {
+                return (admitted(Io::Plain(tcp)), peer);
+            };
+            let (acceptor, done) = (tls.acceptor().clone(), self.handshaken.0.clone());
+            tokio::spawn(async move {
+                // The handshake counts against the time to the first request.
+                let stream = match tokio::time::timeout(quiet_for, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(peer = %addr, "TLS handshake took too long"),
+                };
+                let certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::identity)
+                    .map(Arc::from);
+                let peer = Peer { certificate, ..peer };
+                let _ = done.send((admitted(Io::Tls(Box::new(stream))), peer)).await;
+            });
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Peer> {
+        let addr = self.inner.local_addr()?;
+        let conn = Arc::new(Conn {
+            source: addr.ip(),
+            spoke: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        Ok(Peer {
+            addr,
+            certificate: None,
+            conn,
+        })
+    }
+}
+
+/// As axum's own listener does: connection errors are the peer's business;
+/// anything else (out of file descriptors) waits a moment before trying again.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// An admitted connection's socket: reads end (as if the peer had closed)
+/// once the connection is closed by admission or stays quiet too long.
+pub struct Admitted {
+    io: Io,
+    place: Place,
+    /// When a quiet connection is closed; `None` once it spoke.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.deadline.is_some() {
+            let conn = &this.place.conn;
+            conn.waker.register(cx.waker());
+            if conn.closing.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            if conn.spoke.load(Ordering::Acquire) {
+                this.deadline = None;
+            } else if let Some(deadline) = &mut this.deadline
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                conn.closing.store(true, Ordering::Release);
+                let (reason, source) = (Closed::TimedOut, conn.source);
+                ConnectionClosed { reason, source }.emit(&this.place.admission.metrics);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+/// The socket, plain or with TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_connections: usize, per_source: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            limits: Limits {
+                max_connections,
+                per_source,
+                quiet_for: Duration::from_secs(10),
+            },
+            open: Mutex::new(Open::default()),
+            metrics: ConnectionMetrics::new("test"),
+        })
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn a_full_listener_closes_its_oldest_quiet_connection_for_a_new_one() {
+        let adm = admission(2, 0);
+        let first = adm.admit(A).unwrap();
+        let second = adm.admit(A).unwrap();
+        let third = adm.admit(B).expect("room made");
+        assert!(
+            first.conn.closing.load(Ordering::Acquire),
+            "the oldest quiet one closes"
+        );
+        assert!(!second.conn.closing.load(Ordering::Acquire));
+        assert_eq!(adm.metrics.closed(Closed::Evicted), 1);
+        drop(first);
+        // Both open ones spoke: nothing to close, the next is turned away.
+        second.conn.spoke.store(true, Ordering::Release);
+        third.conn.spoke.store(true, Ordering::Release);
+        assert!(adm.admit(B).is_none());
+        assert_eq!(adm.metrics.closed(Closed::Refused), 1);
+        drop(second);
+        assert!(adm.admit(B).is_some(), "a closed connection gives its place back");
+    }
+
+    #[test]
+    fn a_source_at_its_limit_makes_room_among_its_own_connections() {
+        let adm = admission(100, 2);
+        let b = adm.admit(B).unwrap();
+        let a1 = adm.admit(A).unwrap();
+        let a2 = adm.admit(A).unwrap();
+        let _a3 = adm.admit(A).expect("room made among A's");
+        assert!(a1.conn.closing.load(Ordering::Acquire));
+        assert!(
+            !b.conn.closing.load(Ordering::Acquire),
+            "another source's connection is left alone"
+        );
+        a2.conn.spoke.store(true, Ordering::Release);
+        drop(a1);
+        assert!(adm.admit(A).is_some(), "A's quiet third one is closed for it");
+        assert!(adm.admit(B).is_some());
+    }
+
+    #[test]
+    fn places_are_counted_back_and_queues_stay_small() {
+        let adm = admission(10, 0);
+        for _ in 0..10_000 {
+            let p = adm.admit(A).unwrap();
+            p.conn.spoke.store(true, Ordering::Release);
+        }
+        let open = adm.open.lock().unwrap();
+        assert_eq!(open.total, 0);
+        assert!(open.sources.is_empty());
+        assert!(open.quiet.len() <= 16 + 2, "{}", open.quiet.len());
+    }
+}

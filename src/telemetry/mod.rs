@@ -1,0 +1,319 @@
+//! Telemetry: one event type per thing that happens, whose `emit` logs it and
+//! counts it in one place, and the one metrics registry that `/metrics`
+//! renders in the Prometheus text format.
+//!
+//! A low layer: events carry plain data (the model's and the planner's types),
+//! never a task's handles, so every task can use it and it uses none of them.
+//! Agent ids go into logs, never into labels. Log lines keep the target of
+//! the component they tell about (`opamp_gitops::driver`...), so `RUST_LOG`
+//! filters by component.
+
+pub mod connections;
+pub mod fleet;
+pub mod git;
+pub mod notes;
+pub mod opamp;
+pub mod rollout;
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, prometheus_text};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Metric;
+
+/// Something that happened, told once: [`emit`](InternalEvent::emit) logs it
+/// and bumps its counters.
+pub trait InternalEvent {
+    /// The metrics it counts in: its component's part of the registry.
+    type Metrics;
+
+    fn emit(self, metrics: &Self::Metrics);
+}
+
+/// Every metric name starts with this and `_`.
+const PREFIX: &str = "opamp_gitops";
+
+/// The `Content-Type` of what [`Registry::encode`] writes: the Prometheus
+/// text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Every metric of one controller. Each component registers its metrics as
+/// it is wired up; `/metrics` renders them all.
+#[derive(Debug)]
+pub struct Registry(prometheus_client::registry::Registry);
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry(prometheus_client::registry::Registry::with_prefix(PREFIX))
+    }
+}
+
+impl Registry {
+    /// The Prometheus text exposition of every registered metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail, and no metric here fails to encode.
+        let _ = prometheus_text::encode(&mut out, &self.0);
+        out
+    }
+
+    /// Adds `metric` as `opamp_gitops_<name>` (a counter's samples get
+    /// `_total`). `help` is a sentence with its period.
+    fn add(&mut self, name: &str, help: &str, metric: impl Metric) {
+        // The encoder ends the help text with a period itself.
+        let help = help.strip_suffix('.').unwrap_or(help);
+        self.0.register(name, help, metric);
+    }
+
+    /// Adds metrics that are read when scraped.
+    fn add_collector(&mut self, collector: impl Collector) {
+        self.0.register_collector(Box::new(collector));
+    }
+}
+
+/// One metric per value of one label. The values are fixed when it is made
+/// and rendered in that order, and bumping one takes no lock: a look among a
+/// handful of values and one atomic add (the crate's `Family` makes label sets
+/// on first use, behind a lock, and renders them in hash order; ours are few
+/// and known up front).
+#[derive(Debug, Clone)]
+struct Labeled<M> {
+    label: &'static str,
+    cells: Arc<[(&'static str, M)]>,
+}
+
+impl<M: Default> Labeled<M> {
+    fn new(label: &'static str, values: impl IntoIterator<Item = &'static str>) -> Self {
+        Labeled {
+            label,
+            cells: values.into_iter().map(|v| (v, M::default())).collect(),
+        }
+    }
+}
+
+impl<M> Labeled<M> {
+    /// The metric of `value`; `None` for a value it was not made with.
+    fn get(&self, value: &str) -> Option<&M> {
+        self.cells.iter().find(|(v, _)| *v == value).map(|(_, m)| m)
+    }
+}
+
+impl Labeled<Counter> {
+    fn inc(&self, value: &str) {
+        if let Some(c) = self.get(value) {
+            c.inc();
+        }
+    }
+}
+
+impl Labeled<Gauge> {
+    fn set(&self, value: &str, n: u64) {
+        if let Some(g) = self.get(value) {
+            g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for Labeled<M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        for (value, metric) in self.cells.iter() {
+            metric.encode(encoder.encode_family(&[(self.label, *value)])?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{AgentState, PushOutcome, Transport};
+    use crate::reconcile::{Phase, PushReason};
+
+    /// Every metric, as registered by every component of a controller with a
+    /// repository, with some counts.
+    fn full() -> Registry {
+        let mut registry = Registry::default();
+        let opamp = opamp::OpampMetrics::default();
+        opamp.register(&mut registry);
+        fleet::register(&mut registry, || fleet::FleetCounts {
+            connected_websocket: 3,
+            connected_http: 2,
+            offline: 1,
+            uid_clashes: 4,
+            version: 7,
+        });
+        let git = git::GitMetrics::default();
+        git.register(&mut registry);
+        let rollout = rollout::RolloutMetrics::default();
+        rollout.register(&mut registry);
+        let notes = notes::NotesMetrics::default();
+        notes.register(&mut registry);
+
+        opamp::MessageReceived {
+            transport: Transport::Http,
+        }
+        .emit(&opamp);
+        opamp::WebSocketOpened.emit(&opamp);
+        opamp::HttpOverloaded.emit(&opamp);
+        git::FetchStarted.emit(&git);
+        git::CommitLoaded {
+            commit: &crate::model::CommitId::new("ab".repeat(20)),
+            groups: 2,
+        }
+        .emit(&git);
+        let (uid, group) = (
+            crate::model::InstanceUid::Uuid([1; 16]),
+            crate::model::GroupName::new("g"),
+        );
+        let hash = crate::model::ConfigHash([2; 32]);
+        for (reason, outcome) in [
+            (PushReason::Wave, PushOutcome::Sent),
+            (PushReason::Wave, PushOutcome::Queued),
+            (PushReason::Sync, PushOutcome::NotConnected),
+        ] {
+            rollout::ConfigPushed {
+                agent: &uid,
+                group: &group,
+                hash: &hash,
+                reason,
+                outcome,
+            }
+            .emit(&rollout);
+        }
+        rollout::Planned {
+            agents_by_state: &[(AgentState::InSync, 3)].into(),
+            phases: [Phase::Complete, Phase::Complete, Phase::Halted].into_iter(),
+        }
+        .emit(&rollout);
+        rollout::RolloutComplete {
+            group: &group,
+            commit: None,
+            hash: &hash,
+            took: Some(Duration::from_secs(10)),
+        }
+        .emit(&rollout);
+        notes::NotesWritten { notes: 2 }.emit(&notes);
+        registry
+    }
+
+    #[test]
+    fn every_metric_renders_with_its_name_type_and_help() {
+        let text = full().encode();
+        let expected = [
+            "# HELP opamp_gitops_opamp_messages_received_total OpAMP messages received from agents.",
+            "# TYPE opamp_gitops_opamp_messages_received_total counter",
+            "opamp_gitops_opamp_messages_received_total{transport=\"websocket\"} 0",
+            "opamp_gitops_opamp_messages_received_total{transport=\"http\"} 1",
+            "# HELP opamp_gitops_opamp_decode_errors_total OpAMP messages that could not be decoded.",
+            "# TYPE opamp_gitops_opamp_decode_errors_total counter",
+            "opamp_gitops_opamp_decode_errors_total{transport=\"websocket\"} 0",
+            "opamp_gitops_opamp_decode_errors_total{transport=\"http\"} 0",
+            "# HELP opamp_gitops_opamp_oversized_messages_total OpAMP messages refused for their size.",
+            "# TYPE opamp_gitops_opamp_oversized_messages_total counter",
+            "opamp_gitops_opamp_oversized_messages_total{transport=\"websocket\"} 0",
+            "opamp_gitops_opamp_oversized_messages_total{transport=\"http\"} 0",
+            "# HELP opamp_gitops_opamp_overloaded_total OpAMP requests answered 503 because the server was overloaded.",
+            "# TYPE opamp_gitops_opamp_overloaded_total counter",
+            "opamp_gitops_opamp_overloaded_total{transport=\"websocket\"} 0",
+            "opamp_gitops_opamp_overloaded_total{transport=\"http\"} 1",
+            "# HELP opamp_gitops_opamp_websocket_connections Open OpAMP WebSocket connections.",
+            "# TYPE opamp_gitops_opamp_websocket_connections gauge",
+            "opamp_gitops_opamp_websocket_connections 1",
+            "# HELP opamp_gitops_git_fetches_total Fetches of the config repository attempted.",
+            "# TYPE opamp_gitops_git_fetches_total counter",
+            "opamp_gitops_git_fetches_total 1",
+            "# HELP opamp_gitops_git_fetch_failures_total Fetches of the config repository that failed.",
+            "# TYPE opamp_gitops_git_fetch_failures_total counter",
+            "opamp_gitops_git_fetch_failures_total 0",
+            "# HELP opamp_gitops_git_commits_loaded_total Commits that passed validation and were loaded.",
+            "# TYPE opamp_gitops_git_commits_loaded_total counter",
+            "opamp_gitops_git_commits_loaded_total 1",
+            "# HELP opamp_gitops_git_commits_invalid_total Commits rejected by validation.",
+            "# TYPE opamp_gitops_git_commits_invalid_total counter",
+            "opamp_gitops_git_commits_invalid_total 0",
+            "# HELP opamp_gitops_agents_by_state Managed and unmanaged agents by state.",
+            "# TYPE opamp_gitops_agents_by_state gauge",
+            "opamp_gitops_agents_by_state{state=\"in_sync\"} 3",
+            "opamp_gitops_agents_by_state{state=\"pending\"} 0",
+            "opamp_gitops_agents_by_state{state=\"applying\"} 0",
+            "opamp_gitops_agents_by_state{state=\"failed\"} 0",
+            "opamp_gitops_agents_by_state{state=\"drifted\"} 0",
+            "opamp_gitops_agents_by_state{state=\"unmanaged\"} 0",
+            "opamp_gitops_agents_by_state{state=\"unsupported\"} 0",
+            "opamp_gitops_agents_by_state{state=\"offline\"} 0",
+            "# HELP opamp_gitops_groups_by_phase Groups by the phase of their current or last rollout.",
+            "# TYPE opamp_gitops_groups_by_phase gauge",
+            "opamp_gitops_groups_by_phase{phase=\"progressing\"} 0",
+            "opamp_gitops_groups_by_phase{phase=\"paused\"} 0",
+            "opamp_gitops_groups_by_phase{phase=\"complete\"} 2",
+            "opamp_gitops_groups_by_phase{phase=\"halted\"} 1",
+            "opamp_gitops_groups_by_phase{phase=\"superseded\"} 0",
+            "opamp_gitops_groups_by_phase{phase=\"unchanged\"} 0",
+            "# HELP opamp_gitops_pushes_total Configs handed to agents, by reason.",
+            "# TYPE opamp_gitops_pushes_total counter",
+            "opamp_gitops_pushes_total{reason=\"wave\"} 2",
+            "opamp_gitops_pushes_total{reason=\"rollback\"} 0",
+            "opamp_gitops_pushes_total{reason=\"revert\"} 0",
+            "opamp_gitops_pushes_total{reason=\"sync\"} 0",
+            "# HELP opamp_gitops_plans_total Rollout plans made (on changes and on each tick).",
+            "# TYPE opamp_gitops_plans_total counter",
+            "opamp_gitops_plans_total 1",
+            "# HELP opamp_gitops_pushes_dropped_total Pushes to agents that were gone or refuse remote config.",
+            "# TYPE opamp_gitops_pushes_dropped_total counter",
+            "opamp_gitops_pushes_dropped_total 1",
+            "# HELP opamp_gitops_agent_failures_total Agents that failed a rollout.",
+            "# TYPE opamp_gitops_agent_failures_total counter",
+            "opamp_gitops_agent_failures_total 0",
+            "# HELP opamp_gitops_rollouts_ended_total Rollouts that ended, by how.",
+            "# TYPE opamp_gitops_rollouts_ended_total counter",
+            "opamp_gitops_rollouts_ended_total{outcome=\"complete\"} 1",
+            "opamp_gitops_rollouts_ended_total{outcome=\"halted\"} 0",
+            "opamp_gitops_rollouts_ended_total{outcome=\"superseded\"} 0",
+            "# HELP opamp_gitops_commit_to_complete_seconds Time from a commit first seen to its rollout complete.",
+            "# TYPE opamp_gitops_commit_to_complete_seconds histogram",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"1\"} 0",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"5\"} 0",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"15\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"60\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"300\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"900\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"3600\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"14400\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_bucket{le=\"+Inf\"} 1",
+            "opamp_gitops_commit_to_complete_seconds_sum 10.0",
+            "opamp_gitops_commit_to_complete_seconds_count 1",
+            "# HELP opamp_gitops_notes_written_total Git notes written (and pushed, for a remote).",
+            "# TYPE opamp_gitops_notes_written_total counter",
+            "opamp_gitops_notes_written_total 2",
+            "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried).",
+            "# TYPE opamp_gitops_notes_write_failures_total counter",
+            "opamp_gitops_notes_write_failures_total 0",
+            // Read from the fleet when scraped.
+            "# HELP opamp_gitops_agents_connected Agents connected, by transport.",
+            "# TYPE opamp_gitops_agents_connected gauge",
+            "opamp_gitops_agents_connected{transport=\"websocket\"} 3",
+            "opamp_gitops_agents_connected{transport=\"http\"} 2",
+            "# HELP opamp_gitops_agents_offline Agents known but not connected.",
+            "# TYPE opamp_gitops_agents_offline gauge",
+            "opamp_gitops_agents_offline 1",
+            "# HELP opamp_gitops_opamp_uid_clashes_total Second agents found reporting under an instance uid in use, each offered a new uid.",
+            "# TYPE opamp_gitops_opamp_uid_clashes_total counter",
+            "opamp_gitops_opamp_uid_clashes_total 4",
+            "# HELP opamp_gitops_fleet_snapshot_version Version of the newest inventory snapshot.",
+            "# TYPE opamp_gitops_fleet_snapshot_version gauge",
+            "opamp_gitops_fleet_snapshot_version 7",
+        ];
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, expected, "\n{text}");
+    }
+}

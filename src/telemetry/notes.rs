@@ -1,0 +1,72 @@
+//! What happens to the git notes: batches written (and pushed), or failed
+//! and retried.
+
+use std::fmt::Display;
+
+use prometheus_client::metrics::counter::Counter;
+use tracing::{info, warn};
+
+use super::{InternalEvent, Registry};
+
+const TARGET: &str = "opamp_gitops::notes::writer";
+
+/// The notes writer's counters.
+#[derive(Debug, Clone, Default)]
+pub struct NotesMetrics {
+    written: Counter,
+    write_failures: Counter,
+}
+
+impl NotesMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.add(
+            "notes_written",
+            "Git notes written (and pushed, for a remote).",
+            self.written.clone(),
+        );
+        registry.add(
+            "notes_write_failures",
+            "Failed attempts to write or push notes (retried).",
+            self.write_failures.clone(),
+        );
+    }
+
+    /// Notes written so far.
+    pub fn written(&self) -> u64 {
+        self.written.get()
+    }
+
+    /// Failed attempts so far.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.get()
+    }
+}
+
+/// A batch of notes was written (and pushed, for a remote).
+pub struct NotesWritten {
+    pub notes: usize,
+}
+
+impl InternalEvent for NotesWritten {
+    type Metrics = NotesMetrics;
+
+    fn emit(self, m: &NotesMetrics) {
+        m.written.inc_by(self.notes as u64);
+        info!(target: TARGET, notes = self.notes, "notes written");
+    }
+}
+
+/// Writing or pushing a batch of notes failed; it is retried.
+pub struct NotesWriteFailed<'a> {
+    pub error: &'a dyn Display,
+    pub notes: usize,
+}
+
+impl InternalEvent for NotesWriteFailed<'_> {
+    type Metrics = NotesMetrics;
+
+    fn emit(self, m: &NotesMetrics) {
+        m.write_failures.inc();
+        warn!(target: TARGET, error = %self.error, notes = self.notes, "writing notes failed; will retry");
+    }
+}
