@@ -7,6 +7,7 @@
 //! sits behind a ready `/readyz`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState, Readiness};
+use crate::auth::{TokenFile, TokensError};
 use crate::driver::{self, Assignments, DriverConfig, DriverHandle, Parts, PersistError};
 use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
@@ -75,6 +77,8 @@ pub struct ServeConfig {
     pub source_stale_after: Duration,
     /// TLS on both listeners; its client CA (mTLS) applies to agents only.
     pub tls: Option<TlsFiles>,
+    /// Agents must present one of these tokens (`auth` describes the file).
+    pub agent_tokens: Option<PathBuf>,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -130,6 +134,7 @@ impl ServeConfig {
             agent_retention: crate::fleet::DEFAULT_RETENTION,
             source_stale_after: SOURCE_STALE_AFTER,
             tls: None,
+            agent_tokens: None,
         }
     }
 }
@@ -158,8 +163,10 @@ pub enum AppError {
     TaskEnded { task: &'static str, how: String },
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
-    #[error("cannot watch the TLS certificate for changes: {0}")]
-    TlsWatch(notify::Error),
+    #[error("cannot watch a certificate or tokens file for changes: {0}")]
+    Watch(notify::Error),
+    #[error("agent tokens: {0}")]
+    Tokens(#[from] TokensError),
 }
 
 /// A supervised task that ended, and how.
@@ -266,12 +273,24 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             (None, None)
         }
     };
-    let watchers = [&opamp_tls, &api_tls]
+    let agent_tokens = config.agent_tokens.clone().map(TokenFile::load).transpose()?;
+    match (&agent_tokens, &config.tls) {
+        (None, Some(TlsFiles { client_ca: Some(_), .. })) => {}
+        (None, _) => tracing::warn!(
+            "no --agent-tokens or --client-ca: any client that reaches the OpAMP listener is taken as an agent"
+        ),
+        (Some(_), None) => tracing::warn!("agent tokens travel unencrypted without --tls-cert"),
+        (Some(_), Some(_)) => {}
+    }
+    let mut watchers = [&opamp_tls, &api_tls]
         .into_iter()
         .flatten()
         .map(ServerTls::watch)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(AppError::TlsWatch)?;
+        .map_err(AppError::Watch)?;
+    if let Some(tokens) = &agent_tokens {
+        watchers.push(tokens.watch().map_err(AppError::Watch)?);
+    }
     let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -344,6 +363,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         config.heartbeat_interval,
     );
     opamp_ctx.offer_heartbeat = config.offer_heartbeat_interval;
+    opamp_ctx.agent_tokens = agent_tokens;
     let api_state = ApiState {
         fleet: fleet.clone(),
         git: git.clone(),

@@ -138,6 +138,10 @@ pub struct ServeArgs {
     /// Agents must present a client certificate signed by this CA (PEM): mTLS.
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Agents must present one of these tokens (Authorization: Bearer); a
+    /// YAML list of {name, sha256, groups}; read again when it changes.
+    #[arg(long)]
+    pub agent_tokens: Option<PathBuf>,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -491,6 +495,7 @@ pub fn run(cli: Cli) -> ExitCode {
                         key,
                         client_ca: args.client_ca.clone(),
                     }),
+                agent_tokens: args.agent_tokens.clone(),
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

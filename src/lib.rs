@@ -4,6 +4,7 @@
 pub mod api;
 pub mod api_client;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod demo;

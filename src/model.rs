@@ -122,6 +122,11 @@ impl ConfigHash {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The first 12 hex digits, for messages and logs.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
 }
 
 impl fmt::Display for ConfigHash {
@@ -132,7 +137,7 @@ impl fmt::Display for ConfigHash {
 
 impl fmt::Debug for ConfigHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ConfigHash({})", &hex::encode(self.0)[..12])
+        write!(f, "ConfigHash({})", self.short())
     }
 }
 

@@ -159,33 +159,44 @@ impl ServerTls {
     }
 
     /// Reloads whenever the certificate or key file changes, until the
-    /// returned watcher is dropped. Editors and certificate tools replace
-    /// files (write and rename), so the folders are watched, not the files.
+    /// returned watcher is dropped.
     pub fn watch(&self) -> notify::Result<notify::RecommendedWatcher> {
-        use notify::Watcher;
         let tls = self.clone();
-        let names = [self.files.cert.clone(), self.files.key.clone()];
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if !event.paths.iter().any(|p| names.iter().any(|n| same_file_name(p, n))) {
-                return;
-            }
+        watch_files(&[self.files.cert.clone(), self.files.key.clone()], move || {
             match tls.reload() {
                 Ok(()) => tracing::info!(cert = %tls.files.cert.display(), "TLS certificate reloaded"),
-                // A pair mid-replacement (new certificate, old key) settles
-                // with the next event; until then the old pair serves.
+                // A pair mid-replacement (new certificate, old key) settles with
+                // the next event; until then the old pair serves.
                 Err(e) => tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays"),
             }
-        })?;
-        for file in [&self.files.cert, &self.files.key] {
-            let folder = file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            watcher.watch(folder, notify::RecursiveMode::NonRecursive)?;
-        }
-        Ok(watcher)
+        })
     }
+}
+
+/// Calls `changed` whenever one of `files` changes, until the returned
+/// watcher is dropped. Editors and certificate tools replace files (write,
+/// then rename), so the folders are watched, not the files.
+pub fn watch_files(
+    files: &[PathBuf],
+    changed: impl Fn() + Send + 'static,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let names = files.to_vec();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event.paths.iter().any(|p| names.iter().any(|n| same_file_name(p, n)))
+        {
+            changed();
+        }
+    })?;
+    for file in files {
+        let folder = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        watcher.watch(folder, notify::RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
 }
 
 fn same_file_name(a: &Path, b: &Path) -> bool {

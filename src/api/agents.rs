@@ -43,6 +43,10 @@ pub struct AgentJson<'a> {
     /// Why an `unsupported` agent cannot be managed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsupported_reason: Option<&'static str>,
+    /// Who the agent authenticated as: its token's name or its client
+    /// certificate's subject; only that identity may report for its uid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a str>,
     /// Only in the single-agent answer: file name to body (as UTF-8 text).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub effective_config: Option<BTreeMap<&'a str, String>>,
@@ -114,6 +118,7 @@ pub fn agent_json<'a>(
             .capabilities
             .unsupported_reason()
             .filter(|_| agent_state(rec, assignment) == AgentState::Unsupported),
+        identity: rec.identity.as_deref(),
         effective_config: with_effective_config.then(|| {
             rec.effective_config
                 .as_deref()

@@ -1,7 +1,10 @@
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::*;
-use crate::desired::MemSource;
+use crate::desired::{Amount, ConfigFile, Expression, MemSource, OnFailure, Operator};
+use crate::model::InstanceUid;
 
 const MAIN: &str = "\
 receivers:
@@ -622,15 +625,11 @@ fn dotfiles_in_groups_are_ignored_and_paths_are_normalized() {
     )
     .unwrap();
     assert_eq!(state.groups.len(), 1);
-}
-
-#[test]
-fn content_types() {
-    assert_eq!(content_type("a/b.yaml"), "text/yaml");
-    assert_eq!(content_type("b.YML"), "text/yaml");
-    assert_eq!(content_type("b.json"), "application/json");
-    assert_eq!(content_type("b.conf"), "text/plain");
-    assert_eq!(content_type("dir.yaml/b"), "text/plain");
+    assert_eq!(
+        state.groups[&GroupName::new("a")].config_paths,
+        BTreeMap::from([(String::new(), "configs/main.yaml".to_string())]),
+        "the group keeps each config file's normalized path"
+    );
 }
 
 proptest::proptest! {

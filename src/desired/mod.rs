@@ -11,16 +11,20 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
+mod bundle;
 mod collector;
 mod disk;
 mod load;
 mod mem;
 mod merged;
+mod read;
+mod schema;
 pub mod summary;
 pub mod yaml;
 
+pub use bundle::content_type;
 pub use disk::DiskSource;
-pub use load::{LoadErrors, MergedConfigs, content_type, load, load_merged};
+pub use load::{LoadErrors, MergedConfigs, load, load_merged};
 pub use mem::MemSource;
 pub use merged::{MergedConfig, Refusal};
 
@@ -56,10 +60,40 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// The diagnostic with its path relative to the repository root, for a
     /// repository whose files live under `subdir` (`--path`).
+    pub fn rooted(mut self, subdir: Option<&str>) -> Diagnostic {
+        if let Some(s) = subdir {
+            self.path = format!("{s}/{}", self.path);
+        }
+        self
+    }
+
+    /// [`Diagnostic::rooted`], as `validate` prints it.
     pub fn under(&self, subdir: Option<&str>) -> String {
-        match subdir {
-            Some(s) => format!("{s}/{self}"),
-            None => self.to_string(),
+        self.clone().rooted(subdir).to_string()
+    }
+}
+
+/// A repository's files read to the end: the desired state, or every problem
+/// that keeps them from being one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Validated<T = DesiredState> {
+    Valid(T),
+    /// Sorted by path, line and column.
+    Invalid(Vec<Diagnostic>),
+}
+
+impl<T> Validated<T> {
+    pub fn valid(self) -> Option<T> {
+        match self {
+            Validated::Valid(t) => Some(t),
+            Validated::Invalid(_) => None,
+        }
+    }
+
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Validated<U> {
+        match self {
+            Validated::Valid(t) => Validated::Valid(f(t)),
+            Validated::Invalid(d) => Validated::Invalid(d),
         }
     }
 }
@@ -99,6 +133,9 @@ pub struct Group {
     pub priority: i64,
     pub selector: Selector,
     pub config: Arc<ConfigBundle>,
+    /// The repository path of each file of `config`, by its key (relative to
+    /// the repository root, or to `--path`), as the group file names it.
+    pub config_paths: BTreeMap<String, String>,
     pub rollout: RolloutPolicy,
 }
 
@@ -131,6 +168,29 @@ pub enum Operator {
 pub trait AgentAttributes {
     fn uid(&self) -> &InstanceUid;
     fn attribute(&self, key: &str) -> Option<&str>;
+}
+
+/// One attribute of an agent as selectors see it: an identifying attribute
+/// wins over a non-identifying one of the same key.
+pub fn attribute<'m>(
+    identifying: &'m BTreeMap<String, String>,
+    non_identifying: &'m BTreeMap<String, String>,
+    key: &str,
+) -> Option<&'m str> {
+    identifying
+        .get(key)
+        .or_else(|| non_identifying.get(key))
+        .map(String::as_str)
+}
+
+/// An agent's attributes as selectors see them (see [`attribute`]).
+pub fn merge_attributes(
+    identifying: &BTreeMap<String, String>,
+    non_identifying: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut merged = non_identifying.clone();
+    merged.extend(identifying.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged
 }
 
 impl Selector {
@@ -274,6 +334,18 @@ pub enum OnFailure {
     Rollback,
     /// Failed agents are left as they are.
     Hold,
+}
+
+impl OnFailure {
+    pub const ALL: [OnFailure; 2] = [OnFailure::Rollback, OnFailure::Hold];
+
+    /// As the repository format writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Hold => "hold",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::{Amount, DesiredState, Group, OnFailure, Operator, RolloutPolicy, Selector};
+use super::{Amount, DesiredState, Group, Operator, RolloutPolicy, Selector};
 
 /// A few lines per group, then a closing count.
 pub fn summary(state: &DesiredState) -> String {
@@ -77,9 +77,6 @@ fn rollout(p: &RolloutPolicy) -> String {
         humantime::format_duration(p.bake),
         humantime::format_duration(p.apply_timeout),
         amount(p.max_failures),
-        match p.on_failure {
-            OnFailure::Rollback => "rollback",
-            OnFailure::Hold => "hold",
-        }
+        p.on_failure.as_str()
     )
 }

@@ -6,7 +6,6 @@
 
 mod notebook;
 pub mod persist;
-mod recover;
 mod views;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,11 +22,12 @@ use notebook::NoteBook;
 pub use persist::PersistError;
 use views::{ViewBuilder, timestamp};
 
-use crate::desired::DesiredState;
+use crate::desired::{DesiredState, Validated};
 use crate::fleet::FleetHandle;
 use crate::gitsrc::{GitHandle, Status as GitStatus};
 use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
+use crate::notes::remembered::{self, Found};
 use crate::notes::writer::NotesHandle;
 use crate::reconcile::{
     self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
@@ -392,13 +392,13 @@ impl Driver {
     ) -> RolloutState {
         let mut loaded: HashMap<CommitId, Option<DesiredState>> = HashMap::new();
         let mut recovered = BTreeMap::new();
-        for (group, r) in recover::remembered(notes) {
-            let mut bundle_of = async |found: &recover::Found| {
+        for (group, r) in remembered::remembered(notes) {
+            let mut bundle_of = async |found: &Found| {
                 if !loaded.contains_key(&found.commit) {
                     let state = match self.git.load_at(&found.commit).await {
-                        Ok(Ok(d)) => Some(d),
-                        Ok(Err(errors)) => {
-                            warn!(commit = %found.commit, errors = errors.len(), "a noted commit is not valid");
+                        Ok(Validated::Valid(d)) => Some(d),
+                        Ok(Validated::Invalid(problems)) => {
+                            warn!(commit = %found.commit, errors = problems.len(), "a noted commit is not valid");
                             None
                         }
                         Err(e) => {
@@ -408,8 +408,8 @@ impl Driver {
                     };
                     loaded.insert(found.commit.clone(), state);
                 }
-                let bundle = loaded.get(&found.commit)?.as_ref()?.groups.get(&group)?.config.clone();
-                (bundle.hash() == found.hash).then_some(bundle)
+                let state = loaded.get(&found.commit)?.as_ref()?;
+                found.group_in(&group, state).map(|g| g.config.clone())
             };
             let stable = match &r.stable {
                 Some(f) => bundle_of(f).await.map(|bundle| Stable {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::desired::merge_attributes;
 use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot, RemoteConfigState as Wire};
 use crate::model::InstanceUid;
 use crate::reconcile::{AgentView, RemoteConfigState, RemoteStatus, Timestamp};
@@ -89,9 +90,7 @@ impl ViewBuilder {
         {
             return merged.clone();
         }
-        let mut merged = desc.non_identifying.clone();
-        merged.extend(desc.identifying.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let merged = Arc::new(merged);
+        let merged = Arc::new(merge_attributes(&desc.identifying, &desc.non_identifying));
         self.attributes.insert(r.uid.clone(), (desc.clone(), merged.clone()));
         merged
     }

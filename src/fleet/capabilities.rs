@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::reconcile;
+
 /// The `AgentCapabilities` bit set an agent reported (kept as sent; unknown
 /// bits are kept but have no name).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -42,17 +44,21 @@ impl Capabilities {
         self.has(Self::ACCEPTS_REMOTE_CONFIG)
     }
 
-    /// Why the controller cannot manage an agent's config, if it cannot: it
-    /// must accept remote config, and report its status so that a rollout
-    /// can tell whether it applied.
+    /// Why the controller cannot manage an agent's config, if it cannot (the
+    /// planner's rule, [`reconcile::unsupported_reason`]).
     pub fn unsupported_reason(self) -> Option<&'static str> {
-        if !self.accepts_remote_config() {
-            Some("lacks the AcceptsRemoteConfig capability")
-        } else if !self.has(Self::REPORTS_REMOTE_CONFIG) {
-            Some("accepts remote config but does not report its status (ReportsRemoteConfig is off)")
-        } else {
-            None
-        }
+        reconcile::unsupported_reason(self.accepts_remote_config(), self.has(Self::REPORTS_REMOTE_CONFIG))
+    }
+
+    /// The bits of the given proto names (as [`Capabilities::names`] lists
+    /// them); unknown names are ignored.
+    pub fn from_names<'n>(names: impl IntoIterator<Item = &'n str>) -> Self {
+        Capabilities(
+            names
+                .into_iter()
+                .filter_map(|n| NAMES.iter().find(|(_, name)| *name == n).map(|(bit, _)| bit))
+                .fold(0, |bits, bit| bits | bit),
+        )
     }
 
     /// The names of the known bits that are set, in bit order.
@@ -85,5 +91,16 @@ mod tests {
         assert!(c.accepts_remote_config());
         assert!(!Capabilities(0x1).accepts_remote_config());
         assert!(Capabilities(0xffff).names().len() == 16);
+    }
+
+    #[test]
+    fn names_back_to_bits() {
+        for bits in [0x0, 0x1 | 0x2 | 0x1000, 0xffff] {
+            assert_eq!(Capabilities::from_names(Capabilities(bits).names()), Capabilities(bits));
+        }
+        assert_eq!(
+            Capabilities::from_names(["AcceptsRemoteConfig", "NoSuchCapability"]),
+            Capabilities(0x2)
+        );
     }
 }

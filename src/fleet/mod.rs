@@ -177,6 +177,9 @@ pub enum ReportError {
     /// The fleet's queue is full: an HTTP agent is told to come back later.
     #[error("the fleet is overloaded")]
     Busy,
+    /// The uid is bound to another identity: the report was not applied.
+    #[error("the agent's instance uid belongs to another identity")]
+    Impersonation,
 }
 
 #[derive(Debug, Clone)]
@@ -199,7 +202,10 @@ enum Command {
         /// The uid this WebSocket reported under before, when it changed
         /// (after the agent adopted a new instance uid).
         previous_uid: Option<InstanceUid>,
-        reply: oneshot::Sender<Reply>,
+        /// Who the connection authenticated as (a token's name, a client
+        /// certificate's subject); `None` when it did not.
+        identity: Option<Arc<str>>,
+        reply: oneshot::Sender<Result<Reply, ReportError>>,
     },
     Closed {
         conn: ConnId,
@@ -270,6 +276,20 @@ impl FleetHandle {
         via: Via,
         previous_uid: Option<InstanceUid>,
     ) -> Result<Reply, ReportError> {
+        self.report_as(uid, msg, via, previous_uid, None).await
+    }
+
+    /// [`FleetHandle::report`] from a connection that authenticated as
+    /// `identity`. The first identity a uid reports under is bound to it:
+    /// reports under another are refused.
+    pub async fn report_as(
+        &self,
+        uid: InstanceUid,
+        msg: AgentToServer,
+        via: Via,
+        previous_uid: Option<InstanceUid>,
+        identity: Option<Arc<str>>,
+    ) -> Result<Reply, ReportError> {
         let (reply, rx) = oneshot::channel();
         let http = matches!(via, Via::Http);
         let cmd = Command::Report {
@@ -277,6 +297,7 @@ impl FleetHandle {
             msg: Box::new(msg),
             via,
             previous_uid,
+            identity,
             reply,
         };
         if http {
@@ -287,7 +308,7 @@ impl FleetHandle {
         } else {
             self.tx.send(cmd).await.map_err(|_| ReportError::Stopped)?;
         }
-        rx.await.map_err(|_| ReportError::Stopped)
+        rx.await.map_err(|_| ReportError::Stopped)?
     }
 
     /// WebSocket `conn` of `uid` has written a pushed config: its apply clock starts.
@@ -497,9 +518,31 @@ impl Fleet {
                 msg,
                 via,
                 previous_uid,
+                identity,
                 reply,
             } => {
-                let r = self.report(uid, *msg, via, previous_uid, SystemTime::now());
+                let r = match self.agents.get(&uid).and_then(|e| e.record.identity.as_ref()) {
+                    Some(bound) if identity.as_ref() != Some(bound) => {
+                        tracing::warn!(
+                            agent = %uid,
+                            bound = %bound,
+                            claimed = identity.as_deref().unwrap_or("nobody"),
+                            "report refused: the uid is bound to another identity"
+                        );
+                        Err(ReportError::Impersonation)
+                    }
+                    _ => {
+                        let reply = self.report(uid.clone(), *msg, via, previous_uid, SystemTime::now());
+                        if let Some(e) = self.agents.get_mut(&uid)
+                            && e.record.identity.is_none()
+                            && identity.is_some()
+                            && !reply.clash
+                        {
+                            Arc::make_mut(&mut e.record).identity = identity;
+                        }
+                        Ok(reply)
+                    }
+                };
                 // The session may have gone; then nobody needs the reply.
                 let _ = reply.send(r);
             }

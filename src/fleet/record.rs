@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::capabilities::Capabilities;
-use crate::desired::{AgentAttributes, ConfigFile};
+use crate::desired::{self, AgentAttributes, ConfigFile};
 use crate::model::{ConfigHash, InstanceUid, Transport};
 use crate::proto;
 
@@ -100,6 +100,9 @@ pub struct AgentRecord {
     pub unhealthy_since: Option<SystemTime>,
     /// The last config handed to the agent on its current connection, and when.
     pub delivered: Option<Delivery>,
+    /// The identity (token name, client certificate subject) the agent was
+    /// first seen under: only that identity may report for its uid.
+    pub identity: Option<Arc<str>>,
 }
 
 /// A config that left for the agent: over WebSocket when the frame was
@@ -130,6 +133,7 @@ impl AgentRecord {
             remote_config_status: None,
             unhealthy_since: None,
             delivered: None,
+            identity: None,
         }
     }
 
@@ -174,10 +178,7 @@ impl AgentAttributes for AgentRecord {
 
     fn attribute(&self, key: &str) -> Option<&str> {
         let d = self.description.as_deref()?;
-        d.identifying
-            .get(key)
-            .or_else(|| d.non_identifying.get(key))
-            .map(String::as_str)
+        desired::attribute(&d.identifying, &d.non_identifying, key)
     }
 }
 

@@ -13,6 +13,7 @@ use tracing::{debug, info};
 
 use super::repo::{self, Head};
 use super::{GitConfig, GitError, Loaded, RepoLocation, Status, SyncError, SyncOutcome, fswatch};
+use crate::desired::Validated;
 use crate::model::CommitId;
 use crate::telemetry::InternalEvent;
 use crate::telemetry::git::{
@@ -202,9 +203,7 @@ impl Driver {
                 Box::new(move || repo::fetch_remote(&mirror, &url, branch.as_deref(), &auth))
             }
         };
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| GitError::Worker(e.to_string()))?
+        tokio::task::spawn_blocking(job).await.map_err(GitError::Worker)?
     }
 
     fn remembered(&self, commit: &CommitId) -> Option<Outcome> {
@@ -215,9 +214,9 @@ impl Driver {
         let (dir, c, subdir) = (self.repo_dir.clone(), commit.clone(), self.config.subdir.clone());
         let loaded = tokio::task::spawn_blocking(move || repo::load_commit(&dir, &c, subdir.as_deref()))
             .await
-            .map_err(|e| GitError::Worker(e.to_string()))??;
+            .map_err(GitError::Worker)??;
         let outcome = match loaded {
-            Ok(desired) => {
+            Validated::Valid(desired) => {
                 CommitLoaded {
                     commit,
                     groups: desired.groups.len(),
@@ -229,13 +228,13 @@ impl Driver {
                     seen_at,
                 }))
             }
-            Err(errors) => {
+            Validated::Invalid(problems) => {
                 CommitInvalid {
                     commit,
-                    errors: errors.len(),
+                    errors: problems.len(),
                 }
                 .emit(&self.metrics);
-                Outcome::Invalid(errors.into())
+                Outcome::Invalid(problems.iter().map(ToString::to_string).collect())
             }
         };
         if self.outcomes.len() == REMEMBERED {

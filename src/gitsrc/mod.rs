@@ -25,7 +25,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::desired::DesiredState;
+use crate::desired::{DesiredState, Validated};
 use crate::model::CommitId;
 use crate::telemetry::Registry;
 use crate::telemetry::git::{GitCounts, GitMetrics};
@@ -198,7 +198,7 @@ pub enum GitError {
     #[error("reading secret {path}: {source}")]
     Secret { path: PathBuf, source: std::io::Error },
     #[error("git worker failed: {0}")]
-    Worker(String),
+    Worker(#[source] tokio::task::JoinError),
 }
 
 /// A valid commit and the desired state read from it.
@@ -313,14 +313,13 @@ pub struct GitHandle {
 }
 
 impl GitHandle {
-    /// The desired state at an older commit (to restore a stable config).
-    /// The outer error is a failure to read git; the inner one, why that
-    /// commit is not valid.
-    pub async fn load_at(&self, commit: &CommitId) -> Result<Result<DesiredState, Vec<String>>, GitError> {
+    /// The desired state at an older commit (to restore a stable config), or
+    /// why that commit is not valid; an error is a failure to read git.
+    pub async fn load_at(&self, commit: &CommitId) -> Result<Validated, GitError> {
         let (dir, subdir, commit) = (self.repo_dir.clone(), self.subdir.clone(), commit.clone());
         tokio::task::spawn_blocking(move || repo::load_commit(&dir, &commit, subdir.as_deref()))
             .await
-            .map_err(|e| GitError::Worker(e.to_string()))?
+            .map_err(GitError::Worker)?
     }
 
     /// The newest valid commit's desired state; `None` until one is loaded.
@@ -474,7 +473,7 @@ mod tests {
         assert_eq!(
             s.readiness(now, minute),
             Err(
-                "the repository has not been read since 2027-01-15T08:28:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
+                "the repository has not been read since 2027-01-15T07:58:00Z (fetching x: down); commit cdcdcdcdcdcd stays in force"
                     .to_string()
             )
         );

@@ -8,7 +8,7 @@ use git2::{AutotagOption, Cred, CredentialType, Direction, FetchOptions, Oid, Re
 
 use super::tree::{TreeError, TreeSource};
 use super::{Auth, GitError};
-use crate::desired::{self, DesiredState, LoadErrors};
+use crate::desired::{self, Diagnostic, LoadErrors, Validated};
 use crate::model::CommitId;
 
 /// The tip of the tracked branch, as last read.
@@ -197,13 +197,9 @@ pub(crate) fn callbacks(auth: Auth) -> RemoteCallbacks<'static> {
 }
 
 /// Loads the desired state from `commit`'s tree (under `subdir` when given).
-/// The outer error is a failure to read git (retried later); the inner one
-/// lists what is wrong with the commit (it is rejected).
-pub(crate) fn load_commit(
-    repo_dir: &Path,
-    commit: &CommitId,
-    subdir: Option<&Path>,
-) -> Result<Result<DesiredState, Vec<String>>, GitError> {
+/// An error is a failure to read git (retried later); an invalid commit is
+/// rejected, with its problems' paths relative to the repository root.
+pub(crate) fn load_commit(repo_dir: &Path, commit: &CommitId, subdir: Option<&Path>) -> Result<Validated, GitError> {
     let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
         path: repo_dir.to_path_buf(),
         source,
@@ -216,15 +212,21 @@ pub(crate) fn load_commit(
     let files = match TreeSource::at_commit(repo, oid, subdir.as_deref()) {
         Ok(files) => files,
         Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => {
-            let at = subdir.as_deref().unwrap_or(".");
-            return Ok(Err(vec![format!("{at}:0:0: {e}")]));
+            return Ok(Validated::Invalid(vec![Diagnostic {
+                path: subdir.as_deref().unwrap_or(".").to_string(),
+                line: 0,
+                column: 0,
+                message: e.to_string(),
+            }]));
         }
         Err(e) => return Err(GitError::Tree(e)),
     };
     match desired::load(&files, Some(commit.clone())) {
-        Ok(state) => Ok(Ok(state)),
+        Ok(state) => Ok(Validated::Valid(state)),
         // Paths relative to the repository root, as `validate` prints them.
-        Err(LoadErrors::Invalid(problems)) => Ok(Err(problems.iter().map(|d| d.under(subdir.as_deref())).collect())),
+        Err(LoadErrors::Invalid(problems)) => Ok(Validated::Invalid(
+            problems.into_iter().map(|d| d.rooted(subdir.as_deref())).collect(),
+        )),
         Err(LoadErrors::Source(source)) => Err(GitError::Source {
             commit: commit.clone(),
             source,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Failures, TokenFile};
 use crate::fleet::{ConnId, FleetHandle};
 use crate::telemetry::opamp::OpampMetrics;
 
@@ -26,8 +27,18 @@ pub struct OpampContext {
     pub heartbeat_interval: Duration,
     /// The heartbeat (HTTP: polling) interval offered to agents, if any.
     pub offer_heartbeat: Option<Duration>,
+    /// When set, every WebSocket upgrade and HTTP request must carry one of
+    /// these tokens.
+    pub agent_tokens: Option<TokenFile>,
+    /// Sources that presented bad tokens too often are refused for a while.
+    pub auth_failures: Arc<Failures>,
     next_conn: Arc<AtomicU64>,
 }
+
+/// Bad tokens from one source address within [`AUTH_FAILURE_WINDOW`] before
+/// it is refused without a look until the window has passed.
+pub const MAX_AUTH_FAILURES: u32 = 20;
+pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 impl OpampContext {
     pub fn new(
@@ -46,6 +57,8 @@ impl OpampContext {
             tracker,
             heartbeat_interval,
             offer_heartbeat: None,
+            agent_tokens: None,
+            auth_failures: Arc::new(Failures::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW)),
             next_conn: Arc::new(AtomicU64::new(1)),
         }
     }

@@ -24,8 +24,8 @@ use crate::proto::{
 };
 use crate::telemetry::InternalEvent;
 use crate::telemetry::opamp::{
-    HttpBodyUnreadable, HttpMessageMalformed, HttpMessageTooBig, HttpOverloaded, MessageReceived, WebSocketClosed,
-    WebSocketMessageMalformed, WebSocketMessageTooBig, WebSocketOpened,
+    AgentRefused, HttpBodyUnreadable, HttpMessageMalformed, HttpMessageTooBig, HttpOverloaded, MessageReceived,
+    Refusal, WebSocketClosed, WebSocketMessageMalformed, WebSocketMessageTooBig, WebSocketOpened,
 };
 use sha2::Digest;
 
@@ -149,6 +149,8 @@ enum Outcome {
     Replaced,
     /// The fleet is overloaded: come back later.
     Busy,
+    /// The uid belongs to another identity.
+    Forbidden,
     Stopping,
 }
 
@@ -157,6 +159,7 @@ async fn exchange(
     msg: AgentToServer,
     via: Via,
     previous: Option<&InstanceUid>,
+    identity: Option<&Arc<str>>,
     with_capabilities: bool,
 ) -> Outcome {
     let wire = msg.instance_uid.clone();
@@ -175,7 +178,11 @@ async fn exchange(
     } else {
         (0, None)
     };
-    match ctx.fleet.report(uid.clone(), msg, via, previous).await {
+    match ctx
+        .fleet
+        .report_as(uid.clone(), msg, via, previous, identity.cloned())
+        .await
+    {
         Ok(r) if r.replaced => Outcome::Replaced,
         Ok(r) if r.clash => Outcome::Clash {
             msg: reply_message(wire, &r, caps, offer),
@@ -193,6 +200,14 @@ async fn exchange(
         }
         Err(ReportError::Busy) => Outcome::Busy,
         Err(ReportError::Stopped) => Outcome::Stopping,
+        Err(ReportError::Impersonation) => {
+            AgentRefused {
+                reason: Refusal::Impersonation,
+                source: None,
+            }
+            .emit(&ctx.metrics);
+            Outcome::Forbidden
+        }
     }
 }
 
@@ -213,14 +228,16 @@ async fn answer(
     msg: AgentToServer,
     via: Via,
     previous: Option<&InstanceUid>,
+    identity: Option<&Arc<str>>,
     with_capabilities: bool,
 ) -> Next {
-    match exchange(ctx, msg, via, previous, with_capabilities).await {
+    match exchange(ctx, msg, via, previous, identity, with_capabilities).await {
         Outcome::Reply { uid, msg } => Next::Send(binary(&msg), Some((uid, msg.instance_uid))),
         Outcome::Clash { uid, offered, msg } => Next::Clash(binary(&msg), uid, offered),
         Outcome::Refused(msg) => Next::Send(binary(&msg), None),
         Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
         Outcome::Busy => Next::Close(close::TRY_AGAIN_LATER, "server overloaded"),
+        Outcome::Forbidden => Next::Close(close::POLICY_VIOLATION, "instance uid belongs to another identity"),
         Outcome::Stopping => Next::Close(close::GOING_AWAY, "server shutting down"),
     }
 }
@@ -230,13 +247,14 @@ mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Runs one WebSocket connection until either side closes it, it is
 /// replaced by a newer connection of the same agent, or the server stops.
-pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
+pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: Option<Arc<str>>) {
     let conn = ctx.next_conn_id();
     WebSocketOpened.emit(&ctx.metrics);
     let pushes = Arc::new(PushSlot::default());
@@ -351,7 +369,7 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext) {
                 let via = Via::WebSocket(link.clone());
                 // Boxed: the exchange is the largest state of this loop, and
                 // kept inline it would be paid by every idle connection.
-                let frame = match Box::pin(answer(&ctx, msg, via, previous, !capabilities_sent)).await {
+                let frame = match Box::pin(answer(&ctx, msg, via, previous, identity.as_ref(), !capabilities_sent)).await {
                     Next::Send(frame, None) => frame,
                     Next::Send(frame, Some(known)) => {
                         agent = Some(known);
@@ -413,7 +431,7 @@ fn is_too_big(e: &axum::Error) -> bool {
 /// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body
 /// (an unreadable or malformed body gets `error_response` BadRequest), except
 /// 413 for an oversized body and 408 for one that does not arrive in time.
-pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) -> Response {
+pub async fn handle_http(ctx: &OpampContext, identity: Option<Arc<str>>, headers: &HeaderMap, body: Body) -> Response {
     MessageReceived {
         transport: Transport::Http,
     }
@@ -462,9 +480,10 @@ pub async fn handle_http(ctx: &OpampContext, headers: &HeaderMap, body: Body) ->
         Ok(msg) => {
             drop(body);
             let wire = msg.instance_uid.clone();
-            match exchange(ctx, msg, Via::Http, None, true).await {
+            match exchange(ctx, msg, Via::Http, None, identity.as_ref(), true).await {
                 Outcome::Reply { msg, .. } | Outcome::Clash { msg, .. } | Outcome::Refused(msg) => msg,
                 Outcome::Busy => return overloaded(ctx, wire),
+                Outcome::Forbidden => return StatusCode::FORBIDDEN.into_response(),
                 Outcome::Replaced | Outcome::Stopping => error_reply(
                     wire,
                     ServerErrorResponseType::Unavailable,

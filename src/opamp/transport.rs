@@ -4,13 +4,20 @@
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{FromRequestParts, Request, State};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
-use super::context::OpampContext;
+use super::context::{AUTH_FAILURE_WINDOW, OpampContext};
 use super::session;
+use crate::auth;
+use crate::listen::Peer;
+use crate::telemetry::InternalEvent;
+use crate::telemetry::opamp::{AgentRefused, Refusal};
 
 /// The OpAMP path agents connect to.
 pub const OPAMP_PATH: &str = "/v1/opamp";
@@ -32,7 +39,61 @@ fn wants_websocket(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
 }
 
+/// Who the connection is: the name of the token it presented, else the
+/// subject of its client certificate; or why it is refused.
+fn authenticate(ctx: &OpampContext, peer: Option<&Peer>, headers: &HeaderMap) -> Result<Option<Arc<str>>, Refusal> {
+    let certificate = peer.and_then(|p| p.certificate.clone());
+    let Some(tokens) = &ctx.agent_tokens else {
+        return Ok(certificate);
+    };
+    let source = peer.map(|p| p.addr.ip());
+    let now = Instant::now();
+    let refuse = |reason: Refusal| {
+        AgentRefused { reason, source }.emit(&ctx.metrics);
+        reason
+    };
+    if source.is_some_and(|s| ctx.auth_failures.limited(s, now)) {
+        return Err(refuse(Refusal::RateLimited));
+    }
+    let presented = auth::bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    let Some(presented) = presented else {
+        return Err(refuse(Refusal::MissingToken));
+    };
+    match tokens.tokens().find(presented) {
+        Some(token) => Ok(Some(token.name.clone())),
+        None => {
+            if let Some(source) = source {
+                ctx.auth_failures.failed(source, now);
+            }
+            Err(refuse(Refusal::InvalidToken))
+        }
+    }
+}
+
+/// The answer to a refused agent: 401 for a missing or unknown token, as
+/// OpAMP says; 429 for a source that presented bad tokens too often.
+fn refused(reason: Refusal) -> Response {
+    let status = match reason {
+        Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    let retry = AUTH_FAILURE_WINDOW.as_secs().to_string();
+    (
+        status,
+        [
+            (header::WWW_AUTHENTICATE, "Bearer".to_string()),
+            (header::RETRY_AFTER, retry),
+        ],
+    )
+        .into_response()
+}
+
 async fn endpoint(State(ctx): State<OpampContext>, req: Request) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
+    let identity = match authenticate(&ctx, peer.as_ref(), req.headers()) {
+        Ok(identity) => identity,
+        Err(reason) => return refused(reason),
+    };
     if wants_websocket(req.headers()) {
         let (mut parts, _) = req.into_parts();
         let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &ctx).await {
@@ -49,13 +110,13 @@ async fn endpoint(State(ctx): State<OpampContext>, req: Request) -> Response {
             .max_frame_size(limit)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
             .on_upgrade(move |socket| async move {
-                session::run_websocket(socket, ctx).await;
+                session::run_websocket(socket, ctx, identity).await;
                 drop(token);
             });
     }
     if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
-        return session::handle_http(&ctx, &parts.headers, body).await;
+        return session::handle_http(&ctx, identity, &parts.headers, body).await;
     }
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")]).into_response()
 }

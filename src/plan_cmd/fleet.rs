@@ -3,16 +3,16 @@
 //! controller.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use http::StatusCode;
 use serde::Deserialize;
 
 use crate::api_client;
-use crate::desired::AgentAttributes;
+use crate::desired::merge_attributes;
+use crate::fleet::Capabilities;
 use crate::model::InstanceUid;
-
-/// The capability name that lets an agent take remote config.
-const ACCEPTS_REMOTE_CONFIG: &str = "AcceptsRemoteConfig";
+use crate::reconcile::AgentView;
 
 /// One agent: the parts of the API's Agent a plan needs. Other fields of the
 /// API's answer are ignored.
@@ -30,27 +30,29 @@ pub struct FleetAgent {
 }
 
 impl FleetAgent {
-    pub fn accepts_remote_config(&self) -> bool {
-        self.capabilities.iter().any(|c| c == ACCEPTS_REMOTE_CONFIG)
-    }
-
-    /// `host.name`, when the agent reports one.
-    pub fn host_name(&self) -> Option<&str> {
-        self.attribute("host.name")
-    }
-}
-
-impl AgentAttributes for FleetAgent {
-    fn uid(&self) -> &InstanceUid {
-        &self.instance_uid
-    }
-
-    /// Identifying attributes win over non-identifying ones of the same key.
-    fn attribute(&self, key: &str) -> Option<&str> {
-        self.identifying_attributes
-            .get(key)
-            .or_else(|| self.non_identifying_attributes.get(key))
-            .map(String::as_str)
+    /// The agent as the planner sees it. What the list does not tell (its
+    /// reports, its connection history) is left empty: a plan of a commit
+    /// only needs the agent's group and whether it would be a member.
+    pub fn view(&self) -> AgentView {
+        let caps = Capabilities::from_names(self.capabilities.iter().map(String::as_str));
+        AgentView {
+            uid: self.instance_uid.clone(),
+            attributes: Arc::new(merge_attributes(
+                &self.identifying_attributes,
+                &self.non_identifying_attributes,
+            )),
+            accepts_remote_config: caps.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
+            reports_remote_config: caps.has(Capabilities::REPORTS_REMOTE_CONFIG),
+            reports_health: caps.has(Capabilities::REPORTS_HEALTH),
+            connected: self.connected,
+            connection_epoch: 0,
+            disconnected_at: None,
+            remote: None,
+            healthy: None,
+            health_error: String::new(),
+            unhealthy_since: None,
+            delivered: None,
+        }
     }
 }
 
@@ -63,8 +65,8 @@ struct AgentList {
 pub enum FleetError {
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{from} is not an agent list like GET /api/v1/agents answers ({{\"agents\": [...]}}): {message}")]
-    Parse { from: String, message: String },
+    #[error("{from} is not an agent list like GET /api/v1/agents answers ({{\"agents\": [...]}}): {source}")]
+    Parse { from: String, source: serde_json::Error },
     #[error(transparent)]
     Client(#[from] api_client::ClientError),
     #[error("GET {url}: the server answered {status}")]
@@ -75,9 +77,9 @@ pub enum FleetError {
 pub fn parse(bytes: &[u8], from: &str) -> Result<Vec<FleetAgent>, FleetError> {
     serde_json::from_slice::<AgentList>(bytes)
         .map(|l| l.agents)
-        .map_err(|e| FleetError::Parse {
+        .map_err(|source| FleetError::Parse {
             from: from.to_string(),
-            message: e.to_string(),
+            source,
         })
 }
 
@@ -105,6 +107,7 @@ pub async fn fetch(server: &str) -> Result<Vec<FleetAgent>, FleetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::AgentAttributes;
 
     #[test]
     fn parses_the_api_shape_and_ignores_other_fields() {
@@ -120,13 +123,15 @@ mod tests {
         ]}"#;
         let agents = parse(json.as_bytes(), "f").unwrap();
         assert_eq!(agents.len(), 2);
-        let a = &agents[0];
-        assert!(a.connected && a.accepts_remote_config());
+        let a = agents[0].view();
+        assert!(a.connected && a.accepts_remote_config);
+        assert!(!a.supported(), "it does not report whether it applied a config");
         assert_eq!(a.attribute("service.name"), Some("gw"));
         assert_eq!(a.attribute("zone"), Some("z1"));
-        assert_eq!(a.host_name(), Some("id-wins"), "identifying attributes win");
+        assert_eq!(a.attribute("host.name"), Some("id-wins"), "identifying attributes win");
         assert_eq!(agents[1].instance_uid.to_string(), "01J9ZQ0000000000000000000A");
-        assert!(!agents[1].connected && !agents[1].accepts_remote_config());
+        let b = agents[1].view();
+        assert!(!b.connected && !b.accepts_remote_config);
     }
 
     #[test]

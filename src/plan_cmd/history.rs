@@ -7,31 +7,24 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::report::{Stable, StableSource};
-use crate::desired::{self, DesiredState, Diagnostic, FileSource, LoadErrors};
+use crate::desired::{self, DesiredState, Group, LoadErrors, Validated};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
-use crate::model::{CommitId, ConfigHash, GroupName};
-use crate::notes::format::{Note, Phase};
+use crate::model::{CommitId, GroupName};
+use crate::notes::format::Note;
+use crate::notes::remembered::remembered;
 
 /// How far back the first-parent walk looks for notes and valid commits.
 pub const HISTORY_LIMIT: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    #[error("{0}")]
+    #[error(transparent)]
     Tree(#[from] TreeError),
-    #[error("{0}")]
+    #[error(transparent)]
     Source(#[from] desired::SourceError),
-    #[error("{0}")]
+    #[error(transparent)]
     Notes(#[from] crate::gitsrc::notes::NotesError),
-}
-
-/// A valid commit's desired state and its groups' config paths.
-#[derive(Debug)]
-pub struct Loaded {
-    pub state: DesiredState,
-    /// Per group: config file key to repository path.
-    pub paths: BTreeMap<GroupName, BTreeMap<String, String>>,
 }
 
 /// One repository (optionally a subdirectory of it), read commit by commit.
@@ -39,7 +32,7 @@ pub struct Repo {
     path: PathBuf,
     subdir: Option<String>,
     /// `None` for a commit that failed validation.
-    cache: HashMap<CommitId, Option<Rc<Loaded>>>,
+    cache: HashMap<CommitId, Option<Rc<DesiredState>>>,
 }
 
 impl Repo {
@@ -51,24 +44,23 @@ impl Repo {
         }
     }
 
-    /// Resolves `rev` and loads it: `Ok(Err(diagnostics))` when it is invalid.
-    pub fn load_rev(&mut self, rev: &str) -> Result<Result<Rc<Loaded>, Vec<Diagnostic>>, HistoryError> {
+    /// Resolves `rev` and loads it.
+    pub fn load_rev(&mut self, rev: &str) -> Result<Validated<Rc<DesiredState>>, HistoryError> {
         let source = TreeSource::open(&self.path, rev, self.subdir.as_deref())?;
         let commit = source.commit().clone();
         let loaded = read(&source, &commit)?;
-        let ok = loaded.as_ref().ok().cloned();
-        self.cache.insert(commit, ok);
+        self.cache.insert(commit, loaded.clone().valid());
         Ok(loaded)
     }
 
     /// The state at `commit`; `None` when it fails validation (or its
     /// subdirectory does not exist there).
-    pub fn load(&mut self, commit: &CommitId) -> Result<Option<Rc<Loaded>>, HistoryError> {
+    pub fn load(&mut self, commit: &CommitId) -> Result<Option<Rc<DesiredState>>, HistoryError> {
         if let Some(hit) = self.cache.get(commit) {
             return Ok(hit.clone());
         }
         let loaded = match TreeSource::open(&self.path, commit.as_str(), self.subdir.as_deref()) {
-            Ok(source) => read(&source, commit)?.ok(),
+            Ok(source) => read(&source, commit)?.valid(),
             Err(TreeError::NoSuchSubdir { .. }) => None,
             Err(e) => return Err(e.into()),
         };
@@ -102,7 +94,10 @@ impl Repo {
     }
 
     /// The newest valid commit of `history` (newest first).
-    pub fn newest_valid(&mut self, history: &[(CommitId, Option<Note>)]) -> Result<Option<Rc<Loaded>>, HistoryError> {
+    pub fn newest_valid(
+        &mut self,
+        history: &[(CommitId, Option<Note>)],
+    ) -> Result<Option<Rc<DesiredState>>, HistoryError> {
         for (commit, _) in history {
             if let Some(l) = self.load(commit)? {
                 return Ok(Some(l));
@@ -112,69 +107,28 @@ impl Repo {
     }
 }
 
-/// Loads the state and, when valid, each group's config paths.
-fn read(source: &TreeSource, commit: &CommitId) -> Result<Result<Rc<Loaded>, Vec<Diagnostic>>, HistoryError> {
-    let state = match desired::load(source, Some(commit.clone())) {
-        Ok(s) => s,
-        Err(LoadErrors::Invalid(d)) => return Ok(Err(d)),
-        Err(LoadErrors::Source(e)) => return Err(e.into()),
-    };
-    let mut paths = BTreeMap::new();
-    for name in state.groups.keys() {
-        paths.insert(name.clone(), config_paths(source, name)?);
+/// Loads the state at `commit`.
+fn read(source: &TreeSource, commit: &CommitId) -> Result<Validated<Rc<DesiredState>>, HistoryError> {
+    match desired::load(source, Some(commit.clone())) {
+        Ok(s) => Ok(Validated::Valid(Rc::new(s))),
+        Err(LoadErrors::Invalid(d)) => Ok(Validated::Invalid(d)),
+        Err(LoadErrors::Source(e)) => Err(e.into()),
     }
-    Ok(Ok(Rc::new(Loaded { state, paths })))
-}
-
-/// The `config:` map of a group's file, key to path. Only for display: the
-/// file already passed validation, so anything unexpected just yields nothing.
-fn config_paths(source: &dyn FileSource, group: &GroupName) -> Result<BTreeMap<String, String>, HistoryError> {
-    for ext in ["yaml", "yml"] {
-        let Some(bytes) = source.read(&format!("groups/{group}.{ext}"))? else {
-            continue;
-        };
-        let Ok(value) = serde_yaml_ng::from_slice::<serde_yaml_ng::Value>(&bytes) else {
-            return Ok(BTreeMap::new());
-        };
-        let Some(map) = value.get("config").and_then(|c| c.as_mapping()) else {
-            return Ok(BTreeMap::new());
-        };
-        return Ok(map
-            .iter()
-            .filter_map(|(k, v)| {
-                let path = v.as_str()?;
-                let clean: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-                Some((k.as_str()?.to_string(), clean.join("/")))
-            })
-            .collect());
-    }
-    Ok(BTreeMap::new())
-}
-
-/// The newest commit of `history` whose note says `group`'s rollout is
-/// complete, with the config hash the note gives.
-pub fn newest_complete<'h>(
-    group: &GroupName,
-    history: &'h [(CommitId, Option<Note>)],
-) -> Option<(&'h CommitId, ConfigHash)> {
-    history.iter().find_map(|(commit, note)| {
-        let g = note.as_ref()?.groups.get(group)?;
-        (g.phase == Phase::Complete).then_some((commit, g.config_hash))
-    })
 }
 
 /// Each group's stable config, with warnings for notes that could not be used.
 ///
 /// With `--base` every group's stable config is the base's. Otherwise it is
-/// the one at the newest ancestor whose note says the group's rollout is
-/// complete, when that commit's config hash for the group is the note's;
-/// else the previous (first-parent) commit's. A group the previous state
+/// the config of the newest completed rollout the ancestors' notes remember
+/// (as the controller reads them back, see [`remembered`]), when that
+/// commit's config for the group is the note's; else the previous
+/// (first-parent) commit's. A group the previous state
 /// lacks is new, whatever older notes say: the controller forgets a removed
 /// group's rollouts.
 pub fn stable_configs(
     repo: &mut Repo,
     target: &DesiredState,
-    previous: Option<&Loaded>,
+    previous: Option<&DesiredState>,
     ancestors: &[(CommitId, Option<Note>)],
     base_given: bool,
     warnings: &mut Vec<String>,
@@ -183,38 +137,43 @@ pub fn stable_configs(
     let Some(previous) = previous else {
         return Ok(out);
     };
-    let Some(previous_commit) = previous.state.commit.clone() else {
+    let Some(previous_commit) = previous.commit.clone() else {
         return Ok(out);
     };
-    let from = |loaded: &Loaded, commit: &CommitId, name: &GroupName, source| {
-        loaded.state.groups.get(name).map(|g| Stable {
-            commit: commit.clone(),
-            source,
-            config: g.config.clone(),
-            paths: loaded.paths.get(name).cloned().unwrap_or_default(),
-        })
+    let stable = |g: &Group, commit: &CommitId, source| Stable {
+        commit: commit.clone(),
+        source,
+        config: g.config.clone(),
+        paths: g.config_paths.clone(),
     };
     let fallback_source = if base_given {
         StableSource::Base
     } else {
         StableSource::FirstParent
     };
+    let noted = if base_given {
+        BTreeMap::new()
+    } else {
+        // Newest commit first: of rollouts noted with the same start, the newer commit's.
+        remembered(ancestors.iter().filter_map(|(_, note)| note.as_ref()))
+    };
     for name in target.groups.keys() {
-        let Some(fallback) = from(previous, &previous_commit, name, fallback_source) else {
+        let Some(before) = previous.groups.get(name) else {
             continue;
         };
-        let mut chosen = fallback;
-        if !base_given && let Some((commit, noted)) = newest_complete(name, ancestors) {
+        let mut chosen = stable(before, &previous_commit, fallback_source);
+        if let Some(found) = noted.get(name).and_then(|r| r.stable.as_ref()) {
+            let commit = &found.commit;
             match repo.load(commit)? {
-                Some(loaded) => match from(&loaded, commit, name, StableSource::Note) {
-                    Some(s) if s.config.hash() == noted => chosen = s,
-                    found => warnings.push(format!(
+                Some(loaded) => match found.group_in(name, &loaded) {
+                    Some(g) => chosen = stable(g, commit, StableSource::Note),
+                    None => warnings.push(format!(
                         "the note on {} says {name} completed with config {}, but that commit {}; \
                          comparing {name} with {} instead",
                         commit.short(),
-                        short_hash(&noted),
-                        match found {
-                            Some(s) => format!("has {}", short_hash(&s.config.hash())),
+                        found.hash.short(),
+                        match loaded.groups.get(name) {
+                            Some(g) => format!("has {}", g.config.hash().short()),
                             None => "has no such group".to_string(),
                         },
                         previous_commit.short()
@@ -230,74 +189,4 @@ pub fn stable_configs(
         out.insert(name.clone(), chosen);
     }
     Ok(out)
-}
-
-/// The first 12 hex digits of a hash, for messages.
-pub fn short_hash(h: &ConfigHash) -> String {
-    let mut s = h.to_string();
-    s.truncate(12);
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::SystemTime;
-
-    use super::*;
-    use crate::notes::format::{AgentCounts, NoteGroup};
-
-    fn note(commit: &str, groups: &[(&str, Phase, u8)]) -> Note {
-        Note {
-            version: "v1".into(),
-            commit: CommitId::new(commit),
-            updated: SystemTime::UNIX_EPOCH,
-            valid: true,
-            errors: vec![],
-            groups: groups
-                .iter()
-                .map(|(g, phase, h)| {
-                    (
-                        GroupName::new(*g),
-                        NoteGroup {
-                            config_hash: ConfigHash([*h; 32]),
-                            phase: *phase,
-                            wave: 1,
-                            waves: 1,
-                            agents: AgentCounts::default(),
-                            failures: vec![],
-                            started: None,
-                            finished: None,
-                            actions: vec![],
-                        },
-                    )
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn newest_complete_note_per_group() {
-        let gw = GroupName::new("gw");
-        let core = GroupName::new("core");
-        let history = vec![
-            (CommitId::new("c3"), Some(note("c3", &[("gw", Phase::Progressing, 3)]))),
-            (CommitId::new("c2"), None),
-            (
-                CommitId::new("c1"),
-                Some(note("c1", &[("gw", Phase::Complete, 1), ("core", Phase::Halted, 9)])),
-            ),
-            (CommitId::new("c0"), Some(note("c0", &[("gw", Phase::Complete, 0)]))),
-        ];
-        assert_eq!(
-            newest_complete(&gw, &history),
-            Some((&CommitId::new("c1"), ConfigHash([1; 32]))),
-            "the newest complete one, not a progressing one"
-        );
-        assert_eq!(newest_complete(&core, &history), None, "halted is not complete");
-        assert_eq!(
-            newest_complete(&gw, &history[3..]),
-            Some((&CommitId::new("c0"), ConfigHash([0; 32])))
-        );
-        assert_eq!(newest_complete(&gw, &[]), None);
-    }
 }

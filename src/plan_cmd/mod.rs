@@ -13,7 +13,7 @@ pub mod report;
 use std::process::ExitCode;
 
 use crate::cli::{PlanArgs, PlanFormat};
-use crate::desired::Diagnostic;
+use crate::desired::{Diagnostic, Validated, normalize_subdir};
 use fleet::{FleetAgent, FleetError};
 use history::{HISTORY_LIMIT, HistoryError, Repo};
 use report::{BaseInfo, Inputs, Report, StableSource};
@@ -24,10 +24,12 @@ pub enum PlanError {
     /// The commit fails validation; every problem, as `validate` prints them.
     #[error("the commit is not valid ({} problems)", .0.len())]
     Invalid(Vec<Diagnostic>),
-    #[error("{0}")]
+    #[error(transparent)]
     History(#[from] HistoryError),
-    #[error("{0}")]
+    #[error(transparent)]
     Fleet(#[from] FleetError),
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -40,14 +42,16 @@ pub enum FleetFrom<'a> {
 
 /// Computes the plan (blocking: git, and the HTTP request on a small runtime).
 pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
-    let subdir = subdir(args).map(str::to_string);
+    let subdir = subdir(args);
     if !args.repo.is_dir() {
         return Err(PlanError::Usage(format!("no such directory: {}", args.repo.display())));
     }
     let mut repo = Repo::new(&args.repo, subdir.clone());
-    let target = repo.load_rev(&args.rev)?.map_err(PlanError::Invalid)?;
+    let target = match repo.load_rev(&args.rev)? {
+        Validated::Valid(state) => state,
+        Validated::Invalid(problems) => return Err(PlanError::Invalid(problems)),
+    };
     let target_commit = target
-        .state
         .commit
         .clone()
         .ok_or_else(|| PlanError::Usage("the commit has no id".into()))?;
@@ -73,7 +77,7 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
             let base = BaseInfo {
                 kind: StableSource::Base,
                 rev: Some(rev.clone()),
-                commit: previous.as_ref().and_then(|p| p.state.commit.clone()),
+                commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };
             (previous, base)
         }
@@ -88,14 +92,14 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
             let base = BaseInfo {
                 kind: StableSource::FirstParent,
                 rev: None,
-                commit: previous.as_ref().and_then(|p| p.state.commit.clone()),
+                commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };
             (previous, base)
         }
     };
     let stable = history::stable_configs(
         &mut repo,
-        &target.state,
+        &target,
         previous.as_deref(),
         ancestors,
         args.base.is_some(),
@@ -108,21 +112,17 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
         (None, None) => return Err(PlanError::Usage("give --server URL or --fleet FILE".into())),
     };
     let inputs = Inputs {
-        target: &target.state,
-        target_paths: &target.paths,
-        previous: previous.as_ref().map(|p| &p.state),
+        target: &target,
+        previous: previous.as_deref(),
         stable: &stable,
         agents: &agents,
     };
     Ok(report::build(&inputs, base, warnings))
 }
 
-/// `--path`, without surrounding slashes; `None` for the repository root.
-fn subdir(args: &PlanArgs) -> Option<&str> {
-    args.subdir
-        .as_deref()
-        .map(|s| s.trim_matches('/'))
-        .filter(|s| !s.is_empty() && *s != ".")
+/// `--path`, as the loaders take it; `None` for the repository root.
+fn subdir(args: &PlanArgs) -> Option<String> {
+    args.subdir.as_deref().and_then(normalize_subdir)
 }
 
 /// Says so when the commit compared with is not the one named, because that
@@ -131,10 +131,10 @@ fn note_skipped_invalid(
     warnings: &mut Vec<String>,
     what: &str,
     named: Option<&crate::model::CommitId>,
-    used: Option<&history::Loaded>,
+    used: Option<&crate::desired::DesiredState>,
 ) {
     let Some(named) = named else { return };
-    let used = used.and_then(|l| l.state.commit.as_ref());
+    let used = used.and_then(|l| l.commit.as_ref());
     if used != Some(named) {
         warnings.push(match used {
             Some(u) => format!(
@@ -158,7 +158,7 @@ pub fn load_agents(from: FleetFrom<'_>) -> Result<Vec<FleetAgent>, PlanError> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| PlanError::Usage(format!("starting the runtime: {e}")))?;
+                .map_err(PlanError::Runtime)?;
             Ok(runtime.block_on(fleet::fetch(url))?)
         }
     }
@@ -178,11 +178,9 @@ pub fn command(args: &PlanArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(PlanError::Invalid(diagnostics)) => {
+            let subdir = subdir(args);
             for d in &diagnostics {
-                match subdir(args) {
-                    Some(p) => println!("{p}/{d}"),
-                    None => println!("{d}"),
-                }
+                println!("{}", d.under(subdir.as_deref()));
             }
             let n = diagnostics.len();
             eprintln!("invalid: {n} problem{} at {}", if n == 1 { "" } else { "s" }, args.rev);

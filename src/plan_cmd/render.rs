@@ -3,7 +3,6 @@
 
 use std::fmt::Write;
 
-use super::history::short_hash;
 use super::report::{AgentRef, BaseInfo, Change, FileChange, FileStatus, GroupPlan, Report, StableSource, Wave};
 use crate::model::ConfigHash;
 
@@ -68,7 +67,7 @@ fn stable_line(g: &GroupPlan) -> String {
 }
 
 fn hash_change(g: &GroupPlan) -> String {
-    let short = |h: Option<ConfigHash>| h.map_or_else(|| "none".to_string(), |h| short_hash(&h));
+    let short = |h: Option<ConfigHash>| h.map_or_else(|| "none".to_string(), |h| h.short());
     match g.change {
         Change::Unchanged => short(Some(g.config_hash)),
         _ => format!("{} -> {}", short(g.stable_config_hash), short(Some(g.config_hash))),
@@ -161,7 +160,7 @@ fn callouts(report: &Report, code: fn(&str) -> String) -> Vec<String> {
         .filter(|g| g.change.pushes() && !g.unsupported.is_empty())
     {
         out.push(format!(
-            "group {} ({}) has {} without AcceptsRemoteConfig, never pushed to: {}",
+            "group {} ({}) has {} without AcceptsRemoteConfig or ReportsRemoteConfig, never pushed to: {}",
             code(g.name.as_str()),
             g.change.as_str(),
             plural(g.unsupported.len(), "agent", "agents"),
@@ -209,7 +208,7 @@ fn pending(report: &Report, code: fn(&str) -> String) -> Vec<String> {
             format!(
                 "{} is unchanged by this commit, but its rollout to {} (from an earlier commit) has not completed",
                 code(g.name.as_str()),
-                code(&short_hash(&g.config_hash))
+                code(&g.config_hash.short())
             )
         })
         .collect()
@@ -281,7 +280,7 @@ pub fn text(report: &Report) -> String {
             "  {:width$}  {:9}  {}  held {}",
             r.name.as_str(),
             "removed",
-            short_hash(&r.config_hash),
+            r.config_hash.short(),
             plural(r.agents, "agent", "agents")
         );
     }
@@ -424,7 +423,7 @@ pub fn markdown(report: &Report) -> String {
             out,
             "| {} | **removed** | {} | {} | - |",
             code(r.name.as_str()),
-            code(&short_hash(&r.config_hash)),
+            code(&r.config_hash.short()),
             r.agents
         );
     }

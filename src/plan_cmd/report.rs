@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use super::fleet::FleetAgent;
 use crate::desired::summary::amount;
-use crate::desired::{ConfigBundle, ConfigFile, DesiredState, Group, OnFailure, RolloutPolicy};
+use crate::desired::{ConfigBundle, ConfigFile, DesiredState, Group, RolloutPolicy};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
-use crate::reconcile::{Matcher, canary_order, wave_cuts};
+pub use crate::reconcile::Change;
+use crate::reconcile::{AgentView, Matcher, rollout_members, wave_cuts};
 
 /// Where a group's stable config was taken from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,8 +41,6 @@ pub struct Stable {
 pub struct Inputs<'a> {
     /// The desired state at the commit being planned.
     pub target: &'a DesiredState,
-    /// Per group of `target`: config file key to repository path.
-    pub target_paths: &'a BTreeMap<GroupName, BTreeMap<String, String>>,
     /// The state compared against for reverts, removed groups and agents that
     /// change group: the first parent (or `--base`); `None` when there is no
     /// earlier valid commit.
@@ -86,35 +85,6 @@ pub struct FleetCounts {
     pub unsupported: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Change {
-    /// Same config as stable: nothing is pushed.
-    Unchanged,
-    /// A new config, rolled out in waves.
-    Changed,
-    /// A group with no stable config: its first rollout, in waves.
-    New,
-    /// Back to the stable config after a change: pushed to every agent at once.
-    Revert,
-}
-
-impl Change {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Change::Unchanged => "unchanged",
-            Change::Changed => "changed",
-            Change::New => "new",
-            Change::Revert => "revert",
-        }
-    }
-
-    /// Whether the commit makes the controller push anything for the group.
-    pub fn pushes(self) -> bool {
-        self != Change::Unchanged
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StableRef {
     pub commit: CommitId,
@@ -141,13 +111,14 @@ pub struct GroupPlan {
     /// Agents of the group that are not connected: not counted in the waves;
     /// they get the config when they return.
     pub offline: Vec<AgentRef>,
-    /// Agents of the group without AcceptsRemoteConfig: never pushed to.
+    /// Agents of the group whose config the controller cannot manage (without
+    /// AcceptsRemoteConfig or ReportsRemoteConfig): never pushed to.
     pub unsupported: Vec<AgentRef>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct GroupCounts {
-    /// Connected agents with AcceptsRemoteConfig: the rollout's members.
+    /// The rollout's members: connected agents whose config the controller manages.
     pub members: usize,
     pub offline: usize,
     pub unsupported: usize,
@@ -169,10 +140,7 @@ impl PolicyView {
             bake: humantime::format_duration(p.bake).to_string(),
             apply_timeout: humantime::format_duration(p.apply_timeout).to_string(),
             max_failures: amount(p.max_failures),
-            on_failure: match p.on_failure {
-                OnFailure::Rollback => "rollback",
-                OnFailure::Hold => "hold",
-            },
+            on_failure: p.on_failure.as_str(),
         }
     }
 }
@@ -218,10 +186,10 @@ pub struct AgentRef {
 }
 
 impl AgentRef {
-    fn of(a: &FleetAgent) -> Self {
+    fn of(a: &AgentView) -> Self {
         AgentRef {
-            uid: a.instance_uid.clone(),
-            host: a.host_name().map(str::to_string),
+            uid: a.uid.clone(),
+            host: a.attributes.get("host.name").cloned(),
         }
     }
 }
@@ -271,55 +239,39 @@ pub struct Moved {
     pub to: Option<GroupName>,
 }
 
-/// Ranks groups the way the controller does: priority descending, then name.
-fn ranked(state: &DesiredState) -> Vec<&Group> {
-    let mut groups: Vec<&Group> = state.groups.values().collect();
-    groups.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
-    groups
-}
-
-/// Each agent's group in `state` (by index into `agents`), as the controller decides it.
-fn winners<'s>(state: &'s DesiredState, agents: &[FleetAgent]) -> Vec<Option<&'s GroupName>> {
-    let matcher = Matcher::new(state);
-    let names: Vec<&GroupName> = state.groups.keys().collect();
-    agents
-        .iter()
-        .map(|a| matcher.find(a).and_then(|i| names.get(i).copied()))
-        .collect()
+/// Each agent's group (by index into `agents`), as the controller decides it.
+fn winners<'s>(matcher: &Matcher<'s>, agents: &[AgentView]) -> Vec<Option<&'s GroupName>> {
+    agents.iter().map(|a| matcher.group_of(a).map(|g| &g.name)).collect()
 }
 
 pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Report {
     let Inputs {
         target,
-        target_paths,
         previous,
         stable,
         agents,
     } = *inputs;
-    let won = winners(target, agents);
+    let agents: Vec<AgentView> = agents.iter().map(FleetAgent::view).collect();
+    let matcher = Matcher::new(target);
+    let won = winners(&matcher, &agents);
 
     let mut fleet = FleetCounts {
         agents: agents.len(),
         ..Default::default()
     };
     let mut callouts = Callouts::default();
-    let mut by_group: BTreeMap<&GroupName, Vec<&FleetAgent>> = BTreeMap::new();
+    let mut by_group: BTreeMap<&GroupName, Vec<&AgentView>> = BTreeMap::new();
     let mut matched: BTreeMap<&GroupName, usize> = BTreeMap::new();
-    let ranking = ranked(target);
     for (agent, group) in agents.iter().zip(&won) {
         if agent.connected {
             fleet.connected += 1;
         } else {
             fleet.offline += 1;
         }
-        if !agent.accepts_remote_config() {
+        if !agent.supported() {
             fleet.unsupported += 1;
         }
-        let matching: Vec<&GroupName> = ranking
-            .iter()
-            .filter(|g| g.selector.matches(agent))
-            .map(|g| &g.name)
-            .collect();
+        let matching: Vec<&GroupName> = matcher.matching(agent).map(|g| &g.name).collect();
         for g in &matching {
             *matched.entry(g).or_default() += 1;
         }
@@ -353,7 +305,6 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
         let previous_group = previous.and_then(|p| p.groups.get(name));
         groups.push(plan_group(
             group,
-            target_paths.get(name),
             stable.get(name),
             previous_group.map(|g| g.config.hash()),
             members,
@@ -362,7 +313,7 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
 
     let mut removed = Vec::new();
     if let Some(previous) = previous {
-        let before = winners(previous, agents);
+        let before = winners(&Matcher::new(previous), &agents);
         for (name, group) in &previous.groups {
             if !target.groups.contains_key(name) {
                 removed.push(RemovedGroup {
@@ -397,52 +348,42 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
 /// One group: its change against stable, the diffs and the waves.
 fn plan_group(
     group: &Group,
-    paths: Option<&BTreeMap<String, String>>,
     stable: Option<&Stable>,
     previous_hash: Option<ConfigHash>,
-    agents: &[&FleetAgent],
+    agents: &[&AgentView],
 ) -> GroupPlan {
     let hash = group.config.hash();
     let stable_hash = stable.map(|s| s.config.hash());
-    let change = match stable_hash {
-        None => Change::New,
-        // The commit does not touch the group: it starts no rollout, even
-        // when an earlier commit's rollout has not completed.
-        Some(_) if previous_hash == Some(hash) => Change::Unchanged,
-        // Back to stable from something else: the controller pushes it to
-        // every agent at once.
-        Some(s) if s == hash => Change::Revert,
-        Some(_) => Change::Changed,
+    // The previous commit's config is the one the controller is delivering
+    // (or has delivered): a commit that does not touch the group starts no
+    // rollout, even when an earlier commit's rollout has not completed.
+    let change = Change::of(hash, previous_hash, stable_hash);
+
+    let members: Vec<&AgentView> = rollout_members(&group.name, agents.iter().copied())
+        .into_iter()
+        .map(|n| agents[n])
+        .collect();
+    let unsupported: Vec<AgentRef> = agents
+        .iter()
+        .filter(|a| !a.supported())
+        .map(|a| AgentRef::of(a))
+        .collect();
+    let offline: Vec<AgentRef> = agents
+        .iter()
+        .filter(|a| a.supported() && !a.connected)
+        .map(|a| AgentRef::of(a))
+        .collect();
+    let counts = GroupCounts {
+        members: members.len(),
+        offline: offline.len(),
+        unsupported: unsupported.len(),
     };
 
-    let mut counts = GroupCounts::default();
-    let mut offline = Vec::new();
-    let mut unsupported = Vec::new();
-    let mut member_uids = Vec::new();
-    let mut refs: BTreeMap<&InstanceUid, &FleetAgent> = BTreeMap::new();
-    for a in agents {
-        if !a.accepts_remote_config() {
-            unsupported.push(AgentRef::of(a));
-        } else if !a.connected {
-            offline.push(AgentRef::of(a));
-        } else {
-            member_uids.push(a.instance_uid.clone());
-            refs.insert(&a.instance_uid, a);
-        }
-    }
-    counts.members = member_uids.len();
-    counts.offline = offline.len();
-    counts.unsupported = unsupported.len();
-
     let (files, waves) = if change.pushes() {
-        let order: Vec<AgentRef> = canary_order(&group.name, member_uids)
-            .iter()
-            .filter_map(|u| refs.get(u).map(|a| AgentRef::of(a)))
-            .collect();
-        let empty = BTreeMap::new();
+        let order: Vec<AgentRef> = members.into_iter().map(AgentRef::of).collect();
         let files = file_changes(
             stable.map(|s| (s.config.files(), &s.paths)),
-            (group.config.files(), paths.unwrap_or(&empty)),
+            (group.config.files(), &group.config_paths),
         );
         let waves = if change == Change::Revert {
             vec![Wave {

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use super::*;
 use crate::desired::{Amount, Selector};
 use crate::plan_cmd::render;
+use crate::reconcile::canary_order;
 
 fn bundle(files: &[(&str, &str)]) -> Arc<ConfigBundle> {
     Arc::new(ConfigBundle::new(
@@ -33,6 +34,7 @@ fn group(name: &str, selector: &[(&str, &str)], priority: i64, config: &Arc<Conf
             ..Default::default()
         },
         config: Arc::clone(config),
+        config_paths: [(String::new(), "configs/new.yaml".to_string())].into(),
         rollout: RolloutPolicy {
             waves: vec![Amount::Count(1), Amount::Percent(50), Amount::Percent(100)],
             ..Default::default()
@@ -48,14 +50,18 @@ fn state(commit: &str, groups: Vec<Group>) -> DesiredState {
     }
 }
 
-/// A connected agent that accepts remote config.
+/// A connected agent whose config the controller manages.
 fn agent(n: u8, attrs: &[(&str, &str)]) -> FleetAgent {
     FleetAgent {
         instance_uid: InstanceUid::Uuid([n; 16]),
         connected: true,
         identifying_attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         non_identifying_attributes: [("host.name".to_string(), format!("h{n}"))].into(),
-        capabilities: vec!["ReportsStatus".into(), "AcceptsRemoteConfig".into()],
+        capabilities: vec![
+            "ReportsStatus".into(),
+            "AcceptsRemoteConfig".into(),
+            "ReportsRemoteConfig".into(),
+        ],
     }
 }
 
@@ -84,15 +90,9 @@ fn run(target: &DesiredState, previous: Option<&DesiredState>, stable: &[Stable]
         .filter(|(_, s)| !s.commit.as_str().is_empty())
         .map(|(k, s)| (k.clone(), s.clone()))
         .collect();
-    let paths = target
-        .groups
-        .keys()
-        .map(|k| (k.clone(), [(String::new(), "configs/new.yaml".to_string())].into()))
-        .collect();
     build(
         &Inputs {
             target,
-            target_paths: &paths,
             previous,
             stable: &stable,
             agents,
@@ -110,19 +110,25 @@ fn uids(agents: &[AgentRef]) -> Vec<InstanceUid> {
     agents.iter().map(|a| a.uid.clone()).collect()
 }
 
-#[test]
-fn waves_follow_the_canary_order_and_the_cuts() {
+/// The plan of a commit that changes group `gw` (selecting service.name=gw)
+/// from `a: 1` (stable at the first parent) to `a: 2`.
+fn gw_changed(agents: &[FleetAgent]) -> Report {
     let v1 = bundle(&[("", "a: 1\n")]);
     let v2 = bundle(&[("", "a: 2\n")]);
     let target = state("t", vec![group("gw", &[("service.name", "gw")], 0, &v2)]);
     let previous = state("p", vec![group("gw", &[("service.name", "gw")], 0, &v1)]);
-    let agents: Vec<FleetAgent> = (1..=5).map(|n| agent(n, &[("service.name", "gw")])).collect();
-    let r = run(
+    run(
         &target,
         Some(&previous),
         &[stable("p", StableSource::FirstParent, &v1)],
-        &agents,
-    );
+        agents,
+    )
+}
+
+#[test]
+fn waves_follow_the_canary_order_and_the_cuts() {
+    let agents: Vec<FleetAgent> = (1..=5).map(|n| agent(n, &[("service.name", "gw")])).collect();
+    let r = gw_changed(&agents);
     let g = &r.groups[0];
     assert_eq!(g.change, Change::Changed);
     let order = canary_order(
@@ -149,6 +155,33 @@ fn waves_follow_the_canary_order_and_the_cuts() {
             .contains("--- a/configs/old.yaml\n+++ b/configs/new.yaml\n")
     );
     assert!(g.files[0].diff.contains("\n-a: 1\n+a: 2\n"), "{}", g.files[0].diff);
+}
+
+#[test]
+fn agents_that_do_not_report_whether_they_applied_are_not_members() {
+    let sel = [("service.name", "gw")];
+    // The supervisor's defaults: AcceptsRemoteConfig without ReportsRemoteConfig.
+    let mut silent = agent(2, &sel);
+    silent.capabilities = vec!["ReportsStatus".into(), "AcceptsRemoteConfig".into()];
+    let r = gw_changed(&[agent(1, &sel), silent, agent(3, &sel)]);
+    let g = &r.groups[0];
+    assert_eq!(
+        g.agents,
+        GroupCounts {
+            members: 2,
+            offline: 0,
+            unsupported: 1
+        }
+    );
+    assert_eq!(uids(&g.unsupported), [InstanceUid::Uuid([2; 16])]);
+    let in_waves: Vec<InstanceUid> = g.waves.iter().flat_map(|w| uids(&w.agents)).collect();
+    assert!(!in_waves.contains(&InstanceUid::Uuid([2; 16])), "{in_waves:?}");
+    assert_eq!(r.fleet.unsupported, 1);
+    assert!(
+        render::text(&r).contains("has 1 agent without AcceptsRemoteConfig or ReportsRemoteConfig, never pushed to"),
+        "{}",
+        render::text(&r)
+    );
 }
 
 #[test]

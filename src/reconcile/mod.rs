@@ -4,23 +4,32 @@
 //! driver calls it on every change and on a timer, carries out the pushes and
 //! persists [`RolloutState`]. The rules are in `docs/rollouts.md`.
 
+mod assign;
+mod classify;
+mod input;
+mod join;
+mod output;
 mod plan;
 mod restore;
+mod rollout;
 mod select;
 mod state;
+mod status;
 mod waves;
 
 #[cfg(test)]
 mod tests;
 
-pub use plan::{
-    AgentCounts, AgentView, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, PlanInput,
-    Push, PushReason, RemoteConfigState, RemoteStatus, plan,
+pub use input::{AgentView, PlanInput, RemoteConfigState, RemoteStatus, unsupported_reason};
+pub use output::{
+    AgentCounts, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, Push, PushReason,
 };
+pub use plan::plan;
 pub use restore::{Recovered, RecoveredRollout, restore};
+pub use rollout::Change;
 pub use select::Matcher;
 pub use state::{
     AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
 };
-pub use waves::{Members, OrderKey, canary_order, order_key, wave_cuts};
+pub use waves::{Members, OrderKey, canary_order, order_key, rollout_members, wave_cuts};

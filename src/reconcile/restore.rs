@@ -10,13 +10,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::plan::AgentView;
+use super::input::AgentView;
+use super::rollout::Reach;
 use super::select::Matcher;
 use super::state::{
     AgentRecord, AgentRecords, FailureRecord, GroupState, Membership, Rollout, RolloutKind, RolloutPhase, RolloutState,
     Stable, Timestamp,
 };
-use super::waves::{Members, order_key, wave_cuts};
+use super::waves::rollout_members;
 use crate::desired::{ConfigBundle, DesiredState};
 use crate::model::{CommitId, GroupName, InstanceUid};
 
@@ -51,41 +52,40 @@ pub fn restore(
     now: Timestamp,
 ) -> RolloutState {
     let matcher = Matcher::new(desired);
-    let positions: BTreeMap<&GroupName, usize> = desired.groups.keys().enumerate().map(|(i, g)| (g, i)).collect();
-    let mut members_of: BTreeMap<usize, Vec<&InstanceUid>> = BTreeMap::new();
-    for a in agents.iter().filter(|a| a.connected && a.accepts_remote_config) {
-        if let Some(g) = matcher.find(a) {
-            members_of.entry(g).or_default().push(&a.uid);
+    // The agents of each group whose config the controller manages, as the
+    // planner counts them.
+    let mut group_agents: BTreeMap<&GroupName, Vec<&AgentView>> = BTreeMap::new();
+    for a in agents.iter().filter(|a| a.supported()) {
+        if let Some(g) = matcher.group_of(a) {
+            group_agents.entry(&g.name).or_default().push(a);
         }
     }
     let mut state = RolloutState::default();
     let mut records: BTreeMap<InstanceUid, AgentRecord> = BTreeMap::new();
     for (name, rec) in recovered {
-        let Some((&pos, group)) = positions.get(&name).zip(desired.groups.get(&name)) else {
+        let Some(group) = desired.groups.get(&name) else {
             continue;
         };
+        let of_group = group_agents.get(&name).map(Vec::as_slice).unwrap_or_default();
         let stable_hash = rec.stable.as_ref().map(|s| s.bundle.hash());
         let rollout = rec.rollout.map(|r| {
             let id = state.rollouts;
             state.rollouts += 1;
-            let mut order: Vec<&InstanceUid> = members_of.get(&pos).cloned().unwrap_or_default();
-            // Back to the stable config: a revert goes to every agent at once,
-            // with no members and one cut covering the group.
-            let revert = stable_hash == Some(r.target.hash());
-            let (kind, cuts, members) = if revert {
-                let everyone = u32::try_from(order.len()).unwrap_or(u32::MAX);
-                (RolloutKind::Revert, vec![everyone], Members::default())
+            let revert = RolloutKind::of(r.target.hash(), stable_hash) == RolloutKind::Revert;
+            let reach = if revert {
+                Reach::Everyone { agents: of_group.len() }
             } else {
-                order.sort_by_cached_key(|u| order_key(&name, u));
-                for (rank, uid) in (0u32..).zip(&order) {
-                    records.entry((*uid).clone()).or_default().member = Some(Membership { rollout: id, rank });
+                let members: Vec<InstanceUid> = rollout_members(&name, of_group.iter().copied())
+                    .into_iter()
+                    .map(|n| of_group[n].uid.clone())
+                    .collect();
+                for (rank, uid) in (0u32..).zip(&members) {
+                    records.entry(uid.clone()).or_default().member = Some(Membership { rollout: id, rank });
                 }
-                let cuts = wave_cuts(&group.rollout.waves, order.len());
-                (
-                    RolloutKind::Waves,
-                    cuts,
-                    Members::from_order(order.into_iter().cloned().collect()),
-                )
+                Reach::Waves {
+                    members,
+                    waves: &group.rollout.waves,
+                }
             };
             // A revert never halts; a failure noted on it must not bar an agent
             // from the stable config.
@@ -100,28 +100,15 @@ pub fn restore(
                 records.entry(uid.clone()).or_default().failed = Some(r.target.hash());
             }
             let halted = r.halted && !revert;
-            Rollout {
-                id,
-                kind,
-                opened: r.opened.clamp(1, u32::try_from(cuts.len()).unwrap_or(u32::MAX).max(1)),
-                cuts,
-                members: Arc::new(members),
-                target: r.target,
-                commit: r.commit,
-                phase: if halted {
-                    RolloutPhase::Halted
-                } else {
-                    RolloutPhase::Progressing
-                },
-                paused: r.paused && !revert,
-                promote: false,
-                settled_since: None,
-                started: r.started,
-                finished: r.finished.filter(|_| halted),
-                missing: BTreeMap::new(),
-                failures,
-                actions: Vec::new(),
+            let mut rollout = Rollout::begin(id, r.target, r.commit, reach, r.started);
+            rollout.opened = r.opened.clamp(1, rollout.waves().max(1));
+            if halted {
+                rollout.phase = RolloutPhase::Halted;
+                rollout.finished = r.finished;
             }
+            rollout.paused = r.paused && !revert;
+            rollout.failures = failures;
+            rollout
         });
         state.groups.insert(
             name,
@@ -243,6 +230,21 @@ mod tests {
         let p = plan_at(&desired, &agents, &state, t(100));
         assert_eq!(p.pushes.len(), 5, "every agent on v2 gets v1 at once: {:?}", p.pushes);
         assert!(p.pushes.iter().all(|push| push.bundle.hash() == v1.hash()));
+    }
+
+    #[test]
+    fn members_are_the_agents_the_planner_would_count() {
+        let (v1, v2) = (config("v1"), config("v2"));
+        let desired = repo().group("gw").waves("1, 50%, 100%").config(&v2).build();
+        let mut agents = fleet_on(&v1);
+        // Accepts remote config but never says whether it applied it.
+        agents[3].reports_remote_config = false;
+        agents[4] = agents[4].clone().offline(None);
+        let state = restore(&desired, &agents, recovered(&v1, &v2, false), t(100));
+        let members = &state.groups[&gname("gw")].rollout.as_ref().unwrap().members;
+        assert_eq!(members.len(), 8, "{:?}", members.ordered());
+        assert!(!members.ordered().contains(&agents[3].uid), "unsupported");
+        assert!(!members.ordered().contains(&agents[4].uid), "offline");
     }
 
     #[test]

@@ -101,6 +101,23 @@ impl<'a> Matcher<'a> {
 
     /// The group an agent belongs to, as its position in `desired.groups`.
     pub fn find(&self, agent: &impl AgentAttributes) -> Option<usize> {
+        self.best_rank(agent).map(|r| self.position[r])
+    }
+
+    /// The group an agent belongs to.
+    pub fn group_of(&self, agent: &impl AgentAttributes) -> Option<&'a Group> {
+        self.best_rank(agent).map(|r| self.ranked[r])
+    }
+
+    /// Every group whose selector matches the agent, best ranked first (the
+    /// first is [`Matcher::group_of`]). Checks every selector: for reports,
+    /// not for plans.
+    pub fn matching<'m>(&'m self, agent: &'m impl AgentAttributes) -> impl Iterator<Item = &'a Group> + 'm {
+        self.ranked.iter().copied().filter(|g| g.selector.matches(agent))
+    }
+
+    /// The rank of the best-ranked group whose selector matches the agent.
+    fn best_rank(&self, agent: &impl AgentAttributes) -> Option<usize> {
         let mut best = usize::MAX;
         let mut consider = |list: &[usize], indexed_by_attr: bool| {
             // Each list is in rank order, so its first match is its best.
@@ -121,6 +138,6 @@ impl<'a> Matcher<'a> {
                 consider(list, true);
             }
         }
-        (best != usize::MAX).then(|| self.position[best])
+        (best != usize::MAX).then_some(best)
     }
 }

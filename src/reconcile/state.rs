@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::input::RemoteConfigState;
 use super::waves::Members;
 use crate::desired::{ConfigBundle, ConfigFile};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -225,6 +226,16 @@ impl AgentRecord {
         self.failed == Some(hash) || self.failed_before == Some(hash)
     }
 
+    /// What the agent reported for `hash`: FAILED is remembered, APPLIED
+    /// clears an earlier failure of it.
+    pub fn note_report(&mut self, hash: ConfigHash, status: RemoteConfigState) {
+        match status {
+            RemoteConfigState::Failed => self.note_failed(hash),
+            RemoteConfigState::Applied => self.forget_failed(hash),
+            RemoteConfigState::Unset | RemoteConfigState::Applying => {}
+        }
+    }
+
     /// The agent reported FAILED for `hash`.
     pub fn note_failed(&mut self, hash: ConfigHash) {
         if self.failed != Some(hash) {
@@ -287,6 +298,18 @@ pub enum ControlError {
     UnknownGroup(GroupName),
     #[error("group {0} has no rollout in progress")]
     Idle(GroupName),
+}
+
+impl GroupState {
+    /// The config the group's current (or last) rollout delivers, else its
+    /// stable config.
+    pub fn delivering(&self) -> Option<ConfigHash> {
+        match (&self.rollout, &self.stable) {
+            (Some(r), _) => Some(r.target.hash()),
+            (None, Some(s)) => Some(s.bundle.hash()),
+            (None, None) => None,
+        }
+    }
 }
 
 impl RolloutState {

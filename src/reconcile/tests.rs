@@ -192,6 +192,7 @@ impl Repo {
             priority: 0,
             selector: Selector::default(),
             config: config("v1"),
+            config_paths: BTreeMap::new(),
             rollout: RolloutPolicy::default(),
         });
         self

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::input::AgentView;
 use crate::desired::Amount;
 use crate::model::{GroupName, InstanceUid};
 
@@ -32,6 +33,20 @@ pub fn canary_order(group: &GroupName, uids: Vec<InstanceUid>) -> Vec<InstanceUi
     let mut keyed: Vec<(OrderKey, InstanceUid)> = uids.into_iter().map(|u| (order_key(group, &u), u)).collect();
     keyed.sort_unstable();
     keyed.into_iter().map(|(_, u)| u).collect()
+}
+
+/// The members of a rollout of `group` that starts now, in canary order: the
+/// group's agents that are connected and whose config the controller manages.
+/// Answers their indices into `agents`.
+pub fn rollout_members<'v>(group: &GroupName, agents: impl IntoIterator<Item = &'v AgentView>) -> Vec<usize> {
+    let mut keyed: Vec<(OrderKey, usize)> = agents
+        .into_iter()
+        .enumerate()
+        .filter(|(_, a)| a.connected && a.supported())
+        .map(|(n, a)| (order_key(group, &a.uid), n))
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, n)| n).collect()
 }
 
 /// The cumulative number of agents each wave covers out of `n`: `waves[i].of(n)`,

@@ -24,6 +24,8 @@ pub struct OpampMetrics {
     oversized: Labeled<Counter>,
     /// Requests answered 503 because the fleet's queue was full.
     overloaded: Labeled<Counter>,
+    /// Connections and reports refused, by reason.
+    refused: Labeled<Counter>,
     websocket_connections: Gauge,
 }
 
@@ -35,6 +37,7 @@ impl Default for OpampMetrics {
             decode_errors: by_transport(),
             oversized: by_transport(),
             overloaded: by_transport(),
+            refused: Labeled::new("reason", Refusal::ALL.map(Refusal::as_str)),
             websocket_connections: Gauge::default(),
         }
     }
@@ -61,6 +64,11 @@ impl OpampMetrics {
             "opamp_overloaded",
             "OpAMP requests answered 503 because the server was overloaded.",
             self.overloaded.clone(),
+        );
+        registry.add(
+            "opamp_refused",
+            "OpAMP requests and reports refused for their credentials, by reason.",
+            self.refused.clone(),
         );
         registry.add(
             "opamp_websocket_connections",
@@ -185,5 +193,55 @@ impl InternalEvent for WebSocketClosed {
 
     fn emit(self, m: &OpampMetrics) {
         m.websocket_connections.dec();
+    }
+}
+
+/// Why an agent was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Agent tokens are required and none came.
+    MissingToken,
+    /// The token is not in the tokens file.
+    InvalidToken,
+    /// The source presented bad tokens too often lately.
+    RateLimited,
+    /// A report for a uid bound to another identity.
+    Impersonation,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::MissingToken,
+        Refusal::InvalidToken,
+        Refusal::RateLimited,
+        Refusal::Impersonation,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "missing_token",
+            Refusal::InvalidToken => "invalid_token",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Impersonation => "impersonation",
+        }
+    }
+}
+
+/// An agent's request, connection or report was refused for its credentials.
+pub struct AgentRefused {
+    pub reason: Refusal,
+    pub source: Option<std::net::IpAddr>,
+}
+
+impl InternalEvent for AgentRefused {
+    type Metrics = OpampMetrics;
+
+    fn emit(self, m: &OpampMetrics) {
+        m.refused.inc(self.reason.as_str());
+        let source = self.source.map(|s| s.to_string());
+        match self.reason {
+            Refusal::RateLimited => debug!(target: TARGET, source, reason = self.reason.as_str(), "agent refused"),
+            _ => warn!(target: TARGET, source, reason = self.reason.as_str(), "agent refused"),
+        }
     }
 }

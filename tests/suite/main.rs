@@ -6,6 +6,7 @@
 
 mod common;
 
+mod agent_auth;
 mod api_wait;
 mod demo;
 mod gitsrc;

@@ -194,7 +194,7 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("COMMIT"), "{text}");
     assert!(
-        lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 errors)"),
+        lines[1].starts_with(c3.short()) && lines[1].contains("invalid (1 error)"),
         "{text}"
     );
     assert!(

@@ -176,7 +176,7 @@ fn agent_json(n: u8, connected: bool, accepts: bool, attrs: &[(&str, &str)]) -> 
     }
     let mut caps = vec!["ReportsStatus"];
     if accepts {
-        caps.push("AcceptsRemoteConfig");
+        caps.extend(["AcceptsRemoteConfig", "ReportsRemoteConfig"]);
     }
     json!({
         "instance_uid": uid(n).to_string(), "connected": connected, "transport": "websocket",

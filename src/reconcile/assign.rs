@@ -1,0 +1,253 @@
+//! Pass 2 of a group's plan: what each agent should run now, whether to push
+//! it, and the agent's state.
+
+use std::sync::Arc;
+
+use super::classify::{Facts, classify};
+use super::input::{AgentView, RemoteConfigState};
+use super::output::{AgentCounts, Event, GroupStatus, Push, PushReason};
+use super::plan::{GroupCtx, Out};
+use super::rollout::Opened;
+use super::state::{AgentRecord, GroupState, Membership, Pushed, Rollout, RolloutKind, RolloutPhase};
+use crate::desired::{ConfigBundle, OnFailure};
+use crate::model::ConfigHash;
+
+/// How an agent is treated in pass 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Given the target once per connection; silence past apply_timeout is a failure.
+    Wave,
+    /// Given `should` at once, again after reconcile_interval while it runs something else.
+    Sync(PushReason),
+    /// Waits for its wave: keeps what it runs.
+    Keep,
+}
+
+/// What one agent should run and how it is treated.
+struct Treatment<'b> {
+    should: Option<&'b Arc<ConfigBundle>>,
+    mode: Mode,
+    /// Its config is decided now: it is not waiting for a wave.
+    active: bool,
+}
+
+impl<'b> Treatment<'b> {
+    fn new(should: Option<&'b Arc<ConfigBundle>>, mode: Mode, active: bool) -> Self {
+        Treatment { should, mode, active }
+    }
+}
+
+/// The group's rollout as pass 2 sees it.
+struct Current<'b> {
+    stable: Option<&'b Arc<ConfigBundle>>,
+    rollout: Option<&'b Rollout>,
+    /// A rollout in waves that has not completed, with the waves it opened.
+    rolling: Option<(&'b Rollout, Opened)>,
+    rollback: bool,
+}
+
+impl GroupCtx<'_> {
+    /// Pass 2: what each agent should run, pushes, agent states and the group status.
+    pub(super) fn assign(&self, gs: &GroupState, ranks: &[Option<u32>], out: &mut Out) -> GroupStatus {
+        let rollout = gs.rollout.as_ref();
+        let current = Current {
+            stable: gs.stable.as_ref().map(|s| &s.bundle),
+            rollout,
+            rolling: rollout
+                .filter(|r| r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete)
+                .map(|r| (r, Opened::of(r, self.name()))),
+            rollback: self.group.rollout.on_failure == OnFailure::Rollback,
+        };
+        let rolling = current.rolling.as_ref().map(|(r, _)| *r);
+        let mut counts = AgentCounts::default();
+        let mut reverted = 0u32;
+        for (n, &i) in self.idx.iter().enumerate() {
+            let a = &self.agents[i];
+            let t = self.treatment(a, ranks[n], &current);
+            let mut rec = self.prev[i].copied().unwrap_or_default();
+            rec.member = rolling.and_then(|r| ranks[n].map(|rank| Membership { rollout: r.id, rank }));
+            if let Some(rs) = &a.remote
+                && let Some(h) = rs.hash
+            {
+                rec.note_report(h, rs.status);
+            }
+            let sh = t.should.map(|b| b.hash());
+            if let Some(h) = sh {
+                self.watch_if_applying_unasked(a, &mut rec, h, t.mode);
+            }
+            let pushed = match (t.should, sh) {
+                (Some(bundle), Some(h)) if self.should_push(a, &rec, h, t.mode) => {
+                    rec.pushed = Some(Pushed {
+                        hash: h,
+                        at: self.now,
+                        epoch: a.connection_epoch,
+                        observed: false,
+                    });
+                    let reason = match t.mode {
+                        Mode::Sync(r) => r,
+                        _ => PushReason::Wave,
+                    };
+                    if reason == PushReason::Revert {
+                        reverted += 1;
+                    }
+                    self.push(a, bundle, reason, rolling.is_some(), out);
+                    true
+                }
+                _ => false,
+            };
+            let state = classify(self.facts(a, &rec, &t, rolling, pushed));
+            counts.add(state);
+            let asg = &mut out.assignments[i];
+            asg.desired = sh;
+            asg.state = state;
+            if !rec.is_empty() {
+                out.records[i] = Some(rec);
+            }
+        }
+        if reverted > 0
+            && let Some(r) = rollout
+        {
+            out.events.push(Event::RevertPushed {
+                group: self.name().clone(),
+                commit: r.commit.clone(),
+                hash: r.target.hash(),
+                agents: reverted,
+            });
+        }
+        self.status(gs, counts)
+    }
+
+    /// What an agent's state is decided from, once pass 2 has dealt with it.
+    fn facts(
+        &self,
+        a: &AgentView,
+        rec: &AgentRecord,
+        t: &Treatment<'_>,
+        rolling: Option<&Rollout>,
+        pushed: bool,
+    ) -> Facts {
+        let sh = t.should.map(|b| b.hash());
+        // An agent given stable back that runs it well is in sync again;
+        // its failure stays in the rollout's list. (One that timed out was
+        // given nothing back: its old report proves nothing.)
+        let rolled_back = t.mode == Mode::Sync(PushReason::Rollback)
+            && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h && !p.observed));
+        let failed_rollout = t.active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
+        let grace = self.group.rollout.unhealthy_grace;
+        Facts {
+            connected: a.connected,
+            failed: failed_rollout
+                || sh.is_some_and(|h| rec.has_failed(h) || a.unhealthy_after_applying(h, grace, self.now)),
+            waiting: !t.active || t.mode == Mode::Keep || sh.is_none(),
+            reports: sh.and_then(|h| a.reports(h)),
+            unhealthy: a.reports_health && a.healthy == Some(false),
+            given: pushed
+                || sh.is_some_and(|h| {
+                    rec.pushed
+                        .is_some_and(|p| p.hash == h && p.epoch == a.connection_epoch && !p.observed)
+                }),
+        }
+    }
+
+    /// What an agent of the group should run: during a rollout in waves the
+    /// target in the opened waves (stable back to a failed agent of a halted
+    /// rollout that rolls back), stable for the others; otherwise the last
+    /// rollout's target, or stable when there never was one.
+    fn treatment<'b>(&self, a: &AgentView, rank: Option<u32>, c: &Current<'b>) -> Treatment<'b> {
+        let Some((r, opened)) = &c.rolling else {
+            return match c.rollout {
+                Some(r) if r.kind == RolloutKind::Revert && r.phase == RolloutPhase::Progressing => {
+                    Treatment::new(Some(&r.target), Mode::Sync(PushReason::Revert), true)
+                }
+                Some(r) => Treatment::new(Some(&r.target), Mode::Sync(PushReason::Sync), true),
+                None => Treatment::new(c.stable, Mode::Sync(PushReason::Sync), true),
+            };
+        };
+        let (in_opened, _) = opened.place(self.name(), &a.uid, rank);
+        let failed = r.failures.contains_key(&a.uid);
+        if in_opened && failed && c.rollback && r.phase == RolloutPhase::Halted {
+            match c.stable {
+                Some(s) => Treatment::new(Some(s), Mode::Sync(PushReason::Rollback), true),
+                None => Treatment::new(None, Mode::Keep, true),
+            }
+        } else if in_opened {
+            Treatment::new(Some(&r.target), Mode::Wave, true)
+        } else if rank.is_some() {
+            Treatment::new(c.stable, Mode::Keep, false)
+        } else {
+            Treatment::new(c.stable, Mode::Sync(PushReason::Sync), false)
+        }
+    }
+
+    /// An agent applying what it should on a connection where it was not
+    /// given it (a restarted supervisor, a lost report) is watched for
+    /// apply_timeout, then given it once more (see `should_push`). The watch
+    /// runs from the push or the first sighting on an earlier connection, so
+    /// reconnecting does not put it off.
+    fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentRecord, h: ConfigHash, mode: Mode) {
+        if mode != Mode::Keep
+            && a.connected
+            && matches!(
+                a.reports(h),
+                Some(RemoteConfigState::Applying | RemoteConfigState::Unset)
+            )
+            && rec.pushed.is_none_or(|p| p.hash != h || p.epoch != a.connection_epoch)
+        {
+            let since = rec.pushed.filter(|p| p.hash == h).map_or(self.now, |p| p.at);
+            rec.pushed = Some(Pushed {
+                hash: h,
+                at: since,
+                epoch: a.connection_epoch,
+                observed: true,
+            });
+        }
+    }
+
+    /// Sends `bundle` to `a`, with the event its reason calls for (a revert
+    /// is counted by the caller and told once for the group).
+    fn push(&self, a: &AgentView, bundle: &Arc<ConfigBundle>, reason: PushReason, rolling: bool, out: &mut Out) {
+        let h = bundle.hash();
+        match reason {
+            PushReason::Rollback => out.events.push(Event::RolledBack {
+                group: self.name().clone(),
+                agent: a.uid.clone(),
+                hash: h,
+            }),
+            PushReason::Sync if !rolling && a.remote.as_ref().is_some_and(|r| r.hash.is_some_and(|x| x != h)) => {
+                out.events.push(Event::DriftHealed {
+                    group: self.name().clone(),
+                    agent: a.uid.clone(),
+                    hash: h,
+                })
+            }
+            _ => {}
+        }
+        out.pushes.push(Push {
+            uid: a.uid.clone(),
+            group: self.name().clone(),
+            bundle: Arc::clone(bundle),
+            reason,
+        });
+    }
+
+    fn should_push(&self, a: &AgentView, rec: &AgentRecord, h: ConfigHash, mode: Mode) -> bool {
+        if !a.connected || rec.has_failed(h) || mode == Mode::Keep {
+            return false;
+        }
+        let same_connection = rec.pushed.filter(|p| p.hash == h && p.epoch == a.connection_epoch);
+        match (a.reports(h), same_connection) {
+            // It has reached a verdict on this hash.
+            (Some(RemoteConfigState::Applied | RemoteConfigState::Failed), _) => false,
+            // Watched while it applies: once more when the watch runs out (a
+            // supervisor answers a hash it already has at once).
+            (Some(_), Some(p)) => p.observed && self.now.reached(p.at, self.group.rollout.apply_timeout),
+            // Cannot happen: a watch is set above for exactly this case.
+            (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(p)) => match mode {
+                Mode::Wave => p.observed,
+                _ => p.observed || self.now.reached(p.at, self.reconcile_interval),
+            },
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! What `plan` decides from: the desired state, the fleet as [`AgentView`]s,
+//! the previous rollout state and the time; and what an agent's reports say
+//! about one config hash.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::state::{RolloutState, Timestamp};
+use crate::desired::{AgentAttributes, DesiredState};
+use crate::model::{ConfigHash, InstanceUid};
+
+/// Everything `plan` decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub desired: &'a DesiredState,
+    pub agents: &'a [AgentView],
+    /// What the previous plan returned (restored from disk after a restart).
+    pub state: &'a RolloutState,
+    pub now: Timestamp,
+}
+
+/// One agent as the planner needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentView {
+    pub uid: InstanceUid,
+    /// Identifying and non-identifying attributes merged (identifying wins).
+    pub attributes: Arc<BTreeMap<String, String>>,
+    pub accepts_remote_config: bool,
+    /// Without it the agent never says whether it applied a config, so it
+    /// is `unsupported` like one that does not accept remote config.
+    pub reports_remote_config: bool,
+    pub reports_health: bool,
+    pub connected: bool,
+    /// Changes on every new connection of the agent and never repeats for it,
+    /// also across controller restarts (pushes are remembered per epoch).
+    pub connection_epoch: u64,
+    pub disconnected_at: Option<Timestamp>,
+    /// The last `remote_config_status`, if the agent sent one.
+    pub remote: Option<RemoteStatus>,
+    /// `None` until the agent reports health.
+    pub healthy: Option<bool>,
+    pub health_error: String,
+    /// Since when it has been unhealthy, counted from its current connection at the earliest.
+    pub unhealthy_since: Option<Timestamp>,
+    /// The config that last left for it on its current connection, and when:
+    /// its apply clock starts then.
+    pub delivered: Option<(ConfigHash, Timestamp)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// `last_remote_config_hash`: the hash last received, whatever its status.
+    pub hash: Option<ConfigHash>,
+    pub status: RemoteConfigState,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteConfigState {
+    Unset,
+    Applied,
+    Applying,
+    Failed,
+}
+
+impl AgentAttributes for AgentView {
+    fn uid(&self) -> &InstanceUid {
+        &self.uid
+    }
+    fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+impl AgentView {
+    pub(super) fn reports(&self, hash: ConfigHash) -> Option<RemoteConfigState> {
+        self.remote.as_ref().filter(|r| r.hash == Some(hash)).map(|r| r.status)
+    }
+
+    /// APPLIED for `hash` and, when it reports health, healthy.
+    pub(super) fn good(&self, hash: ConfigHash) -> bool {
+        self.connected
+            && self.reports(hash) == Some(RemoteConfigState::Applied)
+            && (!self.reports_health || self.healthy == Some(true))
+    }
+
+    /// APPLIED for `hash` but unhealthy for longer than `grace`: a failure.
+    /// Shorter spells are what a collector's (re)start looks like.
+    /// The grace runs from the later of the first unhealthy report and the
+    /// moment `hash` reached the agent: a collector that was unhealthy on its
+    /// old config gets the whole grace to come up healthy on the new one.
+    pub(super) fn unhealthy_after_applying(&self, hash: ConfigHash, grace: Duration, now: Timestamp) -> bool {
+        let since = self
+            .unhealthy_since
+            .max(self.delivered_since(hash, Timestamp::default()));
+        self.reports(hash) == Some(RemoteConfigState::Applied)
+            && self.reports_health
+            && self.healthy == Some(false)
+            && since.is_none_or(|t| now.since(t) > grace)
+    }
+
+    /// Whether the controller can manage its config (see [`unsupported_reason`]).
+    pub fn supported(&self) -> bool {
+        unsupported_reason(self.accepts_remote_config, self.reports_remote_config).is_none()
+    }
+
+    /// When `hash` left for the agent on its current connection, at or after `since`.
+    pub(super) fn delivered_since(&self, hash: ConfigHash, since: Timestamp) -> Option<Timestamp> {
+        self.delivered
+            .filter(|&(h, at)| h == hash && at >= since)
+            .map(|(_, at)| at)
+    }
+}
+
+/// Why the controller cannot manage an agent's config, if it cannot (it is
+/// [`crate::model::AgentState::Unsupported`]): it must accept remote config,
+/// and report its status so that a rollout can tell whether it applied.
+pub fn unsupported_reason(accepts_remote_config: bool, reports_remote_config: bool) -> Option<&'static str> {
+    if !accepts_remote_config {
+        Some("lacks the AcceptsRemoteConfig capability")
+    } else if !reports_remote_config {
+        Some("accepts remote config but does not report its status (ReportsRemoteConfig is off)")
+    } else {
+        None
+    }
+}

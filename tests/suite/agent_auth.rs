@@ -1,0 +1,169 @@
+//! Agent tokens: refused without one (401 over HTTP, a refused WebSocket
+//! upgrade), revoked by editing the file with no restart, bad tokens rate
+//! limited per source, and a uid bound to the identity it was first seen
+//! under so no client can report for another agent.
+
+use crate::common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::{Body, SUPERVISOR_CAPS, TestServer, heartbeat, hello, http_request, remote_status, uid16};
+use opamp_gitops::app::ServeConfig;
+use opamp_gitops::opamp::codec;
+use opamp_gitops::proto::{AgentToServer, ServerToAgent};
+use prost::Message as _;
+use sha2::Digest;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn entry(name: &str, token: &str) -> String {
+    format!(
+        "- {{name: {name}, sha256: {}}}\n",
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    )
+}
+
+fn write_tokens(path: &Path, entries: &[(&str, &str)]) {
+    let text: String = entries.iter().map(|(n, t)| entry(n, t)).collect();
+    // Replaced as tools do it, so a watcher never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+async fn server_with_tokens(dir: &Path, entries: &[(&str, &str)]) -> TestServer {
+    let path = dir.join("agents.yaml");
+    write_tokens(&path, entries);
+    TestServer::start_with(ServeConfig {
+        agent_tokens: Some(path),
+        ..ServeConfig::local()
+    })
+    .await
+}
+
+/// POSTs `msg` with `token` (if any): the status, and the reply when 200.
+async fn post_as(addr: SocketAddr, msg: &AgentToServer, token: Option<&str>) -> (u16, Option<ServerToAgent>) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/x-protobuf")];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth.as_str()));
+    }
+    let r = http_request(
+        addr,
+        "POST",
+        "/v1/opamp",
+        &headers,
+        Body::Plain(codec::encode_http(msg, false).to_vec()),
+    )
+    .await;
+    let reply = (r.status == 200).then(|| ServerToAgent::decode(&r.body[..]).unwrap());
+    (r.status, reply)
+}
+
+/// A WebSocket upgrade with `token`: the HTTP status of the answer.
+async fn upgrade_as(addr: SocketAddr, token: Option<&str>) -> u16 {
+    let mut request = format!("ws://{addr}/v1/opamp").into_client_request().unwrap();
+    if let Some(t) = token {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("upgrade failed otherwise: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn agents_need_a_token_and_a_revoked_one_stops_working_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(dir.path(), &[("edge", "edge-secret"), ("apps", "apps-secret")]).await;
+    let addr = server.opamp_addr();
+
+    assert_eq!(post_as(addr, &hello(&uid16(1), 0), None).await.0, 401);
+    assert_eq!(post_as(addr, &hello(&uid16(1), 0), Some("guess")).await.0, 401);
+    assert_eq!(upgrade_as(addr, None).await, 401);
+    assert_eq!(upgrade_as(addr, Some("guess")).await, 401);
+    assert!(
+        server.fleet().snapshot().get(&uid_of(1)).is_none(),
+        "nothing refused was recorded"
+    );
+
+    let (status, reply) = post_as(addr, &hello(&uid16(1), 0), Some("edge-secret")).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply.unwrap().instance_uid, uid16(1));
+    assert_eq!(upgrade_as(addr, Some("apps-secret")).await, 101);
+
+    // Revoke `edge` by editing the file: its next request is refused.
+    write_tokens(&dir.path().join("agents.yaml"), &[("apps", "apps-secret")]);
+    common::eventually("the revocation to take effect", async || {
+        let (status, _) = post_as(addr, &heartbeat(&uid16(1), 1, SUPERVISOR_CAPS), Some("edge-secret")).await;
+        (status == 401).then_some(())
+    })
+    .await;
+    assert_eq!(post_as(addr, &hello(&uid16(2), 0), Some("apps-secret")).await.0, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_that_keeps_guessing_is_turned_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(dir.path(), &[("edge", "edge-secret")]).await;
+    let addr = server.opamp_addr();
+    let mut statuses = vec![];
+    for i in 0..25 {
+        statuses.push(post_as(addr, &hello(&uid16(1), 0), Some(&format!("guess-{i}"))).await.0);
+    }
+    assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Even the right token waits out the window from that source.
+    assert_eq!(post_as(addr, &hello(&uid16(1), 0), Some("edge-secret")).await.0, 429);
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("opamp_gitops_opamp_refused_total{reason=\"invalid_token\"} 20"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("opamp_gitops_opamp_refused_total{reason=\"rate_limited\"} 6"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+fn uid_of(n: u8) -> opamp_gitops::model::InstanceUid {
+    opamp_gitops::model::InstanceUid::from_wire(&uid16(n)).unwrap()
+}
+
+#[tokio::test]
+async fn no_client_can_report_for_an_agent_bound_to_another_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(dir.path(), &[("edge-1", "one"), ("edge-2", "two")]).await;
+    let addr = server.opamp_addr();
+    let a = uid16(10);
+    assert_eq!(post_as(addr, &hello(&a, 0), Some("one")).await.0, 200);
+    let before = server.wait_agent(&a, |r| r.sequence_num == 0).await;
+    assert_eq!(before.identity.as_deref(), Some("edge-1"));
+    let shown = server.api_json(&format!("/api/v1/agents/{}", uid_of(10))).await;
+    assert_eq!(shown["identity"], "edge-1");
+
+    // Another token's holder reports FAILED under A's uid.
+    let forged = AgentToServer {
+        remote_config_status: Some(remote_status(&[7; 32], 3, "forged")),
+        ..heartbeat(&a, 1, SUPERVISOR_CAPS)
+    };
+    assert_eq!(post_as(addr, &forged, Some("two")).await.0, 403);
+    // A's own next report goes through; nothing of the forgery was applied.
+    assert_eq!(
+        post_as(addr, &heartbeat(&a, 1, SUPERVISOR_CAPS), Some("one")).await.0,
+        200
+    );
+    let after = server.wait_agent(&a, |r| r.sequence_num == 1).await;
+    assert!(after.remote_config_status.is_none(), "{:?}", after.remote_config_status);
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("opamp_gitops_opamp_refused_total{reason=\"impersonation\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
