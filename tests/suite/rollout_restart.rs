@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::gitops::{GitRepo, collector_config, edge_hash};
-use common::process::{Controller, any_port, free_addr};
+use common::process::{Controller, any_port, assert_resumed, free_addr};
 use opamp_gitops::simulate;
 use tokio_util::sync::CancellationToken;
 
@@ -65,46 +65,16 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
             g["config_hash"] == h2.as_str() && g["agents"]["targeted"] == 20
         })
         .await;
-    assert_eq!(
-        after["rollout"]["wave"], 2,
-        "resumes at the wave it had opened: {after}"
-    );
-    assert_eq!(
-        after["rollout"]["started"], before["rollout"]["started"],
-        "the same rollout, not a new one"
-    );
-    assert_eq!(after["rollout"]["phase"], "progressing");
+    assert_resumed(&before, &after);
     // Give the resumed controller a few plans: nobody of waves 1-2 is pushed again.
     controller
         .wait_group("wave 2 still applied", |g| {
             g["agents"]["applied"] == 5 && g["agents"]["pending"] == 15
         })
         .await;
-    // Let time pass, and the controller plan after it.
-    controller.let_pass(Duration::from_millis(500)).await;
-    assert_eq!(
-        controller.wave_pushes().await,
-        0,
-        "agents of completed waves are not pushed again"
-    );
-
-    // The rollout carries on from there: wave 3, then (the last wave bakes
-    // too) complete.
-    controller.promote();
-    controller
-        .wait_group("wave 3 applied", |g| {
-            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 20
-        })
-        .await;
-    controller.promote();
-    controller
-        .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
-        .await;
-    assert_eq!(
-        controller.wave_pushes().await,
-        15,
-        "only the last wave's agents were pushed"
-    );
+    // Time passes and the controller plans: nobody of waves 1-2 is pushed
+    // again. The rollout carries on from there: wave 3, then complete.
+    controller.resume_to_complete(Duration::from_millis(500), 20, 15).await;
 
     // The command's refusals: a finished rollout, an unknown group, no controller.
     let rollout = |action: &str, group: &str, server: String| {

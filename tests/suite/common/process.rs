@@ -100,6 +100,20 @@ impl Serve {
     }
 }
 
+/// `after` a restart, the group shows the rollout it showed `before`: the
+/// same one (same start), at the same wave, still in progress.
+pub fn assert_resumed(before: &serde_json::Value, after: &serde_json::Value) {
+    assert_eq!(
+        after["rollout"]["wave"], before["rollout"]["wave"],
+        "resumes at the wave it had opened: {after}"
+    );
+    assert_eq!(
+        after["rollout"]["started"], before["rollout"]["started"],
+        "the same rollout, not a new one: {after}"
+    );
+    assert_eq!(after["rollout"]["phase"], "progressing", "{after}");
+}
+
 /// Runs `command` to completion; its output. One that outlives `within` is
 /// killed and fails the test with what it printed so far.
 pub async fn output_within(command: &mut tokio::process::Command, within: Duration) -> std::process::Output {
@@ -251,6 +265,36 @@ impl Controller {
             "one push per agent of waves 1 and 2"
         );
         group
+    }
+
+    /// After a restart on the rollout [`Controller::promote_to_wave_two`]
+    /// opened: once `d` has passed and the controller planned twice more,
+    /// nobody was pushed in a wave; then promoted through wave 3 (`agents`
+    /// applied) to complete, only wave 3's `pushed` agents were. Answers the
+    /// group then.
+    pub async fn resume_to_complete(&self, d: Duration, agents: u64, pushed: u64) -> serde_json::Value {
+        self.let_pass(d).await;
+        assert_eq!(
+            self.wave_pushes().await,
+            0,
+            "agents of completed waves are not pushed again"
+        );
+        self.promote();
+        self.wait_group("wave 3 applied", |g| {
+            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == agents
+        })
+        .await;
+        // The last wave bakes too: promote once more.
+        self.promote();
+        let done = self
+            .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
+            .await;
+        assert_eq!(
+            self.wave_pushes().await,
+            pushed,
+            "only the last wave's agents were pushed"
+        );
+        done
     }
 
     /// `opamp_gitops_pushes_total{reason="wave"}` of this process.
