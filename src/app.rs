@@ -371,6 +371,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         metrics: Arc::new(registry),
         readiness: readiness_rx,
         assignments: assignments_rx,
+        shutdown: shutdown.clone(),
         source_stale_after: stale_after,
     };
 

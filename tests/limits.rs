@@ -2,6 +2,10 @@
 //! never speak cannot take the API, health or a new agent down, and are
 //! closed when they stay quiet.
 
+// Not part of the suite binary: the floods below take nearly every file
+// descriptor this process may open, which would starve the other tests.
+#[path = "suite/common/mod.rs"]
+#[allow(dead_code)]
 mod common;
 
 use std::io::Read;
@@ -59,7 +63,8 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
         (opamp, api),
         "edge",
         &["--max-connections-per-source", "0", "--first-request-timeout", "1h"],
-    );
+    )
+    .await;
     controller.wait_ready().await;
     let sockets = flood(opamp, 20_000).await;
     assert!(sockets.len() > 15_000, "only {} sockets opened", sockets.len());
@@ -70,12 +75,12 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
         open_fds(controller.pid())
     );
     drop(sockets);
-    controller.kill();
+    controller.kill().await;
 
     // The default per-source cap: one address cannot hold more than a quarter.
     let state = tempfile::tempdir().unwrap();
     let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]);
+    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]).await;
     controller.wait_ready().await;
     let sockets = flood(opamp, 10_000).await;
     still_serves(&controller, opamp).await;
@@ -95,7 +100,8 @@ async fn a_socket_that_never_sends_a_request_is_closed() {
         (opamp, api),
         "edge",
         &["--first-request-timeout", "1s"],
-    );
+    )
+    .await;
     controller.wait_ready().await;
     let ends = tokio::task::spawn_blocking(move || {
         let mut sockets: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(opamp).unwrap()).collect();
@@ -150,7 +156,7 @@ async fn bodies_that_decode_into_gigabytes_are_refused_within_a_memory_bound() {
     repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
     let state = tempfile::tempdir().unwrap();
     let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]);
+    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]).await;
     controller.wait_ready().await;
     let body = amplification_body();
     assert!(body.len() < 64 << 10, "{} bytes", body.len());

@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::wait::{self, Sources, WaitParams};
 use super::{ApiState, error};
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
@@ -141,18 +143,37 @@ fn health_json(h: &Health) -> HealthJson<'_> {
 
 #[derive(Serialize)]
 struct AgentList<'a> {
+    /// Differs from the last answer's when the inventory or the plan may have changed.
+    version: u64,
     agents: Vec<AgentJson<'a>>,
 }
 
-pub async fn list(State(state): State<ApiState>) -> Response {
-    let snapshot = state.fleet.snapshot();
+/// `GET /api/v1/agents[?after=N&wait=30s]`: every agent, with the version
+/// to send back as `after` to wait for the next change.
+pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>, QueryRejection>) -> Response {
+    let poll = match wait::requested(query) {
+        Ok(poll) => poll,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let driver = state.driver.as_ref().map(|d| d.subscribe());
+    Sources::new(Some(state.fleet.subscribe()), driver)
+        .wait(poll, &state.shutdown)
+        .await;
+    // The plan's version before its assignments (published first): the
+    // answer is never older than the version it carries.
+    let planned = state.driver.as_ref().map_or(0, |d| d.status().version);
     let assignments = state.assignments.borrow().clone();
+    let snapshot = state.fleet.snapshot();
     let agents = snapshot
         .sorted()
         .into_iter()
         .map(|r| agent_json(r, find(&assignments, &r.uid), false))
         .collect();
-    Json(AgentList { agents }).into_response()
+    Json(AgentList {
+        version: snapshot.version + planned,
+        agents,
+    })
+    .into_response()
 }
 
 pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Response {

@@ -5,11 +5,13 @@
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::wait::{self, Sources, WaitParams};
 use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
@@ -19,6 +21,9 @@ use crate::rfc3339;
 
 #[derive(Debug, Serialize)]
 pub struct GroupsJson {
+    /// The driver's status version: grows with every plan; send it back as
+    /// `after` to wait for the next (or for a change of `source`).
+    pub version: u64,
     /// The commit in force.
     pub commit: Option<CommitId>,
     /// The newest commit of the tracked branch, when it differs (it is invalid).
@@ -150,6 +155,7 @@ pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(
     };
     let head = git.head.clone().filter(|h| Some(h) != git.loaded.as_ref());
     GroupsJson {
+        version: driver.map_or(0, |d| d.version),
         commit,
         head_errors: if head.is_some() {
             git.head_errors.clone()
@@ -162,9 +168,21 @@ pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(
     }
 }
 
-pub async fn list(State(state): State<ApiState>) -> Response {
+/// `GET /api/v1/groups[?after=N&wait=30s]`.
+pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>, QueryRejection>) -> Response {
+    let poll = match wait::requested(query) {
+        Ok(poll) => poll,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let driver = state.driver.as_ref().map(|d| d.subscribe());
+    let git = state.git.as_ref().map(|g| g.status());
+    Sources::new(None, driver)
+        .with_git(git)
+        .wait(poll, &state.shutdown)
+        .await;
     let Some(git) = &state.git else {
         let none = GroupsJson {
+            version: 0,
             commit: None,
             head: None,
             head_errors: vec![],

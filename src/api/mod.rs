@@ -5,6 +5,7 @@ pub mod agents;
 pub mod git;
 pub mod groups;
 pub mod health;
+pub mod wait;
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 pub use health::Readiness;
 
@@ -35,6 +37,8 @@ pub struct ApiState {
     pub readiness: watch::Receiver<Readiness>,
     /// Per-agent group, desired hash and state, published by the reconciler.
     pub assignments: watch::Receiver<crate::driver::Assignments>,
+    /// Cancelled at shutdown: long polls answer at once.
+    pub shutdown: CancellationToken,
     /// How long fetches may fail before the source is shown as stale.
     pub source_stale_after: std::time::Duration,
 }

@@ -54,6 +54,8 @@ pub type Assignments = Arc<[reconcile::Assignment]>;
 /// What the driver last decided, for the API.
 #[derive(Debug, Clone, Default)]
 pub struct DriverStatus {
+    /// Grows with every published status (once per plan); 0 before the first.
+    pub version: u64,
     /// The commit whose desired state is in force; `None` before the first plan.
     pub commit: Option<CommitId>,
     pub groups: BTreeMap<GroupName, GroupStatus>,
@@ -370,7 +372,9 @@ impl Driver {
         }
         .emit(&self.metrics);
         self.assignments.send_replace(Arc::from(agents));
+        let version = self.status.borrow().version + 1;
         self.status.send_replace(Arc::new(DriverStatus {
+            version,
             commit: Some(commit.clone()),
             groups: groups.clone(),
             agents_by_state: by_state,

@@ -1,7 +1,7 @@
 //! The inventory and the push path end to end: connections, liveness, pushes
 //! and what the API shows, against the real server over real sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -430,15 +430,16 @@ async fn health_readiness_and_metrics() {
     let mut ws = server.ws().await;
     ws.exchange(&hello(&uid16(31), 0)).await;
     post(server.opamp_addr(), &hello(&uid16(32), 0), Post::default()).await;
-    let text = eventually("both agents in the metrics", async || {
-        let m = server.api_get("/metrics").await;
-        assert_eq!(m.status, 200);
-        let text = String::from_utf8(m.body).unwrap();
-        (text.contains("opamp_gitops_agents_connected{transport=\"websocket\"} 1")
-            && text.contains("opamp_gitops_agents_connected{transport=\"http\"} 1"))
-        .then_some(text)
-    })
-    .await;
+    let text = server
+        .until("both agents in the metrics", async || {
+            let m = server.api_get("/metrics").await;
+            assert_eq!(m.status, 200);
+            let text = String::from_utf8(m.body).unwrap();
+            (text.contains("opamp_gitops_agents_connected{transport=\"websocket\"} 1")
+                && text.contains("opamp_gitops_agents_connected{transport=\"http\"} 1"))
+            .then_some(text)
+        })
+        .await;
     assert!(text.contains("opamp_gitops_opamp_messages_received_total{transport=\"websocket\"} 1"));
     assert!(text.contains("opamp_gitops_opamp_messages_received_total{transport=\"http\"} 1"));
     ws.close().await;

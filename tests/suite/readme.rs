@@ -4,13 +4,14 @@
 //! binary, the ports are free ones and the state directory is a temporary
 //! one, and checks that each does what the README says.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::process::free_addr;
+use common::process::{Serve, free_addr};
+use common::{wait_agents_at, wait_group_at};
 
 /// How long the controller may take to count the agents (its default
 /// start-up grace is 15 s).
@@ -92,17 +93,8 @@ impl Drop for Running {
     }
 }
 
-/// Runs `check` until it holds.
-fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[test]
-fn the_commands_of_running_it_do_what_the_readme_says() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_of_running_it_do_what_the_readme_says() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let commands = running_it(&readme);
     let [serve, simulate, groups, agents] = &commands[..] else {
@@ -129,7 +121,7 @@ fn the_commands_of_running_it_do_what_the_readme_says() {
         opamp.port(),
         api.port()
     );
-    let _controller = shell.spawn(&format!("{serve}{listen}"));
+    let controller = Serve::run(shell.command(&format!("{serve}{listen}")).into()).await;
     let _fleet = shell.spawn(simulate);
 
     // The controller reads the example repository and rolls its app agents'
@@ -140,9 +132,15 @@ fn the_commands_of_running_it_do_what_the_readme_says() {
             .as_array()
             .and_then(|gs| gs.iter().find(|g| g["name"] == "app-trace-agents").cloned())
     };
-    until("the app agents' rollout to count 50 agents", || {
-        app_group().is_some_and(|g| g["agents"]["targeted"] == 50)
-    });
+    // Waited for on the API's long polls, then read with the README's commands.
+    wait_group_at(
+        controller.api,
+        "app-trace-agents",
+        "a rollout counting 50 agents",
+        PATIENCE,
+        |g| g["agents"]["targeted"] == 50,
+    )
+    .await;
     let all = shell.json(groups);
     assert!(all["commit"].as_str().is_some_and(|c| c.len() == 40), "{all}");
     let names: Vec<&str> = all["groups"]
@@ -161,13 +159,10 @@ fn the_commands_of_running_it_do_what_the_readme_says() {
     assert_eq!(app["rollout"]["waves"], 4, "{app}");
     assert!(app["rollout"]["wave"].as_u64().is_some_and(|w| w >= 1), "{app}");
 
-    until("the canary to apply the config", || {
-        let Some(list) = shell.try_json(agents) else {
-            return false;
-        };
-        let agents = list["agents"].as_array().unwrap();
-        agents.len() == 50 && agents.iter().any(|a| a["state"] == "in_sync")
-    });
+    wait_agents_at(controller.api, "the canary to apply the config", PATIENCE, |agents| {
+        (agents.len() == 50 && agents.iter().any(|a| a["state"] == "in_sync")).then_some(())
+    })
+    .await;
     let list = shell.json(agents);
     for agent in list["agents"].as_array().unwrap() {
         assert_eq!(agent["group"], "app-trace-agents", "{agent}");

@@ -2,7 +2,7 @@
 //! setting that no retry can heal; and reads a folder inside a repository as
 //! that repository with `--path`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

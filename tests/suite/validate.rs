@@ -1,7 +1,7 @@
 //! `opamp-gitops validate` as a user runs it: the built binary against the
 //! example repository, broken copies of it, and real git repositories.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

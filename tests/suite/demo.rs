@@ -1,10 +1,12 @@
 //! `opamp-gitops demo` end to end: the built binary runs the whole tour with
 //! a small fleet and short bakes, and every step says what it should, in order.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::common::process::output_within;
 
 /// The tour must end by itself well before this.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -16,46 +18,14 @@ struct Output {
 }
 
 /// Runs the binary with `args`; kills it and fails if it outlives the deadline.
-fn run_demo(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-        .arg("demo")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).expect("read stdout");
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).expect("read stderr");
-        s
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            child.kill().expect("kill");
-            child.wait().expect("reap");
-            panic!(
-                "the demo ran longer than {DEADLINE:?}; it printed:\n{}",
-                reader.join().expect("stdout reader")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+async fn run_demo(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"));
+    command.arg("demo").args(args).env_remove("RUST_LOG");
+    let out = output_within(&mut command, DEADLINE).await;
     Output {
-        code: status.code(),
-        stdout: reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
@@ -71,9 +41,9 @@ fn assert_in_order(text: &str, patterns: &[&[&str]]) {
     }
 }
 
-#[test]
-fn the_tour_runs_every_step_in_order_and_cleans_up() {
-    let out = run_demo(&["--agents", "12", "--bake", "300ms"]);
+#[tokio::test]
+async fn the_tour_runs_every_step_in_order_and_cleans_up() {
+    let out = run_demo(&["--agents", "12", "--bake", "300ms"]).await;
     assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
     assert_eq!(out.stderr, "", "no logs unless RUST_LOG is set");
     assert_in_order(
@@ -133,9 +103,9 @@ fn the_tour_runs_every_step_in_order_and_cleans_up() {
     assert!(!removed.exists(), "{} is still there", removed.display());
 }
 
-#[test]
-fn too_few_agents_is_a_usage_error() {
-    let out = run_demo(&["--agents", "2"]);
+#[tokio::test]
+async fn too_few_agents_is_a_usage_error() {
+    let out = run_demo(&["--agents", "2"]).await;
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("--agents must be at least 6"), "{}", out.stderr);
     assert_eq!(out.stdout, "");

@@ -3,7 +3,7 @@
 //! agents that leave without a word, strict failure budgets. The real
 //! controller on a real git repository, agents over real sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -46,19 +46,11 @@ async fn roll_out(repo: &GitRepo, server: &TestServer, policy: &str, config: &st
     server.sync().await;
     let hash = edge_hash(config).to_string();
     // Generous: agents that restart, or poll slowly, take a while.
-    let start = std::time::Instant::now();
-    loop {
-        let all = server.api_json("/api/v1/groups").await;
-        let g = &all["groups"][0];
-        if g["config_hash"] == hash.as_str() && g["rollout"]["phase"] != "progressing" {
-            return g.clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the rollout never ended: {all}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server
+        .wait_group_within(Duration::from_secs(60), "edge", "the rollout's end", |g| {
+            g["config_hash"] == hash.as_str() && g["rollout"]["phase"] != "progressing"
+        })
+        .await
 }
 
 fn failures(group: &serde_json::Value) -> usize {
@@ -86,8 +78,10 @@ async fn http_agents_polling_slower_than_apply_timeout_take_a_good_commit_throug
     });
     let v1_hash = edge_hash(&v1).to_string();
     let g = server
-        .wait_group("edge", "v1 complete", |g| {
-            g["config_hash"] == v1_hash.as_str() && g["rollout"]["phase"] != "progressing"
+        .wait_group("edge", "v1 on all four", |g| {
+            g["config_hash"] == v1_hash.as_str()
+                && g["rollout"]["phase"] != "progressing"
+                && g["agents"]["applied"] == 4
         })
         .await;
     assert_eq!(g["rollout"]["phase"], "complete", "{g}");

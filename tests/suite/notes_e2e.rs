@@ -4,14 +4,14 @@
 //! pushing notes in between, and a controller that lost its state directory
 //! rebuilding it from the notes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::TestServer;
 use common::gitops::{GitRepo, collector_config, edge_hash, group_yaml, serve_config, simulate};
-use common::{TestServer, eventually};
 use opamp_gitops::gitsrc::RepoLocation;
 use opamp_gitops::model::CommitId;
 
@@ -88,13 +88,21 @@ impl Remote {
         )
     }
 
-    /// Waits until the remote's note on `commit` satisfies `pred`; returns it.
-    async fn wait_note(&self, commit: &CommitId, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        eventually(what, async || {
-            let n = self.note_in_fresh_clone(commit);
-            pred(&n).then_some(n)
-        })
-        .await
+    /// Waits until the remote's note on `commit` satisfies `pred`; returns
+    /// it. Looked at again after each of the controller's plans (notes follow them).
+    async fn wait_note(
+        &self,
+        server: &TestServer,
+        commit: &CommitId,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        server
+            .until(what, async || {
+                let n = self.note_in_fresh_clone(commit);
+                pred(&n).then_some(n)
+            })
+            .await
     }
 }
 
@@ -127,7 +135,7 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let c1 = remote.push_edge(FAST, &v1, "v1");
     server.sync().await;
     let note = remote
-        .wait_note(&c1, "a complete note on the first commit", |n| {
+        .wait_note(&server, &c1, "a complete note on the first commit", |n| {
             n.contains("phase: complete")
         })
         .await;
@@ -144,7 +152,7 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let c2 = remote.push_edge("  waves: [1, 100%]\n  bake: 0s\n", &bad, "a config the agents refuse");
     server.sync().await;
     let note = remote
-        .wait_note(&c2, "a halted note", |n| n.contains("phase: halted"))
+        .wait_note(&server, &c2, "a halted note", |n| n.contains("phase: halted"))
         .await;
     let canary = server
         .wait_group("edge", "halted", |g| g["rollout"]["phase"] == "halted")
@@ -162,7 +170,7 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     );
     server.sync().await;
     let note = remote
-        .wait_note(&c3, "an invalid note", |n| n.contains("valid: false"))
+        .wait_note(&server, &c3, "an invalid note", |n| n.contains("valid: false"))
         .await;
     assert!(note.contains("groups/edge.yaml:"), "{note}");
     assert!(note.contains("colour"), "{note}");
@@ -229,7 +237,7 @@ async fn notes_pushed_by_another_writer_survive_ours() {
     let server = TestServer::start_with(controller_config(&remote, state.path())).await;
     let (_sim, stop) = simulate(&server, 3, |_| {});
     remote
-        .wait_note(&c1, "the first note", |n| n.contains("phase: complete"))
+        .wait_note(&server, &c1, "the first note", |n| n.contains("phase: complete"))
         .await;
 
     // Someone else adds a note to the remote's notes ref.
@@ -250,7 +258,7 @@ async fn notes_pushed_by_another_writer_survive_ours() {
     let c3 = remote.push_edge(FAST, &collector_config("v3"), "v3");
     server.sync().await;
     remote
-        .wait_note(&c3, "our note on v3", |n| n.contains("phase: complete"))
+        .wait_note(&server, &c3, "our note on v3", |n| n.contains("phase: complete"))
         .await;
     // Our note reached the remote only through a merge (a plain push was
     // refused), and theirs on a commit we never processed is intact.
@@ -289,8 +297,8 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
     let (_sim, stop) = simulate(&server, 10, |_| {});
     let h1 = edge_hash(&v1).to_string();
     server
-        .wait_group("edge", "v1 complete", |g| {
-            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete"
+        .wait_group("edge", "v1 complete on all 10", |g| {
+            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 10
         })
         .await;
 
@@ -312,7 +320,7 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
         })
         .await;
     remote
-        .wait_note(&c2, "the wave-2 note", |n| {
+        .wait_note(&server, &c2, "the wave-2 note", |n| {
             n.contains("phase: progressing") && n.contains("wave: 2")
         })
         .await;

@@ -3,17 +3,17 @@
 //! builds into `interop/bin/`, configured with the supervisor configs shipped
 //! in `deploy/supervisor/`. Everything on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::gitops::{GitRepo, Observer, fleet_yaml, serve_config, state_dir};
-use common::process::{Controller, free_addr};
-use common::{Body, TestServer, http_request};
+use common::process::{Controller, any_port, assert_resumed};
+use common::{Body, TestServer, eventually_within, http_request, wait_agents_at};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 use opamp_gitops::reconcile::canary_order;
@@ -50,19 +50,10 @@ fn free_port() -> u16 {
         .expect("a free port between 20000 and 30000")
 }
 
-/// Polls `f` until it returns `Some`, for up to [`PATIENCE`].
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < PATIENCE,
-            "timed out after {PATIENCE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Polls `f` until it returns `Some`, for up to [`PATIENCE`]: for what only
+/// the real processes know (their ports), which nothing publishes.
+async fn wait_for<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_within(PATIENCE, what, f).await
 }
 
 /// Whether something answers HTTP on `port`, and with what status.
@@ -260,11 +251,9 @@ fn commit_before_the_fleet(repo: &GitRepo) {
     );
 }
 
-/// Waits until every agent the API lists is connected and healthy, `n` of them.
-async fn fleet_started(api: impl AsyncFn() -> serde_json::Value, n: usize) {
-    wait_for("every supervisor to start its collector", async || {
-        let all = api().await;
-        let agents = all["agents"].as_array()?;
+/// Waits until every agent the API on `api` lists is connected and healthy, `n` of them.
+async fn fleet_started(api: SocketAddr, n: usize) {
+    wait_agents_at(api, "every supervisor to start its collector", PATIENCE, |agents| {
         (agents.len() == n
             && agents
                 .iter()
@@ -283,16 +272,8 @@ async fn controller(repo: &GitRepo) -> (TestServer, tempfile::TempDir) {
     (TestServer::start_with(config).await, tmp)
 }
 
-async fn group_json(server: &TestServer) -> serde_json::Value {
-    let all = server.api_json("/api/v1/groups").await;
-    all["groups"]
-        .as_array()
-        .and_then(|gs| gs.iter().find(|g| g["name"] == "agents").cloned())
-        .unwrap_or_default()
-}
-
 async fn wait_group(server: &TestServer, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    wait_for(what, async || Some(group_json(server).await).filter(|g| pred(g))).await
+    server.wait_group_within(PATIENCE, "agents", what, pred).await
 }
 
 fn hash_of(files: &[(&str, &str)]) -> ConfigHash {
@@ -302,15 +283,16 @@ fn hash_of(files: &[(&str, &str)]) -> ConfigHash {
 /// The uids of the pairs, once each supervisor has persisted one and its
 /// agent is connected.
 async fn uids(server: &TestServer, pairs: &[Pair]) -> Vec<InstanceUid> {
-    wait_for("every supervisor to connect", async || {
-        let uids: Option<Vec<InstanceUid>> = pairs.iter().map(Pair::uid).collect();
-        let uids = uids?;
-        let snap = server.fleet().snapshot();
-        uids.iter()
-            .all(|u| snap.get(u).is_some_and(|r| r.connected))
-            .then_some(uids)
-    })
-    .await
+    server
+        .until_within(PATIENCE, "every supervisor to connect", async || {
+            let uids: Option<Vec<InstanceUid>> = pairs.iter().map(Pair::uid).collect();
+            let uids = uids?;
+            let snap = server.fleet().snapshot();
+            uids.iter()
+                .all(|u| snap.get(u).is_some_and(|r| r.connected))
+                .then_some(uids)
+        })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +317,7 @@ async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_cana
         .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
         .collect();
     let uids = uids(&server, &pairs).await;
-    fleet_started(async || server.api_json("/api/v1/agents").await, 6).await;
+    fleet_started(server.api_addr(), 6).await;
     commit(&repo, policy, &v1, "v1");
     server.sync().await;
 
@@ -431,10 +413,12 @@ async fn six_real_collectors_take_a_change_in_waves_refuse_a_bad_one_at_the_cana
     eprintln!("the supervisor's FAILED message: {error}");
     assert!(error.contains("exit"), "the supervisor says the collector exited: {g}");
     let canary = server
-        .wait_agent_json(&order[0], "the canary back on v2, healthy", |a| {
+        .wait_agent_json(&order[0], "the canary back on v2, healthy, in sync", |a| {
+            // The state is the next plan's verdict on what the agent reports.
             a["remote_config_status"]["last_remote_config_hash"] == v2_hash.to_string().as_str()
                 && a["remote_config_status"]["status"] == "APPLIED"
                 && a["health"]["healthy"] == true
+                && a["state"] == "in_sync"
         })
         .await;
     assert_eq!(canary["state"], "in_sync", "{canary}");
@@ -470,7 +454,7 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
     let v1 = collector_config("v1", "", " {}");
     commit_before_the_fleet(&repo);
     let (server, _state) = controller(&repo).await;
-    let observer = Observer::start(&server);
+    let observer = Observer::start(&server).with_patience(PATIENCE);
     let kinds = [Transport::WebSocket, Transport::WebSocket, Transport::Http];
     let mut pairs: Vec<Pair> = kinds
         .iter()
@@ -478,7 +462,7 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
         .map(|(i, t)| Pair::start(&format!("pair-{i}"), *t, server.opamp_addr()))
         .collect();
     let uids = uids(&server, &pairs).await;
-    fleet_started(async || server.api_json("/api/v1/agents").await, 3).await;
+    fleet_started(server.api_addr(), 3).await;
     commit(&repo, policy, &v1, "v1");
     server.sync().await;
     wait_group(&server, "v1 on all three", |g| {
@@ -495,25 +479,18 @@ async fn supervisors_killed_during_the_bake_or_while_applying_do_not_stop_a_good
 
     // The canary applied v2 and its wave bakes: its supervisor is killed
     // and comes back, resending its saved status, unhealthy at first.
-    wait_for("the canary to apply v2", async || {
-        observer.first(&order[0], v2_hash, |s| s == RemoteConfigState::Applied)
-    })
-    .await;
+    observer
+        .wait(&order[0], v2_hash, |s| s == RemoteConfigState::Applied)
+        .await;
     let canary = pair_of(&order[0]);
     pairs[canary].kill();
     pairs[canary].spawn();
 
     // In the next wave, one supervisor is killed while it applies v2.
     let second = pair_of(&order[1]);
-    let start = Instant::now();
-    while observer
-        .first(&order[1], v2_hash, |s| s == RemoteConfigState::Applying)
-        .is_none()
-    {
-        let g = group_json(&server).await;
-        assert!(start.elapsed() < PATIENCE, "the second wave never applied v2: {g}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    observer
+        .wait(&order[1], v2_hash, |s| s == RemoteConfigState::Applying)
+        .await;
     pairs[second].kill();
     pairs[second].spawn();
 
@@ -540,20 +517,18 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
     let v1 = collector_config("v1", "", " {}");
     commit_before_the_fleet(&repo);
     let state = tempfile::tempdir().expect("temp dir");
-    let (opamp, api) = (free_addr(), free_addr());
-    let start = |grace: &'static str| {
+    let start = async |opamp, grace: &'static str| {
         let args = ["--startup-grace", grace, "--offer-heartbeat-interval", "1s"];
-        Controller::start(repo.path(), state.path(), (opamp, api), "agents", &args).with_patience(PATIENCE)
+        Controller::start(repo.path(), state.path(), (opamp, any_port()), "agents", &args)
+            .await
+            .with_patience(PATIENCE)
     };
-    let controller = start("0s");
+    let controller = start(any_port(), "0s").await;
+    let opamp = controller.opamp;
     let _pairs: Vec<Pair> = (0..3)
         .map(|i| Pair::start(&format!("pair-{i}"), Transport::WebSocket, opamp))
         .collect();
-    let agents = async || {
-        let body = controller.get("/api/v1/agents").await.unwrap_or_default();
-        serde_json::from_str(&body).unwrap_or_default()
-    };
-    fleet_started(agents, 3).await;
+    fleet_started(controller.api, 3).await;
     commit(&repo, "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     controller
         .wait_group("v1 on all three", |g| {
@@ -566,62 +541,20 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
     let v2 = collector_config("v2", "", "\n    verbosity: basic");
     commit(&repo, "  waves: [1, 2, 100%]\n  bake: 1h\n", &v2, "v2");
     let h2 = hash_of(&[("", &v2)]).to_string();
-    controller
-        .wait_group("wave 1 applied", |g| {
-            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
-        })
-        .await;
-    controller.promote();
-    let before = controller
-        .wait_group("wave 2 applied", |g| {
-            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 2
-        })
-        .await;
-    assert_eq!(
-        controller.wave_pushes().await - v1_pushes,
-        2,
-        "one push per agent of waves 1 and 2"
-    );
-    controller.kill();
+    let before = controller.promote_to_wave_two(&h2, 2, v1_pushes).await;
+    controller.kill().await;
 
-    // The same state; the supervisors reconnect during the start-up grace.
-    let controller = start("5s");
+    // The same state and OpAMP address; the supervisors reconnect during the
+    // start-up grace.
+    let controller = start(opamp, "5s").await;
     let after = controller
         .wait_group("the resumed rollout", |g| {
             g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 2 && g["agents"]["pending"] == 1
         })
         .await;
-    assert_eq!(
-        after["rollout"]["wave"], 2,
-        "resumes at the wave it had opened: {after}"
-    );
-    assert_eq!(
-        after["rollout"]["started"], before["rollout"]["started"],
-        "the same rollout"
-    );
-    assert_eq!(after["rollout"]["phase"], "progressing");
-    // A plan after a while: nobody of waves 1-2 was pushed again.
-    controller.two_more_plans().await;
-    assert_eq!(
-        controller.wave_pushes().await,
-        0,
-        "completed waves are not pushed again"
-    );
-
-    controller.promote();
-    controller
-        .wait_group("wave 3 applied", |g| {
-            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 3
-        })
-        .await;
-    controller.promote();
-    let done = controller
-        .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
-        .await;
+    assert_resumed(&before, &after);
+    // Plans after that: nobody of waves 1-2 was pushed again; then wave 3
+    // and complete, with only its agent pushed.
+    let done = controller.resume_to_complete(Duration::ZERO, 3, 1).await;
     assert_eq!(done["rollout"]["failures"].as_array().map(Vec::len), Some(0), "{done}");
-    assert_eq!(
-        controller.wave_pushes().await,
-        1,
-        "only the last wave's agent was pushed"
-    );
 }

@@ -3,7 +3,7 @@
 //! limited per source, and a uid bound to the identity it was first seen
 //! under so no client can report for another agent.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,10 +1,8 @@
 //! Graceful shutdown: in-process through the cancellation token, and the
 //! real binary through SIGTERM.
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -121,39 +119,13 @@ async fn a_half_sent_body_does_not_hold_shutdown_past_the_drain_deadline() {
 
 #[tokio::test]
 async fn sigterm_stops_serve_cleanly_with_exit_status_zero() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opamp-gitops"))
-        .args(["serve", "--opamp-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let line = rx.recv_timeout(DEADLINE).expect("a listening line");
-        if let Some(rest) = line.split("opamp=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-
-    let mut ws = WsAgent::connect(addr).await;
+    use common::process::{Serve, any_port};
+    let serve = Serve::start(&[], (any_port(), any_port())).await;
+    let mut ws = WsAgent::connect(serve.opamp).await;
     ws.exchange(&hello(&uid16(42), 0)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    serve.signal("TERM");
     assert_eq!(ws.end().await, WsEnd::Closed(Some(1001)));
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = serve.exit_within(DEADLINE).await;
     assert_eq!(exit.code(), Some(0), "clean exit");
 }
 
@@ -165,10 +137,11 @@ async fn a_task_that_dies_stops_the_controller_with_its_name_instead_of_staying_
     let (_tmp, state) = state_dir();
     let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
     let api = server.api_addr();
-    eventually("ready", async || {
-        (server.api_get("/readyz").await.status == 200).then_some(())
-    })
-    .await;
+    server
+        .until("ready", async || {
+            (server.api_get("/readyz").await.status == 200).then_some(())
+        })
+        .await;
 
     assert!(!server.running.abort_task("no-such-task"));
     assert!(server.running.abort_task("git"), "the git task is supervised");

@@ -1,7 +1,7 @@
 //! The OpAMP wire, end to end: the real server on 127.0.0.1, real WebSocket
 //! and HTTP clients, real protobuf.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

@@ -4,7 +4,7 @@
 //! simulated agents. Expected wave members are computed here from
 //! `reconcile::canary_order` and `wave_cuts`.
 
-mod common;
+use crate::common;
 
 use common::{run_cli, stderr, stdout};
 
@@ -587,7 +587,7 @@ fn invalid_rev_and_usage_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_against_a_running_server_with_simulated_agents() {
-    use common::{TestServer, eventually};
+    use common::TestServer;
     use opamp_gitops::simulate::{self, Config};
     use tokio_util::sync::CancellationToken;
 
@@ -605,15 +605,14 @@ async fn plan_against_a_running_server_with_simulated_agents() {
         simulate::start(gw, cancel.clone()).unwrap(),
         simulate::start(core, cancel.clone()).unwrap(),
     ];
-    let listed = eventually("7 connected agents", async || {
-        let v = server.api_json("/api/v1/agents").await;
-        let agents = v["agents"].as_array().cloned().unwrap_or_default();
-        let described = agents
-            .iter()
-            .all(|a| a["identifying_attributes"]["service.name"].is_string());
-        (agents.len() == 7 && described && agents.iter().all(|a| a["connected"] == true)).then_some(agents)
-    })
-    .await;
+    let listed = server
+        .wait_agents("7 connected agents", |agents| {
+            let described = agents
+                .iter()
+                .all(|a| a["identifying_attributes"]["service.name"].is_string());
+            (agents.len() == 7 && described && agents.iter().all(|a| a["connected"] == true)).then(|| agents.to_vec())
+        })
+        .await;
     let gw_uids: Vec<InstanceUid> = listed
         .iter()
         .filter(|a| a["identifying_attributes"]["service.name"] == "gw")

@@ -2,13 +2,13 @@
 //! at the same wave, and the agents of the waves already done are not pushed
 //! again. Runs the real binary; the agents are simulated in this process.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
 
 use common::gitops::{GitRepo, collector_config, edge_hash};
-use common::process::{Controller, free_addr};
+use common::process::{Controller, any_port, assert_resumed, free_addr};
 use opamp_gitops::simulate;
 use tokio_util::sync::CancellationToken;
 
@@ -18,14 +18,15 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
     let v1 = collector_config("v1");
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     let state = tempfile::tempdir().expect("temp dir");
-    let (opamp, api) = (free_addr(), free_addr());
     let controller = Controller::start(
         repo.path(),
         state.path(),
-        (opamp, api),
+        (any_port(), any_port()),
         "edge",
         &["--startup-grace", "0s"],
-    );
+    )
+    .await;
+    let opamp = controller.opamp;
 
     let mut config = simulate::Config::new(format!("ws://{opamp}/v1/opamp"), 20);
     config.apply_delay = Duration::from_millis(20);
@@ -39,77 +40,41 @@ async fn a_killed_controller_resumes_its_rollout_at_the_same_wave() {
         .await;
 
     // v2 in waves [1, 25%, 100%] with a bake that never ends by itself.
+    // (v1 reached the agents in a wave or, if they connected after its
+    // rollout, as a sync: count only what follows.)
+    let v1_pushes = controller.wave_pushes().await;
     let v2 = collector_config("v2");
     repo.commit_edge("  waves: [1, 25%, 100%]\n  bake: 1h\n", &v2, "v2");
     let h2 = edge_hash(&v2).to_string();
-    controller
-        .wait_group("wave 1 applied", |g| {
-            g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
-        })
-        .await;
-    controller.promote();
-    let before = controller
-        .wait_group("wave 2 applied", |g| {
-            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 5
-        })
-        .await;
-    assert_eq!(controller.wave_pushes().await, 5);
-    controller.kill();
+    let before = controller.promote_to_wave_two(&h2, 5, v1_pushes).await;
+    controller.kill().await;
 
-    // The same state directory; agents reconnect during the start-up grace.
+    // The same state directory and OpAMP address; agents reconnect during
+    // the start-up grace.
     let controller = Controller::start(
         repo.path(),
         state.path(),
-        (opamp, api),
+        (opamp, any_port()),
         "edge",
         &["--startup-grace", "1s"],
-    );
+    )
+    .await;
+    let api = controller.api;
     let after = controller
         .wait_group("the resumed rollout", |g| {
             g["config_hash"] == h2.as_str() && g["agents"]["targeted"] == 20
         })
         .await;
-    assert_eq!(
-        after["rollout"]["wave"], 2,
-        "resumes at the wave it had opened: {after}"
-    );
-    assert_eq!(
-        after["rollout"]["started"], before["rollout"]["started"],
-        "the same rollout, not a new one"
-    );
-    assert_eq!(after["rollout"]["phase"], "progressing");
+    assert_resumed(&before, &after);
     // Give the resumed controller a few plans: nobody of waves 1-2 is pushed again.
     controller
         .wait_group("wave 2 still applied", |g| {
             g["agents"]["applied"] == 5 && g["agents"]["pending"] == 15
         })
         .await;
-    // Let time pass, then make sure the controller planned after it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    controller.two_more_plans().await;
-    assert_eq!(
-        controller.wave_pushes().await,
-        0,
-        "agents of completed waves are not pushed again"
-    );
-
-    // The rollout carries on from there: wave 3, then (the last wave bakes
-    // too) complete.
-    controller.promote();
-    controller
-        .wait_group("wave 3 applied", |g| {
-            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 20
-        })
-        .await;
-    controller.promote();
-    controller
-        .wait_group("complete", |g| g["rollout"]["phase"] == "complete")
-        .await;
-    assert_eq!(
-        controller.wave_pushes().await,
-        15,
-        "only the last wave's agents were pushed"
-    );
+    // Time passes and the controller plans: nobody of waves 1-2 is pushed
+    // again. The rollout carries on from there: wave 3, then complete.
+    controller.resume_to_complete(Duration::from_millis(500), 20, 15).await;
 
     // The command's refusals: a finished rollout, an unknown group, no controller.
     let rollout = |action: &str, group: &str, server: String| {

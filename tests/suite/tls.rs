@@ -2,7 +2,7 @@
 //! over wss:// and https://, clients that do not trust the CA, a renewed
 //! certificate served to new connections while old ones stay up, and mTLS.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -452,18 +452,12 @@ async fn not_ready_until_a_commit_is_loaded() {
     assert_eq!(code, 502);
     assert!(body["error"].as_str().unwrap().contains("nope"), "{body}");
 
-    // After cancel the source stops and says so.
+    // After cancel the source stops (its status closes) and says so.
     cancel.cancel();
-    let stopped = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Err(gitsrc::SyncError::Stopped) = handle.sync().await {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let mut status = handle.status();
+    let stopped = tokio::time::timeout(WAIT, async { while status.changed().await.is_ok() {} }).await;
     assert!(stopped.is_ok(), "the git source did not stop on cancel");
+    assert!(matches!(handle.sync().await, Err(gitsrc::SyncError::Stopped)));
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::gitsrc::{Auth, GitConfig, RepoLocation};
 use opamp_gitops::model::{CommitId, ConfigHash, InstanceUid};
 use opamp_gitops::simulate::{self, Simulation};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use opamp_gitops::proto::{AgentToServer, ComponentHealth, RemoteConfigStatus};
@@ -129,23 +130,6 @@ impl TestServer {
         v["commit"].as_str().expect("a commit").to_string()
     }
 
-    /// Plans the controller has made (`opamp_gitops_plans_total`).
-    pub async fn plans(&self) -> u64 {
-        let r = self.api_get("/metrics").await;
-        super::metric(&String::from_utf8_lossy(&r.body), "opamp_gitops_plans_total").expect("the plans counter")
-    }
-
-    /// Lets `d` pass, then waits for a plan made after it: a check that
-    /// nothing happened in `d` then means the controller looked and did nothing.
-    pub async fn let_pass(&self, d: Duration) {
-        tokio::time::sleep(d).await;
-        let before = self.plans().await;
-        super::eventually("a plan after the wait", async || {
-            (self.plans().await > before).then_some(())
-        })
-        .await;
-    }
-
     pub async fn api_post(&self, path: &str) -> (u16, serde_json::Value) {
         let r = http_request(self.api_addr(), "POST", path, &[], Body::Empty).await;
         (
@@ -161,41 +145,43 @@ impl TestServer {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE * 2;
-        loop {
-            let all = self.api_json("/api/v1/groups").await;
-            if let Some(g) = all["groups"]
-                .as_array()
-                .and_then(|gs| gs.iter().find(|g| g["name"] == group))
-                && pred(g)
-            {
-                return g.clone();
-            }
-            assert!(Instant::now() < deadline, "group {group} never reached {what}: {all}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_group_within(DEADLINE * 2, group, what, pred).await
     }
-}
 
-impl TestServer {
-    /// Waits until `GET /api/v1/agents/{uid}` satisfies `pred`; returns that agent.
+    /// [`TestServer::wait_group`] with its own patience (agents that restart
+    /// or poll slowly take a while).
+    pub async fn wait_group_within(
+        &self,
+        patience: Duration,
+        group: &str,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        super::wait_group_at(self.api_addr(), group, what, patience, pred).await
+    }
+
+    /// Waits until `GET /api/v1/agents` lists `uid` satisfying `pred`; returns that agent.
     pub async fn wait_agent_json(
         &self,
         uid: &InstanceUid,
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE;
-        let path = format!("/api/v1/agents/{uid}");
-        loop {
-            let r = self.api_get(&path).await;
-            let agent: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-            if r.status == 200 && pred(&agent) {
-                return agent;
-            }
-            assert!(Instant::now() < deadline, "agent {uid} never reached {what}: {agent}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let uid = uid.to_string();
+        let what = format!("agent {uid} to reach {what}");
+        self.wait_agents(&what, |agents| {
+            agents
+                .iter()
+                .find(|a| a["instance_uid"] == uid.as_str())
+                .filter(|a| pred(a))
+                .cloned()
+        })
+        .await
+    }
+
+    /// Waits until `GET /api/v1/agents` lists agents that `pick` takes.
+    pub async fn wait_agents<T>(&self, what: &str, pick: impl FnMut(&[serde_json::Value]) -> Option<T>) -> T {
+        super::wait_agents_at(self.api_addr(), what, DEADLINE, pick).await
     }
 }
 
@@ -218,14 +204,23 @@ pub fn simulate(
 type Report = (Option<ConfigHash>, RemoteConfigState, Instant);
 
 /// Every (hash, status) each agent reported, with when it was first seen.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Observer {
     seen: Arc<Mutex<HashMap<InstanceUid, Vec<Report>>>>,
+    /// Bumped after each snapshot is recorded, to wake waits.
+    recorded: watch::Receiver<u64>,
+    /// How long a wait may take.
+    patience: Duration,
 }
 
 impl Observer {
     pub fn start(server: &TestServer) -> Self {
-        let obs = Observer::default();
+        let (recorded_tx, recorded) = watch::channel(0);
+        let obs = Observer {
+            seen: Arc::default(),
+            recorded,
+            patience: DEADLINE,
+        };
         let mut rx = server.fleet().subscribe();
         let seen = obs.seen.clone();
         tokio::spawn(async move {
@@ -242,12 +237,19 @@ impl Observer {
                         }
                     }
                 }
+                recorded_tx.send_modify(|n| *n += 1);
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
         });
         obs
+    }
+
+    /// Waits longer (real agents start slowly).
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// True when the agent ever reported `hash` (in any status): it received it.
@@ -294,13 +296,15 @@ impl Observer {
         after: Option<Instant>,
         pred: impl Fn(RemoteConfigState) -> bool,
     ) -> Instant {
-        let deadline = Instant::now() + DEADLINE;
+        let mut recorded = self.recorded.clone();
+        let deadline = tokio::time::Instant::now() + self.patience;
         loop {
+            recorded.mark_unchanged();
             if let Some(t) = self.first_after(uid, hash, after, &pred) {
                 return t;
             }
-            assert!(Instant::now() < deadline, "agent {uid} never reported {hash}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let next = tokio::time::timeout_at(deadline, recorded.changed()).await;
+            assert!(matches!(next, Ok(Ok(()))), "agent {uid} never reported {hash}");
         }
     }
 }
@@ -409,15 +413,15 @@ impl RawAgent {
         self.ws.close().await;
     }
 
-    /// Expects no pushed config within `wait` (replies to reports are fine).
-    pub async fn expect_no_push(&mut self, wait: Duration) {
-        let until = tokio::time::Instant::now() + wait;
+    /// Expects no pushed config until `over` completes (replies to reports are fine).
+    pub async fn expect_no_push_until(&mut self, over: impl Future<Output = ()>) {
+        tokio::pin!(over);
         loop {
-            match tokio::time::timeout_at(until, self.ws.recv()).await {
-                Err(_) => return,
-                Ok(m) => assert!(
+            tokio::select! {
+                () = &mut over => return,
+                m = self.ws.recv() => assert!(
                     m.remote_config.is_none(),
-                    "expected no push within {wait:?}, got one for {:?}",
+                    "expected no push, got one for {:?}",
                     m.remote_config.map(|rc| ConfigHash::from_wire(&rc.config_hash))
                 ),
             }

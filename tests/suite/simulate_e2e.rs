@@ -7,7 +7,7 @@
 //! server restart, restart their processes, and never loop over HTTP against
 //! a server that repeats its config in every reply.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use bytes::Bytes;
-use common::{DEADLINE, TestServer, bundle, eventually};
+use common::{DEADLINE, TestServer, bundle};
 use opamp_gitops::app::ServeConfig;
 use opamp_gitops::model::InstanceUid;
 use opamp_gitops::opamp::codec;
@@ -28,6 +28,7 @@ use opamp_gitops::proto::{
 };
 use opamp_gitops::simulate::{self, Config, Simulation, TransportKind};
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const AGENTS: usize = 3;
@@ -49,18 +50,13 @@ fn config(server: &TestServer, transport: TransportKind) -> Config {
     c
 }
 
-async fn agents(server: &TestServer) -> Vec<Value> {
-    let list = server.api_json("/api/v1/agents").await;
-    list["agents"].as_array().cloned().unwrap_or_default()
-}
-
 /// Waits until `AGENTS` agents are listed and all satisfy `pred`.
 async fn wait_all(server: &TestServer, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-    eventually(what, async || {
-        let list = agents(server).await;
-        (list.len() == AGENTS && list.iter().all(&pred)).then_some(list)
-    })
-    .await
+    server
+        .wait_agents(what, |list| {
+            (list.len() == AGENTS && list.iter().all(&pred)).then(|| list.to_vec())
+        })
+        .await
 }
 
 fn uid_of(agent: &Value) -> InstanceUid {
@@ -143,14 +139,13 @@ async fn supervisor_lifecycle(transport: TransportKind, transport_name: &str) {
     // A good config: APPLYING (visible for the apply delay), then APPLIED with the effective config.
     let good = "receivers:\n  otlp: {}\nexporters:\n  debug: {}\n";
     let hash = push_all(&server, &list, &[("", good)]).await;
-    eventually("an agent to report APPLYING", async || {
-        agents(&server)
-            .await
-            .iter()
-            .any(|a| status(a) == ("APPLYING", hash.as_str(), ""))
-            .then_some(())
-    })
-    .await;
+    server
+        .wait_agents("an agent to report APPLYING", |list| {
+            list.iter()
+                .any(|a| status(a) == ("APPLYING", hash.as_str(), ""))
+                .then_some(())
+        })
+        .await;
     let list = wait_all(&server, "APPLIED", |a| status(a) == ("APPLIED", hash.as_str(), "")).await;
     for a in &list {
         let one = server
@@ -328,20 +323,20 @@ async fn agents_without_reports_remote_config_apply_but_report_no_status() {
     let cancel = CancellationToken::new();
     let sim = simulate::start(c, cancel.clone()).expect("starts");
 
-    eventually("the pushed config running", async || {
-        server
-            .requests()
-            .iter()
-            .any(|m| {
-                m.effective_config
-                    .as_ref()
-                    .and_then(|e| e.config_map.as_ref())
-                    .and_then(|m| m.config_map.get(""))
-                    .is_some_and(|f| f.body.as_ref() == b"receivers: {otlp: {}}\n")
-            })
-            .then_some(())
-    })
-    .await;
+    server
+        .until("the pushed config running", |requests| {
+            requests
+                .iter()
+                .any(|m| {
+                    m.effective_config
+                        .as_ref()
+                        .and_then(|e| e.config_map.as_ref())
+                        .and_then(|m| m.config_map.get(""))
+                        .is_some_and(|f| f.body.as_ref() == b"receivers: {otlp: {}}\n")
+                })
+                .then_some(())
+        })
+        .await;
     let requests = server.requests();
     let caps = requests[0].capabilities;
     assert_eq!(caps & 0x2, 0x2, "accepts remote config");
@@ -357,8 +352,8 @@ async fn agents_without_reports_remote_config_apply_but_report_no_status() {
     stop(sim, cancel).await;
 }
 
-/// Every request a [`MiniServer`] got, in order.
-type Requests = Arc<Mutex<Vec<AgentToServer>>>;
+/// Every request a [`MiniServer`] got, in order, published as each arrives.
+type Requests = Arc<watch::Sender<Vec<AgentToServer>>>;
 
 /// A tiny plain-HTTP OpAMP server on 127.0.0.1:0 that answers every request
 /// with `respond` and keeps every request.
@@ -374,7 +369,7 @@ impl MiniServer {
         async fn opamp(State((requests, respond)): State<(Requests, Respond)>, body: Bytes) -> impl IntoResponse {
             let msg: AgentToServer = codec::decode_http(&body, None, 1 << 20).expect("an AgentToServer");
             let reply = respond(&msg);
-            requests.lock().expect("requests lock").push(msg);
+            requests.send_modify(|all| all.push(msg));
             (
                 [(CONTENT_TYPE, "application/x-protobuf")],
                 codec::encode_http(&reply, false),
@@ -382,7 +377,7 @@ impl MiniServer {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let requests = Requests::default();
+        let requests = Arc::new(watch::Sender::new(Vec::new()));
         let respond: Respond = Arc::new(respond);
         let app = axum::Router::new()
             .route("/v1/opamp", axum::routing::post(opamp))
@@ -414,7 +409,22 @@ impl MiniServer {
     }
 
     fn requests(&self) -> Vec<AgentToServer> {
-        self.requests.lock().expect("requests lock").clone()
+        self.requests.borrow().clone()
+    }
+
+    /// Looks at the requests as each arrives until `pick` takes them; fails after [`DEADLINE`].
+    async fn until<T>(&self, what: &str, mut pick: impl FnMut(&[AgentToServer]) -> Option<T>) -> T {
+        let mut found = None;
+        let mut rx = self.requests.subscribe();
+        let wait = rx.wait_for(|all| {
+            found = pick(all);
+            found.is_some()
+        });
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("the server runs");
+        found.expect("just found")
     }
 }
 
@@ -446,19 +456,20 @@ async fn an_http_agent_does_not_loop_on_a_server_that_repeats_its_config() {
     let cancel = CancellationToken::new();
     let sim = simulate::start(c, cancel.clone()).expect("starts");
 
-    let applied_at = eventually("APPLIED to be reported", async || {
-        let requests = server.requests();
-        let i = requests
-            .iter()
-            .position(|m| remote_status(m) == Some(RemoteConfigStatuses::Applied))?;
-        Some(i + 1)
-    })
-    .await;
+    let applied_at = server
+        .until("APPLIED to be reported", |requests| {
+            let i = requests
+                .iter()
+                .position(|m| remote_status(m) == Some(RemoteConfigStatuses::Applied))?;
+            Some(i + 1)
+        })
+        .await;
     // One poll later: a loop would have sent hundreds of requests by then.
-    eventually("a poll after APPLIED", async || {
-        (server.requests().len() > applied_at).then_some(())
-    })
-    .await;
+    server
+        .until("a poll after APPLIED", |requests| {
+            (requests.len() > applied_at).then_some(())
+        })
+        .await;
     let requests = server.requests();
     let kinds: Vec<String> = requests
         .iter()
@@ -532,31 +543,32 @@ async fn cloned_agents_take_the_new_uid_a_server_assigns() {
     let cancel = CancellationToken::new();
     let sim = simulate::start(c, cancel.clone()).expect("starts");
 
-    let first: BTreeMap<String, Vec<u8>> = eventually("all four hosts to introduce themselves", async || {
-        let mut first = BTreeMap::new();
-        for m in server.requests() {
-            if let Some(host) = host_name(&m) {
-                first.entry(host).or_insert(m.instance_uid.to_vec());
+    let first: BTreeMap<String, Vec<u8>> = server
+        .until("all four hosts to introduce themselves", |requests| {
+            let mut first = BTreeMap::new();
+            for m in requests {
+                if let Some(host) = host_name(m) {
+                    first.entry(host).or_insert(m.instance_uid.to_vec());
+                }
             }
-        }
-        (first.len() == 4).then_some(first)
-    })
-    .await;
+            (first.len() == 4).then_some(first)
+        })
+        .await;
     let uids: BTreeSet<&Vec<u8>> = first.values().collect();
     assert_eq!(uids.len(), 2, "two pairs of clones: {first:?}");
     assert_eq!(first["sim-0"], first["sim-1"]);
     assert_eq!(first["sim-2"], first["sim-3"]);
 
-    eventually("four uids, one per host", async || {
-        let last: BTreeMap<String, Vec<u8>> = server
-            .requests()
-            .iter()
-            .filter_map(|m| Some((host_name(m)?, m.instance_uid.to_vec())))
-            .collect();
-        let distinct: BTreeSet<&Vec<u8>> = last.values().collect();
-        (last.len() == 4 && distinct.len() == 4).then_some(())
-    })
-    .await;
+    server
+        .until("four uids, one per host", |requests| {
+            let last: BTreeMap<String, Vec<u8>> = requests
+                .iter()
+                .filter_map(|m| Some((host_name(m)?, m.instance_uid.to_vec())))
+                .collect();
+            let distinct: BTreeSet<&Vec<u8>> = last.values().collect();
+            (last.len() == 4 && distinct.len() == 4).then_some(())
+        })
+        .await;
     let hosts = first_host.lock().expect("hosts lock").clone();
     assert_eq!(hosts.len(), 4, "each uid now belongs to one host: {hosts:?}");
     stop(sim, cancel).await;

@@ -1,7 +1,7 @@
 //! Shared test harness: the real server started in-process on 127.0.0.1:0,
-//! raw WebSocket and plain-HTTP OpAMP clients, message builders and a
-//! poll-with-deadline helper. Each test binary uses a different part of it.
-#![allow(dead_code)]
+//! raw WebSocket and plain-HTTP OpAMP clients, message builders, and waits
+//! that wake on what the controller publishes (its watch channels
+//! in-process, the API's long polls over HTTP) instead of polling.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use opamp_gitops::api::wait::published;
 use opamp_gitops::app::{self, Running, ServeConfig};
 use opamp_gitops::desired::{ConfigBundle, ConfigFile};
 use opamp_gitops::fleet::{AgentRecord, FleetHandle};
@@ -23,6 +24,7 @@ use opamp_gitops::proto::{
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -30,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long any single wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The longest a long poll is held: well within [`http_request`]'s deadline.
+const LONG_POLL: Duration = Duration::from_secs(5);
 
 /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth | ReportsRemoteConfig.
 pub const SUPERVISOR_CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
@@ -97,6 +102,48 @@ impl TestServer {
         found.get(&uid).expect("just matched").clone()
     }
 
+    /// Everything this controller publishes, to wake on.
+    pub fn changes(&self) -> Changes {
+        Changes {
+            fleet: self.fleet().subscribe(),
+            driver: self.running.driver.as_ref().map(|d| d.subscribe()),
+            git: self.running.git.as_ref().map(|g| g.status()),
+            readiness: self.running.readiness.subscribe(),
+        }
+    }
+
+    /// Checks `f` again each time the controller publishes something (the
+    /// fleet, the driver's status, the git source's status, readiness)
+    /// until it answers; fails after [`DEADLINE`]. With a repository the
+    /// driver publishes on every plan, at least every reconcile tick, so
+    /// conditions that follow from a plan (a note written, a push sent) are
+    /// looked at again without polling.
+    pub async fn until<T>(&self, what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+        self.until_within(DEADLINE, what, f).await
+    }
+
+    /// [`TestServer::until`] with its own patience (real agents start slowly).
+    pub async fn until_within<T>(&self, patience: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+        let mut changes = self.changes();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            // Seen before looking: what is published meanwhile wakes the wait below.
+            changes.mark_seen();
+            if let Some(v) = f().await {
+                return v;
+            }
+            if tokio::time::timeout_at(deadline, changes.next()).await.is_err() {
+                panic!("timed out after {patience:?} waiting for {what}");
+            }
+        }
+    }
+
+    /// Waits for the controller to plan twice more once `d` has passed
+    /// (see [`let_pass_at`]).
+    pub async fn let_pass(&self, d: Duration) {
+        let_pass_at(self.api_addr(), d, DEADLINE).await;
+    }
+
     /// Shuts down and asserts a clean exit.
     pub async fn stop(self) {
         tokio::time::timeout(DEADLINE * 2, self.running.stop())
@@ -106,16 +153,150 @@ impl TestServer {
     }
 }
 
-/// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
-pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+/// Receivers of everything a controller publishes; [`Changes::next`]
+/// resolves when any of them is published again.
+pub struct Changes {
+    fleet: watch::Receiver<Arc<opamp_gitops::fleet::FleetSnapshot>>,
+    driver: Option<watch::Receiver<Arc<opamp_gitops::driver::DriverStatus>>>,
+    git: Option<watch::Receiver<opamp_gitops::gitsrc::Status>>,
+    readiness: watch::Receiver<opamp_gitops::api::Readiness>,
+}
+
+impl Changes {
+    /// Counts what is published now as seen.
+    pub fn mark_seen(&mut self) {
+        self.fleet.mark_unchanged();
+        self.readiness.mark_unchanged();
+        if let Some(d) = &mut self.driver {
+            d.mark_unchanged();
+        }
+        if let Some(g) = &mut self.git {
+            g.mark_unchanged();
+        }
+    }
+
+    /// Resolves at the next publication of any of them (never when all have closed).
+    pub async fn next(&mut self) {
+        tokio::select! {
+            () = published(Some(&mut self.fleet)) => {}
+            () = published(self.driver.as_mut()) => {}
+            () = published(self.git.as_mut()) => {}
+            () = published(Some(&mut self.readiness)) => {}
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, failing the test after
+/// [`DEADLINE`]. Only for what nothing publishes (a counter of the OpAMP
+/// server, a port of another process): whatever the controller publishes,
+/// wait for with [`TestServer::until`] or the long polls ([`follow`]).
+pub async fn eventually<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_within(DEADLINE, what, f).await
+}
+
+/// [`eventually`] with its own patience (real processes start slowly).
+pub async fn eventually_within<T>(patience: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = tokio::time::Instant::now();
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < patience,
+            "timed out after {patience:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Follows `GET {path}` on the API at `api` with long polls (`?after=` the
+/// version of the answer before) until `pick` finds what it waits for in an
+/// answer; fails after `patience` with the last answer. The controller holds
+/// each request until its answer may have changed, so every answer is new.
+pub async fn follow<T>(
+    api: SocketAddr,
+    path: &str,
+    what: &str,
+    patience: Duration,
+    mut pick: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut last = serde_json::Value::Null;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let query = match last["version"].as_u64() {
+            None => path.to_string(),
+            Some(_) if left.is_zero() => {
+                panic!("timed out after {patience:?} waiting for {what}; GET {path} answered last: {last}")
+            }
+            Some(v) => format!("{path}?after={v}&wait={}ms", left.min(LONG_POLL).as_millis()),
+        };
+        let r = http_request(api, "GET", &query, &[], Body::Empty).await;
+        assert_eq!(r.status, 200, "GET {query}: {}", String::from_utf8_lossy(&r.body));
+        last = serde_json::from_slice(&r.body).expect("JSON body");
+        assert!(last["version"].is_u64(), "GET {path} answers a version: {last}");
+        if let Some(found) = pick(&last) {
+            return found;
+        }
+    }
+}
+
+/// Waits until `GET /api/v1/groups` on `api` shows `group` satisfying `pred`; returns that group.
+pub async fn wait_group_at(
+    api: SocketAddr,
+    group: &str,
+    what: &str,
+    patience: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let what = format!("group {group} to reach {what}");
+    follow(api, "/api/v1/groups", &what, patience, |all| {
+        all["groups"]
+            .as_array()?
+            .iter()
+            .find(|g| g["name"] == group)
+            .filter(|g| pred(g))
+            .cloned()
+    })
+    .await
+}
+
+/// Lets `d` pass, then waits until the controller on `api` has planned
+/// twice more: the second of those plans started after `d` (plans run one
+/// at a time), so a check that nothing happened meanwhile means the
+/// controller looked, after `d`, and did nothing.
+pub async fn let_pass_at(api: SocketAddr, d: Duration, patience: Duration) {
+    let until = tokio::time::Instant::now() + d;
+    let mut seen_after = None;
+    follow(
+        api,
+        "/api/v1/groups",
+        &format!("two plans after {d:?}"),
+        d + patience,
+        |all| {
+            let version = all["version"].as_u64()?;
+            match seen_after {
+                None if tokio::time::Instant::now() >= until => seen_after = Some(version),
+                Some(v) if version >= v + 2 => return Some(()),
+                _ => {}
+            }
+            None
+        },
+    )
+    .await
+}
+
+/// Waits until `GET /api/v1/agents` on `api` lists agents that `pick` takes.
+pub async fn wait_agents_at<T>(
+    api: SocketAddr,
+    what: &str,
+    patience: Duration,
+    mut pick: impl FnMut(&[serde_json::Value]) -> Option<T>,
+) -> T {
+    follow(api, "/api/v1/agents", what, patience, |all| {
+        pick(all["agents"].as_array()?)
+    })
+    .await
 }
 
 /// The value of an unlabelled counter or gauge in Prometheus text.
@@ -329,13 +510,6 @@ impl WsAgent {
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return WsEnd::Dropped,
             }
-        }
-    }
-
-    /// Expects nothing to arrive within `wait`.
-    pub async fn expect_silence(&mut self, wait: Duration) {
-        if let Ok(Some(frame)) = tokio::time::timeout(wait, self.ws.next()).await {
-            panic!("expected silence, got {frame:?}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! Rollouts end to end: the real controller reading a real git repository,
 //! simulated agents over real sockets, short bake times and timeouts.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use common::gitops::{
     GitRepo, Observer, RawAgent, collector_config, edge_hash, fleet_yaml, group_yaml, hosts_named, selected_group_yaml,
     serve_config, simulate, state_dir,
 };
-use common::{TestServer, eventually, healthy, remote_status, uid16};
+use common::{TestServer, healthy, remote_status, uid16};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, GroupName, InstanceUid};
 use opamp_gitops::proto::{ComponentHealth, RemoteConfigStatuses};
@@ -125,14 +125,13 @@ async fn http_agents_converge_like_websocket_agents() {
         })
         .await;
     assert_eq!(done["agents"]["applied"], 12);
-    let agents = eventually("every agent in sync", async || {
-        let all = server.api_json("/api/v1/agents").await;
-        let list = all["agents"].as_array()?.clone();
-        list.iter()
-            .all(|a| a["state"] == "in_sync" && a["transport"] == "http")
-            .then_some(list)
-    })
-    .await;
+    let agents = server
+        .wait_agents("every agent in sync", |list| {
+            list.iter()
+                .all(|a| a["state"] == "in_sync" && a["transport"] == "http")
+                .then(|| list.to_vec())
+        })
+        .await;
     assert!(
         agents
             .iter()
@@ -325,11 +324,12 @@ async fn agents_connecting_mid_rollout_get_stable_unless_their_place_is_in_an_op
     let (_late, stop_late) = simulate(&server, 16, |c| {
         c.attrs.push(("host.name".into(), "late-{index}".into()))
     });
-    let late = eventually("16 late joiners", async || {
-        let l = hosts_named(&server, "late-");
-        (l.len() == 16).then_some(l)
-    })
-    .await;
+    let late = server
+        .until("16 late joiners", async || {
+            let l = hosts_named(&server, "late-");
+            (l.len() == 16).then_some(l)
+        })
+        .await;
     let (mut inside, mut outside) = (0, 0);
     for uid in &late {
         let opened = order_key(&group, uid) < boundary;
@@ -406,7 +406,9 @@ async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_compli
     agent
         .report(remote_status(h1.as_bytes(), APPLIED, ""), Some(healthy(true)))
         .await;
-    agent.expect_no_push(Duration::from_millis(1500)).await;
+    agent
+        .expect_no_push_until(server.let_pass(Duration::from_millis(1500)))
+        .await;
     let a = server
         .wait_agent_json(&agent.uid, "in sync", |a| a["state"] == "in_sync")
         .await;
@@ -654,7 +656,9 @@ async fn an_agent_that_never_answers_a_push_fails_after_apply_timeout() {
     assert_eq!(failures[0]["agent"], agent.uid.to_string().as_str());
     assert_eq!(failures[0]["error"], "not APPLIED within 1s of receiving the config");
     // It still runs s1, the stable config: nothing to roll back, no more pushes.
-    agent.expect_no_push(Duration::from_millis(300)).await;
+    agent
+        .expect_no_push_until(server.let_pass(Duration::from_millis(300)))
+        .await;
     agent.close().await;
     server.stop().await;
 }
