@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use opamp_gitops::desired::{self, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
 use opamp_gitops::reconcile::{
-    AgentView, Plan, PlanInput, RemoteConfigState, RemoteStatus, RolloutState, Timestamp, plan,
+    AgentView, Plan, PlanInput, RemoteConfigState, StatusView, RolloutState, Timestamp, plan,
 };
 
 fn main() -> Result<(), String> {
@@ -153,7 +153,7 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
                 connected: true,
                 connection_epoch: 1,
                 disconnected_at: None,
-                remote: Some(RemoteStatus {
+                remote: Some(StatusView {
                     hash: Some(hashes[g]),
                     status: RemoteConfigState::Applied,
                     error: String::new(),
@@ -176,7 +176,7 @@ fn apply(fleet: &mut [AgentView], plan: &Plan) {
         .filter_map(|p| index.get(&p.uid).map(|&i| (i, p.bundle.hash())))
         .collect();
     for (i, hash) in updates {
-        fleet[i].remote = Some(RemoteStatus {
+        fleet[i].remote = Some(StatusView {
             hash: Some(hash),
             status: RemoteConfigState::Applied,
             error: String::new(),

@@ -336,3 +336,34 @@ mod tests {
         assert_eq!(ConfigHash::from_wire(&[0; 31]), None);
     }
 }
+
+/// `RemoteConfigStatuses`, in our own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemoteConfigState {
+    Unset,
+    Applied,
+    Applying,
+    Failed,
+}
+
+impl RemoteConfigState {
+    /// From the proto's `RemoteConfigStatuses` number; unknown numbers are `Unset`.
+    pub fn from_wire(v: i32) -> Self {
+        match v {
+            1 => RemoteConfigState::Applied,
+            2 => RemoteConfigState::Applying,
+            3 => RemoteConfigState::Failed,
+            _ => RemoteConfigState::Unset,
+        }
+    }
+
+    /// The proto's name, as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteConfigState::Unset => "UNSET",
+            RemoteConfigState::Applied => "APPLIED",
+            RemoteConfigState::Applying => "APPLYING",
+            RemoteConfigState::Failed => "FAILED",
+        }
+    }
+}

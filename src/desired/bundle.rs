@@ -17,7 +17,7 @@ use crate::model::GroupName;
 
 /// Config files read so far, by repository path, shared between groups.
 #[derive(Default)]
-pub(super) struct ConfigFiles {
+pub(super) struct FileCache {
     pub(super) bodies: HashMap<String, Option<Bytes>>,
     pub(super) parsed: HashMap<String, Option<Arc<Node>>>,
 }
@@ -66,7 +66,7 @@ pub(super) struct MergedDraft {
 pub(super) fn finish_group(
     cx: &mut Cx,
     source: &dyn FileSource,
-    files: &mut ConfigFiles,
+    files: &mut FileCache,
     findings: &mut Findings,
     merged: Option<&mut Vec<MergedDraft>>,
     d: Draft,

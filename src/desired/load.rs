@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use super::bundle::{ConfigFiles, Findings, finish_group, report_findings};
+use super::bundle::{FileCache, Findings, finish_group, report_findings};
 use super::merged::MergedConfig;
 use super::read::Cx;
 use super::schema::{
@@ -144,7 +144,7 @@ fn load_inner(
 
     check_duplicate_selectors(&mut cx, &drafts);
 
-    let mut files = ConfigFiles::default();
+    let mut files = FileCache::default();
     let mut findings = Findings::new();
     let mut groups = BTreeMap::new();
     let mut merged = keep_merged.then(Vec::new);

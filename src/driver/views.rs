@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::desired::merge_attributes;
-use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot, RemoteConfigState as Wire};
+use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot};
 use crate::model::InstanceUid;
-use crate::reconcile::{AgentView, RemoteConfigState, RemoteStatus, Timestamp};
+use crate::reconcile::{AgentView, StatusView, Timestamp};
 
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let ms = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
@@ -62,14 +62,9 @@ impl ViewBuilder {
             } else {
                 r.disconnected_at.map(timestamp)
             },
-            remote: r.remote_config_status.as_ref().map(|s| RemoteStatus {
+            remote: r.remote_config_status.as_ref().map(|s| StatusView {
                 hash: s.hash,
-                status: match s.state {
-                    Wire::Unset => RemoteConfigState::Unset,
-                    Wire::Applied => RemoteConfigState::Applied,
-                    Wire::Applying => RemoteConfigState::Applying,
-                    Wire::Failed => RemoteConfigState::Failed,
-                },
+                status: s.state,
                 error: s.error_message.clone(),
             }),
             healthy: r.health.as_ref().map(|h| h.healthy),

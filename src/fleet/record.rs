@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::capabilities::Capabilities;
 use crate::desired::{self, AgentAttributes, ConfigFile};
+pub use crate::model::RemoteConfigState;
 use crate::model::{ConfigHash, InstanceUid, Transport};
 use crate::proto;
 
@@ -30,36 +31,6 @@ pub struct Health {
     pub components: BTreeMap<String, Health>,
 }
 
-/// `RemoteConfigStatuses`, in our own words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RemoteConfigState {
-    Unset,
-    Applied,
-    Applying,
-    Failed,
-}
-
-impl RemoteConfigState {
-    fn from_wire(v: i32) -> Self {
-        match v {
-            1 => RemoteConfigState::Applied,
-            2 => RemoteConfigState::Applying,
-            3 => RemoteConfigState::Failed,
-            _ => RemoteConfigState::Unset,
-        }
-    }
-
-    /// The proto's name, as the API shows it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RemoteConfigState::Unset => "UNSET",
-            RemoteConfigState::Applied => "APPLIED",
-            RemoteConfigState::Applying => "APPLYING",
-            RemoteConfigState::Failed => "FAILED",
-        }
-    }
-}
-
 /// The agent's last `RemoteConfigStatus`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteStatus {
@@ -72,7 +43,7 @@ pub struct RemoteStatus {
 }
 
 /// An effective config: file name to file (`""` is the main file).
-pub type ConfigFiles = BTreeMap<String, ConfigFile>;
+pub type EffectiveFiles = BTreeMap<String, ConfigFile>;
 
 /// Everything we know about one agent. Records are shared by snapshots
 /// (`Arc<AgentRecord>`) and replaced, never mutated in place; the bulky parts
@@ -92,7 +63,7 @@ pub struct AgentRecord {
     /// `None` until the agent sends an `AgentDescription`.
     pub description: Option<Arc<Description>>,
     pub health: Option<Arc<Health>>,
-    pub effective_config: Option<Arc<ConfigFiles>>,
+    pub effective_config: Option<Arc<EffectiveFiles>>,
     pub remote_config_status: Option<RemoteStatus>,
     /// Since when the agent has reported itself unhealthy, counted from the
     /// start of its current connection at the earliest; `None` while healthy
@@ -352,7 +323,7 @@ fn health(h: proto::ComponentHealth) -> Health {
     }
 }
 
-fn config_files(map: Option<proto::AgentConfigMap>) -> ConfigFiles {
+fn config_files(map: Option<proto::AgentConfigMap>) -> EffectiveFiles {
     map.map(|m| m.config_map)
         .unwrap_or_default()
         .into_iter()

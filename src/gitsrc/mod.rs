@@ -8,11 +8,11 @@
 //! fails validation is never published: the last good state stays in force and
 //! the reason is kept in the [`Status`] snapshot.
 
-mod driver;
 mod fswatch;
 mod locate;
 pub mod notes;
 mod repo;
+mod task;
 pub mod tree;
 pub mod webhook;
 
@@ -410,8 +410,8 @@ impl GitSource {
         };
         let auth = config.auth.clone();
         let subdir = config.subdir.clone();
-        let driver = driver::Driver::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
-        let task = tokio::spawn(driver.run(sync_rx, wake.clone(), cancel));
+        let source = task::SourceTask::new(config, repo_dir.clone(), desired_tx, status_tx, metrics.clone());
+        let task = tokio::spawn(source.run(sync_rx, wake.clone(), cancel));
         let handle = GitHandle {
             desired: desired_rx,
             status: status_rx,

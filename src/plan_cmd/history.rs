@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use super::report::{Stable, StableSource};
+use super::report::{Baseline, BaselineSource};
 use crate::desired::{self, DesiredState, Group, LoadErrors, Validated};
 use crate::gitsrc::notes::{Author, NotesStore};
 use crate::gitsrc::tree::{TreeError, TreeSource};
@@ -132,7 +132,7 @@ pub fn stable_configs(
     ancestors: &[(CommitId, Option<Note>)],
     base_given: bool,
     warnings: &mut Vec<String>,
-) -> Result<BTreeMap<GroupName, Stable>, HistoryError> {
+) -> Result<BTreeMap<GroupName, Baseline>, HistoryError> {
     let mut out = BTreeMap::new();
     let Some(previous) = previous else {
         return Ok(out);
@@ -140,16 +140,16 @@ pub fn stable_configs(
     let Some(previous_commit) = previous.commit.clone() else {
         return Ok(out);
     };
-    let stable = |g: &Group, commit: &CommitId, source| Stable {
+    let stable = |g: &Group, commit: &CommitId, source| Baseline {
         commit: commit.clone(),
         source,
         config: g.config.clone(),
         paths: g.config_paths.clone(),
     };
     let fallback_source = if base_given {
-        StableSource::Base
+        BaselineSource::Base
     } else {
-        StableSource::FirstParent
+        BaselineSource::FirstParent
     };
     let noted = if base_given {
         BTreeMap::new()
@@ -166,7 +166,7 @@ pub fn stable_configs(
             let commit = &found.commit;
             match repo.load(commit)? {
                 Some(loaded) => match found.group_in(name, &loaded) {
-                    Some(g) => chosen = stable(g, commit, StableSource::Note),
+                    Some(g) => chosen = stable(g, commit, BaselineSource::Note),
                     None => warnings.push(format!(
                         "the note on {} says {name} completed with config {}, but that commit {}; \
                          comparing {name} with {} instead",

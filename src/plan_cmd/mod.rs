@@ -16,7 +16,7 @@ use crate::cli::{PlanArgs, PlanFormat};
 use crate::desired::{Diagnostic, Validated, normalize_subdir};
 use fleet::{FleetAgent, FleetError};
 use history::{HISTORY_LIMIT, HistoryError, Repo};
-use report::{BaseInfo, Inputs, Report, StableSource};
+use report::{BaseInfo, BaselineSource, Inputs, Report};
 
 /// Why a plan could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
                 previous.as_deref(),
             );
             let base = BaseInfo {
-                kind: StableSource::Base,
+                kind: BaselineSource::Base,
                 rev: Some(rev.clone()),
                 commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };
@@ -90,7 +90,7 @@ pub fn plan(args: &PlanArgs) -> Result<Report, PlanError> {
                 previous.as_deref(),
             );
             let base = BaseInfo {
-                kind: StableSource::FirstParent,
+                kind: BaselineSource::FirstParent,
                 rev: None,
                 commit: previous.as_ref().and_then(|p| p.commit.clone()),
             };

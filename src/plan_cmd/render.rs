@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::report::{AgentRef, BaseInfo, Change, FileChange, FileStatus, GroupPlan, Report, StableSource, Wave};
+use super::report::{AgentRef, BaseInfo, BaselineSource, Change, FileChange, FileStatus, GroupPlan, Report, Wave};
 use crate::model::ConfigHash;
 
 /// At most this many agents are listed per wave (and per call-out) in text
@@ -47,7 +47,7 @@ fn key_label(key: &str) -> String {
 fn base_line(base: &BaseInfo) -> String {
     let commit = base.commit.as_ref().map_or("none", |c| c.short());
     match (base.kind, &base.rev) {
-        (StableSource::Base, Some(rev)) => format!("--base {rev} ({commit})"),
+        (BaselineSource::Base, Some(rev)) => format!("--base {rev} ({commit})"),
         _ => format!("first parent ({commit})"),
     }
 }
@@ -57,9 +57,9 @@ fn stable_line(g: &GroupPlan) -> String {
         None => "none (a new group)".to_string(),
         Some(s) => {
             let why = match s.source {
-                StableSource::Note => "its note says the rollout completed",
-                StableSource::FirstParent => "first parent",
-                StableSource::Base => "--base",
+                BaselineSource::Note => "its note says the rollout completed",
+                BaselineSource::FirstParent => "first parent",
+                BaselineSource::Base => "--base",
             };
             format!("{} ({why})", s.commit.short())
         }

@@ -18,7 +18,7 @@ use crate::reconcile::{AgentView, Matcher, rollout_members, wave_cuts};
 /// Where a group's stable config was taken from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StableSource {
+pub enum BaselineSource {
     /// The newest ancestor whose note says the group's rollout is complete.
     Note,
     /// The commit's first parent (the newest valid one).
@@ -29,9 +29,9 @@ pub enum StableSource {
 
 /// A group's stable config: what its agents run once earlier rollouts are done.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stable {
+pub struct Baseline {
     pub commit: CommitId,
-    pub source: StableSource,
+    pub source: BaselineSource,
     pub config: Arc<ConfigBundle>,
     /// Config file key to repository path, as the group's file names them.
     pub paths: BTreeMap<String, String>,
@@ -46,7 +46,7 @@ pub struct Inputs<'a> {
     /// earlier valid commit.
     pub previous: Option<&'a DesiredState>,
     /// Per group of `target` that has one.
-    pub stable: &'a BTreeMap<GroupName, Stable>,
+    pub stable: &'a BTreeMap<GroupName, Baseline>,
     pub agents: &'a [FleetAgent],
 }
 
@@ -54,7 +54,7 @@ pub struct Inputs<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BaseInfo {
     /// `first_parent`, or `base` when `--base` was given.
-    pub kind: StableSource,
+    pub kind: BaselineSource,
     /// `--base` as given.
     pub rev: Option<String>,
     /// The valid commit compared with; `None` when there is none.
@@ -88,7 +88,7 @@ pub struct FleetCounts {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StableRef {
     pub commit: CommitId,
-    pub source: StableSource,
+    pub source: BaselineSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -348,7 +348,7 @@ pub fn build(inputs: &Inputs<'_>, base: BaseInfo, warnings: Vec<String>) -> Repo
 /// One group: its change against stable, the diffs and the waves.
 fn plan_group(
     group: &Group,
-    stable: Option<&Stable>,
+    stable: Option<&Baseline>,
     previous_hash: Option<ConfigHash>,
     agents: &[&AgentView],
 ) -> GroupPlan {

@@ -65,8 +65,8 @@ fn agent(n: u8, attrs: &[(&str, &str)]) -> FleetAgent {
     }
 }
 
-fn stable(commit: &str, source: StableSource, config: &Arc<ConfigBundle>) -> Stable {
-    Stable {
+fn stable(commit: &str, source: BaselineSource, config: &Arc<ConfigBundle>) -> Baseline {
+    Baseline {
         commit: CommitId::new(commit),
         source,
         config: Arc::clone(config),
@@ -76,14 +76,14 @@ fn stable(commit: &str, source: StableSource, config: &Arc<ConfigBundle>) -> Sta
 
 fn base() -> BaseInfo {
     BaseInfo {
-        kind: StableSource::FirstParent,
+        kind: BaselineSource::FirstParent,
         rev: None,
         commit: Some(CommitId::new("p")),
     }
 }
 
-fn run(target: &DesiredState, previous: Option<&DesiredState>, stable: &[Stable], agents: &[FleetAgent]) -> Report {
-    let stable: BTreeMap<GroupName, Stable> = target
+fn run(target: &DesiredState, previous: Option<&DesiredState>, stable: &[Baseline], agents: &[FleetAgent]) -> Report {
+    let stable: BTreeMap<GroupName, Baseline> = target
         .groups
         .keys()
         .zip(stable)
@@ -102,8 +102,8 @@ fn run(target: &DesiredState, previous: Option<&DesiredState>, stable: &[Stable]
     )
 }
 
-fn none() -> Stable {
-    stable("", StableSource::FirstParent, &bundle(&[]))
+fn none() -> Baseline {
+    stable("", BaselineSource::FirstParent, &bundle(&[]))
 }
 
 fn uids(agents: &[AgentRef]) -> Vec<InstanceUid> {
@@ -120,7 +120,7 @@ fn gw_changed(agents: &[FleetAgent]) -> Report {
     run(
         &target,
         Some(&previous),
-        &[stable("p", StableSource::FirstParent, &v1)],
+        &[stable("p", BaselineSource::FirstParent, &v1)],
         agents,
     )
 }
@@ -212,11 +212,11 @@ fn change_kinds_against_stable_and_previous() {
         &target,
         Some(&previous),
         &[
-            stable("p", StableSource::FirstParent, &v1),
-            stable("p", StableSource::FirstParent, &v1),
-            stable("old", StableSource::Note, &v1),
+            stable("p", BaselineSource::FirstParent, &v1),
+            stable("p", BaselineSource::FirstParent, &v1),
+            stable("old", BaselineSource::Note, &v1),
             none(),
-            stable("old", StableSource::Note, &v1),
+            stable("old", BaselineSource::Note, &v1),
         ],
         &[agent(1, &sel)],
     );
@@ -325,8 +325,8 @@ fn callouts_several_groups_empty_groups_unsupported_unmanaged_moved() {
         offline,
         agent(5, &[("env", "old")]),
     ];
-    let s = |c: &Arc<ConfigBundle>| stable("p", StableSource::FirstParent, c);
-    // Stable per group in name order: gw, nobody, prod, shadowed.
+    let s = |c: &Arc<ConfigBundle>| stable("p", BaselineSource::FirstParent, c);
+    // Baseline per group in name order: gw, nobody, prod, shadowed.
     let r = run(&target, Some(&previous), &[s(&v1), none(), s(&v1), none()], &agents);
 
     assert_eq!(
@@ -434,7 +434,7 @@ fn renderers_show_the_key_parts() {
         vec![group("gw", &[], 0, &v1), group("core", &[("k", "v")], 1, &v1)],
     );
     let agents: Vec<FleetAgent> = (1..=50).map(|n| agent(n, &[])).collect();
-    let s = |c: &Arc<ConfigBundle>| stable("p", StableSource::FirstParent, c);
+    let s = |c: &Arc<ConfigBundle>| stable("p", BaselineSource::FirstParent, c);
     let r = run(&target, Some(&previous), &[s(&v1), s(&v1)], &agents);
 
     let md = render::markdown(&r);

@@ -8,7 +8,7 @@ use super::input::{AgentView, RemoteConfigState};
 use super::output::{AgentCounts, Event, GroupStatus, Push, PushReason};
 use super::plan::{GroupCtx, Out};
 use super::rollout::Opened;
-use super::state::{AgentRecord, GroupState, Membership, Pushed, Rollout, RolloutKind, RolloutPhase};
+use super::state::{AgentMemory, GroupState, Membership, Pushed, Rollout, RolloutKind, RolloutPhase};
 use crate::desired::{ConfigBundle, OnFailure};
 use crate::model::ConfigHash;
 
@@ -121,7 +121,7 @@ impl GroupCtx<'_> {
     fn facts(
         &self,
         a: &AgentView,
-        rec: &AgentRecord,
+        rec: &AgentMemory,
         t: &Treatment<'_>,
         rolling: Option<&Rollout>,
         pushed: bool,
@@ -184,7 +184,7 @@ impl GroupCtx<'_> {
     /// apply_timeout, then given it once more (see `should_push`). The watch
     /// runs from the push or the first sighting on an earlier connection, so
     /// reconnecting does not put it off.
-    fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentRecord, h: ConfigHash, mode: Mode) {
+    fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentMemory, h: ConfigHash, mode: Mode) {
         if mode != Mode::Keep
             && a.connected
             && matches!(
@@ -230,7 +230,7 @@ impl GroupCtx<'_> {
         });
     }
 
-    fn should_push(&self, a: &AgentView, rec: &AgentRecord, h: ConfigHash, mode: Mode) -> bool {
+    fn should_push(&self, a: &AgentView, rec: &AgentMemory, h: ConfigHash, mode: Mode) -> bool {
         if !a.connected || rec.has_failed(h) || mode == Mode::Keep {
             return false;
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::state::{RolloutState, Timestamp};
 use crate::desired::{AgentAttributes, DesiredState};
+pub use crate::model::RemoteConfigState;
 use crate::model::{ConfigHash, InstanceUid};
 
 /// Everything `plan` decides from.
@@ -37,7 +38,7 @@ pub struct AgentView {
     pub connection_epoch: u64,
     pub disconnected_at: Option<Timestamp>,
     /// The last `remote_config_status`, if the agent sent one.
-    pub remote: Option<RemoteStatus>,
+    pub remote: Option<StatusView>,
     /// `None` until the agent reports health.
     pub healthy: Option<bool>,
     pub health_error: String,
@@ -49,19 +50,11 @@ pub struct AgentView {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteStatus {
+pub struct StatusView {
     /// `last_remote_config_hash`: the hash last received, whatever its status.
     pub hash: Option<ConfigHash>,
     pub status: RemoteConfigState,
     pub error: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemoteConfigState {
-    Unset,
-    Applied,
-    Applying,
-    Failed,
 }
 
 impl AgentAttributes for AgentView {

@@ -3,7 +3,7 @@
 //! records come out sorted.
 
 use super::input::AgentView;
-use super::state::{AgentRecord, AgentRecords};
+use super::state::{AgentMemories, AgentMemory};
 use crate::model::InstanceUid;
 
 /// The fleet's indices in uid order (without sorting when it already is).
@@ -19,8 +19,8 @@ pub(super) fn uid_order(agents: &[AgentView]) -> Vec<usize> {
 pub(super) fn join_records<'a>(
     agents: &[AgentView],
     by_uid: &[usize],
-    records: &'a AgentRecords,
-) -> Vec<Option<&'a AgentRecord>> {
+    records: &'a AgentMemories,
+) -> Vec<Option<&'a AgentMemory>> {
     let entries = records.entries();
     let mut prev = vec![None; agents.len()];
     let mut j = 0;
@@ -46,10 +46,10 @@ pub(super) fn join_records<'a>(
 pub(super) fn collect_records(
     agents: &[AgentView],
     by_uid: &[usize],
-    mut next: Vec<Option<AgentRecord>>,
-    previous: &AgentRecords,
-) -> AgentRecords {
-    let mut out: Vec<(InstanceUid, AgentRecord)> = Vec::with_capacity(previous.len().max(agents.len()));
+    mut next: Vec<Option<AgentMemory>>,
+    previous: &AgentMemories,
+) -> AgentMemories {
+    let mut out: Vec<(InstanceUid, AgentMemory)> = Vec::with_capacity(previous.len().max(agents.len()));
     let mut absent = previous.entries().iter().peekable();
     for &i in by_uid {
         let uid = &agents[i].uid;
@@ -64,5 +64,5 @@ pub(super) fn collect_records(
         }
     }
     out.extend(absent.map(|(u, r)| (u.clone(), *r)));
-    AgentRecords::from_sorted(out)
+    AgentMemories::from_sorted(out)
 }

@@ -20,7 +20,7 @@ mod waves;
 #[cfg(test)]
 mod tests;
 
-pub use input::{AgentView, PlanInput, RemoteConfigState, RemoteStatus, unsupported_reason};
+pub use input::{AgentView, PlanInput, RemoteConfigState, StatusView, unsupported_reason};
 pub use output::{
     AgentCounts, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, Push, PushReason,
 };
@@ -29,7 +29,7 @@ pub use restore::{Recovered, RecoveredRollout, restore};
 pub use rollout::Change;
 pub use select::Matcher;
 pub use state::{
-    AgentRecord, AgentRecords, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
+    AgentMemories, AgentMemory, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
 };
 pub use waves::{Members, OrderKey, canary_order, order_key, rollout_members, wave_cuts};

@@ -13,7 +13,7 @@ use super::input::{AgentView, PlanInput};
 use super::join::{collect_records, join_records, uid_order};
 use super::output::{Assignment, Event, GroupStatus, Plan, Push};
 use super::select::Matcher;
-use super::state::{AgentRecord, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp};
+use super::state::{AgentMemory, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp};
 use crate::desired::Group;
 use crate::model::{AgentState, CommitId, GroupName};
 
@@ -27,7 +27,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     let mut assignments = Vec::with_capacity(agents.len());
     let by_uid = uid_order(agents);
     let prev = join_records(agents, &by_uid, &input.state.agents);
-    let mut records: Vec<Option<AgentRecord>> = vec![None; agents.len()];
+    let mut records: Vec<Option<AgentMemory>> = vec![None; agents.len()];
     for (i, a) in agents.iter().enumerate() {
         let group = matcher.find(a);
         let state = match group {
@@ -42,7 +42,7 @@ pub fn plan(input: &PlanInput) -> Plan {
             && let Some(r) = prev[i]
         {
             // Kept so "never push a FAILED hash again" survives a group change.
-            records[i] = Some(AgentRecord { member: None, ..*r }).filter(|r| !r.is_empty());
+            records[i] = Some(AgentMemory { member: None, ..*r }).filter(|r| !r.is_empty());
         }
         assignments.push(Assignment {
             uid: a.uid.clone(),
@@ -94,7 +94,7 @@ pub(super) struct Out {
     pub(super) events: Vec<Event>,
     pub(super) assignments: Vec<Assignment>,
     /// The next record of each agent, by its index in the fleet.
-    pub(super) records: Vec<Option<AgentRecord>>,
+    pub(super) records: Vec<Option<AgentMemory>>,
 }
 
 /// One group's plan: the group, its agents and the time.
@@ -105,7 +105,7 @@ pub(super) struct GroupCtx<'a> {
     /// controller manages (see [`AgentView::supported`]).
     pub(super) idx: &'a [usize],
     /// Each fleet agent's previous record, by its index in the fleet.
-    pub(super) prev: &'a [Option<&'a AgentRecord>],
+    pub(super) prev: &'a [Option<&'a AgentMemory>],
     pub(super) commit: Option<&'a CommitId>,
     pub(super) now: Timestamp,
     pub(super) reconcile_interval: Duration,

@@ -14,8 +14,8 @@ use super::input::AgentView;
 use super::rollout::Reach;
 use super::select::Matcher;
 use super::state::{
-    AgentRecord, AgentRecords, FailureRecord, GroupState, Membership, Rollout, RolloutKind, RolloutPhase, RolloutState,
-    Stable, Timestamp,
+    AgentMemories, AgentMemory, FailureRecord, GroupState, Membership, Rollout, RolloutKind, RolloutPhase,
+    RolloutState, Stable, Timestamp,
 };
 use super::waves::rollout_members;
 use crate::desired::{ConfigBundle, DesiredState};
@@ -61,7 +61,7 @@ pub fn restore(
         }
     }
     let mut state = RolloutState::default();
-    let mut records: BTreeMap<InstanceUid, AgentRecord> = BTreeMap::new();
+    let mut records: BTreeMap<InstanceUid, AgentMemory> = BTreeMap::new();
     for (name, rec) in recovered {
         let Some(group) = desired.groups.get(&name) else {
             continue;
@@ -118,7 +118,7 @@ pub fn restore(
             },
         );
     }
-    state.agents = AgentRecords::from_sorted(records.into_iter().collect());
+    state.agents = AgentMemories::from_sorted(records.into_iter().collect());
     state
 }
 

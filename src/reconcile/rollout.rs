@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::input::{AgentView, RemoteConfigState};
 use super::output::Event;
 use super::plan::{GroupCtx, Out};
-use super::state::{AgentRecord, FailureRecord, GroupState, Rollout, RolloutKind, RolloutPhase, Stable, Timestamp};
+use super::state::{AgentMemory, FailureRecord, GroupState, Rollout, RolloutKind, RolloutPhase, Stable, Timestamp};
 use super::waves::{Members, OrderKey, order_key, rollout_members, wave_cuts};
 use crate::desired::{Amount, ConfigBundle};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -313,7 +313,7 @@ impl GroupCtx<'_> {
     }
 
     /// Why an agent of an opened wave failed the target, if it did.
-    fn failure(&self, a: &AgentView, prev: Option<&AgentRecord>, th: ConfigHash, timeout: Duration) -> Option<String> {
+    fn failure(&self, a: &AgentView, prev: Option<&AgentMemory>, th: ConfigHash, timeout: Duration) -> Option<String> {
         if !a.connected {
             return None;
         }

@@ -54,7 +54,7 @@ pub struct RolloutState {
     #[serde(default)]
     pub groups: BTreeMap<GroupName, GroupState>,
     #[serde(default)]
-    pub agents: AgentRecords,
+    pub agents: AgentMemories,
     /// Rollouts started so far; the next one gets this number as its id.
     #[serde(default)]
     pub rollouts: u64,
@@ -199,9 +199,10 @@ impl Rollout {
     }
 }
 
-/// What the controller did to one agent.
+/// What the controller remembers of one agent: what it pushed, what the
+/// agent failed, and its place in its group's rollout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecord {
+pub struct AgentMemory {
     /// The last push.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushed: Option<Pushed>,
@@ -216,7 +217,7 @@ pub struct AgentRecord {
     pub member: Option<Membership>,
 }
 
-impl AgentRecord {
+impl AgentMemory {
     pub fn is_empty(&self) -> bool {
         self.pushed.is_none() && self.failed.is_none() && self.failed_before.is_none() && self.member.is_none()
     }
@@ -359,16 +360,16 @@ impl RolloutState {
 /// with a uid-sorted fleet in one sequential pass instead of tens of
 /// thousands of hash lookups. Serialized as a map from uid to record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AgentRecords(Vec<(InstanceUid, AgentRecord)>);
+pub struct AgentMemories(Vec<(InstanceUid, AgentMemory)>);
 
-impl AgentRecords {
+impl AgentMemories {
     /// `entries` must be sorted by uid without repeats.
-    pub(super) fn from_sorted(entries: Vec<(InstanceUid, AgentRecord)>) -> Self {
+    pub(super) fn from_sorted(entries: Vec<(InstanceUid, AgentMemory)>) -> Self {
         debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
-        AgentRecords(entries)
+        AgentMemories(entries)
     }
 
-    pub fn get(&self, uid: &InstanceUid) -> Option<&AgentRecord> {
+    pub fn get(&self, uid: &InstanceUid) -> Option<&AgentMemory> {
         self.0.binary_search_by(|(u, _)| u.cmp(uid)).ok().map(|i| &self.0[i].1)
     }
 
@@ -381,21 +382,21 @@ impl AgentRecords {
     }
 
     /// The records in uid order.
-    pub fn entries(&self) -> &[(InstanceUid, AgentRecord)] {
+    pub fn entries(&self) -> &[(InstanceUid, AgentMemory)] {
         &self.0
     }
 }
 
-impl Serialize for AgentRecords {
+impl Serialize for AgentMemories {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(u, r)| (u, r)))
     }
 }
 
-impl<'de> Deserialize<'de> for AgentRecords {
+impl<'de> Deserialize<'de> for AgentMemories {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<InstanceUid, AgentRecord>::deserialize(d)?;
-        Ok(AgentRecords(map.into_iter().collect()))
+        let map = BTreeMap::<InstanceUid, AgentMemory>::deserialize(d)?;
+        Ok(AgentMemories(map.into_iter().collect()))
     }
 }
 
@@ -497,7 +498,7 @@ mod failed_tests {
     #[test]
     fn an_agent_remembers_its_last_two_failed_hashes() {
         let (a, b, c) = (ConfigHash([1; 32]), ConfigHash([2; 32]), ConfigHash([3; 32]));
-        let mut r = AgentRecord::default();
+        let mut r = AgentMemory::default();
         r.note_failed(a);
         r.note_failed(b);
         assert!(

@@ -87,7 +87,7 @@ impl AgentFx for AgentView {
         self
     }
     fn reports(mut self, b: &Arc<ConfigBundle>) -> Self {
-        self.remote = Some(RemoteStatus {
+        self.remote = Some(StatusView {
             hash: Some(b.hash()),
             status: RemoteConfigState::Unset,
             error: String::new(),
@@ -146,7 +146,7 @@ trait StatusFx {
 
 impl StatusFx for AgentView {
     fn status(mut self, s: RemoteConfigState, error: &str) -> Self {
-        let r = self.remote.get_or_insert(RemoteStatus {
+        let r = self.remote.get_or_insert(StatusView {
             hash: None,
             status: RemoteConfigState::Unset,
             error: String::new(),

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Input;
-use super::driver::{Backoff, Driver, Shared, seed};
+use super::runner::{Backoff, Runner, Shared, seed};
 use crate::opamp::codec;
 use crate::proto::{AgentToServer, ServerToAgent};
 
@@ -60,13 +60,13 @@ enum PostError {
 /// Like opamp-go's HTTP client: a request that fails is sent again, the same
 /// message, after a backoff; what changes meanwhile follows in the next
 /// request once the server answers. The polling timer is the heartbeat.
-pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: CancellationToken) {
-    let shared = Arc::clone(&driver.shared);
-    driver.start();
-    let mut backoff = Backoff::new(seed(&driver.agent.uid(), driver.agent.index()));
+pub(crate) async fn run(mut runner: Runner, client: HttpClient, cancel: CancellationToken) {
+    let shared = Arc::clone(&runner.shared);
+    runner.start();
+    let mut backoff = Backoff::new(seed(&runner.agent.uid(), runner.agent.index()));
     let mut online = false;
     let mut failing = false;
-    let mut outbox = driver.feed(Input::Connected);
+    let mut outbox = runner.feed(Input::Connected);
     loop {
         if let Some(msg) = outbox.take() {
             let result = tokio::select! {
@@ -86,28 +86,28 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
                         // it and what changed during the failures leave in
                         // one message.
                         failing = false;
-                        let _ = driver.received(reply);
-                        outbox = driver.feed(Input::Online);
+                        let _ = runner.received(reply);
+                        outbox = runner.feed(Input::Online);
                     } else {
-                        outbox = driver.received(reply);
+                        outbox = runner.received(reply);
                     }
                 }
                 Err(error) => {
                     shared.counters.connect_error();
-                    tracing::debug!(agent = driver.agent.index(), %error, "OpAMP request failed");
+                    tracing::debug!(agent = runner.agent.index(), %error, "OpAMP request failed");
                     if online {
                         online = false;
                         shared.counters.disconnected();
                     }
                     if !failing {
                         failing = true;
-                        let _ = driver.feed(Input::Disconnected);
+                        let _ = runner.feed(Input::Disconnected);
                     }
                     let delay = match error {
                         PostError::Busy(Some(d)) => d.min(MAX_RETRY_AFTER),
                         _ => backoff.next_delay(),
                     };
-                    if !driver.wait_offline(delay, &cancel).await {
+                    if !runner.wait_offline(delay, &cancel).await {
                         break;
                     }
                     outbox = Some(msg);
@@ -115,10 +115,10 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
             }
             continue;
         }
-        let timer = driver.timers.next();
+        let timer = runner.timers.next();
         let step = tokio::select! {
             _ = cancel.cancelled() => break,
-            input = timer => driver.step(input),
+            input = timer => runner.step(input),
         };
         match step.reconnect {
             Some(gap) => {
@@ -130,17 +130,17 @@ pub(crate) async fn run(mut driver: Driver, client: HttpClient, cancel: Cancella
                     online = false;
                     shared.counters.disconnected();
                 }
-                if !driver.wait_offline(gap, &cancel).await {
+                if !runner.wait_offline(gap, &cancel).await {
                     break;
                 }
                 failing = false;
-                outbox = driver.feed(Input::Connected);
+                outbox = runner.feed(Input::Connected);
             }
             None => outbox = step.send,
         }
     }
     if online {
-        if let Some(msg) = driver.feed(Input::Shutdown) {
+        if let Some(msg) = runner.feed(Input::Shutdown) {
             deliver_goodbye(&shared, &client, &msg).await;
         }
         shared.counters.disconnected();

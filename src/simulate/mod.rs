@@ -25,8 +25,8 @@
 //! TLS (`wss://`, `https://`) is not supported.
 
 pub mod agent;
-mod driver;
 mod http;
+mod runner;
 pub mod stats;
 mod ws;
 
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::agent::{Agent, CAPABILITIES, Profile};
-use self::driver::{ConfigCache, Driver, Shared, now_unix_nano};
+use self::runner::{ConfigCache, Runner, Shared, now_unix_nano};
 pub use self::stats::{Snapshot, Summary};
 use crate::cli::SimulateArgs;
 pub use crate::cli::{SimProfile, TransportKind};
@@ -442,11 +442,11 @@ pub fn start(config: Config, cancel: CancellationToken) -> Result<Simulation, Si
         if picked(index, config.no_config_status_fraction, 2) {
             agent = agent.without_remote_config_status();
         }
-        let driver = Driver::new(agent, Arc::clone(&shared));
+        let runner = Runner::new(agent, Arc::clone(&shared));
         let cancel = cancel.clone();
         match &client {
-            Some(client) => tracker.spawn(http::run(driver, client.clone(), cancel)),
-            None => tracker.spawn(ws::run(driver, cancel)),
+            Some(client) => tracker.spawn(http::run(runner, client.clone(), cancel)),
+            None => tracker.spawn(ws::run(runner, cancel)),
         };
     }
     tracker.close();

@@ -13,7 +13,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Input;
-use super::driver::{Backoff, Driver, Shared, seed};
+use super::runner::{Backoff, Runner, Shared, seed};
 use crate::opamp::codec;
 use crate::proto::{AgentToServer, ServerToAgent};
 
@@ -41,10 +41,10 @@ enum End {
 }
 
 /// Runs one agent until `cancel`.
-pub(crate) async fn run(mut driver: Driver, cancel: CancellationToken) {
-    let shared = Arc::clone(&driver.shared);
-    driver.start();
-    let mut backoff = Backoff::new(seed(&driver.agent.uid(), driver.agent.index()));
+pub(crate) async fn run(mut runner: Runner, cancel: CancellationToken) {
+    let shared = Arc::clone(&runner.shared);
+    runner.start();
+    let mut backoff = Backoff::new(seed(&runner.agent.uid(), runner.agent.index()));
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -54,13 +54,13 @@ pub(crate) async fn run(mut driver: Driver, cancel: CancellationToken) {
             Ok(ws) => {
                 backoff.reset();
                 shared.counters.connected();
-                let end = session(&mut driver, ws, &cancel).await;
+                let end = session(&mut runner, ws, &cancel).await;
                 shared.counters.disconnected();
-                let _ = driver.feed(Input::Disconnected);
+                let _ = runner.feed(Input::Disconnected);
                 match end {
                     End::Stopped => return,
                     End::Restart(gap) => {
-                        if !driver.wait_offline(gap, &cancel).await {
+                        if !runner.wait_offline(gap, &cancel).await {
                             return;
                         }
                         continue;
@@ -70,10 +70,10 @@ pub(crate) async fn run(mut driver: Driver, cancel: CancellationToken) {
             }
             Err(error) => {
                 shared.counters.connect_error();
-                tracing::debug!(agent = driver.agent.index(), %error, "WebSocket connect failed");
+                tracing::debug!(agent = runner.agent.index(), %error, "WebSocket connect failed");
             }
         }
-        if !driver.wait_offline(backoff.next_delay(), &cancel).await {
+        if !runner.wait_offline(backoff.next_delay(), &cancel).await {
             return;
         }
     }
@@ -99,26 +99,26 @@ async fn connect(shared: &Shared) -> Result<Ws, ConnectError> {
     }
 }
 
-async fn session(driver: &mut Driver, mut ws: Ws, cancel: &CancellationToken) -> End {
-    if let Some(msg) = driver.feed(Input::Connected)
-        && send(driver, &mut ws, &msg).await.is_err()
+async fn session(runner: &mut Runner, mut ws: Ws, cancel: &CancellationToken) -> End {
+    if let Some(msg) = runner.feed(Input::Connected)
+        && send(runner, &mut ws, &msg).await.is_err()
     {
         return End::Lost;
     }
     loop {
-        let timer = driver.timers.next();
+        let timer = runner.timers.next();
         let reply = tokio::select! {
             _ = cancel.cancelled() => {
-                goodbye(driver, ws).await;
+                goodbye(runner, ws).await;
                 return End::Stopped;
             }
             frame = ws.next() => match frame {
                 Some(Ok(Message::Binary(bytes))) => {
-                    match codec::decode_ws::<ServerToAgent>(&bytes, driver.shared.max_message_bytes) {
-                        Ok(msg) => driver.received(msg),
+                    match codec::decode_ws::<ServerToAgent>(&bytes, runner.shared.max_message_bytes) {
+                        Ok(msg) => runner.received(msg),
                         Err(error) => {
-                            driver.shared.counters.error();
-                            tracing::warn!(agent = driver.agent.index(), %error, "undecodable message from the server");
+                            runner.shared.counters.error();
+                            tracing::warn!(agent = runner.agent.index(), %error, "undecodable message from the server");
                             None
                         }
                     }
@@ -128,11 +128,11 @@ async fn session(driver: &mut Driver, mut ws: Ws, cancel: &CancellationToken) ->
                 Some(Ok(_)) => None,
             },
             input = timer => {
-                let step = driver.step(input);
+                let step = runner.step(input);
                 if let Some(gap) = step.reconnect {
                     // The process restarts: its goodbye, then the connection closes.
                     if let Some(msg) = step.send {
-                        let _ = send(driver, &mut ws, &msg).await;
+                        let _ = send(runner, &mut ws, &msg).await;
                     }
                     close(ws).await;
                     return End::Restart(gap);
@@ -141,23 +141,23 @@ async fn session(driver: &mut Driver, mut ws: Ws, cancel: &CancellationToken) ->
             }
         };
         if let Some(msg) = reply
-            && send(driver, &mut ws, &msg).await.is_err()
+            && send(runner, &mut ws, &msg).await.is_err()
         {
             return End::Lost;
         }
     }
 }
 
-async fn send(driver: &Driver, ws: &mut Ws, msg: &AgentToServer) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+async fn send(runner: &Runner, ws: &mut Ws, msg: &AgentToServer) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     ws.send(Message::Binary(codec::encode_ws(msg).into())).await?;
-    driver.shared.counters.sent();
+    runner.shared.counters.sent();
     Ok(())
 }
 
 /// `agent_disconnect`, then a Close frame, then wait briefly for the server's Close.
-async fn goodbye(driver: &mut Driver, mut ws: Ws) {
-    if let Some(msg) = driver.feed(Input::Shutdown) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, send(driver, &mut ws, &msg)).await;
+async fn goodbye(runner: &mut Runner, mut ws: Ws) {
+    if let Some(msg) = runner.feed(Input::Shutdown) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, send(runner, &mut ws, &msg)).await;
     }
     close(ws).await;
 }

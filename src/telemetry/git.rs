@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::{InternalEvent, Registry};
 use crate::model::CommitId;
 
-const TARGET: &str = "opamp_gitops::gitsrc::driver";
+const TARGET: &str = "opamp_gitops::gitsrc::task";
 
 /// The git source's counters.
 #[derive(Debug, Clone, Default)]

@@ -107,7 +107,7 @@ fn desired(s: &Scenario, commit: usize, a: usize, b: usize) -> DesiredState {
 
 /// Whether `uid` is in an opened wave of the group's rollout (members by
 /// rank, late joiners by their place in the canary order).
-fn in_opened_wave(group: &GroupName, r: &Rollout, rec: Option<&AgentRecord>, uid: &InstanceUid) -> bool {
+fn in_opened_wave(group: &GroupName, r: &Rollout, rec: Option<&AgentMemory>, uid: &InstanceUid) -> bool {
     let cut = r.opened_cut();
     match rec.and_then(|rec| rec.rank_in(r.id)) {
         Some(rank) => rank < cut,

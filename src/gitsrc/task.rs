@@ -66,7 +66,7 @@ enum Outcome {
     Invalid(Arc<[String]>),
 }
 
-pub(super) struct Driver {
+pub(super) struct SourceTask {
     config: GitConfig,
     repo_dir: PathBuf,
     desired: watch::Sender<Option<Arc<Loaded>>>,
@@ -76,15 +76,15 @@ pub(super) struct Driver {
     failures: u32,
 }
 
-impl Driver {
+impl SourceTask {
     pub(super) fn new(
         config: GitConfig,
         repo_dir: PathBuf,
         desired: watch::Sender<Option<Arc<Loaded>>>,
         status: watch::Sender<Status>,
         metrics: GitMetrics,
-    ) -> Driver {
-        Driver {
+    ) -> SourceTask {
+        SourceTask {
             config,
             repo_dir,
             desired,
@@ -329,7 +329,7 @@ impl Driver {
 mod tests {
     use super::*;
 
-    fn driver(poll: Duration) -> Driver {
+    fn task(poll: Duration) -> SourceTask {
         let config = GitConfig {
             repo: RepoLocation::Local("/nonexistent".into()),
             branch: None,
@@ -341,12 +341,12 @@ mod tests {
         };
         let (d, _) = watch::channel(None);
         let (s, _) = watch::channel(Status::default());
-        Driver::new(config, "/nonexistent".into(), d, s, Default::default())
+        SourceTask::new(config, "/nonexistent".into(), d, s, Default::default())
     }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let mut d = driver(Duration::from_secs(30));
+        let mut d = task(Duration::from_secs(30));
         assert_eq!(d.next_delay(), Duration::from_secs(30));
         let delays: Vec<u64> = (1..=7)
             .map(|n| {
@@ -355,9 +355,9 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
-        let mut long = driver(Duration::from_secs(3600));
+        let mut long = task(Duration::from_secs(3600));
         long.failures = 40;
         assert_eq!(long.next_delay(), MAX_BACKOFF);
-        assert_eq!(driver(Duration::ZERO).next_delay(), MIN_POLL);
+        assert_eq!(task(Duration::ZERO).next_delay(), MIN_POLL);
     }
 }

@@ -29,7 +29,7 @@ pub(crate) struct Shared {
 }
 
 /// One agent, its timers, and the counters it moves.
-pub(crate) struct Driver {
+pub(crate) struct Runner {
     pub(crate) agent: Agent,
     pub(crate) timers: Timers,
     pub(crate) shared: Arc<Shared>,
@@ -44,9 +44,9 @@ pub(crate) struct Step {
     pub(crate) reconnect: Option<Duration>,
 }
 
-impl Driver {
+impl Runner {
     pub(crate) fn new(agent: Agent, shared: Arc<Shared>) -> Self {
-        Driver {
+        Runner {
             agent,
             timers: Timers::default(),
             shared,
