@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use opamp_gitops::desired::{self, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
 use opamp_gitops::reconcile::{
-    AgentView, Plan, PlanInput, RemoteConfigState, StatusView, RolloutState, Timestamp, plan,
+    AgentView, Plan, PlanInput, RemoteConfigState, RolloutState, StatusView, Timestamp, plan,
 };
 
 fn main() -> Result<(), String> {

@@ -49,23 +49,35 @@ async fn still_serves(controller: &Controller, opamp: SocketAddr) {
     agent.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
+/// A ready controller (a child process) with `args`, on a repository of
+/// one group; its state directory lives as long as the controller.
+struct Started {
+    controller: Controller,
+    opamp: SocketAddr,
+    api: SocketAddr,
+    _dirs: (GitRepo, tempfile::TempDir),
+}
+
+async fn started(args: &[&str]) -> Started {
     let repo = GitRepo::new();
     repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
     let state = tempfile::tempdir().unwrap();
     let (opamp, api) = (free_addr(), free_addr());
-
-    // The process-wide cap (the open-file limit less a reserve), one source.
-    let controller = Controller::start(
-        repo.path(),
-        state.path(),
-        (opamp, api),
-        "edge",
-        &["--max-connections-per-source", "0", "--first-request-timeout", "1h"],
-    )
-    .await;
+    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", args).await;
     controller.wait_ready().await;
+    Started {
+        controller,
+        opamp,
+        api,
+        _dirs: (repo, state),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
+    // The process-wide cap (the open-file limit less a reserve), one source.
+    let Started { controller, opamp, .. } =
+        started(&["--max-connections-per-source", "0", "--first-request-timeout", "1h"]).await;
     let sockets = flood(opamp, 20_000).await;
     assert!(sockets.len() > 15_000, "only {} sockets opened", sockets.len());
     still_serves(&controller, opamp).await;
@@ -78,10 +90,7 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
     controller.kill().await;
 
     // The default per-source cap: one address cannot hold more than a quarter.
-    let state = tempfile::tempdir().unwrap();
-    let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]).await;
-    controller.wait_ready().await;
+    let Started { controller, opamp, .. } = started(&[]).await;
     let sockets = flood(opamp, 10_000).await;
     still_serves(&controller, opamp).await;
     assert!(open_fds(controller.pid()) < 6_000, "{} fds", open_fds(controller.pid()));
@@ -90,19 +99,9 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
 
 #[tokio::test]
 async fn a_socket_that_never_sends_a_request_is_closed() {
-    let repo = GitRepo::new();
-    repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
-    let state = tempfile::tempdir().unwrap();
-    let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(
-        repo.path(),
-        state.path(),
-        (opamp, api),
-        "edge",
-        &["--first-request-timeout", "1s"],
-    )
-    .await;
-    controller.wait_ready().await;
+    let Started {
+        controller, opamp, api, ..
+    } = started(&["--first-request-timeout", "1s"]).await;
     let ends = tokio::task::spawn_blocking(move || {
         let mut sockets: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(opamp).unwrap()).collect();
         sockets.push(TcpStream::connect(api).unwrap());
@@ -152,12 +151,7 @@ fn amplification_body() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_decode_into_gigabytes_are_refused_within_a_memory_bound() {
-    let repo = GitRepo::new();
-    repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
-    let state = tempfile::tempdir().unwrap();
-    let (opamp, api) = (free_addr(), free_addr());
-    let controller = Controller::start(repo.path(), state.path(), (opamp, api), "edge", &[]).await;
-    controller.wait_ready().await;
+    let Started { controller, opamp, .. } = started(&[]).await;
     let body = amplification_body();
     assert!(body.len() < 64 << 10, "{} bytes", body.len());
     let before = peak_rss_kib(controller.pid());
