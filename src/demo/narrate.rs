@@ -178,8 +178,8 @@ impl Narrator {
 
     pub fn still_halted(&self, after: Duration, waves: u32, others: usize, bad: &ConfigHash) {
         self.say(&format!(
-            "{} later still halted at wave 1/{waves}; the other {others} app agents never received {}",
-            humantime::format_duration(after),
+            "{:.1}s later still halted at wave 1/{waves}; the other {others} app agents never received {}",
+            after.as_secs_f64(),
             short(bad)
         ));
     }

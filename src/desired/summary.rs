@@ -32,7 +32,10 @@ fn group_lines(out: &mut String, g: &Group) {
         .config
         .files()
         .iter()
-        .map(|(key, f)| format!("{key:?} ({}, {} bytes)", f.content_type, f.body.len()))
+        .map(|(key, f)| {
+            let main = if key.is_empty() { "the main file, " } else { "" };
+            format!("{key:?} ({main}{}, {} bytes)", f.content_type, f.body.len())
+        })
         .collect();
     let _ = writeln!(out, "  files        {}", files.join(", "));
     let _ = writeln!(out, "  selector     {}", selector(&g.selector));

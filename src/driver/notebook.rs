@@ -22,12 +22,20 @@ pub struct NoteBook {
     next_seq: u64,
 }
 
-/// A note is rewritten when one of these changes: phase, wave, or the
-/// number of operator actions.
-type Moves = (Phase, u32, usize);
+/// A note is rewritten when one of these changes: phase, wave, the number
+/// of operator actions or of failed agents, or whether the group has settled
+/// (no agent still applying), so a halted rollout's note ends with the
+/// counts its rollback reached.
+type Moves = (Phase, u32, usize, u32, bool);
 
 fn moves(g: &NoteGroup) -> Moves {
-    (g.phase, g.wave, g.actions.len())
+    (
+        g.phase,
+        g.wave,
+        g.actions.len(),
+        g.agents.failed,
+        g.agents.applying == 0,
+    )
 }
 
 struct Entry {

@@ -46,6 +46,24 @@ async fn the_tour_runs_every_step_in_order_and_cleans_up() {
     let out = run_demo(&["--agents", "12", "--bake", "300ms"]).await;
     assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
     assert_eq!(out.stderr, "", "no logs unless RUST_LOG is set");
+    // The live table after the halt and the notes table agree on the halted
+    // rollout's counts (applied, failed).
+    let row = |pred: &dyn Fn(&[&str]) -> bool| -> Vec<String> {
+        let line = out
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| pred(w));
+        line.unwrap_or_else(|| panic!("no such row in\n{}", out.stdout))
+            .iter()
+            .map(|w| w.to_string())
+            .collect()
+    };
+    // GROUP CONFIG APPLIED FAILED PHASE ...
+    let live = row(&|w| w.len() > 4 && w[0] == "app-agents" && w[4] == "halted");
+    // COMMIT WHEN GROUP PHASE WAVE APPLIED FAILED ...
+    let noted = row(&|w| w.len() > 6 && w[2] == "app-agents" && w[3] == "halted");
+    assert_eq!((&live[2], &live[3]), (&noted[5], &noted[6]), "{live:?}\n{noted:?}");
     assert_in_order(
         &out.stdout,
         &[
