@@ -78,6 +78,10 @@ pub(super) fn finish_group(
     for r in &d.config {
         let body = match files.bodies.get(&r.path) {
             Some(b) => b.clone(),
+            None if cx.refuse_link(source, &r.path) => {
+                complete = false;
+                continue;
+            }
             None => {
                 let b = source.read(&r.path)?.map(Bytes::from);
                 files.bodies.insert(r.path.clone(), b.clone());

@@ -71,6 +71,12 @@ fn error(path: &str, e: &io::Error) -> SourceError {
 }
 
 impl FileSource for DiskSource {
+    fn link(&self, path: &str) -> Option<String> {
+        let full = self.root.join(path);
+        full.is_symlink()
+            .then(|| std::fs::read_link(&full).map_or_else(|e| e.to_string(), |t| t.display().to_string()))
+    }
+
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
         let Some(real) = self.resolve(path)? else {
             return Ok(None);
@@ -97,9 +103,8 @@ impl FileSource for DiskSource {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| error(dir, &e))?;
-            // Follows symbolic links, so a link to a file lists as a file;
-            // `read` still refuses one that points outside the root.
-            if entry.path().is_file() {
+            // A link is listed (and refused when read, see `link`).
+            if entry.path().is_file() || entry.path().is_symlink() {
                 names.push(entry.file_name().to_string_lossy().into_owned());
             }
         }

@@ -34,9 +34,15 @@ pub use merged::{MergedConfig, Refusal};
 pub trait FileSource {
     /// The file's bytes, or `None` when there is no such file.
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError>;
-    /// The names of the regular files directly in `dir` (not recursive),
-    /// sorted; empty when the directory does not exist.
+    /// The names of the regular files and symbolic links directly in `dir`
+    /// (not recursive), sorted; empty when the directory does not exist.
     fn list(&self, dir: &str) -> Result<Vec<String>, SourceError>;
+    /// Where `path` points when it is a symbolic link. Links are never
+    /// followed: git commits the link, not the file, so a link that works on
+    /// disk would be a missing file at the commit.
+    fn link(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A failure to read the source itself (not a problem with its content).

@@ -39,10 +39,28 @@ impl Cx {
     /// Reads and parses a YAML file; `None` when it does not exist or is not
     /// valid YAML (the latter reported).
     pub(super) fn read_yaml(&mut self, source: &dyn FileSource, path: &str) -> Result<Option<Node>, SourceError> {
+        if self.refuse_link(source, path) {
+            return Ok(None);
+        }
         Ok(match source.read(path)? {
             Some(bytes) => self.parse(path, &bytes),
             None => None,
         })
+    }
+
+    /// Reports `path` when it is a symbolic link; true then.
+    pub(super) fn refuse_link(&mut self, source: &dyn FileSource, path: &str) -> bool {
+        let Some(target) = source.link(path) else {
+            return false;
+        };
+        self.error_in(
+            path,
+            format!(
+                "a symbolic link (to {target}): git commits the link, not the file, and the controller \
+                 reads no links; put the file itself here"
+            ),
+        );
+        true
     }
 
     pub(super) fn parse(&mut self, path: &str, bytes: &[u8]) -> Option<Node> {

@@ -31,6 +31,7 @@ pub enum TreeError {
 /// config files).
 const BLOB: i32 = 0o100644;
 const EXECUTABLE: i32 = 0o100755;
+const LINK: i32 = 0o120000;
 
 /// Reads files from one commit's tree, optionally under a subdirectory.
 pub struct TreeSource {
@@ -132,6 +133,16 @@ impl TreeSource {
 }
 
 impl FileSource for TreeSource {
+    fn link(&self, path: &str) -> Option<String> {
+        let root = self.root(path).ok()?;
+        let entry = root.get_path(Path::new(&format!("{}{path}", self.prefix))).ok()?;
+        if entry.filemode() != LINK {
+            return None;
+        }
+        let target = self.repo.find_blob(entry.id()).ok()?;
+        Some(String::from_utf8_lossy(target.content()).into_owned())
+    }
+
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
         let root = self.root(path)?;
         let full = format!("{}{path}", self.prefix);
@@ -164,7 +175,7 @@ impl FileSource for TreeSource {
         };
         let mut names: Vec<String> = tree
             .iter()
-            .filter(|e| matches!(e.filemode(), BLOB | EXECUTABLE))
+            .filter(|e| matches!(e.filemode(), BLOB | EXECUTABLE | LINK))
             .map(|e| String::from_utf8_lossy(e.name_bytes()).into_owned())
             .collect();
         names.sort();

@@ -625,3 +625,29 @@ fn validation_time_grows_linearly_with_the_config() {
         "5 MB took {small:?}, 50 MB {large:?}: {ratio:.1} times as long"
     );
 }
+
+/// A symbolic link is refused with its place and what to do, on disk and at
+/// a commit alike: git commits the link, so following it on disk would pass
+/// a repository the controller then finds a file missing from.
+#[test]
+fn symbolic_links_are_refused_the_same_on_disk_and_at_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_dir(&example_repo(), root);
+    std::fs::rename(
+        root.join("configs/gateway.yaml"),
+        root.join("configs/gateway-real.yaml"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("gateway-real.yaml", root.join("configs/gateway.yaml")).unwrap();
+    let expected = "configs/gateway.yaml:1:1: a symbolic link (to gateway-real.yaml): git commits the link, \
+                    not the file, and the controller reads no links; put the file itself here\n";
+    let on_disk = validate(&["."], root);
+    assert_eq!(on_disk.status.code(), Some(1), "{}", stderr(&on_disk));
+    assert_eq!(stdout(&on_disk), expected);
+    let repo = Repository::init(root).unwrap();
+    commit_all(&repo, "with a link");
+    let at_commit = validate(&[".", "--rev", "HEAD"], root);
+    assert_eq!(at_commit.status.code(), Some(1), "{}", stderr(&at_commit));
+    assert_eq!(stdout(&at_commit), expected);
+}
