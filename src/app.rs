@@ -179,16 +179,16 @@ struct Ended {
 /// Watches `task`: when it ends, says so on `ended`. Returns a handle that
 /// completes when the task has ended (to await it during shutdown) and one
 /// that aborts the task itself.
-fn supervise(
+fn supervise<T: TaskEnd + Send + 'static>(
     name: &'static str,
-    task: JoinHandle<()>,
+    task: JoinHandle<T>,
     ended: &tokio::sync::mpsc::UnboundedSender<Ended>,
 ) -> (JoinHandle<()>, tokio::task::AbortHandle) {
     let abort = task.abort_handle();
     let ended = ended.clone();
     let watcher = tokio::spawn(async move {
         let how = match task.await {
-            Ok(()) => "it returned".to_string(),
+            Ok(end) => end.how(),
             Err(e) if e.is_panic() => {
                 let payload = e.into_panic();
                 let text = payload
@@ -204,6 +204,26 @@ fn supervise(
         let _ = ended.send(Ended { task: name, how });
     });
     (watcher, abort)
+}
+
+/// What a task's end says about how it ended.
+trait TaskEnd {
+    fn how(self) -> String;
+}
+
+impl TaskEnd for () {
+    fn how(self) -> String {
+        "it returned".to_string()
+    }
+}
+
+impl<E: std::fmt::Display> TaskEnd for Result<(), E> {
+    fn how(self) -> String {
+        match self {
+            Ok(()) => "it returned".to_string(),
+            Err(e) => format!("it failed: {e}"),
+        }
+    }
 }
 
 /// A started controller.
@@ -659,7 +679,7 @@ mod tests {
     #[tokio::test]
     async fn a_supervised_task_reports_how_it_ended() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (done, _) = supervise("boom", tokio::spawn(async { panic!("the loop broke") }), &tx);
+        let (done, _) = supervise("boom", tokio::spawn(async { panic!("the loop broke") as () }), &tx);
         done.await.unwrap();
         let e = rx.recv().await.unwrap();
         assert_eq!((e.task, e.how.as_str()), ("boom", "it panicked: the loop broke"));
@@ -668,9 +688,13 @@ mod tests {
         done.await.unwrap();
         assert_eq!(rx.recv().await.unwrap().how, "it returned");
 
-        let (done, abort) = supervise("stuck", tokio::spawn(std::future::pending()), &tx);
+        let (done, abort) = supervise("stuck", tokio::spawn(std::future::pending::<()>()), &tx);
         abort.abort();
         done.await.unwrap();
         assert_eq!(rx.recv().await.unwrap().how, "it was aborted");
+
+        let (done, _) = supervise("failing", tokio::spawn(async { Err::<(), _>("no such branch") }), &tx);
+        done.await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().how, "it failed: no such branch");
     }
 }

@@ -386,7 +386,12 @@ impl GitSource {
     /// Spawns the task that fetches and loads commits; it stops on `cancel`.
     /// Fails only on configuration problems (an unreadable webhook secret);
     /// an unreachable repository is retried, with the reason in the status.
-    pub fn spawn(config: GitConfig, cancel: CancellationToken) -> Result<(GitHandle, JoinHandle<()>), GitError> {
+    /// The task ends early, with the error, only on one no retry can heal (a
+    /// remote without the branch asked for).
+    pub fn spawn(
+        config: GitConfig,
+        cancel: CancellationToken,
+    ) -> Result<(GitHandle, JoinHandle<Result<(), GitError>>), GitError> {
         let webhook_secret = match &config.webhook_secret_file {
             Some(path) => Some(Arc::from(read_secret(path)?.into_bytes())),
             None => None,

@@ -74,6 +74,8 @@ pub(super) struct SourceTask {
     metrics: GitMetrics,
     outcomes: VecDeque<(CommitId, Outcome)>,
     failures: u32,
+    /// An error no retry can heal: the task ends with it.
+    fatal: Option<GitError>,
 }
 
 impl SourceTask {
@@ -92,6 +94,7 @@ impl SourceTask {
             metrics,
             outcomes: VecDeque::new(),
             failures: 0,
+            fatal: None,
         }
     }
 
@@ -106,7 +109,12 @@ impl SourceTask {
         FIRST_BACKOFF.saturating_mul(1 << shift).min(cap)
     }
 
-    pub(super) async fn run(mut self, syncs: mpsc::Receiver<SyncReply>, wake: Arc<Notify>, cancel: CancellationToken) {
+    pub(super) async fn run(
+        mut self,
+        syncs: mpsc::Receiver<SyncReply>,
+        wake: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> Result<(), GitError> {
         let (fs_tx, fs) = mpsc::channel(1);
         let mut watcher = None;
         let mut triggers = Triggers {
@@ -135,6 +143,10 @@ impl SourceTask {
             for reply in triggers.pending.drain(..) {
                 let _ = reply.send(result.clone());
             }
+            if let Some(e) = self.fatal.take() {
+                tracing::error!(error = %e, "the git source cannot go on");
+                return Err(e);
+            }
             if result.is_err() {
                 // The watched directory may have been replaced; watch anew next time.
                 watcher = None;
@@ -150,6 +162,7 @@ impl SourceTask {
         }
         drop(watcher);
         info!("git source stopped");
+        Ok(())
     }
 
     /// One fetch, and the load of a new tip. Errors only when git could not be
@@ -172,6 +185,11 @@ impl SourceTask {
                     s.last_fetch = Some(now);
                     s.last_fetch_error = Some(reason.clone());
                 });
+                // The repository answered without the branch before any
+                // fetch succeeded: a wrong --branch, which no retry heals.
+                if matches!(e, GitError::BranchNotFound { .. }) && self.status.borrow().last_success.is_none() {
+                    self.fatal = Some(e);
+                }
                 return Err(SyncError::Fetch(reason));
             }
         };

@@ -91,3 +91,21 @@ fn a_listen_address_that_is_not_one_is_refused() {
         .unwrap();
     assert_refused(&out, "invalid value 'localhost' for '--opamp-listen <OPAMP_LISTEN>'");
 }
+
+#[test]
+fn a_remote_without_the_branch_stops_serve_at_its_first_answer() {
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo.path().display());
+    let out = serve_ends(
+        &["--repo", &url, "--branch", "nope", "--state-dir", state.path().to_str().unwrap()],
+        state.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the git task stopped unexpectedly (it failed: branch nope not found in file://"),
+        "{}",
+        stderr(&out)
+    );
+}
