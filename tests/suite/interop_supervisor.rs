@@ -79,11 +79,24 @@ struct Pair {
     opamp: SocketAddr,
     otlp_port: u16,
     health_port: u16,
+    /// The attributes the shipped configs take from the environment.
+    role: &'static str,
+    service_name: &'static str,
     child: Option<Child>,
 }
 
 impl Pair {
     fn start(name: &str, transport: Transport, opamp: SocketAddr) -> Pair {
+        Pair::start_as(name, transport, opamp, ("otelcol-agent", "app"))
+    }
+
+    /// A pair whose supervisor reports `service.name` and `agent.role` as given.
+    fn start_as(
+        name: &str,
+        transport: Transport,
+        opamp: SocketAddr,
+        (service_name, role): (&'static str, &'static str),
+    ) -> Pair {
         let mut pair = Pair {
             name: name.to_string(),
             transport,
@@ -91,6 +104,8 @@ impl Pair {
             opamp,
             otlp_port: free_port(),
             health_port: free_port(),
+            role,
+            service_name,
             child: None,
         };
         pair.spawn();
@@ -140,7 +155,8 @@ impl Pair {
             .env("CONFIG_APPLY_TIMEOUT", APPLY_WINDOW)
             .env("OTELCOL_EXECUTABLE", interop_bin("otelcol"))
             .env("SUPERVISOR_STORAGE_DIR", self.dir.path().join("storage"))
-            .env("AGENT_ROLE", "app")
+            .env("AGENT_ROLE", self.role)
+            .env("SERVICE_NAME", self.service_name)
             .env("OTLP_PORT", self.otlp_port.to_string())
             .env("HEALTH_PORT", self.health_port.to_string())
             .current_dir(self.dir.path())
@@ -557,4 +573,64 @@ async fn the_controller_killed_mid_rollout_resumes_at_the_same_wave_with_the_rea
     // and complete, with only its agent pushed.
     let done = controller.resume_to_complete(Duration::ZERO, 3, 1).await;
     assert_eq!(done["rollout"]["failures"].as_array().map(Vec::len), Some(0), "{done}");
+}
+
+/// The example repository's groups select the agents the shipped supervisor
+/// configs describe: an app agent, a host-metrics agent and a gateway, told
+/// apart by the environment the configs read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_repository_selects_the_agents_the_shipped_supervisor_configs_describe() {
+    let repo = GitRepo::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    let mut files = vec![];
+    for dir in ["", "groups", "configs", "configs/common"] {
+        for entry in std::fs::read_dir(example.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() && path.extension().is_some_and(|e| e == "yaml") {
+                let rel = path.strip_prefix(&example).unwrap().to_str().unwrap().to_string();
+                files.push((rel, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, b)| (p.as_str(), b.as_str())).collect();
+    repo.commit(&files, "the example repository");
+    let (server, _state) = controller(&repo).await;
+    let kinds = [
+        ("otelcol-agent", "app", "app-trace-agents"),
+        ("otelcol-agent", "infra", "infra-metrics-agents"),
+        ("otelcol-gateway", "app", "edge-gateways"),
+    ];
+    let pairs: Vec<Pair> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, (service, role, _))| {
+            Pair::start_as(
+                &format!("pair-{i}"),
+                Transport::WebSocket,
+                server.opamp_addr(),
+                (service, role),
+            )
+        })
+        .collect();
+    let uids = uids(&server, &pairs).await;
+    let groups = wait_agents_at(
+        server.api_addr(),
+        "each agent to be placed in a group",
+        PATIENCE,
+        |agents| {
+            let placed: Option<Vec<String>> = uids
+                .iter()
+                .map(|u| {
+                    let a = agents.iter().find(|a| a["instance_uid"] == u.to_string())?;
+                    a["group"].as_str().map(String::from)
+                })
+                .collect();
+            placed
+        },
+    )
+    .await;
+    let expected: Vec<&str> = kinds.iter().map(|(_, _, g)| *g).collect();
+    assert_eq!(groups, expected);
+    drop(pairs);
+    server.stop().await;
 }

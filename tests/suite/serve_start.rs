@@ -99,7 +99,14 @@ fn a_remote_without_the_branch_stops_serve_at_its_first_answer() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo.path().display());
     let out = serve_ends(
-        &["--repo", &url, "--branch", "nope", "--state-dir", state.path().to_str().unwrap()],
+        &[
+            "--repo",
+            &url,
+            "--branch",
+            "nope",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
         state.path(),
     );
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
