@@ -352,3 +352,24 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
     stop.cancel();
     server.stop().await;
 }
+
+/// `status` names what is wrong and what to give instead.
+#[test]
+fn status_says_what_to_do_with_a_folder_that_is_no_repository_or_a_remote_that_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("plain")).unwrap();
+    let out = common::run_cli(&["status", "--repo", "plain"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        common::stderr(&out),
+        "error: plain: not a git repository (give --repo a clone of the config repository)\n"
+    );
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n", &collector_config("a"), "first");
+    let out = common::run_cli(&["status", "--fetch", "origin"], repo.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        common::stderr(&out),
+        "error: no remote named \"origin\" in this repository (`git remote -v` lists them; give a remote's name or URL)\n"
+    );
+}

@@ -410,6 +410,7 @@ fn text_and_markdown_outputs() {
         md.starts_with(&format!("### opamp-gitops plan for `{}`\n", &c2.to_string()[..12])),
         "{md}"
     );
+    assert!(md.contains("\n2 of 5 groups change, 1 removed. Compared with"), "{md}");
     assert!(md.contains("| group | change | config hash | agents | waves |\n|---|---|---|---|---|\n"));
     assert!(md.contains("| `gw` | **changed** |"), "{md}");
     assert!(md.contains("| `core` | unchanged |"), "{md}");
