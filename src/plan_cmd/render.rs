@@ -214,12 +214,13 @@ fn pending(report: &Report, code: fn(&str) -> String) -> Vec<String> {
         .collect()
 }
 
-/// The group's agents that the waves leave out: offline and unsupported ones.
+/// The group's agents to call out: offline ones (in their places, they get
+/// the config when they return) and unsupported ones (left out).
 fn left_out(g: &GroupPlan, show: impl Fn(&AgentRef) -> String) -> Vec<String> {
     let mut out = Vec::new();
     if !g.offline.is_empty() {
         out.push(format!(
-            "offline, not counted ({}): {}",
+            "offline, in their places until they return ({}): {}",
             g.offline.len(),
             agent_list(&g.offline, &show)
         ));
@@ -406,7 +407,7 @@ pub fn markdown(report: &Report) -> String {
         };
         let mut agents = g.agents.members.to_string();
         if g.agents.offline > 0 {
-            let _ = write!(agents, " (+{} offline)", g.agents.offline);
+            let _ = write!(agents, " ({} offline)", g.agents.offline);
         }
         if g.agents.unsupported > 0 {
             let _ = write!(agents, " (+{} unsupported)", g.agents.unsupported);

@@ -133,8 +133,8 @@ impl GroupCtx<'_> {
         if let Some(r) = gs.rollout.as_mut()
             && r.phase != RolloutPhase::Complete
         {
-            let blocking = self.check_agents(r, &ranks, out);
-            self.advance(r, blocking, &mut gs.stable, out);
+            let progress = self.check_agents(r, &ranks, out);
+            self.advance(r, progress, &mut gs.stable, out);
         }
         let status = self.assign(&gs, &ranks, out);
         (gs, status)

@@ -240,12 +240,13 @@ impl GroupCtx<'_> {
 
     /// Pass 1: records new failures of agents in opened waves and counts the
     /// agents that keep the current wave from being done.
-    pub(super) fn check_agents(&self, r: &mut Rollout, ranks: &[Option<u32>], out: &mut Out) -> u32 {
+    pub(super) fn check_agents(&self, r: &mut Rollout, ranks: &[Option<u32>], out: &mut Out) -> Progress {
         let th = r.target.hash();
         let timeout = self.group.rollout.apply_timeout;
         let opened = Opened::of(r, self.name());
         let mut new_failures: Vec<(InstanceUid, String)> = Vec::new();
         let mut blocking = 0u32;
+        let mut verified = 0u32;
         let mut counted_present = 0u32;
         let mut missing = BTreeMap::new();
         for (n, &i) in self.idx.iter().enumerate() {
@@ -263,6 +264,9 @@ impl GroupCtx<'_> {
             if let Some(error) = self.failure(a, self.prev[i], th, timeout) {
                 new_failures.push((a.uid.clone(), error));
                 continue;
+            }
+            if counted && a.good(th) {
+                verified += 1;
             }
             if !counted || a.good(th) {
                 continue;
@@ -309,7 +313,7 @@ impl GroupCtx<'_> {
             });
             r.failures.insert(uid, FailureRecord { error, at: self.now });
         }
-        blocking
+        Progress { blocking, verified }
     }
 
     /// Why an agent of an opened wave failed the target, if it did.
@@ -355,7 +359,7 @@ impl GroupCtx<'_> {
     }
 
     /// Halts, opens waves and completes the rollout as pass 1 allows.
-    pub(super) fn advance(&self, r: &mut Rollout, blocking: u32, stable: &mut Option<Stable>, out: &mut Out) {
+    pub(super) fn advance(&self, r: &mut Rollout, progress: Progress, stable: &mut Option<Stable>, out: &mut Out) {
         if r.phase != RolloutPhase::Progressing {
             return;
         }
@@ -371,7 +375,12 @@ impl GroupCtx<'_> {
             });
             return;
         }
-        if blocking > 0 {
+        // A wave whose members are all away is not done: agents that are
+        // away are left out of the count, but a rollout never moves past a
+        // wave (nor completes) without a member of it having verified the
+        // config, so agents returning from an outage meet the canary first.
+        let unverified = r.kind == RolloutKind::Waves && progress.verified == 0 && r.opened_cut() > 0;
+        if progress.blocking > 0 || unverified {
             r.settled_since = None;
             return;
         }
@@ -429,4 +438,13 @@ impl GroupCtx<'_> {
             }
         }
     }
+}
+
+/// What the agents of a rollout's opened waves say, for [`GroupCtx::advance`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Progress {
+    /// Members the wave still waits for.
+    pub blocking: u32,
+    /// Members counted in the opened waves that run the target, healthy.
+    pub verified: u32,
 }

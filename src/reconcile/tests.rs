@@ -1394,3 +1394,46 @@ fn binary_bodies_round_trip() {
     let back: RolloutState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, w.state);
 }
+
+#[test]
+fn a_commit_while_every_agent_is_away_rolls_out_in_waves_when_they_return() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").bake(10).apply_timeout(60));
+    let ord = order("gw", 4);
+    let now = w.now;
+    for u in &ord {
+        w.set(u, |a| a.offline(Some(now)));
+    }
+    // The rollout counts the agents the fleet knows, away or not, and waits
+    // for its canary however long they are away: it completes only once an
+    // agent has verified the config.
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].agents.targeted, 4);
+    for _ in 0..10 {
+        w.advance(120);
+        let p = w.plan();
+        assert!(p.pushes.is_empty());
+        let g = &p.groups[&gname("gw")];
+        assert_eq!(
+            (g.phase, g.wave),
+            (Phase::Progressing, 1),
+            "never past the canary unverified"
+        );
+    }
+    // They return, still on v1: only the canary gets v2, and when it fails
+    // the rollout halts and nobody else ever gets it.
+    for u in &ord {
+        w.set(u, |mut a| {
+            a.connected = true;
+            a.disconnected_at = None;
+            a.connection_epoch = 2;
+            a.reports(&v1).applied()
+        });
+    }
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]));
+    w.set(&ord[0], |a| a.reports(&v2).failed("bad setting"));
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert!(!pushed(&p).iter().any(|u| ord[1..].contains(u)));
+}

@@ -36,13 +36,15 @@ pub fn canary_order(group: &GroupName, uids: Vec<InstanceUid>) -> Vec<InstanceUi
 }
 
 /// The members of a rollout of `group` that starts now, in canary order: the
-/// group's agents that are connected and whose config the controller manages.
+/// group's agents the fleet knows (connected, or away for less than the
+/// fleet's retention: they keep their places through an outage) and whose
+/// config the controller manages.
 /// Answers their indices into `agents`.
 pub fn rollout_members<'v>(group: &GroupName, agents: impl IntoIterator<Item = &'v AgentView>) -> Vec<usize> {
     let mut keyed: Vec<(OrderKey, usize)> = agents
         .into_iter()
         .enumerate()
-        .filter(|(_, a)| a.connected && a.supported())
+        .filter(|(_, a)| a.supported())
         .map(|(n, a)| (order_key(group, &a.uid), n))
         .collect();
     keyed.sort_unstable();

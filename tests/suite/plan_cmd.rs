@@ -188,7 +188,7 @@ fn agent_json(n: u8, connected: bool, accepts: bool, attrs: &[(&str, &str)]) -> 
     })
 }
 
-/// gw: 1..=6 connected (1 and 2 also env=prod), 7 offline, 8 unsupported;
+/// gw: 1..=6 connected (1 and 2 also env=prod), 7 offline (a member all the same), 8 unsupported;
 /// core: 10, 11; fresh: 12; shadow: 14; 13 matches nothing; 15 was in `old`.
 fn fleet() -> Vec<Value> {
     let mut agents = Vec::new();
@@ -309,9 +309,10 @@ fn offline_plan_lists_waves_diffs_and_callouts() {
     assert_eq!(gw["stable"]["source"], "first_parent");
     assert_eq!(gw["stable_config_hash"], fx.hash(c1, "gw").to_string());
     assert_eq!(gw["config_hash"], fx.hash(c2, "gw").to_string());
-    let members: Vec<InstanceUid> = (1..=6).map(uid).collect();
+    // The offline agent keeps its place in the waves.
+    let members: Vec<InstanceUid> = (1..=7).map(uid).collect();
     assert_eq!(wave_uids(gw), expected_waves("gw", members, &policy()));
-    assert_eq!(wave_uids(gw).iter().map(Vec::len).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(wave_uids(gw).iter().map(Vec::len).collect::<Vec<_>>(), [1, 3, 3]);
     let diff = diff_of(gw);
     assert!(
         diff.contains("--- a/configs/gw.yaml\n+++ b/configs/gw.yaml\n"),
@@ -386,9 +387,9 @@ fn text_and_markdown_outputs() {
     assert!(text.starts_with(&format!("plan for commit {c2}\n")), "{text}");
     assert!(text.contains("== gw (changed)"), "{text}");
     assert!(text.contains("    -    timeout: 1s\n    +    timeout: 5s\n"), "{text}");
-    let first = &expected_waves("gw", (1..=6).map(uid).collect(), &policy())[0][0];
+    let first = &expected_waves("gw", (1..=7).map(uid).collect(), &policy())[0][0];
     assert!(
-        text.contains(&format!("wave 1 (1, 1 of 6): +1: {first} (host-")),
+        text.contains(&format!("wave 1 (1, 1 of 7): +1: {first} (host-")),
         "{text}"
     );
     assert!(
@@ -416,12 +417,12 @@ fn text_and_markdown_outputs() {
     assert!(md.contains("| `core` | unchanged |"), "{md}");
     assert!(md.contains("| `fresh` | **new** |"), "{md}");
     assert!(md.contains("| `old` | **removed** |"), "{md}");
-    assert!(md.contains("<details><summary><b>gw</b>: changed, 6 agents in 3 waves; first wave 1</summary>"));
+    assert!(md.contains("<details><summary><b>gw</b>: changed, 7 agents in 3 waves; first wave 1</summary>"));
     assert!(
         md.contains("```diff\n--- a/configs/gw.yaml\n+++ b/configs/gw.yaml\n"),
         "{md}"
     );
-    assert!(md.contains("| 1 | 1 | 1 of 6 | `"), "{md}");
+    assert!(md.contains("| 1 | 1 | 1 of 7 | `"), "{md}");
     assert!(md.contains("#### Call-outs"), "{md}");
     assert_eq!(md.matches("<details>").count(), md.matches("</details>").count());
 }
@@ -453,11 +454,11 @@ fn a_complete_note_makes_an_older_commit_the_stable_base_and_a_return_to_it_a_re
     assert_eq!(waves.len(), 1, "a revert goes to every agent at once");
     assert_eq!(
         waves[0],
-        expected_waves("gw", (1..=6).map(uid).collect(), &[Amount::Percent(100)])[0]
+        expected_waves("gw", (1..=7).map(uid).collect(), &[Amount::Percent(100)])[0]
     );
     let text = stdout(&plan(&fx.path(), &["--fleet", f]));
     assert!(
-        text.contains("revert to the stable config: pushed to all 6 agents at once"),
+        text.contains("revert to the stable config: pushed to all 7 agents at once"),
         "{text}"
     );
 

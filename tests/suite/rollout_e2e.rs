@@ -142,6 +142,7 @@ async fn http_agents_converge_like_websocket_agents() {
 }
 
 const APPLIED: i32 = RemoteConfigStatuses::Applied as i32;
+const FAILED: i32 = RemoteConfigStatuses::Failed as i32;
 
 fn applied(s: RemoteConfigState) -> bool {
     s == RemoteConfigState::Applied
@@ -718,5 +719,80 @@ async fn a_disconnected_wave_member_stops_blocking_after_apply_timeout() {
     assert_eq!(hash, h2);
     back.close().await;
     stays.close().await;
+    server.stop().await;
+}
+
+/// A commit made while every agent of a group is away waits at its canary:
+/// when the agents come back the canary alone gets it, and when it fails
+/// the rollout halts before anyone else does.
+#[tokio::test]
+async fn a_commit_while_the_whole_group_is_away_still_meets_its_canary_first() {
+    let repo = GitRepo::new();
+    let policy = "  waves: [1, 100%]\n  bake: 0s\n  apply_timeout: 1s\n";
+    let (v1, v2) = (collector_config("v1"), collector_config("v2 refused"));
+    let (h1, h2) = (edge_hash(&v1), edge_hash(&v2));
+    repo.commit_edge(policy, &v1, "v1");
+    let (_tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let wires: Vec<Vec<u8>> = (50..54).map(uid16).collect();
+    let connect_all = || async {
+        let mut agents = vec![];
+        for wire in &wires {
+            let status = Some(remote_status(h1.as_bytes(), APPLIED, ""));
+            let agent = RawAgent::connect(&server, wire.clone(), &[("service.name", "otelcol-sim")], &[], status).await;
+            agents.push(agent);
+        }
+        agents
+    };
+    let agents = connect_all().await;
+    server
+        .wait_group("edge", "v1 complete on four agents", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 4
+        })
+        .await;
+    for a in agents {
+        a.close().await;
+    }
+    server
+        .wait_group("edge", "every agent away", |g| g["agents"]["offline"] == 4)
+        .await;
+
+    repo.commit_edge(policy, &v2, "v2 while everyone is away");
+    server.sync().await;
+    // Longer than apply_timeout: the away canary is left out of the count,
+    // yet the rollout does not move past it.
+    server.let_pass(Duration::from_secs(2)).await;
+    let g = server
+        .wait_group("edge", "the v2 rollout", |g| g["config_hash"] == h2.to_string())
+        .await;
+    assert_eq!(
+        (g["rollout"]["phase"].as_str(), g["rollout"]["wave"].as_u64()),
+        (Some("progressing"), Some(1)),
+        "{g}"
+    );
+
+    let mut agents = connect_all().await;
+    let order = canary_order(&GroupName::new("edge"), agents.iter().map(|a| a.uid.clone()).collect());
+    let canary = agents.iter().position(|a| a.uid == order[0]).unwrap();
+    let (pushed, _) = agents[canary].next_push().await;
+    assert_eq!(pushed, h2, "the canary gets v2");
+    agents[canary]
+        .report(remote_status(h2.as_bytes(), FAILED, "refused"), None)
+        .await;
+    server
+        .wait_group("edge", "halted", |g| g["rollout"]["phase"] == "halted")
+        .await;
+    server.let_pass(Duration::from_millis(500)).await;
+    let fleet = server.fleet().snapshot();
+    for agent in agents.iter().filter(|a| a.uid != order[0]) {
+        let rec = fleet.get(&agent.uid).expect("known");
+        assert!(rec.connected);
+        assert!(
+            rec.delivered.is_none_or(|d| d.hash != h2),
+            "{} never received v2: {:?}",
+            agent.uid,
+            rec.delivered
+        );
+    }
     server.stop().await;
 }
