@@ -162,6 +162,7 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
                 health_error: String::new(),
                 unhealthy_since: None,
                 delivered: None,
+                push_drops: None,
             }
         })
         .collect()

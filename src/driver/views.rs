@@ -71,6 +71,7 @@ impl ViewBuilder {
             health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
             unhealthy_since: r.unhealthy_since.map(timestamp),
             delivered: r.delivered_now().map(|d| (d.hash, timestamp(d.at))),
+            push_drops: r.push_drops,
         }
     }
 

@@ -74,6 +74,10 @@ pub struct AgentRecord {
     /// The identity (token name, client certificate subject) the agent was
     /// first seen under: only that identity may report for its uid.
     pub identity: Option<Arc<str>>,
+    /// A config whose delivery was followed, this many times in a row, by the
+    /// connection closing before the agent said anything of it (an agent
+    /// that refuses a config it cannot take may just drop the connection).
+    pub push_drops: Option<(ConfigHash, u32)>,
 }
 
 /// A config that left for the agent: over WebSocket when the frame was
@@ -105,6 +109,7 @@ impl AgentRecord {
             unhealthy_since: None,
             delivered: None,
             identity: None,
+            push_drops: None,
         }
     }
 
@@ -138,6 +143,17 @@ impl AgentRecord {
         if self.connected {
             self.connected = false;
             self.disconnected_at = Some(now);
+            // A push delivered on this connection that the agent never spoke
+            // of: the connection ended because of it, perhaps.
+            if let Some(d) = self.delivered_now()
+                && self.remote_config_status.as_ref().and_then(|s| s.hash) != Some(d.hash)
+            {
+                let times = match self.push_drops {
+                    Some((hash, n)) if hash == d.hash => n + 1,
+                    _ => 1,
+                };
+                self.push_drops = Some((d.hash, times));
+            }
         }
     }
 }
@@ -239,6 +255,13 @@ pub fn apply(
     }
     if let Some(s) = msg.remote_config_status {
         rec.remote_config_status = remote_status(s);
+        // The agent spoke of the config that dropped its connections.
+        if rec
+            .push_drops
+            .is_some_and(|(h, _)| rec.remote_config_status.as_ref().and_then(|s| s.hash) == Some(h))
+        {
+            rec.push_drops = None;
+        }
         changed = true;
     }
 
@@ -591,6 +614,39 @@ mod tests {
             let (_, d) = apply(c.prev.as_ref(), &uid(), c.msg, ws(10, false));
             assert_eq!(d.report_full_state, c.want, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn a_connection_that_ends_after_a_push_the_agent_never_spoke_of_counts_as_a_drop() {
+        let h = ConfigHash([6; 32]);
+        let mut rec = known();
+        let deliver = |rec: &mut AgentRecord| {
+            rec.connected = true;
+            rec.connection_epoch += 1;
+            rec.delivered = Some(Delivery {
+                hash: h,
+                at: at(1),
+                epoch: rec.connection_epoch,
+            });
+        };
+        for times in 1..=3 {
+            deliver(&mut rec);
+            rec.set_offline(at(2));
+            assert_eq!(rec.push_drops, Some((h, times)));
+        }
+        // Once it speaks of the config, the count is over.
+        deliver(&mut rec);
+        let msg = AgentToServer {
+            remote_config_status: Some(status(&h.0, 2)),
+            ..heartbeat(rec.sequence_num + 1)
+        };
+        let (mut rec, _) = apply(Some(&rec), &uid(), msg, ws(3, false));
+        assert_eq!(rec.push_drops, None);
+        rec.set_offline(at(4));
+        assert_eq!(
+            rec.push_drops, None,
+            "it reported on the config before the connection ended"
+        );
     }
 
     #[test]

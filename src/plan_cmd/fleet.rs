@@ -52,6 +52,7 @@ impl FleetAgent {
             health_error: String::new(),
             unhealthy_since: None,
             delivered: None,
+            push_drops: None,
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct AgentView {
     /// The config that last left for it on its current connection, and when:
     /// its apply clock starts then.
     pub delivered: Option<(ConfigHash, Timestamp)>,
+    /// A config whose delivery was followed, this many times in a row, by the
+    /// connection closing before the agent said anything of it.
+    pub push_drops: Option<(ConfigHash, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -321,6 +321,15 @@ impl GroupCtx<'_> {
         if !a.connected {
             return None;
         }
+        if let Some((hash, times)) = a.push_drops
+            && hash == th
+            && times >= MAX_PUSH_DROPS
+        {
+            return Some(format!(
+                "its connection closed each time the config reached it ({times} times): \
+                 the agent may refuse a config this large"
+            ));
+        }
         let grace = self.group.rollout.unhealthy_grace;
         match a.reports(th) {
             Some(RemoteConfigState::Failed) => {
@@ -439,6 +448,10 @@ impl GroupCtx<'_> {
         }
     }
 }
+
+/// Deliveries of the target that ended the agent's connection before it
+/// said anything of the config, in a row, after which the agent has failed.
+pub const MAX_PUSH_DROPS: u32 = 3;
 
 /// What the agents of a rollout's opened waves say, for [`GroupCtx::advance`].
 #[derive(Debug, Clone, Copy)]

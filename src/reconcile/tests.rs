@@ -57,6 +57,7 @@ pub(super) fn agent(name: &str) -> AgentView {
         health_error: String::new(),
         unhealthy_since: None,
         delivered: None,
+        push_drops: None,
     }
 }
 
@@ -1436,4 +1437,37 @@ fn a_commit_while_every_agent_is_away_rolls_out_in_waves_when_they_return() {
     let p = w.plan();
     assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
     assert!(!pushed(&p).iter().any(|u| ord[1..].contains(u)));
+}
+
+#[test]
+fn an_agent_whose_connection_drops_each_time_it_is_pushed_fails() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").bake(10).apply_timeout(300));
+    let ord = order("gw", 4);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]));
+    // It reconnects after each delivery, never saying a word of v2.
+    for times in 1..=2 {
+        w.set(&ord[0], |mut a| {
+            a.push_drops = Some((v2.hash(), times));
+            a.reconnected(times as u64 + 1).reports(&v1).applied()
+        });
+        let p = w.plan();
+        assert_eq!(
+            p.groups[&gname("gw")].phase,
+            Phase::Progressing,
+            "{times} drops are not yet a failure"
+        );
+    }
+    w.set(&ord[0], |mut a| {
+        a.push_drops = Some((v2.hash(), 3));
+        a.reconnected(4).reports(&v1).applied()
+    });
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+    assert!(
+        p.groups[&gname("gw")].failures[0]
+            .error
+            .contains("closed each time the config reached it (3 times)")
+    );
 }

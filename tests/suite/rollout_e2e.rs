@@ -796,3 +796,43 @@ async fn a_commit_while_the_whole_group_is_away_still_meets_its_canary_first() {
     }
     server.stop().await;
 }
+
+/// An agent whose connection drops each time it is sent the config (as an
+/// agent does with a config larger than it accepts) fails after three.
+#[tokio::test]
+async fn an_agent_that_drops_its_connection_on_every_push_is_counted_failed() {
+    let repo = GitRepo::new();
+    let policy = "  waves: [100%]\n  bake: 0s\n  apply_timeout: 1h\n";
+    let (v1, v2) = (collector_config("v1"), collector_config("v2 too large"));
+    let h1 = edge_hash(&v1);
+    repo.commit_edge(policy, &v1, "v1");
+    let (_tmp, state) = state_dir();
+    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let connect = || async {
+        let status = Some(remote_status(h1.as_bytes(), APPLIED, ""));
+        RawAgent::connect(&server, uid16(60), &[("service.name", "otelcol-sim")], &[], status).await
+    };
+    let agent = connect().await;
+    server
+        .wait_group("edge", "v1 complete", |g| g["rollout"]["phase"] == "complete")
+        .await;
+    repo.commit_edge(policy, &v2, "v2");
+    server.sync().await;
+    let mut agent = agent;
+    for _ in 0..3 {
+        let (hash, _) = agent.next_push().await;
+        assert_eq!(hash, edge_hash(&v2));
+        agent.close().await;
+        agent = connect().await;
+    }
+    let g = server
+        .wait_group("edge", "halted", |g| g["rollout"]["phase"] == "halted")
+        .await;
+    let error = g["rollout"]["failures"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("closed each time the config reached it (3 times)"),
+        "{g}"
+    );
+    agent.close().await;
+    server.stop().await;
+}
