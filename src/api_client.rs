@@ -55,7 +55,12 @@ pub fn url(server: &str, path: &str) -> Result<Uri, ClientError> {
         .map_err(|_| bad("not a valid URL"))
 }
 
+/// The environment variable holding the API token the commands send, when
+/// the controller requires one (`serve --api-tokens`).
+pub const TOKEN_ENV: &str = "OPAMP_GITOPS_API_TOKEN";
+
 /// Sends one request with an empty body; answers the status and the body.
+/// Carries the token of [`TOKEN_ENV`] when it is set.
 pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), ClientError> {
     let url = uri.to_string();
     let failed = |message: String| ClientError::Request {
@@ -64,12 +69,16 @@ pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), Clien
         message,
     };
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method.clone())
         .uri(uri)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::new())
-        .map_err(|e| failed(e.to_string()))?;
+        .header(http::header::ACCEPT, "application/json");
+    if let Ok(token) = std::env::var(TOKEN_ENV)
+        && !token.is_empty()
+    {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(Empty::new()).map_err(|e| failed(e.to_string()))?;
     let exchange = async {
         let response = client.request(request).await.map_err(|e| failed(describe(&e)))?;
         let status = response.status();

@@ -79,6 +79,10 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Agents must present one of these tokens (`auth` describes the file).
     pub agent_tokens: Option<PathBuf>,
+    /// Operators must present one of these tokens, of the scope the call needs.
+    pub api_tokens: Option<PathBuf>,
+    /// Reads of the API need no token even with `api_tokens`.
+    pub api_open_reads: bool,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -135,6 +139,8 @@ impl ServeConfig {
             source_stale_after: SOURCE_STALE_AFTER,
             tls: None,
             agent_tokens: None,
+            api_tokens: None,
+            api_open_reads: false,
         }
     }
 }
@@ -165,7 +171,7 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error("cannot watch a certificate or tokens file for changes: {0}")]
     Watch(notify::Error),
-    #[error("agent tokens: {0}")]
+    #[error("tokens: {0}")]
     Tokens(#[from] TokensError),
 }
 
@@ -308,7 +314,11 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         .map(ServerTls::watch)
         .collect::<Result<Vec<_>, _>>()
         .map_err(AppError::Watch)?;
-    if let Some(tokens) = &agent_tokens {
+    let api_tokens = config.api_tokens.clone().map(TokenFile::load).transpose()?;
+    if api_tokens.is_none() {
+        tracing::warn!("no --api-tokens: anyone who reaches the API can read effective configs and pause rollouts");
+    }
+    for tokens in agent_tokens.iter().chain(&api_tokens) {
         watchers.push(tokens.watch().map_err(AppError::Watch)?);
     }
     let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
@@ -393,6 +403,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         assignments: assignments_rx,
         shutdown: shutdown.clone(),
         source_stale_after: stale_after,
+        auth: crate::api::auth::ApiAuth {
+            tokens: api_tokens,
+            open_reads: config.api_open_reads,
+        },
     };
 
     let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections, opamp_tls)

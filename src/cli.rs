@@ -142,6 +142,13 @@ pub struct ServeArgs {
     /// YAML list of {name, sha256, groups}; read again when it changes.
     #[arg(long)]
     pub agent_tokens: Option<PathBuf>,
+    /// Operators must present one of these tokens (Authorization: Bearer) with
+    /// the scope the call needs: read, or write for pause/resume/promote/sync.
+    #[arg(long)]
+    pub api_tokens: Option<PathBuf>,
+    /// With --api-tokens, reads (inventory, groups, metrics) need no token.
+    #[arg(long, requires = "api_tokens")]
+    pub api_open_reads: bool,
     /// Author name of the git notes.
     #[arg(long, default_value = "opamp-gitops")]
     pub notes_author_name: String,
@@ -496,6 +503,8 @@ pub fn run(cli: Cli) -> ExitCode {
                         client_ca: args.client_ca.clone(),
                     }),
                 agent_tokens: args.agent_tokens.clone(),
+                api_tokens: args.api_tokens.clone(),
+                api_open_reads: args.api_open_reads,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -4,13 +4,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Serialize;
 
+use super::auth::Operator;
 use super::wait::{self, Sources, WaitParams};
 use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
@@ -95,6 +96,9 @@ pub struct FailureJson {
 pub struct ActionJson {
     pub action: Control,
     pub at: String,
+    /// The operator's token name, when the API required tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
@@ -125,6 +129,7 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
                 .map(|a| ActionJson {
                     action: a.action,
                     at: rfc3339::format_millis(a.at.millis()),
+                    by: a.by.clone(),
                 })
                 .collect(),
         }),
@@ -210,19 +215,24 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
     Json(answer).into_response()
 }
 
-pub async fn pause(state: State<ApiState>, name: Path<String>) -> Response {
-    control(state, name, Control::Pause).await
+pub async fn pause(state: State<ApiState>, operator: Extension<Operator>, name: Path<String>) -> Response {
+    control(state, operator, name, Control::Pause).await
 }
 
-pub async fn resume(state: State<ApiState>, name: Path<String>) -> Response {
-    control(state, name, Control::Resume).await
+pub async fn resume(state: State<ApiState>, operator: Extension<Operator>, name: Path<String>) -> Response {
+    control(state, operator, name, Control::Resume).await
 }
 
-pub async fn promote(state: State<ApiState>, name: Path<String>) -> Response {
-    control(state, name, Control::Promote).await
+pub async fn promote(state: State<ApiState>, operator: Extension<Operator>, name: Path<String>) -> Response {
+    control(state, operator, name, Control::Promote).await
 }
 
-async fn control(State(state): State<ApiState>, Path(name): Path<String>, action: Control) -> Response {
+async fn control(
+    State(state): State<ApiState>,
+    Extension(Operator(by)): Extension<Operator>,
+    Path(name): Path<String>,
+    action: Control,
+) -> Response {
     let Some(driver) = &state.driver else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -230,7 +240,7 @@ async fn control(State(state): State<ApiState>, Path(name): Path<String>, action
         );
     };
     let group = GroupName::new(name);
-    match driver.control(group.clone(), action).await {
+    match driver.control(group.clone(), action, by.map(|n| n.to_string())).await {
         Ok(status) => Json(group_json(&group, &status)).into_response(),
         Err(e @ ControlFailure::Refused(ControlError::UnknownGroup(_))) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ ControlFailure::Refused(ControlError::Idle(_))) => error(StatusCode::CONFLICT, &e.to_string()),

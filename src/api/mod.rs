@@ -2,6 +2,7 @@
 //! Handlers read snapshots and `watch` values; they never lock the core.
 
 pub mod agents;
+pub mod auth;
 pub mod git;
 pub mod groups;
 pub mod health;
@@ -41,11 +42,14 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// How long fetches may fail before the source is shown as stale.
     pub source_stale_after: std::time::Duration,
+    /// Who may call: tokens and scopes.
+    pub auth: auth::ApiAuth,
 }
 
 /// The API's routes. More routes can be merged into the returned router.
 pub fn router(state: ApiState) -> Router {
     let git_routes = state.git.clone().map(git::routes).unwrap_or_default();
+    let auth = state.auth.clone();
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -58,6 +62,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(git_routes)
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
 }
 
 /// An error answer: `status` with `{"error": message}`.

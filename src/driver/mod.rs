@@ -78,6 +78,8 @@ pub enum ControlFailure {
 struct ControlRequest {
     group: GroupName,
     action: Control,
+    /// The operator's name, recorded with the action.
+    by: Option<String>,
     reply: oneshot::Sender<Result<GroupStatus, ControlFailure>>,
 }
 
@@ -104,10 +106,20 @@ impl DriverHandle {
     }
 
     /// Pause, resume or promote a group's rollout; answers its new status.
-    pub async fn control(&self, group: GroupName, action: Control) -> Result<GroupStatus, ControlFailure> {
+    pub async fn control(
+        &self,
+        group: GroupName,
+        action: Control,
+        by: Option<String>,
+    ) -> Result<GroupStatus, ControlFailure> {
         let (reply, rx) = oneshot::channel();
         self.controls
-            .send(ControlRequest { group, action, reply })
+            .send(ControlRequest {
+                group,
+                action,
+                by,
+                reply,
+            })
             .await
             .map_err(|_| ControlFailure::Stopped)?;
         rx.await.map_err(|_| ControlFailure::Stopped)?
@@ -223,7 +235,7 @@ impl Driver {
                     continue;
                 }
                 Some(request) = controls.recv() => {
-                    let answer = self.control(&request.group, request.action).await;
+                    let answer = self.control(&request.group, request.action, request.by.as_deref()).await;
                     let _ = request.reply.send(answer);
                     continue;
                 }
@@ -239,7 +251,12 @@ impl Driver {
         info!("reconcile driver stopped");
     }
 
-    async fn control(&mut self, group: &GroupName, action: Control) -> Result<GroupStatus, ControlFailure> {
+    async fn control(
+        &mut self,
+        group: &GroupName,
+        action: Control,
+        by: Option<&str>,
+    ) -> Result<GroupStatus, ControlFailure> {
         // Planning now would start rollouts with only the agents back so far.
         if let Some(left) = self.config.startup_grace.checked_sub(self.started.elapsed())
             && !left.is_zero()
@@ -251,11 +268,11 @@ impl Driver {
         }
         let now = timestamp(SystemTime::now());
         match action {
-            Control::Pause => self.state.pause(group, now),
-            Control::Resume => self.state.resume(group, now),
-            Control::Promote => self.state.promote(group, now),
+            Control::Pause => self.state.pause(group, now, by),
+            Control::Resume => self.state.resume(group, now, by),
+            Control::Promote => self.state.promote(group, now, by),
         }?;
-        info!(group = %group, action = ?action, "rollout control");
+        info!(group = %group, action = ?action, by = by.unwrap_or("-"), "rollout control");
         self.dirty = true;
         self.plan_once().await;
         // The API answers that the action took: it must survive a crash.

@@ -226,6 +226,7 @@ fn from_status(s: &GroupStatus) -> NoteGroup {
                 Some(NoteAction {
                     action: a.action,
                     at: time(Some(a.at))?,
+                    by: a.by.clone(),
                 })
             })
             .collect(),
@@ -286,6 +287,7 @@ mod tests {
         paused.actions = vec![ControlAction {
             action: Control::Pause,
             at: Timestamp::from_millis(9_000),
+            by: None,
         }];
         groups.insert(g("edge"), paused.clone());
         let p = book.after_plan(&c('a'), &groups, &[], now);
@@ -294,6 +296,7 @@ mod tests {
         paused.actions.push(ControlAction {
             action: Control::Promote,
             at: Timestamp::from_millis(9_500),
+            by: None,
         });
         groups.insert(g("edge"), paused);
         let p = book.after_plan(&c('a'), &groups, &[], now);

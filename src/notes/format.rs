@@ -61,6 +61,9 @@ pub struct NoteAction {
     pub action: Control,
     #[serde(with = "crate::rfc3339")]
     pub at: SystemTime,
+    /// The operator's token name, when the API required tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,7 +135,13 @@ impl Note {
                 let actions: Vec<String> = g
                     .actions
                     .iter()
-                    .map(|a| format!("{{action: {}, at: {}}}", a.action.as_str(), rfc3339::format(a.at)))
+                    .map(|a| {
+                        let by =
+                            a.by.as_deref()
+                                .map(|b| format!(", by: {}", scalar(b)))
+                                .unwrap_or_default();
+                        format!("{{action: {}, at: {}{by}}}", a.action.as_str(), rfc3339::format(a.at))
+                    })
                     .collect();
                 writeln!(out, "    actions: [{}]", actions.join(", "))?;
             }
@@ -262,15 +271,17 @@ groups:
             NoteAction {
                 action: Control::Pause,
                 at: at(1_795_255_100),
+                by: Some("alice".into()),
             },
             NoteAction {
                 action: Control::Promote,
                 at: at(1_795_255_160),
+                by: None,
             },
         ];
         let text = note.render();
         assert!(
-            text.contains("    actions: [{action: pause, at: 2026-11-21T09:58:20Z}, {action: promote, at: 2026-11-21T09:59:20Z}]\n"),
+            text.contains("    actions: [{action: pause, at: 2026-11-21T09:58:20Z, by: alice}, {action: promote, at: 2026-11-21T09:59:20Z}]\n"),
             "{text}"
         );
         assert_eq!(Note::parse(&text).unwrap(), note);

@@ -166,10 +166,13 @@ impl Control {
 }
 
 /// An operator action, recorded so the notes can show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlAction {
     pub action: Control,
     pub at: Timestamp,
+    /// Who: the name of the operator's API token, when tokens are required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// Operator actions kept per rollout; older ones are dropped.
@@ -191,11 +194,15 @@ impl Rollout {
         u32::try_from(self.cuts.len()).unwrap_or(u32::MAX)
     }
 
-    fn record(&mut self, action: Control, now: Timestamp) {
+    fn record(&mut self, action: Control, now: Timestamp, by: Option<&str>) {
         if self.actions.len() >= MAX_ACTIONS {
             self.actions.remove(0);
         }
-        self.actions.push(ControlAction { action, at: now });
+        self.actions.push(ControlAction {
+            action,
+            at: now,
+            by: by.map(str::to_string),
+        });
     }
 }
 
@@ -316,31 +323,31 @@ impl GroupState {
 impl RolloutState {
     /// Stops opening waves of `group`'s rollout (failures still halt it).
     /// Pausing a paused rollout changes nothing.
-    pub fn pause(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+    pub fn pause(&mut self, group: &GroupName, now: Timestamp, by: Option<&str>) -> Result<(), ControlError> {
         let r = self.controllable(group)?;
         if !r.paused {
             r.paused = true;
-            r.record(Control::Pause, now);
+            r.record(Control::Pause, now, by);
         }
         Ok(())
     }
 
     /// Lets a paused rollout open waves again; bake time served while paused counts.
-    pub fn resume(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+    pub fn resume(&mut self, group: &GroupName, now: Timestamp, by: Option<&str>) -> Result<(), ControlError> {
         let r = self.controllable(group)?;
         if r.paused {
             r.paused = false;
-            r.record(Control::Resume, now);
+            r.record(Control::Resume, now, by);
         }
         Ok(())
     }
 
     /// Skips the rest of the current wave's bake: the next wave opens as soon
     /// as every agent of the current one is APPLIED and healthy.
-    pub fn promote(&mut self, group: &GroupName, now: Timestamp) -> Result<(), ControlError> {
+    pub fn promote(&mut self, group: &GroupName, now: Timestamp, by: Option<&str>) -> Result<(), ControlError> {
         let r = self.controllable(group)?;
         r.promote = true;
-        r.record(Control::Promote, now);
+        r.record(Control::Promote, now, by);
         Ok(())
     }
 

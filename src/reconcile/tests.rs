@@ -1308,17 +1308,17 @@ fn pause_resume_and_promote_are_recorded_and_steer_the_waves() {
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(600));
     let g = gname("gw");
     assert_eq!(
-        w.state.pause(&gname("nope"), w.now),
+        w.state.pause(&gname("nope"), w.now, None),
         Err(ControlError::UnknownGroup(gname("nope")))
     );
     assert_eq!(
-        w.state.pause(&g, w.now),
+        w.state.pause(&g, w.now, None),
         Err(ControlError::Idle(g.clone())),
         "complete: idle"
     );
     let p = w.plan();
     w.apply(&p);
-    w.state.pause(&g, w.now).unwrap();
+    w.state.pause(&g, w.now, None).unwrap();
     w.advance(1);
     let p = w.plan();
     assert_eq!(p.groups[&g].phase, Phase::Paused);
@@ -1326,13 +1326,13 @@ fn pause_resume_and_promote_are_recorded_and_steer_the_waves() {
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 1, "paused: no wave opens");
     assert!(p.pushes.is_empty());
-    w.state.resume(&g, w.now).unwrap();
+    w.state.resume(&g, w.now, None).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 2, "bake served while paused counts");
     w.apply(&p);
     w.advance(1);
     w.plan();
-    w.state.promote(&g, w.now).unwrap();
+    w.state.promote(&g, w.now, None).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 3, "promote skips the rest of the bake");
     let actions: Vec<Control> = p.groups[&g].actions.iter().map(|a| a.action).collect();
@@ -1345,7 +1345,7 @@ fn promote_does_not_skip_waiting_for_applied() {
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%").bake(600));
     let g = gname("gw");
     w.plan();
-    w.state.promote(&g, w.now).unwrap();
+    w.state.promote(&g, w.now, None).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 1);
     w.apply(&p);

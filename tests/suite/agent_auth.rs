@@ -167,3 +167,79 @@ async fn no_client_can_report_for_an_agent_bound_to_another_identity() {
     );
     server.stop().await;
 }
+
+/// Operator tokens: reads need `read`, controls `write`; the token's name is
+/// recorded with the action in the API and the note; a state change a page
+/// of another origin sends is refused even with a token.
+#[tokio::test]
+async fn operators_need_a_token_of_the_right_scope_and_their_name_is_recorded() {
+    use common::gitops::{GitRepo, RawAgent, collector_config, edge_hash, serve_config, state_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("operators.yaml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "- {{name: viewer, sha256: {}}}\n- {{name: ops, sha256: {}, scope: write}}\n",
+            hex::encode(sha2::Sha256::digest(b"view-secret")),
+            hex::encode(sha2::Sha256::digest(b"ops-secret"))
+        ),
+    )
+    .unwrap();
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1");
+    let commit = repo.commit_edge("  waves: [100%]\n  apply_timeout: 1h\n", &v1, "v1");
+    let (_tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.api_tokens = Some(tokens);
+    let server = TestServer::start_with(config).await;
+    // An agent that never applies keeps the rollout in progress.
+    let mut agent = RawAgent::connect(&server, uid16(70), &[("service.name", "otelcol-sim")], &[], None).await;
+    assert_eq!(agent.next_push().await.0, edge_hash(&v1));
+
+    let api = server.api_addr();
+    let call = |method: &'static str, path: &'static str, token: Option<&'static str>, origin: Option<&'static str>| async move {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        if let Some(o) = origin {
+            headers.push(("Origin", o));
+        }
+        http_request(api, method, path, &headers, Body::Empty).await
+    };
+    assert_eq!(call("GET", "/healthz", None, None).await.status, 200);
+    assert_eq!(call("GET", "/api/v1/agents", None, None).await.status, 401);
+    assert_eq!(call("GET", "/api/v1/agents", Some("guess"), None).await.status, 401);
+    assert_eq!(
+        call("GET", "/api/v1/agents", Some("view-secret"), None).await.status,
+        200
+    );
+    let pause = "/api/v1/groups/edge/pause";
+    assert_eq!(call("POST", pause, None, None).await.status, 401);
+    assert_eq!(call("POST", pause, Some("view-secret"), None).await.status, 403);
+    assert_eq!(
+        call("POST", "/api/v1/sync", Some("view-secret"), None).await.status,
+        403
+    );
+    let forged = call("POST", pause, Some("ops-secret"), Some("https://evil.example")).await;
+    assert_eq!(forged.status, 403, "a page of another origin cannot pause a rollout");
+    let done = call("POST", pause, Some("ops-secret"), None).await;
+    assert_eq!(done.status, 200, "{}", String::from_utf8_lossy(&done.body));
+    let group: serde_json::Value = serde_json::from_slice(&done.body).unwrap();
+    assert_eq!(group["rollout"]["actions"][0]["by"], "ops", "{group}");
+
+    let note = common::eventually("the note to record who paused", async || {
+        let out = std::process::Command::new("git")
+            .args(["notes", "--ref=opamp-gitops", "show", &commit.to_string()])
+            .current_dir(repo.path())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("by: ops").then_some(text)
+    })
+    .await;
+    assert!(note.contains("{action: pause, at: "), "{note}");
+    agent.close().await;
+    server.stop().await;
+}

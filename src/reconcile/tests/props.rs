@@ -264,9 +264,9 @@ proptest! {
                     commits += 1;
                     w.desired = desired(&s, commits, *a, *b);
                 }
-                Step::Pause(g) => { let _ = w.state.pause(&groups[*g], w.now); }
-                Step::Resume(g) => { let _ = w.state.resume(&groups[*g], w.now); }
-                Step::Promote(g) => { let _ = w.state.promote(&groups[*g], w.now); }
+                Step::Pause(g) => { let _ = w.state.pause(&groups[*g], w.now, None); }
+                Step::Resume(g) => { let _ = w.state.resume(&groups[*g], w.now, None); }
+                Step::Promote(g) => { let _ = w.state.promote(&groups[*g], w.now, None); }
             }
             prev_state = w.state.clone();
             prev_agents = w.agents.clone();
