@@ -365,6 +365,12 @@ async fn webhooks_must_be_signed_and_for_the_tracked_branch() {
     let (code, _) = http(addr, "POST", "/api/v1/webhook", &headers, push).await;
     assert_eq!(code, 202);
     assert_eq!(groups(&wait_loaded(&handle, &second).await), edge("otlp"));
+    // The same signed delivery sent again is a replay.
+    let (code, body) = http(addr, "POST", "/api/v1/webhook", &headers, push).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("this delivery was received before"))
+    );
     cancel.cancel();
 }
 
