@@ -150,10 +150,6 @@ impl TokenFile {
         self.current.read().expect("tokens lock").clone()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reads the file again; on an error the tokens in use stay.
     pub fn reload(&self) -> Result<(), TokensError> {
         let fresh = Tokens::load(&self.path)?;

@@ -1,6 +1,7 @@
 //! Admission for the two listeners: how many connections may be open, how
 //! many from one source address, and how long a connection may stay open
-//! without sending a request. The rest of HTTP is axum's.
+//! without sending a request; and, with TLS, the handshake, run beside the
+//! accept loop so a slow client holds up no one. The rest of HTTP is axum's.
 //!
 //! A connection that has not sent a request yet is *quiet*. When a listener
 //! is full, a new connection closes the oldest quiet one (of its own source

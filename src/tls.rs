@@ -147,10 +147,6 @@ impl ServerTls {
         &self.acceptor
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// Reads the certificate and key again; on an error the one in use stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = certified_key(&self.files)?;

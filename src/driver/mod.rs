@@ -224,12 +224,15 @@ impl Driver {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.note_invalid_head(&git_status.borrow_and_update().clone());
         loop {
+            // An input that closes means its task ended; the supervisor reports
+            // that task and stops the controller, so the driver only waits for
+            // its turn to stop rather than be mistaken for the cause.
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                changed = desired.changed() => if changed.is_err() { break },
-                changed = fleet.changed() => if changed.is_err() { break },
+                changed = desired.changed() => if changed.is_err() { cancel.cancelled().await; break },
+                changed = fleet.changed() => if changed.is_err() { cancel.cancelled().await; break },
                 changed = git_status.changed() => {
-                    if changed.is_err() { break }
+                    if changed.is_err() { cancel.cancelled().await; break }
                     let status = git_status.borrow_and_update().clone();
                     self.note_invalid_head(&status);
                     continue;

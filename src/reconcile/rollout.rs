@@ -451,7 +451,7 @@ impl GroupCtx<'_> {
 
 /// Deliveries of the target that ended the agent's connection before it
 /// said anything of the config, in a row, after which the agent has failed.
-pub const MAX_PUSH_DROPS: u32 = 3;
+const MAX_PUSH_DROPS: u32 = 3;
 
 /// What the agents of a rollout's opened waves say, for [`GroupCtx::advance`].
 #[derive(Debug, Clone, Copy)]
