@@ -386,9 +386,12 @@ impl GroupCtx<'_> {
         }
         // A wave whose members are all away is not done: agents that are
         // away are left out of the count, but a rollout never moves past a
-        // wave (nor completes) without a member of it having verified the
-        // config, so agents returning from an outage meet the canary first.
-        let unverified = r.kind == RolloutKind::Waves && progress.verified == 0 && r.opened_cut() > 0;
+        // wave (nor completes) before a member of the opened waves has
+        // judged the config, by verifying it or failing it (failures within
+        // the budget let it go on, as the policy says), so agents returning
+        // from an outage meet the canary first.
+        let unjudged = progress.verified == 0 && r.failures.is_empty();
+        let unverified = r.kind == RolloutKind::Waves && unjudged && r.opened_cut() > 0;
         if progress.blocking > 0 || unverified {
             r.settled_since = None;
             return;

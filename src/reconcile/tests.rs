@@ -1471,3 +1471,27 @@ fn an_agent_whose_connection_drops_each_time_it_is_pushed_fails() {
             .contains("closed each time the config reached it (3 times)")
     );
 }
+
+#[test]
+fn a_canary_failure_within_the_budget_still_lets_the_rollout_go_on() {
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| {
+        r.waves("1, 100%")
+            .bake(10)
+            .apply_timeout(300)
+            .max_failures(Amount::Count(1))
+    });
+    let ord = order("gw", 4);
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&ord[..1]));
+    w.set(&ord[0], |a| a.reports(&v2).failed("flaky host"));
+    w.plan();
+    w.advance(11);
+    let p = w.plan();
+    let g = &p.groups[&gname("gw")];
+    assert_eq!(
+        (g.phase, g.wave),
+        (Phase::Progressing, 2),
+        "the failure was judged, and tolerated"
+    );
+}
