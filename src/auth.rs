@@ -6,7 +6,6 @@
 //! ```yaml
 //! - name: edge-hosts                 # who the token is: logged, recorded in notes
 //!   sha256: 9f86d081884c7d659a2f…    # hex SHA-256 of the token
-//!   groups: [edge-gateways]          # agents: the groups its agents may join (default: any)
 //!   scope: write                     # operators: read or write (default: read)
 //! ```
 
@@ -18,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-
-use crate::model::GroupName;
 
 /// What an operator token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -36,8 +33,6 @@ pub enum Scope {
 pub struct Token {
     pub name: Arc<str>,
     hash: [u8; 32],
-    /// The groups an agent with this token may join; `None`: any.
-    pub groups: Option<Arc<BTreeSet<GroupName>>>,
     pub scope: Scope,
 }
 
@@ -79,6 +74,12 @@ impl Tokens {
             if !names.insert(e.name.clone()) {
                 return Err(at("a second token of that name"));
             }
+            if e.groups.is_some() {
+                return Err(at(
+                    "groups: limiting a token to groups is not supported yet; remove the key \
+                     (the token's agents may join any group)",
+                ));
+            }
             let hash = hex::decode(e.sha256.trim())
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -86,7 +87,6 @@ impl Tokens {
             tokens.push(Token {
                 name: Arc::from(e.name.as_str()),
                 hash,
-                groups: e.groups.map(|g| Arc::new(g.into_iter().map(GroupName::new).collect())),
                 scope: e.scope.unwrap_or(Scope::Read),
             });
         }
@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn tokens_are_found_by_their_hash() {
         let text = format!(
-            "- {{name: edge, sha256: {}, groups: [edge-gateways]}}\n- {{name: ops, sha256: {}, scope: write}}\n",
+            "- {{name: edge, sha256: {}}}\n- {{name: ops, sha256: {}, scope: write}}\n",
             sha("s3cret-edge"),
             sha("s3cret-ops")
         );
@@ -229,7 +229,6 @@ mod tests {
         let edge = tokens.find("s3cret-edge").unwrap();
         assert_eq!(&*edge.name, "edge");
         assert_eq!(edge.scope, Scope::Read);
-        assert!(edge.groups.as_ref().unwrap().contains(&GroupName::new("edge-gateways")));
         assert_eq!(tokens.find("s3cret-ops").unwrap().scope, Scope::Write);
         assert!(tokens.find("s3cret").is_none());
         assert!(tokens.find("").is_none());
@@ -245,6 +244,8 @@ mod tests {
         let twice = format!("- {{name: a, sha256: {0}}}\n- {{name: a, sha256: {0}}}", sha("x"));
         assert_eq!(err(&twice), "t.yaml: entry 2 (\"a\"): a second token of that name");
         assert!(err("- {name: a, token: x}").contains("unknown field `token`"));
+        let limited = format!("- {{name: a, sha256: {}, groups: [edge]}}", sha("x"));
+        assert!(err(&limited).contains("groups: limiting a token to groups is not supported yet"));
     }
 
     #[test]
