@@ -285,20 +285,10 @@ impl Running {
 /// bound; the controller runs until `shutdown` is cancelled.
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
     let fd_limit = raise_fd_limit();
-    let (opamp_tls, api_tls) = match &config.tls {
-        Some(files) => {
-            let agents = ServerTls::load(files.clone())?;
-            let operators = ServerTls::load(TlsFiles {
-                client_ca: None,
-                ..files.clone()
-            })?;
-            (Some(agents), Some(operators))
-        }
-        None => {
-            tracing::warn!("no --tls-cert: agents and operators connect over plain, unencrypted HTTP");
-            (None, None)
-        }
-    };
+    let tls = config.tls.clone().map(ServerTls::load).transpose()?;
+    if tls.is_none() {
+        tracing::warn!("no --tls-cert: agents and operators connect over plain, unencrypted HTTP");
+    }
     let agent_tokens = config.agent_tokens.clone().map(TokenFile::load).transpose()?;
     match (&agent_tokens, &config.tls) {
         (None, Some(TlsFiles { client_ca: Some(_), .. })) => {}
@@ -308,9 +298,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         (Some(_), None) => tracing::warn!("agent tokens travel unencrypted without --tls-cert"),
         (Some(_), Some(_)) => {}
     }
-    let mut watchers = [&opamp_tls, &api_tls]
-        .into_iter()
-        .flatten()
+    let mut watchers = tls
+        .iter()
         .map(ServerTls::watch)
         .collect::<Result<Vec<_>, _>>()
         .map_err(AppError::Watch)?;
@@ -409,12 +398,22 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         },
     };
 
-    let opamp_server = AdmittingListener::new(opamp_listener, opamp_limits, opamp_connections, opamp_tls)
-        .serve(transport::router(opamp_ctx))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_server = AdmittingListener::new(api_listener, api_limits, api_connections, api_tls)
-        .serve(api::router(api_state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let opamp_server = AdmittingListener::new(
+        opamp_listener,
+        opamp_limits,
+        opamp_connections,
+        tls.as_ref().map(|t| t.agents().clone()),
+    )
+    .serve(transport::router(opamp_ctx))
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let api_server = AdmittingListener::new(
+        api_listener,
+        api_limits,
+        api_connections,
+        tls.as_ref().map(|t| t.operators().clone()),
+    )
+    .serve(api::router(api_state))
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tracing::info!(
         opamp = %opamp_addr,
         api = %api_addr,

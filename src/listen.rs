@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::telemetry::InternalEvent;
 use crate::telemetry::connections::{Closed, ConnectionClosed, ConnectionMetrics};
-use crate::tls::ServerTls;
+use tokio_rustls::TlsAcceptor;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -188,7 +188,7 @@ pub struct AdmittingListener {
     admission: Arc<Admission>,
     /// With TLS, handshakes run in tasks of their own (a slow client must
     /// not hold up the accept loop) and come back here when done.
-    tls: Option<ServerTls>,
+    tls: Option<TlsAcceptor>,
     handshaken: (mpsc::Sender<Connection>, mpsc::Receiver<Connection>),
 }
 
@@ -196,7 +196,7 @@ pub struct AdmittingListener {
 type Connection = (Admitted, Peer);
 
 impl AdmittingListener {
-    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics, tls: Option<ServerTls>) -> Self {
+    pub fn new(inner: TcpListener, limits: Limits, metrics: ConnectionMetrics, tls: Option<TlsAcceptor>) -> Self {
         AdmittingListener {
             inner,
             admission: Arc::new(Admission {
@@ -279,7 +279,7 @@ impl axum::serve::Listener for AdmittingListener {
             let Some(tls) = &self.tls else {
                 return (admitted(Io::Plain(tcp)), peer);
             };
-            let (acceptor, done) = (tls.acceptor().clone(), self.handshaken.0.clone());
+            let (acceptor, done) = (tls.clone(), self.handshaken.0.clone());
             tokio::spawn(async move {
                 // The handshake counts against the time to the first request.
                 let stream = match tokio::time::timeout(quiet_for, acceptor.accept(tcp)).await {

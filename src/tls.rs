@@ -88,13 +88,15 @@ impl ResolvesServerCert for Current {
     }
 }
 
-/// One listener's TLS: an acceptor whose certificate [`ServerTls::reload`]
-/// replaces.
+/// The listeners' TLS: one certificate, read again by [`ServerTls::reload`],
+/// served by two acceptors — agents', which asks for a client certificate
+/// when there is a client CA, and operators', which never does.
 #[derive(Clone)]
 pub struct ServerTls {
     files: TlsFiles,
     current: Arc<Current>,
-    acceptor: TlsAcceptor,
+    agents: TlsAcceptor,
+    operators: TlsAcceptor,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -109,14 +111,20 @@ impl ServerTls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(&files)?))));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| TlsError::Invalid {
-                path: files.cert.clone(),
-                message: e.to_string(),
-            })?;
-        let builder = match &files.client_ca {
-            None => builder.with_no_client_auth(),
+        let builder = || {
+            ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| TlsError::Invalid {
+                    path: files.cert.clone(),
+                    message: e.to_string(),
+                })
+        };
+        let acceptor = |mut config: ServerConfig| {
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            TlsAcceptor::from(Arc::new(config))
+        };
+        let agents = match &files.client_ca {
+            None => builder()?.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates(ca)? {
@@ -125,26 +133,33 @@ impl ServerTls {
                         message: e.to_string(),
                     })?;
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
                     .map_err(|e| TlsError::Invalid {
                         path: ca.clone(),
                         message: e.to_string(),
                     })?;
-                builder.with_client_cert_verifier(verifier)
+                builder()?.with_client_cert_verifier(verifier)
             }
         };
-        let mut config = builder.with_cert_resolver(current.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let agents = acceptor(agents.with_cert_resolver(current.clone()));
+        let operators = acceptor(builder()?.with_no_client_auth().with_cert_resolver(current.clone()));
         Ok(ServerTls {
             files,
             current,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            agents,
+            operators,
         })
     }
 
-    pub fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    /// For the OpAMP listener.
+    pub fn agents(&self) -> &TlsAcceptor {
+        &self.agents
+    }
+
+    /// For the API listener.
+    pub fn operators(&self) -> &TlsAcceptor {
+        &self.operators
     }
 
     /// Reads the certificate and key again; on an error the one in use stays.
