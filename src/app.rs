@@ -29,9 +29,10 @@ use crate::notes::writer::{self, Backoff};
 use crate::opamp::OpampContext;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport;
-use crate::telemetry::Registry;
 use crate::telemetry::connections::ConnectionMetrics;
+use crate::telemetry::notes::{NoteUnreadable, NotesMetrics};
 use crate::telemetry::opamp::OpampMetrics;
+use crate::telemetry::{InternalEvent, Registry};
 use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// How long shutdown waits, in all, for open connections (HTTP requests in
@@ -537,9 +538,10 @@ async fn start_gitops(
     git.register_metrics(registry);
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
-    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader));
     let notes_stop = CancellationToken::new();
     let (notes, notes_task) = writer::spawn(store, Backoff::default(), notes_stop.clone());
+    let metrics = notes.metrics().clone();
+    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &metrics));
     notes.register_metrics(registry);
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
@@ -574,13 +576,21 @@ async fn start_gitops(
 
 /// The notes already in the repository (fetched from the remote first), so
 /// rewrites keep what they hold. A failure is logged: notes are an output,
-/// not something the controller needs to run.
-fn read_existing_notes(store: &NotesStore) -> Vec<Note> {
+/// not something the controller needs to run; so is each note that cannot be
+/// read (it is left out, counted in `notes_unreadable`).
+fn read_existing_notes(store: &NotesStore, metrics: &NotesMetrics) -> Vec<Note> {
     if let Err(e) = store.fetch() {
         tracing::warn!(error = %e, "fetching the remote's notes failed");
     }
     match store.all() {
-        Ok(all) => all.values().filter_map(|text| Note::parse(text).ok()).collect(),
+        Ok(all) => all
+            .iter()
+            .filter_map(|(commit, text)| {
+                Note::parse(text)
+                    .inspect_err(|error| NoteUnreadable { commit, error }.emit(metrics))
+                    .ok()
+            })
+            .collect(),
         Err(e) => {
             tracing::warn!(error = %e, "reading the existing notes failed");
             Vec::new()

@@ -155,6 +155,19 @@ impl<'de> Deserialize<'de> for ConfigHash {
     }
 }
 
+/// The commit's author, committer and subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// `Name <email>`.
+    pub author: String,
+    pub committer: String,
+    /// The author's time.
+    #[serde(with = "crate::rfc3339")]
+    pub time: std::time::SystemTime,
+    pub subject: String,
+}
+
 /// A git commit id as lowercase hex (40 digits for SHA-1 repositories).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(transparent)]

@@ -81,6 +81,10 @@ pub struct RolloutJson {
     pub commit: Option<CommitId>,
     pub started: Option<String>,
     pub finished: Option<String>,
+    /// Agents that failed this rollout, all of them (they stay counted after
+    /// a rollback, until the next rollout starts).
+    pub failed: u32,
+    /// The newest failures, with their errors.
     pub failures: Vec<FailureJson>,
     pub actions: Vec<ActionJson>,
 }
@@ -114,6 +118,7 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
             commit: s.commit.clone(),
             started: s.started.map(|t| rfc3339::format_millis(t.millis())),
             finished: s.finished.map(|t| rfc3339::format_millis(t.millis())),
+            failed: s.failed,
             failures: s
                 .failures
                 .iter()

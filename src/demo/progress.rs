@@ -184,6 +184,7 @@ mod tests {
                 applied,
                 ..AgentCounts::default()
             },
+            failed: 0,
             failures: vec![],
             started: None,
             finished: None,

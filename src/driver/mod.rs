@@ -366,7 +366,16 @@ impl Driver {
             }
         }
         self.publish(&commit, &agents, &groups);
-        let notes = self.book.after_plan(&commit, &groups, &events, now_wall);
+        let notes = self.book.after_plan(
+            notebook::PlanFacts {
+                desired: &commit,
+                change: loaded.change.as_ref(),
+                groups: &groups,
+                events: &events,
+                state: &self.state,
+            },
+            now_wall,
+        );
         self.submit_notes(notes);
     }
 
@@ -451,7 +460,16 @@ impl Driver {
                         .note
                         .failures
                         .iter()
-                        .filter_map(|x| Some((InstanceUid::parse_text(&x.agent)?, x.error.clone())))
+                        .map(|x| (x.agent.as_str(), x.error.as_str()))
+                        .chain(f.note.also_failed.iter().map(|uid| (uid.as_str(), "")))
+                        .filter_map(|(uid, error)| {
+                            let error = if error.is_empty() {
+                                "failed (as the notes recorded; the error was not kept)"
+                            } else {
+                                error
+                            };
+                            Some((InstanceUid::parse_text(uid)?, error.to_owned()))
+                        })
                         .collect(),
                 }),
                 None => None,

@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::SystemTime;
 
 use crate::model::{CommitId, GroupName};
-use crate::notes::format::{FORMAT_VERSION, Failure, MAX_FAILURES, Note, NoteAction, NoteGroup};
-use crate::reconcile::{Event, GroupStatus, Phase, Timestamp};
+use crate::notes::format::{
+    Change, FORMAT_VERSION, Failure, MAX_FAILURES, MAX_HISTORY, Note, NoteGroup, NoteStep, Step,
+};
+use crate::reconcile::{Event, GroupStatus, Phase, RolloutState, Timestamp};
 
 /// Notes of at most this many commits are kept in memory (those of rollouts
 /// still shown are never dropped).
@@ -20,19 +22,23 @@ pub struct NoteBook {
     /// Invalid commits whose note was already handed out.
     invalid: HashSet<CommitId>,
     next_seq: u64,
+    /// A plan has been folded in: unfinished rollouts seen after that are
+    /// not carried on from before a restart.
+    planned: bool,
 }
 
-/// A note is rewritten when one of these changes: phase, wave, the number
-/// of operator actions or of failed agents, or whether the group has settled
-/// (no agent still applying), so a halted rollout's note ends with the
-/// counts its rollback reached.
-type Moves = (Phase, u32, usize, u32, bool);
+/// A note is rewritten when one of these changes: phase, wave, its history,
+/// the agents that failed the rollout or are failed now, or whether the
+/// group has settled (no agent still applying), so a halted rollout's note
+/// ends with the counts its rollback reached.
+type Moves = (Phase, u32, usize, usize, u32, bool);
 
 fn moves(g: &NoteGroup) -> Moves {
     (
         g.phase,
         g.wave,
-        g.actions.len(),
+        g.history.len(),
+        g.failures.len() + g.also_failed.len(),
         g.agents.failed,
         g.agents.applying == 0,
     )
@@ -42,6 +48,9 @@ struct Entry {
     note: Note,
     /// What moves a note, per group, as last handed out for writing.
     written: BTreeMap<GroupName, Moves>,
+    /// Per group: the start of the rollout whose operator actions the
+    /// history tells, and how many of them it tells.
+    actions_told: BTreeMap<GroupName, (Option<Timestamp>, usize)>,
     /// Insertion order, for eviction.
     seq: u64,
 }
@@ -61,7 +70,16 @@ impl NoteBook {
             }
             let written = note.groups.iter().map(|(g, n)| (g.clone(), moves(n))).collect();
             let seq = self.bump();
-            self.notes.insert(note.commit.clone(), Entry { note, written, seq });
+            let actions_told = BTreeMap::new();
+            self.notes.insert(
+                note.commit.clone(),
+                Entry {
+                    note,
+                    written,
+                    actions_told,
+                    seq,
+                },
+            );
         }
         self
     }
@@ -81,6 +99,7 @@ impl NoteBook {
             commit: commit.clone(),
             updated: now,
             valid: false,
+            change: None,
             errors: errors.to_vec(),
             groups: BTreeMap::new(),
         })
@@ -88,15 +107,21 @@ impl NoteBook {
 
     /// Folds a plan's group statuses and events in, and answers the notes that
     /// must be written: the desired commit's when it is new, and every note
-    /// whose group phase or wave changed.
-    pub fn after_plan(
-        &mut self,
-        desired: &CommitId,
-        groups: &BTreeMap<GroupName, GroupStatus>,
-        events: &[Event],
-        now: SystemTime,
-    ) -> Vec<Note> {
-        self.entry(desired, now);
+    /// whose group moved. `change` tells who made the desired commit; `state`
+    /// is the plan's rollout state (for the full list of failed agents).
+    pub fn after_plan(&mut self, plan: PlanFacts<'_>, now: SystemTime) -> Vec<Note> {
+        let PlanFacts {
+            desired,
+            change,
+            groups,
+            events,
+            state,
+        } = plan;
+        let entry = self.entry(desired, now);
+        if entry.note.change.is_none() {
+            entry.note.change = change.cloned();
+        }
+        let at = |t: Timestamp| time(Some(t)).unwrap_or(now);
         for (name, status) in groups {
             let rollout_commit = status.commit.as_ref();
             if rollout_commit != Some(desired) {
@@ -107,9 +132,10 @@ impl NoteBook {
                     waves: 0,
                     agents: status.agents,
                     failures: vec![],
+                    also_failed: vec![],
                     started: None,
                     finished: None,
-                    actions: vec![],
+                    history: vec![],
                 };
                 self.entry(desired, now)
                     .note
@@ -117,10 +143,92 @@ impl NoteBook {
                     .entry(name.clone())
                     .or_insert(unchanged);
             }
-            if let Some(commit) = rollout_commit {
-                let group = from_status(status);
-                self.entry(commit, now).note.groups.insert(name.clone(), group);
+            let Some(commit) = rollout_commit else { continue };
+            let mut group = from_status(status);
+            if status.failed as usize > group.failures.len()
+                && let Some(r) = state.groups.get(name).and_then(|g| g.rollout.as_ref())
+                && r.commit.as_ref() == Some(commit)
+            {
+                let shown: HashSet<&str> = group.failures.iter().map(|f| f.agent.as_str()).collect();
+                group.also_failed = r
+                    .failures
+                    .keys()
+                    .map(|u| u.to_string())
+                    .filter(|u| !shown.contains(u.as_str()))
+                    .collect();
             }
+            let planned = self.planned;
+            let entry = self.entry(commit, now);
+            let mut history = entry
+                .note
+                .groups
+                .get_mut(name)
+                .map(|g| std::mem::take(&mut g.history))
+                .unwrap_or_default();
+            // Operator actions not told yet: those after the ones this
+            // rollout already told (a new rollout starts the count again).
+            // A note read back already tells the actions it holds.
+            let read_back = !entry.actions_told.contains_key(name);
+            let rollout = (status.started, 0);
+            let told = entry.actions_told.entry(name.clone()).or_insert(rollout);
+            if told.0 != status.started {
+                *told = rollout;
+            }
+            for a in status.actions.iter().skip(told.1) {
+                let step = NoteStep {
+                    by: a.by.clone(),
+                    ..NoteStep::new(a.action.into(), at(a.at))
+                };
+                if !(read_back && history.contains(&step)) {
+                    history.push(step);
+                }
+            }
+            told.1 = status.actions.len();
+            let mut add = |step: NoteStep| {
+                if !history.contains(&step) {
+                    history.push(step);
+                }
+            };
+            let mut started_now = false;
+            for event in events {
+                let step = |step: Step, wave: Option<u32>, failed: Option<u32>| NoteStep {
+                    wave,
+                    failed,
+                    ..NoteStep::new(step, now)
+                };
+                match event {
+                    Event::RolloutStarted { group, commit: c, .. } if group == name && c.as_ref() == Some(commit) => {
+                        started_now = true;
+                        add(step(Step::Started, Some(1), None));
+                    }
+                    Event::WaveOpened {
+                        group, commit: c, wave, ..
+                    } if group == name && c.as_ref() == Some(commit) && *wave > 1 => {
+                        add(step(Step::Wave, Some(*wave), None));
+                    }
+                    Event::Halted {
+                        group,
+                        commit: c,
+                        failures,
+                    } if group == name && c.as_ref() == Some(commit) => add(step(Step::Halted, None, Some(*failures))),
+                    Event::Complete { group, commit: c, .. } if group == name && c.as_ref() == Some(commit) => {
+                        add(step(Step::Complete, None, None));
+                    }
+                    _ => {}
+                }
+            }
+            let unfinished = matches!(status.phase, Phase::Progressing | Phase::Paused | Phase::Halted);
+            if !planned && unfinished && !started_now {
+                add(NoteStep {
+                    wave: Some(status.wave),
+                    ..NoteStep::new(Step::Restarted, now)
+                });
+            }
+            history.sort_by_key(|s| s.at);
+            let excess = history.len().saturating_sub(MAX_HISTORY);
+            history.drain(..excess);
+            group.history = history;
+            entry.note.groups.insert(name.clone(), group);
         }
         for event in events {
             if let Event::Superseded {
@@ -133,8 +241,10 @@ impl NoteBook {
             {
                 g.phase = Phase::Superseded;
                 g.finished = Some(now);
+                g.history.push(NoteStep::new(Step::Superseded, now));
             }
         }
+        self.planned = true;
         let due = self.due(now);
         self.evict(groups);
         due
@@ -146,6 +256,7 @@ impl NoteBook {
             let note = Note {
                 version: FORMAT_VERSION.into(),
                 commit: commit.clone(),
+                change: None,
                 updated: now,
                 valid: true,
                 errors: vec![],
@@ -156,6 +267,7 @@ impl NoteBook {
                 Entry {
                     note,
                     written: BTreeMap::new(),
+                    actions_told: BTreeMap::new(),
                     seq,
                 },
             );
@@ -201,6 +313,19 @@ fn time(t: Option<Timestamp>) -> Option<SystemTime> {
     t.map(|t| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(t.millis()))
 }
 
+/// What a plan tells the notes.
+pub struct PlanFacts<'p> {
+    /// The commit in force.
+    pub desired: &'p CommitId,
+    /// Who made it.
+    pub change: Option<&'p Change>,
+    pub groups: &'p BTreeMap<GroupName, GroupStatus>,
+    pub events: &'p [Event],
+    pub state: &'p RolloutState,
+}
+
+/// The group's note as its status shows it; the caller adds the history and
+/// the failed agents the status leaves out.
 fn from_status(s: &GroupStatus) -> NoteGroup {
     NoteGroup {
         config_hash: s.config_hash,
@@ -217,19 +342,10 @@ fn from_status(s: &GroupStatus) -> NoteGroup {
                 error: f.error.clone(),
             })
             .collect(),
+        also_failed: vec![],
         started: time(s.started),
         finished: time(s.finished),
-        actions: s
-            .actions
-            .iter()
-            .filter_map(|a| {
-                Some(NoteAction {
-                    action: a.action,
-                    at: time(Some(a.at))?,
-                    by: a.by.clone(),
-                })
-            })
-            .collect(),
+        history: vec![],
     }
 }
 
@@ -256,11 +372,30 @@ mod tests {
                 applied,
                 ..Default::default()
             },
+            failed: 0,
             failures: vec![],
             started: Some(Timestamp::from_millis(1_000)),
             finished: None,
             actions: vec![],
         }
+    }
+
+    fn after(
+        book: &mut NoteBook,
+        desired: &CommitId,
+        groups: &BTreeMap<GroupName, GroupStatus>,
+        events: &[Event],
+        now: SystemTime,
+    ) -> Vec<Note> {
+        let state = RolloutState::default();
+        let facts = PlanFacts {
+            desired,
+            change: None,
+            groups,
+            events,
+            state: &state,
+        };
+        book.after_plan(facts, now)
     }
 
     fn g(n: &str) -> GroupName {
@@ -272,16 +407,16 @@ mod tests {
         let mut book = NoteBook::default();
         let now = SystemTime::UNIX_EPOCH;
         let mut groups = BTreeMap::from([(g("edge"), status('a', Phase::Progressing, 1, 0))]);
-        let first = book.after_plan(&c('a'), &groups, &[], now);
+        let first = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].groups[&g("edge")].phase, Phase::Progressing);
         groups.insert(g("edge"), status('a', Phase::Progressing, 1, 1));
         assert!(
-            book.after_plan(&c('a'), &groups, &[], now).is_empty(),
+            after(&mut book, &c('a'), &groups, &[], now).is_empty(),
             "counts alone do not rewrite"
         );
         groups.insert(g("edge"), status('a', Phase::Progressing, 2, 1));
-        let wave = book.after_plan(&c('a'), &groups, &[], now);
+        let wave = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(wave[0].groups[&g("edge")].wave, 2);
         let mut paused = status('a', Phase::Paused, 2, 1);
         paused.actions = vec![ControlAction {
@@ -290,8 +425,9 @@ mod tests {
             by: None,
         }];
         groups.insert(g("edge"), paused.clone());
-        let p = book.after_plan(&c('a'), &groups, &[], now);
-        assert_eq!(p[0].groups[&g("edge")].actions[0].action, Control::Pause);
+        let p = after(&mut book, &c('a'), &groups, &[], now);
+        let steps = |n: &Note| -> Vec<Step> { n.groups[&g("edge")].history.iter().map(|s| s.step).collect() };
+        assert_eq!(steps(&p[0]), [Step::Restarted, Step::Pause]);
         paused.phase = Phase::Progressing;
         paused.actions.push(ControlAction {
             action: Control::Promote,
@@ -299,14 +435,14 @@ mod tests {
             by: None,
         });
         groups.insert(g("edge"), paused);
-        let p = book.after_plan(&c('a'), &groups, &[], now);
+        let p = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(
-            p[0].groups[&g("edge")].actions.len(),
-            2,
+            steps(&p[0]),
+            [Step::Restarted, Step::Pause, Step::Promote],
             "each operator action is recorded in the note"
         );
         groups.insert(g("edge"), status('a', Phase::Complete, 3, 10));
-        let done = book.after_plan(&c('a'), &groups, &[], now);
+        let done = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(
             done[0].groups[&g("edge")].agents.applied,
             10,
@@ -323,7 +459,7 @@ mod tests {
             (g("edge"), status('a', Phase::Progressing, 1, 0)),
             (g("apps"), status('b', Phase::Progressing, 1, 0)),
         ]);
-        let notes = book.after_plan(&c('b'), &groups, &[], now);
+        let notes = after(&mut book, &c('b'), &groups, &[], now);
         let by_commit: BTreeMap<_, _> = notes.iter().map(|n| (n.commit.clone(), n)).collect();
         assert_eq!(by_commit[&c('b')].groups[&g("edge")].phase, Phase::Unchanged);
         assert_eq!(by_commit[&c('b')].groups[&g("apps")].phase, Phase::Progressing);
@@ -331,7 +467,7 @@ mod tests {
         assert!(!by_commit[&c('a')].groups.contains_key(&g("apps")));
         // edge's wave moves: only a's note is rewritten.
         groups.insert(g("edge"), status('a', Phase::Progressing, 2, 1));
-        let notes = book.after_plan(&c('b'), &groups, &[], now);
+        let notes = after(&mut book, &c('b'), &groups, &[], now);
         assert_eq!(notes.iter().map(|n| n.commit.clone()).collect::<Vec<_>>(), vec![c('a')]);
     }
 
@@ -346,7 +482,7 @@ mod tests {
             at: Timestamp::from_millis(5),
         }];
         let groups = BTreeMap::from([(g("edge"), halted)]);
-        let notes = book.after_plan(&c('a'), &groups, &[], now);
+        let notes = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(notes[0].groups[&g("edge")].failures[0].error, "boom");
 
         let groups = BTreeMap::from([(g("edge"), status('b', Phase::Progressing, 1, 0))]);
@@ -356,7 +492,7 @@ mod tests {
             hash: ConfigHash([b'a'; 32]),
             by: ConfigHash([b'b'; 32]),
         }];
-        let notes = book.after_plan(&c('b'), &groups, &events, now);
+        let notes = after(&mut book, &c('b'), &groups, &events, now);
         let a = notes
             .iter()
             .find(|n| n.commit == c('a'))
@@ -379,7 +515,7 @@ mod tests {
             (g("edge"), status('a', Phase::Progressing, 1, 0)),
             (g("apps"), status('a', Phase::Complete, 3, 10)),
         ]);
-        let notes = existing.after_plan(&c('a'), &groups, &[], now);
+        let notes = after(&mut existing, &c('a'), &groups, &[], now);
         let mut book = NoteBook::default();
         assert!(book.invalid(&c('x'), &[], now).is_some());
         let mut book = book.with_existing(notes);
@@ -388,7 +524,7 @@ mod tests {
             "taking in notes keeps what the book knew"
         );
         let groups = BTreeMap::from([(g("edge"), status('a', Phase::Progressing, 2, 3))]);
-        let notes = book.after_plan(&c('a'), &groups, &[], now);
+        let notes = after(&mut book, &c('a'), &groups, &[], now);
         assert_eq!(notes.len(), 1);
         assert!(
             notes[0].groups.contains_key(&g("apps")),

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::desired::{DesiredState, Validated};
-use crate::model::CommitId;
+use crate::model::{Change, CommitId};
 use crate::telemetry::Registry;
 use crate::telemetry::git::{GitCounts, GitMetrics};
 
@@ -205,6 +205,8 @@ pub enum GitError {
 #[derive(Debug)]
 pub struct Loaded {
     pub commit: CommitId,
+    /// Who made the commit, when git could tell.
+    pub change: Option<Change>,
     pub desired: DesiredState,
     /// When the controller first saw this commit at the tip of the branch.
     pub seen_at: SystemTime,

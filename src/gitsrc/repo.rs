@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use git2::{AutotagOption, Cred, CredentialType, Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use super::tree::{TreeError, TreeSource};
+use super::tree::TreeSource;
 use super::{Auth, GitError};
-use crate::desired::{self, Diagnostic, LoadErrors, Validated};
-use crate::model::CommitId;
+use crate::desired::{self, LoadErrors, Validated};
+use crate::model::{Change, CommitId};
 
 /// The tip of the tracked branch, as last read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,18 +209,10 @@ pub(crate) fn load_commit(repo_dir: &Path, commit: &CommitId, subdir: Option<&Pa
         source,
     })?;
     let subdir = subdir.and_then(|d| desired::normalize_subdir(&d.to_string_lossy()));
-    let files = match TreeSource::at_commit(repo, oid, subdir.as_deref()) {
-        Ok(files) => files,
-        Err(e @ (TreeError::NoSuchSubdir { .. } | TreeError::BadSubdir(_))) => {
-            return Ok(Validated::Invalid(vec![Diagnostic {
-                path: subdir.as_deref().unwrap_or(".").to_string(),
-                line: 0,
-                column: 0,
-                message: e.to_string(),
-            }]));
-        }
-        Err(e) => return Err(GitError::Tree(e)),
-    };
+    // A folder the commit does not have says the controller looks in the
+    // wrong place (--path), not that the commit is invalid: an error, so no
+    // note records a verdict on the commit.
+    let files = TreeSource::at_commit(repo, oid, subdir.as_deref()).map_err(GitError::Tree)?;
     match desired::load(&files, Some(commit.clone())) {
         Ok(state) => Ok(Validated::Valid(state)),
         // Paths relative to the repository root, as `validate` prints them.
@@ -232,6 +224,35 @@ pub(crate) fn load_commit(repo_dir: &Path, commit: &CommitId, subdir: Option<&Pa
             source,
         }),
     }
+}
+
+/// Who made `commit` and what it says.
+pub(crate) fn change_of(repo_dir: &Path, commit: &CommitId) -> Result<Change, GitError> {
+    let read = |source| GitError::Read {
+        what: format!("commit {commit}"),
+        source,
+    };
+    let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
+        path: repo_dir.to_path_buf(),
+        source,
+    })?;
+    let c = repo
+        .find_commit(Oid::from_str(commit.as_str()).map_err(read)?)
+        .map_err(read)?;
+    let who = |s: git2::Signature<'_>| {
+        format!(
+            "{} <{}>",
+            String::from_utf8_lossy(s.name_bytes()),
+            String::from_utf8_lossy(s.email_bytes())
+        )
+    };
+    let seconds = u64::try_from(c.author().when().seconds()).unwrap_or(0);
+    Ok(Change {
+        author: who(c.author()),
+        committer: who(c.committer()),
+        time: std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+        subject: String::from_utf8_lossy(c.summary_bytes().unwrap_or_default()).into_owned(),
+    })
 }
 
 /// Where the bare mirror of `url` lives: named after the URL, so pointing the

@@ -14,7 +14,7 @@ use tracing::{debug, info};
 use super::repo::{self, Head};
 use super::{GitConfig, GitError, Loaded, RepoLocation, Status, SyncError, SyncOutcome, fswatch};
 use crate::desired::Validated;
-use crate::model::CommitId;
+use crate::model::{Change, CommitId};
 use crate::telemetry::InternalEvent;
 use crate::telemetry::git::{
     CommitInvalid, CommitLoaded, CommitUnreadable, FetchFailed, FetchRecovered, FetchStarted, GitMetrics,
@@ -241,13 +241,16 @@ impl SourceTask {
             }
             self.status.send_modify(|s| s.validating = Some(head.commit.clone()));
             let (dir, c, subdir) = (self.repo_dir.clone(), head.commit.clone(), self.config.subdir.clone());
-            let mut job = tokio::task::spawn_blocking(move || repo::load_commit(&dir, &c, subdir.as_deref()));
+            let mut job = tokio::task::spawn_blocking(move || {
+                let validated = repo::load_commit(&dir, &c, subdir.as_deref())?;
+                Ok((validated, repo::change_of(&dir, &c).ok()))
+            });
             let newer = loop {
                 tokio::select! {
                     loaded = &mut job => {
                         self.status.send_modify(|s| s.validating = None);
                         let loaded = loaded.map_err(GitError::Worker).and_then(|r| r);
-                        let outcome = loaded.map(|v| self.remember(&head.commit, seen_at, v));
+                        let outcome = loaded.map(|(v, change)| self.remember(&head.commit, seen_at, v, change));
                         return (head, outcome);
                     }
                     () = triggers.next() => match self.fetch().await {
@@ -281,7 +284,13 @@ impl SourceTask {
     }
 
     /// Records the outcome of validating `commit`, and counts it.
-    fn remember(&mut self, commit: &CommitId, seen_at: SystemTime, validated: Validated) -> Outcome {
+    fn remember(
+        &mut self,
+        commit: &CommitId,
+        seen_at: SystemTime,
+        validated: Validated,
+        change: Option<Change>,
+    ) -> Outcome {
         let outcome = match validated {
             Validated::Valid(desired) => {
                 CommitLoaded {
@@ -291,6 +300,7 @@ impl SourceTask {
                 .emit(&self.metrics);
                 Outcome::Valid(Arc::new(Loaded {
                     commit: commit.clone(),
+                    change,
                     desired,
                     seen_at,
                 }))

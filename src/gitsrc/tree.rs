@@ -15,7 +15,7 @@ pub enum TreeError {
     NotARepository { path: String, message: String },
     #[error("no such revision: {rev}")]
     NoSuchRevision { rev: String },
-    #[error("no directory {subdir} in commit {commit}")]
+    #[error("no directory {subdir} in commit {commit} (check --path)")]
     NoSuchSubdir { subdir: String, commit: CommitId },
     #[error("invalid subdirectory {0:?}: give a path inside the repository, without \"..\"")]
     BadSubdir(String),

@@ -98,6 +98,7 @@ mod tests {
         Note {
             version: FORMAT_VERSION.into(),
             commit: CommitId::new(commit),
+            change: None,
             updated,
             valid: true,
             errors: vec![],
@@ -115,7 +116,8 @@ mod tests {
                             failures: vec![],
                             started: started.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
                             finished: None,
-                            actions: vec![],
+                            also_failed: vec![],
+                            history: vec![],
                         },
                     )
                 })

@@ -169,13 +169,15 @@ mod tests {
                     failures: vec![],
                     started: None,
                     finished: None,
-                    actions: vec![],
+                    also_failed: vec![],
+                    history: vec![],
                 },
             );
         }
         Note {
             version: FORMAT_VERSION.into(),
             commit: CommitId::new(id.to_string().repeat(40)),
+            change: None,
             updated: UNIX_EPOCH,
             valid,
             errors: if valid {

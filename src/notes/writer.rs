@@ -33,6 +33,11 @@ impl NotesHandle {
         self.wake.notify_one();
     }
 
+    /// The writer's metrics, for reports about notes made elsewhere.
+    pub fn metrics(&self) -> &NotesMetrics {
+        &self.metrics
+    }
+
     /// Adds the writer's metrics to `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.metrics.register(registry);
@@ -98,6 +103,41 @@ async fn run(handle: NotesHandle, store: Arc<NotesStore>, backoff: Backoff, canc
     }
 }
 
+/// The texts to write: each note over the one already on its commit (see
+/// [`Note::over`]). A note that cannot be read or parsed is replaced, and
+/// said so.
+fn over_existing(store: &NotesStore, notes: BTreeMap<CommitId, Note>) -> BTreeMap<CommitId, String> {
+    let mut texts = BTreeMap::new();
+    for (commit, note) in notes {
+        let older = match store.read(&commit) {
+            Ok(Some(text)) => match Note::parse(&text) {
+                Ok(older) => Some(older),
+                Err(e) => {
+                    tracing::warn!(%commit, error = %e, "replacing a note that is not an opamp-gitops note");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%commit, error = %e, "could not read the note before writing it");
+                None
+            }
+        };
+        let note = match older {
+            Some(older) => match note.over(&older) {
+                Some(note) => note,
+                None => {
+                    tracing::warn!(%commit, "not writing an invalid verdict over the note of a valid commit");
+                    continue;
+                }
+            },
+            None => note,
+        };
+        texts.insert(commit, note.render());
+    }
+    texts
+}
+
 /// Writes everything queued. On failure the notes go back to the queue unless
 /// a newer note for the same commit arrived meanwhile.
 async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
@@ -105,9 +145,9 @@ async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
     if batch.is_empty() {
         return true;
     }
-    let texts: BTreeMap<CommitId, String> = batch.iter().map(|(c, n)| (c.clone(), n.render())).collect();
     let store = store.clone();
-    let result = tokio::task::spawn_blocking(move || store.write(&texts)).await;
+    let notes = batch.clone();
+    let result = tokio::task::spawn_blocking(move || store.write(&over_existing(&store, notes))).await;
     let error = match result {
         Ok(Ok(())) => {
             NotesWritten { notes: batch.len() }.emit(&handle.metrics);
@@ -143,6 +183,7 @@ mod tests {
         Note {
             version: FORMAT_VERSION.into(),
             commit: commit.clone(),
+            change: None,
             updated: UNIX_EPOCH,
             valid,
             errors: vec![],

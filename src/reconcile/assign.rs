@@ -21,6 +21,8 @@ enum Mode {
     Sync(PushReason),
     /// Waits for its wave: keeps what it runs.
     Keep,
+    /// Keeps a halted rollout's target it was given; never given it again.
+    Hold,
 }
 
 /// What one agent should run and how it is treated.
@@ -63,8 +65,8 @@ impl GroupCtx<'_> {
         let mut reverted = 0u32;
         for (n, &i) in self.idx.iter().enumerate() {
             let a = &self.agents[i];
-            let t = self.treatment(a, ranks[n], &current);
             let mut rec = self.prev[i].copied().unwrap_or_default();
+            let t = self.treatment(a, &rec, ranks[n], &current);
             rec.member = rolling.and_then(|r| ranks[n].map(|rank| Membership { rollout: r.id, rank }));
             if let Some(rs) = &a.remote
                 && let Some(h) = rs.hash
@@ -129,9 +131,14 @@ impl GroupCtx<'_> {
         let sh = t.should.map(|b| b.hash());
         // An agent given stable back that runs it well is in sync again;
         // its failure stays in the rollout's list. (One that timed out was
-        // given nothing back: its old report proves nothing.)
+        // given nothing back: its old report proves nothing.) After a
+        // rebuild from the notes nothing was given back yet: one known to
+        // have failed the target that runs stable well was rolled back.
+        let failed_target = rolling.is_some_and(|r| rec.failed == Some(r.target.hash()));
         let rolled_back = t.mode == Mode::Sync(PushReason::Rollback)
-            && sh.is_some_and(|h| a.good(h) && rec.pushed.is_some_and(|p| p.hash == h && !p.observed));
+            && sh.is_some_and(|h| {
+                a.good(h) && (failed_target || rec.pushed.is_some_and(|p| p.hash == h && !p.observed))
+            });
         let failed_rollout = t.active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
         let grace = self.group.rollout.unhealthy_grace;
         Facts {
@@ -150,10 +157,12 @@ impl GroupCtx<'_> {
     }
 
     /// What an agent of the group should run: during a rollout in waves the
-    /// target in the opened waves (stable back to a failed agent of a halted
-    /// rollout that rolls back), stable for the others; otherwise the last
-    /// rollout's target, or stable when there never was one.
-    fn treatment<'b>(&self, a: &AgentView, rank: Option<u32>, c: &Current<'b>) -> Treatment<'b> {
+    /// target in the opened waves, stable for the others; otherwise the last
+    /// rollout's target, or stable when there never was one. A halted
+    /// rollout gives its target to nobody: its failed agents get stable back
+    /// (when it rolls back), agents that run the target or were given it on
+    /// this connection keep it, and the rest of its opened waves get stable.
+    fn treatment<'b>(&self, a: &AgentView, rec: &AgentMemory, rank: Option<u32>, c: &Current<'b>) -> Treatment<'b> {
         let Some((r, opened)) = &c.rolling else {
             return match c.rollout {
                 Some(r) if r.kind == RolloutKind::Revert && r.phase == RolloutPhase::Progressing => {
@@ -164,13 +173,21 @@ impl GroupCtx<'_> {
             };
         };
         let (in_opened, _) = opened.place(self.name(), &a.uid, rank);
-        let failed = r.failures.contains_key(&a.uid);
-        if in_opened && failed && c.rollback && r.phase == RolloutPhase::Halted {
-            match c.stable {
-                Some(s) => Treatment::new(Some(s), Mode::Sync(PushReason::Rollback), true),
-                None => Treatment::new(None, Mode::Keep, true),
-            }
-        } else if in_opened {
+        if in_opened && r.phase == RolloutPhase::Halted {
+            let th = r.target.hash();
+            let failed = r.failures.contains_key(&a.uid);
+            let has_target = a.reports(th).is_some()
+                || rec
+                    .pushed
+                    .is_some_and(|p| p.hash == th && p.epoch == a.connection_epoch);
+            return match c.stable {
+                Some(s) if failed && c.rollback => Treatment::new(Some(s), Mode::Sync(PushReason::Rollback), true),
+                None if failed && c.rollback => Treatment::new(None, Mode::Keep, true),
+                _ if failed || has_target => Treatment::new(Some(&r.target), Mode::Hold, true),
+                stable => Treatment::new(stable, Mode::Sync(PushReason::Sync), true),
+            };
+        }
+        if in_opened {
             Treatment::new(Some(&r.target), Mode::Wave, true)
         } else if rank.is_some() {
             Treatment::new(c.stable, Mode::Keep, false)
@@ -185,7 +202,7 @@ impl GroupCtx<'_> {
     /// runs from the push or the first sighting on an earlier connection, so
     /// reconnecting does not put it off.
     fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentMemory, h: ConfigHash, mode: Mode) {
-        if mode != Mode::Keep
+        if !matches!(mode, Mode::Keep | Mode::Hold)
             && a.connected
             && matches!(
                 a.reports(h),
@@ -231,7 +248,7 @@ impl GroupCtx<'_> {
     }
 
     fn should_push(&self, a: &AgentView, rec: &AgentMemory, h: ConfigHash, mode: Mode) -> bool {
-        if !a.connected || rec.has_failed(h) || mode == Mode::Keep {
+        if !a.connected || rec.has_failed(h) || matches!(mode, Mode::Keep | Mode::Hold) {
             return false;
         }
         let same_connection = rec.pushed.filter(|p| p.hash == h && p.epoch == a.connection_epoch);

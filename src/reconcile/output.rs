@@ -79,6 +79,8 @@ pub struct GroupStatus {
     /// The commit whose config the current (or last) rollout delivers.
     pub commit: Option<CommitId>,
     pub agents: AgentCounts,
+    /// Agents that failed the current (or last) rollout, all of them.
+    pub failed: u32,
     /// Newest first, at most [`MAX_FAILURES_SHOWN`].
     pub failures: Vec<FailureView>,
     pub started: Option<Timestamp>,

@@ -213,6 +213,32 @@ mod tests {
     }
 
     #[test]
+    fn halted_gives_its_target_to_nobody_even_to_failed_agents_the_note_left_out() {
+        let (v1, v2) = (config("v1"), config("v2"));
+        let desired = repo().group("gw").waves("5, 100%").config(&v2).build();
+        // Wave 1's five agents all failed and were rolled back to v1, but the
+        // note names only two of them (an older note kept the newest few).
+        let agents = fleet_on(&v1);
+        let order = crate::reconcile::canary_order(&gname("gw"), agents.iter().map(|a| a.uid.clone()).collect());
+        let mut rec = recovered(&v1, &v2, true);
+        let r = rec.get_mut(&gname("gw")).unwrap().rollout.as_mut().unwrap();
+        r.opened = 1;
+        r.failures = order[..2].iter().map(|u| (u.clone(), "boom".into())).collect();
+        let state = restore(&desired, &agents, rec, t(100));
+        let p = plan_at(&desired, &agents, &state, t(100));
+        assert_eq!(p.groups[&gname("gw")].phase, Phase::Halted);
+        assert!(p.pushes.is_empty(), "v2 goes to nobody: {:?}", p.pushes);
+        // An agent of the opened wave that runs the target keeps it.
+        let mut agents = agents;
+        let kept = agents.iter().position(|a| a.uid == order[3]).unwrap();
+        agents[kept] = agents[kept].clone().reports(&v2).applied();
+        let p = plan_at(&desired, &agents, &state, t(100));
+        assert!(p.pushes.is_empty(), "{:?}", p.pushes);
+        assert_eq!(p.agent(&order[3]).and_then(|a| a.desired), Some(v2.hash()));
+        assert_eq!(p.agent(&order[4]).and_then(|a| a.desired), Some(v1.hash()));
+    }
+
+    #[test]
     fn a_revert_in_progress_resumes_as_a_revert() {
         let (v1, v2) = (config("v1"), config("v2"));
         let desired = repo().group("gw").waves("1, 50%, 100%").config(&v1).build();

@@ -304,6 +304,9 @@ mod tests {
             "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried).",
             "# TYPE opamp_gitops_notes_write_failures_total counter",
             "opamp_gitops_notes_write_failures_total 0",
+            "# HELP opamp_gitops_notes_unreadable_total Notes on the notes ref that are not opamp-gitops notes, found when reading them back.",
+            "# TYPE opamp_gitops_notes_unreadable_total counter",
+            "opamp_gitops_notes_unreadable_total 0",
             // Read from the fleet when scraped.
             "# HELP opamp_gitops_agents_connected Agents connected, by transport.",
             "# TYPE opamp_gitops_agents_connected gauge",

@@ -15,6 +15,7 @@ const TARGET: &str = "opamp_gitops::notes::writer";
 pub struct NotesMetrics {
     written: Counter,
     write_failures: Counter,
+    unreadable: Counter,
 }
 
 impl NotesMetrics {
@@ -28,6 +29,11 @@ impl NotesMetrics {
             "notes_write_failures",
             "Failed attempts to write or push notes (retried).",
             self.write_failures.clone(),
+        );
+        registry.add(
+            "notes_unreadable",
+            "Notes on the notes ref that are not opamp-gitops notes, found when reading them back.",
+            self.unreadable.clone(),
         );
     }
 
@@ -68,5 +74,21 @@ impl InternalEvent for NotesWriteFailed<'_> {
     fn emit(self, m: &NotesMetrics) {
         m.write_failures.inc();
         warn!(target: TARGET, error = %self.error, notes = self.notes, "writing notes failed; will retry");
+    }
+}
+
+/// A note on our notes ref could not be read as an opamp-gitops note: the
+/// record has a hole there, which a rebuild cannot use.
+pub struct NoteUnreadable<'a> {
+    pub commit: &'a dyn Display,
+    pub error: &'a dyn Display,
+}
+
+impl InternalEvent for NoteUnreadable<'_> {
+    type Metrics = NotesMetrics;
+
+    fn emit(self, m: &NotesMetrics) {
+        m.unreadable.inc();
+        warn!(target: TARGET, commit = %self.commit, error = %self.error, "a note is not an opamp-gitops note; it is left out");
     }
 }

@@ -186,14 +186,21 @@ async fn operators_need_a_token_of_the_right_scope_and_their_name_is_recorded() 
     )
     .unwrap();
     let repo = GitRepo::new();
-    let v1 = collector_config("v1");
-    let commit = repo.commit_edge("  waves: [100%]\n  apply_timeout: 1h\n", &v1, "v1");
+    let policy = "  waves: [100%]\n  apply_timeout: 1h\n";
+    repo.commit_edge(policy, &collector_config("v0"), "v0");
     let (_tmp, state) = state_dir();
     let mut config = serve_config(repo.path(), &state);
     config.api_tokens = Some(tokens);
     let server = TestServer::start_with(config).await;
-    // An agent that never applies keeps the rollout in progress.
     let mut agent = RawAgent::connect(&server, uid16(70), &[("service.name", "otelcol-sim")], &[], None).await;
+    // Committed once the agent is known, v1's rollout counts it; never
+    // applying, the agent keeps the rollout in progress.
+    assert_eq!(agent.next_push().await.0, edge_hash(&collector_config("v0")));
+    let v1 = collector_config("v1");
+    let commit = repo.commit_edge(policy, &v1, "v1");
+    let auth = [("Authorization", "Bearer ops-secret")];
+    let synced = http_request(server.api_addr(), "POST", "/api/v1/sync", &auth, Body::Empty).await;
+    assert_eq!(synced.status, 200);
     assert_eq!(agent.next_push().await.0, edge_hash(&v1));
 
     let api = server.api_addr();
@@ -239,7 +246,7 @@ async fn operators_need_a_token_of_the_right_scope_and_their_name_is_recorded() 
         text.contains("by: ops").then_some(text)
     })
     .await;
-    assert!(note.contains("{action: pause, at: "), "{note}");
+    assert!(note.contains("{step: pause, at: "), "{note}");
     agent.close().await;
     server.stop().await;
 }

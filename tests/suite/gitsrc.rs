@@ -539,8 +539,12 @@ async fn path_selects_a_subdirectory() {
         assert_eq!(groups(&wait_loaded(&handle, &c).await), edge("debug"));
     }
     let (other, _cancel) = remote.spawn(NEVER, |cfg| cfg.subdir = Some("elsewhere".into()));
-    let status = wait_status(&other, "the missing directory", |s| !s.head_errors.is_empty()).await;
-    assert!(status.head_errors[0].starts_with("elsewhere:0:0: "), "{status:?}");
+    // A folder the commit lacks is the controller's mistake, not the
+    // commit's: an error of the source, no verdict on the commit.
+    let status = wait_status(&other, "the missing directory", |s| s.last_fetch_error.is_some()).await;
+    let error = status.last_fetch_error.as_deref().unwrap_or_default();
+    assert!(error.contains("no directory elsewhere in commit"), "{status:?}");
+    assert!(status.head_errors.is_empty(), "{status:?}");
     assert!(other.desired().borrow().is_none());
 
     // Problems under the subdirectory are named from the repository root.

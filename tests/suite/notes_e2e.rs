@@ -349,6 +349,51 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
         "wave 2's agents keep v2, the rest keep v1: {g}"
     );
     assert_eq!(g["agents"]["pending"], 5, "{g}");
+    // Its bake is served again: wave 2 settled, and plans later wave 3 is
+    // still closed; promoted, the remaining wave runs to completion.
+    server
+        .wait_group("edge", "wave 2 settled again", |g| {
+            g["agents"]["applied"] == 5 && g["agents"]["applying"] == 0
+        })
+        .await;
+    server.let_pass(Duration::from_millis(300)).await;
+    let g = server.wait_group("edge", "the group", |_| true).await;
+    assert_eq!(g["rollout"]["wave"], 2, "the bake holds wave 3: {g}");
+    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
+    assert_eq!(code, 200);
+    server
+        .wait_group("edge", "wave 3 applied", |g| {
+            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 10
+        })
+        .await;
+    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
+    assert_eq!(code, 200);
+    server
+        .wait_group("edge", "v2 complete on all 10", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 10
+        })
+        .await;
+    let note = remote
+        .wait_note(&server, &c2, "the complete note", |n| n.contains("phase: complete"))
+        .await;
+    let steps: Vec<&str> = note
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- {step: ")?.split(',').next())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "started",
+            "promote",
+            "wave",
+            "restarted",
+            "promote",
+            "wave",
+            "promote",
+            "complete"
+        ],
+        "{note}"
+    );
     stop.cancel();
     server.stop().await;
 }
@@ -372,4 +417,80 @@ fn status_says_what_to_do_with_a_folder_that_is_no_repository_or_a_remote_that_i
         common::stderr(&out),
         "error: no remote named \"origin\" in this repository (`git remote -v` lists them; give a remote's name or URL)\n"
     );
+}
+
+/// The pushes of one reason a controller has made, from its metrics.
+async fn pushes(server: &TestServer, reason: &str) -> u64 {
+    let text = String::from_utf8(server.api_get("/metrics").await.body).expect("utf-8");
+    common::metric(&text, &format!("opamp_gitops_pushes_total{{reason=\"{reason}\"}}")).expect("the pushes metric")
+}
+
+#[tokio::test]
+async fn a_halted_rollout_rebuilt_from_the_notes_gives_its_config_to_nobody() {
+    let remote = Remote::new();
+    let v1 = collector_config("v1");
+    remote.push_edge(FAST, &v1, "first config");
+    let port = free_port();
+    let first_state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, first_state.path());
+    config.opamp_listen = ([127, 0, 0, 1], port).into();
+    let server = TestServer::start_with(config).await;
+    let (_sim, stop) = simulate(&server, 30, |c| c.fail_if_contains = Some("BREAK-ME".into()));
+    let h1 = edge_hash(&v1).to_string();
+    server
+        .wait_group("edge", "v1 complete on all 30", |g| {
+            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 30
+        })
+        .await;
+
+    // A bad commit whose first wave (25 agents) all fail it: more failures
+    // than a note lists with their errors.
+    let bad = collector_config("v2 BREAK-ME");
+    let policy = "  waves: [25, 100%]\n  bake: 1h\n  max_failures: 0\n  on_failure: rollback\n";
+    let c2 = remote.push_edge(policy, &bad, "a bad change");
+    server.sync().await;
+    server
+        .wait_group("edge", "25 failed and rolled back", |g| {
+            g["rollout"]["phase"] == "halted" && g["rollout"]["failed"] == 25 && g["agents"]["applied"] == 25
+        })
+        .await;
+    let note = remote
+        .wait_note(&server, &c2, "a note naming all 25", |n| {
+            n.contains("phase: halted") && n.matches("      - ").count() >= 25 && n.contains("also_failed:")
+        })
+        .await;
+    assert!(note.contains("step: halted"), "{note}");
+    server.stop().await;
+    drop(first_state);
+
+    let second_state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, second_state.path());
+    config.opamp_listen = ([127, 0, 0, 1], port).into();
+    config.startup_grace = Duration::from_secs(2);
+    let server = TestServer::start_with(config).await;
+    let g = server
+        .wait_group("edge", "the rebuilt rollout", |g| {
+            g["rollout"]["phase"] == "halted" && g["agents"]["targeted"] == 30
+        })
+        .await;
+    assert_eq!(g["rollout"]["failed"], 25, "every failed agent is known again: {g}");
+    assert_eq!(g["stable_hash"], h1.as_str(), "{g}");
+    // Plans after the rebuild gave the bad config to nobody: not to the
+    // agents that failed it, not to the rest of the group.
+    server.let_pass(Duration::from_millis(500)).await;
+    assert_eq!(pushes(&server, "wave").await, 0);
+    let g = server.wait_group("edge", "the group", |_| true).await;
+    assert_eq!(
+        (
+            g["rollout"]["phase"].as_str(),
+            g["agents"]["applied"].as_u64(),
+            g["agents"]["pending"].as_u64()
+        ),
+        (Some("halted"), Some(25), Some(5)),
+        "the failed agents run v1 again, the rest never left it: {g}"
+    );
+    let note = remote.note_in_fresh_clone(&c2);
+    assert!(note.contains("step: restarted"), "the note tells the restart: {note}");
+    stop.cancel();
+    server.stop().await;
 }

@@ -84,6 +84,7 @@ impl Fixture {
         let note = Note {
             version: "v1".into(),
             commit: CommitId::new(commit.to_string()),
+            change: None,
             updated: SystemTime::now(),
             valid: true,
             errors: vec![],
@@ -98,7 +99,8 @@ impl Fixture {
                     failures: vec![],
                     started: None,
                     finished: None,
-                    actions: vec![],
+                    also_failed: vec![],
+                    history: vec![],
                 },
             )]),
         };
