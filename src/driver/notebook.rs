@@ -184,11 +184,7 @@ impl NoteBook {
                 }
             }
             told.1 = status.actions.len();
-            let mut add = |step: NoteStep| {
-                if !history.contains(&step) {
-                    history.push(step);
-                }
-            };
+            let mut add = |step: NoteStep| history.push(step);
             let mut started_now = false;
             for event in events {
                 let step = |step: Step, wave: Option<u32>, failed: Option<u32>| NoteStep {

@@ -494,3 +494,106 @@ async fn a_halted_rollout_rebuilt_from_the_notes_gives_its_config_to_nobody() {
     stop.cancel();
     server.stop().await;
 }
+
+fn steps_of(note: &str) -> Vec<&str> {
+    note.lines()
+        .filter_map(|l| l.trim().strip_prefix("- {step: ")?.split(',').next())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_commit_rolled_out_again_after_a_rewind_keeps_the_history_of_its_first_rollout() {
+    let remote = Remote::new();
+    let state = tempfile::tempdir().expect("temp dir");
+    let a = remote.push_edge(FAST, &collector_config("a"), "change a");
+    let server = TestServer::start_with(controller_config(&remote, state.path())).await;
+    let (_sim, stop) = simulate(&server, 3, |_| {});
+    let complete = |c: &CommitId| format!("{c} complete");
+    for (commit, config) in [(&a, "a")] {
+        let h = edge_hash(&collector_config(config)).to_string();
+        server
+            .wait_group("edge", &complete(commit), |g| {
+                g["config_hash"] == h.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
+            })
+            .await;
+    }
+    let first = remote
+        .wait_note(&server, &a, "a's first note", |n| n.contains("phase: complete"))
+        .await;
+    assert!(first.contains("author: \"Test <test@example.com>\""), "{first}");
+    assert!(first.contains("subject: \"change a\""), "{first}");
+    let b = remote.push_edge(FAST, &collector_config("b"), "change b");
+    server.sync().await;
+    let hb = edge_hash(&collector_config("b")).to_string();
+    server
+        .wait_group("edge", &complete(&b), |g| {
+            g["config_hash"] == hb.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 3
+        })
+        .await;
+
+    // The branch is rewound to a: a's config rolls out a second time.
+    git(
+        remote.work.path(),
+        &[
+            "push",
+            "-q",
+            "--force",
+            &remote.url(),
+            &format!("{a}:refs/heads/master"),
+        ],
+    );
+    server.sync().await;
+    server
+        .wait_group("edge", "a again", |g| {
+            g["config_hash"] == edge_hash(&collector_config("a")).to_string().as_str()
+                && g["rollout"]["phase"] == "complete"
+                && g["agents"]["applied"] == 3
+        })
+        .await;
+    server.let_pass(Duration::from_millis(100)).await;
+    let note = remote.note_in_fresh_clone(&a);
+    assert_eq!(
+        steps_of(&note),
+        ["started", "complete", "started", "complete"],
+        "{note}"
+    );
+    stop.cancel();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_controller_pointed_at_a_folder_the_repository_lacks_leaves_every_note_untouched() {
+    let remote = Remote::new();
+    let state = tempfile::tempdir().expect("temp dir");
+    let c = remote.push_edge(FAST, &collector_config("a"), "change a");
+    let server = TestServer::start_with(controller_config(&remote, state.path())).await;
+    let (_sim, stop) = simulate(&server, 2, |_| {});
+    let note = remote
+        .wait_note(&server, &c, "the complete note", |n| n.contains("phase: complete"))
+        .await;
+    stop.cancel();
+    server.stop().await;
+
+    // A second controller, told to look in a folder the repository does not have.
+    let state = tempfile::tempdir().expect("temp dir");
+    let mut config = controller_config(&remote, state.path());
+    if let Some(g) = config.git.as_mut() {
+        g.subdir = Some("fleet".into());
+    }
+    let server = TestServer::start_with(config).await;
+    let g = server
+        .until("the source error", async || {
+            let all = server.api_json("/api/v1/groups").await;
+            all["source"]["error"].as_str().map(str::to_owned)
+        })
+        .await;
+    assert!(g.contains("no directory fleet in commit"), "{g}");
+    let ready = server.api_get("/readyz").await;
+    assert_eq!(ready.status, 503, "not ready with no commit in force");
+    let body = String::from_utf8_lossy(&ready.body).into_owned();
+    assert!(body.contains("no directory fleet"), "/readyz says why: {body}");
+    let (code, body) = server.api_post("/api/v1/sync").await;
+    assert_ne!(code, 200, "the fetch cannot load the commit: {body}");
+    assert_eq!(remote.note_in_fresh_clone(&c), note, "the note is untouched");
+    server.stop().await;
+}
