@@ -76,6 +76,9 @@ pub struct ServeConfig {
     /// How long fetches may fail before the source counts as stale (`/readyz`
     /// answers 503 and says since when).
     pub source_stale_after: Duration,
+    /// How long a wave may wait for its agents before its rollout is shown
+    /// as stalled.
+    pub stall_after: Duration,
     /// TLS on both listeners; its client CA (mTLS) applies to agents only.
     pub tls: Option<TlsFiles>,
     /// Agents must present one of these tokens (`auth` describes the file).
@@ -93,6 +96,8 @@ pub const FD_RESERVE: usize = 1024;
 pub const API_MAX_CONNECTIONS: usize = 512;
 /// The default of [`ServeConfig::source_stale_after`].
 pub const SOURCE_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// The default of [`ServeConfig::stall_after`].
+pub const STALL_AFTER: Duration = Duration::from_secs(30 * 60);
 /// The default of [`ServeConfig::first_request_timeout`].
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,6 +143,7 @@ impl ServeConfig {
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
             agent_retention: crate::fleet::DEFAULT_RETENTION,
             source_stale_after: SOURCE_STALE_AFTER,
+            stall_after: STALL_AFTER,
             tls: None,
             agent_tokens: None,
             api_tokens: None,
@@ -350,7 +356,12 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let stale_after = config.source_stale_after;
     let gitops = match config.git {
         Some(git_config) => {
-            let settings = (config.reconcile_tick, config.startup_grace, config.notes_author);
+            let settings = (
+                config.reconcile_tick,
+                config.startup_grace,
+                config.stall_after,
+                config.notes_author,
+            );
             let g = start_gitops(
                 git_config,
                 settings,
@@ -393,6 +404,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         assignments: assignments_rx,
         shutdown: shutdown.clone(),
         source_stale_after: stale_after,
+        stall_after: config.stall_after,
         auth: crate::api::auth::ApiAuth {
             tokens: api_tokens,
             open_reads: config.api_open_reads,
@@ -525,7 +537,7 @@ impl GitOps {
 
 async fn start_gitops(
     git_config: GitConfig,
-    (tick, startup_grace, author): (Duration, Duration, Author),
+    (tick, startup_grace, stall_after, author): (Duration, Duration, Duration, Author),
     fleet: &FleetHandle,
     assignments: &watch::Sender<Assignments>,
     registry: &mut Registry,
@@ -559,7 +571,7 @@ async fn start_gitops(
         },
         driver_stop.clone(),
     )?;
-    driver.register_metrics(registry);
+    driver.register_metrics(registry, stall_after);
     let (driver_task, driver_abort) = supervise("driver", driver_task, ended);
     let (notes_task, notes_abort) = supervise("notes", notes_task, ended);
     Ok(GitOps {

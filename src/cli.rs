@@ -128,6 +128,10 @@ pub struct ServeArgs {
     /// 503 (the commit in force stays in force).
     #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
     pub source_stale_after: Duration,
+    /// How long a rollout's wave may wait for its agents before the API and
+    /// metrics call the rollout stalled.
+    #[arg(long, default_value = "30m", value_parser = parse_positive_duration)]
+    pub stall_after: Duration,
     /// TLS certificate chain (PEM) for both listeners; read again when it
     /// changes. Without it, both listen in plain HTTP.
     #[arg(long, requires = "tls_key")]
@@ -493,6 +497,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 first_request_timeout: args.first_request_timeout,
                 agent_retention: args.agent_retention,
                 source_stale_after: args.source_stale_after,
+                stall_after: args.stall_after,
                 tls: args
                     .tls_cert
                     .clone()

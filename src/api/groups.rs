@@ -2,6 +2,7 @@
 //! counts and rollout) and the rollout controls
 //! `POST /api/v1/groups/{name}/pause|resume|promote`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::QueryRejection;
@@ -16,8 +17,8 @@ use super::wait::{self, Sources, WaitParams};
 use super::{ApiState, error};
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
-use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
-use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase};
+use crate::model::{Change, CommitId, ConfigHash, GroupName, InstanceUid};
+use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase, Timestamp};
 use crate::rfc3339;
 
 #[derive(Debug, Serialize)]
@@ -81,6 +82,16 @@ pub struct RolloutJson {
     pub commit: Option<CommitId>,
     pub started: Option<String>,
     pub finished: Option<String>,
+    /// The commit's author, committer, time and subject, when known.
+    pub change: Option<Change>,
+    /// When the current wave opened (rollouts in progress).
+    pub wave_opened: Option<String>,
+    /// Since when the current wave has waited for its agents to apply.
+    pub waiting_since: Option<String>,
+    /// It has waited longer than `serve --stall-after`.
+    pub stalled: bool,
+    /// When the current wave's bake ends (settled, not paused).
+    pub bake_ends: Option<String>,
     /// Agents that failed this rollout, all of them (they stay counted after
     /// a rollback, until the next rollout starts).
     pub failed: u32,
@@ -105,7 +116,16 @@ pub struct ActionJson {
     pub by: Option<String>,
 }
 
-pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
+/// What a group's answer is told besides its status.
+pub struct Shown<'a> {
+    pub changes: &'a BTreeMap<CommitId, Change>,
+    pub now: SystemTime,
+    pub stall_after: Duration,
+}
+
+pub fn group_json(name: &GroupName, s: &GroupStatus, shown: &Shown<'_>) -> GroupJson {
+    let time = |t: Timestamp| rfc3339::format_millis(t.millis());
+    let now = Timestamp::of(shown.now);
     GroupJson {
         name: name.clone(),
         config_hash: s.config_hash,
@@ -118,6 +138,11 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
             commit: s.commit.clone(),
             started: s.started.map(|t| rfc3339::format_millis(t.millis())),
             finished: s.finished.map(|t| rfc3339::format_millis(t.millis())),
+            change: s.commit.as_ref().and_then(|c| shown.changes.get(c)).cloned(),
+            wave_opened: s.wave_opened.map(time),
+            waiting_since: s.waiting_since.map(time),
+            stalled: s.waiting_since.is_some_and(|t| now.reached(t, shown.stall_after)),
+            bake_ends: s.bake_ends.map(time),
             failed: s.failed,
             failures: s
                 .failures
@@ -143,12 +168,24 @@ pub fn group_json(name: &GroupName, s: &GroupStatus) -> GroupJson {
 
 /// The groups answer from the driver's status, or, before it has planned,
 /// from the git source's loaded commit alone.
-pub fn groups_json(driver: Option<&DriverStatus>, git: &GitStatus, loaded: Vec<(GroupName, ConfigHash)>) -> GroupsJson {
+pub fn groups_json(
+    driver: Option<&DriverStatus>,
+    git: &GitStatus,
+    loaded: Vec<(GroupName, ConfigHash)>,
+    (now, stall_after): (SystemTime, Duration),
+) -> GroupsJson {
     let (commit, groups) = match driver.filter(|d| d.commit.is_some()) {
-        Some(d) => (
-            d.commit.clone(),
-            d.groups.iter().map(|(n, s)| group_json(n, s)).collect(),
-        ),
+        Some(d) => {
+            let shown = Shown {
+                changes: &d.changes,
+                now,
+                stall_after,
+            };
+            (
+                d.commit.clone(),
+                d.groups.iter().map(|(n, s)| group_json(n, s, &shown)).collect(),
+            )
+        }
         None => (
             git.loaded.clone(),
             loaded
@@ -215,8 +252,9 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
         .unwrap_or_default();
     let driver = state.driver.as_ref().map(|d| d.status());
     let git_status = git.status().borrow().clone();
-    let mut answer = groups_json(driver.as_deref(), &git_status, loaded);
-    answer.source = Some(SourceJson::of(&git_status, SystemTime::now(), state.source_stale_after));
+    let now = SystemTime::now();
+    let mut answer = groups_json(driver.as_deref(), &git_status, loaded, (now, state.stall_after));
+    answer.source = Some(SourceJson::of(&git_status, now, state.source_stale_after));
     Json(answer).into_response()
 }
 
@@ -246,7 +284,15 @@ async fn control(
     };
     let group = GroupName::new(name);
     match driver.control(group.clone(), action, by.map(|n| n.to_string())).await {
-        Ok(status) => Json(group_json(&group, &status)).into_response(),
+        Ok(status) => {
+            let published = driver.status();
+            let shown = Shown {
+                changes: &published.changes,
+                now: SystemTime::now(),
+                stall_after: state.stall_after,
+            };
+            Json(group_json(&group, &status, &shown)).into_response()
+        }
         Err(e @ ControlFailure::Refused(ControlError::UnknownGroup(_))) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ ControlFailure::Refused(ControlError::Idle(_))) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ (ControlFailure::NotReady | ControlFailure::Starting(_) | ControlFailure::Stopped)) => {

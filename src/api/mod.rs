@@ -42,6 +42,8 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// How long fetches may fail before the source is shown as stale.
     pub source_stale_after: std::time::Duration,
+    /// How long a wave may wait for its agents before it shows as stalled.
+    pub stall_after: std::time::Duration,
     /// Who may call: tokens and scopes.
     pub auth: auth::ApiAuth,
 }

@@ -123,7 +123,8 @@ pub fn short(hash: &ConfigHash) -> String {
 }
 
 /// One line per group: name, config hash, agents applied of targeted,
-/// failures, rollout phase and wave, and the commit it came from.
+/// agents that failed the rollout, rollout phase and wave, and the commit it
+/// came from.
 pub fn group_table(status: &DriverStatus) -> String {
     let mut rows: Vec<[String; 6]> =
         vec![["GROUP", "CONFIG", "APPLIED", "FAILED", "PHASE", "COMMIT"].map(String::from)];
@@ -132,7 +133,8 @@ pub fn group_table(status: &DriverStatus) -> String {
             name.to_string(),
             short(&g.config_hash),
             format!("{}/{}", g.agents.applied, g.agents.targeted),
-            g.agents.failed.to_string(),
+            // Every agent that failed the rollout, rolled back or not.
+            g.failed.max(g.agents.failed).to_string(),
             format!("{} {}/{}", g.phase.as_str(), g.wave, g.waves),
             g.commit
                 .as_ref()
@@ -188,6 +190,9 @@ mod tests {
             failures: vec![],
             started: None,
             finished: None,
+            wave_opened: None,
+            waiting_since: None,
+            bake_ends: None,
             actions: vec![],
         }
     }

@@ -20,19 +20,20 @@ use tracing::{error, info, warn};
 
 use notebook::NoteBook;
 pub use persist::PersistError;
-use views::{ViewBuilder, timestamp};
+use views::ViewBuilder;
 
 use crate::desired::{DesiredState, Validated};
 use crate::fleet::FleetHandle;
 use crate::gitsrc::{GitHandle, Status as GitStatus};
-use crate::model::{AgentState, CommitId, GroupName, InstanceUid};
+use crate::model::{AgentState, Change, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
 use crate::notes::remembered::{self, Found};
 use crate::notes::writer::NotesHandle;
 use crate::reconcile::{
     self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
-    Stable,
+    Stable, Timestamp,
 };
+use crate::telemetry::groups::GroupGauges;
 use crate::telemetry::rollout::{ConfigPushed, Planned, RolloutEvent, RolloutMetrics};
 use crate::telemetry::{InternalEvent, Registry};
 
@@ -60,6 +61,8 @@ pub struct DriverStatus {
     pub commit: Option<CommitId>,
     pub groups: BTreeMap<GroupName, GroupStatus>,
     pub agents_by_state: BTreeMap<AgentState, u64>,
+    /// Who made each commit the groups' rollouts deliver, when known.
+    pub changes: BTreeMap<CommitId, Change>,
 }
 
 /// Why an operator control failed.
@@ -101,8 +104,31 @@ impl DriverHandle {
     }
 
     /// Adds the driver's metrics to `registry`.
-    pub fn register_metrics(&self, registry: &mut Registry) {
+    /// Adds the driver's metrics to `registry`, with the group gauges read
+    /// from the newest status when scraped (a wave waiting longer than
+    /// `stall_after` is stalled).
+    pub fn register_metrics(&self, registry: &mut Registry, stall_after: Duration) {
         self.metrics.register(registry);
+        let status = self.status.clone();
+        crate::telemetry::groups::register(registry, move || {
+            let status = status.borrow().clone();
+            let now = SystemTime::now();
+            status
+                .groups
+                .iter()
+                .map(|(name, g)| GroupGauges {
+                    group: name.clone(),
+                    phase: g.phase,
+                    failed: g.failed,
+                    wave: g.wave,
+                    waves: g.waves,
+                    wave_opened: g.wave_opened.map(|t| t.millis() as f64 / 1000.0),
+                    stalled: g
+                        .waiting_since
+                        .is_some_and(|t| Timestamp::of(now).reached(t, stall_after)),
+                })
+                .collect()
+        });
     }
 
     /// Pause, resume or promote a group's rollout; answers its new status.
@@ -167,7 +193,7 @@ pub fn spawn(
         metrics: metrics.clone(),
     };
     let driver = Driver {
-        views: ViewBuilder::new(timestamp(SystemTime::now())),
+        views: ViewBuilder::new(Timestamp::of(SystemTime::now())),
         book: NoteBook::default(),
         existing_notes: parts.existing_notes,
         started: Instant::now(),
@@ -269,7 +295,7 @@ impl Driver {
         if self.git.desired().borrow().is_none() {
             return Err(ControlFailure::NotReady);
         }
-        let now = timestamp(SystemTime::now());
+        let now = Timestamp::of(SystemTime::now());
         match action {
             Control::Pause => self.state.pause(group, now, by),
             Control::Resume => self.state.resume(group, now, by),
@@ -316,7 +342,9 @@ impl Driver {
                     notes = notes.len(),
                     "no rollout state was saved; rebuilding it from the git notes"
                 );
-                self.state = self.recover(&notes, &loaded.desired, &views, timestamp(now_wall)).await;
+                self.state = self
+                    .recover(&notes, &loaded.desired, &views, Timestamp::of(now_wall))
+                    .await;
                 self.dirty = true;
             }
             self.book = std::mem::take(&mut self.book).with_existing(notes);
@@ -331,7 +359,7 @@ impl Driver {
             desired: &loaded.desired,
             agents: &views,
             state: &self.state,
-            now: timestamp(now_wall),
+            now: Timestamp::of(now_wall),
         });
         for event in &events {
             let took = match event {
@@ -365,7 +393,6 @@ impl Driver {
                 Err(_) => break,
             }
         }
-        self.publish(&commit, &agents, &groups);
         let notes = self.book.after_plan(
             notebook::PlanFacts {
                 desired: &commit,
@@ -376,6 +403,7 @@ impl Driver {
             },
             now_wall,
         );
+        self.publish(&commit, &agents, &groups);
         self.submit_notes(notes);
     }
 
@@ -407,6 +435,11 @@ impl Driver {
             commit: Some(commit.clone()),
             groups: groups.clone(),
             agents_by_state: by_state,
+            changes: groups
+                .values()
+                .filter_map(|g| g.commit.as_ref())
+                .filter_map(|c| Some((c.clone(), self.book.change(c)?.clone())))
+                .collect(),
         }));
     }
 
@@ -454,8 +487,8 @@ impl Driver {
                     halted: f.note.phase == Phase::Halted,
                     paused: f.note.phase == Phase::Paused,
                     opened: f.note.wave,
-                    started: f.note.started.map_or(now, timestamp),
-                    finished: f.note.finished.map(timestamp),
+                    started: f.note.started.map_or(now, Timestamp::of),
+                    finished: f.note.finished.map(Timestamp::of),
                     failures: f
                         .note
                         .failures

@@ -84,6 +84,11 @@ impl NoteBook {
         self
     }
 
+    /// Who made `commit`, as its note tells.
+    pub fn change(&self, commit: &CommitId) -> Option<&Change> {
+        self.notes.get(commit)?.note.change.as_ref()
+    }
+
     fn bump(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
@@ -372,6 +377,9 @@ mod tests {
             failures: vec![],
             started: Some(Timestamp::from_millis(1_000)),
             finished: None,
+            wave_opened: None,
+            waiting_since: None,
+            bake_ends: None,
             actions: vec![],
         }
     }

@@ -4,17 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use crate::desired::merge_attributes;
 use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot};
 use crate::model::InstanceUid;
 use crate::reconcile::{AgentView, StatusView, Timestamp};
-
-pub fn timestamp(t: SystemTime) -> Timestamp {
-    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    Timestamp::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
-}
 
 /// Builds views, reusing attribute maps across calls.
 pub struct ViewBuilder {
@@ -60,7 +54,7 @@ impl ViewBuilder {
             disconnected_at: if r.connected {
                 None
             } else {
-                r.disconnected_at.map(timestamp)
+                r.disconnected_at.map(Timestamp::of)
             },
             remote: r.remote_config_status.as_ref().map(|s| StatusView {
                 hash: s.hash,
@@ -69,8 +63,8 @@ impl ViewBuilder {
             }),
             healthy: r.health.as_ref().map(|h| h.healthy),
             health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
-            unhealthy_since: r.unhealthy_since.map(timestamp),
-            delivered: r.delivered_now().map(|d| (d.hash, timestamp(d.at))),
+            unhealthy_since: r.unhealthy_since.map(Timestamp::of),
+            delivered: r.delivered_now().map(|d| (d.hash, Timestamp::of(d.at))),
             push_drops: r.push_drops,
         }
     }

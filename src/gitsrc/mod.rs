@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::desired::{DesiredState, Validated};
 use crate::model::{Change, CommitId};
 use crate::telemetry::Registry;
-use crate::telemetry::git::{GitCounts, GitMetrics};
+use crate::telemetry::git::{GitCounts, GitMetrics, SourceGauges};
 
 pub use locate::resolve;
 
@@ -355,6 +355,17 @@ impl GitHandle {
     /// Adds the git source's metrics to `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.metrics.register(registry);
+        let status = self.status.clone();
+        crate::telemetry::git::register_source(registry, move || {
+            let s = status.borrow();
+            SourceGauges {
+                last_success: s
+                    .last_success
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs_f64()),
+                head_invalid: !s.head_errors.is_empty(),
+            }
+        });
     }
 
     /// The repository that holds the commits: the local repository itself, or

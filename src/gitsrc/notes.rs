@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use git2::{Oid, Repository, Signature};
 
-use crate::model::CommitId;
+use crate::model::{Change, CommitId};
 
 /// Where our notes live, locally and on the remote.
 pub const NOTES_REF: &str = "refs/notes/opamp-gitops";
@@ -191,8 +191,8 @@ impl NotesStore {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitInfo {
     pub id: CommitId,
-    pub summary: String,
-    pub time: std::time::SystemTime,
+    /// Its author, committer, time and subject.
+    pub change: Change,
 }
 
 impl NotesStore {
@@ -213,10 +213,8 @@ impl NotesStore {
             let oid = git(|| "walking history".into(), oid)?;
             let c = git(|| format!("reading commit {oid}"), repo.find_commit(oid))?;
             let id = CommitId::new(oid.to_string());
-            let secs = u64::try_from(c.time().seconds()).unwrap_or(0);
             let info = CommitInfo {
-                summary: String::from_utf8_lossy(c.summary_bytes().unwrap_or_default()).into_owned(),
-                time: std::time::UNIX_EPOCH + Duration::from_secs(secs),
+                change: super::repo::change(&c),
                 id: id.clone(),
             };
             out.push((info, notes.get(&id).cloned()));
@@ -495,7 +493,7 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!((h[0].0.id.clone(), h[0].1.clone()), (c2, None), "newest first");
         assert_eq!((h[1].0.id.clone(), h[1].1.as_deref()), (c1, Some("n1")));
-        assert_eq!(h[1].0.summary, "c");
+        assert_eq!(h[1].0.change.subject, "c");
         assert_eq!(store.history("HEAD", 1).unwrap().len(), 1);
         assert!(matches!(store.history("nope", 1), Err(NotesError::Git { .. })));
     }

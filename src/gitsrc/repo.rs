@@ -239,6 +239,11 @@ pub(crate) fn change_of(repo_dir: &Path, commit: &CommitId) -> Result<Change, Gi
     let c = repo
         .find_commit(Oid::from_str(commit.as_str()).map_err(read)?)
         .map_err(read)?;
+    Ok(change(&c))
+}
+
+/// Who made `c` and what it says.
+pub(crate) fn change(c: &git2::Commit<'_>) -> Change {
     let who = |s: git2::Signature<'_>| {
         format!(
             "{} <{}>",
@@ -247,12 +252,12 @@ pub(crate) fn change_of(repo_dir: &Path, commit: &CommitId) -> Result<Change, Gi
         )
     };
     let seconds = u64::try_from(c.author().when().seconds()).unwrap_or(0);
-    Ok(Change {
+    Change {
         author: who(c.author()),
         committer: who(c.committer()),
         time: std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
         subject: String::from_utf8_lossy(c.summary_bytes().unwrap_or_default()).into_owned(),
-    })
+    }
 }
 
 /// Where the bare mirror of `url` lives: named after the URL, so pointing the

@@ -11,7 +11,11 @@ use crate::gitsrc::notes::CommitInfo;
 pub struct CommitStatus {
     pub commit: String,
     pub summary: String,
+    /// The author's time.
     pub time: String,
+    /// `Name <email>`.
+    pub author: String,
+    pub committer: String,
     /// `None`: the controller has not processed this commit (or its note is unreadable).
     pub note: Option<Note>,
     /// Why an existing note could not be read.
@@ -31,8 +35,10 @@ pub fn collect(history: Vec<(CommitInfo, Option<String>)>) -> Vec<CommitStatus> 
             };
             CommitStatus {
                 commit: info.id.to_string(),
-                summary: info.summary,
-                time: crate::rfc3339::format(info.time),
+                summary: info.change.subject,
+                time: crate::rfc3339::format(info.change.time),
+                author: info.change.author,
+                committer: info.change.committer,
                 note,
                 note_error,
             }
@@ -50,19 +56,22 @@ pub fn render_json(rows: &[CommitStatus]) -> String {
 
 /// A table: one line per (commit, group), newest commit first.
 pub fn render_text(rows: &[CommitStatus]) -> String {
-    let mut table: Vec<[String; 8]> = vec![
+    let mut table: Vec<[String; 9]> = vec![
         [
-            "COMMIT", "WHEN", "GROUP", "PHASE", "WAVE", "APPLIED", "FAILED", "SUBJECT",
+            "COMMIT", "WHEN", "AUTHOR", "GROUP", "PHASE", "WAVE", "APPLIED", "FAILED", "SUBJECT",
         ]
         .map(String::from),
     ];
     for r in rows {
         let short = r.commit[..r.commit.len().min(12)].to_string();
         let subject = truncate(&r.summary, 50);
+        // The name alone: the email is in the JSON.
+        let author = truncate(r.author.split(" <").next().unwrap_or_default(), 24);
         let mut line = |group: &str, phase: &str, wave: String, applied: String, failed: String| {
             table.push([
                 short.clone(),
                 r.time.clone(),
+                author.clone(),
                 group.to_string(),
                 phase.to_string(),
                 wave,
@@ -96,13 +105,14 @@ pub fn render_text(rows: &[CommitStatus]) -> String {
                             format!("{}/{}", g.wave, g.waves)
                         },
                         format!("{}/{}", g.agents.applied, g.agents.targeted),
-                        g.agents.failed.to_string(),
+                        // Every agent that failed the rollout, rolled back or not.
+                        g.failed_agents().count().max(g.agents.failed as usize).to_string(),
                     );
                 }
             }
         }
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| table.iter().map(|row| row[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -146,8 +156,12 @@ mod tests {
     fn info(id: char, summary: &str) -> CommitInfo {
         CommitInfo {
             id: CommitId::new(id.to_string().repeat(40)),
-            summary: summary.into(),
-            time: UNIX_EPOCH + Duration::from_secs(1_795_255_200),
+            change: crate::model::Change {
+                author: "Ada Lovelace <ada@example.com>".into(),
+                committer: "CI <ci@example.com>".into(),
+                time: UNIX_EPOCH + Duration::from_secs(1_795_255_200),
+                subject: summary.into(),
+            },
         }
     }
 
@@ -211,6 +225,10 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("50/50"), "{text}");
+        assert!(
+            lines[3].contains("Ada Lovelace") && !lines[3].contains("ada@"),
+            "{text}"
+        );
         assert!(lines[4].contains("unreadable note"), "{text}");
         let mut unchanged: Note = Note::parse(&note('e', true)).unwrap();
         if let Some(g) = unchanged.groups.get_mut(&GroupName::new("edge")) {
@@ -237,5 +255,6 @@ mod tests {
         assert_eq!(v["commits"][0]["note"]["groups"]["edge"]["agents"]["applied"], 50);
         assert_eq!(v["commits"][1]["note"], serde_json::Value::Null);
         assert_eq!(v["commits"][0]["time"], "2026-11-21T10:00:00Z");
+        assert_eq!(v["commits"][0]["author"], "Ada Lovelace <ada@example.com>");
     }
 }

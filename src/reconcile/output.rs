@@ -85,6 +85,13 @@ pub struct GroupStatus {
     pub failures: Vec<FailureView>,
     pub started: Option<Timestamp>,
     pub finished: Option<Timestamp>,
+    /// When the current wave opened (rollouts in progress).
+    pub wave_opened: Option<Timestamp>,
+    /// Since when the current wave has waited for its agents; `None` while
+    /// it is settled (applied and healthy), paused, or ended.
+    pub waiting_since: Option<Timestamp>,
+    /// When the current wave's bake ends, while it is settled and not paused.
+    pub bake_ends: Option<Timestamp>,
     /// Operator pause/resume/promote actions, oldest first.
     pub actions: Vec<ControlAction>,
 }

@@ -102,6 +102,9 @@ pub fn restore(
             let halted = r.halted && !revert;
             let mut rollout = Rollout::begin(id, r.target, r.commit, reach, r.started);
             rollout.opened = r.opened.clamp(1, rollout.waves().max(1));
+            // The wave's clocks start again: its bake is served in full.
+            rollout.wave_opened = Some(now);
+            rollout.waiting_since = Some(now);
             if halted {
                 rollout.phase = RolloutPhase::Halted;
                 rollout.finished = r.finished;

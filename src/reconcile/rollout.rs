@@ -124,6 +124,8 @@ impl Rollout {
             promote: false,
             opened: 1,
             settled_since: None,
+            wave_opened: Some(now),
+            waiting_since: Some(now),
             started: now,
             finished: None,
             failures: BTreeMap::new(),
@@ -377,6 +379,7 @@ impl GroupCtx<'_> {
             r.phase = RolloutPhase::Halted;
             r.finished = Some(self.now);
             r.settled_since = None;
+            r.waiting_since = None;
             out.events.push(Event::Halted {
                 group: self.name().clone(),
                 commit: r.commit.clone(),
@@ -394,8 +397,10 @@ impl GroupCtx<'_> {
         let unverified = r.kind == RolloutKind::Waves && unjudged && r.opened_cut() > 0;
         if progress.blocking > 0 || unverified {
             r.settled_since = None;
+            r.waiting_since.get_or_insert(self.now);
             return;
         }
+        r.waiting_since = None;
         let settled = *r.settled_since.get_or_insert(self.now);
         if r.paused {
             return;
@@ -437,6 +442,7 @@ impl GroupCtx<'_> {
             }
             r.opened = wave + 1;
             r.settled_since = Some(self.now);
+            r.wave_opened = Some(self.now);
             out.events.push(Event::WaveOpened {
                 group: self.name().clone(),
                 commit: r.commit.clone(),
@@ -446,6 +452,7 @@ impl GroupCtx<'_> {
             if r.opened_cut() > cut {
                 // New agents to wait for; a wave that adds none is done at once.
                 r.settled_since = None;
+                r.waiting_since = Some(self.now);
                 return;
             }
         }

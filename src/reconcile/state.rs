@@ -26,6 +26,17 @@ impl Timestamp {
         Timestamp(ms)
     }
 
+    /// The time `t`, to the millisecond.
+    pub fn of(t: std::time::SystemTime) -> Self {
+        let ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// `d` later.
+    pub fn after(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+    }
+
     pub fn millis(self) -> u64 {
         self.0
     }
@@ -121,6 +132,14 @@ pub struct Rollout {
     /// (the bake clock of the current wave); `None` while some are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_since: Option<Timestamp>,
+    /// When the current wave opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_opened: Option<Timestamp>,
+    /// Since when the current wave has waited for its agents (`None` while
+    /// it is settled, and once the rollout ended): a wave that waits for
+    /// long is stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Timestamp>,
     /// The agents counted when the rollout started, in canary order (shared:
     /// it never changes during the rollout, so plans do not copy it).
     #[serde(with = "arc_members")]

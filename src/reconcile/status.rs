@@ -3,7 +3,7 @@
 
 use super::output::{AgentCounts, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase};
 use super::plan::GroupCtx;
-use super::state::{GroupState, RolloutPhase};
+use super::state::{GroupState, RolloutKind, RolloutPhase};
 use crate::model::AgentState;
 
 impl AgentCounts {
@@ -38,6 +38,9 @@ impl GroupCtx<'_> {
                 failures: Vec::new(),
                 started: None,
                 finished: None,
+                wave_opened: None,
+                waiting_since: None,
+                bake_ends: None,
                 actions: Vec::new(),
             };
         };
@@ -47,6 +50,7 @@ impl GroupCtx<'_> {
             RolloutPhase::Halted => Phase::Halted,
             RolloutPhase::Complete => Phase::Complete,
         };
+        let in_progress = matches!(phase, Phase::Progressing | Phase::Paused);
         let mut failures: Vec<FailureView> = r
             .failures
             .iter()
@@ -70,6 +74,12 @@ impl GroupCtx<'_> {
             failures,
             started: Some(r.started),
             finished: r.finished,
+            wave_opened: r.wave_opened.filter(|_| in_progress),
+            waiting_since: r.waiting_since.filter(|_| phase == Phase::Progressing),
+            bake_ends: r
+                .settled_since
+                .filter(|_| phase == Phase::Progressing && r.kind == RolloutKind::Waves)
+                .map(|t| t.after(self.group.rollout.bake)),
             actions: r.actions.clone(),
         }
     }

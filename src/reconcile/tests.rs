@@ -509,6 +509,7 @@ fn next_wave_opens_only_after_applied_healthy_and_bake() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
     let ord = order("gw", 10);
+    let opened = w.now;
     let p = w.plan();
     assert_eq!(pushed(&p), set(&ord[..1]));
 
@@ -519,6 +520,12 @@ fn next_wave_opens_only_after_applied_healthy_and_bake() {
     let p = w.plan();
     assert!(p.pushes.is_empty());
     assert_eq!(p.groups[&gname("gw")].wave, 1);
+    let g = &p.groups[&gname("gw")];
+    assert_eq!(
+        (g.wave_opened, g.waiting_since, g.bake_ends),
+        (Some(opened), Some(opened), None),
+        "waiting since it opened"
+    );
 
     // APPLIED and healthy: the bake starts now.
     w.set(&c, |a| a.applied().healthy());
@@ -526,6 +533,12 @@ fn next_wave_opens_only_after_applied_healthy_and_bake() {
     let p = w.plan();
     assert!(p.pushes.is_empty(), "the bake has not been served");
     assert_eq!(p.groups[&gname("gw")].agents.applied, 1);
+    let g = &p.groups[&gname("gw")];
+    assert_eq!(
+        (g.waiting_since, g.bake_ends),
+        (None, Some(w.now.after(Duration::from_secs(60)))),
+        "settled now, baking 60s"
+    );
     w.advance(59);
     assert_eq!(w.plan().groups[&gname("gw")].wave, 1, "59s of 60s baked");
     w.advance(1);

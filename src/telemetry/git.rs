@@ -3,7 +3,11 @@
 
 use std::fmt::Display;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use tracing::{info, warn};
 
 use super::{InternalEvent, Registry};
@@ -153,5 +157,47 @@ impl InternalEvent for CommitInvalid<'_> {
     fn emit(self, m: &GitMetrics) {
         m.commits_invalid.inc();
         warn!(target: TARGET, commit = %self.commit, errors = self.errors, "commit is invalid; keeping the last state");
+    }
+}
+
+/// The git source's state, as gauges an alert can use.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SourceGauges {
+    /// When a fetch last succeeded, in seconds since the Unix epoch.
+    pub last_success: Option<f64>,
+    /// The newest commit of the branch failed validation.
+    pub head_invalid: bool,
+}
+
+/// Registers the source gauges; `gauges` is called on every scrape.
+pub fn register_source(registry: &mut Registry, gauges: impl Fn() -> SourceGauges + Send + Sync + 'static) {
+    registry.add_collector(Source(gauges));
+}
+
+struct Source<F>(F);
+
+impl<F> std::fmt::Debug for Source<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceGauges")
+    }
+}
+
+impl<F: Fn() -> SourceGauges + Send + Sync + 'static> Collector for Source<F> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let g = (self.0)();
+        if let Some(t) = g.last_success {
+            ConstGauge::new(t).encode(encoder.encode_descriptor(
+                "git_last_success_timestamp_seconds",
+                "When a fetch of the config repository last succeeded.",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        ConstGauge::new(i64::from(g.head_invalid)).encode(encoder.encode_descriptor(
+            "git_head_invalid",
+            "1 while the newest commit of the branch failed validation (the last valid one stays in force).",
+            None,
+            MetricType::Gauge,
+        )?)
     }
 }

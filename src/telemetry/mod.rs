@@ -11,6 +11,7 @@
 pub mod connections;
 pub mod fleet;
 pub mod git;
+pub mod groups;
 pub mod notes;
 pub mod opamp;
 pub mod rollout;
@@ -158,6 +159,21 @@ mod tests {
         rollout.register(&mut registry);
         let notes = notes::NotesMetrics::default();
         notes.register(&mut registry);
+        git::register_source(&mut registry, || git::SourceGauges {
+            last_success: Some(1_800_000_000.5),
+            head_invalid: true,
+        });
+        groups::register(&mut registry, || {
+            vec![groups::GroupGauges {
+                group: crate::model::GroupName::new("edge"),
+                phase: Phase::Halted,
+                failed: 3,
+                wave: 1,
+                waves: 4,
+                wave_opened: Some(1_800_000_100.25),
+                stalled: true,
+            }]
+        });
 
         opamp::MessageReceived {
             transport: Transport::Http,
@@ -208,7 +224,17 @@ mod tests {
 
     #[test]
     fn every_metric_renders_with_its_name_type_and_help() {
-        let text = full().encode();
+        // The time notes were last written is now: shown as NOW.
+        let text: String = full()
+            .encode()
+            .lines()
+            .map(
+                |l| match l.strip_prefix("opamp_gitops_notes_last_success_timestamp_seconds ") {
+                    Some(_) => "opamp_gitops_notes_last_success_timestamp_seconds NOW\n".to_string(),
+                    None => format!("{l}\n"),
+                },
+            )
+            .collect();
         let expected = [
             "# HELP opamp_gitops_opamp_messages_received_total OpAMP messages received from agents.",
             "# TYPE opamp_gitops_opamp_messages_received_total counter",
@@ -304,6 +330,9 @@ mod tests {
             "# HELP opamp_gitops_notes_write_failures_total Failed attempts to write or push notes (retried).",
             "# TYPE opamp_gitops_notes_write_failures_total counter",
             "opamp_gitops_notes_write_failures_total 0",
+            "# HELP opamp_gitops_notes_last_success_timestamp_seconds When notes were last written (and pushed, for a remote) successfully.",
+            "# TYPE opamp_gitops_notes_last_success_timestamp_seconds gauge",
+            "opamp_gitops_notes_last_success_timestamp_seconds NOW",
             "# HELP opamp_gitops_notes_unreadable_total Notes on the notes ref that are not opamp-gitops notes, found when reading them back.",
             "# TYPE opamp_gitops_notes_unreadable_total counter",
             "opamp_gitops_notes_unreadable_total 0",
@@ -321,6 +350,36 @@ mod tests {
             "# HELP opamp_gitops_fleet_snapshot_version Version of the newest inventory snapshot.",
             "# TYPE opamp_gitops_fleet_snapshot_version gauge",
             "opamp_gitops_fleet_snapshot_version 7",
+            // Read from the git source and the driver when scraped.
+            "# HELP opamp_gitops_git_last_success_timestamp_seconds When a fetch of the config repository last succeeded.",
+            "# TYPE opamp_gitops_git_last_success_timestamp_seconds gauge",
+            "opamp_gitops_git_last_success_timestamp_seconds 1800000000.5",
+            "# HELP opamp_gitops_git_head_invalid 1 while the newest commit of the branch failed validation (the last valid one stays in force).",
+            "# TYPE opamp_gitops_git_head_invalid gauge",
+            "opamp_gitops_git_head_invalid 1",
+            "# HELP opamp_gitops_group_rollout_phase 1 for the phase of the group's current or last rollout, 0 for the others.",
+            "# TYPE opamp_gitops_group_rollout_phase gauge",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"progressing\"} 0",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"paused\"} 0",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"complete\"} 0",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"halted\"} 1",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"superseded\"} 0",
+            "opamp_gitops_group_rollout_phase{group=\"edge\",phase=\"unchanged\"} 0",
+            "# HELP opamp_gitops_group_agents_failed Agents that failed the group's current or last rollout (rolled back or not).",
+            "# TYPE opamp_gitops_group_agents_failed gauge",
+            "opamp_gitops_group_agents_failed{group=\"edge\"} 3",
+            "# HELP opamp_gitops_group_rollout_wave Waves opened of the group's current or last rollout.",
+            "# TYPE opamp_gitops_group_rollout_wave gauge",
+            "opamp_gitops_group_rollout_wave{group=\"edge\"} 1",
+            "# HELP opamp_gitops_group_rollout_waves Waves of the group's current or last rollout.",
+            "# TYPE opamp_gitops_group_rollout_waves gauge",
+            "opamp_gitops_group_rollout_waves{group=\"edge\"} 4",
+            "# HELP opamp_gitops_group_rollout_stalled 1 while the current wave has waited for its agents longer than serve --stall-after.",
+            "# TYPE opamp_gitops_group_rollout_stalled gauge",
+            "opamp_gitops_group_rollout_stalled{group=\"edge\"} 1",
+            "# HELP opamp_gitops_group_wave_opened_timestamp_seconds When the current wave of the group's rollout in progress opened.",
+            "# TYPE opamp_gitops_group_wave_opened_timestamp_seconds gauge",
+            "opamp_gitops_group_wave_opened_timestamp_seconds{group=\"edge\"} 1800000100.25",
         ];
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines, expected, "\n{text}");

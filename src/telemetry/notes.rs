@@ -3,7 +3,11 @@
 
 use std::fmt::Display;
 
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
 
 use super::{InternalEvent, Registry};
@@ -16,6 +20,8 @@ pub struct NotesMetrics {
     written: Counter,
     write_failures: Counter,
     unreadable: Counter,
+    /// When notes were last written (and pushed), in seconds since the Unix epoch.
+    last_success: Gauge<f64, AtomicU64>,
 }
 
 impl NotesMetrics {
@@ -29,6 +35,11 @@ impl NotesMetrics {
             "notes_write_failures",
             "Failed attempts to write or push notes (retried).",
             self.write_failures.clone(),
+        );
+        registry.add(
+            "notes_last_success_timestamp_seconds",
+            "When notes were last written (and pushed, for a remote) successfully.",
+            self.last_success.clone(),
         );
         registry.add(
             "notes_unreadable",
@@ -58,6 +69,10 @@ impl InternalEvent for NotesWritten {
 
     fn emit(self, m: &NotesMetrics) {
         m.written.inc_by(self.notes as u64);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        m.last_success.set(now.as_secs_f64());
         info!(target: TARGET, notes = self.notes, "notes written");
     }
 }

@@ -17,7 +17,7 @@ use crate::reconcile::{Event, Phase, PushReason};
 const TARGET: &str = "opamp_gitops::driver";
 
 /// Every phase, in the order the metrics list them.
-const PHASES: [Phase; 6] = [
+pub(super) const PHASES: [Phase; 6] = [
     Phase::Progressing,
     Phase::Paused,
     Phase::Complete,

@@ -61,9 +61,16 @@ async fn the_tour_runs_every_step_in_order_and_cleans_up() {
     };
     // GROUP CONFIG APPLIED FAILED PHASE ...
     let live = row(&|w| w.len() > 4 && w[0] == "app-agents" && w[4] == "halted");
-    // COMMIT WHEN GROUP PHASE WAVE APPLIED FAILED ...
-    let noted = row(&|w| w.len() > 6 && w[2] == "app-agents" && w[3] == "halted");
-    assert_eq!((&live[2], &live[3]), (&noted[5], &noted[6]), "{live:?}\n{noted:?}");
+    // COMMIT WHEN AUTHOR GROUP PHASE WAVE APPLIED FAILED ...
+    let at = |w: &[&str]| w.iter().position(|x| *x == "app-agents");
+    let noted = row(&|w| at(w).is_some_and(|i| w.get(i + 1) == Some(&"halted")));
+    let i = at(&noted.iter().map(String::as_str).collect::<Vec<_>>()).expect("the group");
+    assert_eq!(
+        (&live[2], &live[3]),
+        (&noted[i + 3], &noted[i + 4]),
+        "{live:?}\n{noted:?}"
+    );
+    assert_eq!(live[3], "1", "the canary that failed stays counted after its rollback");
     assert_in_order(
         &out.stdout,
         &[

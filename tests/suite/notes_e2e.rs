@@ -213,6 +213,8 @@ async fn complete_halted_and_invalid_commits_get_notes_on_the_remote() {
     let json: serde_json::Value = serde_json::from_str(&status(&["--format", "json"])).expect("JSON");
     let commits = json["commits"].as_array().expect("commits");
     assert_eq!(commits[0]["commit"], c3.as_str());
+    assert_eq!(commits[0]["author"], "Test <test@example.com>");
+    assert!(commits[0]["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{json}");
     assert_eq!(commits[0]["note"]["valid"], false);
     assert_eq!(commits[1]["note"]["groups"]["edge"]["phase"], "halted");
     assert_eq!(commits[2]["note"]["groups"]["edge"]["agents"]["applied"], 5);

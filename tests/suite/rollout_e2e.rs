@@ -733,7 +733,9 @@ async fn a_commit_while_the_whole_group_is_away_still_meets_its_canary_first() {
     let (h1, h2) = (edge_hash(&v1), edge_hash(&v2));
     repo.commit_edge(policy, &v1, "v1");
     let (_tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let mut config = serve_config(repo.path(), &state);
+    config.stall_after = Duration::from_secs(1);
+    let server = TestServer::start_with(config).await;
     let wires: Vec<Vec<u8>> = (50..54).map(uid16).collect();
     let connect_all = || async {
         let mut agents = vec![];
@@ -769,6 +771,15 @@ async fn a_commit_while_the_whole_group_is_away_still_meets_its_canary_first() {
         (g["rollout"]["phase"].as_str(), g["rollout"]["wave"].as_u64()),
         (Some("progressing"), Some(1)),
         "{g}"
+    );
+    // Waiting longer than --stall-after, it shows as stalled.
+    assert_eq!(g["rollout"]["stalled"], true, "{g}");
+    assert_eq!(g["rollout"]["waiting_since"], g["rollout"]["wave_opened"], "{g}");
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).expect("utf-8");
+    assert_eq!(
+        common::metric(&metrics, "opamp_gitops_group_rollout_stalled{group=\"edge\"}"),
+        Some(1),
+        "{metrics}"
     );
 
     let mut agents = connect_all().await;
