@@ -7,6 +7,7 @@
 mod common;
 
 mod agent_auth;
+mod alert_rules;
 mod api_wait;
 mod demo;
 mod gitsrc;
