@@ -366,7 +366,17 @@ impl Driver {
                 Event::Complete { commit: Some(c), .. } => self.since_seen(c, now_wall),
                 _ => None,
             };
-            RolloutEvent { event, took }.emit(&self.metrics);
+            let change = match event.commit() {
+                Some(c) if *c == commit => loaded.change.as_ref(),
+                Some(c) => self.book.change(c),
+                None => None,
+            };
+            RolloutEvent {
+                event,
+                took,
+                author: change.map(|c| c.author.as_str()),
+            }
+            .emit(&self.metrics);
         }
         if state != self.state {
             self.state = state;

@@ -154,6 +154,22 @@ pub struct FailureView {
     pub at: Timestamp,
 }
 
+impl Event {
+    /// The commit of the rollout a group-level event is about.
+    pub fn commit(&self) -> Option<&CommitId> {
+        match self {
+            Event::RolloutStarted { commit, .. }
+            | Event::WaveOpened { commit, .. }
+            | Event::WaveDone { commit, .. }
+            | Event::Halted { commit, .. }
+            | Event::Complete { commit, .. }
+            | Event::Superseded { commit, .. }
+            | Event::RevertPushed { commit, .. } => commit.as_ref(),
+            Event::AgentFailed { .. } | Event::RolledBack { .. } | Event::DriftHealed { .. } => None,
+        }
+    }
+}
+
 /// Something worth a log line; group-level events also mean a note rewrite.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

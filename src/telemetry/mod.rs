@@ -216,6 +216,7 @@ mod tests {
             commit: None,
             hash: &hash,
             took: Some(Duration::from_secs(10)),
+            author: None,
         }
         .emit(&rollout);
         notes::NotesWritten { notes: 2 }.emit(&notes);

@@ -194,6 +194,8 @@ pub struct RolloutEvent<'a> {
     pub event: &'a Event,
     /// For a completed rollout: how long since its commit was first seen.
     pub took: Option<Duration>,
+    /// Who made the rollout's commit (`Name <email>`), when known.
+    pub author: Option<&'a str>,
 }
 
 impl InternalEvent for RolloutEvent<'_> {
@@ -213,6 +215,7 @@ impl InternalEvent for RolloutEvent<'_> {
                 hash,
                 waves: *waves,
                 targeted: *targeted,
+                author: self.author,
             }
             .emit(m),
             Event::WaveOpened {
@@ -253,6 +256,7 @@ impl InternalEvent for RolloutEvent<'_> {
                 group,
                 commit: commit.as_ref(),
                 failures: *failures,
+                author: self.author,
             }
             .emit(m),
             Event::RolledBack { group, agent, hash } => RolledBack { group, agent, hash }.emit(m),
@@ -261,6 +265,7 @@ impl InternalEvent for RolloutEvent<'_> {
                 commit: commit.as_ref(),
                 hash,
                 took: self.took,
+                author: self.author,
             }
             .emit(m),
             Event::Superseded {
@@ -273,6 +278,7 @@ impl InternalEvent for RolloutEvent<'_> {
                 commit: commit.as_ref(),
                 hash,
                 by,
+                author: self.author,
             }
             .emit(m),
             Event::RevertPushed {
@@ -298,13 +304,14 @@ pub struct RolloutStarted<'a> {
     pub hash: &'a ConfigHash,
     pub waves: u32,
     pub targeted: u32,
+    pub author: Option<&'a str>,
 }
 
 impl InternalEvent for RolloutStarted<'_> {
     type Metrics = RolloutMetrics;
 
     fn emit(self, _: &RolloutMetrics) {
-        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), hash = %self.hash, waves = self.waves, agents = self.targeted, "rollout started");
+        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), author = self.author, hash = %self.hash, waves = self.waves, agents = self.targeted, "rollout started");
     }
 }
 
@@ -358,6 +365,7 @@ pub struct RolloutHalted<'a> {
     pub group: &'a GroupName,
     pub commit: Option<&'a CommitId>,
     pub failures: u32,
+    pub author: Option<&'a str>,
 }
 
 impl InternalEvent for RolloutHalted<'_> {
@@ -365,7 +373,7 @@ impl InternalEvent for RolloutHalted<'_> {
 
     fn emit(self, m: &RolloutMetrics) {
         m.rollouts_ended.inc(HALTED);
-        warn!(target: TARGET, group = %self.group, commit = %Short(self.commit), failures = self.failures, "rollout halted");
+        warn!(target: TARGET, group = %self.group, commit = %Short(self.commit), author = self.author, failures = self.failures, "rollout halted");
     }
 }
 
@@ -389,6 +397,7 @@ pub struct RolloutComplete<'a> {
     pub hash: &'a ConfigHash,
     /// How long since the commit was first seen, when known.
     pub took: Option<Duration>,
+    pub author: Option<&'a str>,
 }
 
 impl InternalEvent for RolloutComplete<'_> {
@@ -399,7 +408,7 @@ impl InternalEvent for RolloutComplete<'_> {
         if let Some(took) = self.took {
             m.commit_to_complete.observe(took.as_secs_f64());
         }
-        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), hash = %self.hash, "rollout complete");
+        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), author = self.author, hash = %self.hash, "rollout complete");
     }
 }
 
@@ -409,6 +418,7 @@ pub struct RolloutSuperseded<'a> {
     pub commit: Option<&'a CommitId>,
     pub hash: &'a ConfigHash,
     pub by: &'a ConfigHash,
+    pub author: Option<&'a str>,
 }
 
 impl InternalEvent for RolloutSuperseded<'_> {
@@ -416,7 +426,7 @@ impl InternalEvent for RolloutSuperseded<'_> {
 
     fn emit(self, m: &RolloutMetrics) {
         m.rollouts_ended.inc(SUPERSEDED);
-        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), hash = %self.hash, by = %self.by, "rollout superseded");
+        info!(target: TARGET, group = %self.group, commit = %Short(self.commit), author = self.author, hash = %self.hash, by = %self.by, "rollout superseded");
     }
 }
 
@@ -527,6 +537,7 @@ mod tests {
             RolloutEvent {
                 event: &event,
                 took: None,
+                author: Some("Ada <ada@example.com>"),
             }
             .emit(&m);
         }

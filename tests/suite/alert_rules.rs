@@ -15,9 +15,13 @@ const RULES: &str = "deploy/prometheus";
 /// Runs `promtool` with `args` in the rules' folder; fails clearly without it.
 fn promtool(args: &[&str]) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES);
-    let out = Command::new("promtool").args(args).current_dir(&dir).output().unwrap_or_else(|e| {
-        panic!("promtool cannot run ({e}): scripts/install-packages installs it (Debian package prometheus)")
-    });
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool cannot run ({e}): scripts/install-packages installs it (Debian package prometheus)")
+        });
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -34,8 +38,12 @@ fn the_shipped_rules_load_and_pass_their_promtool_tests() {
     let tested = promtool(&["test", "rules", "opamp-gitops.rules.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
     // Every alert has a test that fires it and one that does not.
-    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES).join("opamp-gitops.rules.yml"))
-        .expect("the rules");
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(RULES)
+            .join("opamp-gitops.rules.yml"),
+    )
+    .expect("the rules");
     let tests = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join(RULES)
@@ -61,8 +69,12 @@ fn the_shipped_rules_load_and_pass_their_promtool_tests() {
 
 #[tokio::test]
 async fn every_metric_the_rules_read_is_exported() {
-    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES).join("opamp-gitops.rules.yml"))
-        .expect("the rules");
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(RULES)
+            .join("opamp-gitops.rules.yml"),
+    )
+    .expect("the rules");
     let mut names: Vec<&str> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("opamp_gitops_"))
@@ -84,7 +96,9 @@ async fn every_metric_the_rules_read_is_exported() {
     let metrics = String::from_utf8(server.api_get("/metrics").await.body).expect("utf-8");
     for name in names {
         assert!(
-            metrics.lines().any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])),
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])),
             "{name} is not exported:\n{metrics}"
         );
     }
