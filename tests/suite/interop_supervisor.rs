@@ -16,7 +16,7 @@ use common::process::{Controller, any_port, assert_resumed};
 use common::{Body, TestServer, eventually_within, http_request, wait_agents_at};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
-use opamp_gitops::reconcile::canary_order;
+use opamp_gitops::reconcile::{Phase, canary_order};
 
 /// Real processes start slowly (the supervisor runs the collector once to
 /// learn its description): conditions get this long.
@@ -82,6 +82,8 @@ struct Pair {
     /// The attributes the shipped configs take from the environment.
     role: &'static str,
     service_name: &'static str,
+    /// Over TLS, trusting this CA file, with this bearer token.
+    secure: Option<(PathBuf, String)>,
     child: Option<Child>,
 }
 
@@ -106,6 +108,26 @@ impl Pair {
             health_port: free_port(),
             role,
             service_name,
+            secure: None,
+            child: None,
+        };
+        pair.spawn();
+        pair
+    }
+
+    /// A pair whose supervisor connects over wss:// (or https://), trusting
+    /// the CA in `ca_file`, and sends `token` as its bearer token.
+    fn start_secure(name: &str, transport: Transport, opamp: SocketAddr, ca_file: &Path, token: &str) -> Pair {
+        let mut pair = Pair {
+            name: name.to_string(),
+            transport,
+            dir: tempfile::tempdir().expect("temp dir"),
+            opamp,
+            otlp_port: free_port(),
+            health_port: free_port(),
+            role: "app",
+            service_name: "otelcol-agent",
+            secure: Some((ca_file.to_path_buf(), token.to_string())),
             child: None,
         };
         pair.spawn();
@@ -127,11 +149,19 @@ impl Pair {
         )
         .expect("the shipped supervisor config");
         assert!(text.contains("\nagent:\n"), "the shipped config has an agent section");
-        let text = text.replacen(
+        let mut text = text.replacen(
             "\nagent:\n",
             "\nagent:\n  args: [\"--set=service::telemetry::metrics::level=none\"]\n  orphan_detection_interval: 500ms\n",
             1,
         );
+        if let Some((ca_file, token)) = &self.secure {
+            // As docs/security.md tells an operator to set them.
+            let server = format!(
+                "\nserver:\n  headers:\n    Authorization: [\"Bearer {token}\"]\n  tls:\n    ca_file: {}\n",
+                ca_file.display()
+            );
+            text = text.replacen("\nserver:\n", &server, 1);
+        }
         let path = self.dir.path().join("supervisor.yaml");
         std::fs::write(&path, text).expect("write the supervisor config");
         path
@@ -139,9 +169,11 @@ impl Pair {
 
     /// Starts (or restarts) the supervisor on the same storage.
     fn spawn(&mut self) {
-        let scheme = match self.transport {
-            Transport::WebSocket => "ws",
-            Transport::Http => "http",
+        let scheme = match (self.transport, self.secure.is_some()) {
+            (Transport::WebSocket, false) => "ws",
+            (Transport::Http, false) => "http",
+            (Transport::WebSocket, true) => "wss",
+            (Transport::Http, true) => "https",
         };
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -632,5 +664,62 @@ async fn the_example_repository_selects_the_agents_the_shipped_supervisor_config
     let expected: Vec<&str> = kinds.iter().map(|(_, _, g)| *g).collect();
     assert_eq!(groups, expected);
     drop(pairs);
+    server.stop().await;
+}
+
+/// Real supervisors over TLS with agent tokens: one with the right token
+/// connects over wss://, is bound to the token's name and takes a rollout;
+/// one with a wrong token is refused and never gets a config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_token_gets_nothing() {
+    use sha2::Digest as _;
+    let certs = tempfile::tempdir().expect("temp dir");
+    let ca = common::certs::Ca::new("fleet CA");
+    let tls = common::certs::server_files(certs.path(), &ca, None);
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("write the CA");
+    let tokens = certs.path().join("agents.yaml");
+    let digest = hex::encode(sha2::Sha256::digest(b"edge-secret"));
+    std::fs::write(&tokens, format!("- {{name: edge-hosts, sha256: {digest}}}\n")).expect("write the tokens");
+
+    let repo = GitRepo::new();
+    commit_before_the_fleet(&repo);
+    let (_tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.tls = Some(tls);
+    config.agent_tokens = Some(tokens);
+    let server = TestServer::start_with(config).await;
+    let good = Pair::start_secure("good", Transport::WebSocket, server.opamp_addr(), &ca_file, "edge-secret");
+    let bad = Pair::start_secure("bad", Transport::WebSocket, server.opamp_addr(), &ca_file, "guessed");
+    let uid = uids(&server, std::slice::from_ref(&good)).await.remove(0);
+    let record = server.wait_agent(uid.as_bytes(), |r| r.identity.is_some()).await;
+    assert_eq!(record.identity.as_deref(), Some("edge-hosts"), "bound to the token's name");
+
+    // The API is on TLS too: the controller is asked in this process.
+    let v1 = collector_config("v1", "", " {}");
+    commit(&repo, "  waves: [100%]\n  apply_timeout: 30s\n", &v1, "v1");
+    let git = server.running.git.as_ref().expect("a git source");
+    git.sync().await.expect("the commit is read");
+    let driver = server.running.driver.as_ref().expect("a driver");
+    let v1_hash = hash_of(&[("", &v1)]);
+    server
+        .until_within(PATIENCE, "v1 applied over wss", async || {
+            let status = driver.status();
+            let g = status.groups.get(&GroupName::new("agents"))?;
+            (g.config_hash == v1_hash && g.phase == Phase::Complete && g.agents.applied == 1).then_some(())
+        })
+        .await;
+
+    // The supervisor with the wrong token was answered 401 (its log says
+    // so) and is not an agent of the fleet.
+    eventually_within(PATIENCE, "the wrong token to be refused", async || {
+        let log = std::fs::read_to_string(bad.dir.path().join("supervisor.log")).ok()?;
+        log.contains("Server responded with status=401 Unauthorized").then_some(())
+    })
+    .await;
+    let bad_uid = bad.uid().expect("the refused supervisor made its uid");
+    let fleet = server.fleet().snapshot();
+    assert!(fleet.get(&bad_uid).is_none(), "the wrong token is refused");
+    assert_eq!(fleet.sorted().len(), 1, "only the supervisor with the right token is an agent");
     server.stop().await;
 }

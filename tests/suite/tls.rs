@@ -5,9 +5,9 @@
 use crate::common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
+use common::certs::{Ca, server_files};
 use common::{DEADLINE, TestServer, hello, uid16};
 use futures_util::{SinkExt, StreamExt};
 use opamp_gitops::app::ServeConfig;
@@ -15,64 +15,13 @@ use opamp_gitops::opamp::codec;
 use opamp_gitops::proto::ServerToAgent;
 use opamp_gitops::tls::TlsFiles;
 use prost::Message as _;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A certificate authority made for one test.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `name` (and 127.0.0.1) signed by this CA: (cert PEM, key PEM).
-    fn issue(&self, name: &str) -> (String, String) {
-        let mut params = CertificateParams::new(vec![name.to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap()
-    }
-}
-
-use rustls::pki_types::pem::PemObject;
-
-/// Writes the server's certificate and key into `dir`; the TLS settings.
-fn server_files(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> TlsFiles {
-    let (cert, key) = ca.issue("localhost");
-    std::fs::write(dir.join("server.pem"), cert).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
-    let client_ca = client_ca.map(|c| {
-        std::fs::write(dir.join("clients.pem"), &c.pem).unwrap();
-        dir.join("clients.pem")
-    });
-    TlsFiles {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        client_ca,
-    }
-}
 
 /// A client trusting `ca`, presenting `client` (cert PEM, key PEM) when given.
 fn connector(ca: &Ca, client: Option<&(String, String)>) -> TlsConnector {
