@@ -7,6 +7,7 @@
 //! - name: edge-hosts                 # who the token is: logged, recorded in notes
 //!   sha256: 9f86d081884c7d659a2f…    # hex SHA-256 of the token
 //!   scope: write                     # operators: read or write (default: read)
+//!   groups: [edge-gateways]          # agents: the only groups they may join (default: any)
 //! ```
 
 use std::collections::{BTreeSet, HashMap};
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::model::{GroupName, Identity};
 
 /// What an operator token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -34,6 +37,18 @@ pub struct Token {
     pub name: Arc<str>,
     hash: [u8; 32],
     pub scope: Scope,
+    /// Agents: the only groups the token's agents may join (`None`: any).
+    pub groups: Option<Arc<[GroupName]>>,
+}
+
+impl Token {
+    /// Who an agent presenting this token is.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            name: self.name.clone(),
+            groups: self.groups.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,10 +89,9 @@ impl Tokens {
             if !names.insert(e.name.clone()) {
                 return Err(at("a second token of that name"));
             }
-            if e.groups.is_some() {
+            if e.groups.as_ref().is_some_and(Vec::is_empty) {
                 return Err(at(
-                    "groups: limiting a token to groups is not supported yet; remove the key \
-                     (the token's agents may join any group)",
+                    "groups: an empty list lets the token's agents join no group; list groups or remove the key",
                 ));
             }
             let hash = hex::decode(e.sha256.trim())
@@ -88,6 +102,7 @@ impl Tokens {
                 name: Arc::from(e.name.as_str()),
                 hash,
                 scope: e.scope.unwrap_or(Scope::Read),
+                groups: e.groups.map(|g| g.into_iter().map(GroupName::new).collect()),
             });
         }
         Ok(Tokens(tokens))
@@ -244,8 +259,13 @@ mod tests {
         let twice = format!("- {{name: a, sha256: {0}}}\n- {{name: a, sha256: {0}}}", sha("x"));
         assert_eq!(err(&twice), "t.yaml: entry 2 (\"a\"): a second token of that name");
         assert!(err("- {name: a, token: x}").contains("unknown field `token`"));
-        let limited = format!("- {{name: a, sha256: {}, groups: [edge]}}", sha("x"));
-        assert!(err(&limited).contains("groups: limiting a token to groups is not supported yet"));
+        let none = format!("- {{name: a, sha256: {}, groups: []}}", sha("x"));
+        assert!(err(&none).contains("groups: an empty list lets the token's agents join no group"));
+        let limited = format!("- {{name: a, sha256: {}, groups: [edge, apps]}}", sha("x"));
+        let tokens = Tokens::parse(&limited, Path::new("agents.yaml")).unwrap();
+        let identity = tokens.find("x").unwrap().identity();
+        assert!(identity.may_join(&GroupName::new("apps")));
+        assert!(!identity.may_join(&GroupName::new("gateways")));
     }
 
     #[test]

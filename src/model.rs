@@ -168,6 +168,27 @@ pub struct Change {
     pub subject: String,
 }
 
+/// Who an agent's connection authenticated as: a token's name or a client
+/// certificate's subject, with the groups the token limits its agents to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: std::sync::Arc<str>,
+    /// `None`: any group.
+    pub groups: Option<std::sync::Arc<[GroupName]>>,
+}
+
+impl Identity {
+    /// An identity with no group limit.
+    pub fn named(name: std::sync::Arc<str>) -> Identity {
+        Identity { name, groups: None }
+    }
+
+    /// Whether an agent of this identity may join `group`.
+    pub fn may_join(&self, group: &GroupName) -> bool {
+        self.groups.as_ref().is_none_or(|g| g.contains(group))
+    }
+}
+
 /// A git commit id as lowercase hex (40 digits for SHA-1 repositories).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(transparent)]

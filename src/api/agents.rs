@@ -47,6 +47,9 @@ pub struct AgentJson<'a> {
     /// certificate's subject; only that identity may report for its uid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<&'a str>,
+    /// The only groups its token lets it join, when the token is limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups_allowed: Option<&'a [GroupName]>,
     /// Only in the single-agent answer: file name to body (as UTF-8 text).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub effective_config: Option<BTreeMap<&'a str, String>>,
@@ -118,7 +121,8 @@ pub fn agent_json<'a>(
             .capabilities
             .unsupported_reason()
             .filter(|_| agent_state(rec, assignment) == AgentState::Unsupported),
-        identity: rec.identity.as_deref(),
+        identity: rec.identity.as_ref().map(|i| &*i.name),
+        groups_allowed: rec.identity.as_ref().and_then(|i| i.groups.as_deref()),
         effective_config: with_effective_config.then(|| {
             rec.effective_config
                 .as_deref()

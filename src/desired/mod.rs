@@ -174,6 +174,11 @@ pub enum Operator {
 pub trait AgentAttributes {
     fn uid(&self) -> &InstanceUid;
     fn attribute(&self, key: &str) -> Option<&str>;
+    /// Whether the agent may join `group` whatever its selector says (its
+    /// credentials may limit it to some groups).
+    fn may_join(&self, _group: &GroupName) -> bool {
+        true
+    }
 }
 
 /// One attribute of an agent as selectors see it: an identifying attribute

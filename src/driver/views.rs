@@ -66,6 +66,7 @@ impl ViewBuilder {
             unhealthy_since: r.unhealthy_since.map(Timestamp::of),
             delivered: r.delivered_now().map(|d| (d.hash, Timestamp::of(d.at))),
             push_drops: r.push_drops,
+            groups_allowed: r.identity.as_ref().and_then(|i| i.groups.clone()),
         }
     }
 

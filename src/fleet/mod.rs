@@ -23,7 +23,7 @@ pub use record::{AgentRecord, Contact, Delivery, Description, Health, RemoteConf
 pub use crate::model::{PushOutcome, Transport};
 
 use crate::desired::ConfigBundle;
-use crate::model::{ConfigHash, InstanceUid};
+use crate::model::{ConfigHash, Identity, InstanceUid};
 use crate::proto::AgentToServer;
 use crate::telemetry::fleet::FleetCounts;
 use crate::telemetry::{self, Registry};
@@ -204,7 +204,7 @@ enum Command {
         previous_uid: Option<InstanceUid>,
         /// Who the connection authenticated as (a token's name, a client
         /// certificate's subject); `None` when it did not.
-        identity: Option<Arc<str>>,
+        identity: Option<Identity>,
         reply: oneshot::Sender<Result<Reply, ReportError>>,
     },
     Closed {
@@ -288,7 +288,7 @@ impl FleetHandle {
         msg: AgentToServer,
         via: Via,
         previous_uid: Option<InstanceUid>,
-        identity: Option<Arc<str>>,
+        identity: Option<Identity>,
     ) -> Result<Reply, ReportError> {
         let (reply, rx) = oneshot::channel();
         let http = matches!(via, Via::Http);
@@ -521,24 +521,28 @@ impl Fleet {
                 identity,
                 reply,
             } => {
-                let r = match self.agents.get(&uid).and_then(|e| e.record.identity.as_ref()) {
-                    Some(bound) if identity.as_ref() != Some(bound) => {
+                let bound = self.agents.get(&uid).and_then(|e| e.record.identity.as_ref());
+                let r = match bound {
+                    Some(bound) if identity.as_ref().map(|i| &i.name) != Some(&bound.name) => {
                         tracing::warn!(
                             agent = %uid,
-                            bound = %bound,
-                            claimed = identity.as_deref().unwrap_or("nobody"),
+                            bound = %bound.name,
+                            claimed = identity.as_ref().map_or("nobody", |i| &i.name),
                             "report refused: the uid is bound to another identity"
                         );
                         Err(ReportError::Impersonation)
                     }
                     _ => {
                         let reply = self.report(uid.clone(), *msg, via, previous_uid, SystemTime::now());
+                        // Bound at its first report; the groups its token
+                        // allows follow the tokens file as it changes.
                         if let Some(e) = self.agents.get_mut(&uid)
-                            && e.record.identity.is_none()
                             && identity.is_some()
+                            && e.record.identity != identity
                             && !reply.clash
                         {
                             Arc::make_mut(&mut e.record).identity = identity;
+                            self.mark(Dirty::Changed);
                         }
                         Ok(reply)
                     }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::capabilities::Capabilities;
 use crate::desired::{self, AgentAttributes, ConfigFile};
 pub use crate::model::RemoteConfigState;
-use crate::model::{ConfigHash, InstanceUid, Transport};
+use crate::model::{ConfigHash, Identity, InstanceUid, Transport};
 use crate::proto;
 
 /// The agent's description: attributes rendered as strings.
@@ -73,7 +73,7 @@ pub struct AgentRecord {
     pub delivered: Option<Delivery>,
     /// The identity (token name, client certificate subject) the agent was
     /// first seen under: only that identity may report for its uid.
-    pub identity: Option<Arc<str>>,
+    pub identity: Option<Identity>,
     /// A config whose delivery was followed, this many times in a row, by the
     /// connection closing before the agent said anything of it (an agent
     /// that refuses a config it cannot take may just drop the connection).

@@ -16,7 +16,7 @@ use super::codec::{self, DecodeError};
 use super::context::OpampContext;
 use crate::desired::ConfigBundle;
 use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
-use crate::model::InstanceUid;
+use crate::model::{Identity, InstanceUid};
 use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ConnectionSettingsOffers,
     OpAmpConnectionSettings, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
@@ -159,7 +159,7 @@ async fn exchange(
     msg: AgentToServer,
     via: Via,
     previous: Option<&InstanceUid>,
-    identity: Option<&Arc<str>>,
+    identity: Option<&Identity>,
     with_capabilities: bool,
 ) -> Outcome {
     let wire = msg.instance_uid.clone();
@@ -228,7 +228,7 @@ async fn answer(
     msg: AgentToServer,
     via: Via,
     previous: Option<&InstanceUid>,
-    identity: Option<&Arc<str>>,
+    identity: Option<&Identity>,
     with_capabilities: bool,
 ) -> Next {
     match exchange(ctx, msg, via, previous, identity, with_capabilities).await {
@@ -254,7 +254,7 @@ mod close {
 
 /// Runs one WebSocket connection until either side closes it, it is
 /// replaced by a newer connection of the same agent, or the server stops.
-pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: Option<Arc<str>>) {
+pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: Option<Identity>) {
     let conn = ctx.next_conn_id();
     WebSocketOpened.emit(&ctx.metrics);
     let pushes = Arc::new(PushSlot::default());
@@ -431,7 +431,7 @@ fn is_too_big(e: &axum::Error) -> bool {
 /// Answers one plain-HTTP OpAMP request: always 200 with a protobuf body
 /// (an unreadable or malformed body gets `error_response` BadRequest), except
 /// 413 for an oversized body and 408 for one that does not arrive in time.
-pub async fn handle_http(ctx: &OpampContext, identity: Option<Arc<str>>, headers: &HeaderMap, body: Body) -> Response {
+pub async fn handle_http(ctx: &OpampContext, identity: Option<Identity>, headers: &HeaderMap, body: Body) -> Response {
     MessageReceived {
         transport: Transport::Http,
     }

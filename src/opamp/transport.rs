@@ -4,7 +4,6 @@
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
@@ -16,6 +15,7 @@ use super::context::{AUTH_FAILURE_WINDOW, OpampContext};
 use super::session;
 use crate::auth;
 use crate::listen::Peer;
+use crate::model::Identity;
 use crate::telemetry::InternalEvent;
 use crate::telemetry::opamp::{AgentRefused, Refusal};
 
@@ -41,8 +41,8 @@ fn wants_websocket(headers: &HeaderMap) -> bool {
 
 /// Who the connection is: the name of the token it presented, else the
 /// subject of its client certificate; or why it is refused.
-fn authenticate(ctx: &OpampContext, peer: Option<&Peer>, headers: &HeaderMap) -> Result<Option<Arc<str>>, Refusal> {
-    let certificate = peer.and_then(|p| p.certificate.clone());
+fn authenticate(ctx: &OpampContext, peer: Option<&Peer>, headers: &HeaderMap) -> Result<Option<Identity>, Refusal> {
+    let certificate = peer.and_then(|p| p.certificate.clone()).map(Identity::named);
     let Some(tokens) = &ctx.agent_tokens else {
         return Ok(certificate);
     };
@@ -60,7 +60,7 @@ fn authenticate(ctx: &OpampContext, peer: Option<&Peer>, headers: &HeaderMap) ->
         return Err(refuse(Refusal::MissingToken));
     };
     match tokens.tokens().find(presented) {
-        Some(token) => Ok(Some(token.name.clone())),
+        Some(token) => Ok(Some(token.identity())),
         None => {
             if let Some(source) = source {
                 ctx.auth_failures.failed(source, now);

@@ -53,6 +53,7 @@ impl FleetAgent {
             unhealthy_since: None,
             delivered: None,
             push_drops: None,
+            groups_allowed: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::state::{RolloutState, Timestamp};
 use crate::desired::{AgentAttributes, DesiredState};
 pub use crate::model::RemoteConfigState;
-use crate::model::{ConfigHash, InstanceUid};
+use crate::model::{ConfigHash, GroupName, InstanceUid};
 
 /// Everything `plan` decides from.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +50,8 @@ pub struct AgentView {
     /// A config whose delivery was followed, this many times in a row, by the
     /// connection closing before the agent said anything of it.
     pub push_drops: Option<(ConfigHash, u32)>,
+    /// The only groups its credentials let it join; `None`: any.
+    pub groups_allowed: Option<Arc<[GroupName]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,10 @@ impl AgentAttributes for AgentView {
     }
     fn attribute(&self, key: &str) -> Option<&str> {
         self.attributes.get(key).map(String::as_str)
+    }
+
+    fn may_join(&self, group: &GroupName) -> bool {
+        self.groups_allowed.as_ref().is_none_or(|g| g.contains(group))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Which group an agent belongs to: the highest-priority group whose selector
-//! matches it; among equal priorities the group whose name sorts first.
+//! matches it (and that its credentials let it join); among equal priorities
+//! the group whose name sorts first.
 //!
 //! Matching every agent against every selector would cost agents × groups
 //! selector checks per plan, so groups are indexed once per plan by one of
@@ -113,7 +114,10 @@ impl<'a> Matcher<'a> {
     /// first is [`Matcher::group_of`]). Checks every selector: for reports,
     /// not for plans.
     pub fn matching<'m>(&'m self, agent: &'m impl AgentAttributes) -> impl Iterator<Item = &'a Group> + 'm {
-        self.ranked.iter().copied().filter(|g| g.selector.matches(agent))
+        self.ranked
+            .iter()
+            .copied()
+            .filter(|g| g.selector.matches(agent) && agent.may_join(&g.name))
     }
 
     /// The rank of the best-ranked group whose selector matches the agent.
@@ -121,11 +125,10 @@ impl<'a> Matcher<'a> {
         let mut best = usize::MAX;
         let mut consider = |list: &[usize], indexed_by_attr: bool| {
             // Each list is in rank order, so its first match is its best.
-            if let Some(&r) = list
-                .iter()
-                .take_while(|&&r| r < best)
-                .find(|&&r| (indexed_by_attr && self.exact[r]) || self.ranked[r].selector.matches(agent))
-            {
+            if let Some(&r) = list.iter().take_while(|&&r| r < best).find(|&&r| {
+                ((indexed_by_attr && self.exact[r]) || self.ranked[r].selector.matches(agent))
+                    && agent.may_join(&self.ranked[r].name)
+            }) {
                 best = r;
             }
         };

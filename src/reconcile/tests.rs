@@ -58,6 +58,7 @@ pub(super) fn agent(name: &str) -> AgentView {
         unhealthy_since: None,
         delivered: None,
         push_drops: None,
+        groups_allowed: None,
     }
 }
 

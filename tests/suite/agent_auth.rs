@@ -143,7 +143,7 @@ async fn no_client_can_report_for_an_agent_bound_to_another_identity() {
     let a = uid16(10);
     assert_eq!(post_as(addr, &hello(&a, 0), Some("one")).await.0, 200);
     let before = server.wait_agent(&a, |r| r.sequence_num == 0).await;
-    assert_eq!(before.identity.as_deref(), Some("edge-1"));
+    assert_eq!(before.identity.as_ref().map(|i| &*i.name), Some("edge-1"));
     let shown = server.api_json(&format!("/api/v1/agents/{}", uid_of(10))).await;
     assert_eq!(shown["identity"], "edge-1");
 
@@ -248,5 +248,81 @@ async fn operators_need_a_token_of_the_right_scope_and_their_name_is_recorded() 
     .await;
     assert!(note.contains("{step: pause, at: "), "{note}");
     agent.close().await;
+    server.stop().await;
+}
+
+/// A token limited to one group: its agents join that group only, so a
+/// token leaked from an edge host cannot fetch the gateways' config by
+/// claiming a gateway's attributes.
+#[tokio::test]
+async fn a_token_limited_to_one_group_never_receives_another_groups_config() {
+    use common::gitops::{GitRepo, collector_config, fleet_yaml, selected_group_yaml, serve_config, state_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("agents.yaml");
+    let limited = |name: &str, token: &str, group: &str| {
+        let sha = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+        format!("- {{name: {name}, sha256: {sha}, groups: [{group}]}}\n")
+    };
+    std::fs::write(
+        &tokens,
+        limited("edge-hosts", "edge-secret", "edge") + &limited("gateway-hosts", "gw-secret", "gateways"),
+    )
+    .unwrap();
+    let repo = GitRepo::new();
+    let policy = "  waves: [100%]\n";
+    repo.commit(
+        &[
+            ("fleet.yaml", &fleet_yaml("1h")),
+            (
+                "groups/edge.yaml",
+                &selected_group_yaml("edge", &[("service.name", "edge")], policy),
+            ),
+            (
+                "groups/gateways.yaml",
+                &selected_group_yaml("gateways", &[("service.name", "gateway")], policy),
+            ),
+            ("configs/edge.yaml", &collector_config("edge")),
+            ("configs/gateways.yaml", &collector_config("gateways: secret endpoints")),
+        ],
+        "two groups",
+    );
+    let (_tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.agent_tokens = Some(tokens);
+    let server = TestServer::start_with(config).await;
+    let addr = server.opamp_addr();
+    let as_gateway = |uid: &[u8]| AgentToServer {
+        agent_description: Some(common::description(&[("service.name", "gateway")], &[])),
+        ..hello(uid, 0)
+    };
+
+    // A gateway host with its own token gets the gateways' config.
+    let (gw, thief) = (uid16(20), uid16(21));
+    assert_eq!(post_as(addr, &as_gateway(&gw), Some("gw-secret")).await.0, 200);
+    // The edge token, claiming to be a gateway.
+    assert_eq!(post_as(addr, &as_gateway(&thief), Some("edge-secret")).await.0, 200);
+    let config_of = async |uid: &[u8], token: &str, seq: u64| {
+        let (code, reply) = post_as(addr, &heartbeat(uid, seq, SUPERVISOR_CAPS), Some(token)).await;
+        assert_eq!(code, 200);
+        reply.and_then(|r| r.remote_config)
+    };
+    let mut seq = 1;
+    let pushed = common::eventually("the gateway's config", async || {
+        seq += 1;
+        config_of(&gw, "gw-secret", seq).await
+    })
+    .await;
+    let body = &pushed.config.expect("a config map").config_map[""].body;
+    assert!(String::from_utf8_lossy(body).contains("gateways: secret endpoints"));
+    server.let_pass(std::time::Duration::from_millis(200)).await;
+    for n in 1..4 {
+        assert!(
+            config_of(&thief, "edge-secret", n).await.is_none(),
+            "the edge token never receives the gateways' config"
+        );
+    }
+    let shown = server.api_json(&format!("/api/v1/agents/{}", uid_of(21))).await;
+    assert_eq!(shown["state"], "unmanaged", "{shown}");
+    assert_eq!(shown["groups_allowed"], serde_json::json!(["edge"]), "{shown}");
     server.stop().await;
 }

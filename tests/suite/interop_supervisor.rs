@@ -689,11 +689,21 @@ async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_t
     config.tls = Some(tls);
     config.agent_tokens = Some(tokens);
     let server = TestServer::start_with(config).await;
-    let good = Pair::start_secure("good", Transport::WebSocket, server.opamp_addr(), &ca_file, "edge-secret");
+    let good = Pair::start_secure(
+        "good",
+        Transport::WebSocket,
+        server.opamp_addr(),
+        &ca_file,
+        "edge-secret",
+    );
     let bad = Pair::start_secure("bad", Transport::WebSocket, server.opamp_addr(), &ca_file, "guessed");
     let uid = uids(&server, std::slice::from_ref(&good)).await.remove(0);
     let record = server.wait_agent(uid.as_bytes(), |r| r.identity.is_some()).await;
-    assert_eq!(record.identity.as_deref(), Some("edge-hosts"), "bound to the token's name");
+    assert_eq!(
+        record.identity.as_ref().map(|i| &*i.name),
+        Some("edge-hosts"),
+        "bound to the token's name"
+    );
 
     // The API is on TLS too: the controller is asked in this process.
     let v1 = collector_config("v1", "", " {}");
@@ -714,12 +724,17 @@ async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_t
     // so) and is not an agent of the fleet.
     eventually_within(PATIENCE, "the wrong token to be refused", async || {
         let log = std::fs::read_to_string(bad.dir.path().join("supervisor.log")).ok()?;
-        log.contains("Server responded with status=401 Unauthorized").then_some(())
+        log.contains("Server responded with status=401 Unauthorized")
+            .then_some(())
     })
     .await;
     let bad_uid = bad.uid().expect("the refused supervisor made its uid");
     let fleet = server.fleet().snapshot();
     assert!(fleet.get(&bad_uid).is_none(), "the wrong token is refused");
-    assert_eq!(fleet.sorted().len(), 1, "only the supervisor with the right token is an agent");
+    assert_eq!(
+        fleet.sorted().len(),
+        1,
+        "only the supervisor with the right token is an agent"
+    );
     server.stop().await;
 }

@@ -56,4 +56,3 @@ pub fn server_files(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> TlsFiles {
         client_ca,
     }
 }
-
