@@ -163,6 +163,7 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
                 unhealthy_since: None,
                 delivered: None,
                 push_drops: None,
+                groups_allowed: None,
             }
         })
         .collect()
