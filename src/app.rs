@@ -71,6 +71,9 @@ pub struct ServeConfig {
     pub max_connections_per_source: Option<usize>,
     /// How long a connection (OpAMP or API) may stay open before its first request.
     pub first_request_timeout: Duration,
+    /// How long a plain-HTTP connection (OpAMP or API) may stay open without
+    /// a request once it has sent one (WebSockets are watched by heartbeats).
+    pub idle_timeout: Duration,
     /// How long an agent may stay offline before it is forgotten.
     pub agent_retention: Duration,
     /// How long fetches may fail before the source counts as stale (`/readyz`
@@ -100,6 +103,9 @@ pub const SOURCE_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
 pub const STALL_AFTER: Duration = Duration::from_secs(30 * 60);
 /// The default of [`ServeConfig::first_request_timeout`].
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`ServeConfig::idle_timeout`]: well above the interval at
+/// which HTTP agents poll (30 s for the OpAMP supervisor).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 impl ServeConfig {
     /// The OpAMP listener's limits, given the file-descriptor limit.
@@ -112,6 +118,7 @@ impl ServeConfig {
             max_connections,
             per_source: self.max_connections_per_source.unwrap_or(max_connections / 4),
             quiet_for: self.first_request_timeout,
+            idle_for: self.idle_timeout,
         }
     }
 
@@ -120,6 +127,7 @@ impl ServeConfig {
             max_connections: API_MAX_CONNECTIONS,
             per_source: 0,
             quiet_for: self.first_request_timeout,
+            idle_for: self.idle_timeout,
         }
     }
 }
@@ -141,6 +149,7 @@ impl ServeConfig {
             max_connections: None,
             max_connections_per_source: None,
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
             agent_retention: crate::fleet::DEFAULT_RETENTION,
             source_stale_after: SOURCE_STALE_AFTER,
             stall_after: STALL_AFTER,

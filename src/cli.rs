@@ -120,6 +120,11 @@ pub struct ServeArgs {
     /// How long a connection may stay open before its first request.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub first_request_timeout: Duration,
+    /// How long a plain-HTTP connection may stay open without a request after
+    /// its last answer (WebSockets are watched by heartbeats instead). Keep it
+    /// above the interval at which HTTP agents poll.
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
     /// How long an agent may stay offline before it is forgotten (agents
     /// away for less keep their places in rollouts).
     #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
@@ -495,6 +500,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 max_connections: args.max_connections,
                 max_connections_per_source: args.max_connections_per_source,
                 first_request_timeout: args.first_request_timeout,
+                idle_timeout: args.idle_timeout,
                 agent_retention: args.agent_retention,
                 source_stale_after: args.source_stale_after,
                 stall_after: args.stall_after,

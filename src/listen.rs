@@ -8,14 +8,17 @@
 //! when that source is at its limit) instead of being turned away, so a
 //! flood of sockets that never speak cannot lock real agents out; only when
 //! nothing is quiet is the new connection closed at once. A quiet connection
-//! is also closed when `quiet_for` passes. Each open connection, WebSockets
-//! included, holds its place until its socket closes.
+//! is also closed when `quiet_for` passes, and a plain-HTTP connection kept
+//! alive after its answers is closed when it is *idle* (no request in flight,
+//! nothing sent) for `idle_for`. A WebSocket is never idle here: its session
+//! pings it and closes it when it stops answering. Each open connection holds
+//! its place until its socket closes.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,17 +46,48 @@ pub struct Limits {
     pub per_source: usize,
     /// How long a connection may stay open before its first request.
     pub quiet_for: Duration,
+    /// How long a plain-HTTP connection may stay open with no request in
+    /// flight once it has sent one.
+    pub idle_for: Duration,
 }
 
 /// One open connection, as admission sees it.
 struct Conn {
     source: IpAddr,
     spoke: AtomicBool,
+    /// Requests being answered.
+    in_flight: AtomicUsize,
+    /// Upgraded to a WebSocket, which its session watches.
+    upgraded: AtomicBool,
     closing: AtomicBool,
     waker: AtomicWaker,
 }
 
+/// What a connection waits for, and so which deadline applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Its first request (`quiet_for`).
+    FirstRequest,
+    /// Its answer: no deadline.
+    Answer,
+    /// Its next request on a kept-alive connection (`idle_for`).
+    NextRequest,
+    /// Nothing: a WebSocket.
+    Upgraded,
+}
+
 impl Conn {
+    fn new(source: IpAddr, spoke: bool) -> Conn {
+        Conn {
+            source,
+            spoke: AtomicBool::new(spoke),
+            in_flight: AtomicUsize::new(0),
+            upgraded: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.waker.wake();
@@ -61,6 +95,36 @@ impl Conn {
 
     fn is_quiet(&self) -> bool {
         !self.spoke.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn phase(&self) -> Phase {
+        if self.upgraded.load(Ordering::Acquire) {
+            Phase::Upgraded
+        } else if !self.spoke.load(Ordering::Acquire) {
+            Phase::FirstRequest
+        } else if self.in_flight.load(Ordering::Acquire) > 0 {
+            Phase::Answer
+        } else {
+            Phase::NextRequest
+        }
+    }
+
+    /// Counts a request in flight until the guard drops.
+    fn answering(self: &Arc<Conn>) -> Answering {
+        self.spoke.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Answering(self.clone())
+    }
+}
+
+/// A request in flight on a connection.
+struct Answering(Arc<Conn>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // The reader starts the idle clock.
+        self.0.waker.wake();
     }
 }
 
@@ -121,12 +185,7 @@ impl Admission {
         } else if open.total >= self.limits.max_connections && !self.evict_oldest(&mut open.quiet, source) {
             return None;
         }
-        let conn = Arc::new(Conn {
-            source,
-            spoke: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
-        });
+        let conn = Arc::new(Conn::new(source, false));
         open.total += 1;
         self.metrics.opened();
         open.quiet.push_back(Arc::downgrade(&conn));
@@ -210,16 +269,20 @@ impl AdmittingListener {
     }
 
     /// Serves `router` on this listener: requests mark their connection as
-    /// having spoken.
+    /// having spoken, and as busy while they are answered.
     pub fn serve(self, router: Router) -> Serving {
-        let router = router.layer(axum::middleware::from_fn(mark_spoken));
+        let router = router.layer(axum::middleware::from_fn(track_requests));
         axum::serve(self, router.into_make_service_with_connect_info::<Peer>())
     }
 }
 
-async fn mark_spoken(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
-    peer.conn.spoke.store(true, Ordering::Release);
-    next.run(request).await
+async fn track_requests(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
+    let _answering = peer.conn.answering();
+    let response = next.run(request).await;
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        peer.conn.upgraded.store(true, Ordering::Release);
+    }
+    response
 }
 
 /// The remote end of a connection, and its place in admission.
@@ -265,7 +328,9 @@ impl axum::serve::Listener for AdmittingListener {
             };
             // Replies are small; do not let Nagle hold them back.
             let _ = tcp.set_nodelay(true);
-            let quiet_for = self.admission.limits.quiet_for;
+            let Limits {
+                quiet_for, idle_for, ..
+            } = self.admission.limits;
             let peer = Peer {
                 addr,
                 certificate: None,
@@ -274,7 +339,8 @@ impl axum::serve::Listener for AdmittingListener {
             let admitted = move |io| Admitted {
                 io,
                 place,
-                deadline: Some(Box::pin(tokio::time::sleep(quiet_for))),
+                deadline: Some(Deadline::new(Phase::FirstRequest, quiet_for)),
+                idle_for,
             };
             let Some(tls) = &self.tls else {
                 return (admitted(Io::Plain(tcp)), peer);
@@ -302,12 +368,7 @@ impl axum::serve::Listener for AdmittingListener {
 
     fn local_addr(&self) -> io::Result<Peer> {
         let addr = self.inner.local_addr()?;
-        let conn = Arc::new(Conn {
-            source: addr.ip(),
-            spoke: AtomicBool::new(true),
-            closing: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
-        });
+        let conn = Arc::new(Conn::new(addr.ip(), true));
         Ok(Peer {
             addr,
             certificate: None,
@@ -329,36 +390,75 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// When a connection waiting for a request is closed.
+struct Deadline {
+    /// What it waits for: the first request, or the next.
+    phase: Phase,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(phase: Phase, after: Duration) -> Deadline {
+        Deadline {
+            phase,
+            sleep: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+}
+
 /// An admitted connection's socket: reads end (as if the peer had closed)
-/// once the connection is closed by admission or stays quiet too long.
+/// once the connection is closed by admission, stays quiet too long, or
+/// stays idle too long between requests.
 pub struct Admitted {
     io: Io,
     place: Place,
-    /// When a quiet connection is closed; `None` once it spoke.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline of the request the connection waits for; `None` while it
+    /// is answered, and once it is a WebSocket.
+    deadline: Option<Deadline>,
+    idle_for: Duration,
 }
 
 impl AsyncRead for Admitted {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.deadline.is_some() {
-            let conn = &this.place.conn;
-            conn.waker.register(cx.waker());
-            if conn.closing.load(Ordering::Acquire) {
-                return Poll::Ready(Ok(()));
-            }
-            if conn.spoke.load(Ordering::Acquire) {
-                this.deadline = None;
-            } else if let Some(deadline) = &mut this.deadline
-                && deadline.as_mut().poll(cx).is_ready()
-            {
-                conn.closing.store(true, Ordering::Release);
-                let (reason, source) = (Closed::TimedOut, conn.source);
-                ConnectionClosed { reason, source }.emit(&this.place.admission.metrics);
-                return Poll::Ready(Ok(()));
-            }
+        let conn = &this.place.conn;
+        let phase = conn.phase();
+        if phase == Phase::Upgraded {
+            this.deadline = None;
+            return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        conn.waker.register(cx.waker());
+        if conn.closing.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        if this.deadline.as_ref().is_some_and(|d| d.phase != phase) {
+            this.deadline = None;
+        }
+        if phase == Phase::NextRequest && this.deadline.is_none() {
+            this.deadline = Some(Deadline::new(phase, this.idle_for));
+        }
+        if let Some(deadline) = &mut this.deadline
+            && deadline.sleep.as_mut().poll(cx).is_ready()
+        {
+            conn.closing.store(true, Ordering::Release);
+            let reason = match phase {
+                Phase::FirstRequest => Closed::TimedOut,
+                _ => Closed::Idle,
+            };
+            ConnectionClosed {
+                reason,
+                source: conn.source,
+            }
+            .emit(&this.place.admission.metrics);
+            return Poll::Ready(Ok(()));
+        }
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if phase == Phase::NextRequest && buf.filled().len() > filled {
+            // The next request is coming: its clock starts again if it stalls.
+            this.deadline = None;
+        }
+        read
     }
 }
 
@@ -454,6 +554,7 @@ mod tests {
                 max_connections,
                 per_source,
                 quiet_for: Duration::from_secs(10),
+                idle_for: Duration::from_secs(300),
             },
             open: Mutex::new(Open::default()),
             metrics: ConnectionMetrics::new("test"),
@@ -501,6 +602,24 @@ mod tests {
         drop(a1);
         assert!(adm.admit(A).is_some(), "A's quiet third one is closed for it");
         assert!(adm.admit(B).is_some());
+    }
+
+    #[test]
+    fn a_connection_waits_for_its_first_request_then_its_answers_then_the_next() {
+        let adm = admission(10, 0);
+        let place = adm.admit(A).unwrap();
+        let conn = &place.conn;
+        assert_eq!(conn.phase(), Phase::FirstRequest);
+        let first = conn.answering();
+        let second = conn.answering();
+        assert_eq!(conn.phase(), Phase::Answer);
+        drop(first);
+        assert_eq!(conn.phase(), Phase::Answer, "one request is still in flight");
+        drop(second);
+        assert_eq!(conn.phase(), Phase::NextRequest);
+        assert!(!conn.is_quiet(), "it spoke: no longer evicted for a newcomer");
+        conn.upgraded.store(true, Ordering::Release);
+        assert_eq!(conn.phase(), Phase::Upgraded);
     }
 
     #[test]

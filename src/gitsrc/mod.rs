@@ -3,7 +3,9 @@
 //! publishes each new valid commit's `DesiredState` on a `watch` channel.
 //!
 //! A local repository is read in place (and watched for ref changes); a remote
-//! URL is fetched into a bare mirror under the state directory. Fetches happen
+//! URL is fetched into a bare mirror under the state directory (the mirror of
+//! a `file://` URL reads that repository's objects in place, and fetches
+//! only its refs). Fetches happen
 //! on an interval, on [`GitHandle::sync`], and on a push webhook. A commit that
 //! fails validation is never published: the last good state stays in force and
 //! the reason is kept in the [`Status`] snapshot.
@@ -69,7 +71,8 @@ pub enum RepoLocation {
     /// A repository (working or bare) on this machine, read in place.
     Local(PathBuf),
     /// A `file://`, `https://` or `ssh://` URL (or scp-like `user@host:path`),
-    /// fetched into a bare mirror under the state directory.
+    /// fetched into a bare mirror under the state directory (which reads the
+    /// objects of a `file://` repository where they are).
     Remote(String),
 }
 

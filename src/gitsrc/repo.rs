@@ -91,34 +91,75 @@ pub(crate) fn has_folder(repo_dir: &Path, commit: &CommitId, subdir: &Path) -> R
         .is_ok_and(|entry| entry.kind() == Some(git2::ObjectType::Tree)))
 }
 
-/// Opens the bare mirror at `dir`, creating it on first use.
-fn open_mirror(dir: &Path) -> Result<Repository, GitError> {
+/// Opens the bare mirror of `url` at `dir`, creating it on first use. When
+/// `url` names a repository on this machine, the mirror reads that
+/// repository's objects in place (see [`share_objects`]).
+fn open_mirror(dir: &Path, url: &str) -> Result<Repository, GitError> {
     let mirror_err = |source| GitError::Mirror {
         path: dir.to_path_buf(),
         source,
     };
-    if dir.join("HEAD").exists() {
-        Repository::open_bare(dir).map_err(mirror_err)
-    } else {
-        std::fs::create_dir_all(dir).map_err(|e| GitError::Mirror {
-            path: dir.to_path_buf(),
-            source: git2::Error::from_str(&e.to_string()),
-        })?;
-        Repository::init_bare(dir).map_err(mirror_err)
+    let io_err = |e: std::io::Error| GitError::Mirror {
+        path: dir.to_path_buf(),
+        source: git2::Error::from_str(&e.to_string()),
+    };
+    if !dir.join("HEAD").exists() {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        Repository::init_bare(dir).map_err(mirror_err)?;
     }
+    if let Some(source) = local_source(url) {
+        share_objects(dir, &source).map_err(io_err)?;
+    }
+    Repository::open_bare(dir).map_err(mirror_err)
+}
+
+/// The repository a `file://` URL names (`file:///srv/r.git`,
+/// `file://localhost/srv/r.git`, percent-encoded as URLs are).
+fn local_source(url: &str) -> Option<PathBuf> {
+    let parsed = url::Url::parse(url).ok()?;
+    (parsed.scheme() == "file")
+        .then(|| parsed.to_file_path().ok())
+        .flatten()
+}
+
+/// Makes the object directory of the repository at `source` an alternate of
+/// the mirror's, so the mirror reads the source's objects where they are.
+/// A fetch then finds every object it wants already present and only moves
+/// the ref: libgit2's transport for local repositories would otherwise build
+/// a pack of everything every ref of the source reaches, in memory (hundreds
+/// of MiB for a repository of that size), and copy it. A source that cannot be
+/// opened is left to the fetch, which reports it.
+fn share_objects(mirror: &Path, source: &Path) -> std::io::Result<()> {
+    let Ok(repo) = Repository::open(source) else {
+        return Ok(());
+    };
+    let objects = repo.commondir().join("objects");
+    let alternates = mirror.join("objects").join("info").join("alternates");
+    let line = format!("{}\n", objects.display());
+    if std::fs::read_to_string(&alternates).is_ok_and(|current| current == line) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(alternates.parent().expect("a path under objects/info"))?;
+    let partial = alternates.with_extension("tmp");
+    std::fs::write(&partial, line)?;
+    std::fs::rename(&partial, &alternates)
 }
 
 /// Brings the mirror's copy of the tracked branch up to date with the remote
 /// (forced, so a rewritten history replaces the old one) and returns its tip.
 /// Without a branch, follows the remote's default branch (its HEAD). Only the
-/// ref advertisement is exchanged when the branch has not moved.
+/// ref advertisement is exchanged when the branch has not moved, and only the
+/// refs are read from a repository on this machine, whose objects the mirror
+/// reads in place. Over the network, libgit2 streams the pack to disk and
+/// indexes it there: its memory is the mapped-window and cache limits of
+/// [`super::set_process_limits`] and about twice the largest object.
 pub(crate) fn fetch_remote(mirror: &Path, url: &str, branch: Option<&str>, auth: &Auth) -> Result<Head, GitError> {
     let shown = redact_url(url);
     let fetch_err = |source| GitError::Fetch {
         url: shown.clone(),
         source,
     };
-    let repo = open_mirror(mirror)?;
+    let repo = open_mirror(mirror, url)?;
     let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
     let mut conn = remote
         .connect_auth(Direction::Fetch, Some(callbacks(auth.clone())), None)
@@ -299,6 +340,18 @@ mod tests {
     fn branch_names() {
         assert_eq!(branch_name("refs/heads/main"), "main");
         assert_eq!(branch_name("release/1"), "release/1");
+    }
+
+    #[test]
+    fn file_urls_name_local_repositories() {
+        assert_eq!(local_source("file:///srv/r.git"), Some(PathBuf::from("/srv/r.git")));
+        assert_eq!(
+            local_source("file://localhost/srv/a%20b.git"),
+            Some(PathBuf::from("/srv/a b.git"))
+        );
+        assert_eq!(local_source("file://elsewhere/srv/r.git"), None);
+        assert_eq!(local_source("https://host/r.git"), None);
+        assert_eq!(local_source("git@host:r.git"), None);
     }
 
     #[test]

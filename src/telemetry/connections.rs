@@ -19,16 +19,20 @@ pub enum Closed {
     Evicted,
     /// A quiet connection closed because its first request took too long.
     TimedOut,
+    /// A plain-HTTP connection closed because it sent no new request for too
+    /// long after its last answer.
+    Idle,
 }
 
 impl Closed {
-    const ALL: [Closed; 3] = [Closed::Refused, Closed::Evicted, Closed::TimedOut];
+    const ALL: [Closed; 4] = [Closed::Refused, Closed::Evicted, Closed::TimedOut, Closed::Idle];
 
     fn as_str(self) -> &'static str {
         match self {
             Closed::Refused => "refused",
             Closed::Evicted => "evicted",
             Closed::TimedOut => "timed_out",
+            Closed::Idle => "idle",
         }
     }
 }

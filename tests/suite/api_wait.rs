@@ -8,7 +8,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::gitops::{GitRepo, collector_config, serve_config, state_dir};
-use common::{Body, TestServer, hello, http_request, uid16};
+use common::{Body, KeepAlive, TestServer, hello, http_request, uid16};
 
 async fn get(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
     let r = server.api_get(path).await;
@@ -88,5 +88,38 @@ async fn malformed_parameters_are_refused() {
         assert_eq!(code, 400, "{path}: {body}");
         assert!(body["error"].is_string(), "{path}: {body}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_longer_than_the_idle_timeout_is_answered_then_the_idle_connection_closed() {
+    let idle = Duration::from_millis(300);
+    let server = TestServer::start_with(opamp_gitops::app::ServeConfig {
+        idle_timeout: idle,
+        ..opamp_gitops::app::ServeConfig::local()
+    })
+    .await;
+    let mut client = KeepAlive::connect(server.api_addr()).await;
+    let (code, body) = client.request("GET", "/api/v1/agents", &[], b"").await;
+    assert_eq!(code, 200);
+    let v = serde_json::from_slice::<serde_json::Value>(&body).expect("JSON")["version"]
+        .as_u64()
+        .expect("a version");
+
+    // A request in flight is not idle: held for three idle timeouts, answered.
+    let started = Instant::now();
+    let path = format!("/api/v1/agents?after={v}&wait=900ms");
+    let (code, _) = client.request("GET", &path, &[], b"").await;
+    assert_eq!(code, 200);
+    assert!(started.elapsed() >= 3 * idle, "held for the wait");
+
+    let answered = Instant::now();
+    client.closed_within(common::DEADLINE).await;
+    assert!(answered.elapsed() >= idle, "closed {:?} after", answered.elapsed());
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("opamp_gitops_api_connections_closed_total{reason=\"idle\"} 1"),
+        "{metrics}"
+    );
     server.stop().await;
 }

@@ -11,23 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::TestServer;
-use common::gitops::{GitRepo, collector_config, edge_hash, group_yaml, serve_config, simulate};
+use common::gitops::{GitRepo, collector_config, edge_hash, git, group_yaml, serve_config, simulate};
 use opamp_gitops::gitsrc::RepoLocation;
 use opamp_gitops::model::CommitId;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Another writer's note on `target`, in its clone `dir` of the remote.
 fn other_writer_note(dir: &Path, message: &str, target: &str) {

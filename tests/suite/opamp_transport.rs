@@ -3,6 +3,8 @@
 
 use crate::common;
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use common::*;
 use futures_util::SinkExt;
@@ -416,5 +418,51 @@ async fn other_methods_are_refused_and_the_path_is_exact() {
         "no Content-Type at all"
     );
     server.wait_agent(&uid16(13), |r| r.connected).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_http_connection_left_idle_is_closed_and_a_quiet_websocket_is_not() {
+    let idle = Duration::from_millis(500);
+    let config = ServeConfig {
+        idle_timeout: idle,
+        ..ServeConfig::local()
+    };
+    let server = TestServer::start_with(config).await;
+    let mut ws = server.ws().await;
+    ws.exchange(&hello(&uid16(11), 0)).await;
+    let ws_quiet_since = Instant::now();
+
+    // Requests closer together than the idle timeout keep the connection,
+    // for longer than the timeout in all.
+    let uid = uid16(12);
+    let mut agent = KeepAlive::connect(server.opamp_addr()).await;
+    let started = Instant::now();
+    for seq in 0..4 {
+        assert_eq!(agent.post(&heartbeat(&uid, seq, 0x7)).await, 200);
+        if seq < 3 {
+            tokio::time::sleep(idle / 2).await;
+        }
+    }
+    assert!(started.elapsed() > idle, "the requests spanned the idle timeout");
+    let answered = Instant::now();
+    agent.closed_within(DEADLINE).await;
+    assert!(
+        answered.elapsed() >= idle,
+        "closed {:?} after the last answer",
+        answered.elapsed()
+    );
+    let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("opamp_gitops_opamp_connections_closed_total{reason=\"idle\"} 1"),
+        "{metrics}"
+    );
+
+    // The WebSocket said nothing for longer, and is still open: its
+    // heartbeats watch it.
+    assert!(ws_quiet_since.elapsed() > 2 * idle);
+    let reply = ws.exchange(&heartbeat(&uid16(11), 1, 0x7)).await;
+    assert_eq!(reply.instance_uid.as_ref(), &uid16(11)[..]);
+    ws.close().await;
     server.stop().await;
 }

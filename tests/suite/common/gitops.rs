@@ -49,6 +49,21 @@ pub fn fleet_yaml(reconcile_interval: &str) -> String {
     )
 }
 
+/// Runs the `git` command in `dir`, expecting success; its output.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A working repository on disk; the controller reads its committed tree.
 pub struct GitRepo {
     pub dir: tempfile::TempDir,

@@ -652,6 +652,91 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
     }
 }
 
+/// A plain-HTTP/1.1 client that keeps its connection open between requests,
+/// as polling agents and API clients do.
+pub struct KeepAlive {
+    stream: tokio::io::BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        KeepAlive {
+            stream: tokio::io::BufReader::new(stream),
+            addr,
+        }
+    }
+
+    /// One request on this connection: the answer's status and body.
+    pub async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+        use tokio::io::AsyncBufReadExt;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let exchange = async {
+            let stream = self.stream.get_mut();
+            stream.write_all(head.as_bytes()).await.expect("send the head");
+            stream.write_all(body).await.expect("send the body");
+            let mut status = String::new();
+            self.stream.read_line(&mut status).await.expect("the status line");
+            let code = status
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("a status line, got {status:?}"));
+            let mut length = None;
+            loop {
+                let mut line = String::new();
+                self.stream.read_line(&mut line).await.expect("a header line");
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+            let mut answer = vec![0; length.expect("answers of a known length")];
+            self.stream.read_exact(&mut answer).await.expect("the body");
+            (code, answer)
+        };
+        tokio::time::timeout(DEADLINE, exchange)
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer in time"))
+    }
+
+    /// An OpAMP message POSTed to /v1/opamp on this connection: the status.
+    pub async fn post(&mut self, msg: &AgentToServer) -> u16 {
+        let body = codec::encode_http(msg, false);
+        let headers = [("Content-Type", "application/x-protobuf")];
+        self.request("POST", "/v1/opamp", &headers, &body).await.0
+    }
+
+    /// Waits until the server closes the connection, at most `patience`.
+    pub async fn closed_within(&mut self, patience: Duration) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(patience, self.stream.read(&mut byte))
+            .await
+            .unwrap_or_else(|_| panic!("the connection was still open after {patience:?}"));
+        assert!(
+            matches!(read, Ok(0)),
+            "the server closes the connection without a word: {read:?}"
+        );
+    }
+}
+
 /// How an HTTP agent sends its message.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Post {

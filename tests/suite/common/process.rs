@@ -188,7 +188,18 @@ impl Controller {
         group: &'static str,
         args: &[&str],
     ) -> Self {
-        let repo = repo.to_str().expect("utf-8");
+        Controller::start_on(repo.to_str().expect("utf-8"), state, addrs, group, args).await
+    }
+
+    /// [`Controller::start`] on a repository given as `--repo` takes it: a
+    /// path or a URL.
+    pub async fn start_on(
+        repo: &str,
+        state: &Path,
+        addrs: (SocketAddr, SocketAddr),
+        group: &'static str,
+        args: &[&str],
+    ) -> Self {
         let state = state.to_str().expect("utf-8");
         let mut all = vec!["--repo", repo, "--state-dir", state];
         all.extend(["--reconcile-tick", "100ms", "--poll-interval", "1h"]);
