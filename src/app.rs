@@ -99,6 +99,8 @@ pub const FD_RESERVE: usize = 1024;
 pub const API_MAX_CONNECTIONS: usize = 512;
 /// The default of [`ServeConfig::source_stale_after`].
 pub const SOURCE_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// The agents' identity bindings, in the state directory.
+pub const BINDINGS_FILE: &str = "bindings.json";
 /// The default of [`ServeConfig::stall_after`].
 pub const STALL_AFTER: Duration = Duration::from_secs(30 * 60);
 /// The default of [`ServeConfig::first_request_timeout`].
@@ -189,6 +191,8 @@ pub enum AppError {
     Watch(notify::Error),
     #[error("tokens: {0}")]
     Tokens(#[from] TokensError),
+    #[error("identity bindings: {0}")]
+    Bindings(#[from] fleet::BindingsError),
 }
 
 /// A supervised task that ended, and how.
@@ -347,9 +351,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         FleetConfig {
             heartbeat_interval: config.heartbeat_interval,
             retention: config.agent_retention,
+            bindings_file: config.git.as_ref().map(|g| g.state_dir.join(BINDINGS_FILE)),
         },
         fleet_stop.clone(),
-    );
+    )?;
     let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
     tasks.push(("fleet", abort));
     let opamp_metrics = OpampMetrics::default();

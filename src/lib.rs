@@ -10,6 +10,7 @@ pub mod commands;
 pub mod demo;
 pub mod desired;
 pub mod driver;
+pub mod files;
 pub mod fleet;
 pub mod gitsrc;
 pub mod listen;

@@ -195,6 +195,23 @@ pub async fn one(State(state): State<ApiState>, Path(uid): Path<String>) -> Resp
     Json(agent_json(rec, find(&assignments, &uid), true)).into_response()
 }
 
+/// `DELETE /api/v1/agents/{uid}/identity`: drops the identity the agent's
+/// uid is bound to, so its next report binds it afresh (for an agent whose
+/// host was given a new token or certificate).
+pub async fn unbind(State(state): State<ApiState>, Path(uid): Path<String>) -> Response {
+    let Some(uid) = InstanceUid::parse_text(&uid) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "not an instance uid (expected a UUID or a 26-character ULID)",
+        );
+    };
+    match state.fleet.unbind(uid).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, "the agent is not bound to an identity"),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the controller is shutting down"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

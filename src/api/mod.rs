@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{uid}", get(agents::one))
+        .route("/api/v1/agents/{uid}/identity", delete(agents::unbind))
         .route("/api/v1/groups", get(groups::list))
         .route("/api/v1/groups/{name}/pause", post(groups::pause))
         .route("/api/v1/groups/{name}/resume", post(groups::resume))

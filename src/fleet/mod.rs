@@ -3,6 +3,7 @@
 //! [`FleetHandle`]; everyone else reads coalesced [`FleetSnapshot`]s from a
 //! `watch` channel.
 
+mod bindings;
 pub mod capabilities;
 pub mod record;
 
@@ -27,6 +28,8 @@ use crate::model::{ConfigHash, Identity, InstanceUid};
 use crate::proto::AgentToServer;
 use crate::telemetry::fleet::FleetCounts;
 use crate::telemetry::{self, Registry};
+use bindings::Bindings;
+pub use bindings::BindingsError;
 
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
@@ -188,6 +191,9 @@ pub struct FleetConfig {
     pub heartbeat_interval: Duration,
     /// An agent offline this long is forgotten.
     pub retention: Duration,
+    /// Where the agents' identity bindings are kept across restarts
+    /// (`None`: not kept).
+    pub bindings_file: Option<std::path::PathBuf>,
 }
 
 /// The default of [`FleetConfig::retention`]: long enough that agents away
@@ -221,6 +227,11 @@ enum Command {
         bundle: Arc<ConfigBundle>,
         reply: oneshot::Sender<PushOutcome>,
     },
+    /// Drops the uid's identity binding; answers whether it had one.
+    Unbind {
+        uid: InstanceUid,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// The way into the fleet task: cheap to clone.
@@ -237,6 +248,18 @@ impl FleetHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Push { uid, bundle, reply })
+            .await
+            .map_err(|_| FleetStopped)?;
+        rx.await.map_err(|_| FleetStopped)
+    }
+
+    /// Drops the identity `uid` is bound to, so its next report binds it
+    /// afresh (an operator's decision: the agent's host got a new token).
+    /// Answers whether it was bound.
+    pub async fn unbind(&self, uid: InstanceUid) -> Result<bool, FleetStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unbind { uid, reply })
             .await
             .map_err(|_| FleetStopped)?;
         rx.await.map_err(|_| FleetStopped)
@@ -325,7 +348,8 @@ impl FleetHandle {
 }
 
 /// Starts the fleet task. It stops when `cancel` fires or every handle is gone.
-pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, JoinHandle<()>) {
+pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHandle, JoinHandle<()>), BindingsError> {
+    let bindings = Bindings::load(config.bindings_file, Instant::now())?;
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (snap_tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::default()));
     let fleet = Fleet {
@@ -337,9 +361,10 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> (FleetHandle, Jo
         version: 0,
         dirty: None,
         last_publish: None,
+        bindings,
     };
     let task = tokio::spawn(fleet.run(rx, cancel));
-    (FleetHandle { tx, snapshots }, task)
+    Ok((FleetHandle { tx, snapshots }, task))
 }
 
 struct Entry {
@@ -456,6 +481,7 @@ struct Fleet {
     version: u64,
     dirty: Option<Dirty>,
     last_publish: Option<Instant>,
+    bindings: Bindings,
 }
 
 impl Fleet {
@@ -464,11 +490,17 @@ impl Fleet {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self.publish_due();
+            let bindings_due = self.bindings.write_due();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 _ = sweep.tick() => self.sweep(Instant::now(), SystemTime::now()),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+                _ = tokio::time::sleep_until(bindings_due.unwrap_or_else(Instant::now)), if bindings_due.is_some() => {
+                    if let Some((path, bytes)) = self.bindings.take_write(Instant::now()) {
+                        tokio::task::spawn_blocking(move || bindings::write(&path, &bytes));
+                    }
+                }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
@@ -480,6 +512,12 @@ impl Fleet {
         }
         if self.dirty.is_some() {
             self.publish();
+        }
+        // The last change is kept before the task ends.
+        if let Some(due) = self.bindings.write_due()
+            && let Some((path, bytes)) = self.bindings.take_write(due.max(Instant::now()))
+        {
+            bindings::write(&path, &bytes);
         }
     }
 
@@ -521,12 +559,11 @@ impl Fleet {
                 identity,
                 reply,
             } => {
-                let bound = self.agents.get(&uid).and_then(|e| e.record.identity.as_ref());
-                let r = match bound {
-                    Some(bound) if identity.as_ref().map(|i| &i.name) != Some(&bound.name) => {
+                let r = match self.bindings.get(&uid) {
+                    Some(bound) if identity.as_ref().map(|i| &i.name) != Some(bound) => {
                         tracing::warn!(
                             agent = %uid,
-                            bound = %bound.name,
+                            bound = %bound,
                             claimed = identity.as_ref().map_or("nobody", |i| &i.name),
                             "report refused: the uid is bound to another identity"
                         );
@@ -537,10 +574,13 @@ impl Fleet {
                         // Bound at its first report; the groups its token
                         // allows follow the tokens file as it changes.
                         if let Some(e) = self.agents.get_mut(&uid)
-                            && identity.is_some()
+                            && let Some(id) = identity.as_ref()
                             && e.record.identity != identity
                             && !reply.clash
                         {
+                            if self.bindings.get(&uid).is_none() {
+                                self.bindings.bind(uid.clone(), id.name.clone(), Instant::now());
+                            }
                             Arc::make_mut(&mut e.record).identity = identity;
                             self.mark(Dirty::Changed);
                         }
@@ -558,6 +598,19 @@ impl Fleet {
                     e.delivered(hash, SystemTime::now());
                     self.mark(Dirty::Changed);
                 }
+            }
+            Command::Unbind { uid, reply } => {
+                let had = self.bindings.unbind(&uid);
+                if let Some(e) = self.agents.get_mut(&uid)
+                    && e.record.identity.is_some()
+                {
+                    Arc::make_mut(&mut e.record).identity = None;
+                    self.mark(Dirty::Changed);
+                }
+                if had {
+                    tracing::info!(agent = %uid, "identity binding dropped by an operator");
+                }
+                let _ = reply.send(had);
             }
             Command::Push { uid, bundle, reply } => {
                 let outcome = self.push(&uid, bundle);
@@ -757,6 +810,8 @@ impl Fleet {
         let retention = self.retention;
         self.agents
             .retain(|_, e| e.record.connected || mono.saturating_duration_since(e.seen) <= retention);
+        let agents = &self.agents;
+        self.bindings.expire(|uid| agents.contains_key(uid), mono, retention);
         if self.agents.len() < before {
             tracing::info!(
                 forgotten = before - self.agents.len(),
@@ -850,9 +905,11 @@ mod tests {
             FleetConfig {
                 heartbeat_interval: heartbeat,
                 retention: Duration::from_secs(3600),
+                bindings_file: None,
             },
             cancel.clone(),
-        );
+        )
+        .unwrap();
         (h, cancel)
     }
 

@@ -661,9 +661,11 @@ mod tests {
             crate::fleet::FleetConfig {
                 heartbeat_interval: Duration::from_secs(30),
                 retention: crate::fleet::DEFAULT_RETENTION,
+                bindings_file: None,
             },
             tokio_util::sync::CancellationToken::new(),
-        );
+        )
+        .unwrap();
         let mut ctx = OpampContext::new(
             fleet,
             Default::default(),

@@ -326,3 +326,46 @@ async fn a_token_limited_to_one_group_never_receives_another_groups_config() {
     assert_eq!(shown["groups_allowed"], serde_json::json!(["edge"]), "{shown}");
     server.stop().await;
 }
+
+/// A uid's binding is kept in the state directory: after a restart another
+/// token still cannot report for it, until an operator drops the binding.
+#[tokio::test]
+async fn a_binding_survives_a_restart_until_an_operator_drops_it() {
+    use common::gitops::{GitRepo, collector_config, serve_config, state_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("agents.yaml");
+    write_tokens(&tokens, &[("edge-1", "one"), ("edge-2", "two")]);
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n", &collector_config("v1"), "v1");
+    let (_tmp, state) = state_dir();
+    let config = || {
+        let mut c = serve_config(repo.path(), &state);
+        c.agent_tokens = Some(tokens.clone());
+        c
+    };
+    let a = uid16(30);
+    let server = TestServer::start_with(config()).await;
+    assert_eq!(post_as(server.opamp_addr(), &hello(&a, 0), Some("one")).await.0, 200);
+    server.wait_agent(&a, |r| r.identity.is_some()).await;
+    server.stop().await;
+    let kept = state.join(opamp_gitops::app::BINDINGS_FILE);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let server = TestServer::start_with(config()).await;
+    let addr = server.opamp_addr();
+    assert_eq!(
+        post_as(addr, &hello(&a, 0), Some("two")).await.0,
+        403,
+        "still bound to edge-1 after the restart"
+    );
+    let path = format!("/api/v1/agents/{}/identity", uid_of(30));
+    let dropped = http_request(server.api_addr(), "DELETE", &path, &[], Body::Empty).await;
+    assert_eq!(dropped.status, 204);
+    let again = http_request(server.api_addr(), "DELETE", &path, &[], Body::Empty).await;
+    assert_eq!(again.status, 404, "nothing left to drop");
+    assert_eq!(post_as(addr, &hello(&a, 0), Some("two")).await.0, 200, "bound afresh");
+    let shown = server.api_json(&format!("/api/v1/agents/{}", uid_of(30))).await;
+    assert_eq!(shown["identity"], "edge-2");
+    server.stop().await;
+}
