@@ -667,11 +667,12 @@ async fn the_example_repository_selects_the_agents_the_shipped_supervisor_config
     server.stop().await;
 }
 
-/// Real supervisors over TLS with agent tokens: one with the right token
-/// connects over wss://, is bound to the token's name and takes a rollout;
-/// one with a wrong token is refused and never gets a config.
+/// Real supervisors over TLS with agent tokens: with the right token, one
+/// over wss:// and one polling over https:// connect, are bound to the
+/// token's name and take a rollout; one with a wrong token is refused and
+/// never gets a config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_token_gets_nothing() {
+async fn real_supervisors_connect_over_wss_and_https_with_a_token_and_one_with_a_wrong_token_gets_nothing() {
     use sha2::Digest as _;
     let certs = tempfile::tempdir().expect("temp dir");
     let ca = common::certs::Ca::new("fleet CA");
@@ -688,22 +689,22 @@ async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_t
     let mut config = serve_config(repo.path(), &state);
     config.tls = Some(tls);
     config.agent_tokens = Some(tokens);
+    config.offer_heartbeat_interval = Some(Duration::from_secs(1));
     let server = TestServer::start_with(config).await;
-    let good = Pair::start_secure(
-        "good",
-        Transport::WebSocket,
-        server.opamp_addr(),
-        &ca_file,
-        "edge-secret",
-    );
-    let bad = Pair::start_secure("bad", Transport::WebSocket, server.opamp_addr(), &ca_file, "guessed");
-    let uid = uids(&server, std::slice::from_ref(&good)).await.remove(0);
-    let record = server.wait_agent(uid.as_bytes(), |r| r.identity.is_some()).await;
-    assert_eq!(
-        record.identity.as_ref().map(|i| &*i.name),
-        Some("edge-hosts"),
-        "bound to the token's name"
-    );
+    let opamp = server.opamp_addr();
+    let good = [
+        Pair::start_secure("good-wss", Transport::WebSocket, opamp, &ca_file, "edge-secret"),
+        Pair::start_secure("good-https", Transport::Http, opamp, &ca_file, "edge-secret"),
+    ];
+    let bad = Pair::start_secure("bad", Transport::WebSocket, opamp, &ca_file, "guessed");
+    for uid in uids(&server, &good).await {
+        let record = server.wait_agent(uid.as_bytes(), |r| r.identity.is_some()).await;
+        assert_eq!(
+            record.identity.as_ref().map(|i| &*i.name),
+            Some("edge-hosts"),
+            "bound to the token's name"
+        );
+    }
 
     // The API is on TLS too: the controller is asked in this process.
     let v1 = collector_config("v1", "", " {}");
@@ -713,10 +714,10 @@ async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_t
     let driver = server.running.driver.as_ref().expect("a driver");
     let v1_hash = hash_of(&[("", &v1)]);
     server
-        .until_within(PATIENCE, "v1 applied over wss", async || {
+        .until_within(PATIENCE, "v1 applied over wss:// and https://", async || {
             let status = driver.status();
             let g = status.groups.get(&GroupName::new("agents"))?;
-            (g.config_hash == v1_hash && g.phase == Phase::Complete && g.agents.applied == 1).then_some(())
+            (g.config_hash == v1_hash && g.phase == Phase::Complete && g.agents.applied == 2).then_some(())
         })
         .await;
 
@@ -733,8 +734,8 @@ async fn a_real_supervisor_connects_over_wss_with_a_token_and_one_with_a_wrong_t
     assert!(fleet.get(&bad_uid).is_none(), "the wrong token is refused");
     assert_eq!(
         fleet.sorted().len(),
-        1,
-        "only the supervisor with the right token is an agent"
+        2,
+        "only the supervisors with the right token are agents"
     );
     server.stop().await;
 }
