@@ -585,3 +585,54 @@ async fn a_controller_pointed_at_a_folder_the_repository_lacks_leaves_every_note
     assert_eq!(remote.note_in_fresh_clone(&c), note, "the note is untouched");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_note_holds_every_step_of_a_rollout_paused_restarted_resumed_and_superseded() {
+    let remote = Remote::new();
+    remote.push_edge(FAST, &collector_config("v1"), "v1");
+    let state = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = || {
+        let mut c = controller_config(&remote, state.path());
+        c.opamp_listen = ([127, 0, 0, 1], port).into();
+        c
+    };
+    let server = TestServer::start_with(config()).await;
+    let (_sim, stop) = simulate(&server, 4, |_| {});
+    server
+        .wait_group("edge", "v1 on all 4", |g| g["agents"]["applied"] == 4)
+        .await;
+    let c2 = remote.push_edge("  waves: [1, 100%]\n  bake: 1h\n", &collector_config("v2"), "v2");
+    server.sync().await;
+    server
+        .wait_group("edge", "v2's canary applied", |g| {
+            g["rollout"]["commit"] == c2.as_str() && g["agents"]["applied"] == 1 && g["agents"]["applying"] == 0
+        })
+        .await;
+    assert_eq!(server.api_post("/api/v1/groups/edge/pause").await.0, 200);
+    remote
+        .wait_note(&server, &c2, "the paused note", |n| n.contains("step: pause"))
+        .await;
+    server.stop().await;
+
+    // The same state directory: the rollout carries on, paused.
+    let server = TestServer::start_with(config()).await;
+    server
+        .wait_group("edge", "the paused rollout", |g| g["rollout"]["phase"] == "paused")
+        .await;
+    assert_eq!(server.api_post("/api/v1/groups/edge/resume").await.0, 200);
+    let c3 = remote.push_edge("  waves: [1, 100%]\n  bake: 1h\n", &collector_config("v3"), "v3");
+    server.sync().await;
+    let note = remote
+        .wait_note(&server, &c2, "the superseded note", |n| n.contains("phase: superseded"))
+        .await;
+    assert_eq!(
+        steps_of(&note),
+        ["started", "pause", "restarted", "resume", "superseded"],
+        "{note}"
+    );
+    let newer = remote.note_in_fresh_clone(&c3);
+    assert!(steps_of(&newer).starts_with(&["started"]), "{newer}");
+    stop.cancel();
+    server.stop().await;
+}
