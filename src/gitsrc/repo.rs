@@ -73,22 +73,14 @@ fn resolve_branch(repo: &Repository, branch: &str, repo_name: &str) -> Result<Co
 
 /// Whether the tree of `commit` has the folder `subdir`.
 pub(crate) fn has_folder(repo_dir: &Path, commit: &CommitId, subdir: &Path) -> Result<bool, GitError> {
-    let read = |source| GitError::Read {
-        what: format!("commit {commit}"),
-        source,
-    };
-    let repo = Repository::open(repo_dir).map_err(|source| GitError::Open {
-        path: repo_dir.to_path_buf(),
-        source,
-    })?;
-    let oid = Oid::from_str(commit.as_str()).map_err(read)?;
-    let tree = repo.find_commit(oid).and_then(|c| c.tree()).map_err(read)?;
     let Some(subdir) = desired::normalize_subdir(&subdir.to_string_lossy()) else {
         return Ok(true);
     };
-    Ok(tree
-        .get_path(Path::new(&subdir))
-        .is_ok_and(|entry| entry.kind() == Some(git2::ObjectType::Tree)))
+    with_commit(repo_dir, commit, |c| {
+        Ok(c.tree()?
+            .get_path(Path::new(&subdir))
+            .is_ok_and(|entry| entry.kind() == Some(git2::ObjectType::Tree)))
+    })
 }
 
 /// Opens the bare mirror of `url` at `dir`, creating it on first use. When
@@ -269,6 +261,15 @@ pub(crate) fn load_commit(repo_dir: &Path, commit: &CommitId, subdir: Option<&Pa
 
 /// Who made `commit` and what it says.
 pub(crate) fn change_of(repo_dir: &Path, commit: &CommitId) -> Result<Change, GitError> {
+    with_commit(repo_dir, commit, |c| Ok(change(&c)))
+}
+
+/// `f` of the commit `commit` of the repository in `repo_dir`.
+fn with_commit<T>(
+    repo_dir: &Path,
+    commit: &CommitId,
+    f: impl FnOnce(git2::Commit<'_>) -> Result<T, git2::Error>,
+) -> Result<T, GitError> {
     let read = |source| GitError::Read {
         what: format!("commit {commit}"),
         source,
@@ -277,10 +278,8 @@ pub(crate) fn change_of(repo_dir: &Path, commit: &CommitId) -> Result<Change, Gi
         path: repo_dir.to_path_buf(),
         source,
     })?;
-    let c = repo
-        .find_commit(Oid::from_str(commit.as_str()).map_err(read)?)
-        .map_err(read)?;
-    Ok(change(&c))
+    let oid = Oid::from_str(commit.as_str()).map_err(read)?;
+    repo.find_commit(oid).and_then(f).map_err(read)
 }
 
 /// Who made `c` and what it says.

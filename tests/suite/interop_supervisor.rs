@@ -99,6 +99,23 @@ impl Pair {
         opamp: SocketAddr,
         (service_name, role): (&'static str, &'static str),
     ) -> Pair {
+        Pair::launch(name, transport, opamp, (service_name, role), None)
+    }
+
+    /// A pair whose supervisor connects over wss:// (or https://), trusting
+    /// the CA in `ca_file`, and sends `token` as its bearer token.
+    fn start_secure(name: &str, transport: Transport, opamp: SocketAddr, ca_file: &Path, token: &str) -> Pair {
+        let secure = Some((ca_file.to_path_buf(), token.to_string()));
+        Pair::launch(name, transport, opamp, ("otelcol-agent", "app"), secure)
+    }
+
+    fn launch(
+        name: &str,
+        transport: Transport,
+        opamp: SocketAddr,
+        (service_name, role): (&'static str, &'static str),
+        secure: Option<(PathBuf, String)>,
+    ) -> Pair {
         let mut pair = Pair {
             name: name.to_string(),
             transport,
@@ -108,26 +125,7 @@ impl Pair {
             health_port: free_port(),
             role,
             service_name,
-            secure: None,
-            child: None,
-        };
-        pair.spawn();
-        pair
-    }
-
-    /// A pair whose supervisor connects over wss:// (or https://), trusting
-    /// the CA in `ca_file`, and sends `token` as its bearer token.
-    fn start_secure(name: &str, transport: Transport, opamp: SocketAddr, ca_file: &Path, token: &str) -> Pair {
-        let mut pair = Pair {
-            name: name.to_string(),
-            transport,
-            dir: tempfile::tempdir().expect("temp dir"),
-            opamp,
-            otlp_port: free_port(),
-            health_port: free_port(),
-            role: "app",
-            service_name: "otelcol-agent",
-            secure: Some((ca_file.to_path_buf(), token.to_string())),
+            secure,
             child: None,
         };
         pair.spawn();

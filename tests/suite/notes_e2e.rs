@@ -100,6 +100,14 @@ fn controller_config(remote: &Remote, state: &Path) -> opamp_gitops::app::ServeC
     c
 }
 
+/// A controller's settings with its OpAMP listener on `port` (agents of a
+/// simulation reconnect to a restarted controller there).
+fn config_on(remote: &Remote, state: &Path, port: u16) -> opamp_gitops::app::ServeConfig {
+    let mut c = controller_config(remote, state);
+    c.opamp_listen = ([127, 0, 0, 1], port).into();
+    c
+}
+
 const FAST: &str = "  waves: [100%]\n  bake: 0s\n";
 
 #[tokio::test]
@@ -272,23 +280,69 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
-async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
-    let remote = Remote::new();
+/// A controller on its own OpAMP port with `n` simulated agents, once v1
+/// runs on all of them: the server, the simulation and its stop, the port,
+/// the state directory and v1's hash.
+async fn v1_everywhere(
+    remote: &Remote,
+    n: u64,
+    tweak: impl FnOnce(&mut opamp_gitops::simulate::Config),
+) -> (
+    TestServer,
+    opamp_gitops::simulate::Simulation,
+    tokio_util::sync::CancellationToken,
+    u16,
+    tempfile::TempDir,
+    String,
+) {
     let v1 = collector_config("v1");
     remote.push_edge(FAST, &v1, "first config");
     let port = free_port();
-    let first_state = tempfile::tempdir().expect("temp dir");
-    let mut config = controller_config(&remote, first_state.path());
-    config.opamp_listen = ([127, 0, 0, 1], port).into();
-    let server = TestServer::start_with(config).await;
-    let (_sim, stop) = simulate(&server, 10, |_| {});
+    let state = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start_with(config_on(remote, state.path(), port)).await;
+    let (sim, stop) = simulate(&server, n as usize, tweak);
     let h1 = edge_hash(&v1).to_string();
     server
-        .wait_group("edge", "v1 complete on all 10", |g| {
-            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 10
+        .wait_group("edge", &format!("v1 complete on all {n}"), |g| {
+            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == n
         })
         .await;
+    (server, sim, stop, port, state, h1)
+}
+
+/// Stops `server`, loses its state directory, and starts a controller with
+/// an empty one on the same OpAMP port (with a start-up grace, so the
+/// simulated agents reconnect before it plans).
+async fn lose_the_state(
+    server: TestServer,
+    state: tempfile::TempDir,
+    remote: &Remote,
+    port: u16,
+) -> (TestServer, tempfile::TempDir) {
+    server.stop().await;
+    drop(state);
+    let fresh = tempfile::tempdir().expect("temp dir");
+    let mut config = config_on(remote, fresh.path(), port);
+    config.startup_grace = Duration::from_secs(2);
+    (TestServer::start_with(config).await, fresh)
+}
+
+/// Promotes the edge group's rollout and waits until wave `wave` is open
+/// and `applied` agents run its config.
+async fn promote_to(server: &TestServer, wave: u64, applied: u64) {
+    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
+    assert_eq!(code, 200);
+    server
+        .wait_group("edge", &format!("wave {wave} applied"), |g| {
+            g["rollout"]["wave"] == wave && g["agents"]["applied"] == applied
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
+    let remote = Remote::new();
+    let (server, _sim, stop, port, first_state, h1) = v1_everywhere(&remote, 10, |_| {}).await;
 
     // v2 in waves with a long bake; promote once so wave 2 is open.
     let v2 = collector_config("v2");
@@ -300,27 +354,14 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
             g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
         })
         .await;
-    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
-    assert_eq!(code, 200);
-    server
-        .wait_group("edge", "wave 2 applied", |g| {
-            g["rollout"]["wave"] == 2 && g["agents"]["applied"] == 5
-        })
-        .await;
+    promote_to(&server, 2, 5).await;
     remote
         .wait_note(&server, &c2, "the wave-2 note", |n| {
             n.contains("phase: progressing") && n.contains("wave: 2")
         })
         .await;
-    server.stop().await;
-    drop(first_state);
-
     // A new controller with an empty state directory, on the same address.
-    let second_state = tempfile::tempdir().expect("temp dir");
-    let mut config = controller_config(&remote, second_state.path());
-    config.opamp_listen = ([127, 0, 0, 1], port).into();
-    config.startup_grace = Duration::from_secs(2);
-    let server = TestServer::start_with(config).await;
+    let (server, _second_state) = lose_the_state(server, first_state, &remote, port).await;
     // Controls wait for the grace: planning now would count too few agents.
     let (code, body) = server.api_post("/api/v1/groups/edge/pause").await;
     assert_eq!(code, 503, "{body}");
@@ -347,13 +388,7 @@ async fn a_lost_state_directory_is_rebuilt_from_the_notes() {
     server.let_pass(Duration::from_millis(300)).await;
     let g = server.wait_group("edge", "the group", |_| true).await;
     assert_eq!(g["rollout"]["wave"], 2, "the bake holds wave 3: {g}");
-    let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
-    assert_eq!(code, 200);
-    server
-        .wait_group("edge", "wave 3 applied", |g| {
-            g["rollout"]["wave"] == 3 && g["agents"]["applied"] == 10
-        })
-        .await;
+    promote_to(&server, 3, 10).await;
     let (code, _) = server.api_post("/api/v1/groups/edge/promote").await;
     assert_eq!(code, 200);
     server
@@ -416,20 +451,8 @@ async fn pushes(server: &TestServer, reason: &str) -> u64 {
 #[tokio::test]
 async fn a_halted_rollout_rebuilt_from_the_notes_gives_its_config_to_nobody() {
     let remote = Remote::new();
-    let v1 = collector_config("v1");
-    remote.push_edge(FAST, &v1, "first config");
-    let port = free_port();
-    let first_state = tempfile::tempdir().expect("temp dir");
-    let mut config = controller_config(&remote, first_state.path());
-    config.opamp_listen = ([127, 0, 0, 1], port).into();
-    let server = TestServer::start_with(config).await;
-    let (_sim, stop) = simulate(&server, 30, |c| c.fail_if_contains = Some("BREAK-ME".into()));
-    let h1 = edge_hash(&v1).to_string();
-    server
-        .wait_group("edge", "v1 complete on all 30", |g| {
-            g["config_hash"] == h1.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 30
-        })
-        .await;
+    let (server, _sim, stop, port, first_state, h1) =
+        v1_everywhere(&remote, 30, |c| c.fail_if_contains = Some("BREAK-ME".into())).await;
 
     // A bad commit whose first wave (25 agents) all fail it: more failures
     // than a note lists with their errors.
@@ -448,14 +471,7 @@ async fn a_halted_rollout_rebuilt_from_the_notes_gives_its_config_to_nobody() {
         })
         .await;
     assert!(note.contains("step: halted"), "{note}");
-    server.stop().await;
-    drop(first_state);
-
-    let second_state = tempfile::tempdir().expect("temp dir");
-    let mut config = controller_config(&remote, second_state.path());
-    config.opamp_listen = ([127, 0, 0, 1], port).into();
-    config.startup_grace = Duration::from_secs(2);
-    let server = TestServer::start_with(config).await;
+    let (server, _second_state) = lose_the_state(server, first_state, &remote, port).await;
     let g = server
         .wait_group("edge", "the rebuilt rollout", |g| {
             g["rollout"]["phase"] == "halted" && g["agents"]["targeted"] == 30
@@ -556,11 +572,13 @@ async fn a_controller_pointed_at_a_folder_the_repository_lacks_leaves_every_note
     let c = remote.push_edge(FAST, &collector_config("a"), "change a");
     let server = TestServer::start_with(controller_config(&remote, state.path())).await;
     let (_sim, stop) = simulate(&server, 2, |_| {});
-    let note = remote
+    remote
         .wait_note(&server, &c, "the complete note", |n| n.contains("phase: complete"))
         .await;
     stop.cancel();
     server.stop().await;
+    // As the first controller left it (it writes once more as it stops).
+    let note = remote.note_in_fresh_clone(&c);
 
     // A second controller, told to look in a folder the repository does not have.
     let state = tempfile::tempdir().expect("temp dir");
@@ -592,11 +610,7 @@ async fn a_note_holds_every_step_of_a_rollout_paused_restarted_resumed_and_super
     remote.push_edge(FAST, &collector_config("v1"), "v1");
     let state = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let config = || {
-        let mut c = controller_config(&remote, state.path());
-        c.opamp_listen = ([127, 0, 0, 1], port).into();
-        c
-    };
+    let config = || config_on(&remote, state.path(), port);
     let server = TestServer::start_with(config()).await;
     let (_sim, stop) = simulate(&server, 4, |_| {});
     server
