@@ -2,8 +2,7 @@
 //! fsync, rename, fsync of the directory), so a crash leaves either the old
 //! state or the new one, never a torn file.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::reconcile::RolloutState;
@@ -46,26 +45,12 @@ pub fn load(dir: &Path) -> Result<Option<RolloutState>, PersistError> {
 /// Replaces the saved state. Blocking; the file holds config bodies, so it is
 /// created readable by its owner only.
 pub fn save(dir: &Path, state: &RolloutState) -> Result<(), PersistError> {
-    fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    let path = dir.join(FILE);
-    let tmp = dir.join(format!("{FILE}.tmp"));
     let bytes = serde_json::to_vec(state).expect("the rollout state always serializes");
-    let mut f = private_file(&tmp).map_err(io("creating", &tmp))?;
-    f.write_all(&bytes).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io("replacing", &path))?;
-    // Make the rename itself durable.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))
-}
-
-fn private_file(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    crate::durable::replace(dir, FILE, &bytes).map_err(|e| PersistError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
