@@ -18,6 +18,7 @@ pub mod gitsrc;
 pub mod listen;
 pub mod model;
 pub mod notes;
+pub mod notify;
 pub mod opamp;
 pub mod plan_cmd;
 pub mod proto;
