@@ -80,7 +80,10 @@ pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), Clien
     }
     let request = request.body(Empty::new()).map_err(|e| failed(e.to_string()))?;
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| failed(describe(&e)))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| failed(crate::errors::with_causes(&e)))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
             .collect()
@@ -95,18 +98,6 @@ pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), Clien
             humantime::format_duration(REQUEST_TIMEOUT)
         ))
     })?
-}
-
-/// The client error with its causes ("connection refused" sits a few levels down).
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use crate::gitsrc::{GitConfig, GitError, GitHandle, GitSource, Status};
 use crate::listen::{AdmittingListener, Limits};
 use crate::notes::format::Note;
 use crate::notes::writer::{self, Backoff};
+use crate::notify::{self, NotifyConfig, NotifyError};
 use crate::opamp::OpampContext;
 use crate::opamp::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::opamp::transport;
@@ -90,6 +91,8 @@ pub struct ServeConfig {
     pub api_tokens: Option<PathBuf>,
     /// Reads of the API need no token even with `api_tokens`.
     pub api_open_reads: bool,
+    /// Notifications (webhooks) and commit statuses in the forge.
+    pub notify: NotifyConfig,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -159,6 +162,7 @@ impl ServeConfig {
             agent_tokens: None,
             api_tokens: None,
             api_open_reads: false,
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -188,11 +192,13 @@ pub enum AppError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error("cannot watch a certificate or tokens file for changes: {0}")]
-    Watch(notify::Error),
+    Watch(::notify::Error),
     #[error("tokens: {0}")]
     Tokens(#[from] TokensError),
     #[error("identity bindings: {0}")]
     Bindings(#[from] fleet::BindingsError),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
 }
 
 /// A supervised task that ended, and how.
@@ -287,7 +293,7 @@ impl Running {
     }
 
     /// Aborts one supervised task (`fleet`, `git`, `driver`, `notes`,
-    /// `readiness`) as if it had died; false when there is none of that name.
+    /// `notify`, `readiness`) as if it had died; false when there is none of that name.
     /// For checking that the controller then stops.
     #[doc(hidden)]
     pub fn abort_task(&self, name: &str) -> bool {
@@ -368,14 +374,21 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
     let stale_after = config.source_stale_after;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let link = config.notify.link(&format!("{scheme}://{api_addr}"));
+    if config.git.is_none() && !config.notify.is_empty() {
+        tracing::warn!("no --repo: there are no rollouts to notify about or set commit statuses for");
+    }
     let gitops = match config.git {
         Some(git_config) => {
-            let settings = (
-                config.reconcile_tick,
-                config.startup_grace,
-                config.stall_after,
-                config.notes_author,
-            );
+            let settings = Settings {
+                tick: config.reconcile_tick,
+                startup_grace: config.startup_grace,
+                stall_after: config.stall_after,
+                author: config.notes_author,
+                notify: config.notify,
+                link,
+            };
             let g = start_gitops(
                 git_config,
                 settings,
@@ -523,7 +536,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     })
 }
 
-/// The GitOps half of the controller: git source, reconcile driver and notes writer.
+/// The GitOps half of the controller: git source, reconcile driver, notes
+/// writer and notifications.
 struct GitOps {
     git: GitHandle,
     driver: DriverHandle,
@@ -531,27 +545,45 @@ struct GitOps {
     driver_task: JoinHandle<()>,
     notes_stop: CancellationToken,
     notes_task: JoinHandle<()>,
+    /// The notifications' senders, when there are receivers.
+    notify: Option<(CancellationToken, JoinHandle<()>)>,
     git_task: JoinHandle<()>,
     aborts: Vec<(&'static str, tokio::task::AbortHandle)>,
 }
 
 impl GitOps {
     /// The driver saves its state first; then the notes writer flushes what
-    /// the driver handed it.
+    /// the driver handed it. Notifications not delivered by then stay in
+    /// their outbox for the next start.
     async fn stop(self) -> Result<(), AppError> {
         self.driver_stop.cancel();
         self.driver_task.await?;
         self.notes_stop.cancel();
         self.notes_task.await?;
+        if let Some((stop, task)) = self.notify {
+            stop.cancel();
+            task.await?;
+        }
         // The git task stops with the shutdown token it was given.
         self.git_task.await?;
         Ok(())
     }
 }
 
+/// The GitOps half's settings.
+struct Settings {
+    tick: Duration,
+    startup_grace: Duration,
+    stall_after: Duration,
+    author: Author,
+    notify: NotifyConfig,
+    /// The controller's view, linked from notifications and commit statuses.
+    link: String,
+}
+
 async fn start_gitops(
     git_config: GitConfig,
-    (tick, startup_grace, stall_after, author): (Duration, Duration, Duration, Author),
+    settings: Settings,
     fleet: &FleetHandle,
     assignments: &watch::Sender<Assignments>,
     registry: &mut Registry,
@@ -562,6 +594,14 @@ async fn start_gitops(
     let (git, git_task) = GitSource::spawn(git_config, shutdown.child_token())?;
     let (git_task, git_abort) = supervise("git", git_task, ended);
     git.register_metrics(registry);
+    let Settings {
+        tick,
+        startup_grace,
+        stall_after,
+        author,
+        notify,
+        link,
+    } = settings;
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
     let notes_stop = CancellationToken::new();
@@ -569,6 +609,17 @@ async fn start_gitops(
     let metrics = notes.metrics().clone();
     let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &metrics));
     notes.register_metrics(registry);
+    let mut aborts = vec![("git", git_abort)];
+    let (notifications, notify) = if notify.is_empty() {
+        (None, None)
+    } else {
+        let stop = CancellationToken::new();
+        let (handle, task) = notify::spawn(notify, &state_dir, link, stop.clone())?;
+        handle.register_metrics(registry);
+        let (task, abort) = supervise("notify", task, ended);
+        aborts.push(("notify", abort));
+        (Some(handle), Some((stop, task)))
+    };
     let driver_stop = CancellationToken::new();
     let (driver, driver_task) = driver::spawn(
         DriverConfig {
@@ -581,6 +632,7 @@ async fn start_gitops(
             git: git.clone(),
             assignments: assignments.clone(),
             notes: Some(notes),
+            notify: notifications,
             existing_notes: Some(existing_notes),
         },
         driver_stop.clone(),
@@ -588,6 +640,7 @@ async fn start_gitops(
     driver.register_metrics(registry, stall_after);
     let (driver_task, driver_abort) = supervise("driver", driver_task, ended);
     let (notes_task, notes_abort) = supervise("notes", notes_task, ended);
+    aborts.extend([("driver", driver_abort), ("notes", notes_abort)]);
     Ok(GitOps {
         git,
         driver,
@@ -595,8 +648,9 @@ async fn start_gitops(
         driver_task,
         notes_stop,
         notes_task,
+        notify,
         git_task,
-        aborts: vec![("git", git_abort), ("driver", driver_abort), ("notes", notes_abort)],
+        aborts,
     })
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::notify::{Forge, ForgeProject, Hook, NotifyConfig};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "opamp-gitops",
@@ -164,6 +166,29 @@ pub struct ServeArgs {
     /// Author email of the git notes.
     #[arg(long, default_value = "opamp-gitops@localhost")]
     pub notes_author_email: String,
+    /// POST a JSON event here on every step of a rollout (started, wave
+    /// opened, agents failed, halted, rolled back, complete, superseded) and
+    /// on an invalid commit; slack+https://… posts Slack's message format.
+    /// Repeatable.
+    #[arg(long = "notify", value_name = "URL", value_parser = Hook::parse)]
+    pub notify: Vec<Hook>,
+    /// File holding the secret notifications are signed with (header
+    /// X-Opamp-Gitops-Signature: sha256=<HMAC-SHA256 of the body>).
+    #[arg(long, requires = "notify")]
+    pub notify_secret_file: Option<PathBuf>,
+    /// Set a commit status per group in this forge: github:OWNER/REPO or
+    /// gitlab:PROJECT (its id or path), with the token in
+    /// OPAMP_GITOPS_GITHUB_TOKEN or OPAMP_GITOPS_GITLAB_TOKEN.
+    #[arg(long, value_name = "FORGE:PROJECT", value_parser = ForgeProject::parse)]
+    pub forge: Option<ForgeProject>,
+    /// The forge's API [github: https://api.github.com, gitlab: https://gitlab.com/api/v4].
+    #[arg(long, value_name = "URL", requires = "forge", value_parser = parse_http_url)]
+    pub forge_api: Option<String>,
+    /// The controller's address as people reach it (default: the API's,
+    /// http://--api-listen); notifications and commit statuses link to its
+    /// /api/v1/groups.
+    #[arg(long, value_name = "URL", value_parser = parse_http_url)]
+    pub external_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -404,6 +429,45 @@ fn parse_max_message_bytes(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// An `http://` or `https://` URL with a host (a trailing slash is dropped).
+fn parse_http_url(s: &str) -> Result<String, String> {
+    let usage = "expected an http:// or https:// URL, e.g. https://gitops.example.com";
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e} ({usage})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(usage.to_string());
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+/// What to notify, from `serve`'s arguments; the forge's token is read from
+/// its environment variable (`env`), and its absence is an error.
+pub fn notify_config(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> Result<NotifyConfig, String> {
+    let forge = match &args.forge {
+        None => None,
+        Some(project) => {
+            let var = project.kind.token_env();
+            let token = env(var)
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| format!("--forge needs a token in the environment variable {var}"))?;
+            Some(Forge {
+                api: args
+                    .forge_api
+                    .clone()
+                    .unwrap_or_else(|| project.kind.default_api().to_string()),
+                project: project.clone(),
+                token: token.trim().to_string(),
+            })
+        }
+    };
+    Ok(NotifyConfig {
+        hooks: args.notify.clone(),
+        secret_file: args.notify_secret_file.clone(),
+        forge,
+        external_url: args.external_url.clone(),
+        ..NotifyConfig::default()
+    })
+}
+
 /// A listen address: `host:port`, where host is an address or a name
 /// (`localhost:4320`), resolved once; the first address found is used.
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -483,6 +547,13 @@ pub fn run(cli: Cli) -> ExitCode {
                     None
                 }
             };
+            let notify = match notify_config(&args, |var| std::env::var(var).ok()) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let config = crate::app::ServeConfig {
                 opamp_listen: args.opamp_listen,
                 api_listen: args.api_listen,
@@ -516,6 +587,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 agent_tokens: args.agent_tokens.clone(),
                 api_tokens: args.api_tokens.clone(),
                 api_open_reads: args.api_open_reads,
+                notify,
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -579,6 +651,60 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "docs/cli.md does not mention: {missing:?}");
+    }
+
+    #[test]
+    fn notifications_from_the_command_line() {
+        let parse = |extra: &[&str]| {
+            let mut all = vec!["opamp-gitops", "serve"];
+            all.extend(extra);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Serve(args)) => Ok(args),
+                Ok(_) => panic!("not serve"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let args = parse(&[
+            "--notify",
+            "https://hooks.example.com/a",
+            "--notify",
+            "slack+https://hooks.slack.com/services/x",
+            "--notify-secret-file",
+            "/s/notify",
+            "--forge",
+            "gitlab:ops/fleet",
+            "--forge-api",
+            "https://gitlab.example.com/api/v4/",
+            "--external-url",
+            "https://gitops.example.com/",
+        ])
+        .unwrap();
+        let tokens = |var: &str| (var == "OPAMP_GITOPS_GITLAB_TOKEN").then(|| "glpat-x\n".to_string());
+        let n = notify_config(&args, tokens).unwrap();
+        assert_eq!(n.hooks.len(), 2);
+        assert_eq!(n.hooks[1].format, crate::notify::Format::Slack);
+        assert_eq!(n.secret_file, Some(PathBuf::from("/s/notify")));
+        let forge = n.forge.unwrap();
+        assert_eq!(
+            (forge.api.as_str(), forge.project.project.as_str(), forge.token.as_str()),
+            ("https://gitlab.example.com/api/v4", "ops%2Ffleet", "glpat-x")
+        );
+        assert_eq!(n.external_url.as_deref(), Some("https://gitops.example.com"));
+
+        let github = parse(&["--forge", "github:acme/fleet"]).unwrap();
+        let e = notify_config(&github, |_| None).unwrap_err();
+        assert!(e.contains("OPAMP_GITOPS_GITHUB_TOKEN"), "{e}");
+        let defaulted = notify_config(&github, |_| Some("ghp".into())).unwrap();
+        assert_eq!(defaulted.forge.unwrap().api, "https://api.github.com");
+        for bad in [
+            &["--notify", "hooks.example.com"][..],
+            &["--notify-secret-file", "/s"],
+            &["--forge", "gitea:a/b"],
+            &["--forge-api", "https://x"],
+            &["--external-url", "gitops.example.com"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `reconcile::plan` when the desired state or the fleet changes (the fleet's
 //! snapshots are already coalesced) and on a timer, carries out the pushes,
 //! persists the state, publishes what the API shows, logs the story of each
-//! rollout and hands notes to the notes writer.
+//! rollout, hands notes to the notes writer and tells the notifications.
 
 mod notebook;
 pub mod persist;
@@ -29,6 +29,7 @@ use crate::model::{AgentState, Change, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
 use crate::notes::remembered::{self, Found};
 use crate::notes::writer::NotesHandle;
+use crate::notify::{NotifyHandle, notice};
 use crate::reconcile::{
     self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
     Stable, Timestamp,
@@ -158,6 +159,8 @@ pub struct Parts {
     pub git: GitHandle,
     pub assignments: watch::Sender<Assignments>,
     pub notes: Option<NotesHandle>,
+    /// Told each rollout's events (and invalid commits).
+    pub notify: Option<NotifyHandle>,
     /// Reads the notes already in the repository (blocking). Called once the
     /// first commit is loaded, so a remote's mirror exists by then: rewrites
     /// keep what those notes hold, and a lost state is rebuilt from them.
@@ -207,6 +210,7 @@ pub fn spawn(
         git: parts.git,
         assignments: parts.assignments,
         notes: parts.notes,
+        notify: parts.notify,
         status: status_tx,
         metrics,
     };
@@ -220,6 +224,7 @@ struct Driver {
     git: GitHandle,
     assignments: watch::Sender<Assignments>,
     notes: Option<NotesHandle>,
+    notify: Option<NotifyHandle>,
     status: watch::Sender<Arc<DriverStatus>>,
     metrics: RolloutMetrics,
     views: ViewBuilder,
@@ -248,7 +253,8 @@ impl Driver {
         let mut fleet = self.fleet.subscribe();
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.note_invalid_head(&git_status.borrow_and_update().clone());
+        let first = git_status.borrow_and_update().clone();
+        self.note_invalid_head(&first).await;
         loop {
             // An input that closes means its task ended; the supervisor reports
             // that task and stops the controller, so the driver only waits for
@@ -260,7 +266,7 @@ impl Driver {
                 changed = git_status.changed() => {
                     if changed.is_err() { cancel.cancelled().await; break }
                     let status = git_status.borrow_and_update().clone();
-                    self.note_invalid_head(&status);
+                    self.note_invalid_head(&status).await;
                     continue;
                 }
                 Some(request) = controls.recv() => {
@@ -381,6 +387,24 @@ impl Driver {
         if state != self.state {
             self.state = state;
             self.dirty = true;
+        }
+        // Into the outbox before the state that follows the events is saved:
+        // after a crash in between they are told again, never lost.
+        if let Some(notify) = &self.notify {
+            let change = |c: &CommitId| {
+                if *c == commit {
+                    loaded.change.clone()
+                } else {
+                    self.book.change(c).cloned()
+                }
+            };
+            let notices = notice::from_plan(&notice::PlanFacts {
+                events: &events,
+                groups: &groups,
+                change: &change,
+                now: now_wall,
+            });
+            notify.enqueue(notices).await;
         }
         // When the rollout moved (a wave, a failure, a halt), save before
         // pushing what the new state records: after a crash in between, the
@@ -536,14 +560,22 @@ impl Driver {
         }
     }
 
-    fn note_invalid_head(&mut self, status: &GitStatus) {
+    /// Notes an invalid newest commit, and tells it, once.
+    async fn note_invalid_head(&mut self, status: &GitStatus) {
         if let Some(head) = &status.head
             && !status.head_errors.is_empty()
             && status.loaded.as_ref() != Some(head)
         {
             warn!(commit = %head, errors = status.head_errors.len(), "commit is invalid; the fleet keeps what it runs");
-            let note = self.book.invalid(head, &status.head_errors, SystemTime::now());
-            self.submit_notes(note.into_iter().collect());
+            let now = SystemTime::now();
+            let Some(note) = self.book.invalid(head, &status.head_errors, now) else {
+                return;
+            };
+            self.submit_notes(vec![note]);
+            if let Some(notify) = &self.notify {
+                let told = notice::invalid(head, &status.head_errors, status.head_change.clone(), now);
+                notify.enqueue(vec![told]).await;
+            }
         }
     }
 

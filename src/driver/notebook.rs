@@ -354,34 +354,14 @@ fn from_status(s: &GroupStatus) -> NoteGroup {
 mod tests {
     use super::*;
     use crate::model::{ConfigHash, InstanceUid};
-    use crate::reconcile::{AgentCounts, Control, ControlAction, FailureView};
+    use crate::reconcile::{Control, ControlAction, FailureView};
 
     fn c(n: char) -> CommitId {
         CommitId::new(n.to_string().repeat(40))
     }
 
     fn status(commit: char, phase: Phase, wave: u32, applied: u32) -> GroupStatus {
-        GroupStatus {
-            config_hash: ConfigHash([commit as u8; 32]),
-            stable_hash: None,
-            phase,
-            wave,
-            waves: 3,
-            commit: Some(c(commit)),
-            agents: AgentCounts {
-                targeted: 10,
-                applied,
-                ..Default::default()
-            },
-            failed: 0,
-            failures: vec![],
-            started: Some(Timestamp::from_millis(1_000)),
-            finished: None,
-            wave_opened: None,
-            waiting_since: None,
-            bake_ends: None,
-            actions: vec![],
-        }
+        GroupStatus::sample(c(commit), phase, wave, applied)
     }
 
     fn after(

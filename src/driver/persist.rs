@@ -45,9 +45,12 @@ pub fn load(dir: &Path) -> Result<Option<RolloutState>, PersistError> {
 /// Replaces the saved state. Blocking; the file holds config bodies, so it is
 /// created readable by its owner only.
 pub fn save(dir: &Path, state: &RolloutState) -> Result<(), PersistError> {
-    let path = dir.join(FILE);
     let bytes = serde_json::to_vec(state).expect("the rollout state always serializes");
-    crate::files::write_private(&path, &bytes).map_err(io("writing", &path))
+    crate::durable::replace(dir, FILE, &bytes).map_err(|e| PersistError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

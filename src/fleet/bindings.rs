@@ -127,8 +127,12 @@ impl Bindings {
 /// Writes bindings taken with [`Bindings::take_write`]; logs a failure (the
 /// next change writes them again).
 pub fn write(path: &Path, bytes: &[u8]) {
-    if let Err(e) = crate::files::write_private(path, bytes) {
-        tracing::warn!(path = %path.display(), error = %e, "writing the agents' identity bindings failed");
+    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(dir), Some(name)) => (dir, name),
+        _ => return tracing::warn!(path = %path.display(), "not a file path for the identity bindings"),
+    };
+    if let Err(e) = crate::durable::replace(dir, name, bytes) {
+        tracing::warn!(error = %e, "writing the agents' identity bindings failed");
     }
 }
 

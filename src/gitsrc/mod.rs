@@ -229,6 +229,9 @@ pub struct Status {
     /// Why `head` was rejected, as `path:line:column: message` lines; empty
     /// when `head` is the loaded commit.
     pub head_errors: Vec<String>,
+    /// Who made `head`, when it is not in force (it is invalid) and git could tell.
+    #[serde(skip)]
+    pub head_change: Option<Change>,
     /// When the last fetch (or local read) was attempted.
     #[serde(serialize_with = "crate::rfc3339::option::serialize")]
     pub last_fetch: Option<SystemTime>,

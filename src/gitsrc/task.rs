@@ -63,7 +63,10 @@ impl Triggers {
 #[derive(Clone)]
 enum Outcome {
     Valid(Arc<Loaded>),
-    Invalid(Arc<[String]>),
+    Invalid {
+        errors: Arc<[String]>,
+        change: Option<Change>,
+    },
 }
 
 pub(super) struct SourceTask {
@@ -311,7 +314,10 @@ impl SourceTask {
                     errors: problems.len(),
                 }
                 .emit(&self.metrics);
-                Outcome::Invalid(problems.iter().map(ToString::to_string).collect())
+                Outcome::Invalid {
+                    errors: problems.iter().map(ToString::to_string).collect(),
+                    change,
+                }
             }
         };
         if self.outcomes.len() == REMEMBERED {
@@ -323,7 +329,7 @@ impl SourceTask {
 
     /// Makes `head` the desired state when it is valid; records why not otherwise.
     fn publish(&mut self, head: CommitId, outcome: Outcome) -> SyncOutcome {
-        let errors: Vec<String> = match &outcome {
+        let (errors, change): (Vec<String>, Option<Change>) = match &outcome {
             Outcome::Valid(loaded) => {
                 self.desired.send_if_modified(|current| {
                     if current.as_ref().is_some_and(|c| c.commit == loaded.commit) {
@@ -332,9 +338,9 @@ impl SourceTask {
                     *current = Some(loaded.clone());
                     true
                 });
-                Vec::new()
+                (Vec::new(), None)
             }
-            Outcome::Invalid(errors) => errors.to_vec(),
+            Outcome::Invalid { errors, change } => (errors.to_vec(), change.clone()),
         };
         let loaded = self.desired.borrow().as_ref().map(|l| l.commit.clone());
         self.status.send_if_modified(|s| {
@@ -342,6 +348,7 @@ impl SourceTask {
             s.head = Some(head.clone());
             s.loaded = loaded.clone();
             s.head_errors = errors.clone();
+            s.head_change = change;
             changed
         });
         SyncOutcome {

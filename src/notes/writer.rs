@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::format::Note;
+pub use crate::backoff::Backoff;
 use crate::gitsrc::notes::NotesStore;
 use crate::model::CommitId;
 use crate::telemetry::notes::{NotesMetrics, NotesWriteFailed, NotesWritten};
@@ -41,22 +41,6 @@ impl NotesHandle {
     /// Adds the writer's metrics to `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.metrics.register(registry);
-    }
-}
-
-/// Retry delays grow from `min` to `max`.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            min: Duration::from_millis(500),
-            max: Duration::from_secs(60),
-        }
     }
 }
 
@@ -98,7 +82,7 @@ async fn run(handle: NotesHandle, store: Arc<NotesStore>, backoff: Backoff, canc
                 return;
             }
         }
-        delay = (delay * 2).min(backoff.max);
+        delay = backoff.next(delay);
         handle.wake.notify_one();
     }
 }
@@ -170,7 +154,7 @@ async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Instant, UNIX_EPOCH};
+    use std::time::{Duration, Instant, UNIX_EPOCH};
 
     use git2::{Repository, Signature};
     use tokio::task::JoinHandle;

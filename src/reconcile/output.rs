@@ -108,6 +108,35 @@ impl GroupStatus {
     }
 }
 
+#[cfg(test)]
+impl GroupStatus {
+    /// For tests: the rollout of `commit`, in `phase` at `wave` of 3, over
+    /// ten agents of which `applied` run it; no failures.
+    pub(crate) fn sample(commit: CommitId, phase: Phase, wave: u32, applied: u32) -> Self {
+        GroupStatus {
+            config_hash: ConfigHash([commit.as_str().as_bytes()[0]; 32]),
+            stable_hash: None,
+            phase,
+            wave,
+            waves: 3,
+            commit: Some(commit),
+            agents: AgentCounts {
+                targeted: 10,
+                applied,
+                ..Default::default()
+            },
+            failed: 0,
+            failures: vec![],
+            started: Some(Timestamp::from_millis(1_000)),
+            finished: None,
+            wave_opened: None,
+            waiting_since: None,
+            bake_ends: None,
+            actions: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {

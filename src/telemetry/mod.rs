@@ -13,9 +13,11 @@ pub mod fleet;
 pub mod git;
 pub mod groups;
 pub mod notes;
+pub mod notify;
 pub mod opamp;
 pub mod rollout;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -84,14 +86,14 @@ impl Registry {
 #[derive(Debug, Clone)]
 struct Labeled<M> {
     label: &'static str,
-    cells: Arc<[(&'static str, M)]>,
+    cells: Arc<[(Cow<'static, str>, M)]>,
 }
 
 impl<M: Default> Labeled<M> {
-    fn new(label: &'static str, values: impl IntoIterator<Item = &'static str>) -> Self {
+    fn new<V: Into<Cow<'static, str>>>(label: &'static str, values: impl IntoIterator<Item = V>) -> Self {
         Labeled {
             label,
-            cells: values.into_iter().map(|v| (v, M::default())).collect(),
+            cells: values.into_iter().map(|v| (v.into(), M::default())).collect(),
         }
     }
 }
@@ -99,7 +101,7 @@ impl<M: Default> Labeled<M> {
 impl<M> Labeled<M> {
     /// The metric of `value`; `None` for a value it was not made with.
     fn get(&self, value: &str) -> Option<&M> {
-        self.cells.iter().find(|(v, _)| *v == value).map(|(_, m)| m)
+        self.cells.iter().find(|(v, _)| v == value).map(|(_, m)| m)
     }
 }
 
@@ -122,7 +124,7 @@ impl Labeled<Gauge> {
 impl<M: EncodeMetric + TypedMetric> EncodeMetric for Labeled<M> {
     fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
         for (value, metric) in self.cells.iter() {
-            metric.encode(encoder.encode_family(&[(self.label, *value)])?)?;
+            metric.encode(encoder.encode_family(&[(self.label, value.as_ref())])?)?;
         }
         Ok(())
     }
@@ -159,6 +161,8 @@ mod tests {
         rollout.register(&mut registry);
         let notes = notes::NotesMetrics::default();
         notes.register(&mut registry);
+        let notify = notify::NotifyMetrics::new(&["0".to_string(), "forge".to_string()]);
+        notify.register(&mut registry);
         git::register_source(&mut registry, || git::SourceGauges {
             last_success: Some(1_800_000_000.5),
             head_invalid: true,
@@ -220,6 +224,26 @@ mod tests {
         }
         .emit(&rollout);
         notes::NotesWritten { notes: 2 }.emit(&notes);
+        notify::Delivered {
+            receiver: "forge",
+            event: "rollout_halted",
+            id: "0",
+        }
+        .emit(&notify);
+        notify::DeliveryFailed {
+            receiver: "0",
+            host: "hooks.example.com",
+            event: "rollout_halted",
+            error: &"connection refused",
+            retry_in: Duration::from_secs(1),
+        }
+        .emit(&notify);
+        notify::NoticeDropped {
+            receiver: "0",
+            event: "rollout_started",
+            queued: 1000,
+        }
+        .emit(&notify);
         registry
     }
 
@@ -337,6 +361,22 @@ mod tests {
             "# HELP opamp_gitops_notes_unreadable_total Notes on the notes ref that are not opamp-gitops notes, found when reading them back.",
             "# TYPE opamp_gitops_notes_unreadable_total counter",
             "opamp_gitops_notes_unreadable_total 0",
+            "# HELP opamp_gitops_notify_sent_total Notifications and commit statuses delivered, by receiver.",
+            "# TYPE opamp_gitops_notify_sent_total counter",
+            "opamp_gitops_notify_sent_total{receiver=\"0\"} 0",
+            "opamp_gitops_notify_sent_total{receiver=\"forge\"} 1",
+            "# HELP opamp_gitops_notify_retries_total Deliveries that failed and will be tried again, by receiver.",
+            "# TYPE opamp_gitops_notify_retries_total counter",
+            "opamp_gitops_notify_retries_total{receiver=\"0\"} 1",
+            "opamp_gitops_notify_retries_total{receiver=\"forge\"} 0",
+            "# HELP opamp_gitops_notify_refused_total Notifications and commit statuses the receiver refused (a 4xx answer); not retried.",
+            "# TYPE opamp_gitops_notify_refused_total counter",
+            "opamp_gitops_notify_refused_total{receiver=\"0\"} 0",
+            "opamp_gitops_notify_refused_total{receiver=\"forge\"} 0",
+            "# HELP opamp_gitops_notify_dropped_total Notifications and commit statuses dropped, oldest first, from an outbox over its bound.",
+            "# TYPE opamp_gitops_notify_dropped_total counter",
+            "opamp_gitops_notify_dropped_total{receiver=\"0\"} 1",
+            "opamp_gitops_notify_dropped_total{receiver=\"forge\"} 0",
             // Read from the fleet when scraped.
             "# HELP opamp_gitops_agents_connected Agents connected, by transport.",
             "# TYPE opamp_gitops_agents_connected gauge",

@@ -13,6 +13,7 @@ mod demo;
 mod gitsrc;
 mod interop_supervisor;
 mod notes_e2e;
+mod notify_e2e;
 mod opamp_cli;
 mod opamp_fleet;
 mod opamp_shutdown;

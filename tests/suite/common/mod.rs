@@ -42,6 +42,7 @@ pub const SUPERVISOR_CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
 pub mod certs;
 pub mod gitops;
 pub mod process;
+pub mod receivers;
 
 // ---------------------------------------------------------------- server
 
