@@ -59,8 +59,13 @@ pub fn url(server: &str, path: &str) -> Result<Uri, ClientError> {
 /// the controller requires one (`serve --api-tokens`).
 pub const TOKEN_ENV: &str = "OPAMP_GITOPS_API_TOKEN";
 
+/// The environment variable naming who acts, for a controller that requires
+/// no tokens (else `$USER`).
+pub const ACTOR_ENV: &str = "OPAMP_GITOPS_ACTOR";
+
 /// Sends one request with an empty body; answers the status and the body.
-/// Carries the token of [`TOKEN_ENV`] when it is set.
+/// Carries the token of [`TOKEN_ENV`] when it is set, and the actor of
+/// [`ACTOR_ENV`] (or `$USER`).
 pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), ClientError> {
     let url = uri.to_string();
     let failed = |message: String| ClientError::Request {
@@ -77,6 +82,12 @@ pub async fn call(method: Method, uri: Uri) -> Result<(StatusCode, Bytes), Clien
         && !token.is_empty()
     {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(actor) = [ACTOR_ENV, "USER"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok().filter(|a| !a.trim().is_empty()))
+    {
+        request = request.header(crate::api::auth::ACTOR_HEADER, actor);
     }
     let request = request.body(Empty::new()).map_err(|e| failed(e.to_string()))?;
     let exchange = async {

@@ -2,7 +2,8 @@
 //! readiness and the (signed) webhook needs a bearer token: `read` for the
 //! inventory, groups, effective configs and metrics (unless
 //! `--api-open-reads`), `write` for pause, resume, promote and sync. The
-//! token's name is the actor recorded with a control. Whatever the tokens, a
+//! token's name is the actor recorded with a control; without tokens, the
+//! actor a request claims in `X-Opamp-Gitops-Actor`, or `anonymous`. Whatever the tokens, a
 //! state change a browser sends from another origin is refused: a web page
 //! must not be able to pause a rollout (a cross-site `text/plain` POST).
 
@@ -25,8 +26,9 @@ pub struct ApiAuth {
     pub open_reads: bool,
 }
 
-/// The operator a request acts for: the name of its token, if one was
-/// required (an extension of every request that passed [`require`]).
+/// The operator a request acts for: the name of its token when tokens are
+/// required, else the actor it claims (an extension of every request that
+/// passed [`require`]).
 #[derive(Clone, Debug, Default)]
 pub struct Operator(pub Option<Arc<str>>);
 
@@ -45,6 +47,20 @@ fn cross_origin(headers: &HeaderMap) -> bool {
     origin.split_once("://").map(|(_, authority)| authority) != Some(host)
 }
 
+/// Without tokens, who a request says it acts for: the `X-Opamp-Gitops-Actor`
+/// header (not verified: anyone may claim any name), else `anonymous`.
+fn claimed_actor(headers: &HeaderMap) -> Arc<str> {
+    headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && a.len() <= 64 && a.chars().all(|c| !c.is_control()))
+        .map_or_else(|| Arc::from("anonymous"), Arc::from)
+}
+
+/// The header naming the actor when the API requires no tokens.
+pub const ACTOR_HEADER: &str = "x-opamp-gitops-actor";
+
 pub async fn require(State(auth): State<ApiAuth>, mut request: Request, next: Next) -> Response {
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
     let path = request.uri().path();
@@ -52,7 +68,7 @@ pub async fn require(State(auth): State<ApiAuth>, mut request: Request, next: Ne
         return error(StatusCode::FORBIDDEN, "a state change from another origin is refused");
     }
     let operator = match &auth.tokens {
-        None => Operator(None),
+        None => Operator(Some(claimed_actor(request.headers()))),
         Some(_) if open_path(path) => Operator(None),
         Some(_) if !writes && auth.open_reads => Operator(None),
         Some(tokens) => {

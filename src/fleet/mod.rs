@@ -487,6 +487,8 @@ struct Fleet {
 impl Fleet {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
         let mut sweep = tokio::time::interval((self.heartbeat / 2).max(Duration::from_millis(10)));
+        // The bindings being written, one write at a time.
+        let mut writing: Option<JoinHandle<()>> = None;
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self.publish_due();
@@ -498,7 +500,10 @@ impl Fleet {
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
                 _ = tokio::time::sleep_until(bindings_due.unwrap_or_else(Instant::now)), if bindings_due.is_some() => {
                     if let Some((path, bytes)) = self.bindings.take_write(Instant::now()) {
-                        tokio::task::spawn_blocking(move || bindings::write(&path, &bytes));
+                        if let Some(earlier) = writing.take() {
+                            let _ = earlier.await;
+                        }
+                        writing = Some(tokio::task::spawn_blocking(move || bindings::write(&path, &bytes)));
                     }
                 }
                 cmd = rx.recv() => match cmd {
@@ -514,6 +519,9 @@ impl Fleet {
             self.publish();
         }
         // The last change is kept before the task ends.
+        if let Some(earlier) = writing.take() {
+            let _ = earlier.await;
+        }
         if let Some(due) = self.bindings.write_due()
             && let Some((path, bytes)) = self.bindings.take_write(due.max(Instant::now()))
         {

@@ -444,6 +444,8 @@ async fn pause_holds_a_rollout_past_its_bake_and_resume_continues_it() {
         (Some("paused"), Some(1))
     );
     assert_eq!(paused["rollout"]["actions"][0]["action"], "pause");
+    // Without API tokens, the actor is the one the request names, if any.
+    assert_eq!(paused["rollout"]["actions"][0]["by"], "anonymous");
     // Pausing twice changes nothing.
     let (status, _) = server.api_post("/api/v1/groups/edge/pause").await;
     assert_eq!(status, 200);
@@ -466,8 +468,19 @@ async fn pause_holds_a_rollout_past_its_bake_and_resume_continues_it() {
         assert!(!observer.received(uid, h2), "no wave opens while paused");
     }
 
-    let (status, resumed) = server.api_post("/api/v1/groups/edge/resume").await;
+    let actor = [("X-Opamp-Gitops-Actor", "alice")];
+    let answer = common::http_request(
+        server.api_addr(),
+        "POST",
+        "/api/v1/groups/edge/resume",
+        &actor,
+        common::Body::Empty,
+    )
+    .await;
+    let (status, resumed): (u16, serde_json::Value) =
+        (answer.status, serde_json::from_slice(&answer.body).unwrap_or_default());
     assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["rollout"]["actions"][1]["by"], "alice", "{resumed}");
     assert_ne!(resumed["rollout"]["phase"], "paused");
     let done = server
         .wait_group("edge", "complete", |g| g["rollout"]["phase"] == "complete")
