@@ -189,38 +189,12 @@ impl NoteBook {
                 }
             }
             told.1 = status.actions.len();
-            let mut add = |step: NoteStep| history.push(step);
-            let mut started_now = false;
-            for event in events {
-                let step = |step: Step, wave: Option<u32>, failed: Option<u32>| NoteStep {
-                    wave,
-                    failed,
-                    ..NoteStep::new(step, now)
-                };
-                match event {
-                    Event::RolloutStarted { group, commit: c, .. } if group == name && c.as_ref() == Some(commit) => {
-                        started_now = true;
-                        add(step(Step::Started, Some(1), None));
-                    }
-                    Event::WaveOpened {
-                        group, commit: c, wave, ..
-                    } if group == name && c.as_ref() == Some(commit) && *wave > 1 => {
-                        add(step(Step::Wave, Some(*wave), None));
-                    }
-                    Event::Halted {
-                        group,
-                        commit: c,
-                        failures,
-                    } if group == name && c.as_ref() == Some(commit) => add(step(Step::Halted, None, Some(*failures))),
-                    Event::Complete { group, commit: c, .. } if group == name && c.as_ref() == Some(commit) => {
-                        add(step(Step::Complete, None, None));
-                    }
-                    _ => {}
-                }
-            }
+            let steps = rollout_steps(events, name, commit, now);
+            let started_now = steps.iter().any(|s| s.step == Step::Started);
+            history.extend(steps);
             let unfinished = matches!(status.phase, Phase::Progressing | Phase::Paused | Phase::Halted);
             if !planned && unfinished && !started_now {
-                add(NoteStep {
+                history.push(NoteStep {
                     wave: Some(status.wave),
                     ..NoteStep::new(Step::Restarted, now)
                 });
@@ -312,6 +286,26 @@ impl NoteBook {
 
 fn time(t: Option<Timestamp>) -> Option<SystemTime> {
     t.map(|t| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(t.millis()))
+}
+
+/// The steps a plan's `events` tell of `group`'s rollout of `commit`.
+fn rollout_steps(events: &[Event], group: &GroupName, commit: &CommitId, now: SystemTime) -> Vec<NoteStep> {
+    let step = |step: Step, wave: Option<u32>, failed: Option<u32>| NoteStep {
+        wave,
+        failed,
+        ..NoteStep::new(step, now)
+    };
+    events
+        .iter()
+        .filter(|e| e.group() == group && e.commit() == Some(commit))
+        .filter_map(|event| match event {
+            Event::RolloutStarted { .. } => Some(step(Step::Started, Some(1), None)),
+            Event::WaveOpened { wave, .. } if *wave > 1 => Some(step(Step::Wave, Some(*wave), None)),
+            Event::Halted { failures, .. } => Some(step(Step::Halted, None, Some(*failures))),
+            Event::Complete { .. } => Some(step(Step::Complete, None, None)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What a plan tells the notes.

@@ -184,6 +184,22 @@ pub struct FailureView {
 }
 
 impl Event {
+    /// The group the event is about.
+    pub fn group(&self) -> &GroupName {
+        match self {
+            Event::RolloutStarted { group, .. }
+            | Event::WaveOpened { group, .. }
+            | Event::WaveDone { group, .. }
+            | Event::AgentFailed { group, .. }
+            | Event::Halted { group, .. }
+            | Event::RolledBack { group, .. }
+            | Event::Complete { group, .. }
+            | Event::Superseded { group, .. }
+            | Event::RevertPushed { group, .. }
+            | Event::DriftHealed { group, .. } => group,
+        }
+    }
+
     /// The commit of the rollout a group-level event is about.
     pub fn commit(&self) -> Option<&CommitId> {
         match self {
