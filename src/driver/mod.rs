@@ -414,17 +414,19 @@ impl Driver {
         if self.dirty && (!events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
             self.persist().await;
         }
-        for push in &pushes {
-            match self.fleet.push(push.uid.clone(), push.bundle.clone()).await {
-                Ok(outcome) => ConfigPushed {
+        if !pushes.is_empty() {
+            let batch = pushes.iter().map(|p| (p.uid.clone(), p.bundle.clone())).collect();
+            // A fleet that stopped is the supervisor's to report.
+            let outcomes = self.fleet.push_all(batch).await.unwrap_or_default();
+            for (push, outcome) in pushes.iter().zip(outcomes) {
+                ConfigPushed {
                     agent: &push.uid,
                     group: &push.group,
                     hash: &push.bundle.hash(),
                     reason: push.reason,
                     outcome,
                 }
-                .emit(&self.metrics),
-                Err(_) => break,
+                .emit(&self.metrics);
             }
         }
         let notes = self.book.after_plan(

@@ -43,6 +43,8 @@ const LIVENESS_PUBLISH: Duration = Duration::from_secs(1);
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(600);
 /// Commands waiting for the fleet task; sessions wait when it is full.
 const COMMAND_QUEUE: usize = 4096;
+/// Push batches queued for the fleet (the driver sends one per plan).
+const PUSH_QUEUE: usize = 16;
 
 /// The inventory at one moment. Records are shared, so a snapshot costs a map
 /// of `Arc` clones.
@@ -222,11 +224,6 @@ enum Command {
         uid: InstanceUid,
         hash: ConfigHash,
     },
-    Push {
-        uid: InstanceUid,
-        bundle: Arc<ConfigBundle>,
-        reply: oneshot::Sender<PushOutcome>,
-    },
     /// Drops the uid's identity binding; answers whether it had one.
     Unbind {
         uid: InstanceUid,
@@ -238,16 +235,36 @@ enum Command {
 #[derive(Clone)]
 pub struct FleetHandle {
     tx: mpsc::Sender<Command>,
+    /// Pushes, taken ahead of the reports queued on `tx`.
+    pushes: mpsc::Sender<PushBatch>,
     snapshots: watch::Receiver<Arc<FleetSnapshot>>,
+}
+
+/// Configs to send, with the answer for each.
+struct PushBatch {
+    pushes: Vec<(InstanceUid, Arc<ConfigBundle>)>,
+    reply: oneshot::Sender<Vec<PushOutcome>>,
 }
 
 impl FleetHandle {
     /// Sends `bundle` to the agent: over its WebSocket at once, or in the reply
     /// to its next HTTP request. Never invents anything: only what is pushed goes out.
     pub async fn push(&self, uid: InstanceUid, bundle: Arc<ConfigBundle>) -> Result<PushOutcome, FleetStopped> {
+        let outcomes = self.push_all(vec![(uid, bundle)]).await?;
+        outcomes.into_iter().next().ok_or(FleetStopped)
+    }
+
+    /// [`FleetHandle::push`] for many agents at once, taken by the fleet
+    /// ahead of the reports waiting for it (a wave of ten thousand is one
+    /// message, not ten thousand behind the agents' heartbeats). The
+    /// outcomes are in the order of `pushes`.
+    pub async fn push_all(
+        &self,
+        pushes: Vec<(InstanceUid, Arc<ConfigBundle>)>,
+    ) -> Result<Vec<PushOutcome>, FleetStopped> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Push { uid, bundle, reply })
+        self.pushes
+            .send(PushBatch { pushes, reply })
             .await
             .map_err(|_| FleetStopped)?;
         rx.await.map_err(|_| FleetStopped)
@@ -351,6 +368,7 @@ impl FleetHandle {
 pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHandle, JoinHandle<()>), BindingsError> {
     let bindings = Bindings::load(config.bindings_file, Instant::now())?;
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (pushes, push_rx) = mpsc::channel(PUSH_QUEUE);
     let (snap_tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::default()));
     let fleet = Fleet {
         agents: HashMap::new(),
@@ -363,8 +381,8 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         last_publish: None,
         bindings,
     };
-    let task = tokio::spawn(fleet.run(rx, cancel));
-    Ok((FleetHandle { tx, snapshots }, task))
+    let task = tokio::spawn(fleet.run(rx, push_rx, cancel));
+    Ok((FleetHandle { tx, pushes, snapshots }, task))
 }
 
 struct Entry {
@@ -485,7 +503,12 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut pushes: mpsc::Receiver<PushBatch>,
+        cancel: CancellationToken,
+    ) {
         let mut sweep = tokio::time::interval((self.heartbeat / 2).max(Duration::from_millis(10)));
         // The bindings being written, one write at a time.
         let mut writing: Option<JoinHandle<()>> = None;
@@ -496,6 +519,18 @@ impl Fleet {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                Some(batch) = pushes.recv() => {
+                    let outcomes = batch
+                        .pushes
+                        .into_iter()
+                        .map(|(uid, bundle)| {
+                            let outcome = self.push(&uid, bundle);
+                            tracing::debug!(agent = %uid, outcome = ?outcome, "push");
+                            outcome
+                        })
+                        .collect();
+                    let _ = batch.reply.send(outcomes);
+                }
                 _ = sweep.tick() => self.sweep(Instant::now(), SystemTime::now()),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
                 _ = tokio::time::sleep_until(bindings_due.unwrap_or_else(Instant::now)), if bindings_due.is_some() => {
@@ -619,11 +654,6 @@ impl Fleet {
                     tracing::info!(agent = %uid, "identity binding dropped by an operator");
                 }
                 let _ = reply.send(had);
-            }
-            Command::Push { uid, bundle, reply } => {
-                let outcome = self.push(&uid, bundle);
-                tracing::debug!(agent = %uid, outcome = ?outcome, "push");
-                let _ = reply.send(outcome);
             }
         }
     }
@@ -842,7 +872,8 @@ mod tests {
     async fn a_full_queue_refuses_http_reports() {
         let (tx, rx) = mpsc::channel(1);
         let (_snap_tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::default()));
-        let fleet = FleetHandle { tx, snapshots };
+        let (pushes, _push_rx) = mpsc::channel(1);
+        let fleet = FleetHandle { tx, pushes, snapshots };
         let uid = InstanceUid::Uuid([3; 16]);
         // Nobody drains the queue: its one slot fills.
         let first = tokio::spawn({
@@ -919,6 +950,30 @@ mod tests {
         )
         .unwrap();
         (h, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushes_in_one_batch_answer_in_their_order() {
+        let (fleet, _c) = start(Duration::from_secs(30));
+        let (known, unknown, refusing) = (
+            InstanceUid::Uuid([1; 16]),
+            InstanceUid::Uuid([2; 16]),
+            InstanceUid::Uuid([3; 16]),
+        );
+        poll(&fleet, &known, 0, 0x1003).await;
+        poll(&fleet, &refusing, 0, 0x1).await;
+        let outcomes = fleet
+            .push_all(vec![
+                (unknown, bundle("a")),
+                (known, bundle("a")),
+                (refusing, bundle("a")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            [PushOutcome::NotConnected, PushOutcome::Queued, PushOutcome::NotAccepted]
+        );
     }
 
     #[tokio::test(start_paused = true)]
