@@ -27,3 +27,4 @@ mod simulate_cli;
 mod simulate_e2e;
 mod tls;
 mod validate;
+mod web;

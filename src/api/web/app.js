@@ -24,7 +24,7 @@ function h(tag, attrs, ...children) {
     else if (k === "style") el.style.cssText = v; // CSSOM: allowed by the page's CSP
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : String(c));
   }
