@@ -45,3 +45,23 @@ fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
         body,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_loads_exactly_the_files_served_and_only_those_are_open() {
+        for path in ["/web/app.js", "/web/style.css"] {
+            assert!(INDEX.contains(&format!("\"{path}\"")), "the page loads {path}");
+            assert!(is_web_path(path));
+        }
+        assert!(is_web_path("/"));
+        assert!(!is_web_path("/web/other.js"));
+        assert!(!is_web_path("/api/v1/agents"));
+        assert!(
+            !INDEX.contains("<script>") && !INDEX.contains("style="),
+            "nothing inline: the policy forbids it"
+        );
+    }
+}
