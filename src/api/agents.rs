@@ -9,9 +9,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::wait::{self, Sources, WaitParams};
+use super::wait::{Sources, WaitParams};
 use super::{ApiState, error};
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
@@ -150,14 +150,136 @@ struct AgentList<'a> {
     /// Differs from the last answer's when the inventory or the plan may have changed.
     version: u64,
     agents: Vec<AgentJson<'a>>,
+    /// Only when filtered or paged: how many agents match, and which page this is.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    paging: Option<PageJson>,
 }
 
-/// `GET /api/v1/agents[?after=N&wait=30s]`: every agent, with the version
-/// to send back as `after` to wait for the next change.
-pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>, QueryRejection>) -> Response {
-    let poll = match wait::requested(query) {
-        Ok(poll) => poll,
-        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+#[derive(Debug, PartialEq, Eq, Serialize)]
+struct PageJson {
+    /// Agents that match the filter, on every page.
+    total: usize,
+    page: usize,
+    per_page: usize,
+}
+
+/// The query of the list: a long poll, a filter and a page, all optional.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    after: Option<u64>,
+    wait: Option<String>,
+    group: Option<String>,
+    state: Option<String>,
+    q: Option<String>,
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+/// Agents on a page when `per_page` is not given.
+pub const DEFAULT_PER_PAGE: usize = 100;
+/// The largest page served.
+pub const MAX_PER_PAGE: usize = 1000;
+
+/// Which agents a list shows: all of them (no parameter given) or those
+/// that match, one page of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// A group's name; `-` for agents in no group.
+    pub group: Option<String>,
+    pub state: Option<AgentState>,
+    /// Lower case; matched against the uid and every attribute's key and value.
+    pub q: Option<String>,
+    /// 1-based.
+    pub page: usize,
+    pub per_page: usize,
+}
+
+impl ListParams {
+    /// The filter asked for: `None` when the query names none of its
+    /// parameters (the whole list, in the original shape); an error for a
+    /// state that does not exist or a page of 0.
+    pub fn filter(&self) -> Result<Option<Filter>, String> {
+        if self.group.is_none()
+            && self.state.is_none()
+            && self.q.is_none()
+            && self.page.is_none()
+            && self.per_page.is_none()
+        {
+            return Ok(None);
+        }
+        let state = match self.state.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(
+                AgentState::ALL
+                    .into_iter()
+                    .find(|a| a.as_str() == s)
+                    .ok_or_else(|| format!("state: unknown {s:?} (one of in_sync, pending, applying, failed, drifted, unmanaged, unsupported, offline)"))?,
+            ),
+        };
+        let page = self.page.unwrap_or(1);
+        if page == 0 {
+            return Err("page: pages count from 1".into());
+        }
+        Ok(Some(Filter {
+            group: self.group.clone().filter(|g| !g.is_empty()),
+            state,
+            q: self
+                .q
+                .as_deref()
+                .map(str::trim)
+                .filter(|q| !q.is_empty())
+                .map(str::to_lowercase),
+            page,
+            per_page: self.per_page.unwrap_or(DEFAULT_PER_PAGE).clamp(1, MAX_PER_PAGE),
+        }))
+    }
+
+    fn wait(&self) -> WaitParams {
+        WaitParams::new(self.after, self.wait.clone())
+    }
+}
+
+impl Filter {
+    /// Whether an agent with this assignment and state is shown.
+    pub fn matches(&self, rec: &AgentRecord, assignment: Option<&Assignment>, state: AgentState) -> bool {
+        if self.state.is_some_and(|s| s != state) {
+            return false;
+        }
+        if let Some(group) = &self.group {
+            let in_group = assignment.and_then(|a| a.group.as_ref()).map(GroupName::as_str);
+            let wanted = if group == "-" { None } else { Some(group.as_str()) };
+            if in_group != wanted {
+                return false;
+            }
+        }
+        let Some(q) = &self.q else { return true };
+        let contains = |s: &str| s.to_lowercase().contains(q.as_str());
+        let attributes = rec
+            .identifying_attributes()
+            .into_iter()
+            .chain(rec.non_identifying_attributes())
+            .flatten();
+        contains(&rec.uid.to_string()) || attributes.into_iter().any(|(k, v)| contains(k) || contains(v))
+    }
+
+    /// The slice of `matching` this page shows.
+    pub fn page_of<T>(&self, matching: Vec<T>) -> Vec<T> {
+        let start = (self.page - 1).saturating_mul(self.per_page);
+        matching.into_iter().skip(start).take(self.per_page).collect()
+    }
+}
+
+/// `GET /api/v1/agents[?after=N&wait=30s][&group=&state=&q=&page=&per_page=]`:
+/// every agent (or a filtered page of them), with the version to send back
+/// as `after` to wait for the next change.
+pub async fn list(State(state): State<ApiState>, query: Result<Query<ListParams>, QueryRejection>) -> Response {
+    let params = match query {
+        Ok(Query(params)) => params,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let (poll, filter) = match (params.wait().parse(), params.filter()) {
+        (Ok(poll), Ok(filter)) => (poll, filter),
+        (Err(why), _) | (_, Err(why)) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let driver = state.driver.as_ref().map(|d| d.subscribe());
     Sources::new(Some(state.fleet.subscribe()), driver)
@@ -168,14 +290,29 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
     let planned = state.driver.as_ref().map_or(0, |d| d.status().version);
     let assignments = state.assignments.borrow().clone();
     let snapshot = state.fleet.snapshot();
-    let agents = snapshot
-        .sorted()
-        .into_iter()
-        .map(|r| agent_json(r, find(&assignments, &r.uid), false))
-        .collect();
+    let with_assignment = snapshot.sorted().into_iter().map(|r| (r, find(&assignments, &r.uid)));
+    let (agents, paging) = match filter {
+        None => (with_assignment.map(|(r, a)| agent_json(r, a, false)).collect(), None),
+        Some(filter) => {
+            let matching: Vec<_> = with_assignment
+                .filter(|(r, a)| filter.matches(r, *a, agent_state(r, *a)))
+                .collect();
+            let total = matching.len();
+            let page = filter.page_of(matching);
+            (
+                page.into_iter().map(|(r, a)| agent_json(r, a, false)).collect(),
+                Some(PageJson {
+                    total,
+                    page: filter.page,
+                    per_page: filter.per_page,
+                }),
+            )
+        }
+    };
     Json(AgentList {
         version: snapshot.version + planned,
         agents,
+        paging,
     })
     .into_response()
 }
@@ -336,5 +473,73 @@ mod tests {
         assert_eq!(v["health"], serde_json::Value::Null);
         assert_eq!(v["identifying_attributes"], serde_json::json!({}));
         assert_eq!(v["transport"], "http");
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> ListParams {
+        let query: String = pairs.iter().map(|(k, v)| format!("{k}={v}&")).collect();
+        let uri: axum::http::Uri = format!("/api/v1/agents?{query}").parse().expect("a URI");
+        Query::<ListParams>::try_from_uri(&uri).expect("a query").0
+    }
+
+    #[test]
+    fn no_filter_parameter_keeps_the_whole_list_and_bad_ones_are_errors() {
+        assert_eq!(params(&[]).filter(), Ok(None));
+        assert_eq!(params(&[("after", "3"), ("wait", "1s")]).filter(), Ok(None));
+        let f = params(&[("state", "failed")]).filter().unwrap().unwrap();
+        assert_eq!(
+            (f.state, f.page, f.per_page),
+            (Some(AgentState::Failed), 1, DEFAULT_PER_PAGE)
+        );
+        assert_eq!(
+            params(&[("per_page", "100000")]).filter().unwrap().unwrap().per_page,
+            MAX_PER_PAGE
+        );
+        assert!(
+            params(&[("state", "sad")])
+                .filter()
+                .unwrap_err()
+                .starts_with("state: unknown")
+        );
+        assert!(params(&[("page", "0")]).filter().is_err());
+        let empty = params(&[("group", ""), ("state", ""), ("q", "++")])
+            .filter()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (empty.group, empty.state, empty.q),
+            (None, None, None),
+            "empty fields filter nothing"
+        );
+    }
+
+    #[test]
+    fn filters_by_group_state_and_text_and_pages() {
+        let r = record();
+        let assignment = Assignment {
+            uid: r.uid.clone(),
+            group: Some(GroupName::new("edge-gateways")),
+            desired: None,
+            state: AgentState::Failed,
+        };
+        let matches = |pairs: &[(&str, &str)], a: Option<&Assignment>| {
+            let f = params(pairs).filter().unwrap().unwrap();
+            f.matches(&r, a, agent_state(&r, a))
+        };
+        assert!(matches(&[("group", "edge-gateways")], Some(&assignment)));
+        assert!(!matches(&[("group", "other")], Some(&assignment)));
+        assert!(matches(&[("group", "-")], None), "- is no group");
+        assert!(!matches(&[("group", "-")], Some(&assignment)));
+        assert!(matches(&[("state", "failed")], Some(&assignment)));
+        assert!(!matches(&[("state", "in_sync")], Some(&assignment)));
+        assert!(matches(&[("q", "OTELCOL")], None), "an attribute value, any case");
+        assert!(matches(&[("q", "host.name")], None), "an attribute key");
+        assert!(matches(&[("q", "01010101-0101")], None), "the uid");
+        assert!(!matches(&[("q", "nowhere")], None));
+        let f = params(&[("page", "2"), ("per_page", "3")]).filter().unwrap().unwrap();
+        assert_eq!(f.page_of((1..=8).collect()), vec![4, 5, 6]);
+        let last = params(&[("page", "3"), ("per_page", "3")]).filter().unwrap().unwrap();
+        assert_eq!(last.page_of((1..=8).collect()), vec![7, 8]);
+        let past = params(&[("page", "9"), ("per_page", "3")]).filter().unwrap().unwrap();
+        assert!(past.page_of((1..=8).collect::<Vec<_>>()).is_empty());
     }
 }

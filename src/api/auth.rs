@@ -1,9 +1,10 @@
 //! Who may call the API. With `serve --api-tokens`, every call but health,
 //! readiness and the (signed) webhook needs a bearer token: `read` for the
 //! inventory, groups, effective configs and metrics (unless
-//! `--api-open-reads`), `write` for pause, resume, promote and sync. The
-//! token's name is the actor recorded with a control; without tokens, the
-//! actor a request claims in `X-Opamp-Gitops-Actor`, or `anonymous`. Whatever the tokens, a
+//! `--api-open-reads`; the web view's files are open, they hold no data),
+//! `write` for pause, resume, promote and sync. The token's name is the
+//! actor recorded with a control; without tokens, the actor a request claims
+//! in `X-Opamp-Gitops-Actor`, or `anonymous`. Whatever the tokens, a
 //! state change a browser sends from another origin is refused: a web page
 //! must not be able to pause a rollout (a cross-site `text/plain` POST).
 
@@ -34,7 +35,7 @@ pub struct Operator(pub Option<Arc<str>>);
 
 /// Paths that are open whatever the tokens.
 fn open_path(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/api/v1/webhook")
+    matches!(path, "/healthz" | "/readyz" | "/api/v1/webhook") || super::web::is_web_path(path)
 }
 
 /// A browser names the page's origin; a state change from another origin

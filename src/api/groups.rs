@@ -15,9 +15,10 @@ use serde::Serialize;
 use super::auth::Operator;
 use super::wait::{self, Sources, WaitParams};
 use super::{ApiState, error};
+use crate::desired::summary;
 use crate::driver::{ControlFailure, DriverStatus};
 use crate::gitsrc::Status as GitStatus;
-use crate::model::{Change, CommitId, ConfigHash, GroupName, InstanceUid};
+use crate::model::{AgentState, Change, CommitId, ConfigHash, GroupName, InstanceUid};
 use crate::reconcile::{AgentCounts, Control, ControlError, GroupStatus, Phase, Timestamp};
 use crate::rfc3339;
 
@@ -38,6 +39,10 @@ pub struct GroupsJson {
     /// The repository: when it was last read, and whether it is stale.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceJson>,
+    /// Every agent of the fleet counted by state (unmanaged and unsupported
+    /// agents included), once the reconciler has planned.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents_by_state: BTreeMap<AgentState, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +72,10 @@ impl SourceJson {
 #[derive(Debug, Serialize)]
 pub struct GroupJson {
     pub name: GroupName,
+    /// Which agents the group selects, in words (`service.name=gw, host.name
+    /// in (a, b)`), from the loaded commit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     pub config_hash: ConfigHash,
     pub stable_hash: Option<ConfigHash>,
     /// `None` until the reconciler has planned once.
@@ -128,6 +137,7 @@ pub fn group_json(name: &GroupName, s: &GroupStatus, shown: &Shown<'_>) -> Group
     let now = Timestamp::of(shown.now);
     GroupJson {
         name: name.clone(),
+        selector: None,
         config_hash: s.config_hash,
         stable_hash: s.stable_hash,
         agents: Some(s.agents),
@@ -192,6 +202,7 @@ pub fn groups_json(
                 .into_iter()
                 .map(|(name, config_hash)| GroupJson {
                     name,
+                    selector: None,
                     config_hash,
                     stable_hash: None,
                     agents: None,
@@ -212,6 +223,7 @@ pub fn groups_json(
         head,
         groups,
         source: None,
+        agents_by_state: driver.map(|d| d.agents_by_state.clone()).unwrap_or_default(),
     }
 }
 
@@ -235,19 +247,22 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
             head_errors: vec![],
             groups: vec![],
             source: None,
+            agents_by_state: BTreeMap::new(),
         };
         return Json(none).into_response();
     };
-    let loaded = git
+    let (loaded, selectors): (Vec<_>, BTreeMap<_, _>) = git
         .desired()
         .borrow()
         .as_deref()
         .map(|l| {
-            l.desired
-                .groups
-                .values()
-                .map(|g| (g.name.clone(), g.config.hash()))
-                .collect()
+            let groups = l.desired.groups.values();
+            (
+                groups.clone().map(|g| (g.name.clone(), g.config.hash())).collect(),
+                groups
+                    .map(|g| (g.name.clone(), summary::selector(&g.selector)))
+                    .collect(),
+            )
         })
         .unwrap_or_default();
     let driver = state.driver.as_ref().map(|d| d.status());
@@ -255,6 +270,9 @@ pub async fn list(State(state): State<ApiState>, query: Result<Query<WaitParams>
     let now = SystemTime::now();
     let mut answer = groups_json(driver.as_deref(), &git_status, loaded, (now, state.stall_after));
     answer.source = Some(SourceJson::of(&git_status, now, state.source_stale_after));
+    for g in &mut answer.groups {
+        g.selector = selectors.get(&g.name).cloned();
+    }
     Json(answer).into_response()
 }
 

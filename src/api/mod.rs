@@ -1,12 +1,16 @@
-//! The HTTP API on `--api-listen`: health, the agent inventory and metrics.
+//! The HTTP API on `--api-listen`: health, the agent inventory, groups,
+//! history, metrics and the web view at `/`.
 //! Handlers read snapshots and `watch` values; they never lock the core.
 
 pub mod agents;
 pub mod auth;
+pub mod config_diff;
 pub mod git;
 pub mod groups;
 pub mod health;
+pub mod history;
 pub mod wait;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -59,12 +63,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{uid}", get(agents::one))
         .route("/api/v1/agents/{uid}/identity", delete(agents::unbind))
         .route("/api/v1/groups", get(groups::list))
+        .route("/api/v1/groups/{name}/diff", get(config_diff::diff))
         .route("/api/v1/groups/{name}/pause", post(groups::pause))
         .route("/api/v1/groups/{name}/resume", post(groups::resume))
         .route("/api/v1/groups/{name}/promote", post(groups::promote))
+        .route("/api/v1/history", get(history::list))
+        .route("/api/v1/history/{commit}", get(history::one))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(git_routes)
+        .merge(web::routes())
         .layer(axum::middleware::from_fn_with_state(auth, auth::require))
 }
 

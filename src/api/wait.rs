@@ -37,6 +37,11 @@ pub struct LongPoll {
 }
 
 impl WaitParams {
+    /// The query's long-poll part, for endpoints that take more parameters.
+    pub fn new(after: Option<u64>, wait: Option<String>) -> Self {
+        WaitParams { after, wait }
+    }
+
     /// `None` when no `after` is given: answer at once.
     pub fn parse(&self) -> Result<Option<LongPoll>, String> {
         let wait = match &self.wait {

@@ -81,6 +81,7 @@ impl Narrator {
         println!("  API    {api}   try, while the tour runs:");
         println!("           curl -s {api}/api/v1/groups");
         println!("           curl -s {api}/api/v1/agents");
+        println!("  Web    {api}/   the fleet and its rollouts, live, in a browser");
     }
 
     pub fn fleet(&self, agents: usize, kinds: &[KindShown<'_>]) {

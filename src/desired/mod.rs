@@ -13,6 +13,7 @@ use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
 mod bundle;
 mod collector;
+pub mod diff;
 mod disk;
 mod load;
 mod mem;

@@ -22,7 +22,7 @@ use notebook::NoteBook;
 pub use persist::PersistError;
 use views::ViewBuilder;
 
-use crate::desired::{DesiredState, Validated};
+use crate::desired::{ConfigBundle, DesiredState, Validated};
 use crate::fleet::FleetHandle;
 use crate::gitsrc::{GitHandle, Status as GitStatus};
 use crate::model::{AgentState, Change, CommitId, GroupName, InstanceUid};
@@ -64,6 +64,8 @@ pub struct DriverStatus {
     pub agents_by_state: BTreeMap<AgentState, u64>,
     /// Who made each commit the groups' rollouts deliver, when known.
     pub changes: BTreeMap<CommitId, Change>,
+    /// Each group's stable config (the last completed rollout's), when it has one.
+    pub stable: BTreeMap<GroupName, Arc<ConfigBundle>>,
 }
 
 /// Why an operator control failed.
@@ -475,6 +477,12 @@ impl Driver {
                 .values()
                 .filter_map(|g| g.commit.as_ref())
                 .filter_map(|c| Some((c.clone(), self.book.change(c)?.clone())))
+                .collect(),
+            stable: self
+                .state
+                .groups
+                .iter()
+                .filter_map(|(name, g)| Some((name.clone(), g.stable.as_ref()?.bundle.clone())))
                 .collect(),
         }));
     }

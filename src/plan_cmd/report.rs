@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::fleet::FleetAgent;
+pub use crate::desired::diff::unified_diff;
 use crate::desired::summary::amount;
 use crate::desired::{ConfigBundle, ConfigFile, DesiredState, Group, RolloutPolicy};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
@@ -498,24 +499,6 @@ fn file_change(key: &str, before: Side<'_>, after: Side<'_>) -> FileChange {
 
 fn body<'a>(side: Side<'a>) -> &'a [u8] {
     side.map_or(&b""[..], |(f, _)| &f.body[..])
-}
-
-/// A unified diff with three lines of context; bodies that are not UTF-8 are
-/// only said to differ.
-pub fn unified_diff(old: &[u8], new: &[u8], old_label: &str, new_label: &str) -> String {
-    if old == new {
-        return String::new();
-    }
-    match (std::str::from_utf8(old), std::str::from_utf8(new)) {
-        (Ok(a), Ok(b)) => similar::TextDiff::configure()
-            .timeout(std::time::Duration::from_secs(5))
-            .diff_lines(a, b)
-            .unified_diff()
-            .context_radius(3)
-            .header(old_label, new_label)
-            .to_string(),
-        _ => format!("Binary files {old_label} and {new_label} differ\n"),
-    }
 }
 
 #[cfg(test)]

@@ -79,6 +79,7 @@ async fn the_tour_runs_every_step_in_order_and_cleans_up() {
             &["valid: 3 groups"],
             &["[2/7] The controller and a simulated fleet"],
             &["API", "http://127.0.0.1:"],
+            &["Web", "http://127.0.0.1:", "/", "live, in a browser"],
             &["12 agents connected"],
             &["every group complete, every agent in sync"],
             &["app-agents", "9/9", "complete 3/3"],

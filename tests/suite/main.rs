@@ -28,3 +28,4 @@ mod simulate_cli;
 mod simulate_e2e;
 mod tls;
 mod validate;
+mod web;

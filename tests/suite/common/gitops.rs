@@ -82,6 +82,11 @@ impl GitRepo {
 
     /// Writes the files (path, body) and commits everything.
     pub fn commit(&self, files: &[(&str, &str)], message: &str) -> CommitId {
+        self.commit_by(("Test", "test@example.com"), files, message)
+    }
+
+    /// [`GitRepo::commit`] with this author (name, email).
+    pub fn commit_by(&self, (name, email): (&str, &str), files: &[(&str, &str)], message: &str) -> CommitId {
         for (path, body) in files {
             let full = self.path().join(path);
             std::fs::create_dir_all(full.parent().expect("a parent")).expect("mkdir");
@@ -92,7 +97,7 @@ impl GitRepo {
         index.add_all(["*"], IndexAddOption::DEFAULT, None).expect("add");
         index.write().expect("write index");
         let tree = repo.find_tree(index.write_tree().expect("tree")).expect("tree");
-        let sig = Signature::now("Test", "test@example.com").expect("sig");
+        let sig = Signature::now(name, email).expect("sig");
         let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
         let parents: Vec<&git2::Commit> = parent.iter().collect();
         let oid = repo
