@@ -202,3 +202,121 @@ async fn the_web_view_follows_rollouts_halts_controls_agents_and_history() {
     stop.cancel();
     server.stop().await;
 }
+
+/// Types `token` into the page's token form and submits it.
+async fn enter_token(browser: &mut Browser, token: &str) {
+    browser
+        .wait_for(
+            "the token form",
+            "document.querySelector('#token-form').hidden === false || null",
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('#token').value = {}; document.querySelector('#token-form').requestSubmit()",
+            serde_json::json!(token)
+        ))
+        .await;
+}
+
+/// With API tokens, at a phone's width: the page asks for a token, a
+/// read-only token sees no controls once a control is refused, a write token
+/// pauses; the page fits the screen; after the controller restarts the page
+/// follows it again.
+#[tokio::test]
+async fn the_web_view_asks_for_a_token_fits_a_phone_and_follows_a_restarted_controller() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api.yaml");
+    let sha = |t: &str| hex::encode(sha2::Sha256::digest(t.as_bytes()));
+    std::fs::write(
+        &tokens,
+        format!(
+            "- {{name: viewer, sha256: {}}}\n- {{name: ops, sha256: {}, scope: write}}\n",
+            sha("view-secret"),
+            sha("ops-secret")
+        ),
+    )
+    .unwrap();
+    let repo = GitRepo::new();
+    commit(
+        &repo,
+        ALICE,
+        "  waves: [100%]\n  bake: 0s\n",
+        &collector_config("v1"),
+        "v1",
+    );
+    let (_tmp, state) = state_dir();
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = || {
+        let mut c = serve_config(repo.path(), &state);
+        c.api_tokens = Some(tokens.clone());
+        c.api_listen = ([127, 0, 0, 1], api_port).into();
+        c
+    };
+    let server = TestServer::start_with(config()).await;
+    let (_sim, stop) = simulate(&server, 4, |_| {});
+    commit(
+        &repo,
+        BOB,
+        "  waves: [1, 100%]\n  bake: 1h\n",
+        &collector_config("v2"),
+        "v2 baking",
+    );
+    let auth = [("Authorization", "Bearer ops-secret")];
+    let synced = common::http_request(server.api_addr(), "POST", "/api/v1/sync", &auth, common::Body::Empty).await;
+    assert_eq!(synced.status, 200);
+
+    let mut browser = Browser::launch().await;
+    browser.viewport(390, 844).await;
+    let base = format!("http://{}", server.api_addr());
+    browser.goto(&format!("{base}/#/groups/edge")).await;
+    let why = browser.wait_text("#token-why", "token").await;
+    assert!(why.contains("API token"), "{why}");
+    enter_token(&mut browser, "view-secret").await;
+    browser.wait_text("#phase", "progressing").await;
+
+    // A read-only token: the refused control hides the controls.
+    browser.click("#controls button[data-action=pause]").await;
+    browser.wait_text("main", "Read-only").await;
+    assert_eq!(browser.eval("document.querySelector('#controls').hidden").await, true);
+
+    // The page fits a phone's width: nothing scrolls sideways.
+    let fits = browser
+        .eval("document.documentElement.scrollWidth <= window.innerWidth")
+        .await;
+    assert_eq!(fits, true, "the group page is wider than the phone");
+
+    // A write token pauses the rollout.
+    browser.click("#token-open").await;
+    enter_token(&mut browser, "ops-secret").await;
+    browser.goto(&format!("{base}/#/")).await;
+    browser.goto(&format!("{base}/#/groups/edge")).await;
+    browser
+        .wait_for(
+            "the controls",
+            "document.querySelector('#controls').hidden === false || null",
+        )
+        .await;
+    browser.click("#controls button[data-action=pause]").await;
+    browser.wait_text("#phase", "paused").await;
+    let status = server.running.driver.as_ref().expect("a driver").status();
+    let actions = &status.groups[&opamp_gitops::model::GroupName::new("edge")].actions;
+    assert_eq!(actions.last().and_then(|a| a.by.as_deref()), Some("ops"), "{actions:?}");
+
+    // The controller restarts: the page says so, then follows the new one.
+    browser.wait_text("#live", "live").await;
+    server.stop().await;
+    browser.wait_text("#live", "disconnected").await;
+    let server = TestServer::start_with(config()).await;
+    browser.wait_text("#live", "live: following").await;
+    browser.wait_text("#phase", "paused").await;
+
+    browser.close().await;
+    stop.cancel();
+    server.stop().await;
+}
