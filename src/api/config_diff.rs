@@ -118,28 +118,10 @@ pub async fn diff(State(state): State<ApiState>, Path(name): Path<String>) -> Re
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use bytes::Bytes;
-
     use super::*;
-    use crate::desired::ConfigFile;
 
     fn bundle(files: &[(&str, &str)]) -> ConfigBundle {
-        ConfigBundle::new(
-            files
-                .iter()
-                .map(|(name, body)| {
-                    (
-                        name.to_string(),
-                        ConfigFile {
-                            content_type: "text/yaml".into(),
-                            body: Bytes::copy_from_slice(body.as_bytes()),
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
-        )
+        ConfigBundle::yaml(files)
     }
 
     #[test]

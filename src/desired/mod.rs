@@ -256,6 +256,22 @@ impl ConfigBundle {
         ConfigBundle { files, hash }
     }
 
+    /// A bundle of YAML files from `(name, body)` pairs.
+    pub fn yaml(files: &[(&str, &str)]) -> Self {
+        ConfigBundle::new(
+            files
+                .iter()
+                .map(|(name, body)| {
+                    let file = ConfigFile {
+                        content_type: "text/yaml".into(),
+                        body: Bytes::copy_from_slice(body.as_bytes()),
+                    };
+                    (name.to_string(), file)
+                })
+                .collect(),
+        )
+    }
+
     pub fn files(&self) -> &BTreeMap<String, ConfigFile> {
         &self.files
     }

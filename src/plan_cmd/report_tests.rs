@@ -8,20 +8,7 @@ use crate::plan_cmd::render;
 use crate::reconcile::canary_order;
 
 fn bundle(files: &[(&str, &str)]) -> Arc<ConfigBundle> {
-    Arc::new(ConfigBundle::new(
-        files
-            .iter()
-            .map(|(k, body)| {
-                (
-                    k.to_string(),
-                    ConfigFile {
-                        content_type: "text/yaml".into(),
-                        body: Bytes::copy_from_slice(body.as_bytes()),
-                    },
-                )
-            })
-            .collect(),
-    ))
+    Arc::new(ConfigBundle::yaml(files))
 }
 
 fn group(name: &str, selector: &[(&str, &str)], priority: i64, config: &Arc<ConfigBundle>) -> Group {

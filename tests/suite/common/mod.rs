@@ -3,7 +3,6 @@
 //! that wake on what the controller publishes (its watch channels
 //! in-process, the API's long polls over HTTP) instead of polling.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use opamp_gitops::api::wait::published;
 use opamp_gitops::app::{self, Running, ServeConfig};
-use opamp_gitops::desired::{ConfigBundle, ConfigFile};
+use opamp_gitops::desired::ConfigBundle;
 use opamp_gitops::fleet::{AgentRecord, FleetHandle};
 use opamp_gitops::model::InstanceUid;
 use opamp_gitops::opamp::codec;
@@ -411,20 +410,7 @@ pub fn heartbeat(uid: &[u8], seq: u64, capabilities: u64) -> AgentToServer {
 
 /// A config bundle from `(file name, body)` pairs (YAML).
 pub fn bundle(files: &[(&str, &str)]) -> Arc<ConfigBundle> {
-    Arc::new(ConfigBundle::new(
-        files
-            .iter()
-            .map(|(name, body)| {
-                (
-                    name.to_string(),
-                    ConfigFile {
-                        content_type: "text/yaml".into(),
-                        body: Bytes::copy_from_slice(body.as_bytes()),
-                    },
-                )
-            })
-            .collect::<BTreeMap<_, _>>(),
-    ))
+    Arc::new(ConfigBundle::yaml(files))
 }
 
 pub fn full_state_requested(m: &ServerToAgent) -> bool {
