@@ -24,7 +24,7 @@ use views::ViewBuilder;
 
 use crate::desired::{ConfigBundle, DesiredState, Validated};
 use crate::fleet::FleetHandle;
-use crate::gitsrc::{GitHandle, Status as GitStatus};
+use crate::gitsrc::{GitHandle, Loaded, Status as GitStatus};
 use crate::model::{AgentState, Change, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
 use crate::notes::remembered::{self, Found};
@@ -106,7 +106,6 @@ impl DriverHandle {
         self.status.clone()
     }
 
-    /// Adds the driver's metrics to `registry`.
     /// Adds the driver's metrics to `registry`, with the group gauges read
     /// from the newest status when scraped (a wave waiting longer than
     /// `stall_after` is stalled).
@@ -374,11 +373,7 @@ impl Driver {
                 Event::Complete { commit: Some(c), .. } => self.since_seen(c, now_wall),
                 _ => None,
             };
-            let change = match event.commit() {
-                Some(c) if *c == commit => loaded.change.as_ref(),
-                Some(c) => self.book.change(c),
-                None => None,
-            };
+            let change = event.commit().and_then(|c| self.change_of(c, &loaded));
             RolloutEvent {
                 event,
                 took,
@@ -393,13 +388,7 @@ impl Driver {
         // Into the outbox before the state that follows the events is saved:
         // after a crash in between they are told again, never lost.
         if let Some(notify) = &self.notify {
-            let change = |c: &CommitId| {
-                if *c == commit {
-                    loaded.change.clone()
-                } else {
-                    self.book.change(c).cloned()
-                }
-            };
+            let change = |c: &CommitId| self.change_of(c, &loaded).cloned();
             let notices = notice::from_plan(&notice::PlanFacts {
                 events: &events,
                 groups: &groups,
@@ -443,6 +432,15 @@ impl Driver {
         );
         self.publish(&commit, &agents, &groups);
         self.submit_notes(notes);
+    }
+
+    /// Who made `commit`: the loaded commit's author, else the one its note tells.
+    fn change_of<'a>(&'a self, commit: &CommitId, loaded: &'a Loaded) -> Option<&'a Change> {
+        if *commit == loaded.commit {
+            loaded.change.as_ref()
+        } else {
+            self.book.change(commit)
+        }
     }
 
     /// How long ago `commit` was first seen at the tip, while it is remembered.
