@@ -56,8 +56,9 @@ pub struct ServeConfig {
     pub offer_heartbeat_interval: Option<Duration>,
     /// The config repository; without it the controller only keeps the inventory.
     pub git: Option<GitConfig>,
-    /// How often the reconciler plans without a change.
-    pub reconcile_tick: Duration,
+    /// The longest time between two plans; `None`: the repository's
+    /// reconcile interval.
+    pub reconcile_tick: Option<Duration>,
     /// How long after start the first plan waits for agents to reconnect.
     pub startup_grace: Duration,
     /// Who git notes are written as.
@@ -147,7 +148,7 @@ impl ServeConfig {
             heartbeat_interval: Duration::from_secs(30),
             offer_heartbeat_interval: None,
             git: None,
-            reconcile_tick: Duration::from_secs(1),
+            reconcile_tick: None,
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
             drain_deadline: DRAIN_DEADLINE,
@@ -572,7 +573,7 @@ impl GitOps {
 
 /// The GitOps half's settings.
 struct Settings {
-    tick: Duration,
+    tick: Option<Duration>,
     startup_grace: Duration,
     stall_after: Duration,
     author: Author,

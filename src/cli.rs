@@ -102,9 +102,11 @@ pub struct ServeArgs {
     /// Private key for ssh:// repositories (default: the ssh agent).
     #[arg(long)]
     pub ssh_key_file: Option<PathBuf>,
-    /// How often rollouts are re-planned without a change (bake and timeouts end on a tick).
-    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
-    pub reconcile_tick: Duration,
+    /// The longest time between two plans (default: the repository's
+    /// reconcile interval). Rollouts are planned on every change and when a
+    /// bake ends or a timeout runs out; this only bounds the wait otherwise.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub reconcile_tick: Option<Duration>,
     /// How long after start the first plan waits, so agents reconnect before
     /// a rollout counts its members.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]

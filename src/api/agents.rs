@@ -104,7 +104,7 @@ pub fn agent_json<'a>(
         instance_uid: &rec.uid,
         connected: rec.connected,
         transport: rec.transport.as_str(),
-        last_seen: crate::rfc3339::format(rec.last_seen),
+        last_seen: crate::rfc3339::format(rec.liveness.last_seen()),
         identifying_attributes: rec.identifying_attributes().unwrap_or(&NO_ATTRIBUTES),
         non_identifying_attributes: rec.non_identifying_attributes().unwrap_or(&NO_ATTRIBUTES),
         capabilities: rec.capabilities.names(),

@@ -29,8 +29,6 @@ use crate::simulate::{self, Simulation};
 
 /// How long a simulated collector takes to apply a config.
 const APPLY_DELAY: Duration = Duration::from_millis(200);
-/// The controller plans this often without a change (bakes end on a tick).
-const RECONCILE_TICK: Duration = Duration::from_millis(100);
 /// The controller waits this long after start before its first plan, so the
 /// first rollout counts every agent.
 const STARTUP_GRACE: Duration = Duration::from_secs(1);
@@ -215,7 +213,6 @@ impl Tour {
             auth: Auth::default(),
             webhook_secret_file: None,
         });
-        config.reconcile_tick = RECONCILE_TICK;
         config.startup_grace = STARTUP_GRACE;
         let running = app::start(config, CancellationToken::new()).await?;
         let (Some(driver), Some(git)) = (running.driver.clone(), running.git.clone()) else {

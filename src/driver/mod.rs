@@ -1,6 +1,8 @@
 //! The reconcile driver: the one task that owns the rollout state. It runs
 //! `reconcile::plan` when the desired state or the fleet changes (the fleet's
-//! snapshots are already coalesced) and on a timer, carries out the pushes,
+//! snapshots are already coalesced; heartbeats make none) and when the last
+//! plan's deadline comes (a bake ends, a timeout runs out), never on a
+//! fixed tick: an idle fleet is not planned at all. It carries out the pushes,
 //! persists the state, publishes what the API shows, logs the story of each
 //! rollout, hands notes to the notes writer and tells the notifications.
 
@@ -42,8 +44,9 @@ use crate::telemetry::{InternalEvent, Registry};
 pub struct DriverConfig {
     /// Where the rollout state is kept.
     pub state_dir: PathBuf,
-    /// How often to plan without any change (bake and timeouts end on a tick).
-    pub tick: Duration,
+    /// The longest time between two plans; `None`: the repository's
+    /// reconcile interval.
+    pub tick: Option<Duration>,
     /// How long after start the first plan waits, so agents have reconnected
     /// before a rollout counts its members.
     pub startup_grace: Duration,
@@ -206,6 +209,9 @@ pub fn spawn(
         state,
         dirty: false,
         last_persist: Instant::now(),
+        wanted: true,
+        next: None,
+        last_plan: None,
         config,
         fleet: parts.fleet,
         git: parts.git,
@@ -242,28 +248,49 @@ struct Driver {
     /// The state changed since it was last saved.
     dirty: bool,
     last_persist: Instant,
+    /// An input changed since the last plan.
+    wanted: bool,
+    /// When the last plan must be made again although nothing changed.
+    next: Option<Instant>,
+    /// When the last plan started, and how long it took.
+    last_plan: Option<(Instant, Duration)>,
 }
 
 /// The state is saved at once when a rollout moves, else at most this often.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// The longest time between plans before a commit is loaded.
+const DEFAULT_TICK: Duration = Duration::from_secs(600);
+/// Plans that changes call for are this far apart at least...
+const MIN_PLAN_GAP: Duration = Duration::from_millis(50);
+/// ...and at least this many times as long as the last plan took, so a
+/// storm of changes (thousands of agents connecting) leaves the time
+/// between plans to the agents.
+const PLAN_GAP_FACTOR: u32 = 4;
 
 impl Driver {
     async fn run(mut self, mut controls: mpsc::Receiver<ControlRequest>, cancel: CancellationToken) {
         let mut desired = self.git.desired();
         let mut git_status = self.git.status();
         let mut fleet = self.fleet.subscribe();
-        let mut tick = tokio::time::interval(self.config.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let first = git_status.borrow_and_update().clone();
         self.note_invalid_head(&first).await;
         loop {
             // An input that closes means its task ended; the supervisor reports
             // that task and stops the controller, so the driver only waits for
             // its turn to stop rather than be mistaken for the cause.
+            let wake = self.wake_at();
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                changed = desired.changed() => if changed.is_err() { cancel.cancelled().await; break },
-                changed = fleet.changed() => if changed.is_err() { cancel.cancelled().await; break },
+                changed = desired.changed() => {
+                    if changed.is_err() { cancel.cancelled().await; break }
+                    self.wanted = true;
+                    continue;
+                }
+                changed = fleet.changed() => {
+                    if changed.is_err() { cancel.cancelled().await; break }
+                    self.wanted = true;
+                    continue;
+                }
                 changed = git_status.changed() => {
                     if changed.is_err() { cancel.cancelled().await; break }
                     let status = git_status.borrow_and_update().clone();
@@ -275,16 +302,54 @@ impl Driver {
                     let _ = request.reply.send(answer);
                     continue;
                 }
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
-            if self.started.elapsed() >= self.config.startup_grace {
+            let now = Instant::now();
+            if self.plan_due(now) {
                 self.plan_once().await;
+            } else if self.persist_due().is_some_and(|t| t <= now) {
+                self.persist().await;
             }
         }
         if self.dirty {
             self.persist().await;
         }
         info!("reconcile driver stopped");
+    }
+
+    /// When the driver next has something to do: plan, or save the state.
+    fn wake_at(&self) -> Instant {
+        let plan = self.plan_at();
+        self.persist_due().map_or(plan, |t| t.min(plan))
+    }
+
+    /// When the next plan is due: soon after a change, at the last plan's
+    /// deadline, and at the latest one reconcile interval after the last.
+    fn plan_at(&self) -> Instant {
+        let grace_ends = self.started + self.config.startup_grace;
+        let Some((last, took)) = self.last_plan else {
+            return grace_ends;
+        };
+        let interval = self
+            .config
+            .tick
+            .or_else(|| self.git.desired().borrow().as_ref().map(|l| l.desired.reconcile_interval));
+        let mut at = last + interval.unwrap_or(DEFAULT_TICK);
+        if self.wanted {
+            at = at.min(last + MIN_PLAN_GAP.max(took * PLAN_GAP_FACTOR));
+        }
+        if let Some(next) = self.next {
+            at = at.min(next);
+        }
+        at.max(grace_ends)
+    }
+
+    fn plan_due(&self, now: Instant) -> bool {
+        self.plan_at() <= now
+    }
+
+    fn persist_due(&self) -> Option<Instant> {
+        self.dirty.then(|| self.last_persist + PERSIST_EVERY)
     }
 
     async fn control(
@@ -324,6 +389,10 @@ impl Driver {
     }
 
     async fn plan_once(&mut self) {
+        let started = Instant::now();
+        self.wanted = false;
+        self.next = None;
+        self.last_plan = Some((started, Duration::ZERO));
         let Some(loaded) = self.git.desired().borrow().clone() else {
             return;
         };
@@ -362,12 +431,15 @@ impl Driver {
             agents,
             groups,
             events,
+            next,
         } = reconcile::plan(&PlanInput {
             desired: &loaded.desired,
             agents: &views,
             state: &self.state,
             now: Timestamp::of(now_wall),
         });
+        self.next =
+            next.map(|t| started + Duration::from_millis(t.millis().saturating_sub(Timestamp::of(now_wall).millis())));
         for event in &events {
             let took = match event {
                 Event::Complete { commit: Some(c), .. } => self.since_seen(c, now_wall),
@@ -432,6 +504,7 @@ impl Driver {
         );
         self.publish(&commit, &agents, &groups);
         self.submit_notes(notes);
+        self.last_plan = Some((started, started.elapsed()));
     }
 
     /// Who made `commit`: the loaded commit's author, else the one its note tells.

@@ -34,10 +34,10 @@ pub use bindings::BindingsError;
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
 
-/// Snapshots are rebuilt at most this often while agents report real changes...
-const URGENT_PUBLISH: Duration = Duration::from_millis(50);
-/// ...and at most this often when only liveness (last seen) changed.
-const LIVENESS_PUBLISH: Duration = Duration::from_secs(1);
+/// Snapshots are rebuilt at most this often while agents report changes. A
+/// report that changes only liveness (a heartbeat) makes no snapshot at all:
+/// see [`record::Liveness`].
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 /// The longest polling interval an HTTP agent is credited with: one long
 /// pause (a network hiccup) must not hide for hours that it has gone.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(600);
@@ -377,7 +377,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         uid_clashes: 0,
         snapshots: snap_tx,
         version: 0,
-        dirty: None,
+        dirty: false,
         last_publish: None,
         bindings,
     };
@@ -483,12 +483,6 @@ fn describes_another(current: &AgentRecord, msg: &AgentToServer) -> bool {
         || differs(&known.non_identifying, &d.non_identifying_attributes)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Dirty {
-    Liveness,
-    Changed,
-}
-
 struct Fleet {
     agents: HashMap<InstanceUid, Entry>,
     heartbeat: Duration,
@@ -497,7 +491,8 @@ struct Fleet {
     uid_clashes: u64,
     snapshots: watch::Sender<Arc<FleetSnapshot>>,
     version: u64,
-    dirty: Option<Dirty>,
+    /// Something besides liveness changed since the last snapshot.
+    dirty: bool,
     last_publish: Option<Instant>,
     bindings: Bindings,
 }
@@ -550,7 +545,7 @@ impl Fleet {
                 self.publish();
             }
         }
-        if self.dirty.is_some() {
+        if self.dirty {
             self.publish();
         }
         // The last change is kept before the task ends.
@@ -565,15 +560,12 @@ impl Fleet {
     }
 
     fn publish_due(&self) -> Option<Instant> {
-        let wait = match self.dirty? {
-            Dirty::Changed => URGENT_PUBLISH,
-            Dirty::Liveness => LIVENESS_PUBLISH,
-        };
-        Some(self.last_publish.map_or_else(Instant::now, |t| t + wait))
+        self.dirty
+            .then(|| self.last_publish.map_or_else(Instant::now, |t| t + PUBLISH_EVERY))
     }
 
-    fn mark(&mut self, d: Dirty) {
-        self.dirty = self.dirty.max(Some(d));
+    fn mark(&mut self) {
+        self.dirty = true;
     }
 
     fn publish(&mut self) {
@@ -588,7 +580,7 @@ impl Fleet {
             uid_clashes: self.uid_clashes,
         };
         self.snapshots.send_replace(Arc::new(snapshot));
-        self.dirty = None;
+        self.dirty = false;
         self.last_publish = Some(Instant::now());
     }
 
@@ -625,7 +617,7 @@ impl Fleet {
                                 self.bindings.bind(uid.clone(), id.name.clone(), Instant::now());
                             }
                             Arc::make_mut(&mut e.record).identity = identity;
-                            self.mark(Dirty::Changed);
+                            self.mark();
                         }
                         Ok(reply)
                     }
@@ -639,7 +631,7 @@ impl Fleet {
                     && e.ws.as_ref().is_some_and(|l| l.conn == conn)
                 {
                     e.delivered(hash, SystemTime::now());
-                    self.mark(Dirty::Changed);
+                    self.mark();
                 }
             }
             Command::Unbind { uid, reply } => {
@@ -648,7 +640,7 @@ impl Fleet {
                     && e.record.identity.is_some()
                 {
                     Arc::make_mut(&mut e.record).identity = None;
-                    self.mark(Dirty::Changed);
+                    self.mark();
                 }
                 if had {
                     tracing::info!(agent = %uid, "identity binding dropped by an operator");
@@ -707,7 +699,7 @@ impl Fleet {
             Arbitration::Clash => {
                 let fresh = InstanceUid::new_v7();
                 self.uid_clashes += 1;
-                self.mark(Dirty::Liveness);
+                self.mark();
                 tracing::warn!(
                     agent = %uid, conn = ?incoming, new_uid = %fresh,
                     "a second agent reported under a uid in use; offered it a new uid"
@@ -732,22 +724,39 @@ impl Fleet {
             .remote_config_status
             .as_ref()
             .and_then(|s| ConfigHash::from_wire(&s.last_remote_config_hash));
-        let (rec, decision) = record::apply(entry.as_ref().map(|e| &*e.record), &uid, msg, contact);
-        let mut entry = match entry {
-            Some(mut e) => {
-                let mono = Instant::now();
-                if transport == Transport::Http && rec.connection_epoch != e.record.connection_epoch {
-                    e.poll_interval = Duration::ZERO;
-                } else if transport == Transport::Http {
-                    let gap = mono.saturating_duration_since(e.seen).min(MAX_POLL_INTERVAL);
-                    e.poll_interval = e.poll_interval.max(gap);
-                }
-                e.record = Arc::new(rec);
-                e.seen = mono;
-                e
+        let mono = Instant::now();
+        let (mut entry, decision) = match entry {
+            None => {
+                let (rec, decision) = record::apply(None, &uid, msg, contact);
+                (Entry::new(rec), decision)
             }
-            None => Entry::new(rec),
+            Some(mut e) => {
+                let epoch = e.record.connection_epoch;
+                let decision = if record::liveness_only(&e.record, &msg, contact) {
+                    // A heartbeat: no new record, nothing to publish.
+                    e.record.liveness.touch(now, msg.sequence_num);
+                    ReplyDecision::default()
+                } else {
+                    let (rec, decision) = record::apply(Some(&e.record), &uid, msg, contact);
+                    if decision.changed {
+                        e.record = Arc::new(rec);
+                    } else {
+                        e.record.liveness.touch(now, rec.liveness.sequence_num());
+                    }
+                    decision
+                };
+                if transport == Transport::Http {
+                    e.poll_interval = if e.record.connection_epoch != epoch {
+                        Duration::ZERO
+                    } else {
+                        let gap = mono.saturating_duration_since(e.seen).min(MAX_POLL_INTERVAL);
+                        e.poll_interval.max(gap)
+                    };
+                }
+                (e, decision)
+            }
         };
+        entry.seen = mono;
         if let (Via::WebSocket(link), true) = (&via, new_connection) {
             tracing::debug!(agent = %uid, conn = link.conn, "agent connected");
             if let Some(old) = entry.ws.replace(link.clone()) {
@@ -794,7 +803,9 @@ impl Fleet {
             clash: false,
         };
         self.agents.insert(uid, entry);
-        self.mark(if changed { Dirty::Changed } else { Dirty::Liveness });
+        if changed {
+            self.mark();
+        }
         reply
     }
 
@@ -806,7 +817,7 @@ impl Fleet {
         {
             tracing::debug!(agent = %uid, conn, "agent connection closed");
             e.go_offline(now);
-            self.mark(Dirty::Changed);
+            self.mark();
         }
     }
 
@@ -859,7 +870,7 @@ impl Fleet {
             any = true;
         }
         if any {
-            self.mark(Dirty::Changed);
+            self.mark();
         }
     }
 }

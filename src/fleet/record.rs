@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -46,8 +47,9 @@ pub struct RemoteStatus {
 pub type EffectiveFiles = BTreeMap<String, ConfigFile>;
 
 /// Everything we know about one agent. Records are shared by snapshots
-/// (`Arc<AgentRecord>`) and replaced, never mutated in place; the bulky parts
-/// sit behind their own `Arc` so that a new record costs little.
+/// (`Arc<AgentRecord>`) and replaced, never mutated in place, except for
+/// their [`Liveness`]; the bulky parts sit behind their own `Arc` so that a
+/// new record costs little.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentRecord {
     pub uid: InstanceUid,
@@ -55,10 +57,9 @@ pub struct AgentRecord {
     pub transport: Transport,
     /// Grows on every new connection, and when an offline agent comes back.
     pub connection_epoch: u64,
-    pub last_seen: SystemTime,
+    pub liveness: Liveness,
     /// When the agent last went offline; `None` while it never has.
     pub disconnected_at: Option<SystemTime>,
-    pub sequence_num: u64,
     pub capabilities: Capabilities,
     /// `None` until the agent sends an `AgentDescription`.
     pub description: Option<Arc<Description>>,
@@ -80,6 +81,53 @@ pub struct AgentRecord {
     pub push_drops: Option<(ConfigHash, u32)>,
 }
 
+/// When the agent last reported and the sequence number it sent. Both change
+/// with every heartbeat and nothing the planner reads depends on them, so a
+/// heartbeat updates them in place, seen at once by every snapshot that holds
+/// the record, instead of making a new record and a new snapshot.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Milliseconds since the Unix epoch.
+    seen_ms: AtomicU64,
+    sequence_num: AtomicU64,
+}
+
+impl Liveness {
+    pub fn new(seen: SystemTime, sequence_num: u64) -> Self {
+        let l = Liveness::default();
+        l.touch(seen, sequence_num);
+        l
+    }
+
+    pub fn last_seen(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.seen_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn sequence_num(&self) -> u64 {
+        self.sequence_num.load(Ordering::Relaxed)
+    }
+
+    /// The agent reported at `seen` with `sequence_num`.
+    pub fn touch(&self, seen: SystemTime, sequence_num: u64) {
+        let ms = seen.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        self.seen_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.sequence_num.store(sequence_num, Ordering::Relaxed);
+    }
+}
+
+impl Clone for Liveness {
+    fn clone(&self) -> Self {
+        Liveness::new(self.last_seen(), self.sequence_num())
+    }
+}
+
+impl PartialEq for Liveness {
+    fn eq(&self, other: &Self) -> bool {
+        self.last_seen() == other.last_seen() && self.sequence_num() == other.sequence_num()
+    }
+}
+
 /// A config that left for the agent: over WebSocket when the frame was
 /// written, over plain HTTP when the first reply that carried it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +146,8 @@ impl AgentRecord {
             connected: true,
             transport,
             connection_epoch: 0,
-            last_seen: now,
+            liveness: Liveness::new(now, 0),
             disconnected_at: None,
-            sequence_num: 0,
             capabilities: Capabilities::default(),
             description: None,
             health: None,
@@ -195,6 +242,40 @@ pub struct ReplyDecision {
 
 const FLAG_REQUEST_INSTANCE_UID: u64 = 0x1;
 
+/// True when `msg` from a known agent changes nothing but its [`Liveness`]
+/// (a heartbeat): then [`apply`] would answer `changed: false`, no full state
+/// and no new uid, and the caller only touches the liveness. Cheap: it reads
+/// the message and builds nothing.
+pub fn liveness_only(prev: &AgentRecord, msg: &proto::AgentToServer, contact: Contact) -> bool {
+    !new_connection(Some(prev), msg, contact)
+        && !gap(Some(prev), msg)
+        && prev.capabilities.0 == msg.capabilities
+        && msg.flags & FLAG_REQUEST_INSTANCE_UID == 0
+        && msg.agent_description.is_none()
+        && msg.health.is_none()
+        && msg.effective_config.is_none()
+        && msg.remote_config_status.is_none()
+        && msg.agent_disconnect.is_none()
+}
+
+/// Whether `msg` starts a new connection of the agent.
+fn new_connection(prev: Option<&AgentRecord>, msg: &proto::AgentToServer, contact: Contact) -> bool {
+    // A sequence that starts again at 0 means the agent's process restarted:
+    // over plain HTTP that is the only sign of a new connection. (A number
+    // that merely goes back can be a request overtaken by the next one.)
+    let restarted = prev.is_some_and(|p| msg.sequence_num == 0 && p.liveness.sequence_num() > 0);
+    contact.new_connection || restarted || prev.is_none_or(|p| !p.connected || p.transport != contact.transport)
+}
+
+/// Whether messages of a known agent went missing before `msg`. A repeated
+/// number is a resend, not a lost message.
+fn gap(prev: Option<&AgentRecord>, msg: &proto::AgentToServer) -> bool {
+    prev.is_some_and(|p| {
+        let last = p.liveness.sequence_num();
+        msg.sequence_num != last.wrapping_add(1) && msg.sequence_num != last
+    })
+}
+
 /// Folds `msg` from agent `uid` into its previous record (`None` for an
 /// unknown agent). An absent sub-message leaves that part unchanged; a
 /// present one replaces it. Capabilities come from every message.
@@ -208,15 +289,8 @@ pub fn apply(
         Some(p) => p.clone(),
         None => AgentRecord::new(uid.clone(), contact.transport, contact.now),
     };
-    // A sequence that starts again at 0 means the agent's process restarted:
-    // over plain HTTP that is the only sign of a new connection. (A number
-    // that merely goes back can be a request overtaken by the next one.)
-    let restarted = prev.is_some_and(|p| msg.sequence_num == 0 && p.sequence_num > 0);
-    let new_connection =
-        contact.new_connection || restarted || prev.is_none_or(|p| !p.connected || p.transport != contact.transport);
-    // A repeated number is a resend, not a lost message.
-    let gap =
-        prev.is_some_and(|p| msg.sequence_num != p.sequence_num.wrapping_add(1) && msg.sequence_num != p.sequence_num);
+    let new_connection = new_connection(prev, &msg, contact);
+    let gap = gap(prev, &msg);
 
     let mut changed = new_connection || rec.capabilities.0 != msg.capabilities;
     if new_connection {
@@ -224,20 +298,26 @@ pub fn apply(
     }
     rec.connected = true;
     rec.transport = contact.transport;
-    rec.last_seen = contact.now;
-    rec.sequence_num = msg.sequence_num;
+    rec.liveness = Liveness::new(contact.now, msg.sequence_num);
     rec.capabilities = Capabilities(msg.capabilities);
 
+    // A part sent again unchanged is no change.
     if let Some(d) = msg.agent_description {
-        rec.description = Some(Arc::new(Description {
+        let d = Description {
             identifying: attributes(d.identifying_attributes),
             non_identifying: attributes(d.non_identifying_attributes),
-        }));
-        changed = true;
+        };
+        if rec.description.as_deref() != Some(&d) {
+            rec.description = Some(Arc::new(d));
+            changed = true;
+        }
     }
     if let Some(h) = msg.health {
-        rec.health = Some(Arc::new(health(h)));
-        changed = true;
+        let h = health(h);
+        if rec.health.as_deref() != Some(&h) {
+            rec.health = Some(Arc::new(h));
+            changed = true;
+        }
     }
     // The unhealthy clock starts at the first unhealthy report, and again at
     // a new connection: a supervisor reports unhealthy while its collector
@@ -250,19 +330,24 @@ pub fn apply(
         _ => None,
     };
     if let Some(ec) = msg.effective_config {
-        rec.effective_config = Some(Arc::new(config_files(ec.config_map)));
-        changed = true;
+        let files = config_files(ec.config_map);
+        if rec.effective_config.as_deref() != Some(&files) {
+            rec.effective_config = Some(Arc::new(files));
+            changed = true;
+        }
     }
     if let Some(s) = msg.remote_config_status {
-        rec.remote_config_status = remote_status(s);
+        let status = remote_status(s);
+        changed |= rec.remote_config_status != status;
+        rec.remote_config_status = status;
         // The agent spoke of the config that dropped its connections.
         if rec
             .push_drops
             .is_some_and(|(h, _)| rec.remote_config_status.as_ref().and_then(|s| s.hash) == Some(h))
         {
             rec.push_drops = None;
+            changed = true;
         }
-        changed = true;
     }
 
     let disconnected = msg.agent_disconnect.is_some();
@@ -276,7 +361,7 @@ pub fn apply(
         // asked only when something is missing; sequences start at 0 (or 1
         // for some clients), so a low one is a new agent, not a known one
         // that reconnects to a controller that forgot it.
-        report_full_state: !disconnected && (gap || (prev.is_none() && rec.missing_state(rec.sequence_num <= 1))),
+        report_full_state: !disconnected && (gap || (prev.is_none() && rec.missing_state(msg.sequence_num <= 1))),
         new_instance_uid: msg.flags & FLAG_REQUEST_INSTANCE_UID != 0,
         disconnected,
         changed,
@@ -551,7 +636,7 @@ mod tests {
             Case {
                 name: "sequence restarted at 0 (the agent's process restarted)",
                 prev: Some(AgentRecord {
-                    sequence_num: 41,
+                    liveness: Liveness::new(at(0), 41),
                     ..known()
                 }),
                 msg: heartbeat(0),
@@ -638,7 +723,7 @@ mod tests {
         deliver(&mut rec);
         let msg = AgentToServer {
             remote_config_status: Some(status(&h.0, 2)),
-            ..heartbeat(rec.sequence_num + 1)
+            ..heartbeat(rec.liveness.sequence_num() + 1)
         };
         let (mut rec, _) = apply(Some(&rec), &uid(), msg, ws(3, false));
         assert_eq!(rec.push_drops, None);
@@ -650,6 +735,64 @@ mod tests {
     }
 
     #[test]
+    fn a_message_judged_liveness_only_changes_nothing_but_liveness() {
+        let prev = known();
+        let again = |m: AgentToServer| AgentToServer { sequence_num: 1, ..m };
+        let cases = [
+            ("a heartbeat", heartbeat(1), ws(5, false), true),
+            ("a resend", heartbeat(0), ws(5, false), true),
+            ("everything sent again unchanged", again(full(0)), ws(5, false), false),
+            ("a gap", heartbeat(3), ws(5, false), false),
+            ("a new connection", heartbeat(1), ws(5, true), false),
+            ("another transport", heartbeat(1), http(5), false),
+            (
+                "new capabilities",
+                AgentToServer {
+                    capabilities: 0x1,
+                    ..heartbeat(1)
+                },
+                ws(5, false),
+                false,
+            ),
+            (
+                "asks for a uid",
+                AgentToServer {
+                    flags: FLAG_REQUEST_INSTANCE_UID,
+                    ..heartbeat(1)
+                },
+                ws(5, false),
+                false,
+            ),
+            (
+                "a goodbye",
+                AgentToServer {
+                    agent_disconnect: Some(AgentDisconnect {}),
+                    ..heartbeat(1)
+                },
+                ws(5, false),
+                false,
+            ),
+        ];
+        for (name, msg, contact, want) in cases {
+            let fast = liveness_only(&prev, &msg, contact);
+            assert_eq!(fast, want, "{name}");
+            let (rec, d) = apply(Some(&prev), &uid(), msg, contact);
+            let same = AgentRecord {
+                liveness: prev.liveness.clone(),
+                ..rec.clone()
+            } == prev;
+            if fast {
+                assert!(
+                    same && !d.changed && !d.report_full_state && !d.new_instance_uid,
+                    "{name}"
+                );
+            }
+            // Parts sent again unchanged are no change either.
+            assert_eq!(d.changed, !same, "{name}");
+        }
+    }
+
+    #[test]
     fn absent_means_unchanged_present_replaces() {
         let prev = known();
         let (rec, d) = apply(Some(&prev), &uid(), heartbeat(1), ws(5, false));
@@ -658,8 +801,8 @@ mod tests {
         assert_eq!(rec.health, prev.health);
         assert_eq!(rec.effective_config, prev.effective_config);
         assert_eq!(rec.remote_config_status, prev.remote_config_status);
-        assert_eq!(rec.last_seen, at(5));
-        assert_eq!(rec.sequence_num, 1);
+        assert_eq!(rec.liveness.last_seen(), at(5));
+        assert_eq!(rec.liveness.sequence_num(), 1);
 
         let msg = AgentToServer {
             agent_description: Some(AgentDescription {

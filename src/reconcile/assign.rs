@@ -140,11 +140,9 @@ impl GroupCtx<'_> {
                 a.good(h) && (failed_target || rec.pushed.is_some_and(|p| p.hash == h && !p.observed))
             });
         let failed_rollout = t.active && !rolled_back && rolling.is_some_and(|r| r.failures.contains_key(&a.uid));
-        let grace = self.group.rollout.unhealthy_grace;
         Facts {
             connected: a.connected,
-            failed: failed_rollout
-                || sh.is_some_and(|h| rec.has_failed(h) || a.unhealthy_after_applying(h, grace, self.now)),
+            failed: failed_rollout || sh.is_some_and(|h| rec.has_failed(h) || self.unhealthy_after_applying(a, h)),
             waiting: !t.active || t.mode == Mode::Keep || sh.is_none(),
             reports: sh.and_then(|h| a.reports(h)),
             unhealthy: a.reports_health && a.healthy == Some(false),
@@ -257,13 +255,13 @@ impl GroupCtx<'_> {
             (Some(RemoteConfigState::Applied | RemoteConfigState::Failed), _) => false,
             // Watched while it applies: once more when the watch runs out (a
             // supervisor answers a hash it already has at once).
-            (Some(_), Some(p)) => p.observed && self.now.reached(p.at, self.group.rollout.apply_timeout),
+            (Some(_), Some(p)) => p.observed && self.reached(p.at, self.group.rollout.apply_timeout),
             // Cannot happen: a watch is set above for exactly this case.
             (Some(_), None) => false,
             (None, None) => true,
             (None, Some(p)) => match mode {
                 Mode::Wave => p.observed,
-                _ => p.observed || self.now.reached(p.at, self.reconcile_interval),
+                _ => p.observed || self.reached(p.at, self.reconcile_interval),
             },
         }
     }

@@ -92,14 +92,19 @@ impl AgentView {
     /// The grace runs from the later of the first unhealthy report and the
     /// moment `hash` reached the agent: a collector that was unhealthy on its
     /// old config gets the whole grace to come up healthy on the new one.
-    pub(super) fn unhealthy_after_applying(&self, hash: ConfigHash, grace: Duration, now: Timestamp) -> bool {
-        let since = self
-            .unhealthy_since
-            .max(self.delivered_since(hash, Timestamp::default()));
-        self.reports(hash) == Some(RemoteConfigState::Applied)
-            && self.reports_health
-            && self.healthy == Some(false)
-            && since.is_none_or(|t| now.since(t) > grace)
+    pub fn unhealthy_after_applying(&self, hash: ConfigHash, grace: Duration, now: Timestamp) -> bool {
+        self.unhealthy_on(hash)
+            .is_some_and(|since| since.is_none_or(|t| now.since(t) > grace))
+    }
+
+    /// APPLIED for `hash` but unhealthy: since when its grace runs (`None`
+    /// inside: since an unknown time, so the grace is over).
+    pub(super) fn unhealthy_on(&self, hash: ConfigHash) -> Option<Option<Timestamp>> {
+        (self.reports(hash) == Some(RemoteConfigState::Applied) && self.reports_health && self.healthy == Some(false))
+            .then(|| {
+                self.unhealthy_since
+                    .max(self.delivered_since(hash, Timestamp::default()))
+            })
     }
 
     /// Whether the controller can manage its config (see [`unsupported_reason`]).

@@ -25,6 +25,11 @@ pub struct Plan {
     /// One per group of the desired state.
     pub groups: BTreeMap<GroupName, GroupStatus>,
     pub events: Vec<Event>,
+    /// The earliest time at which planning again, with nothing else
+    /// changed, could decide otherwise (a bake ends, a timeout runs out);
+    /// `None`: only a change of the desired state, the fleet or the
+    /// rollout state can.
+    pub next: Option<Timestamp>,
 }
 
 impl Plan {

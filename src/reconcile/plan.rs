@@ -6,6 +6,7 @@
 //! changed (`rollout.rs`), move the rollout on (`rollout.rs`), then decide
 //! what each agent should run and its state (`assign.rs`).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::output::{Assignment, Event, GroupStatus, Plan, Push};
 use super::select::Matcher;
 use super::state::{AgentMemory, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp};
 use crate::desired::Group;
-use crate::model::{AgentState, CommitId, GroupName};
+use crate::model::{AgentState, CommitId, ConfigHash, GroupName};
 
 /// Decides pushes, statuses and the next rollout state. Pure: the same input
 /// always gives the same plan.
@@ -61,6 +62,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     let mut next_groups = BTreeMap::new();
     let mut statuses = BTreeMap::new();
     let mut rollouts = input.state.rollouts;
+    let mut next: Option<Timestamp> = None;
     for (g, group) in groups.iter().enumerate() {
         let ctx = GroupCtx {
             group,
@@ -70,8 +72,10 @@ pub fn plan(input: &PlanInput) -> Plan {
             commit: input.desired.commit.as_ref(),
             now: input.now,
             reconcile_interval: input.desired.reconcile_interval,
+            next: Cell::new(None),
         };
         let (gs, status) = ctx.plan(input.state.groups.get(&group.name), &mut rollouts, &mut out);
+        next = earliest(next, ctx.next.get());
         next_groups.insert(group.name.clone(), gs);
         statuses.insert(group.name.clone(), status);
     }
@@ -85,6 +89,14 @@ pub fn plan(input: &PlanInput) -> Plan {
         agents: out.assignments,
         groups: statuses,
         events: out.events,
+        next,
+    }
+}
+
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -109,11 +121,34 @@ pub(super) struct GroupCtx<'a> {
     pub(super) commit: Option<&'a CommitId>,
     pub(super) now: Timestamp,
     pub(super) reconcile_interval: Duration,
+    /// The earliest time a comparison with the clock went the other way.
+    pub(super) next: Cell<Option<Timestamp>>,
 }
 
 impl GroupCtx<'_> {
     pub(super) fn name(&self) -> &GroupName {
         &self.group.name
+    }
+
+    /// Whether `d` has passed since `since`. Every comparison with the clock
+    /// goes through here: one that has not passed yet is when the plan
+    /// must be made again ([`super::Plan::next`]).
+    pub(super) fn reached(&self, since: Timestamp, d: Duration) -> bool {
+        let reached = self.now.reached(since, d);
+        if !reached {
+            self.next.set(earliest(self.next.get(), Some(since.after(d))));
+        }
+        reached
+    }
+
+    /// APPLIED for `hash` but unhealthy for longer than the group's grace
+    /// (see [`AgentView::unhealthy_after_applying`]).
+    pub(super) fn unhealthy_after_applying(&self, a: &AgentView, hash: ConfigHash) -> bool {
+        match a.unhealthy_on(hash) {
+            None => false,
+            Some(None) => true,
+            Some(Some(since)) => self.reached(since, self.group.rollout.unhealthy_grace + Duration::from_millis(1)),
+        }
     }
 
     /// Starts, moves on and assigns the group's rollout; answers its next

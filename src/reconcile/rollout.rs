@@ -285,7 +285,7 @@ impl GroupCtx<'_> {
                     t
                 }
             };
-            if !self.now.reached(since, timeout) {
+            if !self.reached(since, timeout) {
                 blocking += 1;
             }
         }
@@ -300,7 +300,7 @@ impl GroupCtx<'_> {
                 }
                 let t = r.missing.get(uid).copied().unwrap_or(self.now);
                 missing.insert(uid.clone(), t);
-                if !self.now.reached(t, timeout) {
+                if !self.reached(t, timeout) {
                     blocking += 1;
                 }
             }
@@ -343,7 +343,7 @@ impl GroupCtx<'_> {
                 });
             }
             Some(RemoteConfigState::Applied) => {
-                return a.unhealthy_after_applying(th, grace, self.now).then(|| {
+                return self.unhealthy_after_applying(a, th).then(|| {
                     format!(
                         "unhealthy for more than {} after applying: {}",
                         humantime::format_duration(grace),
@@ -361,7 +361,7 @@ impl GroupCtx<'_> {
             return None;
         }
         let delivered = a.delivered_since(th, pushed.at)?;
-        self.now.reached(delivered, timeout).then(|| {
+        self.reached(delivered, timeout).then(|| {
             format!(
                 "not APPLIED within {} of receiving the config",
                 humantime::format_duration(timeout)
@@ -413,7 +413,7 @@ impl GroupCtx<'_> {
                 w => r.cuts.get(w as usize - 2).copied().unwrap_or(0),
             };
             let baked =
-                r.kind == RolloutKind::Revert || cut == before || r.promote || self.now.reached(settled, policy.bake);
+                r.kind == RolloutKind::Revert || cut == before || r.promote || self.reached(settled, policy.bake);
             if !baked {
                 return;
             }

@@ -322,7 +322,7 @@ mod tests {
             "opamp_gitops_pushes_total{reason=\"rollback\"} 0",
             "opamp_gitops_pushes_total{reason=\"revert\"} 0",
             "opamp_gitops_pushes_total{reason=\"sync\"} 0",
-            "# HELP opamp_gitops_plans_total Rollout plans made (on changes and on each tick).",
+            "# HELP opamp_gitops_plans_total Rollout plans made (on changes and deadlines).",
             "# TYPE opamp_gitops_plans_total counter",
             "opamp_gitops_plans_total 1",
             "# HELP opamp_gitops_pushes_dropped_total Pushes to agents that were gone or refuse remote config.",

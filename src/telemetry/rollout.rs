@@ -84,7 +84,7 @@ impl RolloutMetrics {
         registry.add("pushes", "Configs handed to agents, by reason.", self.pushes.clone());
         registry.add(
             "plans",
-            "Rollout plans made (on changes and on each tick).",
+            "Rollout plans made (on changes and deadlines).",
             self.plans.clone(),
         );
         registry.add(

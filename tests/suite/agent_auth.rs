@@ -142,7 +142,7 @@ async fn no_client_can_report_for_an_agent_bound_to_another_identity() {
     let addr = server.opamp_addr();
     let a = uid16(10);
     assert_eq!(post_as(addr, &hello(&a, 0), Some("one")).await.0, 200);
-    let before = server.wait_agent(&a, |r| r.sequence_num == 0).await;
+    let before = server.wait_agent(&a, |r| r.liveness.sequence_num() == 0).await;
     assert_eq!(before.identity.as_ref().map(|i| &*i.name), Some("edge-1"));
     let shown = server.api_json(&format!("/api/v1/agents/{}", uid_of(10))).await;
     assert_eq!(shown["identity"], "edge-1");
@@ -158,7 +158,7 @@ async fn no_client_can_report_for_an_agent_bound_to_another_identity() {
         post_as(addr, &heartbeat(&a, 1, SUPERVISOR_CAPS), Some("one")).await.0,
         200
     );
-    let after = server.wait_agent(&a, |r| r.sequence_num == 1).await;
+    let after = server.wait_agent(&a, |r| r.liveness.sequence_num() == 1).await;
     assert!(after.remote_config_status.is_none(), "{:?}", after.remote_config_status);
     let metrics = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
     assert!(

@@ -44,7 +44,7 @@ async fn a_second_websocket_replaces_the_first_without_going_offline() {
         ..heartbeat(&uid, 1, hello(&uid, 0).capabilities)
     })
     .await;
-    let rec = server.wait_agent(&uid, |r| r.sequence_num == 1).await;
+    let rec = server.wait_agent(&uid, |r| r.liveness.sequence_num() == 1).await;
     assert!(
         rec.connected,
         "the replaced connection's end does not make the agent offline"
@@ -120,7 +120,7 @@ async fn an_http_agent_goes_offline_after_three_missed_heartbeats() {
     let silence = offline
         .disconnected_at
         .unwrap()
-        .duration_since(offline.last_seen)
+        .duration_since(offline.liveness.last_seen())
         .unwrap();
     assert!(
         silence > Duration::from_millis(300),
@@ -137,8 +137,8 @@ async fn an_http_agent_goes_offline_after_three_missed_heartbeats() {
     let back = server
         .wait_agent(&uid, |r| r.connection_epoch == offline.connection_epoch + 1)
         .await;
-    assert_eq!(back.sequence_num, 1);
-    assert!(back.last_seen > offline.last_seen);
+    assert_eq!(back.liveness.sequence_num(), 1);
+    assert!(back.liveness.last_seen() > offline.liveness.last_seen());
     server.stop().await;
 }
 
@@ -169,7 +169,11 @@ async fn a_silent_websocket_is_closed_after_three_unanswered_intervals() {
         (l, pings)
     });
     let gone = server.wait_agent(&quiet, |r| !r.connected).await;
-    let silence = gone.disconnected_at.unwrap().duration_since(gone.last_seen).unwrap();
+    let silence = gone
+        .disconnected_at
+        .unwrap()
+        .duration_since(gone.liveness.last_seen())
+        .unwrap();
     assert!(
         silence > Duration::from_millis(300),
         "closed only after three intervals ({silence:?})"

@@ -47,7 +47,7 @@ async fn websocket_with_and_without_the_header_byte() {
     );
     let third = ws.exchange(&heartbeat(&uid, 2, hello(&uid, 0).capabilities)).await;
     assert_eq!(third.instance_uid.as_ref(), &uid[..]);
-    let rec = server.wait_agent(&uid, |r| r.sequence_num == 2).await;
+    let rec = server.wait_agent(&uid, |r| r.liveness.sequence_num() == 2).await;
     assert!(rec.connected);
     ws.close().await;
     server.stop().await;
@@ -94,7 +94,7 @@ async fn http_plain_gzip_and_chunked_bodies() {
     let both = post(addr, &heartbeat(&uid, 3, caps), how).await;
     assert_eq!(both.server_to_agent().flags, 0);
 
-    let rec = server.wait_agent(&uid, |r| r.sequence_num == 3).await;
+    let rec = server.wait_agent(&uid, |r| r.liveness.sequence_num() == 3).await;
     assert_eq!(rec.transport, opamp_gitops::fleet::Transport::Http);
     assert_eq!(rec.attribute("host.name"), Some("test-host"));
 

@@ -860,3 +860,67 @@ async fn an_agent_that_drops_its_connection_on_every_push_is_counted_failed() {
     agent.close().await;
     server.stop().await;
 }
+
+/// Messages the controller received so far, over both transports.
+async fn messages_received(server: &TestServer) -> u64 {
+    let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("opamp_gitops_opamp_messages_received_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn plans_made(server: &TestServer) -> u64 {
+    let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    common::metric(&text, "opamp_gitops_plans_total").expect("the plans counter")
+}
+
+/// Waits until the controller has received `n` more messages.
+async fn let_messages_pass(server: &TestServer, n: u64) {
+    let start = messages_received(server).await;
+    common::eventually(&format!("{n} more messages"), async || {
+        (messages_received(server).await >= start + n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeats_make_no_plan_and_no_snapshot_and_a_bake_ends_on_its_deadline() {
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1");
+    // The bake ends at the plan's deadline: no periodic plan is there to see it.
+    repo.commit_edge("  waves: [1, 100%]\n  bake: 300ms\n", &v1, "first config");
+    let (_tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.reconcile_tick = None;
+    let server = TestServer::start_with(config).await;
+    let (_sim, stop) = simulate(&server, 10, |c| c.heartbeat = Duration::from_millis(50));
+    let hash = edge_hash(&v1).to_string();
+    server
+        .wait_group("edge", "v1 everywhere after the bake", |g| {
+            g["config_hash"] == hash.as_str() && g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 10
+        })
+        .await;
+
+    // Idle: every agent heartbeats, nothing changes. The last reports of the
+    // rollout may still be settling; after them, nothing is planned.
+    let_messages_pass(&server, 100).await;
+    let plans = plans_made(&server).await;
+    let snapshot = server.fleet().snapshot().version;
+    let quiet_since = std::time::SystemTime::now();
+    let_messages_pass(&server, 200).await;
+    assert_eq!(plans_made(&server).await, plans, "heartbeats made plans");
+    assert_eq!(
+        server.fleet().snapshot().version,
+        snapshot,
+        "heartbeats made fleet snapshots"
+    );
+    // Yet the API shows each agent's newest heartbeat.
+    let agents = server.api_json("/api/v1/agents").await;
+    for a in agents["agents"].as_array().unwrap() {
+        let seen = opamp_gitops::rfc3339::parse(a["last_seen"].as_str().unwrap()).unwrap();
+        assert!(seen >= quiet_since, "{a}");
+    }
+    stop.cancel();
+    server.stop().await;
+}

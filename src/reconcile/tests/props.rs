@@ -1,6 +1,6 @@
 //! Property tests of `plan` over random fleets, policies and event sequences:
-//! determinism, waves never leaking the target, the fixpoint, and where
-//! pushes may go.
+//! determinism, waves never leaking the target, the fixpoint, where pushes
+//! may go, and deadlines that nothing happens before.
 
 use proptest::prelude::*;
 
@@ -197,6 +197,48 @@ fn check(w: &World, agents: &[AgentView], input_state: &RolloutState, p: &Plan) 
 }
 
 /// The scenario's agents; all connected unless `offline` honours the scenario.
+/// Planning again just before a plan's deadline, with nothing else changed,
+/// decides what planning again at once decides: the driver may sleep until
+/// the deadline ([`Plan::next`]).
+fn check_deadline(w: &World) -> Result<(), TestCaseError> {
+    let at = |now| {
+        plan(&PlanInput {
+            desired: &w.desired,
+            agents: &w.agents,
+            state: &w.state,
+            now,
+        })
+    };
+    let soon = at(w.now);
+    if let Some(next) = soon.next {
+        prop_assert!(next > w.now, "a deadline in the past: {next} at {}", w.now);
+    }
+    let before = match soon.next {
+        Some(next) => Timestamp::from_millis(next.millis() - 1),
+        None => w.now.after(Duration::from_secs(30 * 86_400)),
+    };
+    let later = at(before);
+    prop_assert_eq!(
+        &later.pushes,
+        &soon.pushes,
+        "pushes changed before the deadline {:?}",
+        soon.next
+    );
+    prop_assert_eq!(
+        &later.events,
+        &soon.events,
+        "events changed before the deadline {:?}",
+        soon.next
+    );
+    prop_assert_eq!(
+        &later.agents,
+        &soon.agents,
+        "states changed before the deadline {:?}",
+        soon.next
+    );
+    Ok(())
+}
+
 fn fleet_of(s: &Scenario, offline: bool) -> Vec<AgentView> {
     s.agents
         .iter()
@@ -272,6 +314,7 @@ proptest! {
             prev_agents = w.agents.clone();
             last = w.plan();
             check(&w, &prev_agents, &prev_state, &last)?;
+            check_deadline(&w)?;
         }
     }
 

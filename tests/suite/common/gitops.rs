@@ -136,7 +136,7 @@ pub fn serve_config(repo: &Path, state_dir: &Path) -> ServeConfig {
         auth: Auth::default(),
         webhook_secret_file: None,
     });
-    c.reconcile_tick = Duration::from_millis(100);
+    c.reconcile_tick = Some(Duration::from_millis(100));
     c.startup_grace = Duration::ZERO;
     c
 }
