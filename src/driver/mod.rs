@@ -330,10 +330,13 @@ impl Driver {
         let Some((last, took)) = self.last_plan else {
             return grace_ends;
         };
-        let interval = self
-            .config
-            .tick
-            .or_else(|| self.git.desired().borrow().as_ref().map(|l| l.desired.reconcile_interval));
+        let interval = self.config.tick.or_else(|| {
+            self.git
+                .desired()
+                .borrow()
+                .as_ref()
+                .map(|l| l.desired.reconcile_interval)
+        });
         let mut at = last + interval.unwrap_or(DEFAULT_TICK);
         if self.wanted {
             at = at.min(last + MIN_PLAN_GAP.max(took * PLAN_GAP_FACTOR));

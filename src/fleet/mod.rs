@@ -168,6 +168,10 @@ pub struct Reply {
     /// The report came from a second agent under a uid in use: it was not
     /// applied, and `new_instance_uid` holds the uid offered instead.
     pub clash: bool,
+    /// For a WebSocket report of a connected agent: where its heartbeats are
+    /// recorded. Its session records the next heartbeats there itself
+    /// (see [`record::is_heartbeat`]) and brings the fleet only the rest.
+    pub liveness: Option<Arc<record::Liveness>>,
 }
 
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -666,7 +670,9 @@ impl Fleet {
         let mut entry = self.agents.remove(&uid);
         let current = entry.as_ref().and_then(|e| {
             let conn = e.ws.as_ref()?.conn;
-            let live = e.record.connected && e.seen.elapsed() <= self.heartbeat;
+            // Heartbeats on a WebSocket are recorded by its session, in the liveness.
+            let silent = now.duration_since(e.record.liveness.last_seen()).unwrap_or_default();
+            let live = e.record.connected && silent <= self.heartbeat;
             Some(Current {
                 conn,
                 live,
@@ -801,6 +807,8 @@ impl Fleet {
             remote_config,
             replaced: false,
             clash: false,
+            liveness: (transport == Transport::WebSocket && entry.record.connected)
+                .then(|| entry.record.liveness.clone()),
         };
         self.agents.insert(uid, entry);
         if changed {

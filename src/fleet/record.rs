@@ -57,7 +57,7 @@ pub struct AgentRecord {
     pub transport: Transport,
     /// Grows on every new connection, and when an offline agent comes back.
     pub connection_epoch: u64,
-    pub liveness: Liveness,
+    pub liveness: Arc<Liveness>,
     /// When the agent last went offline; `None` while it never has.
     pub disconnected_at: Option<SystemTime>,
     pub capabilities: Capabilities,
@@ -84,7 +84,10 @@ pub struct AgentRecord {
 /// When the agent last reported and the sequence number it sent. Both change
 /// with every heartbeat and nothing the planner reads depends on them, so a
 /// heartbeat updates them in place, seen at once by every snapshot that holds
-/// the record, instead of making a new record and a new snapshot.
+/// the record, instead of making a new record and a new snapshot. A record
+/// made by [`apply`] gets a cell of its own; the fleet hands it to the
+/// agent's WebSocket session, which records heartbeats itself (see
+/// [`is_heartbeat`]).
 #[derive(Debug, Default)]
 pub struct Liveness {
     /// Milliseconds since the Unix epoch.
@@ -116,12 +119,6 @@ impl Liveness {
     }
 }
 
-impl Clone for Liveness {
-    fn clone(&self) -> Self {
-        Liveness::new(self.last_seen(), self.sequence_num())
-    }
-}
-
 impl PartialEq for Liveness {
     fn eq(&self, other: &Self) -> bool {
         self.last_seen() == other.last_seen() && self.sequence_num() == other.sequence_num()
@@ -146,7 +143,7 @@ impl AgentRecord {
             connected: true,
             transport,
             connection_epoch: 0,
-            liveness: Liveness::new(now, 0),
+            liveness: Arc::new(Liveness::new(now, 0)),
             disconnected_at: None,
             capabilities: Capabilities::default(),
             description: None,
@@ -247,9 +244,15 @@ const FLAG_REQUEST_INSTANCE_UID: u64 = 0x1;
 /// and no new uid, and the caller only touches the liveness. Cheap: it reads
 /// the message and builds nothing.
 pub fn liveness_only(prev: &AgentRecord, msg: &proto::AgentToServer, contact: Contact) -> bool {
-    !new_connection(Some(prev), msg, contact)
-        && !gap(Some(prev), msg)
-        && prev.capabilities.0 == msg.capabilities
+    !new_connection(Some(prev), msg, contact) && is_heartbeat(msg, prev.capabilities.0, prev.liveness.sequence_num())
+}
+
+/// True when `msg` carries nothing but liveness for an agent on a
+/// connection that goes on, whose last message had `capabilities` and
+/// sequence number `last`: no part, no flag, no gap in the sequence.
+pub fn is_heartbeat(msg: &proto::AgentToServer, capabilities: u64, last: u64) -> bool {
+    msg.capabilities == capabilities
+        && (msg.sequence_num == last.wrapping_add(1) || msg.sequence_num == last)
         && msg.flags & FLAG_REQUEST_INSTANCE_UID == 0
         && msg.agent_description.is_none()
         && msg.health.is_none()
@@ -298,7 +301,7 @@ pub fn apply(
     }
     rec.connected = true;
     rec.transport = contact.transport;
-    rec.liveness = Liveness::new(contact.now, msg.sequence_num);
+    rec.liveness = Arc::new(Liveness::new(contact.now, msg.sequence_num));
     rec.capabilities = Capabilities(msg.capabilities);
 
     // A part sent again unchanged is no change.
@@ -636,7 +639,7 @@ mod tests {
             Case {
                 name: "sequence restarted at 0 (the agent's process restarted)",
                 prev: Some(AgentRecord {
-                    liveness: Liveness::new(at(0), 41),
+                    liveness: Arc::new(Liveness::new(at(0), 41)),
                     ..known()
                 }),
                 msg: heartbeat(0),

@@ -2,7 +2,7 @@
 //! HTTP request. Decodes, asks the fleet task what to answer, encodes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -15,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::codec::{self, DecodeError};
 use super::context::OpampContext;
 use crate::desired::ConfigBundle;
+use crate::fleet::record::{self, Liveness};
 use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::model::{Identity, InstanceUid};
 use crate::proto::{
@@ -136,6 +137,7 @@ enum Outcome {
     Reply {
         uid: InstanceUid,
         msg: ServerToAgent,
+        liveness: Option<Arc<Liveness>>,
     },
     /// A second agent under a uid in use: offered the uid in the reply.
     Clash {
@@ -196,6 +198,7 @@ async fn exchange(
             Outcome::Reply {
                 msg: reply_message(wire, &r, caps, offer),
                 uid,
+                liveness: r.liveness,
             }
         }
         Err(ReportError::Busy) => Outcome::Busy,
@@ -211,11 +214,19 @@ async fn exchange(
     }
 }
 
+/// A WebSocket report the fleet took.
+struct Accepted {
+    uid: InstanceUid,
+    /// The uid as the agent sent it.
+    wire: Bytes,
+    /// Where the agent's next heartbeats are recorded, while it is connected.
+    liveness: Option<Arc<Liveness>>,
+}
+
 /// What a WebSocket does after a report.
 enum Next {
-    /// Send this frame; with the agent's uid (and its wire bytes) once the
-    /// report was accepted.
-    Send(Message, Option<(InstanceUid, Bytes)>),
+    /// Send this frame; with the agent once the report was accepted.
+    Send(Message, Option<Accepted>),
     /// Send this frame, which offers the agent a uid of its own (`.2`)
     /// instead of the one in use (`.1`).
     Clash(Message, InstanceUid, InstanceUid),
@@ -232,7 +243,14 @@ async fn answer(
     with_capabilities: bool,
 ) -> Next {
     match exchange(ctx, msg, via, previous, identity, with_capabilities).await {
-        Outcome::Reply { uid, msg } => Next::Send(binary(&msg), Some((uid, msg.instance_uid))),
+        Outcome::Reply { uid, msg, liveness } => Next::Send(
+            binary(&msg),
+            Some(Accepted {
+                uid,
+                wire: msg.instance_uid,
+                liveness,
+            }),
+        ),
         Outcome::Clash { uid, offered, msg } => Next::Clash(binary(&msg), uid, offered),
         Outcome::Refused(msg) => Next::Send(binary(&msg), None),
         Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
@@ -266,6 +284,10 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: O
     };
     // The uid this connection reports as, and its bytes as the agent sent them.
     let mut agent: Option<(InstanceUid, Bytes)> = None;
+    // Once the fleet knows the agent on this connection: where its
+    // heartbeats go, and the capabilities its last message had. A heartbeat
+    // is recorded and answered here, without a trip to the fleet task.
+    let mut heartbeats: Option<(Arc<Liveness>, u64)> = None;
     // A uid in use by another agent that this one also reported under, and
     // the uid it was offered instead: asked again until it adopts it.
     let mut clash: Option<(InstanceUid, InstanceUid)> = None;
@@ -365,18 +387,38 @@ pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: O
                     }
                     continue;
                 }
+                if let (Some((_, wire)), Some((liveness, caps))) = (&agent, &heartbeats)
+                    && msg.instance_uid == *wire
+                    && record::is_heartbeat(&msg, *caps, liveness.sequence_num())
+                {
+                    liveness.touch(SystemTime::now(), msg.sequence_num);
+                    let reply = ServerToAgent {
+                        instance_uid: msg.instance_uid,
+                        ..Default::default()
+                    };
+                    if !send(&mut socket, binary(&reply), stuck_after).await {
+                        break None;
+                    }
+                    continue;
+                }
+                let caps = msg.capabilities;
                 let previous = agent.as_ref().map(|(uid, _)| uid);
                 let via = Via::WebSocket(link.clone());
                 // Boxed: the exchange is the largest state of this loop, and
                 // kept inline it would be paid by every idle connection.
                 let frame = match Box::pin(answer(&ctx, msg, via, previous, identity.as_ref(), !capabilities_sent)).await {
-                    Next::Send(frame, None) => frame,
+                    Next::Send(frame, None) => {
+                        heartbeats = None;
+                        frame
+                    }
                     Next::Send(frame, Some(known)) => {
-                        agent = Some(known);
+                        heartbeats = known.liveness.map(|l| (l, caps));
+                        agent = Some((known.uid, known.wire));
                         capabilities_sent = true;
                         frame
                     }
                     Next::Clash(frame, shared, offered) => {
+                        heartbeats = None;
                         clash = Some((shared, offered));
                         capabilities_sent = true;
                         frame
@@ -630,8 +672,7 @@ mod tests {
             report_full_state: true,
             new_instance_uid: Some(new_uid.clone()),
             remote_config: Some(bundle.clone()),
-            replaced: false,
-            clash: false,
+            ..Reply::default()
         };
         let legacy = Bytes::from_static(b"01ARZ3NDEKTSV4RRFFQ69G5FAV");
         let m = reply_message(legacy.clone(), &r, SERVER_CAPABILITIES, None);
