@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opamp_gitops::desired::{self, DesiredState, MemSource};
+use opamp_gitops::desired::{self, Description, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
 use opamp_gitops::reconcile::{
     AgentView, Plan, PlanInput, RemoteConfigState, RolloutState, StatusView, Timestamp, plan,
@@ -141,12 +141,14 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
             uid[..8].copy_from_slice(&(i as u64).to_be_bytes());
             AgentView {
                 uid: InstanceUid::Uuid(uid),
-                attributes: Arc::new(BTreeMap::from([
-                    ("svc".to_string(), format!("s{g}")),
-                    ("host.name".to_string(), format!("h{i}")),
-                    ("os.type".to_string(), "linux".to_string()),
-                    ("service.name".to_string(), "otelcol".to_string()),
-                ])),
+                attributes: Arc::new(Description {
+                    identifying: BTreeMap::from([("service.name".to_string(), "otelcol".to_string())]),
+                    non_identifying: BTreeMap::from([
+                        ("svc".to_string(), format!("s{g}")),
+                        ("host.name".to_string(), format!("h{i}")),
+                        ("os.type".to_string(), "linux".to_string()),
+                    ]),
+                }),
                 accepts_remote_config: true,
                 reports_remote_config: true,
                 reports_health: true,

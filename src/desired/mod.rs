@@ -195,14 +195,19 @@ pub fn attribute<'m>(
         .map(String::as_str)
 }
 
-/// An agent's attributes as selectors see them (see [`attribute`]).
-pub fn merge_attributes(
-    identifying: &BTreeMap<String, String>,
-    non_identifying: &BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    let mut merged = non_identifying.clone();
-    merged.extend(identifying.iter().map(|(k, v)| (k.clone(), v.clone())));
-    merged
+/// An agent's description: its attributes rendered as strings. Shared
+/// (`Arc`) by the inventory and the planner's view of the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Description {
+    pub identifying: BTreeMap<String, String>,
+    pub non_identifying: BTreeMap<String, String>,
+}
+
+impl Description {
+    /// One attribute as selectors see it (see [`attribute`]).
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        attribute(&self.identifying, &self.non_identifying, key)
+    }
 }
 
 impl Selector {

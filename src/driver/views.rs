@@ -1,26 +1,22 @@
 //! The fleet as the planner sees it: each inventory record projected to an
-//! `AgentView`, sorted by uid. Merged attribute maps are cached per agent and
-//! rebuilt only when the agent sends a new description.
+//! `AgentView`, sorted by uid. Attributes are the record's own description,
+//! shared, not copied.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::desired::merge_attributes;
-use crate::fleet::{AgentRecord, Capabilities, Description, FleetSnapshot};
-use crate::model::InstanceUid;
+use crate::desired::Description;
+use crate::fleet::{AgentRecord, Capabilities, FleetSnapshot};
 use crate::reconcile::{AgentView, StatusView, Timestamp};
 
-/// Builds views, reusing attribute maps across calls.
+/// Builds views.
 pub struct ViewBuilder {
     /// Distinguishes this process's connection epochs from a previous one's:
     /// the planner remembers pushes per epoch across restarts, and the fleet
     /// counts epochs from zero in every process.
     boot: u64,
-    attributes: HashMap<InstanceUid, CachedAttributes>,
+    /// The attributes of an agent that has not described itself.
+    undescribed: Arc<Description>,
 }
-
-/// The description an agent last sent, and its attributes merged from it.
-type CachedAttributes = (Arc<Description>, Arc<BTreeMap<String, String>>);
 
 const EPOCH_BITS: u32 = 20;
 
@@ -29,23 +25,20 @@ impl ViewBuilder {
     pub fn new(boot: Timestamp) -> Self {
         ViewBuilder {
             boot: boot.millis(),
-            attributes: HashMap::new(),
+            undescribed: Arc::default(),
         }
     }
 
     pub fn build(&mut self, fleet: &FleetSnapshot) -> Vec<AgentView> {
         let mut views: Vec<AgentView> = fleet.agents.values().map(|r| self.view(r)).collect();
         views.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
-        if self.attributes.len() > fleet.agents.len() {
-            self.attributes.retain(|uid, _| fleet.agents.contains_key(uid));
-        }
         views
     }
 
     fn view(&mut self, r: &AgentRecord) -> AgentView {
         AgentView {
             uid: r.uid.clone(),
-            attributes: self.attributes_of(r),
+            attributes: r.description.clone().unwrap_or_else(|| self.undescribed.clone()),
             accepts_remote_config: r.capabilities.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
             reports_remote_config: r.capabilities.has(Capabilities::REPORTS_REMOTE_CONFIG),
             reports_health: r.capabilities.has(Capabilities::REPORTS_HEALTH),
@@ -68,21 +61,5 @@ impl ViewBuilder {
             push_drops: r.push_drops,
             groups_allowed: r.identity.as_ref().and_then(|i| i.groups.clone()),
         }
-    }
-
-    /// Identifying and non-identifying attributes merged; identifying wins.
-    fn attributes_of(&mut self, r: &AgentRecord) -> Arc<BTreeMap<String, String>> {
-        let Some(desc) = &r.description else {
-            self.attributes.remove(&r.uid);
-            return Arc::default();
-        };
-        if let Some((seen, merged)) = self.attributes.get(&r.uid)
-            && Arc::ptr_eq(seen, desc)
-        {
-            return merged.clone();
-        }
-        let merged = Arc::new(merge_attributes(&desc.identifying, &desc.non_identifying));
-        self.attributes.insert(r.uid.clone(), (desc.clone(), merged.clone()));
-        merged
     }
 }

@@ -9,17 +9,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::capabilities::Capabilities;
-use crate::desired::{self, AgentAttributes, ConfigFile};
+pub use crate::desired::Description;
+use crate::desired::{AgentAttributes, ConfigFile};
 pub use crate::model::RemoteConfigState;
 use crate::model::{ConfigHash, Identity, InstanceUid, Transport};
 use crate::proto;
-
-/// The agent's description: attributes rendered as strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Description {
-    pub identifying: BTreeMap<String, String>,
-    pub non_identifying: BTreeMap<String, String>,
-}
 
 /// Health as the agent reported it (`ComponentHealth`), components included.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,8 +202,7 @@ impl AgentAttributes for AgentRecord {
     }
 
     fn attribute(&self, key: &str) -> Option<&str> {
-        let d = self.description.as_deref()?;
-        desired::attribute(&d.identifying, &d.non_identifying, key)
+        self.description.as_deref()?.attribute(key)
     }
 }
 

@@ -11,12 +11,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, DecodeError};
 use super::context::OpampContext;
 use crate::desired::ConfigBundle;
 use crate::fleet::record::{self, Liveness};
-use crate::fleet::{PushSlot, Reply, ReportError, Transport, Via, WsLink};
+use crate::fleet::{ConnId, PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::model::{Identity, InstanceUid};
 use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ConnectionSettingsOffers,
@@ -272,182 +273,244 @@ mod close {
 
 /// Runs one WebSocket connection until either side closes it, it is
 /// replaced by a newer connection of the same agent, or the server stops.
+///
+/// An idle connection is this future and little else, so it is kept small:
+/// it only waits for the next event, and each event is handled by a boxed
+/// future of its own that lives while the event is handled.
 pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: Option<Identity>) {
-    let conn = ctx.next_conn_id();
-    WebSocketOpened.emit(&ctx.metrics);
-    let pushes = Arc::new(PushSlot::default());
-    let close = ctx.shutdown.child_token();
-    let link = WsLink {
-        conn,
-        push: pushes.clone(),
-        close: close.clone(),
-    };
-    // The uid this connection reports as, and its bytes as the agent sent them.
-    let mut agent: Option<(InstanceUid, Bytes)> = None;
-    // Once the fleet knows the agent on this connection: where its
-    // heartbeats go, and the capabilities its last message had. A heartbeat
-    // is recorded and answered here, without a trip to the fleet task.
-    let mut heartbeats: Option<(Arc<Liveness>, u64)> = None;
-    // A uid in use by another agent that this one also reported under, and
-    // the uid it was offered instead: asked again until it adopts it.
-    let mut clash: Option<(InstanceUid, InstanceUid)> = None;
-    let mut capabilities_sent = false;
+    let mut s = Session::open(ctx, identity);
     // A half-open connection never closes by itself: ping, and give up on a
     // peer that has sent nothing (pongs included) for three intervals.
-    let interval = ctx.heartbeat_interval;
+    let interval = s.ctx.heartbeat_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_frame = Instant::now();
-    // A peer that stops reading would hold a write (and its buffered frame)
-    // forever: a frame not written within three intervals ends the connection.
-    let stuck_after = interval.saturating_mul(3);
-
-    let end: Option<(u16, &'static str)> = loop {
-        tokio::select! {
-            _ = ping.tick() => {
-                if last_frame.elapsed() > interval.saturating_mul(3) {
-                    tracing::info!(conn, "WebSocket silent for three heartbeat intervals; closing it");
-                    break None;
-                }
-                if !send(&mut socket, Message::Ping(Bytes::new()), stuck_after).await {
-                    break None;
-                }
-            }
-            _ = close.cancelled() => {
-                break Some(if ctx.shutdown.is_cancelled() {
-                    (close::GOING_AWAY, "server shutting down")
-                } else {
-                    (close::NORMAL, "replaced by a newer connection")
-                });
-            }
-            () = pushes.ready() => {
-                let Some(bundle) = pushes.take() else { continue };
-                let Some((uid, wire)) = &agent else { continue };
-                tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
-                let frame = binary(&ServerToAgent {
-                    instance_uid: wire.clone(),
-                    capabilities: if capabilities_sent { 0 } else { capabilities(&ctx) },
-                    remote_config: Some(remote_config(&bundle)),
-                    ..Default::default()
-                });
-                capabilities_sent = true;
-                if !send(&mut socket, frame, stuck_after).await {
-                    tracing::info!(conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
-                    break None;
-                }
-                ctx.fleet.delivered(conn, uid.clone(), bundle.hash()).await;
-            }
-            frame = socket.recv() => {
-                last_frame = Instant::now();
-                let data = match frame {
-                    None => break None,
-                    Some(Err(e)) if is_too_big(&e) => {
-                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
-                        break Some((close::TOO_BIG, "message too big"));
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(conn, error = %e, "WebSocket read failed");
-                        break None;
-                    }
-                    Some(Ok(Message::Binary(data))) => data,
-                    Some(Ok(Message::Text(_))) => {
-                        tracing::warn!(conn, "ignored a WebSocket text frame");
-                        continue;
-                    }
-                    // Pings are answered by the WebSocket layer (pongs only
-                    // prove the peer is there); a Close is answered there
-                    // too and then the stream ends.
-                    Some(Ok(_)) => continue,
-                };
-                MessageReceived { transport: Transport::WebSocket }.emit(&ctx.metrics);
-                let msg = match codec::decode_ws::<AgentToServer>(&data, ctx.max_message_bytes) {
-                    Ok(msg) => msg,
-                    Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
-                        WebSocketMessageTooBig { conn }.emit(&ctx.metrics);
-                        break Some((close::TOO_BIG, "message too big"));
-                    }
-                    Err(e) => {
-                        WebSocketMessageMalformed { conn, error: &e }.emit(&ctx.metrics);
-                        break Some((close::INVALID_PAYLOAD, "malformed OpAMP message"));
-                    }
-                };
-                drop(data);
-                if let Some((shared, offered)) = &clash
-                    && shared.as_bytes() == &msg.instance_uid[..]
-                {
-                    let again = ServerToAgent {
-                        instance_uid: msg.instance_uid,
-                        agent_identification: Some(AgentIdentification {
-                            new_instance_uid: Bytes::copy_from_slice(offered.as_bytes()),
-                        }),
-                        ..Default::default()
-                    };
-                    if !send(&mut socket, binary(&again), stuck_after).await {
-                        break None;
-                    }
-                    continue;
-                }
-                if let (Some((_, wire)), Some((liveness, caps))) = (&agent, &heartbeats)
-                    && msg.instance_uid == *wire
-                    && record::is_heartbeat(&msg, *caps, liveness.sequence_num())
-                {
-                    liveness.touch(SystemTime::now(), msg.sequence_num);
-                    let reply = ServerToAgent {
-                        instance_uid: msg.instance_uid,
-                        ..Default::default()
-                    };
-                    if !send(&mut socket, binary(&reply), stuck_after).await {
-                        break None;
-                    }
-                    continue;
-                }
-                let caps = msg.capabilities;
-                let previous = agent.as_ref().map(|(uid, _)| uid);
-                let via = Via::WebSocket(link.clone());
-                // Boxed: the exchange is the largest state of this loop, and
-                // kept inline it would be paid by every idle connection.
-                let frame = match Box::pin(answer(&ctx, msg, via, previous, identity.as_ref(), !capabilities_sent)).await {
-                    Next::Send(frame, None) => {
-                        heartbeats = None;
-                        frame
-                    }
-                    Next::Send(frame, Some(known)) => {
-                        heartbeats = known.liveness.map(|l| (l, caps));
-                        agent = Some((known.uid, known.wire));
-                        capabilities_sent = true;
-                        frame
-                    }
-                    Next::Clash(frame, shared, offered) => {
-                        heartbeats = None;
-                        clash = Some((shared, offered));
-                        capabilities_sent = true;
-                        frame
-                    }
-                    Next::Close(code, reason) => break Some((code, reason)),
-                };
-                if !send(&mut socket, frame, stuck_after).await {
-                    break None;
-                }
-            }
+    let end = loop {
+        let step = tokio::select! {
+            _ = ping.tick() => Box::pin(s.ping(&mut socket)).await,
+            _ = s.close.cancelled() => Err(Some(if s.ctx.shutdown.is_cancelled() {
+                (close::GOING_AWAY, "server shutting down")
+            } else {
+                (close::NORMAL, "replaced by a newer connection")
+            })),
+            () = s.pushes.ready() => Box::pin(s.push(&mut socket)).await,
+            frame = socket.recv() => Box::pin(s.frame(&mut socket, frame)).await,
+        };
+        if let Err(end) = step {
+            break end;
         }
     };
+    Box::pin(s.end(socket, end)).await;
+}
 
-    if let Some((code, reason)) = end {
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        if send(&mut socket, Message::Close(Some(frame)), CLOSE_GRACE).await {
-            // Wait briefly for the peer's close frame, so it sees a clean close.
-            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
+/// What a session does after an event: go on, or end (with the close frame
+/// to send, if any).
+type Step = Result<(), Option<(u16, &'static str)>>;
+
+/// One WebSocket connection's state between events.
+struct Session {
+    ctx: OpampContext,
+    identity: Option<Identity>,
+    conn: ConnId,
+    pushes: Arc<PushSlot>,
+    close: CancellationToken,
+    /// The uid this connection reports as, and its bytes as the agent sent them.
+    agent: Option<(InstanceUid, Bytes)>,
+    /// Once the fleet knows the agent on this connection: where its
+    /// heartbeats go, and the capabilities its last message had. A heartbeat
+    /// is recorded and answered here, without a trip to the fleet task.
+    heartbeats: Option<(Arc<Liveness>, u64)>,
+    /// A uid in use by another agent that this one also reported under, and
+    /// the uid it was offered instead: asked again until it adopts it.
+    clash: Option<(InstanceUid, InstanceUid)>,
+    capabilities_sent: bool,
+    last_frame: Instant,
+}
+
+impl Session {
+    fn open(ctx: OpampContext, identity: Option<Identity>) -> Self {
+        WebSocketOpened.emit(&ctx.metrics);
+        Session {
+            conn: ctx.next_conn_id(),
+            pushes: Arc::new(PushSlot::default()),
+            close: ctx.shutdown.child_token(),
+            ctx,
+            identity,
+            agent: None,
+            heartbeats: None,
+            clash: None,
+            capabilities_sent: false,
+            last_frame: Instant::now(),
         }
     }
-    pushes.close();
-    drop(socket);
-    if let Some((uid, _)) = agent {
-        ctx.fleet.closed(conn, uid).await;
+
+    /// A peer that stops reading would hold a write (and its buffered frame)
+    /// forever: a frame not written within three intervals ends the connection.
+    fn stuck_after(&self) -> Duration {
+        self.ctx.heartbeat_interval.saturating_mul(3)
     }
-    WebSocketClosed.emit(&ctx.metrics);
+
+    async fn send(&self, socket: &mut WebSocket, frame: Message) -> Step {
+        if send(socket, frame, self.stuck_after()).await {
+            Ok(())
+        } else {
+            Err(None)
+        }
+    }
+
+    async fn ping(&mut self, socket: &mut WebSocket) -> Step {
+        let interval = self.ctx.heartbeat_interval;
+        if self.last_frame.elapsed() > interval.saturating_mul(3) {
+            tracing::info!(
+                conn = self.conn,
+                "WebSocket silent for three heartbeat intervals; closing it"
+            );
+            return Err(None);
+        }
+        // A peer heard from within the interval is there: no ping needed.
+        if self.last_frame.elapsed() < interval {
+            return Ok(());
+        }
+        self.send(socket, Message::Ping(Bytes::new())).await
+    }
+
+    async fn push(&mut self, socket: &mut WebSocket) -> Step {
+        let Some(bundle) = self.pushes.take() else {
+            return Ok(());
+        };
+        let Some((uid, wire)) = &self.agent else { return Ok(()) };
+        tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
+        let frame = binary(&ServerToAgent {
+            instance_uid: wire.clone(),
+            capabilities: if self.capabilities_sent {
+                0
+            } else {
+                capabilities(&self.ctx)
+            },
+            remote_config: Some(remote_config(&bundle)),
+            ..Default::default()
+        });
+        self.capabilities_sent = true;
+        if self.send(socket, frame).await.is_err() {
+            tracing::info!(conn = self.conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
+            return Err(None);
+        }
+        self.ctx.fleet.delivered(self.conn, uid.clone(), bundle.hash()).await;
+        Ok(())
+    }
+
+    async fn frame(&mut self, socket: &mut WebSocket, frame: Option<Result<Message, axum::Error>>) -> Step {
+        self.last_frame = Instant::now();
+        let conn = self.conn;
+        let data = match frame {
+            None => return Err(None),
+            Some(Err(e)) if is_too_big(&e) => {
+                WebSocketMessageTooBig { conn }.emit(&self.ctx.metrics);
+                return Err(Some((close::TOO_BIG, "message too big")));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(conn, error = %e, "WebSocket read failed");
+                return Err(None);
+            }
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(Message::Text(_))) => {
+                tracing::warn!(conn, "ignored a WebSocket text frame");
+                return Ok(());
+            }
+            // Pings are answered by the WebSocket layer (pongs only prove
+            // the peer is there); a Close is answered there too and then
+            // the stream ends.
+            Some(Ok(_)) => return Ok(()),
+        };
+        MessageReceived {
+            transport: Transport::WebSocket,
+        }
+        .emit(&self.ctx.metrics);
+        let msg = match codec::decode_ws::<AgentToServer>(&data, self.ctx.max_message_bytes) {
+            Ok(msg) => msg,
+            Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
+                WebSocketMessageTooBig { conn }.emit(&self.ctx.metrics);
+                return Err(Some((close::TOO_BIG, "message too big")));
+            }
+            Err(e) => {
+                WebSocketMessageMalformed { conn, error: &e }.emit(&self.ctx.metrics);
+                return Err(Some((close::INVALID_PAYLOAD, "malformed OpAMP message")));
+            }
+        };
+        drop(data);
+        if let Some((shared, offered)) = &self.clash
+            && shared.as_bytes() == &msg.instance_uid[..]
+        {
+            let again = ServerToAgent {
+                instance_uid: msg.instance_uid,
+                agent_identification: Some(AgentIdentification {
+                    new_instance_uid: Bytes::copy_from_slice(offered.as_bytes()),
+                }),
+                ..Default::default()
+            };
+            return self.send(socket, binary(&again)).await;
+        }
+        if let (Some((_, wire)), Some((liveness, caps))) = (&self.agent, &self.heartbeats)
+            && msg.instance_uid == *wire
+            && record::is_heartbeat(&msg, *caps, liveness.sequence_num())
+        {
+            liveness.touch(SystemTime::now(), msg.sequence_num);
+            let reply = binary(&ServerToAgent {
+                instance_uid: msg.instance_uid,
+                ..Default::default()
+            });
+            return self.send(socket, reply).await;
+        }
+        let caps = msg.capabilities;
+        let previous = self.agent.as_ref().map(|(uid, _)| uid);
+        let via = Via::WebSocket(WsLink {
+            conn,
+            push: self.pushes.clone(),
+            close: self.close.clone(),
+        });
+        let with_capabilities = !self.capabilities_sent;
+        let frame = match answer(&self.ctx, msg, via, previous, self.identity.as_ref(), with_capabilities).await {
+            Next::Send(frame, None) => {
+                self.heartbeats = None;
+                frame
+            }
+            Next::Send(frame, Some(known)) => {
+                self.heartbeats = known.liveness.map(|l| (l, caps));
+                self.agent = Some((known.uid, known.wire));
+                self.capabilities_sent = true;
+                frame
+            }
+            Next::Clash(frame, shared, offered) => {
+                self.heartbeats = None;
+                self.clash = Some((shared, offered));
+                self.capabilities_sent = true;
+                frame
+            }
+            Next::Close(code, reason) => return Err(Some((code, reason))),
+        };
+        self.send(socket, frame).await
+    }
+
+    /// Closes the connection (with a close frame, when `end` has one) and
+    /// tells the fleet.
+    async fn end(self, mut socket: WebSocket, end: Option<(u16, &'static str)>) {
+        if let Some((code, reason)) = end {
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            if send(&mut socket, Message::Close(Some(frame)), CLOSE_GRACE).await {
+                // Wait briefly for the peer's close frame, so it sees a clean close.
+                let _ =
+                    tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = socket.recv().await {} }).await;
+            }
+        }
+        self.pushes.close();
+        drop(socket);
+        if let Some((uid, _)) = self.agent {
+            self.ctx.fleet.closed(self.conn, uid).await;
+        }
+        WebSocketClosed.emit(&self.ctx.metrics);
+    }
 }
 
 /// Writes `frame`; false when the connection failed or the peer took longer

@@ -22,8 +22,8 @@ use crate::telemetry::opamp::{AgentRefused, Refusal};
 /// The OpAMP path agents connect to.
 pub const OPAMP_PATH: &str = "/v1/opamp";
 /// The WebSocket layer's read buffer per connection. Small on purpose: an
-/// idle agent should cost little; larger messages grow it while they last.
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// idle agent should cost little; a larger message grows it (to that size).
+const WS_READ_BUFFER: usize = 512;
 /// Room for the varint header and framing around the largest message.
 const WS_FRAMING: usize = 64;
 

@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 use crate::api_client;
-use crate::desired::merge_attributes;
+use crate::desired::Description;
 use crate::fleet::Capabilities;
 use crate::model::InstanceUid;
 use crate::reconcile::AgentView;
@@ -37,10 +37,10 @@ impl FleetAgent {
         let caps = Capabilities::from_names(self.capabilities.iter().map(String::as_str));
         AgentView {
             uid: self.instance_uid.clone(),
-            attributes: Arc::new(merge_attributes(
-                &self.identifying_attributes,
-                &self.non_identifying_attributes,
-            )),
+            attributes: Arc::new(Description {
+                identifying: self.identifying_attributes.clone(),
+                non_identifying: self.non_identifying_attributes.clone(),
+            }),
             accepts_remote_config: caps.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
             reports_remote_config: caps.has(Capabilities::REPORTS_REMOTE_CONFIG),
             reports_health: caps.has(Capabilities::REPORTS_HEALTH),

@@ -190,7 +190,7 @@ impl AgentRef {
     fn of(a: &AgentView) -> Self {
         AgentRef {
             uid: a.uid.clone(),
-            host: a.attributes.get("host.name").cloned(),
+            host: a.attributes.attribute("host.name").map(str::to_owned),
         }
     }
 }

@@ -2,12 +2,11 @@
 //! the previous rollout state and the time; and what an agent's reports say
 //! about one config hash.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::state::{RolloutState, Timestamp};
-use crate::desired::{AgentAttributes, DesiredState};
+use crate::desired::{AgentAttributes, Description, DesiredState};
 pub use crate::model::RemoteConfigState;
 use crate::model::{ConfigHash, GroupName, InstanceUid};
 
@@ -25,8 +24,8 @@ pub struct PlanInput<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentView {
     pub uid: InstanceUid,
-    /// Identifying and non-identifying attributes merged (identifying wins).
-    pub attributes: Arc<BTreeMap<String, String>>,
+    /// Its attributes, as the agent described itself (shared with the inventory).
+    pub attributes: Arc<Description>,
     pub accepts_remote_config: bool,
     /// Without it the agent never says whether it applied a config, so it
     /// is `unsupported` like one that does not accept remote config.
@@ -67,7 +66,7 @@ impl AgentAttributes for AgentView {
         &self.uid
     }
     fn attribute(&self, key: &str) -> Option<&str> {
-        self.attributes.get(key).map(String::as_str)
+        self.attributes.attribute(key)
     }
 
     fn may_join(&self, group: &GroupName) -> bool {

@@ -45,7 +45,7 @@ pub(super) fn t(secs: u64) -> Timestamp {
 pub(super) fn agent(name: &str) -> AgentView {
     AgentView {
         uid: uid(name),
-        attributes: Arc::new(BTreeMap::new()),
+        attributes: Arc::default(),
         accepts_remote_config: true,
         reports_remote_config: true,
         reports_health: true,
@@ -83,7 +83,7 @@ impl AgentFx for AgentView {
     fn attrs(mut self, kv: &[(&str, &str)]) -> Self {
         let mut m = (*self.attributes).clone();
         for (k, v) in kv {
-            m.insert((*k).into(), (*v).into());
+            m.identifying.insert((*k).into(), (*v).into());
         }
         self.attributes = Arc::new(m);
         self
