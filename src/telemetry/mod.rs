@@ -213,6 +213,7 @@ mod tests {
         rollout::Planned {
             agents_by_state: &[(AgentState::InSync, 3)].into(),
             phases: [Phase::Complete, Phase::Complete, Phase::Halted].into_iter(),
+            took: std::time::Duration::from_millis(7),
         }
         .emit(&rollout);
         rollout::RolloutComplete {
@@ -325,6 +326,18 @@ mod tests {
             "# HELP opamp_gitops_plans_total Rollout plans made (on changes and deadlines).",
             "# TYPE opamp_gitops_plans_total counter",
             "opamp_gitops_plans_total 1",
+            "# HELP opamp_gitops_plan_seconds How long each plan took, from reading the fleet to publishing the result.",
+            "# TYPE opamp_gitops_plan_seconds histogram",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.001\"} 0",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.005\"} 0",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.01\"} 1",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.025\"} 1",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.05\"} 1",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.1\"} 1",
+            "opamp_gitops_plan_seconds_bucket{le=\"0.5\"} 1",
+            "opamp_gitops_plan_seconds_bucket{le=\"+Inf\"} 1",
+            "opamp_gitops_plan_seconds_sum 0.007",
+            "opamp_gitops_plan_seconds_count 1",
             "# HELP opamp_gitops_pushes_dropped_total Pushes to agents that were gone or refuse remote config.",
             "# TYPE opamp_gitops_pushes_dropped_total counter",
             "opamp_gitops_pushes_dropped_total 1",
