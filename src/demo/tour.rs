@@ -29,6 +29,10 @@ use crate::simulate::{self, Simulation};
 
 /// How long a simulated collector takes to apply a config.
 const APPLY_DELAY: Duration = Duration::from_millis(200);
+/// The controller plans at least this often. Plans come with every change
+/// and deadline anyway; the tour shows that a halted rollout stays halted
+/// by waiting for plans after its bake would have ended.
+const RECONCILE_TICK: Duration = Duration::from_millis(100);
 /// The controller waits this long after start before its first plan, so the
 /// first rollout counts every agent.
 const STARTUP_GRACE: Duration = Duration::from_secs(1);
@@ -213,6 +217,7 @@ impl Tour {
             auth: Auth::default(),
             webhook_secret_file: None,
         });
+        config.reconcile_tick = Some(RECONCILE_TICK);
         config.startup_grace = STARTUP_GRACE;
         let running = app::start(config, CancellationToken::new()).await?;
         let (Some(driver), Some(git)) = (running.driver.clone(), running.git.clone()) else {

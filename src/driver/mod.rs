@@ -538,7 +538,9 @@ impl Driver {
         Planned {
             agents_by_state: &by_state,
             phases: groups.values().map(|g| g.phase),
-            took: self.last_plan.map_or_else(Duration::default, |(started, _)| started.elapsed()),
+            took: self
+                .last_plan
+                .map_or_else(Duration::default, |(started, _)| started.elapsed()),
         }
         .emit(&self.metrics);
         self.assignments.send_replace(Arc::from(agents));

@@ -29,13 +29,12 @@ impl ViewBuilder {
         }
     }
 
-    pub fn build(&mut self, fleet: &FleetSnapshot) -> Vec<AgentView> {
-        let mut views: Vec<AgentView> = fleet.agents.values().map(|r| self.view(r)).collect();
-        views.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
-        views
+    pub fn build(&self, fleet: &FleetSnapshot) -> Vec<AgentView> {
+        // The snapshot is in uid order already.
+        fleet.agents.values().map(|r| self.view(r)).collect()
     }
 
-    fn view(&mut self, r: &AgentRecord) -> AgentView {
+    fn view(&self, r: &AgentRecord) -> AgentView {
         AgentView {
             uid: r.uid.clone(),
             attributes: r.description.clone().unwrap_or_else(|| self.undescribed.clone()),

@@ -46,13 +46,14 @@ const COMMAND_QUEUE: usize = 4096;
 /// Push batches queued for the fleet (the driver sends one per plan).
 const PUSH_QUEUE: usize = 16;
 
-/// The inventory at one moment. Records are shared, so a snapshot costs a map
-/// of `Arc` clones.
+/// The inventory at one moment, in uid order. The map is persistent: a new
+/// snapshot shares everything with the last but the records that changed,
+/// so publishing one costs what changed, not the size of the fleet.
 #[derive(Debug, Default)]
 pub struct FleetSnapshot {
     /// Grows with every published snapshot.
     pub version: u64,
-    pub agents: HashMap<InstanceUid, Arc<AgentRecord>>,
+    pub agents: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
     /// Second agents found reporting under a uid in use, so far.
     pub uid_clashes: u64,
 }
@@ -64,9 +65,7 @@ impl FleetSnapshot {
 
     /// Every record, ordered by uid.
     pub fn sorted(&self) -> Vec<&Arc<AgentRecord>> {
-        let mut v: Vec<_> = self.agents.values().collect();
-        v.sort_by(|a, b| a.uid.cmp(&b.uid));
-        v
+        self.agents.values().collect()
     }
 
     /// What the inventory gauges show: one pass over the records.
@@ -381,7 +380,8 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         uid_clashes: 0,
         snapshots: snap_tx,
         version: 0,
-        dirty: false,
+        dirty: Vec::new(),
+        published: imbl::OrdMap::new(),
         last_publish: None,
         bindings,
     };
@@ -495,8 +495,10 @@ struct Fleet {
     uid_clashes: u64,
     snapshots: watch::Sender<Arc<FleetSnapshot>>,
     version: u64,
-    /// Something besides liveness changed since the last snapshot.
-    dirty: bool,
+    /// Agents whose record changed (or that were forgotten) since the last snapshot.
+    dirty: Vec<InstanceUid>,
+    /// The last snapshot's map, brought up to date from `dirty` when the next is published.
+    published: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
     last_publish: Option<Instant>,
     bindings: Bindings,
 }
@@ -549,7 +551,7 @@ impl Fleet {
                 self.publish();
             }
         }
-        if self.dirty {
+        if !self.dirty.is_empty() {
             self.publish();
         }
         // The last change is kept before the task ends.
@@ -564,27 +566,31 @@ impl Fleet {
     }
 
     fn publish_due(&self) -> Option<Instant> {
-        self.dirty
-            .then(|| self.last_publish.map_or_else(Instant::now, |t| t + PUBLISH_EVERY))
+        (!self.dirty.is_empty()).then(|| self.last_publish.map_or_else(Instant::now, |t| t + PUBLISH_EVERY))
     }
 
-    fn mark(&mut self) {
-        self.dirty = true;
+    fn mark(&mut self, uid: &InstanceUid) {
+        self.dirty.push(uid.clone());
     }
 
     fn publish(&mut self) {
         self.version += 1;
+        for uid in self.dirty.drain(..) {
+            match self.agents.get(&uid) {
+                Some(e) => {
+                    self.published.insert(uid, e.record.clone());
+                }
+                None => {
+                    self.published.remove(&uid);
+                }
+            }
+        }
         let snapshot = FleetSnapshot {
             version: self.version,
-            agents: self
-                .agents
-                .iter()
-                .map(|(uid, e)| (uid.clone(), e.record.clone()))
-                .collect(),
+            agents: self.published.clone(),
             uid_clashes: self.uid_clashes,
         };
         self.snapshots.send_replace(Arc::new(snapshot));
-        self.dirty = false;
         self.last_publish = Some(Instant::now());
     }
 
@@ -621,7 +627,7 @@ impl Fleet {
                                 self.bindings.bind(uid.clone(), id.name.clone(), Instant::now());
                             }
                             Arc::make_mut(&mut e.record).identity = identity;
-                            self.mark();
+                            self.dirty.push(uid.clone());
                         }
                         Ok(reply)
                     }
@@ -635,7 +641,7 @@ impl Fleet {
                     && e.ws.as_ref().is_some_and(|l| l.conn == conn)
                 {
                     e.delivered(hash, SystemTime::now());
-                    self.mark();
+                    self.mark(&uid);
                 }
             }
             Command::Unbind { uid, reply } => {
@@ -644,7 +650,7 @@ impl Fleet {
                     && e.record.identity.is_some()
                 {
                     Arc::make_mut(&mut e.record).identity = None;
-                    self.mark();
+                    self.dirty.push(uid.clone());
                 }
                 if had {
                     tracing::info!(agent = %uid, "identity binding dropped by an operator");
@@ -705,7 +711,8 @@ impl Fleet {
             Arbitration::Clash => {
                 let fresh = InstanceUid::new_v7();
                 self.uid_clashes += 1;
-                self.mark();
+                // The count is published with the next snapshot.
+                self.mark(&uid);
                 tracing::warn!(
                     agent = %uid, conn = ?incoming, new_uid = %fresh,
                     "a second agent reported under a uid in use; offered it a new uid"
@@ -810,10 +817,10 @@ impl Fleet {
             liveness: (transport == Transport::WebSocket && entry.record.connected)
                 .then(|| entry.record.liveness.clone()),
         };
-        self.agents.insert(uid, entry);
         if changed {
-            self.mark();
+            self.mark(&uid);
         }
+        self.agents.insert(uid, entry);
         reply
     }
 
@@ -825,7 +832,7 @@ impl Fleet {
         {
             tracing::debug!(agent = %uid, conn, "agent connection closed");
             e.go_offline(now);
-            self.mark();
+            self.dirty.push(uid.clone());
         }
     }
 
@@ -854,31 +861,33 @@ impl Fleet {
     }
 
     fn sweep(&mut self, mono: Instant, now: SystemTime) {
-        let mut any = false;
-        for e in self.agents.values_mut() {
+        for (uid, e) in &mut self.agents {
             let interval = self.heartbeat.max(e.poll_interval);
             if record::is_stale(&e.record, mono.saturating_duration_since(e.seen), interval) {
-                tracing::info!(agent = %e.record.uid, "HTTP agent missed three heartbeats; offline");
+                tracing::info!(agent = %uid, "HTTP agent missed three heartbeats; offline");
                 e.go_offline(now);
-                any = true;
+                self.dirty.push(uid.clone());
             }
         }
-        let before = self.agents.len();
         let retention = self.retention;
-        self.agents
-            .retain(|_, e| e.record.connected || mono.saturating_duration_since(e.seen) <= retention);
+        let before = self.dirty.len();
+        let dirty = &mut self.dirty;
+        self.agents.retain(|uid, e| {
+            let keep = e.record.connected || mono.saturating_duration_since(e.seen) <= retention;
+            if !keep {
+                dirty.push(uid.clone());
+            }
+            keep
+        });
         let agents = &self.agents;
         self.bindings.expire(|uid| agents.contains_key(uid), mono, retention);
-        if self.agents.len() < before {
+        let forgotten = self.dirty.len() - before;
+        if forgotten > 0 {
             tracing::info!(
-                forgotten = before - self.agents.len(),
+                forgotten,
                 retention = %humantime::format_duration(retention),
                 "forgot agents offline longer than the retention"
             );
-            any = true;
-        }
-        if any {
-            self.mark();
         }
     }
 }
