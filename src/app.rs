@@ -384,6 +384,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         Some(git_config) => {
             let settings = Settings {
                 tick: config.reconcile_tick,
+                forget_after: config.agent_retention,
                 startup_grace: config.startup_grace,
                 stall_after: config.stall_after,
                 author: config.notes_author,
@@ -574,6 +575,7 @@ impl GitOps {
 /// The GitOps half's settings.
 struct Settings {
     tick: Option<Duration>,
+    forget_after: Duration,
     startup_grace: Duration,
     stall_after: Duration,
     author: Author,
@@ -597,6 +599,7 @@ async fn start_gitops(
     git.register_metrics(registry);
     let Settings {
         tick,
+        forget_after,
         startup_grace,
         stall_after,
         author,
@@ -626,6 +629,7 @@ async fn start_gitops(
         DriverConfig {
             state_dir,
             tick,
+            forget_after,
             startup_grace,
         },
         Parts {

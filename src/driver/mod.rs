@@ -47,6 +47,9 @@ pub struct DriverConfig {
     /// The longest time between two plans; `None`: the repository's
     /// reconcile interval.
     pub tick: Option<Duration>,
+    /// An agent the fleet has not listed for this long has its records
+    /// dropped (the fleet forgets it after as long).
+    pub forget_after: Duration,
     /// How long after start the first plan waits, so agents have reconnected
     /// before a rollout counts its members.
     pub startup_grace: Duration,
@@ -456,6 +459,12 @@ impl Driver {
             }
             .emit(&self.metrics);
         }
+        let mut state = state;
+        state.agents.forget_absent(
+            views.iter().map(|v| &v.uid),
+            Timestamp::of(now_wall),
+            self.config.forget_after,
+        );
         if state != self.state {
             self.state = state;
             self.dirty = true;

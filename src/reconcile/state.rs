@@ -241,9 +241,13 @@ pub struct AgentMemory {
     /// Its place among the members of its group's rollout in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<Membership>,
+    /// Since when the fleet has not listed the agent (see [`AgentMemories::forget_absent`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absent_since: Option<Timestamp>,
 }
 
 impl AgentMemory {
+    /// Nothing worth keeping (whether the agent is absent alone is not).
     pub fn is_empty(&self) -> bool {
         self.pushed.is_none() && self.failed.is_none() && self.failed_before.is_none() && self.member.is_none()
     }
@@ -410,6 +414,36 @@ impl AgentMemories {
     /// The records in uid order.
     pub fn entries(&self) -> &[(InstanceUid, AgentMemory)] {
         &self.0
+    }
+
+    /// Keeps the records of agents the fleet lists (`present`, in uid order)
+    /// and, for a while, of those it does not: after a restart the fleet fills
+    /// up again as agents reconnect. A record whose agent has been absent for
+    /// longer than `forget_after` (the time after which the fleet forgets an
+    /// agent that left) is dropped, so agents that come and go under new uids
+    /// do not grow the state without bound. Answers whether anything changed.
+    pub fn forget_absent<'a>(
+        &mut self,
+        present: impl IntoIterator<Item = &'a InstanceUid>,
+        now: Timestamp,
+        forget_after: Duration,
+    ) -> bool {
+        let mut present = present.into_iter().peekable();
+        let mut changed = false;
+        self.0.retain_mut(|(uid, r)| {
+            while present.next_if(|p| *p < uid).is_some() {}
+            let here = present.next_if(|p| *p == uid).is_some();
+            let absent_since = match (here, r.absent_since) {
+                (true, _) => None,
+                (false, since) => Some(since.unwrap_or(now)),
+            };
+            changed |= absent_since != r.absent_since;
+            r.absent_since = absent_since;
+            let keep = absent_since.is_none_or(|t| !now.reached(t, forget_after));
+            changed |= !keep;
+            keep
+        });
+        changed
     }
 }
 

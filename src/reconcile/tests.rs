@@ -1370,6 +1370,26 @@ fn promote_does_not_skip_waiting_for_applied() {
 // ---------- restart ----------
 
 #[test]
+fn records_of_agents_gone_longer_than_the_retention_are_dropped() {
+    let day = Duration::from_secs(86_400);
+    let rec = AgentMemory {
+        failed: Some(ConfigHash([1; 32])),
+        ..AgentMemory::default()
+    };
+    let mut m = AgentMemories::from_sorted(vec![(uid("a"), rec), (uid("b"), rec), (uid("c"), rec)]);
+    // The fleet lists b only.
+    assert!(m.forget_absent([&uid("b")], t(0), day));
+    assert_eq!(m.get(&uid("a")).unwrap().absent_since, Some(t(0)));
+    assert_eq!(m.get(&uid("b")).unwrap().absent_since, None);
+    assert!(!m.forget_absent([&uid("b")], t(60), day), "still absent, still kept");
+    // a comes back within the retention; c stays away for all of it.
+    assert!(m.forget_absent([&uid("a"), &uid("b")], t(86_400), day));
+    assert!(m.get(&uid("c")).is_none(), "gone for a whole retention");
+    assert_eq!(m.get(&uid("a")).unwrap().absent_since, None, "back: no longer absent");
+    assert_eq!(m.len(), 2);
+}
+
+#[test]
 fn state_survives_json_and_a_restart_resumes_where_it_was() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
