@@ -142,12 +142,14 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
             AgentView {
                 uid: InstanceUid::Uuid(uid),
                 attributes: Arc::new(Description {
-                    identifying: BTreeMap::from([("service.name".to_string(), "otelcol".to_string())]),
-                    non_identifying: BTreeMap::from([
-                        ("svc".to_string(), format!("s{g}")),
-                        ("host.name".to_string(), format!("h{i}")),
-                        ("os.type".to_string(), "linux".to_string()),
-                    ]),
+                    identifying: [("service.name", "otelcol".to_string())].into_iter().collect(),
+                    non_identifying: [
+                        ("svc", format!("s{g}")),
+                        ("host.name", format!("h{i}")),
+                        ("os.type", "linux".to_string()),
+                    ]
+                    .into_iter()
+                    .collect(),
                 }),
                 accepts_remote_config: true,
                 reports_remote_config: true,

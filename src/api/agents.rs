@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::wait::{Sources, WaitParams};
 use super::{ApiState, error};
+use crate::desired::Attributes;
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
 use crate::reconcile::Assignment;
@@ -32,8 +33,8 @@ pub struct AgentJson<'a> {
     pub connected: bool,
     pub transport: &'static str,
     pub last_seen: String,
-    pub identifying_attributes: &'a BTreeMap<String, String>,
-    pub non_identifying_attributes: &'a BTreeMap<String, String>,
+    pub identifying_attributes: &'a Attributes,
+    pub non_identifying_attributes: &'a Attributes,
     pub capabilities: Vec<&'static str>,
     pub group: Option<&'a GroupName>,
     pub desired_config_hash: Option<ConfigHash>,
@@ -70,7 +71,7 @@ pub struct HealthJson<'a> {
     pub last_error: &'a str,
 }
 
-static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
+static NO_ATTRIBUTES: std::sync::LazyLock<Attributes> = std::sync::LazyLock::new(Attributes::default);
 
 /// The state of an agent nobody assigned: offline, unsupported (cannot take
 /// remote config) or unmanaged.
@@ -368,8 +369,8 @@ mod tests {
         );
         r.capabilities = Capabilities(0x1 | 0x2 | 0x1000);
         r.description = Some(Arc::new(Description {
-            identifying: BTreeMap::from([("service.name".into(), "otelcol".into())]),
-            non_identifying: BTreeMap::from([("host.name".into(), "a".into())]),
+            identifying: [("service.name", "otelcol")].into_iter().collect(),
+            non_identifying: [("host.name", "a")].into_iter().collect(),
         }));
         r.health = Some(Arc::new(Health {
             healthy: true,

@@ -513,7 +513,7 @@ impl Tour {
         let snap = self.running.fleet.snapshot();
         snap.get(uid)
             .and_then(|r| r.description.as_ref())
-            .and_then(|d| d.non_identifying.get("host.name").cloned())
+            .and_then(|d| d.non_identifying.get("host.name").map(str::to_owned))
             .unwrap_or_else(|| "?".to_string())
     }
 

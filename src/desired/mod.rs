@@ -182,31 +182,70 @@ pub trait AgentAttributes {
     }
 }
 
-/// One attribute of an agent as selectors see it: an identifying attribute
-/// wins over a non-identifying one of the same key.
-pub fn attribute<'m>(
-    identifying: &'m BTreeMap<String, String>,
-    non_identifying: &'m BTreeMap<String, String>,
-    key: &str,
-) -> Option<&'m str> {
-    identifying
-        .get(key)
-        .or_else(|| non_identifying.get(key))
-        .map(String::as_str)
-}
-
 /// An agent's description: its attributes rendered as strings. Shared
 /// (`Arc`) by the inventory and the planner's view of the agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Description {
-    pub identifying: BTreeMap<String, String>,
-    pub non_identifying: BTreeMap<String, String>,
+    pub identifying: Attributes,
+    pub non_identifying: Attributes,
 }
 
 impl Description {
-    /// One attribute as selectors see it (see [`attribute`]).
+    /// One attribute as selectors see it: an identifying attribute wins
+    /// over a non-identifying one of the same key.
     pub fn attribute(&self, key: &str) -> Option<&str> {
-        attribute(&self.identifying, &self.non_identifying, key)
+        self.identifying.get(key).or_else(|| self.non_identifying.get(key))
+    }
+}
+
+/// Attributes by key, sorted, in one allocation of exactly their size: an
+/// agent has a handful, and every plan looks them up, where a B-tree would
+/// keep room for eleven in each node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes(Box<[(Box<str>, Box<str>)]>);
+
+impl Attributes {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.into_iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Attributes {
+    type Item = (&'a str, &'a str);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (Box<str>, Box<str>)>, fn(&'a (Box<str>, Box<str>)) -> (&'a str, &'a str)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+}
+
+/// As a map, in key order.
+impl serde::Serialize for Attributes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+/// A key given twice keeps its last value, as a map's `collect` would.
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Attributes {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let map: BTreeMap<String, String> = iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        Attributes(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
     }
 }
 

@@ -476,11 +476,10 @@ fn describes_another(current: &AgentRecord, msg: &AgentToServer) -> bool {
     let (Some(known), Some(d)) = (current.description.as_deref(), msg.agent_description.as_ref()) else {
         return false;
     };
-    let differs = |mine: &std::collections::BTreeMap<String, String>, theirs: &[crate::proto::KeyValue]| {
+    let differs = |mine: &record::Attributes, theirs: &[crate::proto::KeyValue]| {
         mine.len() != theirs.len()
             || theirs.iter().any(|kv| {
-                mine.get(&kv.key).map(String::as_str)
-                    != Some(record::any_value_text(kv.value.clone().unwrap_or_default()).as_str())
+                mine.get(&kv.key) != Some(record::any_value_text(kv.value.clone().unwrap_or_default()).as_str())
             })
     };
     differs(&known.identifying, &d.identifying_attributes)

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::capabilities::Capabilities;
-pub use crate::desired::Description;
 use crate::desired::{AgentAttributes, ConfigFile};
+pub use crate::desired::{Attributes, Description};
 pub use crate::model::RemoteConfigState;
 use crate::model::{ConfigHash, Identity, InstanceUid, Transport};
 use crate::proto;
@@ -156,11 +156,11 @@ impl AgentRecord {
         self.delivered.filter(|d| d.epoch == self.connection_epoch)
     }
 
-    pub fn identifying_attributes(&self) -> Option<&BTreeMap<String, String>> {
+    pub fn identifying_attributes(&self) -> Option<&Attributes> {
         self.description.as_deref().map(|d| &d.identifying)
     }
 
-    pub fn non_identifying_attributes(&self) -> Option<&BTreeMap<String, String>> {
+    pub fn non_identifying_attributes(&self) -> Option<&Attributes> {
         self.description.as_deref().map(|d| &d.non_identifying)
     }
 
@@ -372,7 +372,7 @@ pub fn is_stale(rec: &AgentRecord, silence: Duration, heartbeat: Duration) -> bo
     rec.connected && rec.transport == Transport::Http && silence > heartbeat.saturating_mul(3)
 }
 
-fn attributes(kvs: Vec<proto::KeyValue>) -> BTreeMap<String, String> {
+fn attributes(kvs: Vec<proto::KeyValue>) -> Attributes {
     kvs.into_iter()
         .map(|kv| (kv.key, kv.value.map(any_value_text).unwrap_or_default()))
         .collect()
@@ -819,7 +819,7 @@ mod tests {
         let (rec2, d2) = apply(Some(&rec), &uid(), msg, ws(6, false));
         assert!(d2.changed);
         let desc = rec2.description.as_deref().unwrap();
-        assert_eq!(desc.identifying.get("service.name").map(String::as_str), Some("gw"));
+        assert_eq!(desc.identifying.get("service.name"), Some("gw"));
         assert!(
             desc.non_identifying.is_empty(),
             "a present description replaces the old one entirely"

@@ -38,8 +38,8 @@ impl FleetAgent {
         AgentView {
             uid: self.instance_uid.clone(),
             attributes: Arc::new(Description {
-                identifying: self.identifying_attributes.clone(),
-                non_identifying: self.non_identifying_attributes.clone(),
+                identifying: self.identifying_attributes.clone().into_iter().collect(),
+                non_identifying: self.non_identifying_attributes.clone().into_iter().collect(),
             }),
             accepts_remote_config: caps.has(Capabilities::ACCEPTS_REMOTE_CONFIG),
             reports_remote_config: caps.has(Capabilities::REPORTS_REMOTE_CONFIG),

@@ -82,9 +82,7 @@ pub(super) trait AgentFx: Sized {
 impl AgentFx for AgentView {
     fn attrs(mut self, kv: &[(&str, &str)]) -> Self {
         let mut m = (*self.attributes).clone();
-        for (k, v) in kv {
-            m.identifying.insert((*k).into(), (*v).into());
-        }
+        m.identifying = m.identifying.iter().chain(kv.iter().copied()).collect();
         self.attributes = Arc::new(m);
         self
     }
