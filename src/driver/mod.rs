@@ -481,12 +481,17 @@ impl Driver {
             });
             notify.enqueue(notices).await;
         }
-        // When the rollout moved (a wave, a failure, a halt), save before
-        // pushing what the new state records: after a crash in between, the
-        // restarted controller pushes again anyway (connection epochs are per
-        // process), whereas a halt saved only after its rollback pushes could
-        // be lost and the bad config offered again.
-        if self.dirty && (!events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
+        // A failure (which may halt the rollout) is saved before the pushes
+        // that follow it: a halt saved only after its rollback pushes could be
+        // lost in a crash and the bad config offered again. Any other move (a
+        // rollout starting, a wave opening) is saved right after its pushes,
+        // so they wait for no disk: after a crash in between, the restarted
+        // controller decides the same again, and an agent that already runs
+        // what it is given is not given it twice.
+        let failing = events
+            .iter()
+            .any(|e| matches!(e, Event::AgentFailed { .. } | Event::Halted { .. }));
+        if self.dirty && failing {
             self.persist().await;
         }
         if !pushes.is_empty() {
@@ -503,6 +508,9 @@ impl Driver {
                 }
                 .emit(&self.metrics);
             }
+        }
+        if self.dirty && (!events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
+            self.persist().await;
         }
         let notes = self.book.after_plan(
             notebook::PlanFacts {
