@@ -255,7 +255,7 @@ struct Driver {
     wanted: bool,
     /// When the last plan must be made again although nothing changed.
     next: Option<Instant>,
-    /// When the last plan started, and how long it took.
+    /// When the last plan started, and how long its computation took.
     last_plan: Option<(Instant, Duration)>,
 }
 
@@ -265,9 +265,9 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 const DEFAULT_TICK: Duration = Duration::from_secs(600);
 /// Plans that changes call for are this far apart at least...
 const MIN_PLAN_GAP: Duration = Duration::from_millis(50);
-/// ...and at least this many times as long as the last plan took, so a
-/// storm of changes (thousands of agents connecting) leaves the time
-/// between plans to the agents.
+/// ...and at least this many times as long as the last plan's computation
+/// took, so a storm of changes (thousands of agents connecting) leaves the
+/// time between plans to the agents.
 const PLAN_GAP_FACTOR: u32 = 4;
 
 impl Driver {
@@ -444,6 +444,9 @@ impl Driver {
             state: &self.state,
             now: Timestamp::of(now_wall),
         });
+        // What the next plan's distance is measured by: the work of this
+        // one, not its waits (for the disk, for the fleet to take the pushes).
+        let computed = started.elapsed();
         self.next =
             next.map(|t| started + Duration::from_millis(t.millis().saturating_sub(Timestamp::of(now_wall).millis())));
         for event in &events {
@@ -524,7 +527,7 @@ impl Driver {
         );
         self.publish(&commit, &agents, &groups);
         self.submit_notes(notes);
-        self.last_plan = Some((started, started.elapsed()));
+        self.last_plan = Some((started, computed));
     }
 
     /// Who made `commit`: the loaded commit's author, else the one its note tells.
