@@ -568,10 +568,6 @@ impl Fleet {
         (!self.dirty.is_empty()).then(|| self.last_publish.map_or_else(Instant::now, |t| t + PUBLISH_EVERY))
     }
 
-    fn mark(&mut self, uid: &InstanceUid) {
-        self.dirty.push(uid.clone());
-    }
-
     fn publish(&mut self) {
         self.version += 1;
         for uid in self.dirty.drain(..) {
@@ -640,7 +636,7 @@ impl Fleet {
                     && e.ws.as_ref().is_some_and(|l| l.conn == conn)
                 {
                     e.delivered(hash, SystemTime::now());
-                    self.mark(&uid);
+                    self.dirty.push(uid.clone());
                 }
             }
             Command::Unbind { uid, reply } => {
@@ -711,7 +707,7 @@ impl Fleet {
                 let fresh = InstanceUid::new_v7();
                 self.uid_clashes += 1;
                 // The count is published with the next snapshot.
-                self.mark(&uid);
+                self.dirty.push(uid.clone());
                 tracing::warn!(
                     agent = %uid, conn = ?incoming, new_uid = %fresh,
                     "a second agent reported under a uid in use; offered it a new uid"
@@ -817,7 +813,7 @@ impl Fleet {
                 .then(|| entry.record.liveness.clone()),
         };
         if changed {
-            self.mark(&uid);
+            self.dirty.push(uid.clone());
         }
         self.agents.insert(uid, entry);
         reply
