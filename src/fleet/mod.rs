@@ -391,7 +391,8 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
 
 struct Entry {
     record: Arc<AgentRecord>,
-    /// When the agent last reported, on the monotonic clock the sweep uses.
+    /// When the agent last reported to the fleet, or went offline, on the
+    /// monotonic clock the sweep uses.
     seen: Instant,
     /// The longest pause between two plain-HTTP reports on this connection:
     /// the agent's own polling interval, when longer than the default.
@@ -416,6 +417,9 @@ impl Entry {
     }
 
     fn go_offline(&mut self, now: SystemTime) {
+        // A WebSocket's session records its heartbeats, not the fleet: the
+        // agent was there until now, and its retention runs from here.
+        self.seen = Instant::now();
         self.ws = None;
         self.pending = None;
         Arc::make_mut(&mut self.record).set_offline(now);
@@ -1382,6 +1386,32 @@ mod tests {
         poll(&fleet, &staying, 0, 0x1).await;
         let s = snaps.wait_for(|s| s.get(&gone).is_none()).await.unwrap().clone();
         assert!(s.get(&staying).is_some(), "a recent agent stays");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retention_runs_from_when_a_websocket_closed() {
+        // Its session records the heartbeats: the fleet hears nothing for
+        // longer than the retention while the agent is connected.
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let uid = InstanceUid::Uuid([6; 16]);
+        let (l, _slot) = link(1);
+        fleet
+            .report(uid.clone(), msg(&uid, 0, 0x1003), Via::WebSocket(l), None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(7200)).await;
+        fleet.closed(1, uid.clone()).await;
+        let mut snaps = fleet.subscribe();
+        snaps
+            .wait_for(|s| s.get(&uid).is_some_and(|r| !r.connected))
+            .await
+            .unwrap();
+        // Sweeps run meanwhile; another agent's report makes a new snapshot.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let other = InstanceUid::Uuid([7; 16]);
+        poll(&fleet, &other, 0, 0x1).await;
+        let s = snaps.wait_for(|s| s.get(&other).is_some()).await.unwrap().clone();
+        assert!(s.get(&uid).is_some(), "offline for a minute, not for the retention");
     }
 
     #[tokio::test(start_paused = true)]
