@@ -421,29 +421,24 @@ impl AgentMemories {
     /// up again as agents reconnect. A record whose agent has been absent for
     /// longer than `forget_after` (the time after which the fleet forgets an
     /// agent that left) is dropped, so agents that come and go under new uids
-    /// do not grow the state without bound. Answers whether anything changed.
+    /// do not grow the state without bound.
     pub fn forget_absent<'a>(
         &mut self,
         present: impl IntoIterator<Item = &'a InstanceUid>,
         now: Timestamp,
         forget_after: Duration,
-    ) -> bool {
+    ) {
         let mut present = present.into_iter().peekable();
-        let mut changed = false;
         self.0.retain_mut(|(uid, r)| {
             while present.next_if(|p| *p < uid).is_some() {}
             let here = present.next_if(|p| *p == uid).is_some();
-            let absent_since = match (here, r.absent_since) {
-                (true, _) => None,
-                (false, since) => Some(since.unwrap_or(now)),
+            r.absent_since = if here {
+                None
+            } else {
+                Some(r.absent_since.unwrap_or(now))
             };
-            changed |= absent_since != r.absent_since;
-            r.absent_since = absent_since;
-            let keep = absent_since.is_none_or(|t| !now.reached(t, forget_after));
-            changed |= !keep;
-            keep
+            r.absent_since.is_none_or(|t| !now.reached(t, forget_after))
         });
-        changed
     }
 }
 

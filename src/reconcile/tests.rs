@@ -1376,12 +1376,18 @@ fn records_of_agents_gone_longer_than_the_retention_are_dropped() {
     };
     let mut m = AgentMemories::from_sorted(vec![(uid("a"), rec), (uid("b"), rec), (uid("c"), rec)]);
     // The fleet lists b only.
-    assert!(m.forget_absent([&uid("b")], t(0), day));
+    m.forget_absent([&uid("b")], t(0), day);
     assert_eq!(m.get(&uid("a")).unwrap().absent_since, Some(t(0)));
     assert_eq!(m.get(&uid("b")).unwrap().absent_since, None);
-    assert!(!m.forget_absent([&uid("b")], t(60), day), "still absent, still kept");
+    m.forget_absent([&uid("b")], t(60), day);
+    assert_eq!(m.len(), 3, "still absent, still kept");
+    assert_eq!(
+        m.get(&uid("c")).unwrap().absent_since,
+        Some(t(0)),
+        "absent since it was first missed"
+    );
     // a comes back within the retention; c stays away for all of it.
-    assert!(m.forget_absent([&uid("a"), &uid("b")], t(86_400), day));
+    m.forget_absent([&uid("a"), &uid("b")], t(86_400), day);
     assert!(m.get(&uid("c")).is_none(), "gone for a whole retention");
     assert_eq!(m.get(&uid("a")).unwrap().absent_since, None, "back: no longer absent");
     assert_eq!(m.len(), 2);
