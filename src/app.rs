@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState, Readiness};
 use crate::auth::{TokenFile, TokensError};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::driver::{self, Assignments, DriverConfig, DriverHandle, Parts, PersistError};
 use crate::fleet::{self, FleetConfig, FleetHandle};
 use crate::gitsrc::notes::{Author, NotesStore};
@@ -94,6 +95,8 @@ pub struct ServeConfig {
     pub api_open_reads: bool,
     /// Notifications (webhooks) and commit statuses in the forge.
     pub notify: NotifyConfig,
+    /// Makes the controller a replica of a cluster on PostgreSQL.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// File descriptors kept for everything but OpAMP connections: the API's
@@ -164,6 +167,7 @@ impl ServeConfig {
             api_tokens: None,
             api_open_reads: false,
             notify: NotifyConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -364,6 +368,19 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     )?;
     let (fleet_task, abort) = supervise("fleet", fleet_task, &ended_tx);
     tasks.push(("fleet", abort));
+    // A replica plans over, and its API shows, the whole cluster's fleet.
+    let cluster_stop = CancellationToken::new();
+    let mut cluster_tasks = Vec::new();
+    let cluster = config.cluster.clone().map(|c| {
+        let (cluster, started) = Cluster::start(c, api_addr, &fleet, &cluster_stop);
+        for (name, task) in started {
+            let (watcher, abort) = supervise(name, task, &ended_tx);
+            tasks.push((name, abort));
+            cluster_tasks.push(watcher);
+        }
+        cluster
+    });
+    let planned = cluster.as_ref().map_or_else(|| fleet.clone(), |c| c.fleet.clone());
     let opamp_metrics = OpampMetrics::default();
     let mut registry = Registry::default();
     opamp_metrics.register(&mut registry);
@@ -394,7 +411,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             let g = start_gitops(
                 git_config,
                 settings,
-                &fleet,
+                &planned,
+                cluster.clone(),
                 &assignments,
                 &mut registry,
                 &shutdown,
@@ -425,7 +443,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     opamp_ctx.offer_heartbeat = config.offer_heartbeat_interval;
     opamp_ctx.agent_tokens = agent_tokens;
     let api_state = ApiState {
-        fleet: fleet.clone(),
+        fleet: planned,
         git: git.clone(),
         driver: driver.clone(),
         metrics: Arc::new(registry),
@@ -438,6 +456,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             tokens: api_tokens,
             open_reads: config.api_open_reads,
         },
+        cluster: cluster.map(crate::api::cluster::ClusterApi::new),
     };
 
     let opamp_server = AdmittingListener::new(
@@ -508,6 +527,11 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         }
         if let Some(g) = gitops {
             g.stop().await?;
+        }
+        // The lease is given up once the driver has stopped.
+        cluster_stop.cancel();
+        for task in cluster_tasks {
+            task.await?;
         }
         fleet_stop.cancel();
         fleet_task.await?;
@@ -588,6 +612,7 @@ async fn start_gitops(
     git_config: GitConfig,
     settings: Settings,
     fleet: &FleetHandle,
+    cluster: Option<Cluster>,
     assignments: &watch::Sender<Assignments>,
     registry: &mut Registry,
     shutdown: &CancellationToken,
@@ -609,9 +634,10 @@ async fn start_gitops(
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
     let notes_stop = CancellationToken::new();
-    let (notes, notes_task) = writer::spawn(store, Backoff::default(), notes_stop.clone());
+    let gate: Option<writer::Gate> = cluster.clone().map(|c| -> writer::Gate { Arc::new(move || c.leads()) });
+    let (notes, notes_task) = writer::spawn(store, Backoff::default(), gate, notes_stop.clone());
     let metrics = notes.metrics().clone();
-    let existing_notes: driver::NotesReader = Box::new(move || read_existing_notes(&reader, &metrics));
+    let existing_notes: driver::NotesReader = Arc::new(move || read_existing_notes(&reader, &metrics));
     notes.register_metrics(registry);
     let mut aborts = vec![("git", git_abort)];
     let (notifications, notify) = if notify.is_empty() {
@@ -639,6 +665,7 @@ async fn start_gitops(
             notes: Some(notes),
             notify: notifications,
             existing_notes: Some(existing_notes),
+            cluster,
         },
         driver_stop.clone(),
     )?;

@@ -141,6 +141,21 @@ pub struct ServeArgs {
     /// metrics call the rollout stalled.
     #[arg(long, default_value = "30m", value_parser = parse_positive_duration)]
     pub stall_after: Duration,
+    /// PostgreSQL (postgres://user:password@host:port/database): makes this
+    /// process one replica of a highly available controller (docs/ha.md).
+    #[arg(long, env = "OPAMP_GITOPS_STORE", value_parser = parse_store)]
+    pub store: Option<String>,
+    /// This replica's name, unique in the cluster (default: the host name).
+    #[arg(long, requires = "store")]
+    pub replica_id: Option<String>,
+    /// How long the leader lease (and each replica's own) lasts unless
+    /// renewed; it is renewed every third of it.
+    #[arg(long, default_value = "15s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// Where the other replicas reach this one's API (default: http:// and
+    /// the --api-listen address, which must then not be 0.0.0.0).
+    #[arg(long, requires = "store")]
+    pub advertise_api: Option<String>,
     /// TLS certificate chain (PEM) for both listeners; read again when it
     /// changes. Without it, both listen in plain HTTP.
     #[arg(long, requires = "tls_key")]
@@ -502,6 +517,35 @@ pub fn init_tracing() {
 }
 
 /// The git source's settings from `serve`'s arguments.
+/// A PostgreSQL URL that the client can use.
+fn parse_store(s: &str) -> Result<String, String> {
+    if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+        return Err("expected a postgres:// URL".to_string());
+    }
+    s.parse::<tokio_postgres::Config>()
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))
+}
+
+/// At least 3 s: the lease is renewed every third of it.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(3) {
+        return Err("the lease must last at least 3s".to_string());
+    }
+    Ok(d)
+}
+
+/// The host's name, a replica's default name.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".to_string())
+}
+
 pub fn git_config(args: &ServeArgs) -> Result<crate::gitsrc::GitConfig, crate::gitsrc::GitError> {
     use crate::gitsrc::{Auth, GitConfig, GitError, RepoLocation};
     let repo = args.repo.as_deref().ok_or(GitError::NoRepo)?;
@@ -590,6 +634,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 api_tokens: args.api_tokens.clone(),
                 api_open_reads: args.api_open_reads,
                 notify,
+                cluster: args.store.clone().map(|url| crate::cluster::ClusterConfig {
+                    url,
+                    replica: args.replica_id.clone().unwrap_or_else(host_name),
+                    lease_ttl: args.lease_ttl,
+                    api_url: args.advertise_api.clone(),
+                }),
             };
             match crate::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

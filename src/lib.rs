@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod demo;
 pub mod desired;

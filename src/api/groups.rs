@@ -313,7 +313,12 @@ async fn control(
         }
         Err(e @ ControlFailure::Refused(ControlError::UnknownGroup(_))) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ ControlFailure::Refused(ControlError::Idle(_))) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e @ (ControlFailure::NotReady | ControlFailure::Starting(_) | ControlFailure::Stopped)) => {
+        Err(
+            e @ (ControlFailure::NotReady
+            | ControlFailure::Starting(_)
+            | ControlFailure::Stopped
+            | ControlFailure::NotLeader),
+        ) => {
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
     }

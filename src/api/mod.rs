@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cluster;
 pub mod config_diff;
 pub mod git;
 pub mod groups;
@@ -50,12 +51,15 @@ pub struct ApiState {
     pub stall_after: std::time::Duration,
     /// Who may call: tokens and scopes.
     pub auth: auth::ApiAuth,
+    /// In a replica: the cluster, and how calls reach the leader.
+    pub cluster: Option<cluster::ClusterApi>,
 }
 
 /// The API's routes. More routes can be merged into the returned router.
 pub fn router(state: ApiState) -> Router {
     let git_routes = state.git.clone().map(git::routes).unwrap_or_default();
     let auth = state.auth.clone();
+    let forward = axum::middleware::from_fn_with_state(state.clone(), cluster::forward);
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -69,10 +73,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/groups/{name}/promote", post(groups::promote))
         .route("/api/v1/history", get(history::list))
         .route("/api/v1/history/{commit}", get(history::one))
+        .route("/api/v1/cluster", get(cluster::show))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(git_routes)
         .merge(web::routes())
+        .layer(forward)
         .layer(axum::middleware::from_fn_with_state(auth, auth::require))
 }
 

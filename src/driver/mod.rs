@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use notebook::NoteBook;
-pub use persist::PersistError;
+pub use persist::{PersistError, Store};
 use views::ViewBuilder;
 
 use crate::desired::{ConfigBundle, DesiredState, Validated};
@@ -85,6 +85,8 @@ pub enum ControlFailure {
     Starting(String),
     #[error("the controller is shutting down")]
     Stopped,
+    #[error("this replica does not lead the cluster; ask the leader")]
+    NotLeader,
 }
 
 struct ControlRequest {
@@ -172,10 +174,13 @@ pub struct Parts {
     /// first commit is loaded, so a remote's mirror exists by then: rewrites
     /// keep what those notes hold, and a lost state is rebuilt from them.
     pub existing_notes: Option<NotesReader>,
+    /// In a cluster: the rollout state in PostgreSQL, and whether this
+    /// replica leads. The driver plans only while it does.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// Reads the repository's notes (blocking); see [`Parts::existing_notes`].
-pub type NotesReader = Box<dyn FnOnce() -> Vec<Note> + Send + Sync>;
+pub type NotesReader = Arc<dyn Fn() -> Vec<Note> + Send + Sync>;
 
 /// Loads the saved rollout state and starts the driver.
 pub fn spawn(
@@ -183,7 +188,12 @@ pub fn spawn(
     parts: Parts,
     cancel: CancellationToken,
 ) -> Result<(DriverHandle, JoinHandle<()>), PersistError> {
-    let (state, restore) = match persist::load(&config.state_dir)? {
+    // A replica claims the state when it comes to lead (see `take_term`).
+    let saved = match parts.cluster {
+        Some(_) => Some(RolloutState::default()),
+        None => persist::load(&config.state_dir)?,
+    };
+    let (state, restore) = match saved {
         Some(s) => {
             info!(
                 groups = s.groups.len(),
@@ -202,8 +212,24 @@ pub fn spawn(
         status,
         metrics: metrics.clone(),
     };
+    let (views, store) = match parts.cluster {
+        Some(c) => (
+            ViewBuilder::global(),
+            Store::Cluster {
+                store: c.state_store(),
+                leadership: c.leadership,
+            },
+        ),
+        None => (
+            ViewBuilder::new(Timestamp::of(SystemTime::now())),
+            Store::Dir(config.state_dir.clone()),
+        ),
+    };
     let driver = Driver {
-        views: ViewBuilder::new(Timestamp::of(SystemTime::now())),
+        views,
+        store,
+        term: None,
+        notes_read: false,
         book: NoteBook::default(),
         existing_notes: parts.existing_notes,
         started: Instant::now(),
@@ -238,11 +264,17 @@ struct Driver {
     status: watch::Sender<Arc<DriverStatus>>,
     metrics: RolloutMetrics,
     views: ViewBuilder,
+    store: Store,
+    /// In a cluster, the lease of the term this replica leads in, once it
+    /// has claimed the rollout state for it.
+    term: Option<crate::cluster::Fence>,
+    /// The notes already in the repository were read (once per term).
+    notes_read: bool,
     book: NoteBook,
     /// When the commits of live rollouts were first seen, for the commit-to-complete time.
     seen: HashMap<CommitId, SystemTime>,
     state: RolloutState,
-    /// Read on the first plan; see [`Parts::existing_notes`].
+    /// Read on the first plan of each term; see [`Parts::existing_notes`].
     existing_notes: Option<NotesReader>,
     /// No state was saved: rebuild it from the notes on the first plan.
     restore: bool,
@@ -275,6 +307,10 @@ impl Driver {
         let mut desired = self.git.desired();
         let mut git_status = self.git.status();
         let mut fleet = self.fleet.subscribe();
+        let mut leadership = match &self.store {
+            Store::Cluster { leadership, .. } => Some(leadership.clone()),
+            Store::Dir(_) => None,
+        };
         let first = git_status.borrow_and_update().clone();
         self.note_invalid_head(&first).await;
         loop {
@@ -290,6 +326,11 @@ impl Driver {
                     continue;
                 }
                 changed = fleet.changed() => {
+                    if changed.is_err() { cancel.cancelled().await; break }
+                    self.wanted = true;
+                    continue;
+                }
+                changed = changed(leadership.as_mut()) => {
                     if changed.is_err() { cancel.cancelled().await; break }
                     self.wanted = true;
                     continue;
@@ -314,7 +355,7 @@ impl Driver {
                 self.persist().await;
             }
         }
-        if self.dirty {
+        if self.dirty && self.leads() {
             self.persist().await;
         }
         info!("reconcile driver stopped");
@@ -373,6 +414,9 @@ impl Driver {
         if self.git.desired().borrow().is_none() {
             return Err(ControlFailure::NotReady);
         }
+        if !self.take_term().await {
+            return Err(ControlFailure::NotLeader);
+        }
         let now = Timestamp::of(SystemTime::now());
         match action {
             Control::Pause => self.state.pause(group, now, by),
@@ -399,6 +443,9 @@ impl Driver {
         self.wanted = false;
         self.next = None;
         self.last_plan = Some((started, Duration::ZERO));
+        if !self.take_term().await {
+            return;
+        }
         let Some(loaded) = self.git.desired().borrow().clone() else {
             return;
         };
@@ -417,8 +464,11 @@ impl Driver {
         let snapshot = self.fleet.snapshot();
         let views = self.views.build(&snapshot);
         let now_wall = SystemTime::now();
-        if let Some(read) = self.existing_notes.take() {
-            let notes = tokio::task::spawn_blocking(read).await.unwrap_or_default();
+        if !self.notes_read
+            && let Some(read) = self.existing_notes.clone()
+        {
+            self.notes_read = true;
+            let notes = tokio::task::spawn_blocking(move || read()).await.unwrap_or_default();
             if self.restore && !notes.is_empty() {
                 info!(
                     notes = notes.len(),
@@ -655,15 +705,71 @@ impl Driver {
     }
 
     async fn persist(&mut self) {
-        let dir = self.config.state_dir.clone();
-        let state = self.state.clone();
-        match tokio::task::spawn_blocking(move || persist::save(&dir, &state)).await {
-            Ok(Ok(())) => {
+        match self.store.save(&self.state, self.term).await {
+            Ok(()) => {
                 self.dirty = false;
                 self.last_persist = Instant::now();
             }
-            Ok(Err(e)) => error!(error = %e, "saving the rollout state failed; will retry"),
-            Err(e) => error!(error = %e, "saving the rollout state panicked"),
+            Err(PersistError::Cluster(crate::cluster::DbError::Fenced)) => {
+                warn!("the lease was lost: this replica saves nothing more and stands by");
+                self.term = None;
+                self.dirty = false;
+            }
+            Err(e) => error!(error = %e, "saving the rollout state failed; will retry"),
+        }
+    }
+
+    /// Whether this driver may plan: always for one controller; in a
+    /// cluster, while it holds the lease of a term it claimed the state for.
+    fn leads(&self) -> bool {
+        match &self.store {
+            Store::Dir(_) => true,
+            Store::Cluster { leadership, .. } => {
+                let fence = *leadership.borrow();
+                fence.is_some_and(|f| f.holds() && self.term.is_some_and(|t| t.epoch == f.epoch))
+            }
+        }
+    }
+
+    /// In a cluster: follows the lease. A new term claims the rollout state
+    /// from PostgreSQL (a replica that lost the lease can save nothing
+    /// after that) and starts like a restarted controller: the start-up
+    /// grace first, the notes read again. Answers whether to plan now.
+    async fn take_term(&mut self) -> bool {
+        let Store::Cluster { store, leadership } = &mut self.store else {
+            return true;
+        };
+        let fence = leadership.borrow().filter(crate::cluster::Fence::holds);
+        match (fence, self.term) {
+            (None, None) => false,
+            (None, Some(t)) => {
+                info!(epoch = t.epoch, "standing by: this replica no longer leads");
+                self.term = None;
+                false
+            }
+            (Some(f), Some(t)) if f.epoch == t.epoch => {
+                self.term = Some(f);
+                true
+            }
+            (Some(f), _) => match store.claim(f).await {
+                Ok(saved) => {
+                    info!(epoch = f.epoch, restored = saved.is_some(), "leading: the rollout state is claimed");
+                    self.restore = saved.is_none();
+                    self.state = saved.unwrap_or_default();
+                    self.term = Some(f);
+                    self.dirty = false;
+                    self.notes_read = false;
+                    self.book = NoteBook::default();
+                    self.started = Instant::now();
+                    self.wanted = true;
+                    false
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot claim the rollout state; will retry");
+                    self.wanted = true;
+                    false
+                }
+            },
         }
     }
 
@@ -692,5 +798,13 @@ impl Driver {
                 writer.submit(note);
             }
         }
+    }
+}
+
+/// Completes when `rx` has a new value; never without one.
+async fn changed<T>(rx: Option<&mut watch::Receiver<T>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }

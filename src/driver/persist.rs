@@ -1,11 +1,45 @@
-//! The rollout state file in `--state-dir`: written atomically (temp file,
-//! fsync, rename, fsync of the directory), so a crash leaves either the old
-//! state or the new one, never a torn file.
+//! Where the rollout state is kept: the file in `--state-dir`, written
+//! atomically (temp file, fsync, rename, fsync of the directory), so a crash
+//! leaves either the old state or the new one, never a torn file; or, in a
+//! cluster, PostgreSQL, fenced by the leader's epoch.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use tokio::sync::watch;
+
+use crate::cluster::{DbError, Fence, StateStore};
 use crate::reconcile::RolloutState;
+
+/// The driver's store.
+pub enum Store {
+    /// One controller: the state file in this directory.
+    Dir(PathBuf),
+    /// A replica: the state in PostgreSQL, loaded and saved only while
+    /// `leadership` says this replica leads.
+    Cluster {
+        store: StateStore,
+        leadership: watch::Receiver<Option<Fence>>,
+    },
+}
+
+impl Store {
+    /// Saves `state`; in a cluster, as the leader of `term`.
+    pub async fn save(&mut self, state: &RolloutState, term: Option<Fence>) -> Result<(), PersistError> {
+        match self {
+            Store::Dir(dir) => {
+                let (dir, state) = (dir.clone(), state.clone());
+                tokio::task::spawn_blocking(move || save(&dir, &state))
+                    .await
+                    .unwrap_or_else(|e| Err(PersistError::Panicked(e.to_string())))
+            }
+            Store::Cluster { store, .. } => {
+                let fence = term.ok_or(PersistError::Cluster(DbError::Fenced))?;
+                store.save(fence, state).await.map_err(PersistError::Cluster)
+            }
+        }
+    }
+}
 
 const FILE: &str = "rollouts.json";
 
@@ -17,6 +51,10 @@ pub enum PersistError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("saving the rollout state panicked: {0}")]
+    Panicked(String),
+    #[error("rollout state in PostgreSQL: {0}")]
+    Cluster(DbError),
     #[error("rollout state {path} is unreadable ({source}); move it away to rebuild the state from the git notes")]
     Corrupt { path: PathBuf, source: serde_json::Error },
 }

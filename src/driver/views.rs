@@ -14,6 +14,8 @@ pub struct ViewBuilder {
     /// the planner remembers pushes per epoch across restarts, and the fleet
     /// counts epochs from zero in every process.
     boot: u64,
+    /// The bits of the fleet's epochs kept below `boot`.
+    mask: u64,
     /// The attributes of an agent that has not described itself.
     undescribed: Arc<Description>,
 }
@@ -25,6 +27,17 @@ impl ViewBuilder {
     pub fn new(boot: Timestamp) -> Self {
         ViewBuilder {
             boot: boot.millis(),
+            mask: (1 << EPOCH_BITS) - 1,
+            undescribed: Arc::default(),
+        }
+    }
+
+    /// For a fleet whose epochs are unique already (a cluster's, see
+    /// [`crate::cluster::row::global_epoch`]).
+    pub fn global() -> Self {
+        ViewBuilder {
+            boot: 0,
+            mask: u64::MAX,
             undescribed: Arc::default(),
         }
     }
@@ -42,7 +55,7 @@ impl ViewBuilder {
             reports_remote_config: r.capabilities.has(Capabilities::REPORTS_REMOTE_CONFIG),
             reports_health: r.capabilities.has(Capabilities::REPORTS_HEALTH),
             connected: r.connected,
-            connection_epoch: (self.boot << EPOCH_BITS) | (r.connection_epoch & ((1 << EPOCH_BITS) - 1)),
+            connection_epoch: (self.boot << EPOCH_BITS) | (r.connection_epoch & self.mask),
             disconnected_at: if r.connected {
                 None
             } else {

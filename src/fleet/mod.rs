@@ -243,13 +243,24 @@ pub struct FleetHandle {
     snapshots: watch::Receiver<Arc<FleetSnapshot>>,
 }
 
-/// Configs to send, with the answer for each.
-struct PushBatch {
-    pushes: Vec<(InstanceUid, Arc<ConfigBundle>)>,
-    reply: oneshot::Sender<Vec<PushOutcome>>,
+/// Configs to send, with the answer for each (in their order).
+pub struct PushBatch {
+    pub pushes: Vec<(InstanceUid, Arc<ConfigBundle>)>,
+    pub reply: oneshot::Sender<Vec<PushOutcome>>,
 }
 
 impl FleetHandle {
+    /// A handle that reads `snapshots` (a fleet larger than this process's)
+    /// and hands pushes to whoever receives `pushes`; reports and unbinding
+    /// still go to this fleet.
+    pub fn routed(&self, snapshots: watch::Receiver<Arc<FleetSnapshot>>, pushes: mpsc::Sender<PushBatch>) -> Self {
+        FleetHandle {
+            tx: self.tx.clone(),
+            pushes,
+            snapshots,
+        }
+    }
+
     /// Sends `bundle` to the agent: over its WebSocket at once, or in the reply
     /// to its next HTTP request. Never invents anything: only what is pushed goes out.
     pub async fn push(&self, uid: InstanceUid, bundle: Arc<ConfigBundle>) -> Result<PushOutcome, FleetStopped> {

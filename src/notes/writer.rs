@@ -19,6 +19,8 @@ use crate::telemetry::{InternalEvent, Registry};
 #[derive(Clone)]
 pub struct NotesHandle {
     pending: Arc<Mutex<BTreeMap<CommitId, Note>>>,
+    /// Asked just before each write; a note it refuses is dropped.
+    gate: Option<Gate>,
     wake: Arc<Notify>,
     metrics: NotesMetrics,
 }
@@ -44,15 +46,21 @@ impl NotesHandle {
     }
 }
 
+/// Whether notes may be written now: in a cluster, while this replica holds
+/// the leader lease, so one that lost it while paused writes nothing.
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Starts the writer. On cancellation it makes one last attempt to write what
 /// is queued, then stops.
 pub fn spawn(
     store: NotesStore,
     backoff: Backoff,
+    gate: Option<Gate>,
     cancel: CancellationToken,
 ) -> (NotesHandle, tokio::task::JoinHandle<()>) {
     let handle = NotesHandle {
         pending: Arc::default(),
+        gate,
         wake: Arc::new(Notify::new()),
         metrics: NotesMetrics::default(),
     };
@@ -131,9 +139,21 @@ async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
     }
     let store = store.clone();
     let notes = batch.clone();
-    let result = tokio::task::spawn_blocking(move || store.write(&over_existing(&store, notes))).await;
+    let gate = handle.gate.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let texts = over_existing(&store, notes);
+        if gate.is_some_and(|may| !may()) {
+            return Ok(false);
+        }
+        store.write(&texts).map(|()| true)
+    })
+    .await;
     let error = match result {
-        Ok(Ok(())) => {
+        Ok(Ok(false)) => {
+            tracing::warn!(notes = batch.len(), "not the leader: notes dropped, not written");
+            return true;
+        }
+        Ok(Ok(true)) => {
             NotesWritten { notes: batch.len() }.emit(&handle.metrics);
             return true;
         }
@@ -197,7 +217,7 @@ mod tests {
     }
 
     fn start(store: NotesStore, backoff: Backoff, cancel: &CancellationToken) -> (NotesHandle, JoinHandle<()>) {
-        spawn(store, backoff, cancel.clone())
+        spawn(store, backoff, None, cancel.clone())
     }
 
     #[tokio::test]

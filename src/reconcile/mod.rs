@@ -28,6 +28,7 @@ pub use plan::plan;
 pub use restore::{Recovered, RecoveredRollout, restore};
 pub use rollout::Change;
 pub use select::Matcher;
+pub(crate) use state::bundle_serde;
 pub use state::{
     AgentMemories, AgentMemory, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,

@@ -469,7 +469,7 @@ mod arc_members {
 
 /// A config bundle as its files (content type and body) plus its hash, which
 /// is checked on load. Bodies are text when they are UTF-8, else hex.
-mod bundle_serde {
+pub(crate) mod bundle_serde {
     use super::*;
 
     #[derive(Serialize, Deserialize)]

@@ -9,6 +9,7 @@ mod common;
 mod agent_auth;
 mod alert_rules;
 mod api_wait;
+mod cluster_e2e;
 mod demo;
 mod gitsrc;
 mod interop_supervisor;

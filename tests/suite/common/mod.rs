@@ -38,9 +38,11 @@ const LONG_POLL: Duration = Duration::from_secs(5);
 /// ReportsStatus | AcceptsRemoteConfig | ReportsEffectiveConfig | ReportsHealth | ReportsRemoteConfig.
 pub const SUPERVISOR_CAPS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x1000;
 
+pub mod balancer;
 pub mod browser;
 pub mod certs;
 pub mod gitops;
+pub mod postgres;
 pub mod process;
 pub mod receivers;
 

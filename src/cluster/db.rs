@@ -1,0 +1,95 @@
+//! One connection to PostgreSQL, with the notifications it receives on a
+//! channel, and the start-up migration.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+
+/// The schema, applied by every replica at start (idempotent).
+const SCHEMA: &str = include_str!("schema.sql");
+/// Serialises the migrations of replicas starting together.
+const MIGRATION_LOCK: i64 = 0x6f70_616d_7067;
+
+/// How long a replica waits between attempts to reach PostgreSQL: short
+/// enough that a restarted database is found again within seconds.
+pub const RECONNECT: Backoff = Backoff {
+    min: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
+
+/// A connection and the notifications it has received. When the connection
+/// breaks, `notifications` ends and every query fails: drop it and connect again.
+pub struct Db {
+    pub client: Client,
+    pub notifications: mpsc::UnboundedReceiver<Notification>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("this replica no longer holds the leader lease")]
+    Fenced,
+    #[error("a stored value is unreadable: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl Db {
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+        let (tx, notifications) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(n);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the PostgreSQL connection broke");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Db { client, notifications })
+    }
+
+    /// Connects, retrying with backoff until it works or `cancel` fires.
+    pub async fn connect_until(url: &str, what: &str, cancel: &CancellationToken) -> Option<Db> {
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+            match Db::connect(url).await {
+                Ok(db) => return Some(db),
+                Err(e) => {
+                    delay = RECONNECT.next(delay.max(RECONNECT.min / 2));
+                    tracing::warn!(error = %e, task = what, retry_in = ?delay, "cannot reach PostgreSQL");
+                }
+            }
+        }
+    }
+
+    /// Creates the tables when they are missing.
+    pub async fn migrate(&mut self) -> Result<(), DbError> {
+        let tx = self.client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute(SCHEMA).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether the connection has broken.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
