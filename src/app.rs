@@ -388,6 +388,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     opamp_connections.register(&mut registry);
     api_connections.register(&mut registry);
     fleet.register_metrics(&mut registry);
+    if let Some(c) = &cluster {
+        c.register_metrics(&mut registry);
+    }
     let (readiness, readiness_rx) = watch::channel(Readiness::initial());
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
@@ -407,12 +410,12 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
                 author: config.notes_author,
                 notify: config.notify,
                 link,
+                cluster: cluster.clone(),
             };
             let g = start_gitops(
                 git_config,
                 settings,
                 &planned,
-                cluster.clone(),
                 &assignments,
                 &mut registry,
                 &shutdown,
@@ -606,13 +609,14 @@ struct Settings {
     notify: NotifyConfig,
     /// The controller's view, linked from notifications and commit statuses.
     link: String,
+    /// In a replica: the cluster, which says when this one leads.
+    cluster: Option<Cluster>,
 }
 
 async fn start_gitops(
     git_config: GitConfig,
     settings: Settings,
     fleet: &FleetHandle,
-    cluster: Option<Cluster>,
     assignments: &watch::Sender<Assignments>,
     registry: &mut Registry,
     shutdown: &CancellationToken,
@@ -630,6 +634,7 @@ async fn start_gitops(
         author,
         notify,
         link,
+        cluster,
     } = settings;
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);

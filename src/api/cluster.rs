@@ -2,12 +2,12 @@
 //! other `/api/v1/` call forwarded to the leader, which plans and so knows
 //! every rollout; the answer is the leader's, whichever replica was asked.
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -38,7 +38,10 @@ impl ClusterApi {
 /// `{"replica", "leader", "epoch", "replicas": [{"id", "agents", "last_seen", "alive", "api_url"}]}`.
 pub async fn show(State(state): State<ApiState>) -> Response {
     let Some(c) = &state.cluster else {
-        return error(StatusCode::NOT_FOUND, "this controller is not a replica (serve --store)");
+        return error(
+            StatusCode::NOT_FOUND,
+            "this controller is not a replica (serve --store)",
+        );
     };
     let members = c.cluster.members.borrow().clone();
     let (leader, epoch) = members.leader.clone().unzip();
@@ -74,13 +77,18 @@ pub async fn forward(State(state): State<ApiState>, mut request: Request, next: 
         );
     }
     let members = c.cluster.members.borrow().clone();
-    let Some(base) = members.leader_api().filter(|_| {
-        members.leader.as_ref().is_some_and(|(id, _)| *id != c.cluster.replica)
-    }) else {
-        return error(
+    let Some(base) = members
+        .leader_api()
+        .filter(|_| members.leader.as_ref().is_some_and(|(id, _)| *id != c.cluster.replica))
+    else {
+        let mut answer = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no replica leads the cluster right now; try again in a few seconds",
         );
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return answer;
     };
     let target = format!(
         "{}{}",
@@ -88,10 +96,13 @@ pub async fn forward(State(state): State<ApiState>, mut request: Request, next: 
         request.uri().path_and_query().map_or(path, |p| p.as_str())
     );
     let Ok(uri) = target.parse() else {
-        return error(StatusCode::BAD_GATEWAY, &format!("the leader's address {base} is not a URL"));
+        return error(
+            StatusCode::BAD_GATEWAY,
+            &format!("the leader's address {base} is not a URL"),
+        );
     };
     *request.uri_mut() = uri;
-    request.headers_mut().remove(axum::http::header::HOST);
+    request.headers_mut().remove(header::HOST);
     if let Ok(me) = HeaderValue::from_str(&c.cluster.replica) {
         request.headers_mut().insert(FORWARDED, me);
     }

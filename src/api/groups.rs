@@ -318,8 +318,6 @@ async fn control(
             | ControlFailure::Starting(_)
             | ControlFailure::Stopped
             | ControlFailure::NotLeader),
-        ) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
-        }
+        ) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

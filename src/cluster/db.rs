@@ -82,7 +82,8 @@ impl Db {
     /// Creates the tables when they are missing.
     pub async fn migrate(&mut self) -> Result<(), DbError> {
         let tx = self.client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
         tx.batch_execute(SCHEMA).await?;
         tx.commit().await?;
         Ok(())

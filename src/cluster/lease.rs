@@ -59,6 +59,13 @@ const RENEW: &str = "UPDATE opamp_leader SET expires_at = now() + make_interval(
      WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() RETURNING epoch";
 const RELEASE: &str = "UPDATE opamp_leader SET expires_at = now() WHERE id = 1 AND holder = $1 AND epoch = $2";
 const LEAVE: &str = "UPDATE opamp_replicas SET expires_at = now() WHERE id = $1 AND boot = $2";
+/// What nobody reads any more: pushes for replicas that are gone or of an
+/// older epoch, agents forgotten an hour ago, replicas gone for a day.
+const SWEEP: &str = "
+    DELETE FROM opamp_pushes p WHERE p.epoch < (SELECT epoch FROM opamp_leader WHERE id = 1)
+       OR NOT EXISTS (SELECT 1 FROM opamp_replicas r WHERE r.id = p.replica AND r.expires_at > now());
+    DELETE FROM opamp_agents WHERE record IS NULL AND written_at < now() - interval '1 hour';
+    DELETE FROM opamp_replicas WHERE expires_at < now() - interval '1 day';";
 
 /// Keeps this replica's row alive and holds the lease when it can; tells
 /// `leadership` whenever the lease is taken or lost. `agents` counts the
@@ -124,6 +131,9 @@ async fn tick(db: &Db, member: &Member, agents: usize, fence: Option<Fence>) -> 
         Some(f) => db.client.query_opt(RENEW, &[&member.replica, &f.epoch, &ttl]).await?,
         None => db.client.query_opt(ACQUIRE, &[&member.replica, &ttl]).await?,
     };
+    if held.is_some() {
+        db.client.batch_execute(SWEEP).await?;
+    }
     Ok(held.map(|row| Fence {
         epoch: row.get(0),
         until: held_until(sent, member.ttl),

@@ -136,4 +136,17 @@ impl Cluster {
     pub fn leads(&self) -> bool {
         self.leadership.borrow().is_some_and(|f| f.holds())
     }
+
+    /// Adds the replica's gauges to `registry`.
+    pub fn register_metrics(&self, registry: &mut crate::telemetry::Registry) {
+        let cluster = self.clone();
+        crate::telemetry::cluster::register(registry, move || {
+            let members = cluster.members.borrow().clone();
+            crate::telemetry::cluster::ClusterGauges {
+                leads: cluster.leads(),
+                epoch: members.leader.as_ref().map_or(0, |(_, e)| *e),
+                replicas_alive: members.replicas.iter().filter(|r| r.alive).count(),
+            }
+        });
+    }
 }

@@ -201,9 +201,13 @@ async fn deliver(
         if bundles.len() > 64 {
             bundles.clear();
         }
-        for row in db.client.query(BUNDLES, &[&missing]).await.map_err(|e| Some(e.into()))? {
-            let stored: StoredBundle =
-                serde_json::from_value(row.get(0)).map_err(|e| Some(DbError::from(e)))?;
+        for row in db
+            .client
+            .query(BUNDLES, &[&missing])
+            .await
+            .map_err(|e| Some(e.into()))?
+        {
+            let stored: StoredBundle = serde_json::from_value(row.get(0)).map_err(|e| Some(DbError::from(e)))?;
             bundles.insert(stored.0.hash(), stored.0);
         }
     }

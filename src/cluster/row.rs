@@ -24,6 +24,9 @@ pub fn global_epoch(boot: i64, epoch: u64) -> u64 {
     (u64::try_from(boot).unwrap_or_default() << EPOCH_BITS) | (epoch & ((1 << EPOCH_BITS) - 1))
 }
 
+/// Attributes as (key, value) pairs.
+type Pairs = Vec<(String, String)>;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Row {
     connected: bool,
@@ -35,7 +38,7 @@ pub struct Row {
     disconnected_ms: Option<u64>,
     capabilities: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    description: Option<(Vec<(String, String)>, Vec<(String, String)>)>,
+    description: Option<(Pairs, Pairs)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     health: Option<HealthRow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,7 +84,7 @@ fn state_code(s: RemoteConfigState) -> u8 {
     }
 }
 
-fn pairs(a: &Attributes) -> Vec<(String, String)> {
+fn pairs(a: &Attributes) -> Pairs {
     a.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
@@ -92,7 +95,11 @@ impl HealthRow {
             status: h.status.clone(),
             last_error: h.last_error.clone(),
             start: h.start_time_unix_nano,
-            components: h.components.iter().map(|(k, c)| (k.clone(), HealthRow::of(c))).collect(),
+            components: h
+                .components
+                .iter()
+                .map(|(k, c)| (k.clone(), HealthRow::of(c)))
+                .collect(),
         }
     }
 
@@ -134,12 +141,10 @@ impl Row {
                 .map(|s| (hex::encode(&s.last_hash), state_code(s.state), s.error_message.clone())),
             unhealthy_ms: r.unhealthy_since.map(ms),
             delivered: r.delivered.map(|d| (d.hash, ms(d.at), d.epoch)),
-            identity: r.identity.as_ref().map(|i| {
-                (
-                    i.name.to_string(),
-                    i.groups.as_ref().map(|g| g.to_vec()),
-                )
-            }),
+            identity: r
+                .identity
+                .as_ref()
+                .map(|i| (i.name.to_string(), i.groups.as_ref().map(|g| g.to_vec()))),
             push_drops: r.push_drops,
         }
     }
@@ -152,7 +157,11 @@ impl Row {
         AgentRecord {
             uid,
             connected,
-            transport: if self.http { Transport::Http } else { Transport::WebSocket },
+            transport: if self.http {
+                Transport::Http
+            } else {
+                Transport::WebSocket
+            },
             connection_epoch: epoch,
             liveness: Arc::new(Liveness::new(at(self.seen_ms), self.seq)),
             disconnected_at: match (self.disconnected_ms, connected) {

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS opamp_agents (
     record     jsonb
 );
 CREATE INDEX IF NOT EXISTS opamp_agents_by_rev ON opamp_agents (rev);
+CREATE INDEX IF NOT EXISTS opamp_agents_forgotten ON opamp_agents (written_at) WHERE record IS NULL;
 
 -- Config bodies by hash, written by the leader before the pushes that name them.
 CREATE TABLE IF NOT EXISTS opamp_configs (

@@ -24,7 +24,8 @@ const MEMBERS_EVERY: Duration = Duration::from_secs(1);
 const PAGE: i64 = 5_000;
 
 const CHANGED: &str = "SELECT uid, replica, boot, rev, record FROM opamp_agents WHERE rev > $1 ORDER BY rev LIMIT $2";
-const OF_REPLICA: &str = "SELECT uid, replica, boot, rev, record FROM opamp_agents WHERE replica = $1 AND record IS NOT NULL";
+const OF_REPLICA: &str =
+    "SELECT uid, replica, boot, rev, record FROM opamp_agents WHERE replica = $1 AND record IS NOT NULL";
 const MEMBERS: &str = "SELECT id, boot, api_url, agents, last_seen, expires_at > now() FROM opamp_replicas ORDER BY id";
 const LEADER: &str = "SELECT holder, epoch, expires_at > now() FROM opamp_leader WHERE id = 1";
 const SAVE_BUNDLES: &str = "INSERT INTO opamp_configs (hash, bundle)
@@ -58,11 +59,16 @@ impl Members {
     /// Where the leader's API is, when there is a leader.
     pub fn leader_api(&self) -> Option<&str> {
         let (id, _) = self.leader.as_ref()?;
-        self.replicas.iter().find(|r| &r.id == id && r.alive).map(|r| r.api_url.as_str())
+        self.replicas
+            .iter()
+            .find(|r| &r.id == id && r.alive)
+            .map(|r| r.api_url.as_str())
     }
 
     fn alive(&self, replica: &str, boot: i64) -> bool {
-        self.replicas.iter().any(|r| r.id == replica && r.boot == boot && r.alive)
+        self.replicas
+            .iter()
+            .any(|r| r.id == replica && r.boot == boot && r.alive)
     }
 }
 
@@ -110,9 +116,11 @@ pub async fn run(
         }
         // Bundles saved before may be gone with a database that restarted.
         saved.clear();
+        // Everything is read again: rows swept while this replica could not
+        // read them would otherwise stay in its view.
         let caught_up = async {
             view.read_members(&db).await?;
-            view.read_changes(&db).await
+            view.reload(&db).await
         };
         if let Err(e) = caught_up.await {
             tracing::warn!(error = %e, "cannot read the cluster's fleet");
@@ -160,6 +168,18 @@ impl View {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads every row afresh.
+    async fn reload(&mut self, db: &Db) -> Result<(), DbError> {
+        let old = std::mem::take(&mut self.agents);
+        self.owners.clear();
+        self.rev = 0;
+        let read = self.read_changes(db).await;
+        if read.is_err() {
+            self.agents = old;
+        }
+        read
     }
 
     /// Reads the members and the leader; the agents of a replica that came

@@ -216,7 +216,7 @@ pub fn spawn(
         Some(c) => (
             ViewBuilder::global(),
             Store::Cluster {
-                store: c.state_store(),
+                store: Box::new(c.state_store()),
                 leadership: c.leadership,
             },
         ),
@@ -405,17 +405,15 @@ impl Driver {
         action: Control,
         by: Option<&str>,
     ) -> Result<GroupStatus, ControlFailure> {
+        if !self.take_term().await {
+            return Err(ControlFailure::NotLeader);
+        }
         // Planning now would start rollouts with only the agents back so far.
-        if let Some(left) = self.config.startup_grace.checked_sub(self.started.elapsed())
-            && !left.is_zero()
-        {
+        if let Some(left) = self.grace_left() {
             return Err(ControlFailure::Starting(humantime::format_duration(left).to_string()));
         }
         if self.git.desired().borrow().is_none() {
             return Err(ControlFailure::NotReady);
-        }
-        if !self.take_term().await {
-            return Err(ControlFailure::NotLeader);
         }
         let now = Timestamp::of(SystemTime::now());
         match action {
@@ -443,7 +441,7 @@ impl Driver {
         self.wanted = false;
         self.next = None;
         self.last_plan = Some((started, Duration::ZERO));
-        if !self.take_term().await {
+        if !self.take_term().await || self.grace_left().is_some() {
             return;
         }
         let Some(loaded) = self.git.desired().borrow().clone() else {
@@ -715,7 +713,11 @@ impl Driver {
                 self.term = None;
                 self.dirty = false;
             }
-            Err(e) => error!(error = %e, "saving the rollout state failed; will retry"),
+            Err(e) => {
+                error!(error = %e, retry_in = ?PERSIST_EVERY, "saving the rollout state failed");
+                // Retried when the next save is due, not at once.
+                self.last_persist = Instant::now();
+            }
         }
     }
 
@@ -731,10 +733,18 @@ impl Driver {
         }
     }
 
+    /// What is left of the start-up grace (of this term, in a cluster).
+    fn grace_left(&self) -> Option<Duration> {
+        self.config
+            .startup_grace
+            .checked_sub(self.started.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+
     /// In a cluster: follows the lease. A new term claims the rollout state
     /// from PostgreSQL (a replica that lost the lease can save nothing
     /// after that) and starts like a restarted controller: the start-up
-    /// grace first, the notes read again. Answers whether to plan now.
+    /// grace first, the notes read again. Answers whether this driver leads.
     async fn take_term(&mut self) -> bool {
         let Store::Cluster { store, leadership } = &mut self.store else {
             return true;
@@ -753,7 +763,11 @@ impl Driver {
             }
             (Some(f), _) => match store.claim(f).await {
                 Ok(saved) => {
-                    info!(epoch = f.epoch, restored = saved.is_some(), "leading: the rollout state is claimed");
+                    info!(
+                        epoch = f.epoch,
+                        restored = saved.is_some(),
+                        "leading: the rollout state is claimed"
+                    );
                     self.restore = saved.is_none();
                     self.state = saved.unwrap_or_default();
                     self.term = Some(f);
@@ -762,7 +776,7 @@ impl Driver {
                     self.book = NoteBook::default();
                     self.started = Instant::now();
                     self.wanted = true;
-                    false
+                    true
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot claim the rollout state; will retry");

@@ -18,7 +18,7 @@ pub enum Store {
     /// A replica: the state in PostgreSQL, loaded and saved only while
     /// `leadership` says this replica leads.
     Cluster {
-        store: StateStore,
+        store: Box<StateStore>,
         leadership: watch::Receiver<Option<Fence>>,
     },
 }

@@ -8,6 +8,7 @@
 //! the component they tell about (`opamp_gitops::driver`...), so `RUST_LOG`
 //! filters by component.
 
+pub mod cluster;
 pub mod connections;
 pub mod fleet;
 pub mod git;

@@ -46,6 +46,9 @@ impl Replica {
             "100ms",
             "--poll-interval",
             "1h",
+            // Tells whose notes are whose.
+            "--notes-author-name",
+            id,
         ];
         let serve = Serve::start(&args, (opamp, any_port())).await;
         Replica {
@@ -67,6 +70,19 @@ async fn cluster(api: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&r.body).expect("JSON")
 }
 
+/// Waits until a replica leads, as the cluster seen from `api` says and as
+/// the leader itself says; answers its id.
+async fn settled_leader(replicas: &[Replica], api: SocketAddr, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let c = wait_cluster(api, what, |c| live_leader(c).is_some_and(&pred)).await;
+    let id = live_leader(&c).expect("a leader").to_string();
+    let leader = replicas.iter().find(|r| r.id == id).expect("a listed replica leads");
+    common::eventually_within(PATIENCE, "the leader to know it leads", async || {
+        (metric_at(leader.api(), "opamp_gitops_cluster_leader").await == 1).then_some(())
+    })
+    .await;
+    id
+}
+
 /// Waits until the cluster seen from `api` satisfies `pred`; answers it.
 async fn wait_cluster(api: SocketAddr, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     common::eventually_within(PATIENCE, what, async || {
@@ -86,6 +102,17 @@ fn connected_on(c: &serde_json::Value, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The replica that leads, when its own lease runs too (so the others
+/// forward to it).
+fn live_leader(c: &serde_json::Value) -> Option<&str> {
+    let leader = c["leader"].as_str()?;
+    c["replicas"]
+        .as_array()?
+        .iter()
+        .any(|r| r["id"] == leader && r["alive"] == true)
+        .then_some(leader)
+}
+
 async fn post(api: SocketAddr, path: &str) -> u16 {
     http_request(api, "POST", path, &[], Body::Empty).await.status
 }
@@ -97,11 +124,13 @@ async fn three_replicas(repo: &GitRepo, pg: &Postgres) -> (Vec<Replica>, Balance
         replicas.push(Replica::start(id, repo, pg, any_port()).await);
     }
     let balancer = Balancer::start(replicas.iter().map(|r| r.serve.opamp).collect()).await;
-    let c = wait_cluster(replicas[0].api(), "a leader and three live replicas", |c| {
-        c["leader"].is_string() && c["replicas"].as_array().is_some_and(|r| r.iter().filter(|r| r["alive"] == true).count() == 3)
+    wait_cluster(replicas[0].api(), "three live replicas", |c| {
+        c["replicas"]
+            .as_array()
+            .is_some_and(|r| r.iter().filter(|r| r["alive"] == true).count() == 3)
     })
     .await;
-    let leader = c["leader"].as_str().expect("a leader").to_string();
+    let leader = settled_leader(&replicas, replicas[0].api(), "a leader", |_| true).await;
     (replicas, balancer, leader)
 }
 
@@ -146,7 +175,10 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
 
     // A pause made on a follower takes effect.
     assert_eq!(post(follower.api(), "/api/v1/groups/edge/pause").await, 200);
-    let paused = wait_group_at(replicas[0].api(), "edge", "paused", PATIENCE, |g| g["rollout"]["phase"] == "paused").await;
+    let paused = wait_group_at(replicas[0].api(), "edge", "paused", PATIENCE, |g| {
+        g["rollout"]["phase"] == "paused"
+    })
+    .await;
     assert_eq!(paused["rollout"]["wave"], 1, "{paused}");
     assert_eq!(post(follower.api(), "/api/v1/groups/edge/resume").await, 200);
     assert_eq!(post(follower.api(), "/api/v1/groups/edge/promote").await, 200);
@@ -181,5 +213,247 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
     assert_eq!(done["config_hash"], h2.as_str());
     // The agents that applied v2 were held by all three replicas.
     assert!(["r1", "r2", "r3"].iter().all(|id| connected_on(&spread, id) > 0));
+    stop.cancel();
+}
+
+/// The value of `name` (with its labels, as in `name{label="v"}`) in the
+/// `/metrics` of `api`; 0 when absent.
+async fn metric_at(api: SocketAddr, name: &str) -> u64 {
+    let r = http_request(api, "GET", "/metrics", &[], Body::Empty).await;
+    let text = String::from_utf8_lossy(&r.body);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+const WAVE_PUSHES: &str = "opamp_gitops_pushes_total{reason=\"wave\"}";
+
+/// Commits v1 to every agent, then v2 in waves of 1, half and all with a bake
+/// that never ends by itself, and promotes it to wave 2. Answers the group then.
+async fn at_wave_two(
+    repo: &GitRepo,
+    replicas: &[Replica],
+    leader: &str,
+    sim_addr: SocketAddr,
+) -> (serde_json::Value, String, CancellationToken, simulate::Simulation) {
+    let api = replicas.iter().find(|r| r.id != leader).expect("a follower").api();
+    let mut config = simulate::Config::new(format!("ws://{sim_addr}/v1/opamp"), AGENTS as usize);
+    config.apply_delay = Duration::from_millis(20);
+    let stop = CancellationToken::new();
+    let sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    wait_cluster(api, "agents on every replica", |c| {
+        ["r1", "r2", "r3"].iter().all(|id| connected_on(c, id) > 0)
+            && ["r1", "r2", "r3"].iter().map(|id| connected_on(c, id)).sum::<u64>() == AGENTS
+    })
+    .await;
+    let v2 = collector_config("v2");
+    repo.commit_edge("  waves: [1, 50%, 100%]\n  bake: 1h\n", &v2, "v2");
+    let h2 = edge_hash(&v2).to_string();
+    for r in replicas {
+        assert_eq!(post(r.api(), "/api/v1/sync").await, 200);
+    }
+    wait_group_at(api, "edge", "wave 1 applied", PATIENCE, |g| {
+        g["config_hash"] == h2.as_str() && g["agents"]["applied"] == 1
+    })
+    .await;
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    let group = wait_group_at(api, "edge", "wave 2 applied", PATIENCE, |g| {
+        g["rollout"]["wave"] == 2 && g["agents"]["applied"] == AGENTS / 2
+    })
+    .await;
+    (group, h2, stop, sim)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_leader_is_replaced_and_the_rollout_goes_on_from_the_same_wave() {
+    let pg = Postgres::start();
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
+    let (mut replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let (before, h2, stop, _sim) = at_wave_two(&repo, &replicas, &leader, balancer.addr).await;
+
+    // SIGKILL during wave 2's bake: nothing of the leader's shutdown runs.
+    let dead = replicas.iter().position(|r| r.id == leader).expect("the leader");
+    let killed = tokio::time::Instant::now();
+    replicas.remove(dead).serve.kill().await;
+    let api = replicas[0].api();
+    let id = settled_leader(&replicas, api, "another leader", |l| l != leader).await;
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(3 + 5),
+        "a new leader within TTL + 5 s, took {took:?}"
+    );
+    let new_leader = replicas.iter().find(|r| r.id == id).expect("a live replica leads");
+
+    // The dead replica's agents reconnect to the others.
+    wait_cluster(api, "every agent on the two live replicas", |c| {
+        replicas.iter().map(|r| connected_on(c, &r.id)).sum::<u64>() == AGENTS
+    })
+    .await;
+    let after = wait_group_at(
+        api,
+        "edge",
+        "the rollout resumed with every agent back",
+        PATIENCE,
+        |g| g["agents"]["applied"] == AGENTS / 2 && g["agents"]["offline"] == 0,
+    )
+    .await;
+    common::process::assert_resumed(&before, &after);
+    common::let_pass_at(new_leader.api(), Duration::from_secs(1), PATIENCE).await;
+    assert_eq!(
+        metric_at(new_leader.api(), WAVE_PUSHES).await,
+        0,
+        "no agent of a completed wave is pushed again"
+    );
+
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    wait_group_at(api, "edge", "wave 3 applied", PATIENCE, |g| {
+        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    let done = wait_group_at(api, "edge", "complete", PATIENCE, |g| {
+        g["rollout"]["phase"] == "complete"
+    })
+    .await;
+    assert_eq!(done["config_hash"], h2.as_str());
+    assert_eq!(
+        metric_at(new_leader.api(), WAVE_PUSHES).await,
+        AGENTS - AGENTS / 2,
+        "only wave 3's agents were pushed by the new leader"
+    );
+    stop.cancel();
+}
+
+/// The note on `commit`, once there is one.
+fn note_of(repo: &GitRepo, commit: &str) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .current_dir(repo.path())
+        .args(["notes", "--ref=opamp-gitops", "show", commit])
+        .output()
+        .expect("git runs");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How many notes commits `author` made.
+fn notes_by(repo: &GitRepo, author: &str) -> usize {
+    common::gitops::git(repo.path(), &["log", "--format=%an", "refs/notes/opamp-gitops"])
+        .lines()
+        .filter(|a| *a == author)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_steps_down() {
+    let pg = Postgres::start();
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1");
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
+    let (replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", balancer.addr), AGENTS as usize);
+    config.apply_delay = Duration::from_millis(20);
+    let stop = CancellationToken::new();
+    let _sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    let follower = replicas.iter().find(|r| r.id != leader).expect("a follower");
+    let h1 = edge_hash(&v1).to_string();
+    wait_group_at(follower.api(), "edge", "v1 on all agents", PATIENCE, |g| {
+        g["config_hash"] == h1.as_str() && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    assert!(notes_by(&repo, &leader) > 0, "the leader wrote v1's note");
+
+    // v2 with a short bake: when the paused leader wakes, its bake is long
+    // over and, were it still to act, it would open the next wave.
+    let v2 = collector_config("v2");
+    let c2 = repo.commit_edge("  waves: [1, 100%]\n  bake: 2s\n", &v2, "v2");
+    let h2 = edge_hash(&v2).to_string();
+    for r in &replicas {
+        assert_eq!(post(r.api(), "/api/v1/sync").await, 200);
+    }
+    // Paused once the note of the applied canary is written: nothing else
+    // is to be written until the bake ends, so no write is under way.
+    common::eventually_within(PATIENCE, "the leader's note of the canary applied", async || {
+        let note = note_of(&repo, c2.as_str())?;
+        let author = common::gitops::git(repo.path(), &["log", "-1", "--format=%an", "refs/notes/opamp-gitops"]);
+        (author.trim() == leader && note.contains("applied: 1,") && note.contains("wave: 1\n")).then_some(())
+    })
+    .await;
+    let paused = replicas.iter().find(|r| r.id == leader).expect("the leader");
+    paused.serve.signal("STOP");
+    let notes_before = notes_by(&repo, &leader);
+    let old_epoch = cluster(follower.api()).await["epoch"].as_i64().expect("an epoch");
+    settled_leader(&replicas, follower.api(), "another leader", |l| l != leader).await;
+    let new_epoch = cluster(follower.api()).await["epoch"].as_i64().expect("an epoch");
+    assert!(new_epoch > old_epoch, "a new holder, a new epoch");
+    // The new leader goes on with the rollout (its agents on the paused
+    // replica are offline meanwhile; the canary may be one of them).
+    wait_group_at(follower.api(), "edge", "the rollout taken over", PATIENCE, |g| {
+        g["config_hash"] == h2.as_str() && g["agents"]["offline"].as_u64().is_some_and(|n| n > 0)
+    })
+    .await;
+
+    paused.serve.signal("CONT");
+    // Once awake, its agents are back and it delivers the new leader's
+    // pushes, so the rollout completes on every agent.
+    wait_group_at(follower.api(), "edge", "v2 complete on all agents", PATIENCE, |g| {
+        g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    common::eventually_within(PATIENCE, "the woken replica to step down", async || {
+        (metric_at(paused.api(), "opamp_gitops_cluster_epoch").await == new_epoch as u64
+            && metric_at(paused.api(), "opamp_gitops_cluster_leader").await == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        notes_by(&repo, &leader),
+        notes_before,
+        "no note written after the lease was lost"
+    );
+    assert_eq!(
+        pg.sql("SELECT epoch FROM opamp_rollout_state"),
+        new_epoch.to_string(),
+        "the rollout state belongs to the new leader's epoch"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_mid_rollout_loses_nothing_and_the_rollout_completes() {
+    let pg = Postgres::start();
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
+    let (replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let (before, h2, stop, _sim) = at_wave_two(&repo, &replicas, &leader, balancer.addr).await;
+    let leading = replicas.iter().find(|r| r.id == leader).expect("the leader");
+
+    // Down long enough for the leader to let its lease go.
+    pg.stop();
+    common::eventually_within(PATIENCE, "the leader to step down", async || {
+        (metric_at(leading.api(), "opamp_gitops_cluster_leader").await == 0).then_some(())
+    })
+    .await;
+    pg.up();
+
+    let api = replicas[0].api();
+    settled_leader(&replicas, api, "a leader again", |_| true).await;
+    let after = wait_group_at(api, "edge", "the rollout back, every agent listed", PATIENCE, |g| {
+        g["agents"]["applied"] == AGENTS / 2 && g["agents"]["offline"] == 0
+    })
+    .await;
+    common::process::assert_resumed(&before, &after);
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    wait_group_at(api, "edge", "wave 3 applied", PATIENCE, |g| {
+        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    let done = wait_group_at(api, "edge", "complete", PATIENCE, |g| {
+        g["rollout"]["phase"] == "complete"
+    })
+    .await;
+    assert_eq!(done["config_hash"], h2.as_str());
     stop.cancel();
 }

@@ -27,7 +27,10 @@ impl Postgres {
             dir,
         };
         let data = pg.data();
-        pg.run("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        pg.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        );
         pg.up();
         pg
     }
@@ -45,7 +48,10 @@ impl Postgres {
             self.dir.path().display()
         );
         let log = self.dir.path().join("log").display().to_string();
-        self.run("pg_ctl", &["-D", &self.data(), "-o", &options, "-l", &log, "-w", "start"]);
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-o", &options, "-l", &log, "-w", "start"],
+        );
     }
 
     /// Stops the server at once (connections are cut, as in a crash).
@@ -56,10 +62,26 @@ impl Postgres {
     /// Runs SQL with `psql`; its output, unaligned and without headers.
     pub fn sql(&self, query: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-c", query])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-c",
+                query,
+            ])
             .output()
             .expect("psql runs");
-        assert!(out.status.success(), "psql {query}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql {query}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -109,6 +131,10 @@ fn is_root() -> bool {
 }
 
 fn chown_postgres(dir: &Path) {
-    let out = Command::new("chown").args(["postgres:postgres"]).arg(dir).output().expect("chown runs");
+    let out = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(dir)
+        .output()
+        .expect("chown runs");
     assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
 }
