@@ -706,6 +706,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_needs_a_postgres_url_and_a_lease_of_three_seconds_at_least() {
+        let parse = |extra: &[&str]| {
+            let all = ["opamp-gitops", "serve"].iter().chain(extra);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Serve(args)) => Ok(args),
+                Ok(_) => panic!("not serve"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let args = parse(&["--store", "postgres://u:p@db:5432/opamp", "--replica-id", "r1"]).unwrap();
+        assert_eq!(args.store.as_deref(), Some("postgres://u:p@db:5432/opamp"));
+        assert_eq!(args.lease_ttl, Duration::from_secs(15));
+        let err = parse(&["--store", "mysql://db/opamp"]).unwrap_err();
+        assert!(err.contains("expected a postgres:// URL"), "{err}");
+        let err = parse(&["--store", "postgres://db:notaport/opamp"]).unwrap_err();
+        assert!(err.contains("not a usable PostgreSQL URL"), "{err}");
+        let err = parse(&["--store", "postgres://db/opamp", "--lease-ttl", "1s"]).unwrap_err();
+        assert!(err.contains("at least 3s"), "{err}");
+        let err = parse(&["--replica-id", "r1"]).unwrap_err();
+        assert!(err.contains("--store"), "a replica id without a store: {err}");
+    }
+
+    #[test]
     fn notifications_from_the_command_line() {
         let parse = |extra: &[&str]| {
             let mut all = vec!["opamp-gitops", "serve"];

@@ -18,7 +18,7 @@ use crate::fleet::{AgentRecord, FleetHandle};
 use crate::model::{ConfigHash, InstanceUid};
 
 /// Liveness alone (a heartbeat) reaches the other replicas at most this often.
-pub const LIVENESS_FLUSH: Duration = Duration::from_secs(60);
+pub const LIVENESS_FLUSH: Duration = Duration::from_secs(5 * 60);
 /// How often pushes are looked for when no notification came (one lost
 /// while the connection was down, say).
 const PUSH_POLL: Duration = Duration::from_secs(1);
@@ -65,7 +65,8 @@ pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: C
         let mut snapshots = fleet.subscribe();
         snapshots.mark_changed();
         let mut poll = tokio::time::interval(PUSH_POLL);
-        let mut flush = tokio::time::interval(LIVENESS_FLUSH);
+        // Looked at five times as often, so none is later than it by much.
+        let mut flush = tokio::time::interval(LIVENESS_FLUSH / 5);
         flush.reset();
         loop {
             let result = tokio::select! {

@@ -457,3 +457,117 @@ async fn postgres_restarted_mid_rollout_loses_nothing_and_the_rollout_completes(
     assert_eq!(done["config_hash"], h2.as_str());
     stop.cancel();
 }
+
+/// The manifests in `deploy/kubernetes/`: three replicas whose arguments
+/// `serve` accepts, each named after its pod and advertising its pod's
+/// address, the database URL from the Secret, and services that select them.
+#[test]
+fn the_kubernetes_manifests_run_three_replicas_that_serve_accepts() {
+    use clap::Parser as _;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let docs: Vec<serde_yaml_ng::Value> = ["statefulset.yaml", "services.yaml"]
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(dir.join(f)).expect("a manifest");
+            serde_yaml_ng::Deserializer::from_str(&text)
+                .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+                .collect::<Vec<serde_yaml_ng::Value>>()
+        })
+        .collect();
+    let set = docs.iter().find(|d| d["kind"] == "StatefulSet").expect("a StatefulSet");
+    assert_eq!(set["spec"]["replicas"], 3);
+    let labels = &set["spec"]["template"]["metadata"]["labels"];
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .expect("text")
+                .replace("$(POD_NAME)", "opamp-gitops-1")
+                .replace("$(POD_IP)", "10.0.0.7")
+        })
+        .collect();
+    // The database URL comes from the environment (the Secret).
+    let from_env = "--store=postgres://opamp@db:5432/opamp".to_string();
+    let command_line = std::iter::once("opamp-gitops".to_string())
+        .chain(args)
+        .chain([from_env]);
+    let cli = opamp_gitops::cli::Cli::try_parse_from(command_line)
+        .unwrap_or_else(|e| panic!("serve refuses the manifest's arguments: {e}"));
+    let opamp_gitops::cli::Command::Serve(serve) = cli.command else {
+        panic!("the container runs serve")
+    };
+    assert_eq!(serve.replica_id.as_deref(), Some("opamp-gitops-1"));
+    assert_eq!(serve.advertise_api.as_deref(), Some("http://10.0.0.7:4321"));
+    let store = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "OPAMP_GITOPS_STORE")
+        .expect("the database URL in the environment");
+    assert_eq!(store["valueFrom"]["secretKeyRef"]["name"], "opamp-gitops-store");
+    let services: Vec<_> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+    assert_eq!(services.len(), 3);
+    for s in services {
+        assert_eq!(&s["spec"]["selector"], labels, "{s:?} selects the replicas");
+    }
+}
+
+/// The fencing of the rollout state, against the database alone: once a
+/// newer epoch has claimed it, a save of an older one changes nothing.
+#[tokio::test]
+async fn a_save_of_an_older_epoch_changes_nothing_once_a_newer_one_claimed_the_state() {
+    use opamp_gitops::cluster::{DbError, Fence, StateStore, db::Db};
+    use opamp_gitops::model::GroupName;
+    use opamp_gitops::reconcile::{GroupState, RolloutState};
+
+    let pg = Postgres::start();
+    Db::connect(&pg.url())
+        .await
+        .expect("connects")
+        .migrate()
+        .await
+        .expect("tables");
+    let lead = |holder: &str, epoch: i64| {
+        pg.sql(&format!(
+            "UPDATE opamp_leader SET holder = '{holder}', epoch = {epoch}, expires_at = now() + interval '1 minute'"
+        ))
+    };
+    let fence = |epoch| Fence {
+        epoch,
+        until: tokio::time::Instant::now() + Duration::from_secs(60),
+    };
+    let state = |group: &str| {
+        let mut s = RolloutState::default();
+        s.groups.insert(GroupName::new(group), GroupState::default());
+        s
+    };
+
+    lead("r1", 1);
+    let mut first = StateStore::new(pg.url(), "r1".into());
+    assert_eq!(first.claim(fence(1)).await.expect("claimed"), None, "nothing saved yet");
+    first.save(fence(1), &state("a")).await.expect("saved by the leader");
+
+    lead("r2", 2);
+    let mut second = StateStore::new(pg.url(), "r2".into());
+    assert_eq!(second.claim(fence(2)).await.expect("claimed"), Some(state("a")));
+    assert!(matches!(first.save(fence(1), &state("b")).await, Err(DbError::Fenced)));
+    assert!(
+        matches!(first.claim(fence(1)).await, Err(DbError::Fenced)),
+        "an older epoch cannot claim it back"
+    );
+    assert_eq!(
+        second.claim(fence(2)).await.expect("claimed again"),
+        Some(state("a")),
+        "the old leader's save was refused"
+    );
+
+    // A fence that has run out saves nothing, even for the holder.
+    let stale = Fence {
+        epoch: 2,
+        until: tokio::time::Instant::now(),
+    };
+    assert!(matches!(second.save(stale, &state("c")).await, Err(DbError::Fenced)));
+}
