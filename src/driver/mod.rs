@@ -295,6 +295,9 @@ struct Driver {
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// The longest time between plans before a commit is loaded.
 const DEFAULT_TICK: Duration = Duration::from_secs(600);
+/// How soon a replica that holds the lease tries again to take up its term
+/// (claim the rollout state, fetch the repository) after failing to.
+const TERM_RETRY: Duration = Duration::from_secs(2);
 /// Plans that changes call for are this far apart at least...
 const MIN_PLAN_GAP: Duration = Duration::from_millis(50);
 /// ...and at least this many times as long as the last plan's computation
@@ -763,6 +766,13 @@ impl Driver {
             }
             (Some(f), _) => match store.claim(f).await {
                 Ok(saved) => {
+                    // This replica's copy of the repository may be older than
+                    // what the last leader rolled out: fetch before planning.
+                    if let Err(e) = self.git.sync().await {
+                        warn!(error = %e, retry_in = ?TERM_RETRY, "leading needs the repository as it is now; cannot fetch it");
+                        self.next = Some(Instant::now() + TERM_RETRY);
+                        return false;
+                    }
                     info!(
                         epoch = f.epoch,
                         restored = saved.is_some(),
@@ -779,8 +789,8 @@ impl Driver {
                     true
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot claim the rollout state; will retry");
-                    self.wanted = true;
+                    warn!(error = %e, retry_in = ?TERM_RETRY, "cannot claim the rollout state");
+                    self.next = Some(Instant::now() + TERM_RETRY);
                     false
                 }
             },

@@ -26,12 +26,13 @@ struct Replica {
 }
 
 impl Replica {
-    async fn start(id: &str, repo: &GitRepo, pg: &Postgres, opamp: SocketAddr) -> Replica {
+    /// `repo` as `--repo` takes it: a path or a URL.
+    async fn start(id: &str, repo: &str, pg: &Postgres, opamp: SocketAddr) -> Replica {
         let state = tempfile::tempdir().expect("temp dir");
         let url = pg.url();
         let args = [
             "--repo",
-            repo.path().to_str().expect("utf-8"),
+            repo,
             "--state-dir",
             state.path().to_str().expect("utf-8"),
             "--store",
@@ -117,8 +118,8 @@ async fn post(api: SocketAddr, path: &str) -> u16 {
     http_request(api, "POST", path, &[], Body::Empty).await.status
 }
 
-/// Three replicas, each holding some of the agents, and the one that leads.
-async fn three_replicas(repo: &GitRepo, pg: &Postgres) -> (Vec<Replica>, Balancer, String) {
+/// Three replicas of `repo` (as `--repo` takes it), and the one that leads.
+async fn three_replicas(repo: &str, pg: &Postgres) -> (Vec<Replica>, Balancer, String) {
     let mut replicas = Vec::new();
     for id in ["r1", "r2", "r3"] {
         replicas.push(Replica::start(id, repo, pg, any_port()).await);
@@ -140,7 +141,7 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
     let repo = GitRepo::new();
     let v1 = collector_config("v1");
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
-    let (replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let (replicas, balancer, leader) = three_replicas(repo.path().to_str().expect("utf-8"), &pg).await;
 
     let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", balancer.addr), AGENTS as usize);
     config.apply_delay = Duration::from_millis(20);
@@ -269,7 +270,10 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on_from_the_same_wave(
     let pg = Postgres::start();
     let repo = GitRepo::new();
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
-    let (mut replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    // A remote: each replica fetches it (every hour, or when asked), so the
+    // followers' copies lag behind the leader's, which is the one synced.
+    let url = format!("file://{}", repo.path().display());
+    let (mut replicas, balancer, leader) = three_replicas(&url, &pg).await;
     let (before, h2, stop, _sim) = at_wave_two(&repo, &replicas, &leader, balancer.addr).await;
 
     // SIGKILL during wave 2's bake: nothing of the leader's shutdown runs.
@@ -351,7 +355,7 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_steps_d
     let repo = GitRepo::new();
     let v1 = collector_config("v1");
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
-    let (replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let (replicas, balancer, leader) = three_replicas(repo.path().to_str().expect("utf-8"), &pg).await;
     let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", balancer.addr), AGENTS as usize);
     config.apply_delay = Duration::from_millis(20);
     let stop = CancellationToken::new();
@@ -425,7 +429,7 @@ async fn postgres_restarted_mid_rollout_loses_nothing_and_the_rollout_completes(
     let pg = Postgres::start();
     let repo = GitRepo::new();
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
-    let (replicas, balancer, leader) = three_replicas(&repo, &pg).await;
+    let (replicas, balancer, leader) = three_replicas(repo.path().to_str().expect("utf-8"), &pg).await;
     let (before, h2, stop, _sim) = at_wave_two(&repo, &replicas, &leader, balancer.addr).await;
     let leading = replicas.iter().find(|r| r.id == leader).expect("the leader");
 
