@@ -372,7 +372,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let cluster_stop = CancellationToken::new();
     let mut cluster_tasks = Vec::new();
     let cluster = config.cluster.clone().map(|c| {
-        let (cluster, started) = Cluster::start(c, api_addr, &fleet, &cluster_stop);
+        let (cluster, started) = Cluster::start(c, api_addr, config.agent_retention, &fleet, &cluster_stop);
         for (name, task) in started {
             let (watcher, abort) = supervise(name, task, &ended_tx);
             tasks.push((name, abort));
@@ -639,7 +639,9 @@ async fn start_gitops(
     let store = git.notes_store(author.clone());
     let reader = git.notes_store(author);
     let notes_stop = CancellationToken::new();
-    let gate: Option<writer::Gate> = cluster.clone().map(|c| -> writer::Gate { Arc::new(move || c.leads()) });
+    let gate: Option<writer::Gate> = cluster
+        .clone()
+        .map(|c| -> writer::Gate { Arc::new(move || c.leadership.borrow().filter(|f| f.holds()).map(|f| f.epoch)) });
     let (notes, notes_task) = writer::spawn(store, Backoff::default(), gate, notes_stop.clone());
     let metrics = notes.metrics().clone();
     let existing_notes: driver::NotesReader = Arc::new(move || read_existing_notes(&reader, &metrics));

@@ -516,7 +516,28 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// The git source's settings from `serve`'s arguments.
+/// What a replica (`--store`) needs besides: an API address the others can
+/// reach, and plain HTTP between replicas.
+fn check_replica(args: &ServeArgs) -> Result<(), String> {
+    if args.store.is_none() {
+        return Ok(());
+    }
+    if args.tls_cert.is_some() {
+        return Err(
+            "--store cannot be combined with --tls-cert yet: replicas forward API calls to the \
+             leader over plain HTTP; terminate TLS at the load balancer (see docs/ha.md)"
+                .to_string(),
+        );
+    }
+    if args.advertise_api.is_none() && args.api_listen.ip().is_unspecified() {
+        return Err(format!(
+            "--store with --api-listen {} needs --advertise-api: the address the other replicas reach this one's API at",
+            args.api_listen
+        ));
+    }
+    Ok(())
+}
+
 /// A PostgreSQL URL that the client can use.
 fn parse_store(s: &str) -> Result<String, String> {
     if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
@@ -536,16 +557,18 @@ fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The host's name, a replica's default name.
+/// The host's name, a replica's default name; a name of its own when the
+/// host has none (two replicas of one name would take each other's agents).
 fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "replica".to_string())
+        .unwrap_or_else(|| format!("replica-{}", uuid::Uuid::now_v7()))
 }
 
+/// The git source's settings from `serve`'s arguments.
 pub fn git_config(args: &ServeArgs) -> Result<crate::gitsrc::GitConfig, crate::gitsrc::GitError> {
     use crate::gitsrc::{Auth, GitConfig, GitError, RepoLocation};
     let repo = args.repo.as_deref().ok_or(GitError::NoRepo)?;
@@ -600,6 +623,10 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(e) = check_replica(&args) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let config = crate::app::ServeConfig {
                 opamp_listen: args.opamp_listen,
                 api_listen: args.api_listen,
@@ -726,6 +753,30 @@ mod tests {
         assert!(err.contains("at least 3s"), "{err}");
         let err = parse(&["--replica-id", "r1"]).unwrap_err();
         assert!(err.contains("--store"), "a replica id without a store: {err}");
+        let everywhere = parse(&["--store", "postgres://db/opamp", "--api-listen", "0.0.0.0:4321"]).unwrap();
+        let err = check_replica(&everywhere).unwrap_err();
+        assert!(err.contains("needs --advertise-api"), "{err}");
+        let advertised = parse(&[
+            "--store",
+            "postgres://db/opamp",
+            "--api-listen",
+            "0.0.0.0:4321",
+            "--advertise-api",
+            "http://10.0.0.7:4321",
+        ])
+        .unwrap();
+        assert_eq!(check_replica(&advertised), Ok(()));
+        assert_eq!(check_replica(&parse(&[]).unwrap()), Ok(()), "not a replica");
+        let tls = [
+            "--store",
+            "postgres://db/opamp",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ];
+        let err = check_replica(&parse(&tls).unwrap()).unwrap_err();
+        assert!(err.contains("--tls-cert"), "{err}");
     }
 
     #[test]

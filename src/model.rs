@@ -298,6 +298,15 @@ impl AgentState {
     }
 }
 
+/// A connection epoch unique across processes: the process's start (ms,
+/// `boot`) above the bits of its own count, which starts from zero in every
+/// process. The planner remembers pushes per connection, also across
+/// restarts and, in a cluster, across replicas.
+pub fn global_epoch(boot: u64, epoch: u64) -> u64 {
+    const EPOCH_BITS: u32 = 20;
+    (boot << EPOCH_BITS) | (epoch & ((1 << EPOCH_BITS) - 1))
+}
+
 /// How an agent talks to us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {

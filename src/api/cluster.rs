@@ -16,6 +16,8 @@ use serde_json::json;
 use super::{ApiState, error};
 use crate::cluster::Cluster;
 
+/// How long a forwarded call may take: a long poll is held for a minute at most.
+const FORWARD_TIMEOUT: std::time::Duration = super::wait::MAX_WAIT.saturating_add(std::time::Duration::from_secs(15));
 /// Marks a forwarded request, so it is never forwarded twice.
 const FORWARDED: &str = "opamp-gitops-forwarded-by";
 
@@ -67,7 +69,7 @@ pub async fn forward(State(state): State<ApiState>, mut request: Request, next: 
         return next.run(request).await;
     };
     let path = request.uri().path();
-    if !path.starts_with("/api/v1/") || path == "/api/v1/cluster" || c.cluster.leads() {
+    if !path.starts_with("/api/v1/") || path == "/api/v1/cluster" || c.cluster.holds_lease() {
         return next.run(request).await;
     }
     if request.headers().contains_key(FORWARDED) {
@@ -101,16 +103,21 @@ pub async fn forward(State(state): State<ApiState>, mut request: Request, next: 
             &format!("the leader's address {base} is not a URL"),
         );
     };
+    // The `Host` header stays the caller's: the leader checks a browser's
+    // `Origin` against it, as this replica did.
     *request.uri_mut() = uri;
-    request.headers_mut().remove(header::HOST);
     if let Ok(me) = HeaderValue::from_str(&c.cluster.replica) {
         request.headers_mut().insert(FORWARDED, me);
     }
-    match c.client.request(request).await {
-        Ok(answer) => answer.map(Body::new),
-        Err(e) => error(
+    match tokio::time::timeout(FORWARD_TIMEOUT, c.client.request(request)).await {
+        Ok(Ok(answer)) => answer.map(Body::new),
+        Ok(Err(e)) => error(
             StatusCode::BAD_GATEWAY,
             &format!("the leader at {base} did not answer: {e}"),
+        ),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("the leader at {base} did not answer within {FORWARD_TIMEOUT:?}"),
         ),
     }
 }

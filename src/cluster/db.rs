@@ -12,6 +12,8 @@ use crate::backoff::Backoff;
 
 /// The schema, applied by every replica at start (idempotent).
 const SCHEMA: &str = include_str!("schema.sql");
+/// How long a connection may go unanswered before it counts as broken.
+const DEAD_AFTER: Duration = Duration::from_secs(10);
 /// Serialises the migrations of replicas starting together.
 const MIGRATION_LOCK: i64 = 0x6f70_616d_7067;
 
@@ -35,13 +37,26 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("this replica no longer holds the leader lease")]
     Fenced,
+    #[error("PostgreSQL cannot be reached")]
+    Unreachable,
     #[error("a stored value is unreadable: {0}")]
     Decode(#[from] serde_json::Error),
 }
 
 impl Db {
+    /// Connects. A database that stops answering is noticed within seconds
+    /// (connect timeout, TCP keepalives and user timeout), so no task waits
+    /// on a dead connection for long.
     pub async fn connect(url: &str) -> Result<Db, DbError> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+        let mut config: tokio_postgres::Config = url.parse()?;
+        config
+            .connect_timeout(DEAD_AFTER)
+            .tcp_user_timeout(DEAD_AFTER)
+            .keepalives(true)
+            .keepalives_idle(DEAD_AFTER / 2)
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
+        let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, notifications) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -61,20 +76,20 @@ impl Db {
         Ok(Db { client, notifications })
     }
 
-    /// Connects, retrying with backoff until it works or `cancel` fires.
-    pub async fn connect_until(url: &str, what: &str, cancel: &CancellationToken) -> Option<Db> {
-        let mut delay = Duration::ZERO;
+    /// Connects, after waiting `retry` (zero the first time), retrying with
+    /// backoff until it works or `cancel` fires. `retry` grows with every
+    /// failure, a failure of the connection made here included: the caller
+    /// resets it once the connection has done its work.
+    pub async fn connect_until(url: &str, what: &str, retry: &mut Duration, cancel: &CancellationToken) -> Option<Db> {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return None,
-                () = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep(*retry) => {}
             }
+            *retry = RECONNECT.next((*retry).max(RECONNECT.min / 2));
             match Db::connect(url).await {
                 Ok(db) => return Some(db),
-                Err(e) => {
-                    delay = RECONNECT.next(delay.max(RECONNECT.min / 2));
-                    tracing::warn!(error = %e, task = what, retry_in = ?delay, "cannot reach PostgreSQL");
-                }
+                Err(e) => tracing::warn!(error = %e, task = what, retry_in = ?*retry, "cannot reach PostgreSQL"),
             }
         }
     }

@@ -32,7 +32,8 @@ impl Fence {
 
 /// Until when a lease that a request sent at `sent` renewed for `ttl` may be
 /// relied on: the database counts the TTL from when it ran the request, which
-/// is later; a tenth of the TTL is kept for clocks that run a little apart.
+/// is later; a tenth of the TTL is kept in case this machine's clock runs
+/// slower than the database's.
 pub fn held_until(sent: Instant, ttl: Duration) -> Instant {
     sent + ttl - ttl / 10
 }
@@ -46,6 +47,8 @@ pub struct Member {
     /// Where the other replicas reach its API.
     pub api_url: String,
     pub ttl: Duration,
+    /// How long agents of a replica that has gone are kept.
+    pub retention: Duration,
 }
 
 const UPSERT_REPLICA: &str = "INSERT INTO opamp_replicas (id, boot, api_url, agents, last_seen, expires_at)
@@ -59,13 +62,29 @@ const RENEW: &str = "UPDATE opamp_leader SET expires_at = now() + make_interval(
      WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() RETURNING epoch";
 const RELEASE: &str = "UPDATE opamp_leader SET expires_at = now() WHERE id = 1 AND holder = $1 AND epoch = $2";
 const LEAVE: &str = "UPDATE opamp_replicas SET expires_at = now() WHERE id = $1 AND boot = $2";
+/// How often the leader sweeps.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// What nobody reads any more: pushes for replicas that are gone or of an
-/// older epoch, agents forgotten an hour ago, replicas gone for a day.
-const SWEEP: &str = "
+/// older epoch; agents of replica runs that ended, unheard of for
+/// `retention` seconds (`$1`), forgotten as a replica forgets its own (in
+/// turn with the replicas' writes: see `replica::in_rev_order`); forgotten
+/// agents' rows an hour later; replicas gone for a day.
+fn sweep_sql(retention: Duration) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock({lock});
     DELETE FROM opamp_pushes p WHERE p.epoch < (SELECT epoch FROM opamp_leader WHERE id = 1)
        OR NOT EXISTS (SELECT 1 FROM opamp_replicas r WHERE r.id = p.replica AND r.expires_at > now());
+    UPDATE opamp_agents a SET record = NULL, rev = nextval('opamp_agent_rev'), written_at = now()
+     WHERE record IS NOT NULL AND written_at < now() - make_interval(secs => {secs})
+       AND NOT EXISTS (SELECT 1 FROM opamp_replicas r
+                        WHERE r.id = a.replica AND r.boot = a.boot AND r.expires_at > now());
     DELETE FROM opamp_agents WHERE record IS NULL AND written_at < now() - interval '1 hour';
-    DELETE FROM opamp_replicas WHERE expires_at < now() - interval '1 day';";
+    DELETE FROM opamp_replicas WHERE expires_at < now() - interval '1 day';",
+        lock = super::replica::AGENT_REV_LOCK,
+        secs = retention.as_secs(),
+    )
+}
 
 /// Keeps this replica's row alive and holds the lease when it can; tells
 /// `leadership` whenever the lease is taken or lost. `agents` counts the
@@ -80,14 +99,28 @@ pub async fn run(
 ) {
     let every = member.ttl / 3;
     let mut fence: Option<Fence> = None;
-    'connect: while let Some(mut db) = Db::connect_until(&url, "lease", &cancel).await {
+    let mut retry = Duration::ZERO;
+    let mut swept: Option<Instant> = None;
+    'connect: while let Some(mut db) = Db::connect_until(&url, "lease", &mut retry, &cancel).await {
         if let Err(e) = db.migrate().await {
             tracing::warn!(error = %e, "cannot create the cluster's tables");
+            continue;
         }
         loop {
             let sent = Instant::now();
-            match tick(&db, &member, agents(), fence).await {
-                Ok(next) => fence = next,
+            let sweep = swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            let renewed = tokio::select! {
+                () = cancel.cancelled() => break 'connect,
+                r = tick(&db, &member, agents(), fence, sweep) => r,
+            };
+            if sweep && renewed.as_ref().is_ok_and(Option::is_some) {
+                swept = Some(sent);
+            }
+            match renewed {
+                Ok(next) => {
+                    fence = next;
+                    retry = Duration::ZERO;
+                }
                 Err(e) => tracing::warn!(error = %e, "renewing the replica's leases failed"),
             }
             // Lost, or run out while the database could not be reached.
@@ -116,8 +149,15 @@ pub async fn run(
     }
 }
 
-/// Renews the replica's row and the lease it holds, or tries to take it.
-async fn tick(db: &Db, member: &Member, agents: usize, fence: Option<Fence>) -> Result<Option<Fence>, DbError> {
+/// Renews the replica's row and the lease it holds, or tries to take it;
+/// the leader sweeps too when told to.
+async fn tick(
+    db: &Db,
+    member: &Member,
+    agents: usize,
+    fence: Option<Fence>,
+    sweep: bool,
+) -> Result<Option<Fence>, DbError> {
     let sent = Instant::now();
     let ttl = member.ttl.as_secs_f64();
     let agents = i32::try_from(agents).unwrap_or(i32::MAX);
@@ -131,8 +171,11 @@ async fn tick(db: &Db, member: &Member, agents: usize, fence: Option<Fence>) -> 
         Some(f) => db.client.query_opt(RENEW, &[&member.replica, &f.epoch, &ttl]).await?,
         None => db.client.query_opt(ACQUIRE, &[&member.replica, &ttl]).await?,
     };
-    if held.is_some() {
-        db.client.batch_execute(SWEEP).await?;
+    if sweep
+        && held.is_some()
+        && let Err(e) = db.client.batch_execute(&sweep_sql(member.retention)).await
+    {
+        tracing::warn!(error = %e, "sweeping the cluster's tables failed");
     }
     Ok(held.map(|row| Fence {
         epoch: row.get(0),

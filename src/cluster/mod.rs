@@ -66,6 +66,7 @@ impl Cluster {
     pub fn start(
         config: ClusterConfig,
         api_addr: std::net::SocketAddr,
+        retention: Duration,
         local: &FleetHandle,
         cancel: &CancellationToken,
     ) -> (Cluster, Vec<(&'static str, JoinHandle<()>)>) {
@@ -77,6 +78,7 @@ impl Cluster {
             boot,
             api_url: config.api_url.unwrap_or_else(|| format!("http://{api_addr}")),
             ttl: config.lease_ttl,
+            retention,
         });
         let (leadership_tx, leadership) = watch::channel(None);
         let (snapshots, snapshots_rx) = watch::channel(Arc::new(FleetSnapshot::default()));
@@ -132,8 +134,9 @@ impl Cluster {
         StateStore::new(self.url.clone(), self.replica.clone())
     }
 
-    /// Whether this replica leads now.
-    pub fn leads(&self) -> bool {
+    /// Whether this replica holds the leader lease now (its driver leads
+    /// once it has also claimed the rollout state).
+    pub fn holds_lease(&self) -> bool {
         self.leadership.borrow().is_some_and(|f| f.holds())
     }
 
@@ -143,7 +146,7 @@ impl Cluster {
         crate::telemetry::cluster::register(registry, move || {
             let members = cluster.members.borrow().clone();
             crate::telemetry::cluster::ClusterGauges {
-                leads: cluster.leads(),
+                leads: cluster.holds_lease(),
                 epoch: members.leader.as_ref().map_or(0, |(_, e)| *e),
                 replicas_alive: members.replicas.iter().filter(|r| r.alive).count(),
             }

@@ -49,14 +49,15 @@ struct Written {
 
 pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: CancellationToken) {
     let mut bundles: HashMap<ConfigHash, Arc<ConfigBundle>> = HashMap::new();
-    'connect: while let Some(db) = Db::connect_until(&url, "replica", &cancel).await {
-        let mut db = db;
-        if let Err(e) = db.migrate().await {
-            tracing::warn!(error = %e, "cannot create the cluster's tables");
-            continue;
-        }
-        if let Err(e) = db.client.batch_execute("LISTEN opamp_push").await {
-            tracing::warn!(error = %e, "cannot listen for pushes");
+    let mut retry = Duration::ZERO;
+    'connect: while let Some(mut db) = Db::connect_until(&url, "replica", &mut retry, &cancel).await {
+        let ready = async {
+            db.migrate().await?;
+            db.client.batch_execute("LISTEN opamp_push").await?;
+            Ok::<_, DbError>(())
+        };
+        if let Err(e) = ready.await {
+            tracing::warn!(error = %e, "cannot share this replica's agents");
             continue;
         }
         // After a reconnect everything is written again: the database may
@@ -74,24 +75,27 @@ pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: C
                 changed = snapshots.changed() => {
                     if changed.is_err() { break 'connect }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    write_changes(&db, &member, &snapshot.agents, &mut written, false).await
+                    write_changes(&mut db, &member, &snapshot.agents, &mut written, false).await
                 }
                 _ = flush.tick() => {
                     let agents = snapshots.borrow().agents.clone();
-                    write_changes(&db, &member, &agents, &mut written, true).await
+                    write_changes(&mut db, &member, &agents, &mut written, true).await
                 }
                 n = db.notifications.recv() => match n {
-                    Some(n) if n.payload() == member.replica => deliver(&db, &member, &fleet, &mut bundles).await,
+                    Some(n) if n.payload() == member.replica => deliver(&mut db, &member, &fleet, &mut bundles).await,
                     Some(_) => Ok(()),
                     None => Err(None),
                 },
-                _ = poll.tick() => deliver(&db, &member, &fleet, &mut bundles).await,
+                _ = poll.tick() => deliver(&mut db, &member, &fleet, &mut bundles).await,
             };
-            if let Err(e) = result {
-                if let Some(e) = e {
-                    tracing::warn!(error = %e, "sharing this replica's agents failed; reconnecting");
+            match result {
+                Ok(()) => retry = Duration::ZERO,
+                Err(e) => {
+                    if let Some(e) = e {
+                        tracing::warn!(error = %e, "sharing this replica's agents failed; reconnecting");
+                    }
+                    continue 'connect;
                 }
-                continue 'connect;
             }
         }
     }
@@ -101,7 +105,7 @@ pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: C
 /// those heard from since their row was written, [`LIVENESS_FLUSH`] ago or
 /// more), and marks forgotten ones.
 async fn write_changes(
-    db: &Db,
+    db: &mut Db,
     member: &Member,
     agents: &imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
     written: &mut imbl::OrdMap<InstanceUid, Arc<Written>>,
@@ -130,10 +134,9 @@ async fn write_changes(
             .iter()
             .map(|r| serde_json::to_value(Row::of(r)).expect("a row always serializes"))
             .collect();
-        db.client
-            .execute(UPSERT, &[&member.replica, &member.boot, &uids, &rows])
+        in_rev_order(db, UPSERT, &[&member.replica, &member.boot, &uids, &rows])
             .await
-            .map_err(|e| Some(e.into()))?;
+            .map_err(Some)?;
         for r in chunk {
             let w = Written {
                 record: Arc::clone(r),
@@ -144,10 +147,9 @@ async fn write_changes(
     }
     if !gone.is_empty() {
         let uids: Vec<&[u8]> = gone.iter().map(InstanceUid::as_bytes).collect();
-        db.client
-            .execute(FORGET, &[&member.replica, &member.boot, &uids])
+        in_rev_order(db, FORGET, &[&member.replica, &member.boot, &uids])
             .await
-            .map_err(|e| Some(e.into()))?;
+            .map_err(Some)?;
         for uid in &gone {
             written.remove(uid);
         }
@@ -161,16 +163,37 @@ async fn write_changes(
     Ok(())
 }
 
+/// Runs `statement`, which numbers rows from `opamp_agent_rev`, so that its
+/// numbers become visible in their order: readers ask for the rows past the
+/// last number they read, and must not pass a number still uncommitted.
+/// Writers of every replica take turns under one advisory lock.
+pub async fn in_rev_order(
+    db: &mut Db,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, DbError> {
+    let tx = db.client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AGENT_REV_LOCK])
+        .await?;
+    let n = tx.execute(statement, params).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The advisory lock writers of `opamp_agents` take (see [`in_rev_order`]).
+pub const AGENT_REV_LOCK: i64 = 0x6f70_616d_7265;
+
 /// Takes the pushes addressed to this replica and hands those of the
 /// current leader's epoch to the fleet (the newest one per agent).
 async fn deliver(
-    db: &Db,
+    db: &mut Db,
     member: &Member,
     fleet: &FleetHandle,
     bundles: &mut HashMap<ConfigHash, Arc<ConfigBundle>>,
 ) -> Result<(), Option<DbError>> {
-    let rows = db
-        .client
+    // Taken for good only once their configs are read: a failure leaves them queued.
+    let tx = db.client.transaction().await.map_err(|e| Some(e.into()))?;
+    let rows = tx
         .query(TAKE_PUSHES, &[&member.replica])
         .await
         .map_err(|e| Some(e.into()))?;
@@ -202,16 +225,12 @@ async fn deliver(
         if bundles.len() > 64 {
             bundles.clear();
         }
-        for row in db
-            .client
-            .query(BUNDLES, &[&missing])
-            .await
-            .map_err(|e| Some(e.into()))?
-        {
+        for row in tx.query(BUNDLES, &[&missing]).await.map_err(|e| Some(e.into()))? {
             let stored: StoredBundle = serde_json::from_value(row.get(0)).map_err(|e| Some(DbError::from(e)))?;
             bundles.insert(stored.0.hash(), stored.0);
         }
     }
+    tx.commit().await.map_err(|e| Some(e.into()))?;
     let batch: Vec<_> = newest
         .into_iter()
         .filter_map(|(uid, (_, hash))| Some((uid, Arc::clone(bundles.get(&hash)?))))

@@ -1,7 +1,7 @@
 //! An agent's record as replicas share it: JSON in `opamp_agents.record`.
 //! Everything the planner and the API read, liveness included as of the
 //! write. Epochs are made unique across replicas and their runs on the way
-//! in (see [`global_epoch`]): the planner remembers pushes per connection.
+//! in ([`global_epoch`]): the planner remembers pushes per connection.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,16 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::desired::{Attributes, ConfigFile, Description};
 use crate::fleet::record::{EffectiveFiles, Liveness};
 use crate::fleet::{AgentRecord, Capabilities, Delivery, Health, RemoteConfigState, RemoteStatus};
-use crate::model::{ConfigHash, GroupName, Identity, InstanceUid, Transport};
-
-/// Bits of a connection epoch kept below the replica's boot.
-const EPOCH_BITS: u32 = 20;
-
-/// A replica's connection epoch, unique across replicas and their runs:
-/// the run's start (ms) above the replica's own count.
-pub fn global_epoch(boot: i64, epoch: u64) -> u64 {
-    (u64::try_from(boot).unwrap_or_default() << EPOCH_BITS) | (epoch & ((1 << EPOCH_BITS) - 1))
-}
+use crate::model::{ConfigHash, GroupName, Identity, InstanceUid, Transport, global_epoch};
 
 /// Attributes as (key, value) pairs.
 type Pairs = Vec<(String, String)>;
@@ -152,6 +143,7 @@ impl Row {
     /// The record, as the replica of run `boot` holds it; `connected` only
     /// while that run of the replica is alive.
     pub fn record(self, uid: InstanceUid, boot: i64, alive: bool) -> AgentRecord {
+        let boot = u64::try_from(boot).unwrap_or_default();
         let epoch = global_epoch(boot, self.epoch);
         let connected = self.connected && alive;
         AgentRecord {

@@ -104,7 +104,20 @@ pub async fn run(
         version: 0,
     };
     let mut saved: HashSet<ConfigHash> = HashSet::new();
-    'connect: while let Some(mut db) = Db::connect_until(&url, "fleet view", &cancel).await {
+    let mut retry = Duration::ZERO;
+    'connect: loop {
+        // Pushes are answered while the database is away: to this replica's
+        // agents they still go, to the others' they cannot.
+        let connected = tokio::select! {
+            db = Db::connect_until(&url, "fleet view", &mut retry, &cancel) => db,
+            Some(batch) = pushes.recv() => {
+                let fence = *leadership.borrow();
+                let outcomes = view.route(None, &member, &local, fence, &mut saved, batch.pushes).await;
+                let _ = batch.reply.send(outcomes);
+                continue 'connect;
+            }
+        };
+        let Some(mut db) = connected else { break };
         let ready = async {
             db.migrate().await?;
             db.client.batch_execute("LISTEN opamp_agents").await?;
@@ -138,13 +151,16 @@ pub async fn run(
                 },
                 Some(batch) = pushes.recv() => {
                     let fence = *leadership.borrow();
-                    let outcomes = view.route(&db, &member, &local, fence, &mut saved, batch.pushes).await;
+                    let outcomes = view.route(Some(&db), &member, &local, fence, &mut saved, batch.pushes).await;
                     let _ = batch.reply.send(outcomes);
                     Ok(())
                 }
             };
             match result {
-                Ok(()) => view.publish(&out),
+                Ok(()) => {
+                    retry = Duration::ZERO;
+                    view.publish(&out);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the cluster's fleet failed; reconnecting");
                     continue 'connect;
@@ -170,14 +186,14 @@ impl View {
         }
     }
 
-    /// Reads every row afresh.
+    /// Reads every row afresh; on failure keeps what it had.
     async fn reload(&mut self, db: &Db) -> Result<(), DbError> {
-        let old = std::mem::take(&mut self.agents);
-        self.owners.clear();
-        self.rev = 0;
+        let agents = std::mem::take(&mut self.agents);
+        let owners = std::mem::take(&mut self.owners);
+        let rev = std::mem::replace(&mut self.rev, 0);
         let read = self.read_changes(db).await;
         if read.is_err() {
-            self.agents = old;
+            (self.agents, self.owners, self.rev) = (agents, owners, rev);
         }
         read
     }
@@ -244,7 +260,15 @@ impl View {
             return Ok(());
         };
         let alive = self.members.alive(&replica, boot);
-        let mut record = serde_json::from_value::<Row>(record)?.record(uid.clone(), boot, alive);
+        let row = match serde_json::from_value::<Row>(record) {
+            Ok(row) => row,
+            Err(e) => {
+                // Written by another version, say: the rest is still worth reading.
+                tracing::warn!(agent = %uid, %replica, error = %e, "skipped an agent's unreadable row");
+                return Ok(());
+            }
+        };
+        let mut record = row.record(uid.clone(), boot, alive);
         if let Some(old) = self.agents.get(&uid) {
             let liveness = std::mem::replace(&mut record.liveness, Arc::clone(&old.liveness));
             if record == **old {
@@ -277,11 +301,12 @@ impl View {
         }));
     }
 
-    /// Sends each push where its agent is held, while `fence` holds; the
-    /// outcomes are in the order of `pushes`.
+    /// Sends each push where its agent is held, while `fence` holds (to
+    /// other replicas only through `db`); the outcomes are in the order of
+    /// `pushes`.
     async fn route(
         &self,
-        db: &Db,
+        db: Option<&Db>,
         member: &Member,
         local: &FleetHandle,
         fence: Option<Fence>,
@@ -315,18 +340,25 @@ impl View {
                 }
             }
         }
-        if !there.is_empty()
-            && let Err(e) = push_through_db(db, member, fence, saved, &there).await
-        {
-            tracing::warn!(error = %e, pushes = there.len(), "pushes to other replicas failed");
-            for (i, ..) in &there {
-                outcomes[*i] = PushOutcome::NotConnected;
-            }
-        }
-        if !here.1.is_empty() {
+        // Each kind of push goes only while the lease still holds.
+        if !here.1.is_empty() && fence.holds() {
             let answers = local.push_all(here.1).await.unwrap_or_default();
             for (i, o) in here.0.into_iter().zip(answers) {
                 outcomes[i] = o;
+            }
+        }
+        if there.is_empty() {
+            return outcomes;
+        }
+        let sent = match db {
+            Some(db) if fence.holds() => push_through_db(db, member, fence, saved, &there).await,
+            Some(_) => Err(DbError::Fenced),
+            None => Err(DbError::Unreachable),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, pushes = there.len(), "pushes to other replicas failed");
+            for (i, ..) in &there {
+                outcomes[*i] = PushOutcome::NotConnected;
             }
         }
         outcomes

@@ -431,6 +431,10 @@ impl Driver {
         if self.dirty {
             self.persist().await;
         }
+        // A replica that lost the lease meanwhile saved nothing of it.
+        if !self.leads() {
+            return Err(ControlFailure::NotLeader);
+        }
         self.status
             .borrow()
             .groups

@@ -6,38 +6,34 @@ use std::sync::Arc;
 
 use crate::desired::Description;
 use crate::fleet::{AgentRecord, Capabilities, FleetSnapshot};
+use crate::model::global_epoch;
 use crate::reconcile::{AgentView, StatusView, Timestamp};
 
 /// Builds views.
 pub struct ViewBuilder {
     /// Distinguishes this process's connection epochs from a previous one's:
     /// the planner remembers pushes per epoch across restarts, and the fleet
-    /// counts epochs from zero in every process.
-    boot: u64,
-    /// The bits of the fleet's epochs kept below `boot`.
-    mask: u64,
+    /// counts epochs from zero in every process. `None`: the fleet's epochs
+    /// are unique already (a cluster's).
+    boot: Option<u64>,
     /// The attributes of an agent that has not described itself.
     undescribed: Arc<Description>,
 }
-
-const EPOCH_BITS: u32 = 20;
 
 impl ViewBuilder {
     /// `boot` must differ between controller processes: its start time in milliseconds.
     pub fn new(boot: Timestamp) -> Self {
         ViewBuilder {
-            boot: boot.millis(),
-            mask: (1 << EPOCH_BITS) - 1,
+            boot: Some(boot.millis()),
             undescribed: Arc::default(),
         }
     }
 
-    /// For a fleet whose epochs are unique already (a cluster's, see
-    /// [`crate::cluster::row::global_epoch`]).
+    /// For a fleet whose epochs are unique already: a cluster's, which made
+    /// them so with [`global_epoch`] as each replica's agents came in.
     pub fn global() -> Self {
         ViewBuilder {
-            boot: 0,
-            mask: u64::MAX,
+            boot: None,
             undescribed: Arc::default(),
         }
     }
@@ -55,7 +51,9 @@ impl ViewBuilder {
             reports_remote_config: r.capabilities.has(Capabilities::REPORTS_REMOTE_CONFIG),
             reports_health: r.capabilities.has(Capabilities::REPORTS_HEALTH),
             connected: r.connected,
-            connection_epoch: (self.boot << EPOCH_BITS) | (r.connection_epoch & self.mask),
+            connection_epoch: self
+                .boot
+                .map_or(r.connection_epoch, |boot| global_epoch(boot, r.connection_epoch)),
             disconnected_at: if r.connected {
                 None
             } else {

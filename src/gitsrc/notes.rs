@@ -74,6 +74,14 @@ pub struct NotesStore {
 }
 
 impl NotesStore {
+    /// Forgets which notes are ours: another writer (a replica that led
+    /// meanwhile) may have written newer ones since, which must win.
+    pub fn forget_ours(&self) {
+        self.ours.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl NotesStore {
     pub fn new(repo_path: impl Into<PathBuf>, remote: Option<String>, author: Author) -> Self {
         NotesStore {
             repo_path: repo_path.into(),

@@ -3,6 +3,7 @@
 //! background, retrying failures with backoff.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -21,6 +22,8 @@ pub struct NotesHandle {
     pending: Arc<Mutex<BTreeMap<CommitId, Note>>>,
     /// Asked just before each write; a note it refuses is dropped.
     gate: Option<Gate>,
+    /// The epoch the last note was written in (with a gate).
+    term: Arc<AtomicI64>,
     wake: Arc<Notify>,
     metrics: NotesMetrics,
 }
@@ -46,9 +49,10 @@ impl NotesHandle {
     }
 }
 
-/// Whether notes may be written now: in a cluster, while this replica holds
-/// the leader lease, so one that lost it while paused writes nothing.
-pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Whether notes may be written now: in a cluster, the epoch of the leader
+/// lease while this replica holds it, `None` when it does not, so one that
+/// lost it while paused writes nothing.
+pub type Gate = Arc<dyn Fn() -> Option<i64> + Send + Sync>;
 
 /// Starts the writer. On cancellation it makes one last attempt to write what
 /// is queued, then stops.
@@ -61,6 +65,7 @@ pub fn spawn(
     let handle = NotesHandle {
         pending: Arc::default(),
         gate,
+        term: Arc::default(),
         wake: Arc::new(Notify::new()),
         metrics: NotesMetrics::default(),
     };
@@ -140,10 +145,17 @@ async fn flush(handle: &NotesHandle, store: &Arc<NotesStore>) -> bool {
     let store = store.clone();
     let notes = batch.clone();
     let gate = handle.gate.clone();
+    let term = Arc::clone(&handle.term);
     let result = tokio::task::spawn_blocking(move || {
         let texts = over_existing(&store, notes);
-        if gate.is_some_and(|may| !may()) {
-            return Ok(false);
+        if let Some(gate) = gate {
+            let Some(epoch) = gate() else {
+                return Ok(false);
+            };
+            // Notes of an earlier term are not ours to win a merge with any more.
+            if term.swap(epoch, Ordering::Relaxed) != epoch {
+                store.forget_ours();
+            }
         }
         store.write(&texts).map(|()| true)
     })

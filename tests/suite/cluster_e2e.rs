@@ -174,8 +174,18 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
     })
     .await;
 
-    // A pause made on a follower takes effect.
-    assert_eq!(post(follower.api(), "/api/v1/groups/edge/pause").await, 200);
+    // A pause made on a follower takes effect, also from the web page (a
+    // browser sends its page's origin).
+    let origin = format!("http://{}", follower.api());
+    let paused = http_request(
+        follower.api(),
+        "POST",
+        "/api/v1/groups/edge/pause",
+        &[("Origin", &origin)],
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(paused.status, 200, "{}", String::from_utf8_lossy(&paused.body));
     let paused = wait_group_at(replicas[0].api(), "edge", "paused", PATIENCE, |g| {
         g["rollout"]["phase"] == "paused"
     })
