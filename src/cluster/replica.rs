@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_postgres::types::Json;
 use tokio_util::sync::CancellationToken;
 
 use super::db::{Db, DbError};
@@ -130,10 +131,7 @@ async fn write_changes(
         .collect();
     for chunk in changed.chunks(BATCH) {
         let uids: Vec<&[u8]> = chunk.iter().map(|r| r.uid.as_bytes()).collect();
-        let rows: Vec<serde_json::Value> = chunk
-            .iter()
-            .map(|r| serde_json::to_value(Row::of(r)).expect("a row always serializes"))
-            .collect();
+        let rows: Vec<Json<Row>> = chunk.iter().map(|r| Json(Row::of(r))).collect();
         in_rev_order(db, UPSERT, &[&member.replica, &member.boot, &uids, &rows])
             .await
             .map_err(Some)?;

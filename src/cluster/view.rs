@@ -1,7 +1,9 @@
 //! The whole fleet, as the replicas wrote it to `opamp_agents`, and the
-//! cluster's members: one task reads both (what changed since the last row
-//! it read, on each notification) and publishes them. On the leader it also
-//! routes the planner's pushes: to this replica's fleet directly, to another
+//! cluster's members: one task reads both and publishes them. The fleet is
+//! read only while this replica holds the lease (the others' planners and
+//! APIs are idle): all of it when it comes to lead, then what changed since
+//! the last row read, on each notification. On the leader it also routes
+//! the planner's pushes: to this replica's fleet directly, to another
 //! replica's agents through `opamp_pushes`, fenced by the leader's epoch.
 
 use std::collections::{HashMap, HashSet};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::types::Json;
 use tokio_util::sync::CancellationToken;
 
 use super::db::{Db, DbError};
@@ -85,13 +88,15 @@ struct View {
     members: Arc<Members>,
     rev: i64,
     version: u64,
+    /// Whether the fleet is read (while this replica leads).
+    reading: bool,
 }
 
 pub async fn run(
     url: String,
     member: Arc<Member>,
     local: FleetHandle,
-    leadership: watch::Receiver<Option<Fence>>,
+    mut leadership: watch::Receiver<Option<Fence>>,
     mut pushes: mpsc::Receiver<PushBatch>,
     out: Outputs,
     cancel: CancellationToken,
@@ -102,6 +107,7 @@ pub async fn run(
         members: Arc::default(),
         rev: 0,
         version: 0,
+        reading: false,
     };
     let mut saved: HashSet<ConfigHash> = HashSet::new();
     let mut retry = Duration::ZERO;
@@ -133,7 +139,10 @@ pub async fn run(
         // read them would otherwise stay in its view.
         let caught_up = async {
             view.read_members(&db).await?;
-            view.reload(&db).await
+            if view.reading {
+                view.reload(&db).await?;
+            }
+            Ok::<_, DbError>(())
         };
         if let Err(e) = caught_up.await {
             tracing::warn!(error = %e, "cannot read the cluster's fleet");
@@ -146,9 +155,18 @@ pub async fn run(
                 () = cancel.cancelled() => break 'connect,
                 _ = members.tick() => view.read_members(&db).await,
                 n = db.notifications.recv() => match n {
-                    Some(_) => view.read_changes(&db).await,
+                    Some(_) => {
+                        // One read covers every change notified so far.
+                        while db.notifications.try_recv().is_ok() {}
+                        if view.reading { view.read_changes(&db).await } else { Ok(()) }
+                    }
                     None => { continue 'connect }
                 },
+                changed = leadership.changed() => {
+                    if changed.is_err() { break 'connect }
+                    let leads = leadership.borrow_and_update().is_some();
+                    view.read_while(leads, &db).await
+                }
                 Some(batch) = pushes.recv() => {
                     let fence = *leadership.borrow();
                     let outcomes = view.route(Some(&db), &member, &local, fence, &mut saved, batch.pushes).await;
@@ -171,6 +189,25 @@ pub async fn run(
 }
 
 impl View {
+    /// Starts reading the fleet (all of it) when this replica comes to
+    /// lead; stops, and forgets it, when it no longer does.
+    async fn read_while(&mut self, leads: bool, db: &Db) -> Result<(), DbError> {
+        match (leads, self.reading) {
+            (true, false) => {
+                self.reading = true;
+                self.reload(db).await
+            }
+            (false, true) => {
+                self.reading = false;
+                self.agents = imbl::OrdMap::new();
+                self.owners = HashMap::new();
+                self.rev = 0;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Reads the rows written since the last one read.
     async fn read_changes(&mut self, db: &Db) -> Result<(), DbError> {
         loop {
@@ -239,6 +276,9 @@ impl View {
             )
             .collect();
         self.members = Arc::new(next);
+        if !self.reading {
+            return Ok(());
+        }
         for replica in flipped {
             for row in db.client.query(OF_REPLICA, &[&replica]).await? {
                 self.take(row)?;
@@ -254,20 +294,20 @@ impl View {
         let Ok(uid) = InstanceUid::from_wire(uid) else {
             return Ok(());
         };
-        let Some(record) = row.get::<_, Option<serde_json::Value>>(4) else {
-            self.owners.remove(&uid);
-            self.agents.remove(&uid);
-            return Ok(());
-        };
-        let alive = self.members.alive(&replica, boot);
-        let row = match serde_json::from_value::<Row>(record) {
-            Ok(row) => row,
+        let row = match row.try_get::<_, Option<Json<Row>>>(4) {
+            Ok(Some(Json(row))) => row,
+            Ok(None) => {
+                self.owners.remove(&uid);
+                self.agents.remove(&uid);
+                return Ok(());
+            }
             Err(e) => {
                 // Written by another version, say: the rest is still worth reading.
                 tracing::warn!(agent = %uid, %replica, error = %e, "skipped an agent's unreadable row");
                 return Ok(());
             }
         };
+        let alive = self.members.alive(&replica, boot);
         let mut record = row.record(uid.clone(), boot, alive);
         if let Some(old) = self.agents.get(&uid) {
             let liveness = std::mem::replace(&mut record.liveness, Arc::clone(&old.liveness));
