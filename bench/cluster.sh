@@ -137,4 +137,5 @@ echo "| database at idle, WAL | $(python3 -c "print(f'{($w1 - $w0) / $window / 1
 echo "| replicas' CPU at idle (heartbeat 30 s) | ${idle_cpu[0]}%, ${idle_cpu[1]}%, ${idle_cpu[2]}% of a core |"
 echo "| commit → all APPLIED | $rollout s |"
 echo "| replicas' RSS | $(rss "${replicas[0]}"), $(rss "${replicas[1]}"), $(rss "${replicas[2]}") MiB |"
+echo "| an agent's row (JSON, as stored) | $(psql "SELECT round(avg(pg_column_size(record))) FROM opamp_agents") bytes |"
 echo "| leader | $(curl -sf "http://$api/api/v1/cluster" | jq -r .leader) |"

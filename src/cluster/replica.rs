@@ -19,7 +19,7 @@ use crate::fleet::{AgentRecord, FleetHandle};
 use crate::model::{ConfigHash, InstanceUid};
 
 /// Liveness alone (a heartbeat) reaches the other replicas at most this often.
-pub const LIVENESS_FLUSH: Duration = Duration::from_secs(5 * 60);
+pub const LIVENESS_FLUSH: Duration = Duration::from_secs(15 * 60);
 /// How often pushes are looked for when no notification came (one lost
 /// while the connection was down, say).
 const PUSH_POLL: Duration = Duration::from_secs(1);
