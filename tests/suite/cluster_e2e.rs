@@ -118,6 +118,30 @@ async fn post(api: SocketAddr, path: &str) -> u16 {
     http_request(api, "POST", path, &[], Body::Empty).await.status
 }
 
+/// Promotes the rollout of `hash` that [`at_wave_two`] left at wave 2
+/// through wave 3, whose bake is promoted too, to complete, on `api`.
+async fn promote_to_complete(api: SocketAddr, hash: &str) {
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    wait_group_at(api, "edge", "wave 3 applied", PATIENCE, |g| {
+        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
+    let done = wait_group_at(api, "edge", "complete", PATIENCE, |g| {
+        g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == AGENTS
+    })
+    .await;
+    assert_eq!(done["config_hash"], hash);
+}
+
+/// AGENTS simulated agents that connect to `addr`; the token stops them.
+fn simulated_agents(addr: SocketAddr) -> (simulate::Simulation, CancellationToken) {
+    let mut config = simulate::Config::new(format!("ws://{addr}/v1/opamp"), AGENTS as usize);
+    config.apply_delay = Duration::from_millis(20);
+    let stop = CancellationToken::new();
+    (simulate::start(config, stop.clone()).expect("simulation starts"), stop)
+}
+
 /// Three replicas of `repo` (as `--repo` takes it), and the one that leads.
 async fn three_replicas(repo: &str, pg: &Postgres) -> (Vec<Replica>, Balancer, String) {
     let mut replicas = Vec::new();
@@ -143,10 +167,7 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     let (replicas, balancer, leader) = three_replicas(repo.path().to_str().expect("utf-8"), &pg).await;
 
-    let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", balancer.addr), AGENTS as usize);
-    config.apply_delay = Duration::from_millis(20);
-    let stop = CancellationToken::new();
-    let _sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    let (_sim, stop) = simulated_agents(balancer.addr);
     let spread = wait_cluster(replicas[0].api(), "agents on every replica", |c| {
         let on: Vec<u64> = ["r1", "r2", "r3"].iter().map(|id| connected_on(c, id)).collect();
         on.iter().sum::<u64>() == AGENTS && on.iter().all(|&n| n > 0)
@@ -210,18 +231,7 @@ async fn a_commit_rolls_out_in_waves_over_the_agents_of_three_replicas() {
         assert!(agents.iter().all(|a| a["connected"] == true), "{agents:?}");
     }
 
-    // Promoted through wave 3, whose bake is promoted too.
-    assert_eq!(post(replicas[2].api(), "/api/v1/groups/edge/promote").await, 200);
-    wait_group_at(follower.api(), "edge", "wave 3 applied", PATIENCE, |g| {
-        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
-    })
-    .await;
-    assert_eq!(post(replicas[2].api(), "/api/v1/groups/edge/promote").await, 200);
-    let done = wait_group_at(follower.api(), "edge", "complete", PATIENCE, |g| {
-        g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == AGENTS
-    })
-    .await;
-    assert_eq!(done["config_hash"], h2.as_str());
+    promote_to_complete(replicas[2].api(), &h2).await;
     // The agents that applied v2 were held by all three replicas.
     assert!(["r1", "r2", "r3"].iter().all(|id| connected_on(&spread, id) > 0));
     stop.cancel();
@@ -248,10 +258,7 @@ async fn at_wave_two(
     sim_addr: SocketAddr,
 ) -> (serde_json::Value, String, CancellationToken, simulate::Simulation) {
     let api = replicas.iter().find(|r| r.id != leader).expect("a follower").api();
-    let mut config = simulate::Config::new(format!("ws://{sim_addr}/v1/opamp"), AGENTS as usize);
-    config.apply_delay = Duration::from_millis(20);
-    let stop = CancellationToken::new();
-    let sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    let (sim, stop) = simulated_agents(sim_addr);
     wait_cluster(api, "agents on every replica", |c| {
         ["r1", "r2", "r3"].iter().all(|id| connected_on(c, id) > 0)
             && ["r1", "r2", "r3"].iter().map(|id| connected_on(c, id)).sum::<u64>() == AGENTS
@@ -320,17 +327,7 @@ async fn a_killed_leader_is_replaced_and_the_rollout_goes_on_from_the_same_wave(
         "no agent of a completed wave is pushed again"
     );
 
-    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
-    wait_group_at(api, "edge", "wave 3 applied", PATIENCE, |g| {
-        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
-    })
-    .await;
-    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
-    let done = wait_group_at(api, "edge", "complete", PATIENCE, |g| {
-        g["rollout"]["phase"] == "complete"
-    })
-    .await;
-    assert_eq!(done["config_hash"], h2.as_str());
+    promote_to_complete(api, &h2).await;
     assert_eq!(
         metric_at(new_leader.api(), WAVE_PUSHES).await,
         AGENTS - AGENTS / 2,
@@ -366,10 +363,7 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_steps_d
     let v1 = collector_config("v1");
     repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "v1");
     let (replicas, balancer, leader) = three_replicas(repo.path().to_str().expect("utf-8"), &pg).await;
-    let mut config = simulate::Config::new(format!("ws://{}/v1/opamp", balancer.addr), AGENTS as usize);
-    config.apply_delay = Duration::from_millis(20);
-    let stop = CancellationToken::new();
-    let _sim = simulate::start(config, stop.clone()).expect("simulation starts");
+    let (_sim, stop) = simulated_agents(balancer.addr);
     let follower = replicas.iter().find(|r| r.id != leader).expect("a follower");
     let h1 = edge_hash(&v1).to_string();
     wait_group_at(follower.api(), "edge", "v1 on all agents", PATIENCE, |g| {
@@ -458,17 +452,7 @@ async fn postgres_restarted_mid_rollout_loses_nothing_and_the_rollout_completes(
     })
     .await;
     common::process::assert_resumed(&before, &after);
-    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
-    wait_group_at(api, "edge", "wave 3 applied", PATIENCE, |g| {
-        g["rollout"]["wave"] == 3 && g["agents"]["applied"] == AGENTS
-    })
-    .await;
-    assert_eq!(post(api, "/api/v1/groups/edge/promote").await, 200);
-    let done = wait_group_at(api, "edge", "complete", PATIENCE, |g| {
-        g["rollout"]["phase"] == "complete"
-    })
-    .await;
-    assert_eq!(done["config_hash"], h2.as_str());
+    promote_to_complete(api, &h2).await;
     stop.cancel();
 }
 
