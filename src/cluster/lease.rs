@@ -67,9 +67,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What nobody reads any more: pushes for replicas that are gone or of an
 /// older epoch; agents of replica runs that ended, unheard of for
-/// `retention` seconds (`$1`), forgotten as a replica forgets its own (in
-/// turn with the replicas' writes: see `replica::in_rev_order`); forgotten
-/// agents' rows an hour later; replicas gone for a day.
+/// `retention`, forgotten as a replica forgets its own (in turn with the
+/// replicas' writes: see `replica::in_rev_order`); forgotten agents' rows an
+/// hour later; replicas gone for a day.
 fn sweep_sql(retention: Duration) -> String {
     format!(
         "SELECT pg_advisory_xact_lock({lock});

@@ -30,9 +30,6 @@ pub use view::{Members, Replica};
 
 use crate::fleet::{FleetHandle, FleetSnapshot};
 
-/// The default of [`ClusterConfig::lease_ttl`].
-pub const LEASE_TTL: Duration = Duration::from_secs(15);
-
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// `postgres://user:password@host:port/database`.

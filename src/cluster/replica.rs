@@ -63,7 +63,7 @@ pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: C
         }
         // After a reconnect everything is written again: the database may
         // have lost what it was sent last (it restarted).
-        let mut written: imbl::OrdMap<InstanceUid, Arc<Written>> = imbl::OrdMap::new();
+        let mut written: HashMap<InstanceUid, Written> = HashMap::new();
         let mut snapshots = fleet.subscribe();
         snapshots.mark_changed();
         let mut poll = tokio::time::interval(PUSH_POLL);
@@ -109,7 +109,7 @@ async fn write_changes(
     db: &mut Db,
     member: &Member,
     agents: &imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
-    written: &mut imbl::OrdMap<InstanceUid, Arc<Written>>,
+    written: &mut HashMap<InstanceUid, Written>,
     liveness: bool,
 ) -> Result<(), Option<DbError>> {
     let flush_ms = u64::try_from(LIVENESS_FLUSH.as_millis()).unwrap_or(u64::MAX);
@@ -140,7 +140,7 @@ async fn write_changes(
                 record: Arc::clone(r),
                 seen_ms: ms(r.liveness.last_seen()),
             };
-            written.insert(r.uid.clone(), Arc::new(w));
+            written.insert(r.uid.clone(), w);
         }
     }
     if !gone.is_empty() {

@@ -2,6 +2,8 @@
 //! a new leader claims the row as it loads it, and a save names the epoch it
 //! was made in, so a leader that lost its lease can save nothing.
 
+use tokio_postgres::types::Json;
+
 use super::db::{Db, DbError};
 use super::lease::Fence;
 use crate::reconcile::RolloutState;
@@ -34,10 +36,9 @@ impl StateStore {
         let db = self.db().await?;
         let row = db.client.query_opt(CLAIM, &[&fence.epoch, &replica]).await;
         let row = self.check(row)?.ok_or(DbError::Fenced)?;
-        match row.get::<_, Option<serde_json::Value>>(0) {
-            Some(v) => Ok(Some(serde_json::from_value(v)?)),
-            None => Ok(None),
-        }
+        Ok(row
+            .try_get::<_, Option<Json<RolloutState>>>(0)?
+            .map(|Json(state)| state))
     }
 
     /// Replaces the state, unless another leader has claimed it since.
@@ -45,10 +46,9 @@ impl StateStore {
         if !fence.holds() {
             return Err(DbError::Fenced);
         }
-        let value = serde_json::to_value(state)?;
         let replica = self.replica.clone();
         let db = self.db().await?;
-        let saved = db.client.execute(SAVE, &[&fence.epoch, &replica, &value]).await;
+        let saved = db.client.execute(SAVE, &[&fence.epoch, &replica, &Json(state)]).await;
         match self.check(saved)? {
             0 => Err(DbError::Fenced),
             _ => Ok(()),

@@ -188,21 +188,20 @@ pub fn spawn(
     parts: Parts,
     cancel: CancellationToken,
 ) -> Result<(DriverHandle, JoinHandle<()>), PersistError> {
-    // A replica claims the state when it comes to lead (see `take_term`).
-    let saved = match parts.cluster {
-        Some(_) => Some(RolloutState::default()),
-        None => persist::load(&config.state_dir)?,
-    };
-    let (state, restore) = match saved {
-        Some(s) => {
-            info!(
-                groups = s.groups.len(),
-                agents = s.agents.len(),
-                "rollout state restored"
-            );
-            (s, false)
-        }
-        None => (RolloutState::default(), true),
+    let (state, restore) = match &parts.cluster {
+        // A replica claims the state when it comes to lead (see `take_term`).
+        Some(_) => (RolloutState::default(), false),
+        None => match persist::load(&config.state_dir)? {
+            Some(s) => {
+                info!(
+                    groups = s.groups.len(),
+                    agents = s.agents.len(),
+                    "rollout state restored"
+                );
+                (s, false)
+            }
+            None => (RolloutState::default(), true),
+        },
     };
     let (controls_tx, controls) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(Arc::new(DriverStatus::default()));
