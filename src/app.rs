@@ -371,8 +371,14 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     // A replica plans over, and its API shows, the whole cluster's fleet.
     let cluster_stop = CancellationToken::new();
     let mut cluster_tasks = Vec::new();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let replica_ca = match config.cluster.as_ref().and_then(|c| c.replica_ca.as_deref()) {
+        Some(roots) => Some(crate::tls::client_trusting(roots)?),
+        None => None,
+    };
     let cluster = config.cluster.clone().map(|c| {
-        let (cluster, started) = Cluster::start(c, api_addr, config.agent_retention, &fleet, &cluster_stop);
+        let api_url = format!("{scheme}://{api_addr}");
+        let (cluster, started) = Cluster::start(c, api_url, config.agent_retention, &fleet, &cluster_stop);
         for (name, task) in started {
             let (watcher, abort) = supervise(name, task, &ended_tx);
             tasks.push((name, abort));
@@ -395,7 +401,6 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let (assignments, assignments_rx) = watch::channel(Assignments::from([]));
     let mut forwarder = None;
     let stale_after = config.source_stale_after;
-    let scheme = if tls.is_some() { "https" } else { "http" };
     let link = config.notify.link(&format!("{scheme}://{api_addr}"));
     if config.git.is_none() && !config.notify.is_empty() {
         tracing::warn!("no --repo: there are no rollouts to notify about or set commit statuses for");
@@ -459,7 +464,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             tokens: api_tokens,
             open_reads: config.api_open_reads,
         },
-        cluster: cluster.map(crate::api::cluster::ClusterApi::new),
+        cluster: cluster.map(|c| crate::api::cluster::ClusterApi::new(c, replica_ca)),
     };
 
     let opamp_server = AdmittingListener::new(

@@ -152,10 +152,16 @@ pub struct ServeArgs {
     /// renewed; it is renewed every third of it.
     #[arg(long, default_value = "15s", value_parser = parse_lease_ttl)]
     pub lease_ttl: Duration,
-    /// Where the other replicas reach this one's API (default: http:// and
-    /// the --api-listen address, which must then not be 0.0.0.0).
+    /// Where the other replicas reach this one's API (default: http://, or
+    /// https:// with --tls-cert, and the --api-listen address, which must
+    /// then not be 0.0.0.0).
     #[arg(long, requires = "store")]
     pub advertise_api: Option<String>,
+    /// With --store and --tls-cert: the CA certificates (PEM) the replicas'
+    /// certificates chain to, trusted when one replica calls another
+    /// (default: the system's).
+    #[arg(long, requires = "store")]
+    pub replica_ca: Option<PathBuf>,
     /// TLS certificate chain (PEM) for both listeners; read again when it
     /// changes. Without it, both listen in plain HTTP.
     #[arg(long, requires = "tls_key")]
@@ -516,18 +522,10 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// What a replica (`--store`) needs besides: an API address the others can
-/// reach, and plain HTTP between replicas.
+/// What a replica (`--store`) needs besides: an API address the others can reach.
 fn check_replica(args: &ServeArgs) -> Result<(), String> {
     if args.store.is_none() {
         return Ok(());
-    }
-    if args.tls_cert.is_some() {
-        return Err(
-            "--store cannot be combined with --tls-cert yet: replicas forward API calls to the \
-             leader over plain HTTP; terminate TLS at the load balancer (see docs/ha.md)"
-                .to_string(),
-        );
     }
     if args.advertise_api.is_none() && args.api_listen.ip().is_unspecified() {
         return Err(format!(
@@ -666,6 +664,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     replica: args.replica_id.clone().unwrap_or_else(host_name),
                     lease_ttl: args.lease_ttl,
                     api_url: args.advertise_api.clone(),
+                    replica_ca: args.replica_ca.clone(),
                 }),
             };
             match crate::app::run(config) {
@@ -767,16 +766,6 @@ mod tests {
         .unwrap();
         assert_eq!(check_replica(&advertised), Ok(()));
         assert_eq!(check_replica(&parse(&[]).unwrap()), Ok(()), "not a replica");
-        let tls = [
-            "--store",
-            "postgres://db/opamp",
-            "--tls-cert",
-            "c.pem",
-            "--tls-key",
-            "k.pem",
-        ];
-        let err = check_replica(&parse(&tls).unwrap()).unwrap_err();
-        assert!(err.contains("--tls-cert"), "{err}");
     }
 
     #[test]

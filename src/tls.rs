@@ -57,6 +57,28 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A client that trusts only the certificates in `roots` (PEM): how one
+/// replica reaches another's API over HTTPS.
+pub fn client_trusting(roots: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in certificates(roots)? {
+        store.add(cert).map_err(|e| TlsError::Invalid {
+            path: roots.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid {
+            path: roots.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(config)
+}
+
 /// The certificate chain and key of `files`, checked to belong together.
 fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
     let chain = certificates(&files.cert)?;

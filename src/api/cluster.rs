@@ -8,6 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -25,14 +26,25 @@ const FORWARDED: &str = "opamp-gitops-forwarded-by";
 #[derive(Clone)]
 pub struct ClusterApi {
     pub cluster: Cluster,
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
 }
 
 impl ClusterApi {
-    pub fn new(cluster: Cluster) -> Self {
+    /// Forwards over plain HTTP, or over HTTPS trusting `tls` (the replicas'
+    /// CA, `--replica-ca`), else the system's certificates.
+    pub fn new(cluster: Cluster, tls: Option<rustls::ClientConfig>) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = match tls {
+            Some(config) => HttpsConnectorBuilder::new().with_tls_config(config),
+            None => HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(provider.clone())
+                .or_else(|_| HttpsConnectorBuilder::new().with_provider_and_webpki_roots(provider))
+                .expect("ring supports rustls' default protocol versions"),
+        };
+        let connector = builder.https_or_http().enable_http1().build();
         ClusterApi {
             cluster,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct ClusterConfig {
     /// Where the other replicas reach this one's API; `None`: the address
     /// the API listens on.
     pub api_url: Option<String>,
+    /// The certificates (PEM) the replicas' API certificates chain to, for
+    /// calls between replicas over HTTPS; `None`: the system's.
+    pub replica_ca: Option<std::path::PathBuf>,
 }
 
 /// A running replica's view of the cluster.
@@ -59,10 +62,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the replica's tasks: the leases, sharing `local`'s agents and
     /// reading the whole fleet. Answers the tasks by name, for supervision;
-    /// they run until `cancel` fires.
+    /// they run until `cancel` fires. `api_url` is where this replica's API
+    /// is, unless the config says otherwise.
     pub fn start(
         config: ClusterConfig,
-        api_addr: std::net::SocketAddr,
+        api_url: String,
         retention: Duration,
         local: &FleetHandle,
         cancel: &CancellationToken,
@@ -73,7 +77,7 @@ impl Cluster {
         let member = Arc::new(lease::Member {
             replica: config.replica.clone(),
             boot,
-            api_url: config.api_url.unwrap_or_else(|| format!("http://{api_addr}")),
+            api_url: config.api_url.unwrap_or(api_url),
             ttl: config.lease_ttl,
             retention,
         });

@@ -26,11 +26,12 @@ struct Replica {
 }
 
 impl Replica {
-    /// `repo` as `--repo` takes it: a path or a URL.
-    async fn start(id: &str, repo: &str, pg: &Postgres, opamp: SocketAddr) -> Replica {
+    /// `repo` as `--repo` takes it: a path or a URL; `extra` arguments
+    /// are added.
+    async fn start(id: &str, repo: &str, pg: &Postgres, opamp: SocketAddr, extra: &[&str]) -> Replica {
         let state = tempfile::tempdir().expect("temp dir");
         let url = pg.url();
-        let args = [
+        let mut args = vec![
             "--repo",
             repo,
             "--state-dir",
@@ -51,6 +52,7 @@ impl Replica {
             "--notes-author-name",
             id,
         ];
+        args.extend(extra);
         let serve = Serve::start(&args, (opamp, any_port())).await;
         Replica {
             id: id.to_string(),
@@ -146,7 +148,7 @@ fn simulated_agents(addr: SocketAddr) -> (simulate::Simulation, CancellationToke
 async fn three_replicas(repo: &str, pg: &Postgres) -> (Vec<Replica>, Balancer, String) {
     let mut replicas = Vec::new();
     for id in ["r1", "r2", "r3"] {
-        replicas.push(Replica::start(id, repo, pg, any_port()).await);
+        replicas.push(Replica::start(id, repo, pg, any_port(), &[]).await);
     }
     let balancer = Balancer::start(replicas.iter().map(|r| r.serve.opamp).collect()).await;
     wait_cluster(replicas[0].api(), "three live replicas", |c| {
@@ -568,4 +570,45 @@ async fn a_save_of_an_older_epoch_changes_nothing_once_a_newer_one_claimed_the_s
         until: tokio::time::Instant::now(),
     };
     assert!(matches!(second.save(stale, &state("c")).await, Err(DbError::Fenced)));
+}
+
+/// With `--tls-cert`, a replica that does not lead forwards to the leader
+/// over HTTPS, trusting the replicas' CA (`--replica-ca`).
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_with_tls_forward_to_the_leader_over_https() {
+    use common::certs::{Ca, https_request, server_files};
+    let pg = Postgres::start();
+    let repo = GitRepo::new();
+    let head = repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
+    let ca = Ca::new("replicas");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = server_files(dir.path(), &ca, None);
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).expect("write the CA");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let (cert, key, roots) = (path(&files.cert), path(&files.key), path(&dir.path().join("ca.pem")));
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--replica-ca", &roots];
+    let repo_arg = path(repo.path());
+    let mut replicas = Vec::new();
+    for id in ["r1", "r2"] {
+        replicas.push(Replica::start(id, &repo_arg, &pg, any_port(), &tls).await);
+    }
+    let leader = common::eventually_within(PATIENCE, "a leader both replicas see", async || {
+        let mut seen = Vec::new();
+        for r in &replicas {
+            let c = https_request(&ca, r.api(), "GET", "/api/v1/cluster").await;
+            let c: serde_json::Value = serde_json::from_slice(&c.body).expect("JSON");
+            seen.push(live_leader(&c).map(str::to_string));
+        }
+        (seen[0].is_some() && seen[0] == seen[1]).then(|| seen[0].clone().expect("a leader"))
+    })
+    .await;
+    // The follower's own driver has planned nothing: the groups are the leader's.
+    let follower = replicas.iter().find(|r| r.id != leader).expect("a follower");
+    let groups = common::eventually_within(PATIENCE, "the leader's groups through the follower", async || {
+        let r = https_request(&ca, follower.api(), "GET", "/api/v1/groups").await;
+        let g: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        (r.status == 200 && g["commit"] == head.as_str()).then_some(g)
+    })
+    .await;
+    assert_eq!(groups["groups"][0]["name"], "edge", "{groups}");
 }
