@@ -372,20 +372,21 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let cluster_stop = CancellationToken::new();
     let mut cluster_tasks = Vec::new();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let replica_ca = match config.cluster.as_ref().and_then(|c| c.replica_ca.as_deref()) {
-        Some(roots) => Some(crate::tls::client_trusting(roots)?),
+    let mut replica_tls = None;
+    let cluster = match config.cluster.clone() {
+        Some(c) => {
+            replica_tls = Some(crate::tls::client_trusting(c.replica_ca.as_deref())?);
+            let api_url = format!("{scheme}://{api_addr}");
+            let (cluster, started) = Cluster::start(c, api_url, config.agent_retention, &fleet, &cluster_stop)?;
+            for (name, task) in started {
+                let (watcher, abort) = supervise(name, task, &ended_tx);
+                tasks.push((name, abort));
+                cluster_tasks.push(watcher);
+            }
+            Some(cluster)
+        }
         None => None,
     };
-    let cluster = config.cluster.clone().map(|c| {
-        let api_url = format!("{scheme}://{api_addr}");
-        let (cluster, started) = Cluster::start(c, api_url, config.agent_retention, &fleet, &cluster_stop);
-        for (name, task) in started {
-            let (watcher, abort) = supervise(name, task, &ended_tx);
-            tasks.push((name, abort));
-            cluster_tasks.push(watcher);
-        }
-        cluster
-    });
     let planned = cluster.as_ref().map_or_else(|| fleet.clone(), |c| c.fleet.clone());
     let opamp_metrics = OpampMetrics::default();
     let mut registry = Registry::default();
@@ -464,7 +465,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
             tokens: api_tokens,
             open_reads: config.api_open_reads,
         },
-        cluster: cluster.map(|c| crate::api::cluster::ClusterApi::new(c, replica_ca)),
+        cluster: cluster
+            .zip(replica_tls)
+            .map(|(c, tls)| crate::api::cluster::ClusterApi::new(c, tls)),
     };
 
     let opamp_server = AdmittingListener::new(

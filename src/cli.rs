@@ -157,6 +157,11 @@ pub struct ServeArgs {
     /// then not be 0.0.0.0).
     #[arg(long, requires = "store")]
     pub advertise_api: Option<String>,
+    /// With --store: the CA certificates (PEM) PostgreSQL's certificate
+    /// chains to, when the URL asks for TLS (sslmode=prefer, the default,
+    /// or require; default: the system's).
+    #[arg(long, requires = "store")]
+    pub store_ca: Option<PathBuf>,
     /// With --store and --tls-cert: the CA certificates (PEM) the replicas'
     /// certificates chain to, trusted when one replica calls another
     /// (default: the system's).
@@ -661,6 +666,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 notify,
                 cluster: args.store.clone().map(|url| crate::cluster::ClusterConfig {
                     url,
+                    store_ca: args.store_ca.clone(),
                     replica: args.replica_id.clone().unwrap_or_else(host_name),
                     lease_ttl: args.lease_ttl,
                     api_url: args.advertise_api.clone(),

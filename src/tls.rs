@@ -57,23 +57,31 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// A client that trusts only the certificates in `roots` (PEM): how one
-/// replica reaches another's API over HTTPS.
-pub fn client_trusting(roots: &Path) -> Result<rustls::ClientConfig, TlsError> {
+/// A TLS client that trusts the certificates in `roots` (PEM) alone, or
+/// without it the system's: how a replica reaches PostgreSQL and the other
+/// replicas' APIs.
+pub fn client_trusting(roots: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
     let mut store = rustls::RootCertStore::empty();
-    for cert in certificates(roots)? {
-        store.add(cert).map_err(|e| TlsError::Invalid {
-            path: roots.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    match roots {
+        Some(path) => {
+            for cert in certificates(path)? {
+                store.add(cert).map_err(|e| TlsError::Invalid {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let (_, unreadable) = store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if unreadable > 0 {
+                tracing::debug!(unreadable, "some of the system's certificates cannot be used");
+            }
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid {
-            path: roots.to_path_buf(),
-            message: e.to_string(),
-        })?
+        .expect("ring supports rustls' default protocol versions")
         .with_root_certificates(store)
         .with_no_client_auth();
     Ok(config)

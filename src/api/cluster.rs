@@ -30,18 +30,14 @@ pub struct ClusterApi {
 }
 
 impl ClusterApi {
-    /// Forwards over plain HTTP, or over HTTPS trusting `tls` (the replicas'
-    /// CA, `--replica-ca`), else the system's certificates.
-    pub fn new(cluster: Cluster, tls: Option<rustls::ClientConfig>) -> Self {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = match tls {
-            Some(config) => HttpsConnectorBuilder::new().with_tls_config(config),
-            None => HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(provider.clone())
-                .or_else(|_| HttpsConnectorBuilder::new().with_provider_and_webpki_roots(provider))
-                .expect("ring supports rustls' default protocol versions"),
-        };
-        let connector = builder.https_or_http().enable_http1().build();
+    /// Forwards over plain HTTP, or over HTTPS as `tls` says (trusting the
+    /// replicas' CA, `--replica-ca`, or the system's certificates).
+    pub fn new(cluster: Cluster, tls: rustls::ClientConfig) -> Self {
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
         ClusterApi {
             cluster,
             client: Client::builder(TokioExecutor::new()).build(connector),

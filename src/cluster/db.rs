@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Notification};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -23,6 +24,31 @@ pub const RECONNECT: Backoff = Backoff {
     min: Duration::from_millis(200),
     max: Duration::from_secs(5),
 };
+
+/// Where PostgreSQL is, and the TLS a connection speaks when the URL's
+/// `sslmode` asks for it (`prefer`, the default, or `require`): the
+/// server's certificate is checked against `--store-ca`, or the system's.
+#[derive(Clone)]
+pub struct Database {
+    url: String,
+    tls: MakeRustlsConnect,
+}
+
+impl Database {
+    pub fn new(url: String, tls: rustls::ClientConfig) -> Self {
+        Database {
+            url,
+            tls: MakeRustlsConnect::new(tls),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    /// Without the URL, which may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Database")
+    }
+}
 
 /// A connection and the notifications it has received. When the connection
 /// breaks, `notifications` ends and every query fails: drop it and connect again.
@@ -47,8 +73,8 @@ impl Db {
     /// Connects. A database that stops answering is noticed within seconds
     /// (connect timeout, TCP keepalives and user timeout), so no task waits
     /// on a dead connection for long.
-    pub async fn connect(url: &str) -> Result<Db, DbError> {
-        let mut config: tokio_postgres::Config = url.parse()?;
+    pub async fn connect(database: &Database) -> Result<Db, DbError> {
+        let mut config: tokio_postgres::Config = database.url.parse()?;
         config
             .connect_timeout(DEAD_AFTER)
             .tcp_user_timeout(DEAD_AFTER)
@@ -56,7 +82,7 @@ impl Db {
             .keepalives_idle(DEAD_AFTER / 2)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = config.connect(database.tls.clone()).await?;
         let (tx, notifications) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -80,14 +106,19 @@ impl Db {
     /// backoff until it works or `cancel` fires. `retry` grows with every
     /// failure, a failure of the connection made here included: the caller
     /// resets it once the connection has done its work.
-    pub async fn connect_until(url: &str, what: &str, retry: &mut Duration, cancel: &CancellationToken) -> Option<Db> {
+    pub async fn connect_until(
+        database: &Database,
+        what: &str,
+        retry: &mut Duration,
+        cancel: &CancellationToken,
+    ) -> Option<Db> {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return None,
                 () = tokio::time::sleep(*retry) => {}
             }
             *retry = RECONNECT.next((*retry).max(RECONNECT.min / 2));
-            match Db::connect(url).await {
+            match Db::connect(database).await {
                 Ok(db) => return Some(db),
                 Err(e) => tracing::warn!(error = %e, task = what, retry_in = ?*retry, "cannot reach PostgreSQL"),
             }

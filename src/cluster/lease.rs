@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Db, DbError};
+use super::db::{Database, Db, DbError};
 
 /// The leader lease as its holder sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,7 @@ fn sweep_sql(retention: Duration) -> String {
 /// replica's connected agents. On cancel the lease and the row are given up,
 /// so another replica leads at once.
 pub async fn run(
-    url: String,
+    database: Database,
     member: Arc<Member>,
     agents: impl Fn() -> usize + Send + 'static,
     leadership: watch::Sender<Option<Fence>>,
@@ -101,7 +101,7 @@ pub async fn run(
     let mut fence: Option<Fence> = None;
     let mut retry = Duration::ZERO;
     let mut swept: Option<Instant> = None;
-    'connect: while let Some(mut db) = Db::connect_until(&url, "lease", &mut retry, &cancel).await {
+    'connect: while let Some(mut db) = Db::connect_until(&database, "lease", &mut retry, &cancel).await {
         if let Err(e) = db.migrate().await {
             tracing::warn!(error = %e, "cannot create the cluster's tables");
             continue;
@@ -137,7 +137,7 @@ pub async fn run(
         }
     }
     leadership.send_replace(None);
-    if let Ok(db) = Db::connect(&url).await {
+    if let Ok(db) = Db::connect(&database).await {
         let released = match fence {
             Some(f) => db.client.execute(RELEASE, &[&member.replica, &f.epoch]).await.map(drop),
             None => Ok(()),

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use db::DbError;
+pub use db::{Database, DbError};
 pub use lease::Fence;
 pub use state::StateStore;
 pub use view::{Members, Replica};
@@ -34,6 +34,9 @@ use crate::fleet::{FleetHandle, FleetSnapshot};
 pub struct ClusterConfig {
     /// `postgres://user:password@host:port/database`.
     pub url: String,
+    /// The certificates (PEM) PostgreSQL's certificate chains to, when the
+    /// URL asks for TLS; `None`: the system's.
+    pub store_ca: Option<std::path::PathBuf>,
     /// This replica's name, unique in the cluster.
     pub replica: String,
     /// How long the leader lease and each replica's own lease last unless
@@ -56,7 +59,7 @@ pub struct Cluster {
     pub members: watch::Receiver<Arc<Members>>,
     /// Reads the whole fleet; pushes reach the replica that holds each agent.
     pub fleet: FleetHandle,
-    url: String,
+    database: Database,
 }
 
 impl Cluster {
@@ -70,7 +73,8 @@ impl Cluster {
         retention: Duration,
         local: &FleetHandle,
         cancel: &CancellationToken,
-    ) -> (Cluster, Vec<(&'static str, JoinHandle<()>)>) {
+    ) -> Result<(Cluster, Vec<(&'static str, JoinHandle<()>)>), crate::tls::TlsError> {
+        let database = Database::new(config.url, crate::tls::client_trusting(config.store_ca.as_deref())?);
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -91,7 +95,7 @@ impl Cluster {
             (
                 "lease",
                 tokio::spawn(lease::run(
-                    config.url.clone(),
+                    database.clone(),
                     Arc::clone(&member),
                     agents,
                     leadership_tx,
@@ -101,7 +105,7 @@ impl Cluster {
             (
                 "replica",
                 tokio::spawn(replica::run(
-                    config.url.clone(),
+                    database.clone(),
                     Arc::clone(&member),
                     local.clone(),
                     cancel.clone(),
@@ -110,7 +114,7 @@ impl Cluster {
             (
                 "fleet view",
                 tokio::spawn(view::run(
-                    config.url.clone(),
+                    database.clone(),
                     member,
                     local.clone(),
                     leadership.clone(),
@@ -125,14 +129,14 @@ impl Cluster {
             leadership,
             members: members_rx,
             fleet: local.routed(snapshots_rx, pushes_tx),
-            url: config.url,
+            database,
         };
-        (cluster, tasks)
+        Ok((cluster, tasks))
     }
 
     /// The leader's access to the rollout state.
     pub fn state_store(&self) -> StateStore {
-        StateStore::new(self.url.clone(), self.replica.clone())
+        StateStore::new(self.database.clone(), self.replica.clone())
     }
 
     /// Whether this replica holds the leader lease now (its driver leads

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Json;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Db, DbError};
+use super::db::{Database, Db, DbError};
 use super::lease::Member;
 use super::row::{Row, ms};
 use crate::desired::ConfigBundle;
@@ -48,10 +48,10 @@ struct Written {
     seen_ms: u64,
 }
 
-pub async fn run(url: String, member: Arc<Member>, fleet: FleetHandle, cancel: CancellationToken) {
+pub async fn run(database: Database, member: Arc<Member>, fleet: FleetHandle, cancel: CancellationToken) {
     let mut bundles: HashMap<ConfigHash, Arc<ConfigBundle>> = HashMap::new();
     let mut retry = Duration::ZERO;
-    'connect: while let Some(mut db) = Db::connect_until(&url, "replica", &mut retry, &cancel).await {
+    'connect: while let Some(mut db) = Db::connect_until(&database, "replica", &mut retry, &cancel).await {
         let ready = async {
             db.migrate().await?;
             db.client.batch_execute("LISTEN opamp_push").await?;

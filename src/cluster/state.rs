@@ -4,7 +4,7 @@
 
 use tokio_postgres::types::Json;
 
-use super::db::{Db, DbError};
+use super::db::{Database, Db, DbError};
 use super::lease::Fence;
 use crate::reconcile::RolloutState;
 
@@ -19,14 +19,18 @@ const SAVE: &str = "UPDATE opamp_rollout_state SET state = $3
 /// The leader's access to the rollout state; connects when first used and
 /// again after the connection breaks.
 pub struct StateStore {
-    url: String,
+    database: Database,
     replica: String,
     db: Option<Db>,
 }
 
 impl StateStore {
-    pub fn new(url: String, replica: String) -> Self {
-        StateStore { url, replica, db: None }
+    pub fn new(database: Database, replica: String) -> Self {
+        StateStore {
+            database,
+            replica,
+            db: None,
+        }
     }
 
     /// Claims the state for `fence`'s epoch and answers it; `None` when none
@@ -57,7 +61,7 @@ impl StateStore {
 
     async fn db(&mut self) -> Result<&Db, DbError> {
         if self.db.as_ref().is_none_or(Db::is_closed) {
-            self.db = Some(Db::connect(&self.url).await?);
+            self.db = Some(Db::connect(&self.database).await?);
         }
         Ok(self.db.as_ref().expect("connected above"))
     }

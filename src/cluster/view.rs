@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::Json;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Db, DbError};
+use super::db::{Database, Db, DbError};
 use super::lease::{Fence, Member};
 use super::replica::StoredBundle;
 use super::row::Row;
@@ -93,7 +93,7 @@ struct View {
 }
 
 pub async fn run(
-    url: String,
+    database: Database,
     member: Arc<Member>,
     local: FleetHandle,
     mut leadership: watch::Receiver<Option<Fence>>,
@@ -115,7 +115,7 @@ pub async fn run(
         // Pushes are answered while the database is away: to this replica's
         // agents they still go, to the others' they cannot.
         let connected = tokio::select! {
-            db = Db::connect_until(&url, "fleet view", &mut retry, &cancel) => db,
+            db = Db::connect_until(&database, "fleet view", &mut retry, &cancel) => db,
             Some(batch) = pushes.recv() => {
                 let fence = *leadership.borrow();
                 let outcomes = view.route(None, &member, &local, fence, &mut saved, batch.pushes).await;

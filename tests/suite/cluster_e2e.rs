@@ -519,12 +519,14 @@ fn the_kubernetes_manifests_run_three_replicas_that_serve_accepts() {
 /// newer epoch has claimed it, a save of an older one changes nothing.
 #[tokio::test]
 async fn a_save_of_an_older_epoch_changes_nothing_once_a_newer_one_claimed_the_state() {
-    use opamp_gitops::cluster::{DbError, Fence, StateStore, db::Db};
+    use opamp_gitops::cluster::{Database, DbError, Fence, StateStore, db::Db};
     use opamp_gitops::model::GroupName;
     use opamp_gitops::reconcile::{GroupState, RolloutState};
 
     let pg = Postgres::start();
-    Db::connect(&pg.url())
+    let tls = opamp_gitops::tls::client_trusting(None).expect("the system's certificates");
+    let database = Database::new(pg.url(), tls);
+    Db::connect(&database)
         .await
         .expect("connects")
         .migrate()
@@ -546,12 +548,12 @@ async fn a_save_of_an_older_epoch_changes_nothing_once_a_newer_one_claimed_the_s
     };
 
     lead("r1", 1);
-    let mut first = StateStore::new(pg.url(), "r1".into());
+    let mut first = StateStore::new(database.clone(), "r1".into());
     assert_eq!(first.claim(fence(1)).await.expect("claimed"), None, "nothing saved yet");
     first.save(fence(1), &state("a")).await.expect("saved by the leader");
 
     lead("r2", 2);
-    let mut second = StateStore::new(pg.url(), "r2".into());
+    let mut second = StateStore::new(database, "r2".into());
     assert_eq!(second.claim(fence(2)).await.expect("claimed"), Some(state("a")));
     assert!(matches!(first.save(fence(1), &state("b")).await, Err(DbError::Fenced)));
     assert!(
@@ -611,4 +613,57 @@ async fn replicas_with_tls_forward_to_the_leader_over_https() {
     })
     .await;
     assert_eq!(groups["groups"][0]["name"], "edge", "{groups}");
+}
+
+/// PostgreSQL over TLS (`sslmode=require`): a replica that trusts the
+/// server's CA (`--store-ca`) leads over encrypted connections; one that
+/// does not cannot connect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_reaches_postgres_over_tls_trusting_the_given_ca() {
+    use common::certs::Ca;
+    use opamp_gitops::cluster::{Database, db::Db};
+    let ca = Ca::new("postgres");
+    let pg = Postgres::start_tls(&ca);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=require", pg.port);
+
+    let untrusted = Database::new(url.clone(), opamp_gitops::tls::client_trusting(None).expect("roots"));
+    let refused = Db::connect(&untrusted)
+        .await
+        .err()
+        .expect("a server of an unknown CA is refused");
+    assert!(
+        format!("{refused:?}").to_lowercase().contains("certificate"),
+        "{refused:?}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("write the CA");
+    let repo = GitRepo::new();
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &collector_config("v1"), "v1");
+    let state = tempfile::tempdir().expect("temp dir");
+    let args = [
+        "--repo",
+        repo.path().to_str().expect("utf-8"),
+        "--state-dir",
+        state.path().to_str().expect("utf-8"),
+        "--store",
+        &url,
+        "--store-ca",
+        ca_file.to_str().expect("utf-8"),
+        "--lease-ttl",
+        "3s",
+        "--startup-grace",
+        "0s",
+    ];
+    let serve = Serve::start(&args, (any_port(), any_port())).await;
+    common::eventually_within(PATIENCE, "the replica to lead", async || {
+        (metric_at(serve.api, "opamp_gitops_cluster_leader").await == 1).then_some(())
+    })
+    .await;
+    let encrypted: u32 = pg
+        .sql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.datname = 'postgres'")
+        .parse()
+        .expect("a count");
+    assert!(encrypted >= 3, "the replica's connections are encrypted: {encrypted}");
 }

@@ -12,19 +12,44 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// The server's certificate and key (PEM), when it speaks TLS.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A server that also speaks TLS, with a certificate `ca` issued for
+    /// `localhost` and 127.0.0.1.
+    pub fn start_tls(ca: &super::certs::Ca) -> Postgres {
+        Postgres::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&super::certs::Ca>) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         if is_root() {
             chown_postgres(dir.path());
         }
+        let tls = ca.map(|ca| {
+            let (cert, key) = ca.issue("localhost");
+            let (cert_file, key_file) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_file, cert).expect("write the certificate");
+            std::fs::write(&key_file, key).expect("write the key");
+            std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+            if is_root() {
+                chown_postgres(&cert_file);
+                chown_postgres(&key_file);
+            }
+            (cert_file, key_file)
+        });
         let pg = Postgres {
             bin,
             port: free_addr().port(),
             dir,
+            tls,
         };
         let data = pg.data();
         pg.run(
@@ -42,11 +67,18 @@ impl Postgres {
 
     /// Starts the server again (after [`Postgres::stop`]) on the same port and data.
     pub fn up(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
+        if let Some((cert, key)) = &self.tls {
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         let log = self.dir.path().join("log").display().to_string();
         self.run(
             "pg_ctl",
@@ -61,7 +93,9 @@ impl Postgres {
 
     /// Runs SQL with `psql`; its output, unaligned and without headers.
     pub fn sql(&self, query: &str) -> String {
+        // Without TLS: counts of encrypted connections are the others'.
         let out = Command::new(self.bin.join("psql"))
+            .env("PGSSLMODE", "disable")
             .args([
                 "-X",
                 "-A",
