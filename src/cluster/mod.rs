@@ -50,6 +50,9 @@ pub struct ClusterConfig {
     pub replica_ca: Option<std::path::PathBuf>,
 }
 
+/// A replica's task, by name.
+pub type Task = (&'static str, JoinHandle<()>);
+
 /// A running replica's view of the cluster.
 #[derive(Clone)]
 pub struct Cluster {
@@ -73,7 +76,7 @@ impl Cluster {
         retention: Duration,
         local: &FleetHandle,
         cancel: &CancellationToken,
-    ) -> Result<(Cluster, Vec<(&'static str, JoinHandle<()>)>), crate::tls::TlsError> {
+    ) -> Result<(Cluster, Vec<Task>), crate::tls::TlsError> {
         let database = Database::new(config.url, crate::tls::client_trusting(config.store_ca.as_deref())?);
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
