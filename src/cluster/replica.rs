@@ -34,6 +34,11 @@ const UPSERT: &str = "INSERT INTO opamp_agents (uid, replica, boot, rev, written
         OR (excluded.record ->> 'connected')::boolean";
 const FORGET: &str = "UPDATE opamp_agents SET record = NULL, rev = nextval('opamp_agent_rev'), written_at = now()
      WHERE uid = ANY($3) AND replica = $1 AND boot = $2";
+/// After a reconnect: this run's agents the fleet no longer lists (it forgot
+/// them while the database was away).
+const FORGET_ALL_BUT: &str =
+    "UPDATE opamp_agents SET record = NULL, rev = nextval('opamp_agent_rev'), written_at = now()
+     WHERE replica = $1 AND boot = $2 AND record IS NOT NULL AND NOT (uid = ANY($3))";
 const TAKE_PUSHES: &str = "DELETE FROM opamp_pushes p USING opamp_leader l
      WHERE p.replica = $1 AND l.id = 1 RETURNING p.seq, p.uid, p.hash, p.epoch = l.epoch";
 const BUNDLES: &str = "SELECT bundle FROM opamp_configs WHERE hash = ANY($1)";
@@ -62,10 +67,21 @@ pub async fn run(database: Database, member: Arc<Member>, fleet: FleetHandle, ca
             continue;
         }
         // After a reconnect everything is written again: the database may
-        // have lost what it was sent last (it restarted).
+        // have lost what it was sent last (it restarted), and what the fleet
+        // forgot meanwhile is forgotten.
         let mut written: HashMap<InstanceUid, Written> = HashMap::new();
         let mut snapshots = fleet.subscribe();
         snapshots.mark_changed();
+        let listed: Vec<Vec<u8>> = snapshots
+            .borrow()
+            .agents
+            .keys()
+            .map(|u| u.as_bytes().to_vec())
+            .collect();
+        if let Err(e) = in_rev_order(&mut db, FORGET_ALL_BUT, &[&member.replica, &member.boot, &listed]).await {
+            tracing::warn!(error = %e, "cannot share this replica's agents");
+            continue;
+        }
         let mut poll = tokio::time::interval(PUSH_POLL);
         // Looked at five times as often, so none is later than it by much.
         let mut flush = tokio::time::interval(LIVENESS_FLUSH / 5);

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::desired::{Attributes, ConfigFile, Description};
+use crate::desired::{Attributes, Description};
 use crate::fleet::record::{EffectiveFiles, Liveness};
 use crate::fleet::{AgentRecord, Capabilities, Delivery, Health, RemoteConfigState, RemoteStatus};
 use crate::model::{ConfigHash, GroupName, Identity, InstanceUid, Transport, global_epoch};
@@ -33,7 +33,7 @@ pub struct Row {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     health: Option<HealthRow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    effective: Option<BTreeMap<String, (String, String)>>,
+    effective: Option<Files>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     remote: Option<(String, u8, String)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,6 +45,10 @@ pub struct Row {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     push_drops: Option<(ConfigHash, u32)>,
 }
+
+/// An effective config, each body as text when it is UTF-8.
+#[derive(Debug, Serialize, Deserialize)]
+struct Files(#[serde(with = "crate::reconcile::files_serde")] EffectiveFiles);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct HealthRow {
@@ -120,12 +124,10 @@ impl Row {
                 .as_ref()
                 .map(|d| (pairs(&d.identifying), pairs(&d.non_identifying))),
             health: r.health.as_deref().map(HealthRow::of),
-            effective: r.effective_config.as_ref().map(|files| {
-                files
-                    .iter()
-                    .map(|(name, f)| (name.clone(), (f.content_type.clone(), hex::encode(&f.body))))
-                    .collect()
-            }),
+            effective: r
+                .effective_config
+                .as_ref()
+                .map(|files| Files(EffectiveFiles::clone(files))),
             remote: r
                 .remote_config_status
                 .as_ref()
@@ -170,17 +172,7 @@ impl Row {
                 })
             }),
             health: self.health.map(|h| Arc::new(h.health())),
-            effective_config: self.effective.map(|files| {
-                Arc::new(
-                    files
-                        .into_iter()
-                        .map(|(name, (content_type, body))| {
-                            let body = Bytes::from(hex::decode(body).unwrap_or_default());
-                            (name, ConfigFile { content_type, body })
-                        })
-                        .collect::<EffectiveFiles>(),
-                )
-            }),
+            effective_config: self.effective.map(|Files(files)| Arc::new(files)),
             remote_config_status: self.remote.map(|(hash, state, error_message)| {
                 let last_hash = Bytes::from(hex::decode(hash).unwrap_or_default());
                 RemoteStatus {
@@ -208,6 +200,7 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::ConfigFile;
 
     #[test]
     fn a_record_survives_the_trip_through_a_row() {

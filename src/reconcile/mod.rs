@@ -28,9 +28,9 @@ pub use plan::plan;
 pub use restore::{Recovered, RecoveredRollout, restore};
 pub use rollout::Change;
 pub use select::Matcher;
-pub(crate) use state::bundle_serde;
 pub use state::{
     AgentMemories, AgentMemory, Control, ControlAction, ControlError, FailureRecord, GroupState, Membership, Pushed,
     Rollout, RolloutKind, RolloutPhase, RolloutState, Stable, Timestamp,
 };
+pub(crate) use state::{bundle_serde, files_serde};
 pub use waves::{Members, OrderKey, canary_order, order_key, rollout_members, wave_cuts};

@@ -469,14 +469,10 @@ mod arc_members {
 
 /// A config bundle as its files (content type and body) plus its hash, which
 /// is checked on load. Bodies are text when they are UTF-8, else hex.
-pub(crate) mod bundle_serde {
+/// A config map as JSON: each file's body as text when it is UTF-8, else as
+/// hex.
+pub(crate) mod files_serde {
     use super::*;
-
-    #[derive(Serialize, Deserialize)]
-    struct RawBundle {
-        hash: ConfigHash,
-        files: BTreeMap<String, RawFile>,
-    }
 
     #[derive(Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -488,33 +484,26 @@ pub(crate) mod bundle_serde {
         hex: Option<String>,
     }
 
-    pub fn serialize<S: Serializer>(b: &Arc<ConfigBundle>, s: S) -> Result<S::Ok, S::Error> {
-        let files = b
-            .files()
-            .iter()
-            .map(|(k, f)| {
-                let (text, hex) = match std::str::from_utf8(&f.body) {
-                    Ok(t) => (Some(t.to_owned()), None),
-                    Err(_) => (None, Some(hex::encode(&f.body))),
-                };
-                (
-                    k.clone(),
-                    RawFile {
-                        content_type: f.content_type.clone(),
-                        text,
-                        hex,
-                    },
-                )
-            })
-            .collect();
-        RawBundle { hash: b.hash(), files }.serialize(s)
+    pub fn serialize<S: Serializer>(files: &BTreeMap<String, ConfigFile>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(files.iter().map(|(k, f)| {
+            let (text, hex) = match std::str::from_utf8(&f.body) {
+                Ok(t) => (Some(t.to_owned()), None),
+                Err(_) => (None, Some(hex::encode(&f.body))),
+            };
+            let raw = RawFile {
+                content_type: f.content_type.clone(),
+                text,
+                hex,
+            };
+            (k, raw)
+        }))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<ConfigBundle>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, ConfigFile>, D::Error> {
         use serde::de::Error;
-        let raw = RawBundle::deserialize(d)?;
+        let raw = BTreeMap::<String, RawFile>::deserialize(d)?;
         let mut files = BTreeMap::new();
-        for (k, f) in raw.files {
+        for (k, f) in raw {
             let body = match (f.text, f.hex) {
                 (Some(t), None) => Bytes::from(t),
                 (None, Some(h)) => {
@@ -534,7 +523,41 @@ pub(crate) mod bundle_serde {
                 },
             );
         }
-        let bundle = ConfigBundle::new(files);
+        Ok(files)
+    }
+}
+
+/// A config bundle as JSON: its files (see [`files_serde`]) and its hash,
+/// checked when read back.
+pub(crate) mod bundle_serde {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Out<'a> {
+        hash: ConfigHash,
+        #[serde(serialize_with = "files_serde::serialize")]
+        files: &'a BTreeMap<String, ConfigFile>,
+    }
+
+    #[derive(Deserialize)]
+    struct In {
+        hash: ConfigHash,
+        #[serde(deserialize_with = "files_serde::deserialize")]
+        files: BTreeMap<String, ConfigFile>,
+    }
+
+    pub fn serialize<S: Serializer>(b: &Arc<ConfigBundle>, s: S) -> Result<S::Ok, S::Error> {
+        Out {
+            hash: b.hash(),
+            files: b.files(),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<ConfigBundle>, D::Error> {
+        use serde::de::Error;
+        let raw = In::deserialize(d)?;
+        let bundle = ConfigBundle::new(raw.files);
         if bundle.hash() != raw.hash {
             return Err(D::Error::custom(format!(
                 "bundle content hashes to {}, recorded as {}",
