@@ -53,7 +53,7 @@ impl Replica {
             id,
         ];
         args.extend(extra);
-        let serve = Serve::start(&args, (opamp, any_port())).await;
+        let serve = Serve::start_within(&args, (opamp, any_port()), PATIENCE).await;
         Replica {
             id: id.to_string(),
             serve,
@@ -656,7 +656,7 @@ async fn a_replica_reaches_postgres_over_tls_trusting_the_given_ca() {
         "--startup-grace",
         "0s",
     ];
-    let serve = Serve::start(&args, (any_port(), any_port())).await;
+    let serve = Serve::start_within(&args, (any_port(), any_port()), PATIENCE).await;
     common::eventually_within(PATIENCE, "the replica to lead", async || {
         (metric_at(serve.api, "opamp_gitops_cluster_leader").await == 1).then_some(())
     })

@@ -38,18 +38,28 @@ pub struct Serve {
 impl Serve {
     /// Runs `opamp-gitops serve` with `args`, listening on `(opamp, api)`
     /// (port 0 for any), and waits until it listens.
-    pub async fn start(args: &[&str], (opamp, api): (SocketAddr, SocketAddr)) -> Self {
+    pub async fn start(args: &[&str], addrs: (SocketAddr, SocketAddr)) -> Self {
+        Serve::start_within(args, addrs, DEADLINE).await
+    }
+
+    /// [`Serve::start`], waiting at most `patience` for it to listen (a test
+    /// that starts many processes at once starts them slowly).
+    pub async fn start_within(args: &[&str], (opamp, api): (SocketAddr, SocketAddr), patience: Duration) -> Self {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-gitops"));
         command
             .arg("serve")
             .args(args)
             .args(["--opamp-listen", &opamp.to_string(), "--api-listen", &api.to_string()]);
-        Serve::run(command).await
+        Serve::run_within(command, patience).await
     }
 
     /// Runs `command`, which runs `serve` (however: through a shell, say),
     /// and waits until it listens.
-    pub async fn run(mut command: tokio::process::Command) -> Self {
+    pub async fn run(command: tokio::process::Command) -> Self {
+        Serve::run_within(command, DEADLINE).await
+    }
+
+    async fn run_within(mut command: tokio::process::Command, patience: Duration) -> Self {
         let mut child = command
             // The app's info lines say where it listens; everything else only warnings.
             .env("RUST_LOG", "warn,opamp_gitops::app=info")
@@ -72,7 +82,7 @@ impl Serve {
                 eprintln!("serve: {line}");
             }
         });
-        let (opamp, api) = tokio::time::timeout(DEADLINE, rx)
+        let (opamp, api) = tokio::time::timeout(patience, rx)
             .await
             .expect("serve listens in time")
             .expect("serve says where it listens before it exits");
