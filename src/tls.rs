@@ -225,7 +225,7 @@ pub fn watch_files(
     let names = files.to_vec();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
-            && event.paths.iter().any(|p| names.iter().any(|n| same_file_name(p, n)))
+            && changes(&event, &names)
         {
             changed();
         }
@@ -244,6 +244,22 @@ fn same_file_name(a: &Path, b: &Path) -> bool {
     a.file_name().is_some() && a.file_name() == b.file_name()
 }
 
+/// Whether `event` may have changed one of `files`. Reading a file (opening,
+/// closing it unwritten) changes nothing: were it taken for a change, two
+/// processes watching the same files would reload each other without end, as
+/// each reload reads them.
+fn changes(event: &notify::Event, files: &[PathBuf]) -> bool {
+    let read = matches!(
+        event.kind,
+        notify::EventKind::Access(
+            notify::event::AccessKind::Open(_)
+                | notify::event::AccessKind::Read
+                | notify::event::AccessKind::Close(notify::event::AccessMode::Read | notify::event::AccessMode::Any)
+        )
+    );
+    !read && event.paths.iter().any(|p| files.iter().any(|n| same_file_name(p, n)))
+}
+
 /// The identity a client certificate carries: its subject's common name,
 /// else the whole subject.
 pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
@@ -251,4 +267,38 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
     let subject = parsed.subject();
     let cn = subject.iter_common_name().next().and_then(|cn| cn.as_str().ok());
     Some(cn.map_or_else(|| subject.to_string(), str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind};
+
+    use super::*;
+
+    #[test]
+    fn reading_a_watched_file_is_no_change_writing_or_replacing_it_is() {
+        let files = [
+            PathBuf::from("/etc/tls/server.pem"),
+            PathBuf::from("/etc/tls/server.key"),
+        ];
+        let event = |kind, path: &str| notify::Event::new(kind).add_path(PathBuf::from(path));
+        for read in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(!changes(&event(read, "/etc/tls/server.key"), &files), "{read:?}");
+        }
+        for change in [
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(changes(&event(change, "/etc/tls/server.pem"), &files), "{change:?}");
+            assert!(
+                !changes(&event(change, "/etc/tls/other.pem"), &files),
+                "another file: {change:?}"
+            );
+        }
+    }
 }
