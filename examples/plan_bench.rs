@@ -1,10 +1,10 @@
-//! Micro-benchmark of `reconcile::plan`: 100,000 agents in 50 groups, read
-//! from repository text like the controller reads it. Builds the input once,
-//! then times repeated runs of `plan` in four situations (steady fleet, a
-//! commit that starts 50 rollouts, every group mid-rollout and its next wave
-//! opening) and prints the
-//! minimum, median and maximum wall time (on a shared machine the minimum is
-//! the steadiest figure).
+//! Micro-benchmark of the planner: 100,000 agents in 50 groups, read from
+//! repository text like the controller reads it. Builds the input once, then
+//! times repeated full plans (`Planner::full`) in four situations (steady
+//! fleet, a commit that starts 50 rollouts, every group mid-rollout and its
+//! next wave opening), and updates after one agent's report
+//! (`Planner::update`) in two, and prints the minimum, median and maximum
+//! wall time (on a shared machine the minimum is the steadiest figure).
 //!
 //! `cargo run --release --example plan_bench -- [AGENTS] [GROUPS] [RUNS]`
 
@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use opamp_gitops::desired::{self, Description, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
-use opamp_gitops::reconcile::{
-    AgentView, Plan, PlanInput, RemoteConfigState, RolloutState, StatusView, Timestamp, plan,
-};
+use opamp_gitops::reconcile::{AgentView, Planner, Push, RemoteConfigState, RolloutState, StatusView, Timestamp};
 
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -40,33 +38,59 @@ fn main() -> Result<(), String> {
 
     let now = Timestamp::from_millis(1_000_000);
     // A first plan over the applied fleet records every group's config as stable.
-    let steady = plan(&PlanInput {
-        desired: &v1,
-        agents: &fleet,
-        state: &RolloutState::default(),
-        now,
-    })
-    .state;
+    let mut first = Planner::default();
+    first.full(&v1, fleet.clone(), now);
+    let steady = first.state();
     measure("steady (all in sync)", runs, &v1, &fleet, &steady, now);
 
-    let started = measure("new commit: 50 rollouts start", runs, &v2, &fleet, &steady, now);
+    let (started, pushes) = measure("new commit: 50 rollouts start", runs, &v2, &fleet, &steady, now);
     // The first wave applies; the planner then opens the next waves.
-    apply(&mut fleet, &started);
+    apply(&mut fleet, &pushes);
     let later = Timestamp::from_millis(now.millis() + 3_600_000);
-    let baking = measure(
-        "mid-rollout, first wave baking",
-        runs,
-        &v2,
-        &fleet,
-        &started.state,
-        later,
-    );
+    let (baking, _) = measure("mid-rollout, first wave baking", runs, &v2, &fleet, &started, later);
     let baked = Timestamp::from_millis(later.millis() + 3_600_000);
-    measure("mid-rollout, next wave opens", runs, &v2, &fleet, &baking.state, baked);
+    let (_, opened) = measure("mid-rollout, next wave opens", runs, &v2, &fleet, &baking, baked);
+
+    println!();
+    println!("update after one agent's report: {agents} agents, {runs} reports");
+    println!("| situation | min µs | median µs | max µs | agents decided (median) |");
+    println!("|---|---:|---:|---:|---:|");
+    // All in sync: an agent turns unhealthy.
+    let mut planner = Planner::new(steady.clone());
+    planner.full(&v1, fleet_v1(&fleet, &v1), now);
+    let reports: Vec<AgentView> = (0..runs)
+        .map(|k| {
+            let mut a = planner.agents()[k * 7919 % agents].clone();
+            a.healthy = Some(false);
+            a.health_error = "exporter failing".into();
+            a
+        })
+        .collect();
+    measure_updates("all in sync: an agent turns unhealthy", &mut planner, &v1, reports, now);
+    // Mid-rollout: an agent of the wave just opened reports APPLIED.
+    let mut planner = Planner::new(baking);
+    planner.full(&v2, fleet.clone(), baked);
+    let reports: Vec<AgentView> = opened
+        .iter()
+        .take(runs)
+        .map(|p| {
+            let mut a = planner.agents()[index_of(&fleet, &p.uid)].clone();
+            a.remote = Some(applied(p.bundle.hash()));
+            a
+        })
+        .collect();
+    measure_updates(
+        "mid-rollout: an agent of the open wave reports APPLIED",
+        &mut planner,
+        &v2,
+        reports,
+        baked,
+    );
     Ok(())
 }
 
-/// Times `runs` plans of the same input; prints one table row and returns the last plan.
+/// Times `runs` full plans from `state`; prints one table row and returns
+/// the rollout state after the plan and its pushes.
 fn measure(
     name: &str,
     runs: usize,
@@ -74,31 +98,98 @@ fn measure(
     agents: &[AgentView],
     state: &RolloutState,
     now: Timestamp,
-) -> Plan {
-    let input = PlanInput {
-        desired,
-        agents,
-        state,
-        now,
-    };
-    let mut last = plan(&input); // warm-up
+) -> (RolloutState, Vec<Push>) {
     let mut wall = Vec::with_capacity(runs);
-    for _ in 0..runs {
+    let mut last = None;
+    // The first run warms up.
+    for run in 0..=runs {
+        let mut planner = Planner::new(state.clone());
+        let fleet = agents.to_vec();
         let t0 = Instant::now();
-        let p = plan(&input);
-        wall.push(t0.elapsed());
-        drop(std::mem::replace(&mut last, p));
+        let step = planner.full(desired, fleet, now);
+        if run > 0 {
+            wall.push(t0.elapsed());
+        }
+        last = Some((planner, step.pushes));
     }
     wall.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (planner, pushes) = last.expect("at least one run");
     println!(
         "| {name} | {} | {:.1} | {:.1} | {:.1} |",
-        last.pushes.len(),
+        pushes.len(),
         ms(wall[0]),
         ms(wall[runs / 2]),
         ms(wall[runs - 1]),
     );
-    last
+    (planner.state(), pushes)
+}
+
+/// Times one update per report, each at its own millisecond after `start`.
+/// The agents whose records the full plan before changed are decided again
+/// by the first update after it; that update is made before, untimed.
+fn measure_updates(
+    name: &str,
+    planner: &mut Planner,
+    desired: &DesiredState,
+    reports: Vec<AgentView>,
+    start: Timestamp,
+) {
+    if planner.update(desired, Vec::new(), start).is_none() {
+        println!("| {name} | an update could not be made: a full plan was needed |");
+        return;
+    }
+    let mut wall = Vec::with_capacity(reports.len());
+    let mut decided = Vec::with_capacity(reports.len());
+    for (k, report) in reports.into_iter().enumerate() {
+        let now = Timestamp::from_millis(start.millis() + 1 + k as u64);
+        let t0 = Instant::now();
+        let step = planner.update(desired, vec![report], now);
+        wall.push(t0.elapsed());
+        let Some(step) = step else {
+            println!("| {name} | an update could not be made: a full plan was needed |");
+            return;
+        };
+        decided.push(step.planned);
+    }
+    wall.sort();
+    decided.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let n = wall.len();
+    println!(
+        "| {name} | {:.1} | {:.1} | {:.1} | {} |",
+        us(wall[0]),
+        us(wall[n / 2]),
+        us(wall[n - 1]),
+        decided[n / 2],
+    );
+}
+
+fn index_of(fleet: &[AgentView], uid: &InstanceUid) -> usize {
+    fleet
+        .binary_search_by(|a| a.uid.cmp(uid))
+        .expect("a pushed agent is in the fleet")
+}
+
+fn applied(hash: opamp_gitops::model::ConfigHash) -> StatusView {
+    StatusView {
+        hash: Some(hash),
+        status: RemoteConfigState::Applied,
+        error: String::new(),
+    }
+}
+
+/// The fleet as it was, every agent on its group's v1 config.
+fn fleet_v1(fleet: &[AgentView], v1: &DesiredState) -> Vec<AgentView> {
+    let hashes: Vec<_> = v1.groups.values().map(|g| g.config.hash()).collect();
+    fleet
+        .iter()
+        .enumerate()
+        .map(|(i, a)| AgentView {
+            remote: Some(applied(hashes[i % hashes.len()])),
+            ..a.clone()
+        })
+        .collect()
 }
 
 /// `groups` groups, each selecting `svc=s<i>` with its own collector config,
@@ -174,18 +265,13 @@ fn fleet(agents: usize, groups: usize, desired: &DesiredState) -> Vec<AgentView>
 }
 
 /// Every pushed agent reports APPLIED for what it was given.
-fn apply(fleet: &mut [AgentView], plan: &Plan) {
+fn apply(fleet: &mut [AgentView], pushes: &[Push]) {
     let index: BTreeMap<&InstanceUid, usize> = fleet.iter().enumerate().map(|(i, a)| (&a.uid, i)).collect();
-    let updates: Vec<(usize, _)> = plan
-        .pushes
+    let updates: Vec<(usize, _)> = pushes
         .iter()
         .filter_map(|p| index.get(&p.uid).map(|&i| (i, p.bundle.hash())))
         .collect();
     for (i, hash) in updates {
-        fleet[i].remote = Some(StatusView {
-            hash: Some(hash),
-            status: RemoteConfigState::Applied,
-            error: String::new(),
-        });
+        fleet[i].remote = Some(applied(hash));
     }
 }

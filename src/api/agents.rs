@@ -14,16 +14,15 @@ use serde::{Deserialize, Serialize};
 use super::wait::{Sources, WaitParams};
 use super::{ApiState, error};
 use crate::desired::Attributes;
+use crate::driver::Assignments;
 use crate::fleet::{AgentRecord, Health};
 use crate::model::{AgentState, ConfigHash, GroupName, InstanceUid};
 use crate::reconcile::Assignment;
 
 /// An agent's assignment in the driver's uid-ordered list.
-fn find<'a>(assignments: &'a [Assignment], uid: &InstanceUid) -> Option<&'a Assignment> {
-    assignments
-        .binary_search_by(|a| a.uid.cmp(uid))
-        .ok()
-        .map(|i| &assignments[i])
+fn find<'a>(assignments: &'a Assignments, uid: &InstanceUid) -> Option<&'a Assignment> {
+    let i = assignments.binary_search_by(|a| a.uid.cmp(uid)).ok()?;
+    assignments.get(i)
 }
 
 /// One agent as the API shows it.

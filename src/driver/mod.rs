@@ -25,7 +25,7 @@ pub use persist::{PersistError, Store};
 use views::ViewBuilder;
 
 use crate::desired::{ConfigBundle, DesiredState, Validated};
-use crate::fleet::FleetHandle;
+use crate::fleet::{FleetHandle, FleetSnapshot};
 use crate::gitsrc::{GitHandle, Loaded, Status as GitStatus};
 use crate::model::{AgentState, Change, CommitId, GroupName, InstanceUid};
 use crate::notes::format::Note;
@@ -33,8 +33,8 @@ use crate::notes::remembered::{self, Found};
 use crate::notes::writer::NotesHandle;
 use crate::notify::{NotifyHandle, notice};
 use crate::reconcile::{
-    self, Control, ControlError, Event, GroupStatus, Phase, PlanInput, Recovered, RecoveredRollout, RolloutState,
-    Stable, Timestamp,
+    self, Control, ControlError, Event, GroupStatus, Phase, Planner, Recovered, RecoveredRollout, RolloutState, Stable,
+    Step, Timestamp,
 };
 use crate::telemetry::groups::GroupGauges;
 use crate::telemetry::rollout::{ConfigPushed, Planned, RolloutEvent, RolloutMetrics};
@@ -56,8 +56,9 @@ pub struct DriverConfig {
 }
 
 /// Every agent's group, desired hash and state from the newest plan, in uid
-/// order (the order the planner is given the fleet in).
-pub type Assignments = Arc<[reconcile::Assignment]>;
+/// order (the order the planner is given the fleet in). Persistent: each
+/// plan changes the assignments it decided and shares the rest.
+pub type Assignments = imbl::Vector<reconcile::Assignment>;
 
 /// What the driver last decided, for the API.
 #[derive(Debug, Clone, Default)]
@@ -226,6 +227,9 @@ pub fn spawn(
     };
     let driver = Driver {
         views,
+        planner: Planner::new(state).forgetting_after(config.forget_after),
+        planned: None,
+        last_full: None,
         store,
         term: None,
         notes_read: false,
@@ -234,7 +238,6 @@ pub fn spawn(
         started: Instant::now(),
         seen: HashMap::new(),
         restore,
-        state,
         dirty: false,
         last_persist: Instant::now(),
         wanted: true,
@@ -272,7 +275,13 @@ struct Driver {
     book: NoteBook,
     /// When the commits of live rollouts were first seen, for the commit-to-complete time.
     seen: HashMap<CommitId, SystemTime>,
-    state: RolloutState,
+    /// Owns the rollout state and what the last plan decided.
+    planner: Planner,
+    /// The desired state and the fleet the last plan was made of: the next
+    /// one plans what changed since.
+    planned: Option<(Arc<Loaded>, Arc<FleetSnapshot>)>,
+    /// When the last plan over the whole fleet was made.
+    last_full: Option<Instant>,
     /// Read on the first plan of each term; see [`Parts::existing_notes`].
     existing_notes: Option<NotesReader>,
     /// No state was saved: rebuild it from the notes on the first plan.
@@ -418,11 +427,7 @@ impl Driver {
             return Err(ControlFailure::NotReady);
         }
         let now = Timestamp::of(SystemTime::now());
-        match action {
-            Control::Pause => self.state.pause(group, now, by),
-            Control::Resume => self.state.resume(group, now, by),
-            Control::Promote => self.state.promote(group, now, by),
-        }?;
+        self.planner.control(group, action, now, by)?;
         info!(group = %group, action = ?action, by = by.unwrap_or("-"), "rollout control");
         self.dirty = true;
         self.plan_once().await;
@@ -458,16 +463,16 @@ impl Driver {
         };
         // Only the commits of rollouts still known (a handful per group) can complete.
         let live: Vec<&CommitId> = self
-            .state
-            .groups
+            .planner
+            .group_states()
             .values()
             .filter_map(|g| g.rollout.as_ref()?.commit.as_ref())
             .collect();
         self.seen.retain(|c, _| *c == commit || live.contains(&c));
         self.seen.entry(commit.clone()).or_insert(loaded.seen_at);
         let snapshot = self.fleet.snapshot();
-        let views = self.views.build(&snapshot);
         let now_wall = SystemTime::now();
+        let now = Timestamp::of(now_wall);
         if !self.notes_read
             && let Some(read) = self.existing_notes.clone()
         {
@@ -478,31 +483,39 @@ impl Driver {
                     notes = notes.len(),
                     "no rollout state was saved; rebuilding it from the git notes"
                 );
-                self.state = self
-                    .recover(&notes, &loaded.desired, &views, Timestamp::of(now_wall))
-                    .await;
+                let views = self.views.build(&snapshot);
+                let state = self.recover(&notes, &loaded.desired, &views, now).await;
+                self.renew_planner(state);
                 self.dirty = true;
             }
             self.book = std::mem::take(&mut self.book).with_existing(notes);
         }
-        let reconcile::Plan {
+        let full_due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= loaded.desired.reconcile_interval);
+        let update = match full_due {
+            false => self.plan_changes(&loaded, &snapshot, now),
+            true => None,
+        };
+        let full = update.is_none();
+        let Step {
             pushes,
-            state,
-            agents,
-            groups,
             events,
             next,
-        } = reconcile::plan(&PlanInput {
-            desired: &loaded.desired,
-            agents: &views,
-            state: &self.state,
-            now: Timestamp::of(now_wall),
-        });
+            changed,
+            planned,
+        } = match update {
+            Some(step) => step,
+            None => {
+                self.last_full = Some(started);
+                self.planner.full(&loaded.desired, self.views.build(&snapshot), now)
+            }
+        };
+        self.planned = Some((loaded.clone(), snapshot));
         // What the next plan's distance is measured by: the work of this
         // one, not its waits (for the disk, for the fleet to take the pushes).
         let computed = started.elapsed();
-        self.next =
-            next.map(|t| started + Duration::from_millis(t.millis().saturating_sub(Timestamp::of(now_wall).millis())));
+        self.next = next.map(|t| started + Duration::from_millis(t.millis().saturating_sub(now.millis())));
         for event in &events {
             let took = match event {
                 Event::Complete { commit: Some(c), .. } => self.since_seen(c, now_wall),
@@ -516,23 +529,15 @@ impl Driver {
             }
             .emit(&self.metrics);
         }
-        let mut state = state;
-        state.agents.forget_absent(
-            views.iter().map(|v| &v.uid),
-            Timestamp::of(now_wall),
-            self.config.forget_after,
-        );
-        if state != self.state {
-            self.state = state;
-            self.dirty = true;
-        }
+        self.dirty |= changed;
+        let groups = self.planner.statuses();
         // Into the outbox before the state that follows the events is saved:
         // after a crash in between they are told again, never lost.
         if let Some(notify) = &self.notify {
             let change = |c: &CommitId| self.change_of(c, &loaded).cloned();
             let notices = notice::from_plan(&notice::PlanFacts {
                 events: &events,
-                groups: &groups,
+                groups,
                 change: &change,
                 now: now_wall,
             });
@@ -573,13 +578,13 @@ impl Driver {
             notebook::PlanFacts {
                 desired: &commit,
                 change: loaded.change.as_ref(),
-                groups: &groups,
+                groups: self.planner.statuses(),
                 events: &events,
-                state: &self.state,
+                states: self.planner.group_states(),
             },
             now_wall,
         );
-        self.publish(&commit, &agents, &groups);
+        self.publish(&commit, full, planned);
         self.submit_notes(notes);
         self.last_plan = Some((started, computed));
     }
@@ -599,39 +604,58 @@ impl Driver {
         Some(now.duration_since(*seen).unwrap_or_default())
     }
 
-    fn publish(
-        &mut self,
-        commit: &CommitId,
-        agents: &[reconcile::Assignment],
-        groups: &BTreeMap<GroupName, GroupStatus>,
-    ) {
-        let mut by_state: BTreeMap<AgentState, u64> = BTreeMap::new();
-        for a in agents {
-            *by_state.entry(a.state).or_default() += 1;
+    /// Plans the changes of the fleet since the last plan, if an update can
+    /// (see [`Planner::update`]): the same desired state, and only agents
+    /// that changed, none that came or left.
+    fn plan_changes(&mut self, loaded: &Arc<Loaded>, snapshot: &FleetSnapshot, now: Timestamp) -> Option<Step> {
+        let (last, fleet) = self.planned.as_ref()?;
+        if !Arc::ptr_eq(last, loaded) {
+            return None;
         }
+        let mut changed = Vec::new();
+        for d in fleet.agents.diff(&snapshot.agents) {
+            match d {
+                imbl::ordmap::DiffItem::Update { new: (_, r), .. } => changed.push(self.views.view(r)),
+                _ => return None,
+            }
+        }
+        self.planner.update(&loaded.desired, changed, now)
+    }
+
+    /// Plans from `state` on (claimed, or rebuilt from the notes).
+    fn renew_planner(&mut self, state: RolloutState) {
+        self.planner = Planner::new(state).forgetting_after(self.config.forget_after);
+        self.planned = None;
+    }
+
+    fn publish(&mut self, commit: &CommitId, full: bool, planned: usize) {
+        let groups = self.planner.statuses();
+        let by_state = self.planner.agents_by_state();
         Planned {
-            agents_by_state: &by_state,
+            agents_by_state: by_state,
             phases: groups.values().map(|g| g.phase),
             took: self
                 .last_plan
                 .map_or_else(Duration::default, |(started, _)| started.elapsed()),
+            full,
+            agents: planned,
         }
         .emit(&self.metrics);
-        self.assignments.send_replace(Arc::from(agents));
+        self.assignments.send_replace(self.planner.assignments().clone());
         let version = self.status.borrow().version + 1;
         self.status.send_replace(Arc::new(DriverStatus {
             version,
             commit: Some(commit.clone()),
             groups: groups.clone(),
-            agents_by_state: by_state,
+            agents_by_state: by_state.clone(),
             changes: groups
                 .values()
                 .filter_map(|g| g.commit.as_ref())
                 .filter_map(|c| Some((c.clone(), self.book.change(c)?.clone())))
                 .collect(),
             stable: self
-                .state
-                .groups
+                .planner
+                .group_states()
                 .iter()
                 .filter_map(|(name, g)| Some((name.clone(), g.stable.as_ref()?.bundle.clone())))
                 .collect(),
@@ -709,7 +733,7 @@ impl Driver {
     }
 
     async fn persist(&mut self) {
-        match self.store.save(&self.state, self.term).await {
+        match self.store.save(&self.planner.state(), self.term).await {
             Ok(()) => {
                 self.dirty = false;
                 self.last_persist = Instant::now();
@@ -782,7 +806,7 @@ impl Driver {
                         "leading: the rollout state is claimed"
                     );
                     self.restore = saved.is_none();
-                    self.state = saved.unwrap_or_default();
+                    self.renew_planner(saved.unwrap_or_default());
                     self.term = Some(f);
                     self.dirty = false;
                     self.notes_read = false;

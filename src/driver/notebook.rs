@@ -10,7 +10,7 @@ use crate::model::{CommitId, GroupName};
 use crate::notes::format::{
     Change, FORMAT_VERSION, Failure, MAX_FAILURES, MAX_HISTORY, Note, NoteGroup, NoteStep, Step,
 };
-use crate::reconcile::{Event, GroupStatus, Phase, RolloutState, Timestamp};
+use crate::reconcile::{Event, GroupState, GroupStatus, Phase, Timestamp};
 
 /// Notes of at most this many commits are kept in memory (those of rollouts
 /// still shown are never dropped).
@@ -112,15 +112,15 @@ impl NoteBook {
 
     /// Folds a plan's group statuses and events in, and answers the notes that
     /// must be written: the desired commit's when it is new, and every note
-    /// whose group moved. `change` tells who made the desired commit; `state`
-    /// is the plan's rollout state (for the full list of failed agents).
+    /// whose group moved. `change` tells who made the desired commit; `states`
+    /// are the groups' rollout states (for the full list of failed agents).
     pub fn after_plan(&mut self, plan: PlanFacts<'_>, now: SystemTime) -> Vec<Note> {
         let PlanFacts {
             desired,
             change,
             groups,
             events,
-            state,
+            states,
         } = plan;
         let entry = self.entry(desired, now);
         if entry.note.change.is_none() {
@@ -151,7 +151,7 @@ impl NoteBook {
             let Some(commit) = rollout_commit else { continue };
             let mut group = from_status(status);
             if status.failed as usize > group.failures.len()
-                && let Some(r) = state.groups.get(name).and_then(|g| g.rollout.as_ref())
+                && let Some(r) = states.get(name).and_then(|g| g.rollout.as_ref())
                 && r.commit.as_ref() == Some(commit)
             {
                 let shown: HashSet<&str> = group.failures.iter().map(|f| f.agent.as_str()).collect();
@@ -316,7 +316,8 @@ pub struct PlanFacts<'p> {
     pub change: Option<&'p Change>,
     pub groups: &'p BTreeMap<GroupName, GroupStatus>,
     pub events: &'p [Event],
-    pub state: &'p RolloutState,
+    /// Each group's rollout state.
+    pub states: &'p BTreeMap<GroupName, GroupState>,
 }
 
 /// The group's note as its status shows it; the caller adds the history and
@@ -365,13 +366,12 @@ mod tests {
         events: &[Event],
         now: SystemTime,
     ) -> Vec<Note> {
-        let state = RolloutState::default();
         let facts = PlanFacts {
             desired,
             change: None,
             groups,
             events,
-            state: &state,
+            states: &BTreeMap::new(),
         };
         book.after_plan(facts, now)
     }

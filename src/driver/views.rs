@@ -43,7 +43,7 @@ impl ViewBuilder {
         fleet.agents.values().map(|r| self.view(r)).collect()
     }
 
-    fn view(&self, r: &AgentRecord) -> AgentView {
+    pub fn view(&self, r: &AgentRecord) -> AgentView {
         AgentView {
             uid: r.uid.clone(),
             attributes: r.description.clone().unwrap_or_else(|| self.undescribed.clone()),

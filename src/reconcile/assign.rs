@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use super::classify::{Facts, classify};
 use super::input::{AgentView, RemoteConfigState};
-use super::output::{AgentCounts, Event, GroupStatus, Push, PushReason};
+use super::output::{Event, Push, PushReason};
 use super::plan::{GroupCtx, Out};
 use super::rollout::Opened;
 use super::state::{AgentMemory, GroupState, Membership, Pushed, Rollout, RolloutKind, RolloutPhase};
 use crate::desired::{ConfigBundle, OnFailure};
-use crate::model::ConfigHash;
+use crate::model::{AgentState, ConfigHash};
 
 /// How an agent is treated in pass 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl<'b> Treatment<'b> {
 }
 
 /// The group's rollout as pass 2 sees it.
-struct Current<'b> {
+pub(super) struct Current<'b> {
     stable: Option<&'b Arc<ConfigBundle>>,
     rollout: Option<&'b Rollout>,
     /// A rollout in waves that has not completed, with the waves it opened.
@@ -48,75 +48,94 @@ struct Current<'b> {
     rollback: bool,
 }
 
+/// What pass 2 decided for one agent.
+pub(super) struct Assigned {
+    /// The hash of the config it should run.
+    pub desired: Option<ConfigHash>,
+    pub state: AgentState,
+    /// Its next record (`None`: nothing worth keeping).
+    pub record: Option<AgentMemory>,
+    /// It was given the stable config back in a revert.
+    pub reverted: bool,
+}
+
 impl GroupCtx<'_> {
-    /// Pass 2: what each agent should run, pushes, agent states and the group status.
-    pub(super) fn assign(&self, gs: &GroupState, ranks: &[Option<u32>], out: &mut Out) -> GroupStatus {
+    /// The group's rollout as pass 2 sees it.
+    pub(super) fn current<'b>(&self, gs: &'b GroupState) -> Current<'b> {
         let rollout = gs.rollout.as_ref();
-        let current = Current {
+        Current {
             stable: gs.stable.as_ref().map(|s| &s.bundle),
             rollout,
             rolling: rollout
                 .filter(|r| r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete)
                 .map(|r| (r, Opened::of(r, self.name()))),
             rollback: self.group.rollout.on_failure == OnFailure::Rollback,
-        };
-        let rolling = current.rolling.as_ref().map(|(r, _)| *r);
-        let mut counts = AgentCounts::default();
-        let mut reverted = 0u32;
-        for (n, &i) in self.idx.iter().enumerate() {
-            let a = &self.agents[i];
-            let mut rec = self.prev[i].copied().unwrap_or_default();
-            let t = self.treatment(a, &rec, ranks[n], &current);
-            rec.member = rolling.and_then(|r| ranks[n].map(|rank| Membership { rollout: r.id, rank }));
-            if let Some(rs) = &a.remote
-                && let Some(h) = rs.hash
-            {
-                rec.note_report(h, rs.status);
-            }
-            let sh = t.should.map(|b| b.hash());
-            if let Some(h) = sh {
-                self.watch_if_applying_unasked(a, &mut rec, h, t.mode);
-            }
-            let pushed = match (t.should, sh) {
-                (Some(bundle), Some(h)) if self.should_push(a, &rec, h, t.mode) => {
-                    rec.pushed = Some(Pushed {
-                        hash: h,
-                        at: self.now,
-                        epoch: a.connection_epoch,
-                        observed: false,
-                    });
-                    let reason = match t.mode {
-                        Mode::Sync(r) => r,
-                        _ => PushReason::Wave,
-                    };
-                    if reason == PushReason::Revert {
-                        reverted += 1;
-                    }
-                    self.push(a, bundle, reason, rolling.is_some(), out);
-                    true
-                }
-                _ => false,
-            };
-            let state = classify(self.facts(a, &rec, &t, rolling, pushed));
-            counts.add(state);
-            let asg = &mut out.assignments[i];
-            asg.desired = sh;
-            asg.state = state;
-            if !rec.is_empty() {
-                out.records[i] = Some(rec);
-            }
         }
-        if reverted > 0
-            && let Some(r) = rollout
+    }
+
+    /// Pass 2 for one agent of the group: what it should run, whether to
+    /// push it (into `out`), its state and its next record.
+    pub(super) fn assign_one(
+        &self,
+        a: &AgentView,
+        prev: Option<&AgentMemory>,
+        rank: Option<u32>,
+        current: &Current<'_>,
+        out: &mut Out,
+    ) -> Assigned {
+        let rolling = current.rolling.as_ref().map(|(r, _)| *r);
+        let mut rec = prev.copied().unwrap_or_default();
+        let t = self.treatment(a, &rec, rank, current);
+        rec.member = rolling.and_then(|r| rank.map(|rank| Membership { rollout: r.id, rank }));
+        if let Some(rs) = &a.remote
+            && let Some(h) = rs.hash
+        {
+            rec.note_report(h, rs.status);
+        }
+        let sh = t.should.map(|b| b.hash());
+        if let Some(h) = sh {
+            self.watch_if_applying_unasked(a, &mut rec, h, t.mode);
+        }
+        let mut reverted = false;
+        let pushed = match (t.should, sh) {
+            (Some(bundle), Some(h)) if self.should_push(a, &rec, h, t.mode) => {
+                rec.pushed = Some(Pushed {
+                    hash: h,
+                    at: self.now,
+                    epoch: a.connection_epoch,
+                    observed: false,
+                });
+                let reason = match t.mode {
+                    Mode::Sync(r) => r,
+                    _ => PushReason::Wave,
+                };
+                reverted = reason == PushReason::Revert;
+                self.push(a, bundle, reason, rolling.is_some(), out);
+                true
+            }
+            _ => false,
+        };
+        let state = classify(self.facts(a, &rec, &t, rolling, pushed));
+        Assigned {
+            desired: sh,
+            state,
+            record: Some(rec).filter(|r| !r.is_empty()),
+            reverted,
+        }
+    }
+
+    /// Tells that `agents` were given the stable config back in a revert.
+    pub(super) fn reverted(&self, gs: &GroupState, agents: u32, out: &mut Out) {
+        if agents > 0
+            && let Some(r) = &gs.rollout
         {
             out.events.push(Event::RevertPushed {
                 group: self.name().clone(),
                 commit: r.commit.clone(),
                 hash: r.target.hash(),
-                agents: reverted,
+                agents,
             });
         }
-        self.status(gs, counts)
     }
 
     /// What an agent's state is decided from, once pass 2 has dealt with it.

@@ -3,94 +3,699 @@
 //! rollout state. Pure and deterministic; see `docs/rollouts.md`.
 //!
 //! Each group is planned in three steps: start a rollout when its config
-//! changed (`rollout.rs`), move the rollout on (`rollout.rs`), then decide
-//! what each agent should run and its state (`assign.rs`).
+//! changed (`rollout.rs`), judge its agents and move the rollout on
+//! (`rollout.rs`), then decide what each agent should run and its state
+//! (`assign.rs`).
+//!
+//! [`Planner`] keeps what its last plan decided of each agent and group. When
+//! a few agents changed, [`Planner::update`] judges and assigns those agents
+//! again and moves their groups' rollouts on from kept counters: it decides
+//! exactly what a plan of the whole fleet ([`Planner::full`]) would.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
+use super::assign::Assigned;
 use super::input::{AgentView, PlanInput};
-use super::join::{collect_records, join_records, uid_order};
-use super::output::{Assignment, Event, GroupStatus, Plan, Push};
+use super::join::{join_records, merge_records, uid_order};
+use super::output::{AgentCounts, Assignment, Event, GroupStatus, Plan, Push};
+use super::rollout::{Judged, Opened, Progress};
 use super::select::Matcher;
-use super::state::{AgentMemory, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp};
-use crate::desired::Group;
-use crate::model::{AgentState, CommitId, ConfigHash, GroupName};
+use super::state::{
+    AgentMemories, AgentMemory, Control, ControlError, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp,
+};
+use crate::desired::{DesiredState, Group};
+use crate::model::{AgentState, CommitId, ConfigHash, GroupName, InstanceUid};
 
 /// Decides pushes, statuses and the next rollout state. Pure: the same input
 /// always gives the same plan.
 pub fn plan(input: &PlanInput) -> Plan {
-    let agents = input.agents;
-    let matcher = Matcher::new(input.desired);
-    let groups: Vec<&Group> = input.desired.groups.values().collect();
-    let mut in_group: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
-    let mut assignments = Vec::with_capacity(agents.len());
-    let by_uid = uid_order(agents);
-    let prev = join_records(agents, &by_uid, &input.state.agents);
-    let mut records: Vec<Option<AgentMemory>> = vec![None; agents.len()];
-    for (i, a) in agents.iter().enumerate() {
-        let group = matcher.find(a);
-        let state = match group {
-            None => AgentState::Unmanaged,
-            Some(_) if !a.supported() => AgentState::Unsupported,
-            Some(g) => {
-                in_group[g].push(i);
-                AgentState::Pending
-            }
-        };
-        if state != AgentState::Pending
-            && let Some(r) = prev[i]
-        {
-            // Kept so "never push a FAILED hash again" survives a group change.
-            records[i] = Some(AgentMemory { member: None, ..*r }).filter(|r| !r.is_empty());
-        }
-        assignments.push(Assignment {
-            uid: a.uid.clone(),
-            group: group.map(|g| groups[g].name.clone()),
-            desired: None,
-            state,
-        });
+    let mut planner = Planner::new(input.state.clone());
+    let step = planner.full(input.desired, input.agents.to_vec(), input.now);
+    Plan {
+        pushes: step.pushes,
+        state: planner.state(),
+        agents: planner.assignments.iter().cloned().collect(),
+        groups: planner.statuses,
+        events: step.events,
+        next: step.next,
+    }
+}
+
+/// What one plan of a [`Planner`] decided, besides what the planner keeps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Step {
+    /// Configs to send now, in group then fleet order.
+    pub pushes: Vec<Push>,
+    pub events: Vec<Event>,
+    /// As [`Plan::next`].
+    pub next: Option<Timestamp>,
+    /// The rollout state changed: it is worth saving.
+    pub changed: bool,
+    /// Agents judged or assigned by this plan.
+    pub planned: usize,
+}
+
+/// Plans over and over, keeping the last plan's decisions: the rollout state,
+/// every agent's assignment and record, every group's status and counters.
+#[derive(Debug, Clone, Default)]
+pub struct Planner {
+    /// The groups' states and the rollout counter. Its `agents` are the
+    /// records of agents the fleet does not list; those of the agents it
+    /// lists are in `slots`.
+    state: RolloutState,
+    /// The fleet as last planned, in the order given.
+    agents: Vec<AgentView>,
+    /// Indices of `agents` in uid order.
+    by_uid: Vec<usize>,
+    slots: Vec<Slot>,
+    /// Per group of the desired state, in its order.
+    groups: Vec<GroupPlan>,
+    assignments: imbl::Vector<Assignment>,
+    statuses: BTreeMap<GroupName, GroupStatus>,
+    by_state: BTreeMap<AgentState, u64>,
+    deadlines: Deadlines,
+    /// Agents whose record changed, or that failed, in the last plan: the
+    /// next plan decides them again.
+    again: Vec<usize>,
+    /// The commit of the desired state of the last full plan.
+    commit: Option<CommitId>,
+    now: Timestamp,
+    next: Option<Timestamp>,
+    /// An update may follow: a full plan was made and the fleet lists no
+    /// uid twice.
+    current: bool,
+    /// Records of agents the fleet has not listed for this long are dropped
+    /// by full plans; `None`: kept.
+    retention: Option<Duration>,
+}
+
+/// What the last plan decided of one agent.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Its group, by position in the desired state (also when unsupported).
+    group: Option<u32>,
+    /// Its config is managed in that group.
+    managed: bool,
+    record: Option<AgentMemory>,
+    judged: Judged,
+    desired: Option<ConfigHash>,
+    state: AgentState,
+    judge_deadline: Option<Timestamp>,
+    assign_deadline: Option<Timestamp>,
+}
+
+impl Slot {
+    fn deadline(&self) -> Option<Timestamp> {
+        earliest(self.judge_deadline, self.assign_deadline)
+    }
+}
+
+/// What the last plan of a group keeps for the next.
+#[derive(Debug, Clone, Default)]
+struct GroupPlan {
+    /// Its managed agents, in fleet order.
+    idx: Vec<usize>,
+    /// The sum of its agents' parts in the rollout's progress.
+    tally: Tally,
+    /// Members of its opened waves the fleet does not list that block the
+    /// wave, and when one of them stops blocking.
+    absent: (u32, Option<Timestamp>),
+    counts: AgentCounts,
+    /// When moving the rollout on may decide otherwise.
+    deadline: Option<Timestamp>,
+    /// Its rollout moved after its agents were judged: the next plan judges
+    /// them all again.
+    stale: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    counted: u32,
+    verified: u32,
+    blocking: u32,
+}
+
+impl Tally {
+    fn add(&mut self, j: Judged) {
+        self.counted += u32::from(j.counted);
+        self.verified += u32::from(j.verified);
+        self.blocking += u32::from(j.blocking);
     }
 
-    let mut out = Out {
-        pushes: Vec::new(),
-        events: Vec::new(),
-        assignments,
-        records,
-    };
-    let mut next_groups = BTreeMap::new();
-    let mut statuses = BTreeMap::new();
-    let mut rollouts = input.state.rollouts;
-    let mut next: Option<Timestamp> = None;
-    for (g, group) in groups.iter().enumerate() {
-        let ctx = GroupCtx {
-            group,
-            agents,
-            idx: &in_group[g],
-            prev: &prev,
-            commit: input.desired.commit.as_ref(),
-            now: input.now,
-            reconcile_interval: input.desired.reconcile_interval,
-            next: Cell::new(None),
-        };
-        let (gs, status) = ctx.plan(input.state.groups.get(&group.name), &mut rollouts, &mut out);
-        next = earliest(next, ctx.next.get());
-        next_groups.insert(group.name.clone(), gs);
-        statuses.insert(group.name.clone(), status);
+    fn remove(&mut self, j: Judged) {
+        self.counted -= u32::from(j.counted);
+        self.verified -= u32::from(j.verified);
+        self.blocking -= u32::from(j.blocking);
     }
-    Plan {
-        pushes: out.pushes,
-        state: RolloutState {
+}
+
+/// The agents' deadlines, earliest first. An entry whose agent's deadline
+/// has changed since is dropped when it comes to the top.
+#[derive(Debug, Clone, Default)]
+struct Deadlines(BinaryHeap<Reverse<(Timestamp, usize)>>);
+
+impl Deadlines {
+    fn of(slots: &[Slot]) -> Self {
+        Deadlines(
+            slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some(Reverse((s.deadline()?, i))))
+                .collect(),
+        )
+    }
+
+    fn note(&mut self, i: usize, slot: &Slot) {
+        if let Some(t) = slot.deadline() {
+            self.0.push(Reverse((t, i)));
+        }
+    }
+
+    fn earliest(&mut self, slots: &[Slot]) -> Option<Timestamp> {
+        if self.0.len() > 2 * slots.len() + 1024 {
+            *self = Deadlines::of(slots);
+        }
+        while let Some(&Reverse((t, i))) = self.0.peek() {
+            if slots[i].deadline() == Some(t) {
+                return Some(t);
+            }
+            self.0.pop();
+        }
+        None
+    }
+}
+
+/// Which agents of a group a plan decides.
+enum Scope<'s> {
+    /// All of them, counting the group afresh; with the ranks (by position
+    /// among the group's agents) of a rollout that started now.
+    Whole(Option<Vec<Option<u32>>>),
+    /// These (in fleet order) and, when the rollout moves, all of them.
+    Agents(&'s [usize]),
+}
+
+/// What planning the groups adds up to, besides pushes and events.
+#[derive(Default)]
+struct Notes {
+    /// An update: what changes is noted for the assignments and deadlines
+    /// (a full plan builds them anew).
+    incremental: bool,
+    again: Vec<usize>,
+    /// Agents assigned, with the state they had before (updates only).
+    assigned: Vec<(usize, AgentState)>,
+    changed: bool,
+    planned: usize,
+}
+
+impl Planner {
+    /// A planner that goes on from `state` (restored, or empty).
+    pub fn new(state: RolloutState) -> Self {
+        Planner {
+            state,
+            ..Planner::default()
+        }
+    }
+
+    /// Full plans drop the records of agents the fleet has not listed for
+    /// `retention`.
+    pub fn forgetting_after(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// The rollout state, with every agent's record (builds it: for saving).
+    pub fn state(&self) -> RolloutState {
+        RolloutState {
+            groups: self.state.groups.clone(),
+            agents: self.records(),
+            rollouts: self.state.rollouts,
+        }
+    }
+
+    /// Each group's state.
+    pub fn group_states(&self) -> &BTreeMap<GroupName, GroupState> {
+        &self.state.groups
+    }
+
+    /// Every agent's group, desired hash and state, in the order the fleet was given.
+    pub fn assignments(&self) -> &imbl::Vector<Assignment> {
+        &self.assignments
+    }
+
+    /// Each group's status.
+    pub fn statuses(&self) -> &BTreeMap<GroupName, GroupStatus> {
+        &self.statuses
+    }
+
+    /// How many agents are in each state.
+    pub fn agents_by_state(&self) -> &BTreeMap<AgentState, u64> {
+        &self.by_state
+    }
+
+    /// The fleet as last planned.
+    pub fn agents(&self) -> &[AgentView] {
+        &self.agents
+    }
+
+    /// Pauses, resumes or promotes a group's rollout; the next plan takes it up.
+    pub fn control(
+        &mut self,
+        group: &GroupName,
+        action: Control,
+        now: Timestamp,
+        by: Option<&str>,
+    ) -> Result<(), ControlError> {
+        match action {
+            Control::Pause => self.state.pause(group, now, by),
+            Control::Resume => self.state.resume(group, now, by),
+            Control::Promote => self.state.promote(group, now, by),
+        }?;
+        // Only moving the rollout on reads what changed; the group is planned whole.
+        match self.statuses.keys().position(|g| g == group) {
+            Some(g) if self.current => self.groups[g].stale = true,
+            _ => self.current = false,
+        }
+        Ok(())
+    }
+
+    /// Plans the whole fleet, `agents`, against `desired` at `now`.
+    pub fn full(&mut self, desired: &DesiredState, agents: Vec<AgentView>, now: Timestamp) -> Step {
+        let by_uid = uid_order(&agents);
+        let (before, mut absent) = join_records(&agents, &by_uid, self.records());
+        let mut prev = before.clone();
+        let mut changed = false;
+        if let Some(keep) = self.retention {
+            for r in prev.iter_mut().flatten() {
+                r.absent_since = None;
+            }
+            let mut left = absent.entries().to_vec();
+            left.retain_mut(|(_, r)| {
+                r.absent_since = Some(r.absent_since.unwrap_or(now));
+                r.absent_since.is_none_or(|t| !now.reached(t, keep))
+            });
+            let left = AgentMemories::from_sorted(left);
+            changed |= left != absent;
+            absent = left;
+        }
+
+        let matcher = Matcher::new(desired);
+        let groups: Vec<&Group> = desired.groups.values().collect();
+        let mut plans: Vec<GroupPlan> = groups.iter().map(|_| GroupPlan::default()).collect();
+        let mut slots = Vec::with_capacity(agents.len());
+        for (i, a) in agents.iter().enumerate() {
+            let group = matcher.find(a);
+            let managed = group.is_some() && a.supported();
+            let (state, record) = match group {
+                Some(g) if managed => {
+                    plans[g].idx.push(i);
+                    (AgentState::Pending, prev[i])
+                }
+                // Kept so "never push a FAILED hash again" survives a group change.
+                _ => (
+                    if group.is_some() {
+                        AgentState::Unsupported
+                    } else {
+                        AgentState::Unmanaged
+                    },
+                    prev[i]
+                        .map(|r| AgentMemory { member: None, ..r })
+                        .filter(|r| !r.is_empty()),
+                ),
+            };
+            slots.push(Slot {
+                group: group.map(|g| g as u32),
+                managed,
+                record,
+                judged: Judged::default(),
+                desired: None,
+                state,
+                judge_deadline: None,
+                assign_deadline: None,
+            });
+        }
+
+        let mut out = Out::default();
+        let mut notes = Notes::default();
+        let mut rollouts = self.state.rollouts;
+        let mut next_groups = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for (g, group) in groups.iter().enumerate() {
+            let gp = &mut plans[g];
+            let idx = std::mem::take(&mut gp.idx);
+            let ctx = GroupCtx::new(group, &agents, &idx, desired, now);
+            let mut gs = self.state.groups.get(&group.name).cloned().unwrap_or_default();
+            let started = ctx.start_if_changed(&mut gs, &mut rollouts, &mut out);
+            let status = plan_group(
+                &ctx,
+                &mut gs,
+                gp,
+                &mut slots,
+                Scope::Whole(started),
+                &mut Deadlines::default(),
+                &mut out,
+                &mut notes,
+            );
+            gp.idx = idx;
+            next_groups.insert(group.name.clone(), gs);
+            statuses.insert(group.name.clone(), status);
+        }
+        changed |= next_groups != self.state.groups
+            || rollouts != self.state.rollouts
+            || slots.iter().zip(&before).any(|(s, b)| s.record != *b);
+
+        let mut by_state = BTreeMap::new();
+        for s in &slots {
+            *by_state.entry(s.state).or_default() += 1;
+        }
+        self.assignments = agents
+            .iter()
+            .zip(&slots)
+            .map(|(a, s)| Assignment {
+                uid: a.uid.clone(),
+                group: s.group.map(|g| groups[g as usize].name.clone()),
+                desired: s.desired,
+                state: s.state,
+            })
+            .collect();
+        self.deadlines = Deadlines::of(&slots);
+        self.current = by_uid.windows(2).all(|w| agents[w[0]].uid != agents[w[1]].uid);
+        self.state = RolloutState {
             groups: next_groups,
-            agents: collect_records(agents, &by_uid, out.records, &input.state.agents),
+            agents: absent,
             rollouts,
-        },
-        agents: out.assignments,
-        groups: statuses,
-        events: out.events,
-        next,
+        };
+        self.agents = agents;
+        self.by_uid = by_uid;
+        self.slots = slots;
+        self.groups = plans;
+        self.statuses = statuses;
+        self.by_state = by_state;
+        self.again = notes.again;
+        self.commit = desired.commit.clone();
+        self.finish(out, changed, notes.planned, now)
     }
+
+    /// Plans again after `changed` agents changed, against the desired state
+    /// of the last full plan, at `now`: decides those agents (and those the
+    /// last plan changed the records of) and moves their groups' rollouts on.
+    /// `None`, having changed nothing, when only a full plan can: an agent is
+    /// new or in another group, a deadline has passed, or the clock went back.
+    pub fn update(&mut self, desired: &DesiredState, changed: Vec<AgentView>, now: Timestamp) -> Option<Step> {
+        if !self.current
+            || desired.commit != self.commit
+            || desired.groups.len() != self.groups.len()
+            || now < self.now
+            || self.next.is_some_and(|t| now >= t)
+        {
+            return None;
+        }
+        let mut at = Vec::with_capacity(changed.len());
+        for v in &changed {
+            let i = self.find(&v.uid)?;
+            let old = &self.agents[i];
+            if old.attributes != v.attributes
+                || old.groups_allowed != v.groups_allowed
+                || old.supported() != v.supported()
+            {
+                return None;
+            }
+            at.push(i);
+        }
+        let mut again = std::mem::take(&mut self.again);
+        for (i, v) in at.into_iter().zip(changed) {
+            if self.agents[i] != v {
+                self.agents[i] = v;
+                again.push(i);
+            }
+        }
+        again.sort_unstable();
+        again.dedup();
+        let mut by_group: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in &again {
+            let s = &self.slots[i];
+            if let (Some(g), true) = (s.group, s.managed) {
+                by_group.entry(g as usize).or_default().push(i);
+            }
+        }
+
+        let mut out = Out::default();
+        let mut notes = Notes {
+            incremental: true,
+            ..Notes::default()
+        };
+        for (g, group) in desired.groups.values().enumerate() {
+            let gp = &mut self.groups[g];
+            let scope = match by_group.get(&g) {
+                _ if gp.stale => Scope::Whole(None),
+                Some(list) => Scope::Agents(list),
+                None => continue,
+            };
+            let idx = std::mem::take(&mut gp.idx);
+            let ctx = GroupCtx::new(group, &self.agents, &idx, desired, now);
+            let gs = self.state.groups.entry(group.name.clone()).or_default();
+            let status = plan_group(
+                &ctx,
+                gs,
+                gp,
+                &mut self.slots,
+                scope,
+                &mut self.deadlines,
+                &mut out,
+                &mut notes,
+            );
+            gp.idx = idx;
+            self.statuses.insert(group.name.clone(), status);
+        }
+        for (i, was) in notes.assigned {
+            let s = self.slots[i];
+            let a = &self.assignments[i];
+            if a.state == s.state && a.desired == s.desired {
+                continue;
+            }
+            decrement(&mut self.by_state, was);
+            *self.by_state.entry(s.state).or_default() += 1;
+            let mut a = a.clone();
+            a.state = s.state;
+            a.desired = s.desired;
+            self.assignments.set(i, a);
+        }
+        self.again = notes.again;
+        Some(self.finish(out, notes.changed, notes.planned, now))
+    }
+
+    fn finish(&mut self, out: Out, changed: bool, planned: usize, now: Timestamp) -> Step {
+        let groups = self.groups.iter().map(|g| earliest(g.deadline, g.absent.1));
+        let next = groups.fold(self.deadlines.earliest(&self.slots), earliest);
+        self.now = now;
+        self.next = next;
+        Step {
+            pushes: out.pushes,
+            events: out.events,
+            next,
+            changed,
+            planned,
+        }
+    }
+
+    fn find(&self, uid: &InstanceUid) -> Option<usize> {
+        let k = self.by_uid.binary_search_by(|&i| self.agents[i].uid.cmp(uid)).ok()?;
+        Some(self.by_uid[k])
+    }
+
+    /// Every record in uid order: the fleet's agents', then the others'.
+    fn records(&self) -> AgentMemories {
+        merge_records(
+            self.by_uid.iter().map(|&i| (&self.agents[i].uid, self.slots[i].record)),
+            &self.state.agents,
+        )
+    }
+}
+
+fn decrement(counts: &mut BTreeMap<AgentState, u64>, state: AgentState) {
+    if let Some(n) = counts.get_mut(&state) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&state);
+        }
+    }
+}
+
+/// What moving a rollout on can change that the agents' treatment reads.
+fn treatment_inputs(gs: &GroupState) -> (Option<(u64, RolloutPhase, u32)>, Option<ConfigHash>) {
+    (
+        gs.rollout.as_ref().map(|r| (r.id, r.phase, r.opened)),
+        gs.stable.as_ref().map(|s| s.bundle.hash()),
+    )
+}
+
+/// Everything moving a rollout on can change.
+type Moves = (
+    Option<(RolloutPhase, bool, bool, u32, [Option<Timestamp>; 4])>,
+    Option<ConfigHash>,
+);
+
+fn moves(gs: &GroupState) -> Moves {
+    (
+        gs.rollout.as_ref().map(|r| {
+            (
+                r.phase,
+                r.paused,
+                r.promote,
+                r.opened,
+                [r.settled_since, r.wave_opened, r.waiting_since, r.finished],
+            )
+        }),
+        gs.stable.as_ref().map(|s| s.bundle.hash()),
+    )
+}
+
+/// Plans one group: judges the agents `scope` names, moves the rollout on,
+/// assigns them (all of the group's when the rollout moved) and answers the
+/// group's status. Pushes and events go to `out`.
+#[allow(clippy::too_many_arguments)]
+fn plan_group(
+    ctx: &GroupCtx<'_>,
+    gs: &mut GroupState,
+    gp: &mut GroupPlan,
+    slots: &mut [Slot],
+    scope: Scope<'_>,
+    deadlines: &mut Deadlines,
+    out: &mut Out,
+    notes: &mut Notes,
+) -> GroupStatus {
+    let treated = treatment_inputs(gs);
+    let moved = moves(gs);
+    let rolling = gs
+        .rollout
+        .as_ref()
+        .filter(|r| r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete)
+        .map(|r| r.id);
+    let rank = |slots: &[Slot], i: usize| rolling.and_then(|id| slots[i].record.and_then(|m| m.rank_in(id)));
+    let whole = matches!(scope, Scope::Whole(_));
+    let (list, ranks): (&[usize], Vec<Option<u32>>) = match scope {
+        Scope::Whole(Some(ranks)) => (ctx.idx, ranks),
+        Scope::Whole(None) => (ctx.idx, ctx.idx.iter().map(|&i| rank(slots, i)).collect()),
+        Scope::Agents(list) => (list, list.iter().map(|&i| rank(slots, i)).collect()),
+    };
+    let incremental = notes.incremental;
+    let note = |deadlines: &mut Deadlines, i: usize, slot: &Slot, was: Option<Timestamp>| {
+        if incremental && slot.deadline() != was {
+            deadlines.note(i, slot);
+        }
+    };
+
+    if whole {
+        gp.tally = Tally::default();
+        gp.absent = (0, None);
+        gp.deadline = None;
+        gp.counts = AgentCounts::default();
+    }
+    if let Some(r) = gs.rollout.as_mut()
+        && r.phase != RolloutPhase::Complete
+    {
+        let opened = Opened::of(r, ctx.name());
+        let mut missing = whole.then(BTreeMap::new);
+        let mut failed = Vec::new();
+        for (&i, &rank) in list.iter().zip(&ranks) {
+            let a = &ctx.agents[i];
+            let (j, deadline) = ctx.deadline_of(|| ctx.judge(&*r, &opened, a, slots[i].record.as_ref(), rank));
+            let slot = &mut slots[i];
+            if !whole {
+                gp.tally.remove(slot.judged);
+            }
+            gp.tally.add(j.judged);
+            let was = slot.deadline();
+            slot.judged = j.judged;
+            slot.judge_deadline = deadline;
+            note(deadlines, i, slot, was);
+            match &mut missing {
+                Some(m) => {
+                    if let Some(t) = j.missing {
+                        m.insert(a.uid.clone(), t);
+                    }
+                }
+                None => {
+                    let old = match j.missing {
+                        Some(t) => r.missing.insert(a.uid.clone(), t),
+                        None => r.missing.remove(&a.uid),
+                    };
+                    notes.changed |= old != j.missing;
+                }
+            }
+            if let Some(error) = j.failure {
+                failed.push((a.uid.clone(), error));
+                notes.again.push(i);
+            }
+        }
+        if let Some(mut m) = missing {
+            let (blocking, deadline) = ctx.deadline_of(|| ctx.absent_members(r, &opened, gp.tally.counted, &mut m));
+            gp.absent = (blocking, deadline);
+            r.missing = m;
+        }
+        notes.changed |= !failed.is_empty();
+        ctx.record_failures(r, failed, out);
+        let progress = Progress {
+            blocking: gp.tally.blocking + gp.absent.0,
+            verified: gp.tally.verified,
+        };
+        let ((), deadline) = ctx.deadline_of(|| ctx.advance(r, progress, &mut gs.stable, out));
+        gp.deadline = deadline;
+    } else if whole {
+        for &i in list {
+            slots[i].judged = Judged::default();
+            slots[i].judge_deadline = None;
+        }
+    }
+    notes.changed |= moves(gs) != moved;
+    let retreat = treatment_inputs(gs) != treated;
+
+    let all: Vec<Option<u32>>;
+    let (list, ranks) = if retreat && !whole {
+        all = ctx.idx.iter().map(|&i| rank(slots, i)).collect();
+        (ctx.idx, &all)
+    } else {
+        (list, &ranks)
+    };
+    let current = ctx.current(gs);
+    let mut reverted = 0;
+    for (&i, &rank) in list.iter().zip(ranks) {
+        let prev = slots[i].record;
+        let (
+            Assigned {
+                desired,
+                state,
+                record,
+                reverted: r,
+            },
+            deadline,
+        ) = ctx.deadline_of(|| ctx.assign_one(&ctx.agents[i], prev.as_ref(), rank, &current, out));
+        let slot = &mut slots[i];
+        if !whole {
+            gp.counts.remove(slot.state);
+        }
+        if incremental {
+            notes.assigned.push((i, slot.state));
+        }
+        gp.counts.add(state);
+        if record != prev {
+            notes.again.push(i);
+            notes.changed = true;
+        }
+        reverted += u32::from(r);
+        let was = slot.deadline();
+        slot.record = record;
+        slot.desired = desired;
+        slot.state = state;
+        slot.assign_deadline = deadline;
+        note(deadlines, i, slot, was);
+    }
+    notes.planned += list.len();
+    ctx.reverted(gs, reverted, out);
+    gp.stale = retreat;
+    ctx.status(gs, gp.counts)
 }
 
 fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
@@ -101,12 +706,10 @@ fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
 }
 
 /// What the group plans add to, across groups.
+#[derive(Default)]
 pub(super) struct Out {
     pub(super) pushes: Vec<Push>,
     pub(super) events: Vec<Event>,
-    pub(super) assignments: Vec<Assignment>,
-    /// The next record of each agent, by its index in the fleet.
-    pub(super) records: Vec<Option<AgentMemory>>,
 }
 
 /// One group's plan: the group, its agents and the time.
@@ -116,16 +719,32 @@ pub(super) struct GroupCtx<'a> {
     /// Indices into `agents` of the group's agents whose config the
     /// controller manages (see [`AgentView::supported`]).
     pub(super) idx: &'a [usize],
-    /// Each fleet agent's previous record, by its index in the fleet.
-    pub(super) prev: &'a [Option<&'a AgentMemory>],
     pub(super) commit: Option<&'a CommitId>,
     pub(super) now: Timestamp,
     pub(super) reconcile_interval: Duration,
     /// The earliest time a comparison with the clock went the other way.
-    pub(super) next: Cell<Option<Timestamp>>,
+    next: Cell<Option<Timestamp>>,
 }
 
-impl GroupCtx<'_> {
+impl<'a> GroupCtx<'a> {
+    fn new(
+        group: &'a Group,
+        agents: &'a [AgentView],
+        idx: &'a [usize],
+        desired: &'a DesiredState,
+        now: Timestamp,
+    ) -> Self {
+        GroupCtx {
+            group,
+            agents,
+            idx,
+            commit: desired.commit.as_ref(),
+            now,
+            reconcile_interval: desired.reconcile_interval,
+            next: Cell::new(None),
+        }
+    }
+
     pub(super) fn name(&self) -> &GroupName {
         &self.group.name
     }
@@ -141,6 +760,13 @@ impl GroupCtx<'_> {
         reached
     }
 
+    /// Runs `f` and answers, besides, the earliest deadline it met.
+    fn deadline_of<T>(&self, f: impl FnOnce() -> T) -> (T, Option<Timestamp>) {
+        let outer = self.next.take();
+        let t = f();
+        (t, self.next.replace(outer))
+    }
+
     /// APPLIED for `hash` but unhealthy for longer than the group's grace
     /// (see [`AgentView::unhealthy_after_applying`]).
     pub(super) fn unhealthy_after_applying(&self, a: &AgentView, hash: ConfigHash) -> bool {
@@ -149,29 +775,5 @@ impl GroupCtx<'_> {
             Some(None) => true,
             Some(Some(since)) => self.reached(since, self.group.rollout.unhealthy_grace + Duration::from_millis(1)),
         }
-    }
-
-    /// Starts, moves on and assigns the group's rollout; answers its next
-    /// state and its status.
-    fn plan(&self, prev: Option<&GroupState>, rollouts: &mut u64, out: &mut Out) -> (GroupState, GroupStatus) {
-        let mut gs = prev.cloned().unwrap_or_default();
-        let started = self.start_if_changed(&mut gs, rollouts, out);
-        let ranks: Vec<Option<u32>> = match (&gs.rollout, started) {
-            (_, Some(ranks)) => ranks,
-            (Some(r), None) if r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete => self
-                .idx
-                .iter()
-                .map(|&i| self.prev[i].and_then(|p| p.rank_in(r.id)))
-                .collect(),
-            _ => vec![None; self.idx.len()],
-        };
-        if let Some(r) = gs.rollout.as_mut()
-            && r.phase != RolloutPhase::Complete
-        {
-            let progress = self.check_agents(r, &ranks, out);
-            self.advance(r, progress, &mut gs.stable, out);
-        }
-        let status = self.assign(&gs, &ranks, out);
-        (gs, status)
     }
 }

@@ -240,73 +240,88 @@ impl GroupCtx<'_> {
         ranks
     }
 
-    /// Pass 1: records new failures of agents in opened waves and counts the
-    /// agents that keep the current wave from being done.
-    pub(super) fn check_agents(&self, r: &mut Rollout, ranks: &[Option<u32>], out: &mut Out) -> Progress {
+    /// Pass 1 for one agent of the group: its part in the progress of the
+    /// rollout's current wave, whether it failed the target now, and since
+    /// when it has been missing.
+    pub(super) fn judge(
+        &self,
+        r: &Rollout,
+        opened: &Opened,
+        a: &AgentView,
+        prev: Option<&AgentMemory>,
+        rank: Option<u32>,
+    ) -> Judgement {
+        let mut j = Judgement::default();
+        let (in_opened, counted) = opened.place(self.name(), &a.uid, rank);
+        if !in_opened {
+            return j;
+        }
+        j.judged.counted = counted;
+        if r.failures.contains_key(&a.uid) {
+            return j;
+        }
         let th = r.target.hash();
         let timeout = self.group.rollout.apply_timeout;
-        let opened = Opened::of(r, self.name());
-        let mut new_failures: Vec<(InstanceUid, String)> = Vec::new();
-        let mut blocking = 0u32;
-        let mut verified = 0u32;
-        let mut counted_present = 0u32;
-        let mut missing = BTreeMap::new();
-        for (n, &i) in self.idx.iter().enumerate() {
-            let a = &self.agents[i];
-            let (in_opened, counted) = opened.place(self.name(), &a.uid, ranks[n]);
-            if !in_opened {
+        if let Some(error) = self.failure(a, prev, th, timeout) {
+            j.failure = Some(error);
+            return j;
+        }
+        let good = a.good(th);
+        j.judged.verified = counted && good;
+        if !counted || good {
+            return j;
+        }
+        if a.connected {
+            j.judged.blocking = true;
+            return j;
+        }
+        let since = match a.disconnected_at {
+            Some(t) => t,
+            None => {
+                let t = r.missing.get(&a.uid).copied().unwrap_or(self.now);
+                j.missing = Some(t);
+                t
+            }
+        };
+        j.judged.blocking = !self.reached(since, timeout);
+        j
+    }
+
+    /// Members of the opened waves the fleet no longer lists (forgotten, or
+    /// moved to another group) block like disconnected ones: answers how
+    /// many do, and adds them to `missing`. `counted`: the group's agents
+    /// counted for the wave.
+    pub(super) fn absent_members(
+        &self,
+        r: &Rollout,
+        opened: &Opened,
+        counted: u32,
+        missing: &mut BTreeMap<InstanceUid, Timestamp>,
+    ) -> u32 {
+        if r.kind != RolloutKind::Waves || counted >= opened.cut {
+            return 0;
+        }
+        let timeout = self.group.rollout.apply_timeout;
+        let present: HashSet<&InstanceUid> = self.idx.iter().map(|&i| &self.agents[i].uid).collect();
+        let ordered = r.members.ordered();
+        let mut blocking = 0;
+        for uid in ordered.get(..opened.cut as usize).unwrap_or(ordered) {
+            if present.contains(uid) || r.failures.contains_key(uid) {
                 continue;
             }
-            if counted {
-                counted_present += 1;
-            }
-            if r.failures.contains_key(&a.uid) {
-                continue;
-            }
-            if let Some(error) = self.failure(a, self.prev[i], th, timeout) {
-                new_failures.push((a.uid.clone(), error));
-                continue;
-            }
-            if counted && a.good(th) {
-                verified += 1;
-            }
-            if !counted || a.good(th) {
-                continue;
-            }
-            if a.connected {
-                blocking += 1;
-                continue;
-            }
-            let since = match a.disconnected_at {
-                Some(t) => t,
-                None => {
-                    let t = r.missing.get(&a.uid).copied().unwrap_or(self.now);
-                    missing.insert(a.uid.clone(), t);
-                    t
-                }
-            };
-            if !self.reached(since, timeout) {
+            let t = r.missing.get(uid).copied().unwrap_or(self.now);
+            missing.insert(uid.clone(), t);
+            if !self.reached(t, timeout) {
                 blocking += 1;
             }
         }
-        if r.kind == RolloutKind::Waves && counted_present < opened.cut {
-            // Members of the opened waves the fleet no longer lists (forgotten,
-            // or moved to another group) block like disconnected ones.
-            let present: HashSet<&InstanceUid> = self.idx.iter().map(|&i| &self.agents[i].uid).collect();
-            let ordered = r.members.ordered();
-            for uid in ordered.get(..opened.cut as usize).unwrap_or(ordered) {
-                if present.contains(uid) || r.failures.contains_key(uid) {
-                    continue;
-                }
-                let t = r.missing.get(uid).copied().unwrap_or(self.now);
-                missing.insert(uid.clone(), t);
-                if !self.reached(t, timeout) {
-                    blocking += 1;
-                }
-            }
-        }
-        r.missing = missing;
-        for (uid, error) in new_failures {
+        blocking
+    }
+
+    /// Records the failures pass 1 found, in the order found.
+    pub(super) fn record_failures(&self, r: &mut Rollout, failed: Vec<(InstanceUid, String)>, out: &mut Out) {
+        let th = r.target.hash();
+        for (uid, error) in failed {
             out.events.push(Event::AgentFailed {
                 group: self.name().clone(),
                 agent: uid.clone(),
@@ -315,7 +330,6 @@ impl GroupCtx<'_> {
             });
             r.failures.insert(uid, FailureRecord { error, at: self.now });
         }
-        Progress { blocking, verified }
     }
 
     /// Why an agent of an opened wave failed the target, if it did.
@@ -470,4 +484,25 @@ pub(super) struct Progress {
     pub blocking: u32,
     /// Members counted in the opened waves that run the target, healthy.
     pub verified: u32,
+}
+
+/// One agent's part in [`Progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Judged {
+    /// Counted for the current wave being done.
+    pub counted: bool,
+    /// Counted, and runs the target, healthy.
+    pub verified: bool,
+    /// The wave waits for it.
+    pub blocking: bool,
+}
+
+/// What pass 1 finds of one agent.
+#[derive(Debug, Default)]
+pub(super) struct Judgement {
+    pub judged: Judged,
+    /// Why it failed the target now.
+    pub failure: Option<String>,
+    /// Since when it has been missing (away with no time of leaving).
+    pub missing: Option<Timestamp>,
 }

@@ -18,6 +18,19 @@ impl AgentCounts {
         }
         self.targeted += 1;
     }
+
+    /// No longer counts one agent of the group in `state`.
+    pub(super) fn remove(&mut self, state: AgentState) {
+        let n = match state {
+            AgentState::InSync => &mut self.applied,
+            AgentState::Applying | AgentState::Drifted => &mut self.applying,
+            AgentState::Failed => &mut self.failed,
+            AgentState::Offline => &mut self.offline,
+            _ => &mut self.pending,
+        };
+        *n -= 1;
+        self.targeted -= 1;
+    }
 }
 
 impl GroupCtx<'_> {

@@ -264,6 +264,13 @@ pub(super) struct World {
     pub polling: BTreeSet<InstanceUid>,
     /// Pushes not yet fetched by polling agents.
     queued: BTreeMap<InstanceUid, ConfigHash>,
+    /// Plans incrementally beside [`plan`]: each of its plans must decide
+    /// exactly what `plan` does.
+    shadow: Planner,
+    /// The fleet and desired state the shadow last planned.
+    shadowed: Option<(Vec<AgentView>, DesiredState)>,
+    /// Plans the shadow made as updates.
+    pub updates: usize,
 }
 
 impl World {
@@ -275,7 +282,49 @@ impl World {
             now: t(1_000),
             polling: BTreeSet::new(),
             queued: BTreeMap::new(),
+            shadow: Planner::default(),
+            shadowed: None,
+            updates: 0,
         }
+    }
+
+    /// Pauses, resumes or promotes a group's rollout, as the driver does.
+    pub(super) fn control(&mut self, group: &GroupName, action: Control) -> Result<(), ControlError> {
+        let done = match action {
+            Control::Pause => self.state.pause(group, self.now, None),
+            Control::Resume => self.state.resume(group, self.now, None),
+            Control::Promote => self.state.promote(group, self.now, None),
+        };
+        assert_eq!(self.shadow.control(group, action, self.now, None), done);
+        done
+    }
+
+    /// Plans with the shadow planner: an update when only agents changed.
+    fn shadow_plan(&mut self) -> Step {
+        if self.shadow.state() != self.state {
+            // The state was set from outside (read back from disk).
+            self.shadow = Planner::new(self.state.clone());
+            self.shadowed = None;
+        }
+        let update = match &self.shadowed {
+            Some((agents, desired))
+                if *desired == self.desired
+                    && agents.len() == self.agents.len()
+                    && agents.iter().zip(&self.agents).all(|(a, b)| a.uid == b.uid) =>
+            {
+                let changed = agents
+                    .iter()
+                    .zip(&self.agents)
+                    .filter(|(a, b)| a != b)
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                self.shadow.update(&self.desired, changed, self.now)
+            }
+            _ => None,
+        };
+        self.updates += usize::from(update.is_some());
+        self.shadowed = Some((self.agents.clone(), self.desired.clone()));
+        update.unwrap_or_else(|| self.shadow.full(&self.desired, self.agents.clone(), self.now))
     }
 
     /// Plans and keeps the next state, as the driver does; pushes are
@@ -287,6 +336,19 @@ impl World {
             state: &self.state,
             now: self.now,
         });
+        let step = self.shadow_plan();
+        assert_eq!(step.pushes, p.pushes, "pushes");
+        assert_eq!(step.events, p.events, "events");
+        assert_eq!(step.next, p.next, "next");
+        assert_eq!(self.shadow.state(), p.state, "state");
+        assert_eq!(step.changed, p.state != self.state, "state changed");
+        assert_eq!(self.shadow.statuses(), &p.groups, "statuses");
+        assert!(self.shadow.assignments().iter().eq(p.agents.iter()), "assignments");
+        let mut by_state = BTreeMap::new();
+        for a in &p.agents {
+            *by_state.entry(a.state).or_insert(0u64) += 1;
+        }
+        assert_eq!(self.shadow.agents_by_state(), &by_state, "agents by state");
         self.state = p.state.clone();
         let now = self.now;
         for push in &p.pushes {
@@ -1320,17 +1382,17 @@ fn pause_resume_and_promote_are_recorded_and_steer_the_waves() {
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(600));
     let g = gname("gw");
     assert_eq!(
-        w.state.pause(&gname("nope"), w.now, None),
+        w.control(&gname("nope"), Control::Pause),
         Err(ControlError::UnknownGroup(gname("nope")))
     );
     assert_eq!(
-        w.state.pause(&g, w.now, None),
+        w.control(&g, Control::Pause),
         Err(ControlError::Idle(g.clone())),
         "complete: idle"
     );
     let p = w.plan();
     w.apply(&p);
-    w.state.pause(&g, w.now, None).unwrap();
+    w.control(&g, Control::Pause).unwrap();
     w.advance(1);
     let p = w.plan();
     assert_eq!(p.groups[&g].phase, Phase::Paused);
@@ -1338,13 +1400,13 @@ fn pause_resume_and_promote_are_recorded_and_steer_the_waves() {
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 1, "paused: no wave opens");
     assert!(p.pushes.is_empty());
-    w.state.resume(&g, w.now, None).unwrap();
+    w.control(&g, Control::Resume).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 2, "bake served while paused counts");
     w.apply(&p);
     w.advance(1);
     w.plan();
-    w.state.promote(&g, w.now, None).unwrap();
+    w.control(&g, Control::Promote).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 3, "promote skips the rest of the bake");
     let actions: Vec<Control> = p.groups[&g].actions.iter().map(|a| a.action).collect();
@@ -1357,7 +1419,7 @@ fn promote_does_not_skip_waiting_for_applied() {
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%").bake(600));
     let g = gname("gw");
     w.plan();
-    w.state.promote(&g, w.now, None).unwrap();
+    w.control(&g, Control::Promote).unwrap();
     let p = w.plan();
     assert_eq!(p.groups[&g].wave, 1);
     w.apply(&p);
@@ -1532,4 +1594,107 @@ fn a_canary_failure_within_the_budget_still_lets_the_rollout_go_on() {
         (Phase::Progressing, 2),
         "the failure was judged, and tolerated"
     );
+}
+
+// ---------- planning what changed ----------
+
+/// A fleet of `n` agents running v1 as the stable config, planned in full once.
+fn planned_in_sync(n: usize, v1: &Arc<ConfigBundle>) -> (Planner, DesiredState, Vec<AgentView>) {
+    let mut w = World::new(repo().group("gw").config(v1).build(), fleet(n, v1));
+    w.run("gw", 120, 20);
+    let mut planner = Planner::new(w.state.clone());
+    planner.full(&w.desired, w.agents.clone(), w.now);
+    // The records the full plan changed are decided once more.
+    planner.update(&w.desired, Vec::new(), w.now).expect("an update");
+    (planner, w.desired, w.agents)
+}
+
+#[test]
+fn a_report_of_one_agent_is_planned_for_that_agent_alone() {
+    let v1 = config("v1");
+    let (mut planner, desired, agents) = planned_in_sync(40, &v1);
+    let now = t(5_000);
+    let sick = agents[7].clone().unhealthy_since(now, "exporter failing");
+    let step = planner.update(&desired, vec![sick.clone()], now).expect("an update");
+    assert_eq!(step.planned, 1, "one agent decided");
+    assert!(step.pushes.is_empty() && step.events.is_empty());
+    assert_eq!(planner.assignments()[7].state, AgentState::Applying);
+    assert_eq!(planner.statuses()[&gname("gw")].agents.applying, 1);
+    // The same as a plan of the whole fleet.
+    let mut fleet = agents.clone();
+    fleet[7] = sick;
+    let whole = plan(&PlanInput {
+        desired: &desired,
+        agents: &fleet,
+        state: &planner.state(),
+        now,
+    });
+    assert!(planner.assignments().iter().eq(whole.agents.iter()));
+    assert_eq!(planner.statuses(), &whole.groups);
+    // Nothing changed: nothing is decided.
+    let step = planner.update(&desired, Vec::new(), now).expect("an update");
+    assert_eq!(step.planned, 0);
+}
+
+#[test]
+fn only_a_full_plan_takes_new_agents_other_groups_passed_deadlines_and_new_commits() {
+    let v1 = config("v1");
+    let (mut planner, desired, agents) = planned_in_sync(5, &v1);
+    let now = t(5_000);
+    let cases: Vec<(&str, DesiredState, Vec<AgentView>, Timestamp)> = vec![
+        (
+            "a new agent",
+            desired.clone(),
+            vec![agent("new").reports(&v1).applied()],
+            now,
+        ),
+        (
+            "an agent that changed its attributes",
+            desired.clone(),
+            vec![agents[1].clone().attrs(&[("svc", "other")])],
+            now,
+        ),
+        (
+            "an agent that no longer accepts remote config",
+            desired.clone(),
+            vec![agents[1].clone().unsupported()],
+            now,
+        ),
+        (
+            "another commit",
+            repo().commit("c2").group("gw").config(&v1).build(),
+            Vec::new(),
+            now,
+        ),
+        ("the clock went back", desired.clone(), Vec::new(), t(1)),
+    ];
+    for (name, desired, changed, at) in cases {
+        let before = planner.state();
+        assert_eq!(planner.update(&desired, changed, at), None, "{name}");
+        assert_eq!(planner.state(), before, "{name}: nothing changed");
+    }
+    // A deadline: an agent given its config waits for it, at most until the
+    // reconcile interval, when the plan that passes it is a full one.
+    let drifted = agents[2].clone().reports(&config("other")).applied();
+    let step = planner.update(&desired, vec![drifted], now).expect("an update");
+    assert_eq!(step.pushes.len(), 1, "the drifted agent is given v1 back");
+    let step = planner.update(&desired, Vec::new(), now).expect("an update");
+    let next = step.next.expect("a deadline");
+    assert_eq!(next, now.after(desired.reconcile_interval));
+    assert!(
+        planner.update(&desired, Vec::new(), next).is_none(),
+        "the deadline passed"
+    );
+}
+
+#[test]
+fn rollouts_planned_as_updates_decide_what_full_plans_do() {
+    // `World` plans each step both ways and compares; this makes sure the
+    // updates are there to compare.
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(20, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
+    let before = w.updates;
+    let p = w.run("gw", 30, 20);
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    assert!(w.updates > before + 3, "{} updates", w.updates - before);
 }

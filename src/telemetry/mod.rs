@@ -215,6 +215,8 @@ mod tests {
             agents_by_state: &[(AgentState::InSync, 3)].into(),
             phases: [Phase::Complete, Phase::Complete, Phase::Halted].into_iter(),
             took: std::time::Duration::from_millis(7),
+            full: false,
+            agents: 4,
         }
         .emit(&rollout);
         rollout::RolloutComplete {
@@ -327,6 +329,12 @@ mod tests {
             "# HELP opamp_gitops_plans_total Rollout plans made (on changes and deadlines).",
             "# TYPE opamp_gitops_plans_total counter",
             "opamp_gitops_plans_total 1",
+            "# HELP opamp_gitops_plans_full_total Plans over the whole fleet (a new commit, a deadline, agents that came, left or changed group, the reconcile interval); the others decide only the agents that changed.",
+            "# TYPE opamp_gitops_plans_full_total counter",
+            "opamp_gitops_plans_full_total 0",
+            "# HELP opamp_gitops_plan_agents_total Agents decided by plans, summed over the plans.",
+            "# TYPE opamp_gitops_plan_agents_total counter",
+            "opamp_gitops_plan_agents_total 4",
             "# HELP opamp_gitops_plan_seconds How long each plan took, from reading the fleet to publishing the result.",
             "# TYPE opamp_gitops_plan_seconds histogram",
             "opamp_gitops_plan_seconds_bucket{le=\"0.001\"} 0",

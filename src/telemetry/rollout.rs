@@ -47,9 +47,13 @@ pub struct RolloutMetrics {
     groups_by_phase: Labeled<Gauge>,
     /// Pushes handed to an agent's connection, by reason.
     pushes: Labeled<Counter>,
-    /// Plans made (each a full pass over the fleet), and how long each took.
+    /// Plans made, and how long each took.
     plans: Counter,
     plan_seconds: Histogram,
+    /// Plans that went over the whole fleet.
+    plans_full: Counter,
+    /// Agents decided by plans, summed over plans.
+    plan_agents: Counter,
     /// Pushes that found the agent gone or unable to take a config.
     pushes_dropped: Counter,
     agent_failures: Counter,
@@ -65,6 +69,8 @@ impl Default for RolloutMetrics {
             pushes: Labeled::new("reason", REASONS.map(reason_name)),
             plans: Counter::default(),
             plan_seconds: Histogram::new(PLAN_BUCKETS),
+            plans_full: Counter::default(),
+            plan_agents: Counter::default(),
             pushes_dropped: Counter::default(),
             agent_failures: Counter::default(),
             rollouts_ended: Labeled::new("outcome", [COMPLETE, HALTED, SUPERSEDED]),
@@ -90,6 +96,17 @@ impl RolloutMetrics {
             "plans",
             "Rollout plans made (on changes and deadlines).",
             self.plans.clone(),
+        );
+        registry.add(
+            "plans_full",
+            "Plans over the whole fleet (a new commit, a deadline, agents that came, left or changed group, \
+             the reconcile interval); the others decide only the agents that changed.",
+            self.plans_full.clone(),
+        );
+        registry.add(
+            "plan_agents",
+            "Agents decided by plans, summed over the plans.",
+            self.plan_agents.clone(),
         );
         registry.add(
             "plan_seconds",
@@ -143,6 +160,10 @@ pub struct Planned<'a, P> {
     /// Each group's phase.
     pub phases: P,
     pub took: std::time::Duration,
+    /// It went over the whole fleet.
+    pub full: bool,
+    /// The agents it decided.
+    pub agents: usize,
 }
 
 impl<P: IntoIterator<Item = Phase>> InternalEvent for Planned<'_, P> {
@@ -150,6 +171,10 @@ impl<P: IntoIterator<Item = Phase>> InternalEvent for Planned<'_, P> {
 
     fn emit(self, m: &RolloutMetrics) {
         m.plans.inc();
+        if self.full {
+            m.plans_full.inc();
+        }
+        m.plan_agents.inc_by(self.agents as u64);
         m.plan_seconds.observe(self.took.as_secs_f64());
         for state in AgentState::ALL {
             let n = self.agents_by_state.get(&state).copied().unwrap_or(0);
@@ -491,6 +516,8 @@ mod tests {
             agents_by_state: &states,
             phases: [Phase::Halted, Phase::Halted],
             took: std::time::Duration::ZERO,
+            full: true,
+            agents: 3,
         }
         .emit(&m);
         assert_eq!(
@@ -506,6 +533,8 @@ mod tests {
             agents_by_state: &BTreeMap::from([(AgentState::InSync, 3)]),
             phases: [Phase::Complete, Phase::Halted],
             took: std::time::Duration::ZERO,
+            full: true,
+            agents: 3,
         }
         .emit(&m);
         assert_eq!(

@@ -306,9 +306,9 @@ proptest! {
                     commits += 1;
                     w.desired = desired(&s, commits, *a, *b);
                 }
-                Step::Pause(g) => { let _ = w.state.pause(&groups[*g], w.now, None); }
-                Step::Resume(g) => { let _ = w.state.resume(&groups[*g], w.now, None); }
-                Step::Promote(g) => { let _ = w.state.promote(&groups[*g], w.now, None); }
+                Step::Pause(g) => { let _ = w.control(&groups[*g], Control::Pause); }
+                Step::Resume(g) => { let _ = w.control(&groups[*g], Control::Resume); }
+                Step::Promote(g) => { let _ = w.control(&groups[*g], Control::Promote); }
             }
             prev_state = w.state.clone();
             prev_agents = w.agents.clone();
