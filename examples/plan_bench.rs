@@ -1,8 +1,9 @@
 //! Micro-benchmark of the planner: 100,000 agents in 50 groups, read from
 //! repository text like the controller reads it. Builds the input once, then
-//! times repeated full plans (`Planner::full`) in four situations (steady
-//! fleet, a commit that starts 50 rollouts, every group mid-rollout and its
-//! next wave opening), and updates after one agent's report
+//! times repeated plans of the whole fleet (`Planner::replan`, and once
+//! `Planner::full`) in four situations (steady fleet, a commit that starts
+//! 50 rollouts, every group mid-rollout and its next wave opening), and
+//! updates after one agent's report
 //! (`Planner::update`) in two, and prints the minimum, median and maximum
 //! wall time (on a shared machine the minimum is the steadiest figure).
 //!
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use opamp_gitops::desired::{self, Description, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
-use opamp_gitops::reconcile::{AgentView, Planner, Push, RemoteConfigState, RolloutState, StatusView, Timestamp};
+use opamp_gitops::reconcile::{AgentView, Planner, Push, RemoteConfigState, StatusView, Timestamp};
 
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -37,20 +38,38 @@ fn main() -> Result<(), String> {
     println!("|---|---:|---:|---:|---:|");
 
     let now = Timestamp::from_millis(1_000_000);
-    // A first plan over the applied fleet records every group's config as stable.
+    // A first plan over the applied fleet records every group's config as
+    // stable. Each situation is planned by a copy of the planner that
+    // planned the one before, as the controller plans after its last plan.
     let mut first = Planner::default();
     first.full(&v1, fleet.clone(), now);
     let steady = first.state();
-    measure("steady (all in sync)", runs, &v1, &fleet, &steady, now);
+    let (in_sync, _) = measure("steady (all in sync)", runs, &first, &v1, &fleet, now, false);
+    measure(
+        "steady, the fleet's views given anew",
+        runs,
+        &first,
+        &v1,
+        &fleet,
+        now,
+        true,
+    );
 
-    let (started, pushes) = measure("new commit: 50 rollouts start", runs, &v2, &fleet, &steady, now);
+    let (started, pushes) = measure("new commit: 50 rollouts start", runs, &in_sync, &v2, &fleet, now, false);
     // The first wave applies; the planner then opens the next waves.
     apply(&mut fleet, &pushes);
     let later = Timestamp::from_millis(now.millis() + 3_600_000);
-    let (baking, _) = measure("mid-rollout, first wave baking", runs, &v2, &fleet, &started, later);
+    let (baking, _) = measure(
+        "mid-rollout, first wave baking",
+        runs,
+        &started,
+        &v2,
+        &fleet,
+        later,
+        false,
+    );
     let baked = Timestamp::from_millis(later.millis() + 3_600_000);
-    let (_, opened) = measure("mid-rollout, next wave opens", runs, &v2, &fleet, &baking, baked);
-
+    let (_, opened) = measure("mid-rollout, next wave opens", runs, &baking, &v2, &fleet, baked, false);
     println!();
     println!("update after one agent's report: {agents} agents, {runs} reports");
     println!("| situation | min µs | median µs | max µs | agents decided (median) |");
@@ -68,7 +87,7 @@ fn main() -> Result<(), String> {
         .collect();
     measure_updates("all in sync: an agent turns unhealthy", &mut planner, &v1, reports, now);
     // Mid-rollout: an agent of the wave just opened reports APPLIED.
-    let mut planner = Planner::new(baking);
+    let mut planner = baking;
     planner.full(&v2, fleet.clone(), baked);
     let reports: Vec<AgentView> = opened
         .iter()
@@ -89,24 +108,35 @@ fn main() -> Result<(), String> {
     Ok(())
 }
 
-/// Times `runs` full plans from `state`; prints one table row and returns
-/// the rollout state after the plan and its pushes.
+/// Times `runs` plans of the whole fleet, each by a copy of `base`: as the
+/// controller plans a fleet it planned before (`Planner::replan`, given the
+/// agents that changed since), or, with `anew`, one given as a new list of
+/// views (`Planner::full`: agents came or left). Prints one table row and
+/// returns a planner after the plan, and its pushes.
 fn measure(
     name: &str,
     runs: usize,
+    base: &Planner,
     desired: &DesiredState,
     agents: &[AgentView],
-    state: &RolloutState,
     now: Timestamp,
-) -> (RolloutState, Vec<Push>) {
+    anew: bool,
+) -> (Planner, Vec<Push>) {
+    let changed: Vec<AgentView> = (base.agents().iter().zip(agents))
+        .filter(|(a, b)| a != b)
+        .map(|(_, b)| b.clone())
+        .collect();
     let mut wall = Vec::with_capacity(runs);
     let mut last = None;
     // The first run warms up.
     for run in 0..=runs {
-        let mut planner = Planner::new(state.clone());
-        let fleet = agents.to_vec();
+        let mut planner = base.clone();
+        let fleet = if anew { agents.to_vec() } else { Vec::new() };
         let t0 = Instant::now();
-        let step = planner.full(desired, fleet, now);
+        let step = match anew {
+            true => planner.full(desired, fleet, now),
+            false => planner.replan(desired, &changed, now).expect("the same fleet"),
+        };
         if run > 0 {
             wall.push(t0.elapsed());
         }
@@ -122,7 +152,7 @@ fn measure(
         ms(wall[runs / 2]),
         ms(wall[runs - 1]),
     );
-    (planner.state(), pushes)
+    (planner, pushes)
 }
 
 /// Times one update per report, each at its own millisecond after `start`.
@@ -135,7 +165,7 @@ fn measure_updates(
     reports: Vec<AgentView>,
     start: Timestamp,
 ) {
-    if planner.update(desired, Vec::new(), start).is_none() {
+    if planner.update(desired, &[], start).is_none() {
         println!("| {name} | an update could not be made: a full plan was needed |");
         return;
     }
@@ -144,7 +174,7 @@ fn measure_updates(
     for (k, report) in reports.into_iter().enumerate() {
         let now = Timestamp::from_millis(start.millis() + 1 + k as u64);
         let t0 = Instant::now();
-        let step = planner.update(desired, vec![report], now);
+        let step = planner.update(desired, std::slice::from_ref(&report), now);
         wall.push(t0.elapsed());
         let Some(step) = step else {
             println!("| {name} | an update could not be made: a full plan was needed |");

@@ -2,6 +2,7 @@
 //! groups) and the small plain enums the layers above all speak of.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -221,18 +222,30 @@ impl fmt::Debug for CommitId {
     }
 }
 
-/// A group's name: the stem of its `groups/<name>.yaml` file.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct GroupName(String);
+/// A group's name: the stem of its `groups/<name>.yaml` file. Shared, so
+/// that each agent's assignment names its group without a copy.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupName(Arc<str>);
 
 impl GroupName {
     pub fn new(name: impl Into<String>) -> Self {
-        GroupName(name.into())
+        GroupName(Arc::from(name.into()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for GroupName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(GroupName::new)
     }
 }
 

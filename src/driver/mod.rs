@@ -230,6 +230,7 @@ pub fn spawn(
         planner: Planner::new(state).forgetting_after(config.forget_after),
         planned: None,
         last_full: None,
+        saving: None,
         store,
         term: None,
         notes_read: false,
@@ -282,6 +283,8 @@ struct Driver {
     planned: Option<(Arc<Loaded>, Arc<FleetSnapshot>)>,
     /// When the last plan over the whole fleet was made.
     last_full: Option<Instant>,
+    /// A save of the state under way.
+    saving: Option<persist::Saving>,
     /// Read on the first plan of each term; see [`Parts::existing_notes`].
     existing_notes: Option<NotesReader>,
     /// No state was saved: rebuild it from the notes on the first plan.
@@ -352,6 +355,11 @@ impl Driver {
                     self.note_invalid_head(&status).await;
                     continue;
                 }
+                result = saving(self.saving.as_mut()) => {
+                    self.saving = None;
+                    self.saved(result);
+                    continue;
+                }
                 Some(request) = controls.recv() => {
                     let answer = self.control(&request.group, request.action, request.by.as_deref()).await;
                     let _ = request.reply.send(answer);
@@ -363,10 +371,10 @@ impl Driver {
             if self.plan_due(now) {
                 self.plan_once().await;
             } else if self.persist_due().is_some_and(|t| t <= now) {
-                self.persist().await;
+                self.persist_soon().await;
             }
         }
-        if self.dirty && self.leads() {
+        if self.leads() {
             self.persist().await;
         }
         info!("reconcile driver stopped");
@@ -407,7 +415,7 @@ impl Driver {
     }
 
     fn persist_due(&self) -> Option<Instant> {
-        self.dirty.then(|| self.last_persist + PERSIST_EVERY)
+        (self.dirty && self.saving.is_none()).then(|| self.last_persist + PERSIST_EVERY)
     }
 
     async fn control(
@@ -432,9 +440,7 @@ impl Driver {
         self.dirty = true;
         self.plan_once().await;
         // The API answers that the action took: it must survive a crash.
-        if self.dirty {
-            self.persist().await;
-        }
+        self.persist().await;
         // A replica that lost the lease meanwhile saved nothing of it.
         if !self.leads() {
             return Err(ControlFailure::NotLeader);
@@ -493,9 +499,12 @@ impl Driver {
         let full_due = self
             .last_full
             .is_none_or(|t| t.elapsed() >= loaded.desired.reconcile_interval);
-        let update = match full_due {
-            false => self.plan_changes(&loaded, &snapshot, now),
-            true => None,
+        let changed = self.changes(&snapshot);
+        let update = match (&changed, full_due) {
+            (Some(changed), false) if self.planned.as_ref().is_some_and(|(l, _)| Arc::ptr_eq(l, &loaded)) => {
+                self.planner.update(&loaded.desired, changed, now)
+            }
+            _ => None,
         };
         let full = update.is_none();
         let Step {
@@ -508,7 +517,8 @@ impl Driver {
             Some(step) => step,
             None => {
                 self.last_full = Some(started);
-                self.planner.full(&loaded.desired, self.views.build(&snapshot), now)
+                let replanned = changed.and_then(|c| self.planner.replan(&loaded.desired, &c, now));
+                replanned.unwrap_or_else(|| self.planner.full(&loaded.desired, self.views.build(&snapshot), now))
             }
         };
         self.planned = Some((loaded.clone(), snapshot));
@@ -572,7 +582,7 @@ impl Driver {
             }
         }
         if self.dirty && (!events.is_empty() || self.last_persist.elapsed() >= PERSIST_EVERY) {
-            self.persist().await;
+            self.persist_soon().await;
         }
         let notes = self.book.after_plan(
             notebook::PlanFacts {
@@ -604,14 +614,9 @@ impl Driver {
         Some(now.duration_since(*seen).unwrap_or_default())
     }
 
-    /// Plans the changes of the fleet since the last plan, if an update can
-    /// (see [`Planner::update`]): the same desired state, and only agents
-    /// that changed, none that came or left.
-    fn plan_changes(&mut self, loaded: &Arc<Loaded>, snapshot: &FleetSnapshot, now: Timestamp) -> Option<Step> {
-        let (last, fleet) = self.planned.as_ref()?;
-        if !Arc::ptr_eq(last, loaded) {
-            return None;
-        }
+    /// The agents that changed since the last plan, when none came or left.
+    fn changes(&self, snapshot: &FleetSnapshot) -> Option<Vec<reconcile::AgentView>> {
+        let (_, fleet) = self.planned.as_ref()?;
         let mut changed = Vec::new();
         for d in fleet.agents.diff(&snapshot.agents) {
             match d {
@@ -619,7 +624,7 @@ impl Driver {
                 _ => return None,
             }
         }
-        self.planner.update(&loaded.desired, changed, now)
+        Some(changed)
     }
 
     /// Plans from `state` on (claimed, or rebuilt from the notes).
@@ -732,12 +737,42 @@ impl Driver {
         reconcile::restore(desired, views, recovered, now)
     }
 
+    /// Saves what changed, after any save under way, and waits for both:
+    /// the state on disk is the driver's when it returns.
     async fn persist(&mut self) {
-        match self.store.save(&self.planner.state(), self.term).await {
-            Ok(()) => {
+        if let Some(mut saving) = self.saving.take() {
+            let result = persist::saved(&mut saving).await;
+            self.saved(result);
+        }
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let result = self.store.save(self.planner.state(), self.term).await;
+        self.saved(result);
+    }
+
+    /// Saves the state without waiting for the disk (in a cluster, waits for
+    /// PostgreSQL). With a save under way, the next is due once it ends.
+    async fn persist_soon(&mut self) {
+        if self.saving.is_some() {
+            return;
+        }
+        match self.store.save_in_background(self.planner.state()) {
+            Some(saving) => {
+                self.saving = Some(saving);
                 self.dirty = false;
                 self.last_persist = Instant::now();
             }
+            None => self.persist().await,
+        }
+    }
+
+    /// Takes the outcome of a save.
+    fn saved(&mut self, result: Result<(), PersistError>) {
+        match result {
+            // What changed while it was under way is saved next.
+            Ok(()) => self.last_persist = Instant::now(),
             Err(PersistError::Cluster(crate::cluster::DbError::Fenced)) => {
                 warn!("the lease was lost: this replica saves nothing more and stands by");
                 self.term = None;
@@ -746,6 +781,7 @@ impl Driver {
             Err(e) => {
                 error!(error = %e, retry_in = ?PERSIST_EVERY, "saving the rollout state failed");
                 // Retried when the next save is due, not at once.
+                self.dirty = true;
                 self.last_persist = Instant::now();
             }
         }
@@ -849,6 +885,14 @@ impl Driver {
                 writer.submit(note);
             }
         }
+    }
+}
+
+/// Completes with the outcome of the save under way; never without one.
+async fn saving(saving: Option<&mut persist::Saving>) -> Result<(), PersistError> {
+    match saving {
+        Some(saving) => persist::saved(saving).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::cluster::{DbError, Fence, StateStore};
 use crate::reconcile::RolloutState;
@@ -25,20 +26,41 @@ pub enum Store {
 
 impl Store {
     /// Saves `state`; in a cluster, as the leader of `term`.
-    pub async fn save(&mut self, state: &RolloutState, term: Option<Fence>) -> Result<(), PersistError> {
+    pub async fn save(&mut self, state: RolloutState, term: Option<Fence>) -> Result<(), PersistError> {
         match self {
-            Store::Dir(dir) => {
-                let (dir, state) = (dir.clone(), state.clone());
-                tokio::task::spawn_blocking(move || save(&dir, &state))
-                    .await
-                    .unwrap_or_else(|e| Err(PersistError::Panicked(e.to_string())))
-            }
+            Store::Dir(_) => match self.save_in_background(state) {
+                Some(mut saving) => saved(&mut saving).await,
+                None => unreachable!("a directory is saved to on a blocking thread"),
+            },
             Store::Cluster { store, .. } => {
                 let fence = term.ok_or(PersistError::Cluster(DbError::Fenced))?;
-                store.save(fence, state).await.map_err(PersistError::Cluster)
+                store.save(fence, &state).await.map_err(PersistError::Cluster)
             }
         }
     }
+
+    /// Starts saving `state` to the state file on a blocking thread, for
+    /// the caller to go on meanwhile. `None`, having started nothing, in a
+    /// cluster: its saves are fenced, and awaited.
+    pub fn save_in_background(&self, state: RolloutState) -> Option<Saving> {
+        match self {
+            Store::Dir(dir) => {
+                let dir = dir.clone();
+                Some(tokio::task::spawn_blocking(move || save(&dir, &state)))
+            }
+            Store::Cluster { .. } => None,
+        }
+    }
+}
+
+/// A save of the state file under way (see [`Store::save_in_background`]).
+pub type Saving = JoinHandle<Result<(), PersistError>>;
+
+/// Waits for a save under way to end.
+pub async fn saved(saving: &mut Saving) -> Result<(), PersistError> {
+    saving
+        .await
+        .unwrap_or_else(|e| Err(PersistError::Panicked(e.to_string())))
 }
 
 const FILE: &str = "rollouts.json";

@@ -53,8 +53,8 @@ pub(super) struct Assigned {
     /// The hash of the config it should run.
     pub desired: Option<ConfigHash>,
     pub state: AgentState,
-    /// Its next record (`None`: nothing worth keeping).
-    pub record: Option<AgentMemory>,
+    /// Its record changed.
+    pub changed: bool,
     /// It was given the stable config back in a revert.
     pub reverted: bool,
 }
@@ -74,37 +74,42 @@ impl GroupCtx<'_> {
     }
 
     /// Pass 2 for one agent of the group: what it should run, whether to
-    /// push it (into `out`), its state and its next record.
+    /// push it (into `out`), its state; updates its `record` (`None`:
+    /// nothing worth keeping).
     pub(super) fn assign_one(
         &self,
         a: &AgentView,
-        prev: Option<&AgentMemory>,
+        record: &mut Option<AgentMemory>,
         rank: Option<u32>,
         current: &Current<'_>,
         out: &mut Out,
     ) -> Assigned {
         let rolling = current.rolling.as_ref().map(|(r, _)| *r);
-        let mut rec = prev.copied().unwrap_or_default();
-        let t = self.treatment(a, &rec, rank, current);
-        rec.member = rolling.and_then(|r| rank.map(|rank| Membership { rollout: r.id, rank }));
+        let had = record.is_some();
+        let rec = record.get_or_insert_with(AgentMemory::default);
+        let t = self.treatment(a, rec, rank, current);
+        let member = rolling.and_then(|r| rank.map(|rank| Membership { rollout: r.id, rank }));
+        let mut changed = rec.member != member;
+        rec.member = member;
         if let Some(rs) = &a.remote
             && let Some(h) = rs.hash
         {
-            rec.note_report(h, rs.status);
+            changed |= rec.note_report(h, rs.status);
         }
         let sh = t.should.map(|b| b.hash());
         if let Some(h) = sh {
-            self.watch_if_applying_unasked(a, &mut rec, h, t.mode);
+            changed |= self.watch_if_applying_unasked(a, rec, h, t.mode);
         }
         let mut reverted = false;
         let pushed = match (t.should, sh) {
-            (Some(bundle), Some(h)) if self.should_push(a, &rec, h, t.mode) => {
+            (Some(bundle), Some(h)) if self.should_push(a, rec, h, t.mode) => {
                 rec.pushed = Some(Pushed {
                     hash: h,
                     at: self.now,
                     epoch: a.connection_epoch,
                     observed: false,
                 });
+                changed = true;
                 let reason = match t.mode {
                     Mode::Sync(r) => r,
                     _ => PushReason::Wave,
@@ -115,11 +120,18 @@ impl GroupCtx<'_> {
             }
             _ => false,
         };
-        let state = classify(self.facts(a, &rec, &t, rolling, pushed));
+        let state = classify(self.facts(a, rec, &t, rolling, pushed));
+        if rec.is_empty() {
+            // Nothing worth keeping.
+            *record = None;
+            changed = had;
+        } else if !had {
+            changed = true;
+        }
         Assigned {
             desired: sh,
             state,
-            record: Some(rec).filter(|r| !r.is_empty()),
+            changed,
             reverted,
         }
     }
@@ -218,15 +230,15 @@ impl GroupCtx<'_> {
     /// apply_timeout, then given it once more (see `should_push`). The watch
     /// runs from the push or the first sighting on an earlier connection, so
     /// reconnecting does not put it off.
-    fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentMemory, h: ConfigHash, mode: Mode) {
-        if !matches!(mode, Mode::Keep | Mode::Hold)
+    fn watch_if_applying_unasked(&self, a: &AgentView, rec: &mut AgentMemory, h: ConfigHash, mode: Mode) -> bool {
+        let watch = !matches!(mode, Mode::Keep | Mode::Hold)
             && a.connected
             && matches!(
                 a.reports(h),
                 Some(RemoteConfigState::Applying | RemoteConfigState::Unset)
             )
-            && rec.pushed.is_none_or(|p| p.hash != h || p.epoch != a.connection_epoch)
-        {
+            && rec.pushed.is_none_or(|p| p.hash != h || p.epoch != a.connection_epoch);
+        if watch {
             let since = rec.pushed.filter(|p| p.hash == h).map_or(self.now, |p| p.at);
             rec.pushed = Some(Pushed {
                 hash: h,
@@ -235,6 +247,7 @@ impl GroupCtx<'_> {
                 observed: true,
             });
         }
+        watch
     }
 
     /// Sends `bundle` to `a`, with the event its reason calls for (a revert

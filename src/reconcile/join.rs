@@ -15,37 +15,53 @@ pub(super) fn uid_order(agents: &[AgentView]) -> Vec<usize> {
     order
 }
 
-/// Each agent's record, by a merge of two uid-ordered sequences, and the
-/// records of agents the fleet does not list.
-pub(super) fn join_records(
+/// Hands each agent what `records` hold of it (`found`), by a merge of two
+/// uid-ordered sequences, and answers what they hold of agents the fleet
+/// does not list.
+pub(super) fn join_records<'a, T: Copy>(
     agents: &[AgentView],
     by_uid: &[usize],
-    records: AgentMemories,
-) -> (Vec<Option<AgentMemory>>, AgentMemories) {
-    let entries = records.entries();
-    let mut prev = vec![None; agents.len()];
-    let mut absent = Vec::new();
-    let mut j = 0;
-    // Whether `entries[j]` is the record of a listed agent.
-    let mut matched = false;
+    records: impl Iterator<Item = (&'a InstanceUid, T)>,
+    found: &mut impl FnMut(usize, T),
+) -> Vec<(InstanceUid, T)> {
+    let mut records = records.peekable();
+    let mut unlisted = Vec::new();
+    // The record last handed out, for an agent listed twice.
+    let mut matched: Option<(&InstanceUid, T)> = None;
     for &i in by_uid {
         let uid = &agents[i].uid;
-        while j < entries.len() && entries[j].0 < *uid {
-            if !matched {
-                absent.push(entries[j].clone());
-            }
-            matched = false;
-            j += 1;
+        while let Some((u, r)) = records.next_if(|(u, _)| *u < uid) {
+            unlisted.push((u.clone(), r));
         }
-        if let Some((u, r)) = entries.get(j)
-            && u == uid
-        {
-            prev[i] = Some(*r);
-            matched = true;
+        if let Some((_, r)) = matched.filter(|(u, _)| *u == uid) {
+            found(i, r);
+        } else if let Some((u, r)) = records.next_if(|(u, _)| *u == uid) {
+            found(i, r);
+            matched = Some((u, r));
         }
     }
-    absent.extend(entries.iter().skip(j + usize::from(matched)).cloned());
-    (prev, AgentMemories::from_sorted(absent))
+    unlisted.extend(records.map(|(u, r)| (u.clone(), r)));
+    unlisted
+}
+
+/// Two uid-ordered sequences of records of different agents, as one.
+pub(super) fn merge_sorted(
+    a: Vec<(InstanceUid, AgentMemory)>,
+    b: Vec<(InstanceUid, AgentMemory)>,
+) -> Vec<(InstanceUid, AgentMemory)> {
+    if a.is_empty() || b.is_empty() {
+        return if a.is_empty() { b } else { a };
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let mut b = b.into_iter().peekable();
+    for x in a {
+        while let Some(y) = b.next_if(|y| y.0 < x.0) {
+            out.push(y);
+        }
+        out.push(x);
+    }
+    out.extend(b);
+    out
 }
 
 /// The records of the fleet's agents (in uid order; a uid listed twice keeps

@@ -19,14 +19,15 @@ use std::time::Duration;
 
 use super::assign::Assigned;
 use super::input::{AgentView, PlanInput};
-use super::join::{join_records, merge_records, uid_order};
+use super::join::{join_records, merge_records, merge_sorted, uid_order};
 use super::output::{AgentCounts, Assignment, Event, GroupStatus, Plan, Push};
 use super::rollout::{Judged, Opened, Progress};
 use super::select::Matcher;
 use super::state::{
     AgentMemories, AgentMemory, Control, ControlError, GroupState, RolloutKind, RolloutPhase, RolloutState, Timestamp,
 };
-use crate::desired::{DesiredState, Group};
+use super::waves::{OrderKey, order_key};
+use crate::desired::{DesiredState, Group, Selector};
 use crate::model::{AgentState, CommitId, ConfigHash, GroupName, InstanceUid};
 
 /// Decides pushes, statuses and the next rollout state. Pure: the same input
@@ -82,6 +83,8 @@ pub struct Planner {
     again: Vec<usize>,
     /// The commit of the desired state of the last full plan.
     commit: Option<CommitId>,
+    /// What chose the groups of the last full plan's agents.
+    selection: Vec<Selection>,
     now: Timestamp,
     next: Option<Timestamp>,
     /// An update may follow: a full plan was made and the fleet lists no
@@ -97,6 +100,11 @@ pub struct Planner {
 struct Slot {
     /// Its group, by position in the desired state (also when unsupported).
     group: Option<u32>,
+    /// `group` was the last plan's, whose groups selected as these do.
+    matched: bool,
+    /// Its canary order key in a group (by position, while the groups
+    /// select as they did when it was computed).
+    order: Option<(u32, OrderKey)>,
     /// Its config is managed in that group.
     managed: bool,
     record: Option<AgentMemory>,
@@ -107,10 +115,47 @@ struct Slot {
     assign_deadline: Option<Timestamp>,
 }
 
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            group: None,
+            matched: false,
+            order: None,
+            managed: false,
+            record: None,
+            judged: Judged::default(),
+            desired: None,
+            state: AgentState::Unmanaged,
+            judge_deadline: None,
+            assign_deadline: None,
+        }
+    }
+}
+
 impl Slot {
     fn deadline(&self) -> Option<Timestamp> {
         earliest(self.judge_deadline, self.assign_deadline)
     }
+}
+
+/// A group's name, priority and selector.
+type Selection = (GroupName, i64, Selector);
+
+/// The indices (in uid order) of the agents of `by_uid`, each uid once: the
+/// first agent listed under it that had a record, else the first.
+fn first_of_each_uid(agents: &[AgentView], by_uid: &[usize], slots: &[Slot]) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::with_capacity(by_uid.len());
+    for &j in by_uid {
+        match out.last_mut() {
+            Some(k) if agents[*k].uid == agents[j].uid => {
+                if slots[*k].record.is_none() && slots[j].record.is_some() {
+                    *k = j;
+                }
+            }
+            _ => out.push(j),
+        }
+    }
+    out
 }
 
 /// What the last plan of a group keeps for the next.
@@ -186,6 +231,15 @@ impl Deadlines {
         }
         None
     }
+}
+
+/// The fleet a plan over all agents goes over.
+enum Fleet {
+    /// As given.
+    New(Vec<AgentView>),
+    /// The last plan's (with its agents updated), `moved` those whose
+    /// attributes or permitted groups changed.
+    Known { moved: Vec<usize> },
 }
 
 /// Which agents of a group a plan decides.
@@ -283,58 +337,129 @@ impl Planner {
 
     /// Plans the whole fleet, `agents`, against `desired` at `now`.
     pub fn full(&mut self, desired: &DesiredState, agents: Vec<AgentView>, now: Timestamp) -> Step {
-        let by_uid = uid_order(&agents);
-        let (before, mut absent) = join_records(&agents, &by_uid, self.records());
-        let mut prev = before.clone();
-        let mut changed = false;
-        if let Some(keep) = self.retention {
-            for r in prev.iter_mut().flatten() {
-                r.absent_since = None;
-            }
-            let mut left = absent.entries().to_vec();
-            left.retain_mut(|(_, r)| {
-                r.absent_since = Some(r.absent_since.unwrap_or(now));
-                r.absent_since.is_none_or(|t| !now.reached(t, keep))
-            });
-            let left = AgentMemories::from_sorted(left);
-            changed |= left != absent;
-            absent = left;
-        }
+        self.plan_all(desired, Fleet::New(agents), now)
+    }
 
+    /// Plans the whole fleet as [`Planner::full`] does, the fleet being the
+    /// last plan's with the agents that `changed` (a commit, a deadline, the
+    /// reconcile interval: the fleet's views are not built again). `None`,
+    /// having changed nothing, when one of them is new.
+    pub fn replan(&mut self, desired: &DesiredState, changed: &[AgentView], now: Timestamp) -> Option<Step> {
+        if !self.current {
+            return None;
+        }
+        let at = changed
+            .iter()
+            .map(|v| self.find(&v.uid))
+            .collect::<Option<Vec<usize>>>()?;
+        let mut moved = Vec::new();
+        for (i, v) in at.into_iter().zip(changed) {
+            let old = &self.agents[i];
+            if old.attributes != v.attributes || old.groups_allowed != v.groups_allowed {
+                moved.push(i);
+            }
+            self.agents[i] = v.clone();
+        }
+        Some(self.plan_all(desired, Fleet::Known { moved }, now))
+    }
+
+    fn plan_all(&mut self, desired: &DesiredState, fleet: Fleet, now: Timestamp) -> Step {
+        let selection: Vec<Selection> = desired
+            .groups
+            .values()
+            .map(|g| (g.name.clone(), g.priority, g.selector.clone()))
+            .collect();
+        let same_selection = selection == self.selection;
+        // The last plan's agents (the usual case: a commit, a deadline) take
+        // over their slots as they are.
+        let (agents, by_uid, mut slots, mut absent, same_fleet) = match fleet {
+            Fleet::Known { moved } => {
+                let mut slots = std::mem::take(&mut self.slots);
+                for s in &mut slots {
+                    s.matched = same_selection;
+                    s.order = s.order.filter(|_| same_selection);
+                }
+                for i in moved {
+                    slots[i].matched = false;
+                }
+                (
+                    std::mem::take(&mut self.agents),
+                    std::mem::take(&mut self.by_uid),
+                    slots,
+                    std::mem::take(&mut self.state.agents).into_entries(),
+                    true,
+                )
+            }
+            Fleet::New(agents)
+                if self.current
+                    && self.agents.len() == agents.len()
+                    && self.agents.iter().zip(&agents).all(|(a, b)| a.uid == b.uid) =>
+            {
+                let mut slots = std::mem::take(&mut self.slots);
+                for ((old, new), s) in self.agents.iter().zip(&agents).zip(&mut slots) {
+                    s.matched =
+                        same_selection && old.attributes == new.attributes && old.groups_allowed == new.groups_allowed;
+                    s.order = s.order.filter(|_| same_selection);
+                }
+                let by_uid = std::mem::take(&mut self.by_uid);
+                let absent = std::mem::take(&mut self.state.agents).into_entries();
+                (agents, by_uid, slots, absent, true)
+            }
+            Fleet::New(agents) => {
+                let by_uid = uid_order(&agents);
+                let (slots, absent) = self.join(&agents, &by_uid, same_selection);
+                (agents, by_uid, slots, absent, false)
+            }
+        };
         let matcher = Matcher::new(desired);
         let groups: Vec<&Group> = desired.groups.values().collect();
         let mut plans: Vec<GroupPlan> = groups.iter().map(|_| GroupPlan::default()).collect();
-        let mut slots = Vec::with_capacity(agents.len());
-        for (i, a) in agents.iter().enumerate() {
-            let group = matcher.find(a);
-            let managed = group.is_some() && a.supported();
-            let (state, record) = match group {
-                Some(g) if managed => {
-                    plans[g].idx.push(i);
-                    (AgentState::Pending, prev[i])
+        for (i, (a, s)) in agents.iter().zip(&mut slots).enumerate() {
+            if !s.matched {
+                s.group = matcher.find(a).map(|g| g as u32);
+            }
+            s.managed = s.group.is_some() && a.supported();
+            s.state = match s.group {
+                Some(g) if s.managed => {
+                    plans[g as usize].idx.push(i);
+                    AgentState::Pending
                 }
-                // Kept so "never push a FAILED hash again" survives a group change.
-                _ => (
-                    if group.is_some() {
-                        AgentState::Unsupported
-                    } else {
-                        AgentState::Unmanaged
-                    },
-                    prev[i]
-                        .map(|r| AgentMemory { member: None, ..r })
-                        .filter(|r| !r.is_empty()),
-                ),
+                Some(_) => AgentState::Unsupported,
+                None => AgentState::Unmanaged,
             };
-            slots.push(Slot {
-                group: group.map(|g| g as u32),
-                managed,
-                record,
-                judged: Judged::default(),
-                desired: None,
-                state,
-                judge_deadline: None,
-                assign_deadline: None,
+            if !s.managed {
+                // What an earlier plan decided of it in a group no longer holds.
+                *s = Slot {
+                    group: s.group,
+                    state: s.state,
+                    record: s.record,
+                    order: s.order,
+                    ..Slot::default()
+                };
+            }
+        }
+        let mut changed = false;
+        if let Some(keep) = self.retention {
+            absent.retain_mut(|(_, r)| {
+                changed |= r.absent_since.is_none();
+                let since = *r.absent_since.get_or_insert(now);
+                let forget = now.reached(since, keep);
+                changed |= forget;
+                !forget
             });
+        }
+        for s in &mut slots {
+            let Some(r) = &mut s.record else { continue };
+            if self.retention.is_some() && r.absent_since.is_some() {
+                r.absent_since = None;
+                changed = true;
+            }
+            // Kept so "never push a FAILED hash again" survives a group change.
+            let kept = Some(AgentMemory { member: None, ..*r }).filter(|r| !r.is_empty());
+            if !s.managed && kept != s.record {
+                s.record = kept;
+                changed = true;
+            }
         }
 
         let mut out = Out::default();
@@ -347,7 +472,19 @@ impl Planner {
             let idx = std::mem::take(&mut gp.idx);
             let ctx = GroupCtx::new(group, &agents, &idx, desired, now);
             let mut gs = self.state.groups.get(&group.name).cloned().unwrap_or_default();
-            let started = ctx.start_if_changed(&mut gs, &mut rollouts, &mut out);
+            // Canary order keys are kept: a commit's rollouts do not hash the fleet again.
+            let mut key_of = |n: usize| {
+                let s = &mut slots[idx[n]];
+                match s.order {
+                    Some((k, key)) if s.group == Some(k) => key,
+                    _ => {
+                        let key = order_key(&group.name, &agents[idx[n]].uid);
+                        s.order = s.group.map(|g| (g, key));
+                        key
+                    }
+                }
+            };
+            let started = ctx.start_if_changed(&mut gs, &mut rollouts, &mut out, &mut key_of);
             let status = plan_group(
                 &ctx,
                 &mut gs,
@@ -362,29 +499,40 @@ impl Planner {
             next_groups.insert(group.name.clone(), gs);
             statuses.insert(group.name.clone(), status);
         }
-        changed |= next_groups != self.state.groups
-            || rollouts != self.state.rollouts
-            || slots.iter().zip(&before).any(|(s, b)| s.record != *b);
+        changed |= notes.changed || next_groups != self.state.groups || rollouts != self.state.rollouts;
 
         let mut by_state = BTreeMap::new();
         for s in &slots {
             *by_state.entry(s.state).or_default() += 1;
         }
-        self.assignments = agents
-            .iter()
-            .zip(&slots)
-            .map(|(a, s)| Assignment {
-                uid: a.uid.clone(),
-                group: s.group.map(|g| groups[g as usize].name.clone()),
-                desired: s.desired,
-                state: s.state,
-            })
-            .collect();
+        let assignment = |a: &AgentView, s: &Slot| Assignment {
+            uid: a.uid.clone(),
+            group: s.group.map(|g| groups[g as usize].name.clone()),
+            desired: s.desired,
+            state: s.state,
+        };
+        if same_fleet {
+            // The last plan's agents: their assignments change where decided otherwise.
+            let changed: Vec<usize> = (self.assignments.iter().zip(&slots))
+                .enumerate()
+                .filter(|(_, (a, s))| {
+                    a.state != s.state
+                        || a.desired != s.desired
+                        || a.group.as_ref() != s.group.map(|g| &groups[g as usize].name)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            for i in changed {
+                self.assignments.set(i, assignment(&agents[i], &slots[i]));
+            }
+        } else {
+            self.assignments = agents.iter().zip(&slots).map(|(a, s)| assignment(a, s)).collect();
+        }
         self.deadlines = Deadlines::of(&slots);
         self.current = by_uid.windows(2).all(|w| agents[w[0]].uid != agents[w[1]].uid);
         self.state = RolloutState {
             groups: next_groups,
-            agents: absent,
+            agents: AgentMemories::from_sorted(absent),
             rollouts,
         };
         self.agents = agents;
@@ -395,6 +543,7 @@ impl Planner {
         self.by_state = by_state;
         self.again = notes.again;
         self.commit = desired.commit.clone();
+        self.selection = selection;
         self.finish(out, changed, notes.planned, now)
     }
 
@@ -403,7 +552,7 @@ impl Planner {
     /// last plan changed the records of) and moves their groups' rollouts on.
     /// `None`, having changed nothing, when only a full plan can: an agent is
     /// new or in another group, a deadline has passed, or the clock went back.
-    pub fn update(&mut self, desired: &DesiredState, changed: Vec<AgentView>, now: Timestamp) -> Option<Step> {
+    pub fn update(&mut self, desired: &DesiredState, changed: &[AgentView], now: Timestamp) -> Option<Step> {
         if !self.current
             || desired.commit != self.commit
             || desired.groups.len() != self.groups.len()
@@ -413,7 +562,7 @@ impl Planner {
             return None;
         }
         let mut at = Vec::with_capacity(changed.len());
-        for v in &changed {
+        for v in changed {
             let i = self.find(&v.uid)?;
             let old = &self.agents[i];
             if old.attributes != v.attributes
@@ -426,8 +575,8 @@ impl Planner {
         }
         let mut again = std::mem::take(&mut self.again);
         for (i, v) in at.into_iter().zip(changed) {
-            if self.agents[i] != v {
-                self.agents[i] = v;
+            if self.agents[i] != *v {
+                self.agents[i] = v.clone();
                 again.push(i);
             }
         }
@@ -484,6 +633,51 @@ impl Planner {
         }
         self.again = notes.again;
         Some(self.finish(out, notes.changed, notes.planned, now))
+    }
+
+    /// Each agent's slot with its record: of the agents the last plan listed
+    /// (whose group is still theirs when nothing it was chosen by changed),
+    /// or of those it did not; and the records of agents not listed.
+    fn join(
+        &mut self,
+        agents: &[AgentView],
+        by_uid: &[usize],
+        same_selection: bool,
+    ) -> (Vec<Slot>, Vec<(InstanceUid, AgentMemory)>) {
+        let mut slots: Vec<Slot> = vec![Slot::default(); agents.len()];
+
+        // Each agent's record: of the agents the last plan listed (whose
+        // group is still theirs when nothing it was chosen by changed), or
+        // of those it did not.
+        let (old_agents, old_by_uid, old_slots) = (
+            std::mem::take(&mut self.agents),
+            std::mem::take(&mut self.by_uid),
+            std::mem::take(&mut self.slots),
+        );
+        let listed = first_of_each_uid(&old_agents, &old_by_uid, &old_slots);
+        let mut found = |i: usize, j: usize| {
+            let (old, new, slot) = (&old_agents[j], &agents[i], &old_slots[j]);
+            slots[i].record = slot.record;
+            if same_selection && old.attributes == new.attributes && old.groups_allowed == new.groups_allowed {
+                slots[i].group = slot.group;
+                slots[i].matched = true;
+            }
+            slots[i].order = slot.order.filter(|_| same_selection);
+        };
+        let gone = join_records(
+            agents,
+            by_uid,
+            listed.iter().map(|&j| (&old_agents[j].uid, j)),
+            &mut found,
+        );
+        let left = gone
+            .into_iter()
+            .filter_map(|(uid, j)| Some((uid, old_slots[j].record?)))
+            .collect();
+        let unlisted = self.state.agents.entries().iter().map(|(u, r)| (u, *r));
+        let mut found = |i: usize, r: AgentMemory| slots[i].record = Some(r);
+        let absent = merge_sorted(left, join_records(agents, by_uid, unlisted, &mut found));
+        (slots, absent)
     }
 
     fn finish(&mut self, out: Out, changed: bool, planned: usize, now: Timestamp) -> Step {
@@ -573,7 +767,7 @@ fn plan_group(
         .as_ref()
         .filter(|r| r.kind == RolloutKind::Waves && r.phase != RolloutPhase::Complete)
         .map(|r| r.id);
-    let rank = |slots: &[Slot], i: usize| rolling.and_then(|id| slots[i].record.and_then(|m| m.rank_in(id)));
+    let rank = |slots: &[Slot], i: usize| rolling.and_then(|id| slots[i].record.as_ref()?.rank_in(id));
     let whole = matches!(scope, Scope::Whole(_));
     let (list, ranks): (&[usize], Vec<Option<u32>>) = match scope {
         Scope::Whole(Some(ranks)) => (ctx.idx, ranks),
@@ -662,17 +856,17 @@ fn plan_group(
     let current = ctx.current(gs);
     let mut reverted = 0;
     for (&i, &rank) in list.iter().zip(ranks) {
-        let prev = slots[i].record;
+        let slot = &mut slots[i];
+        let was = slot.deadline();
         let (
             Assigned {
                 desired,
                 state,
-                record,
+                changed,
                 reverted: r,
             },
             deadline,
-        ) = ctx.deadline_of(|| ctx.assign_one(&ctx.agents[i], prev.as_ref(), rank, &current, out));
-        let slot = &mut slots[i];
+        ) = ctx.deadline_of(|| ctx.assign_one(&ctx.agents[i], &mut slot.record, rank, &current, out));
         if !whole {
             gp.counts.remove(slot.state);
         }
@@ -680,13 +874,11 @@ fn plan_group(
             notes.assigned.push((i, slot.state));
         }
         gp.counts.add(state);
-        if record != prev {
+        if changed {
             notes.again.push(i);
             notes.changed = true;
         }
         reverted += u32::from(r);
-        let was = slot.deadline();
-        slot.record = record;
         slot.desired = desired;
         slot.state = state;
         slot.assign_deadline = deadline;

@@ -13,7 +13,7 @@ use super::input::{AgentView, RemoteConfigState};
 use super::output::Event;
 use super::plan::{GroupCtx, Out};
 use super::state::{AgentMemory, FailureRecord, GroupState, Rollout, RolloutKind, RolloutPhase, Stable, Timestamp};
-use super::waves::{Members, OrderKey, order_key, rollout_members, wave_cuts};
+use super::waves::{Members, OrderKey, order_key, wave_cuts};
 use crate::desired::{Amount, ConfigBundle};
 use crate::model::{CommitId, ConfigHash, GroupName, InstanceUid};
 
@@ -178,11 +178,13 @@ impl GroupCtx<'_> {
     /// Starts a rollout when the group's config differs from the one its
     /// current rollout (or, without one, its stable config) delivers. For a
     /// rollout in waves, answers each group agent's rank among its members.
+    /// `key_of(n)`: the canary order key of the group's `n`th agent.
     pub(super) fn start_if_changed(
         &self,
         gs: &mut GroupState,
         rollouts: &mut u64,
         out: &mut Out,
+        key_of: &mut impl FnMut(usize) -> OrderKey,
     ) -> Option<Vec<Option<u32>>> {
         let target = &self.group.config;
         let th = target.hash();
@@ -205,7 +207,10 @@ impl GroupCtx<'_> {
             RolloutKind::Revert => Reach::Everyone { agents: self.idx.len() },
             RolloutKind::Waves => {
                 // The canary order, fixed for the rollout.
-                let order = rollout_members(self.name(), self.idx.iter().map(|&i| &self.agents[i]));
+                // The group's agents are all ones whose config is managed.
+                let mut keyed: Vec<(OrderKey, usize)> = (0..self.idx.len()).map(|n| (key_of(n), n)).collect();
+                keyed.sort_unstable();
+                let order = keyed.into_iter().map(|(_, n)| n);
                 let mut r = vec![None; self.idx.len()];
                 let mut members = Vec::with_capacity(order.len());
                 for (rank, n) in (0u32..).zip(order) {

@@ -258,29 +258,35 @@ impl AgentMemory {
     }
 
     /// What the agent reported for `hash`: FAILED is remembered, APPLIED
-    /// clears an earlier failure of it.
-    pub fn note_report(&mut self, hash: ConfigHash, status: RemoteConfigState) {
+    /// clears an earlier failure of it. Answers whether the record changed.
+    pub fn note_report(&mut self, hash: ConfigHash, status: RemoteConfigState) -> bool {
         match status {
             RemoteConfigState::Failed => self.note_failed(hash),
             RemoteConfigState::Applied => self.forget_failed(hash),
-            RemoteConfigState::Unset | RemoteConfigState::Applying => {}
+            RemoteConfigState::Unset | RemoteConfigState::Applying => false,
         }
     }
 
-    /// The agent reported FAILED for `hash`.
-    pub fn note_failed(&mut self, hash: ConfigHash) {
-        if self.failed != Some(hash) {
-            self.failed_before = self.failed.replace(hash).filter(|h| *h != hash);
+    /// The agent reported FAILED for `hash`; answers whether that is news.
+    pub fn note_failed(&mut self, hash: ConfigHash) -> bool {
+        if self.failed == Some(hash) {
+            return false;
         }
+        self.failed_before = self.failed.replace(hash).filter(|h| *h != hash);
+        true
     }
 
     /// The agent applied `hash`: it no longer counts as failed for it.
-    pub fn forget_failed(&mut self, hash: ConfigHash) {
+    /// Answers whether it did.
+    pub fn forget_failed(&mut self, hash: ConfigHash) -> bool {
         if self.failed == Some(hash) {
             self.failed = self.failed_before.take();
         } else if self.failed_before == Some(hash) {
             self.failed_before = None;
+        } else {
+            return false;
         }
+        true
     }
 
     /// The agent's rank among the members of rollout `id`, if it is one.
@@ -414,6 +420,10 @@ impl AgentMemories {
     /// The records in uid order.
     pub fn entries(&self) -> &[(InstanceUid, AgentMemory)] {
         &self.0
+    }
+
+    pub(super) fn into_entries(self) -> Vec<(InstanceUid, AgentMemory)> {
+        self.0
     }
 
     /// Keeps the records of agents the fleet lists (`present`, in uid order)

@@ -306,25 +306,28 @@ impl World {
             self.shadow = Planner::new(self.state.clone());
             self.shadowed = None;
         }
-        let update = match &self.shadowed {
-            Some((agents, desired))
-                if *desired == self.desired
-                    && agents.len() == self.agents.len()
-                    && agents.iter().zip(&self.agents).all(|(a, b)| a.uid == b.uid) =>
-            {
-                let changed = agents
+        let known = self.shadowed.as_ref().filter(|(agents, _)| {
+            agents.len() == self.agents.len() && agents.iter().zip(&self.agents).all(|(a, b)| a.uid == b.uid)
+        });
+        let step = match known {
+            Some((agents, desired)) => {
+                let changed: Vec<AgentView> = agents
                     .iter()
                     .zip(&self.agents)
                     .filter(|(a, b)| a != b)
                     .map(|(_, b)| b.clone())
                     .collect();
-                self.shadow.update(&self.desired, changed, self.now)
+                let update = match *desired == self.desired {
+                    true => self.shadow.update(&self.desired, &changed, self.now),
+                    false => None,
+                };
+                self.updates += usize::from(update.is_some());
+                update.or_else(|| self.shadow.replan(&self.desired, &changed, self.now))
             }
-            _ => None,
+            None => None,
         };
-        self.updates += usize::from(update.is_some());
         self.shadowed = Some((self.agents.clone(), self.desired.clone()));
-        update.unwrap_or_else(|| self.shadow.full(&self.desired, self.agents.clone(), self.now))
+        step.unwrap_or_else(|| self.shadow.full(&self.desired, self.agents.clone(), self.now))
     }
 
     /// Plans and keeps the next state, as the driver does; pushes are
@@ -1605,7 +1608,7 @@ fn planned_in_sync(n: usize, v1: &Arc<ConfigBundle>) -> (Planner, DesiredState, 
     let mut planner = Planner::new(w.state.clone());
     planner.full(&w.desired, w.agents.clone(), w.now);
     // The records the full plan changed are decided once more.
-    planner.update(&w.desired, Vec::new(), w.now).expect("an update");
+    planner.update(&w.desired, &[], w.now).expect("an update");
     (planner, w.desired, w.agents)
 }
 
@@ -1615,7 +1618,9 @@ fn a_report_of_one_agent_is_planned_for_that_agent_alone() {
     let (mut planner, desired, agents) = planned_in_sync(40, &v1);
     let now = t(5_000);
     let sick = agents[7].clone().unhealthy_since(now, "exporter failing");
-    let step = planner.update(&desired, vec![sick.clone()], now).expect("an update");
+    let step = planner
+        .update(&desired, std::slice::from_ref(&sick), now)
+        .expect("an update");
     assert_eq!(step.planned, 1, "one agent decided");
     assert!(step.pushes.is_empty() && step.events.is_empty());
     assert_eq!(planner.assignments()[7].state, AgentState::Applying);
@@ -1632,7 +1637,7 @@ fn a_report_of_one_agent_is_planned_for_that_agent_alone() {
     assert!(planner.assignments().iter().eq(whole.agents.iter()));
     assert_eq!(planner.statuses(), &whole.groups);
     // Nothing changed: nothing is decided.
-    let step = planner.update(&desired, Vec::new(), now).expect("an update");
+    let step = planner.update(&desired, &[], now).expect("an update");
     assert_eq!(step.planned, 0);
 }
 
@@ -1670,21 +1675,18 @@ fn only_a_full_plan_takes_new_agents_other_groups_passed_deadlines_and_new_commi
     ];
     for (name, desired, changed, at) in cases {
         let before = planner.state();
-        assert_eq!(planner.update(&desired, changed, at), None, "{name}");
+        assert_eq!(planner.update(&desired, &changed, at), None, "{name}");
         assert_eq!(planner.state(), before, "{name}: nothing changed");
     }
     // A deadline: an agent given its config waits for it, at most until the
     // reconcile interval, when the plan that passes it is a full one.
     let drifted = agents[2].clone().reports(&config("other")).applied();
-    let step = planner.update(&desired, vec![drifted], now).expect("an update");
+    let step = planner.update(&desired, &[drifted], now).expect("an update");
     assert_eq!(step.pushes.len(), 1, "the drifted agent is given v1 back");
-    let step = planner.update(&desired, Vec::new(), now).expect("an update");
+    let step = planner.update(&desired, &[], now).expect("an update");
     let next = step.next.expect("a deadline");
     assert_eq!(next, now.after(desired.reconcile_interval));
-    assert!(
-        planner.update(&desired, Vec::new(), next).is_none(),
-        "the deadline passed"
-    );
+    assert!(planner.update(&desired, &[], next).is_none(), "the deadline passed");
 }
 
 #[test]
