@@ -130,8 +130,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
     /// How long an agent may stay offline before it is forgotten (agents
-    /// away for less keep their places in rollouts).
-    #[arg(long, default_value = "24h", value_parser = parse_positive_duration)]
+    /// away for less keep their places in rollouts): three days, so a
+    /// weekend's outage forgets nobody.
+    #[arg(long, default_value = "72h", value_parser = parse_positive_duration)]
     pub agent_retention: Duration,
     /// How long fetches of the repository may fail before /readyz answers
     /// 503 (the commit in force stays in force).

@@ -203,7 +203,7 @@ pub struct FleetConfig {
 
 /// The default of [`FleetConfig::retention`]: long enough that agents away
 /// for an outage keep their records (and their places in rollouts).
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(72 * 60 * 60);
 
 enum Command {
     Report {

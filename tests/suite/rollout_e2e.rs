@@ -924,3 +924,59 @@ async fn heartbeats_make_no_plan_and_no_snapshot_and_a_bake_ends_on_its_deadline
     stop.cancel();
     server.stop().await;
 }
+
+/// A counter of the controller's `/metrics`.
+async fn counter(server: &TestServer, name: &str) -> u64 {
+    let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
+    common::metric(&text, name).unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[tokio::test]
+async fn a_report_of_one_agent_is_planned_for_that_agent_alone() {
+    let repo = GitRepo::new();
+    let v1 = collector_config("v1");
+    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "first config");
+    let (_tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.reconcile_tick = None;
+    let server = TestServer::start_with(config).await;
+    let (_sim, stop) = simulate(&server, 30, |c| c.heartbeat = Duration::from_millis(50));
+    let h1 = edge_hash(&v1);
+    let status = Some(remote_status(h1.as_bytes(), APPLIED, ""));
+    let mut agent = RawAgent::connect(&server, uid16(70), &[("service.name", "otelcol-sim")], &[], status).await;
+    server
+        .wait_group("edge", "v1 on all 31 agents", |g| {
+            g["rollout"]["phase"] == "complete" && g["agents"]["applied"] == 31
+        })
+        .await;
+    // The last reports of the rollout settle; heartbeats plan nothing.
+    let_messages_pass(&server, 100).await;
+    let (plans, full, decided) = (
+        plans_made(&server).await,
+        counter(&server, "opamp_gitops_plans_full_total").await,
+        counter(&server, "opamp_gitops_plan_agents_total").await,
+    );
+
+    agent
+        .report(
+            remote_status(h1.as_bytes(), APPLIED, ""),
+            Some(unhealthy("exporter failing")),
+        )
+        .await;
+    let path = format!("/api/v1/agents/{}", agent.uid);
+    common::eventually("the agent's report planned", async || {
+        let a = server.api_json(&path).await;
+        (a["state"] == "applying").then_some(())
+    })
+    .await;
+    assert!(plans_made(&server).await > plans);
+    assert_eq!(
+        counter(&server, "opamp_gitops_plans_full_total").await,
+        full,
+        "a plan of the whole fleet"
+    );
+    let more = counter(&server, "opamp_gitops_plan_agents_total").await - decided;
+    assert!((1..=2).contains(&more), "{more} agents decided for one report");
+    stop.cancel();
+    server.stop().await;
+}
