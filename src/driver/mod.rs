@@ -311,9 +311,9 @@ const DEFAULT_TICK: Duration = Duration::from_secs(600);
 const TERM_RETRY: Duration = Duration::from_secs(2);
 /// Plans that changes call for are this far apart at least...
 const MIN_PLAN_GAP: Duration = Duration::from_millis(50);
-/// ...and at least this many times as long as the last plan's computation
-/// took, so a storm of changes (thousands of agents connecting) leaves the
-/// time between plans to the agents.
+/// ...and, after a plan of the whole fleet, at least this many times as long
+/// as its computation took, so a storm of changes (thousands of agents
+/// connecting) leaves the time between plans to the agents.
 const PLAN_GAP_FACTOR: u32 = 4;
 
 impl Driver {
@@ -596,7 +596,9 @@ impl Driver {
         );
         self.publish(&commit, full, planned);
         self.submit_notes(notes);
-        self.last_plan = Some((started, computed));
+        // An update's work follows the reports it decides, however often it
+        // runs: only plans of the whole fleet space the next one out.
+        self.last_plan = Some((started, if full { computed } else { Duration::ZERO }));
     }
 
     /// Who made `commit`: the loaded commit's author, else the one its note tells.
