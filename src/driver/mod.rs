@@ -622,11 +622,11 @@ impl Driver {
         let mut changed = Vec::new();
         for d in fleet.agents.diff(&snapshot.agents) {
             match d {
-                imbl::ordmap::DiffItem::Update { new: (_, r), .. } => changed.push(self.views.view(r)),
+                imbl::ordmap::DiffItem::Update { new: (_, r), .. } => changed.push(r),
                 _ => return None,
             }
         }
-        Some(changed)
+        Some(changed.into_iter().map(|r| self.views.view(r)).collect())
     }
 
     /// Plans from `state` on (claimed, or rebuilt from the notes).
