@@ -231,6 +231,7 @@ pub fn spawn(
         planned: None,
         last_full: None,
         saving: None,
+        save_next: false,
         store,
         term: None,
         notes_read: false,
@@ -285,6 +286,8 @@ struct Driver {
     last_full: Option<Instant>,
     /// A save of the state under way.
     saving: Option<persist::Saving>,
+    /// A save was wanted while one was under way: it starts when that ends.
+    save_next: bool,
     /// Read on the first plan of each term; see [`Parts::existing_notes`].
     existing_notes: Option<NotesReader>,
     /// No state was saved: rebuild it from the notes on the first plan.
@@ -358,6 +361,9 @@ impl Driver {
                 result = saving(self.saving.as_mut()) => {
                     self.saving = None;
                     self.saved(result);
+                    if std::mem::take(&mut self.save_next) && self.dirty {
+                        self.persist_soon().await;
+                    }
                     continue;
                 }
                 Some(request) = controls.recv() => {
@@ -758,6 +764,7 @@ impl Driver {
     /// PostgreSQL). With a save under way, the next is due once it ends.
     async fn persist_soon(&mut self) {
         if self.saving.is_some() {
+            self.save_next = true;
             return;
         }
         match self.store.save_in_background(self.planner.state()) {

@@ -827,6 +827,7 @@ fn plan_group(
         if let Some(mut m) = missing {
             let (blocking, deadline) = ctx.deadline_of(|| ctx.absent_members(r, &opened, gp.tally.counted, &mut m));
             gp.absent = (blocking, deadline);
+            notes.changed |= r.missing != m;
             r.missing = m;
         }
         notes.changed |= !failed.is_empty();
@@ -839,8 +840,11 @@ fn plan_group(
         gp.deadline = deadline;
     } else if whole {
         for &i in list {
-            slots[i].judged = Judged::default();
-            slots[i].judge_deadline = None;
+            let slot = &mut slots[i];
+            let was = slot.deadline();
+            slot.judged = Judged::default();
+            slot.judge_deadline = None;
+            note(deadlines, i, slot, was);
         }
     }
     notes.changed |= moves(gs) != moved;

@@ -1700,3 +1700,25 @@ fn rollouts_planned_as_updates_decide_what_full_plans_do() {
     assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
     assert!(w.updates > before + 3, "{} updates", w.updates - before);
 }
+
+#[test]
+fn an_agent_given_the_target_late_keeps_its_re_push_deadline_once_the_rollout_completes() {
+    // `World` compares each plan's deadline with a full plan's: an update
+    // that plans the completed group whole must keep the late agent's.
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(3, &v1, &v2, |r| r.waves("100%").bake(0).apply_timeout(60).interval(300));
+    let started = w.plan();
+    w.agents.push(agent("late").reports(&v1).applied());
+    let joined = w.plan();
+    assert_eq!(pushed(&joined), set(&[uid("late")]), "it joins the opened wave");
+    let given = w.now;
+    w.apply(&started);
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
+    let updates = w.updates;
+    w.advance(1);
+    let p = w.plan();
+    assert_eq!(w.updates, updates + 1, "planned as an update");
+    assert_eq!(p.next, Some(given.after(Duration::from_secs(300))));
+}
