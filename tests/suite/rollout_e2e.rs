@@ -871,8 +871,37 @@ async fn messages_received(server: &TestServer) -> u64 {
 }
 
 async fn plans_made(server: &TestServer) -> u64 {
+    counter(server, "opamp_gitops_plans_total").await
+}
+
+/// A counter of the controller's `/metrics`.
+async fn counter(server: &TestServer, name: &str) -> u64 {
     let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
-    common::metric(&text, "opamp_gitops_plans_total").expect("the plans counter")
+    common::metric(&text, name).unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// A controller with no periodic plan, on a repository whose first commit
+/// gives `v1` under `policy`, and `agents` simulated agents heartbeating
+/// every 50 ms.
+async fn untimed_fleet(
+    policy: &str,
+    v1: &str,
+    agents: usize,
+) -> (
+    GitRepo,
+    tempfile::TempDir,
+    TestServer,
+    opamp_gitops::simulate::Simulation,
+    tokio_util::sync::CancellationToken,
+) {
+    let repo = GitRepo::new();
+    repo.commit_edge(policy, v1, "first config");
+    let (tmp, state) = state_dir();
+    let mut config = serve_config(repo.path(), &state);
+    config.reconcile_tick = None;
+    let server = TestServer::start_with(config).await;
+    let (sim, stop) = simulate(&server, agents, |c| c.heartbeat = Duration::from_millis(50));
+    (repo, tmp, server, sim, stop)
 }
 
 /// Waits until the controller has received `n` more messages.
@@ -886,15 +915,9 @@ async fn let_messages_pass(server: &TestServer, n: u64) {
 
 #[tokio::test]
 async fn heartbeats_make_no_plan_and_no_snapshot_and_a_bake_ends_on_its_deadline() {
-    let repo = GitRepo::new();
     let v1 = collector_config("v1");
     // The bake ends at the plan's deadline: no periodic plan is there to see it.
-    repo.commit_edge("  waves: [1, 100%]\n  bake: 300ms\n", &v1, "first config");
-    let (_tmp, state) = state_dir();
-    let mut config = serve_config(repo.path(), &state);
-    config.reconcile_tick = None;
-    let server = TestServer::start_with(config).await;
-    let (_sim, stop) = simulate(&server, 10, |c| c.heartbeat = Duration::from_millis(50));
+    let (_repo, _tmp, server, _sim, stop) = untimed_fleet("  waves: [1, 100%]\n  bake: 300ms\n", &v1, 10).await;
     let hash = edge_hash(&v1).to_string();
     server
         .wait_group("edge", "v1 everywhere after the bake", |g| {
@@ -925,22 +948,10 @@ async fn heartbeats_make_no_plan_and_no_snapshot_and_a_bake_ends_on_its_deadline
     server.stop().await;
 }
 
-/// A counter of the controller's `/metrics`.
-async fn counter(server: &TestServer, name: &str) -> u64 {
-    let text = String::from_utf8(server.api_get("/metrics").await.body).unwrap();
-    common::metric(&text, name).unwrap_or_else(|| panic!("no {name}"))
-}
-
 #[tokio::test]
 async fn a_report_of_one_agent_is_planned_for_that_agent_alone() {
-    let repo = GitRepo::new();
     let v1 = collector_config("v1");
-    repo.commit_edge("  waves: [100%]\n  bake: 0s\n", &v1, "first config");
-    let (_tmp, state) = state_dir();
-    let mut config = serve_config(repo.path(), &state);
-    config.reconcile_tick = None;
-    let server = TestServer::start_with(config).await;
-    let (_sim, stop) = simulate(&server, 30, |c| c.heartbeat = Duration::from_millis(50));
+    let (_repo, _tmp, server, _sim, stop) = untimed_fleet("  waves: [100%]\n  bake: 0s\n", &v1, 30).await;
     let h1 = edge_hash(&v1);
     let status = Some(remote_status(h1.as_bytes(), APPLIED, ""));
     let mut agent = RawAgent::connect(&server, uid16(70), &[("service.name", "otelcol-sim")], &[], status).await;
