@@ -18,7 +18,7 @@ use super::db::{Database, Db, DbError};
 use super::lease::{Fence, Member};
 use super::replica::StoredBundle;
 use super::row::Row;
-use crate::fleet::{AgentRecord, Capabilities, FleetHandle, FleetSnapshot, PushBatch};
+use crate::fleet::{AgentRecord, Capabilities, FleetHandle, FleetSnapshot, PushBatch, SharedConfigs};
 use crate::model::{ConfigHash, InstanceUid, PushOutcome, Transport};
 
 /// How often the members and the leader are read again.
@@ -90,6 +90,7 @@ struct View {
     version: u64,
     /// Whether the fleet is read (while this replica leads).
     reading: bool,
+    configs: SharedConfigs,
 }
 
 pub async fn run(
@@ -108,6 +109,7 @@ pub async fn run(
         rev: 0,
         version: 0,
         reading: false,
+        configs: SharedConfigs::default(),
     };
     let mut saved: HashSet<ConfigHash> = HashSet::new();
     let mut retry = Duration::ZERO;
@@ -317,6 +319,7 @@ impl View {
             }
             record.liveness = liveness;
         }
+        self.configs.share_new(&mut record, None);
         if self.owners.get(&uid).is_none_or(|o| **o != *replica) {
             self.owners.insert(uid.clone(), replica.into());
         }

@@ -281,7 +281,7 @@ impl Expression {
 }
 
 /// One file of an agent's config map.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConfigFile {
     pub content_type: String,
     pub body: Bytes,

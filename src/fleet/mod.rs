@@ -6,6 +6,7 @@
 mod bindings;
 pub mod capabilities;
 pub mod record;
+mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ use crate::telemetry::fleet::FleetCounts;
 use crate::telemetry::{self, Registry};
 use bindings::Bindings;
 pub use bindings::BindingsError;
+pub use shared::SharedConfigs;
 
 /// Identifies one WebSocket connection; later connections get larger ids.
 pub type ConnId = u64;
@@ -395,6 +397,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         published: imbl::OrdMap::new(),
         last_publish: None,
         bindings,
+        configs: SharedConfigs::default(),
     };
     let task = tokio::spawn(fleet.run(rx, push_rx, cancel));
     Ok((FleetHandle { tx, pushes, snapshots }, task))
@@ -515,6 +518,7 @@ struct Fleet {
     published: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
     last_publish: Option<Instant>,
     bindings: Bindings,
+    configs: SharedConfigs,
 }
 
 impl Fleet {
@@ -750,7 +754,8 @@ impl Fleet {
         let mono = Instant::now();
         let (mut entry, decision) = match entry {
             None => {
-                let (rec, decision) = record::apply(None, &uid, msg, contact);
+                let (mut rec, decision) = record::apply(None, &uid, msg, contact);
+                self.configs.share_new(&mut rec, None);
                 (Entry::new(rec), decision)
             }
             Some(mut e) => {
@@ -760,8 +765,9 @@ impl Fleet {
                     e.record.liveness.touch(now, msg.sequence_num);
                     ReplyDecision::default()
                 } else {
-                    let (rec, decision) = record::apply(Some(&e.record), &uid, msg, contact);
+                    let (mut rec, decision) = record::apply(Some(&e.record), &uid, msg, contact);
                     if decision.changed {
+                        self.configs.share_new(&mut rec, Some(&e.record));
                         e.record = Arc::new(rec);
                     } else {
                         e.record.liveness.touch(now, rec.liveness.sequence_num());
