@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::codec::{self, DecodeError};
 use super::context::OpampContext;
@@ -276,30 +277,21 @@ mod close {
 ///
 /// An idle connection is this future and little else, so it is kept small:
 /// it only waits for the next event, and each event is handled by a boxed
-/// future of its own that lives while the event is handled.
-pub async fn run_websocket(mut socket: WebSocket, ctx: OpampContext, identity: Option<Identity>) {
-    let mut s = Session::open(ctx, identity);
-    // A half-open connection never closes by itself: ping, and give up on a
-    // peer that has sent nothing (pongs included) for three intervals.
-    let interval = s.ctx.heartbeat_interval;
-    let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let end = loop {
-        let step = tokio::select! {
-            _ = ping.tick() => Box::pin(s.ping(&mut socket)).await,
-            _ = s.close.cancelled() => Err(Some(if s.ctx.shutdown.is_cancelled() {
-                (close::GOING_AWAY, "server shutting down")
-            } else {
-                (close::NORMAL, "replaced by a newer connection")
-            })),
-            () = s.pushes.ready() => Box::pin(s.push(&mut socket)).await,
-            frame = socket.recv() => Box::pin(s.frame(&mut socket, frame)).await,
-        };
-        if let Err(end) = step {
-            break end;
-        }
-    };
-    Box::pin(s.end(socket, end)).await;
+/// future of its own that lives while the event is handled. The socket and
+/// the session are used where the future holds them: an `async fn` would
+/// keep its arguments besides the locals it moves them into.
+pub fn run_websocket(
+    socket: WebSocket,
+    ctx: Arc<OpampContext>,
+    identity: Option<Identity>,
+    tracked: TaskTrackerToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let mut s = Session::open(ctx, identity, tracked);
+    let mut socket = socket;
+    async move {
+        let end = s.serve(&mut socket).await;
+        Box::pin(s.end(socket, end)).await;
+    }
 }
 
 /// What a session does after an event: go on, or end (with the close frame
@@ -308,7 +300,7 @@ type Step = Result<(), Option<(u16, &'static str)>>;
 
 /// One WebSocket connection's state between events.
 struct Session {
-    ctx: OpampContext,
+    ctx: Arc<OpampContext>,
     identity: Option<Identity>,
     conn: ConnId,
     pushes: Arc<PushSlot>,
@@ -324,10 +316,12 @@ struct Session {
     clash: Option<(InstanceUid, InstanceUid)>,
     capabilities_sent: bool,
     last_frame: Instant,
+    /// Shutdown waits for the session until this goes.
+    _tracked: TaskTrackerToken,
 }
 
 impl Session {
-    fn open(ctx: OpampContext, identity: Option<Identity>) -> Self {
+    fn open(ctx: Arc<OpampContext>, identity: Option<Identity>, tracked: TaskTrackerToken) -> Self {
         WebSocketOpened.emit(&ctx.metrics);
         Session {
             conn: ctx.next_conn_id(),
@@ -340,6 +334,32 @@ impl Session {
             clash: None,
             capabilities_sent: false,
             last_frame: Instant::now(),
+            _tracked: tracked,
+        }
+    }
+
+    /// Handles the connection's events until it ends; the close frame to
+    /// send, if any.
+    async fn serve(&mut self, socket: &mut WebSocket) -> Option<(u16, &'static str)> {
+        // A half-open connection never closes by itself: ping, and give up on a
+        // peer that has sent nothing (pongs included) for three intervals.
+        let interval = self.ctx.heartbeat_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let step = tokio::select! {
+                _ = ping.tick() => Box::pin(self.ping(socket)).await,
+                _ = self.close.cancelled() => Err(Some(if self.ctx.shutdown.is_cancelled() {
+                    (close::GOING_AWAY, "server shutting down")
+                } else {
+                    (close::NORMAL, "replaced by a newer connection")
+                })),
+                () = self.pushes.ready() => Box::pin(self.push(socket)).await,
+                frame = socket.recv() => Box::pin(self.frame(socket, frame)).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
         }
     }
 

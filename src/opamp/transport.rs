@@ -4,6 +4,7 @@
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
@@ -29,7 +30,7 @@ const WS_FRAMING: usize = 64;
 
 /// The router serving `/v1/opamp`.
 pub fn router(ctx: OpampContext) -> Router {
-    Router::new().route(OPAMP_PATH, any(endpoint)).with_state(ctx)
+    Router::new().route(OPAMP_PATH, any(endpoint)).with_state(Arc::new(ctx))
 }
 
 fn wants_websocket(headers: &HeaderMap) -> bool {
@@ -88,7 +89,7 @@ fn refused(reason: Refusal) -> Response {
         .into_response()
 }
 
-async fn endpoint(State(ctx): State<OpampContext>, req: Request) -> Response {
+async fn endpoint(State(ctx): State<Arc<OpampContext>>, req: Request) -> Response {
     let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
     let identity = match authenticate(&ctx, peer.as_ref(), req.headers()) {
         Ok(identity) => identity,
@@ -109,10 +110,7 @@ async fn endpoint(State(ctx): State<OpampContext>, req: Request) -> Response {
             .max_message_size(limit)
             .max_frame_size(limit)
             .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-            .on_upgrade(move |socket| async move {
-                session::run_websocket(socket, ctx, identity).await;
-                drop(token);
-            });
+            .on_upgrade(move |socket| session::run_websocket(socket, ctx, identity, token));
     }
     if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
