@@ -342,13 +342,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         watchers.push(tokens.watch().map_err(AppError::Watch)?);
     }
     let (opamp_limits, api_limits) = (config.opamp_limits(fd_limit), config.api_limits());
-    let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { what, addr, source })
-    };
-    let opamp_listener = bind("OpAMP", config.opamp_listen).await?;
-    let api_listener = bind("the API", config.api_listen).await?;
+    let bind =
+        |what: &'static str, addr: SocketAddr| listen(addr).map_err(|source| AppError::Bind { what, addr, source });
+    let opamp_listener = bind("OpAMP", config.opamp_listen)?;
+    let api_listener = bind("the API", config.api_listen)?;
     let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
         l.local_addr().map_err(|source| AppError::Bind { what, addr, source })
     };
@@ -771,6 +768,24 @@ async fn forward_readiness(
     }
 }
 
+/// Connections the kernel completes before they are accepted; it caps this at
+/// `net.core.somaxconn`. Tokio's default of 1,024 is too few for a fleet that
+/// connects at once (after a restart, say): the connections beyond it are
+/// dropped and retry their SYN a second or more later.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs `serve` on a new runtime until SIGINT or SIGTERM, then shuts down cleanly.
 pub fn run(config: ServeConfig) -> Result<(), AppError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -825,6 +840,32 @@ fn raise_fd_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn listeners_queue_as_many_connections_as_the_kernel_allows() {
+        use std::os::fd::AsRawFd;
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // For a listening socket, TCP_INFO's `tcpi_sacked` is its backlog.
+        // SAFETY: a zeroed tcp_info is valid, and the kernel writes at most `len` bytes.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        assert_eq!(info.tcpi_sacked, LISTEN_BACKLOG.min(cap));
+    }
 
     #[tokio::test]
     async fn a_supervised_task_reports_how_it_ended() {
