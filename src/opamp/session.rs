@@ -30,6 +30,7 @@ use crate::telemetry::opamp::{
     AgentRefused, HttpBodyUnreadable, HttpMessageMalformed, HttpMessageTooBig, HttpOverloaded, MessageReceived,
     Refusal, WebSocketClosed, WebSocketMessageMalformed, WebSocketMessageTooBig, WebSocketOpened,
 };
+use prost::Message as _;
 use sha2::Digest;
 
 /// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig, plus
@@ -650,7 +651,15 @@ fn too_large(ctx: &OpampContext) -> Response {
     StatusCode::PAYLOAD_TOO_LARGE.into_response()
 }
 
+/// Replies smaller than this go plain even to clients that accept gzip: for
+/// a reply of a few bytes (most are), gzip adds its 18 and a compressor of a
+/// few hundred KiB to set up.
+const GZIP_AT_LEAST: usize = 1024;
+
+/// The reply as a response: gzipped when `gzip` allows it and the reply is
+/// worth compressing.
 fn protobuf_response(msg: &ServerToAgent, gzip: bool) -> Response {
+    let gzip = gzip && msg.encoded_len() >= GZIP_AT_LEAST;
     let mut resp = Response::new(Body::from(codec::encode_http(msg, gzip)));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_PROTOBUF));
@@ -777,6 +786,41 @@ mod tests {
         let plain = reply_message(legacy, &Reply::default(), 0, None);
         assert_eq!((plain.flags, plain.capabilities), (0, 0));
         assert!(plain.remote_config.is_none() && plain.agent_identification.is_none());
+    }
+
+    #[tokio::test]
+    async fn only_replies_worth_compressing_are_gzipped() {
+        let uid = Bytes::from_static(&[3; 16]);
+        let config = |body: &str| {
+            let bundle = ConfigBundle::new(BTreeMap::from([(
+                String::new(),
+                ConfigFile {
+                    content_type: "text/yaml".into(),
+                    body: Bytes::copy_from_slice(body.as_bytes()),
+                },
+            )]));
+            ServerToAgent {
+                instance_uid: uid.clone(),
+                remote_config: Some(remote_config(&bundle)),
+                ..Default::default()
+            }
+        };
+        let small = config("a: 1\n");
+        let large = config(&"key: value\n".repeat(200));
+        for (msg, gzip, gzipped) in [(&small, true, false), (&large, false, false), (&large, true, true)] {
+            let resp = protobuf_response(msg, gzip);
+            let encoding = resp.headers().get(header::CONTENT_ENCODING).cloned();
+            assert_eq!(encoding.is_some(), gzipped, "{} bytes, gzip {gzip}", msg.encoded_len());
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+            let encoding = encoding.as_ref().map(|e| e.to_str().unwrap());
+            assert_eq!(
+                &codec::decode_http::<ServerToAgent>(&body, encoding, 1 << 20).unwrap(),
+                msg
+            );
+            if gzipped {
+                assert!(body.len() < msg.encoded_len() / 4, "{} bytes gzipped", body.len());
+            }
+        }
     }
 
     #[tokio::test]
