@@ -337,11 +337,8 @@ impl View {
             return;
         }
         self.version += 1;
-        out.snapshots.send_replace(Arc::new(FleetSnapshot {
-            version: self.version,
-            agents: self.agents.clone(),
-            uid_clashes: 0,
-        }));
+        out.snapshots
+            .send_replace(Arc::new(FleetSnapshot::counted(self.version, self.agents.clone())));
     }
 
     /// Sends each push where its agent is held, while `fence` holds (to

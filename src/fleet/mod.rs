@@ -56,8 +56,8 @@ pub struct FleetSnapshot {
     /// Grows with every published snapshot.
     pub version: u64,
     pub agents: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
-    /// Second agents found reporting under a uid in use, so far.
-    pub uid_clashes: u64,
+    /// The agents by connection, and the uid clashes so far.
+    pub counts: FleetCounts,
 }
 
 impl FleetSnapshot {
@@ -70,17 +70,25 @@ impl FleetSnapshot {
         self.agents.values().collect()
     }
 
-    /// What the inventory gauges show: one pass over the records.
+    /// What the inventory gauges show, kept up to date as records change.
     pub fn counts(&self) -> FleetCounts {
+        self.counts
+    }
+
+    /// A snapshot of `agents`, counted in one pass over them.
+    pub fn counted(version: u64, agents: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>) -> FleetSnapshot {
         let mut counts = FleetCounts {
-            uid_clashes: self.uid_clashes,
-            version: self.version,
+            version,
             ..FleetCounts::default()
         };
-        for r in self.agents.values() {
+        for r in agents.values() {
             counts.add(r.connected, r.transport);
         }
-        counts
+        FleetSnapshot {
+            version,
+            agents,
+            counts,
+        }
     }
 }
 
@@ -395,6 +403,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         version: 0,
         dirty: Vec::new(),
         published: imbl::OrdMap::new(),
+        counts: FleetCounts::default(),
         last_publish: None,
         bindings,
         configs: SharedConfigs::default(),
@@ -516,6 +525,8 @@ struct Fleet {
     dirty: Vec<InstanceUid>,
     /// The last snapshot's map, brought up to date from `dirty` when the next is published.
     published: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
+    /// The agents of `published` by connection.
+    counts: FleetCounts,
     last_publish: Option<Instant>,
     bindings: Bindings,
     configs: SharedConfigs,
@@ -590,19 +601,23 @@ impl Fleet {
     fn publish(&mut self) {
         self.version += 1;
         for uid in self.dirty.drain(..) {
-            match self.agents.get(&uid) {
+            let old = match self.agents.get(&uid) {
                 Some(e) => {
-                    self.published.insert(uid, e.record.clone());
+                    self.counts.add(e.record.connected, e.record.transport);
+                    self.published.insert(uid, e.record.clone())
                 }
-                None => {
-                    self.published.remove(&uid);
-                }
+                None => self.published.remove(&uid),
+            };
+            if let Some(old) = old {
+                self.counts.remove(old.connected, old.transport);
             }
         }
+        self.counts.version = self.version;
+        self.counts.uid_clashes = self.uid_clashes;
         let snapshot = FleetSnapshot {
             version: self.version,
             agents: self.published.clone(),
-            uid_clashes: self.uid_clashes,
+            counts: self.counts,
         };
         self.snapshots.send_replace(Arc::new(snapshot));
         self.last_publish = Some(Instant::now());
@@ -1269,7 +1284,7 @@ mod tests {
             .unwrap();
         let mut snaps = fleet.subscribe();
         let s = snaps.wait_for(|s| s.agents.len() == 2).await.unwrap().clone();
-        assert_eq!(s.uid_clashes, 1);
+        assert_eq!(s.counts().uid_clashes, 1);
         let a = s.get(&uid).unwrap();
         assert!(a.connected);
         assert_eq!(a.attribute("host.name"), Some("host-a"));
@@ -1403,6 +1418,48 @@ mod tests {
         poll(&fleet, &staying, 0, 0x1).await;
         let s = snaps.wait_for(|s| s.get(&gone).is_none()).await.unwrap().clone();
         assert!(s.get(&staying).is_some(), "a recent agent stays");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_counts_follow_agents_as_they_connect_leave_and_are_forgotten() {
+        let (fleet, _c) = start(Duration::from_secs(10));
+        let (ws, http) = (InstanceUid::Uuid([6; 16]), InstanceUid::Uuid([7; 16]));
+        let (link, _rx) = link(1);
+        fleet
+            .report(ws.clone(), msg(&ws, 0, 0x1003), Via::WebSocket(link), None)
+            .await
+            .unwrap();
+        poll(&fleet, &http, 0, 0x1).await;
+        let mut snaps = fleet.subscribe();
+        let counted = |s: &FleetSnapshot| {
+            let c = s.counts();
+            let recount = FleetSnapshot::counted(s.version, s.agents.clone()).counts();
+            assert_eq!(
+                c,
+                FleetCounts {
+                    uid_clashes: c.uid_clashes,
+                    ..recount
+                }
+            );
+            (c.connected_websocket, c.connected_http, c.offline)
+        };
+        let s = snaps.wait_for(|s| s.agents.len() == 2).await.unwrap().clone();
+        assert_eq!(counted(&s), (1, 1, 0));
+        fleet.closed(1, ws.clone()).await;
+        let s = snaps
+            .wait_for(|s| s.get(&ws).is_some_and(|r| !r.connected))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(counted(&s), (0, 1, 1));
+        let s = snaps
+            .wait_for(|s| s.get(&http).is_some_and(|r| !r.connected))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(counted(&s), (0, 0, 2));
+        let s = snaps.wait_for(|s| s.agents.is_empty()).await.unwrap().clone();
+        assert_eq!(counted(&s), (0, 0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,6 +35,16 @@ impl FleetCounts {
             (false, _) => self.offline += 1,
         }
     }
+
+    /// Takes back an agent [`add`](Self::add) counted.
+    pub fn remove(&mut self, connected: bool, transport: Transport) {
+        let count = match (connected, transport) {
+            (true, Transport::WebSocket) => &mut self.connected_websocket,
+            (true, Transport::Http) => &mut self.connected_http,
+            (false, _) => &mut self.offline,
+        };
+        *count = count.saturating_sub(1);
+    }
 }
 
 /// Registers the inventory gauges; `counts` is called on every scrape.
