@@ -161,6 +161,8 @@ struct Figures {
     first_config: Option<Duration>,
     rollout: Option<Duration>,
     rollout_verified: Option<usize>,
+    /// The server's and the simulator's CPU seconds over the rollout.
+    rollout_cpu_s: Option<(f64, f64)>,
     rss_base_kib: u64,
     rss_idle_kib: u64,
     rss_peak_kib: u64,
@@ -297,12 +299,13 @@ fn run_scenario(args: &Args, bin: &Path, who: &Contender, s: Scenario, f: &mut F
         f.first_config = Some(started.elapsed());
 
         server.prepare(2)?;
-        let t0 = Instant::now();
+        let (c0, s0, t0) = (server.process().cpu()?, sim.cpu()?, Instant::now());
         server.publish(2)?;
         wait_for(args.timeout, "the new config to reach every agent", || {
             server.all_applied(2, s.agents)
         })?;
         f.rollout = Some(t0.elapsed());
+        f.rollout_cpu_s = Some((server.process().cpu()? - c0, sim.cpu()? - s0));
         f.rollout_verified = Some(server.verified(2)?);
     }
 
@@ -981,10 +984,13 @@ fn details(args: &Args, runs: &[Run]) -> String {
     );
     let _ = writeln!(
         out,
-        "| scenario | server | connect s | first config s | rollout s | verified | RSS idle MiB | KiB/agent | \
-         RSS peak MiB | server CPU | simulator CPU | msgs/s | errors |"
+        "| scenario | server | connect s | first config s | rollout s | rollout CPU s, server / simulator | verified | \
+         RSS idle MiB | KiB/agent | RSS peak MiB | server CPU | simulator CPU | msgs/s | errors |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for Run {
         scenario: s,
         server,
@@ -994,11 +1000,13 @@ fn details(args: &Args, runs: &[Run]) -> String {
     {
         let _ = writeln!(
             out,
-            "| {} | {server} | {} | {} | {} | {} | {:.1} | {} | {:.1} | {}% | {}% | {} | {} |{}",
+            "| {} | {server} | {} | {} | {} | {} | {} | {:.1} | {} | {:.1} | {}% | {}% | {} | {} |{}",
             s.label(),
             secs(f.connect),
             secs(f.first_config),
             secs(f.rollout),
+            f.rollout_cpu_s
+                .map_or_else(|| "n/a".into(), |(server, sim)| format!("{server:.2} / {sim:.2}")),
             f.rollout_verified.map_or_else(|| "n/a".into(), |n| n.to_string()),
             f.rss_idle_kib as f64 / 1024.0,
             num(f.kib_per_agent(s.agents), 1),
@@ -1024,7 +1032,7 @@ struct Figure {
     value: fn(&Figures, usize) -> Option<f64>,
 }
 
-const FIGURES: [Figure; 5] = [
+const FIGURES: [Figure; 6] = [
     Figure {
         title: "Connect: simulator started → every agent counted connected, s",
         decimals: 2,
@@ -1049,6 +1057,11 @@ const FIGURES: [Figure; 5] = [
         title: "Commit (ours) or trigger (naive) → every agent APPLIED, s",
         decimals: 2,
         value: |f, _| f.rollout.map(|d| d.as_secs_f64()),
+    },
+    Figure {
+        title: "The server's CPU over that rollout, s",
+        decimals: 2,
+        value: |f, _| f.rollout_cpu_s.map(|(server, _)| server),
     },
 ];
 
