@@ -18,7 +18,7 @@ use super::db::{Database, Db, DbError};
 use super::lease::{Fence, Member};
 use super::replica::StoredBundle;
 use super::row::Row;
-use crate::fleet::{AgentRecord, Capabilities, FleetHandle, FleetSnapshot, PushBatch, SharedConfigs};
+use crate::fleet::{Capabilities, FleetHandle, FleetSnapshot, PushBatch, Records, SharedConfigs};
 use crate::model::{ConfigHash, InstanceUid, PushOutcome, Transport};
 
 /// How often the members and the leader are read again.
@@ -83,7 +83,7 @@ pub struct Outputs {
 
 /// The view task's state: the merged fleet and who holds each agent.
 struct View {
-    agents: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
+    agents: Records,
     owners: HashMap<InstanceUid, Arc<str>>,
     members: Arc<Members>,
     rev: i64,
@@ -103,7 +103,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut view = View {
-        agents: imbl::OrdMap::new(),
+        agents: Records::default(),
         owners: HashMap::new(),
         members: Arc::default(),
         rev: 0,
@@ -201,7 +201,8 @@ impl View {
             }
             (false, true) => {
                 self.reading = false;
-                self.agents = imbl::OrdMap::new();
+                self.agents = Records::default();
+                self.configs = SharedConfigs::default();
                 self.owners = HashMap::new();
                 self.rev = 0;
                 Ok(())
@@ -300,7 +301,7 @@ impl View {
             Ok(Some(Json(row))) => row,
             Ok(None) => {
                 self.owners.remove(&uid);
-                self.agents.remove(&uid);
+                self.agents.set(uid, None);
                 return Ok(());
             }
             Err(e) => {
@@ -323,7 +324,7 @@ impl View {
         if self.owners.get(&uid).is_none_or(|o| **o != *replica) {
             self.owners.insert(uid.clone(), replica.into());
         }
-        self.agents.insert(uid, Arc::new(record));
+        self.agents.set(uid, Some(Arc::new(record)));
         Ok(())
     }
 
@@ -333,12 +334,12 @@ impl View {
             *m = Arc::clone(&self.members);
             changed
         });
-        if out.snapshots.borrow().agents.ptr_eq(&self.agents) {
+        if self.agents.published_in(&out.snapshots.borrow()) {
             return;
         }
         self.version += 1;
         out.snapshots
-            .send_replace(Arc::new(FleetSnapshot::counted(self.version, self.agents.clone())));
+            .send_replace(Arc::new(self.agents.snapshot(self.version, 0)));
     }
 
     /// Sends each push where its agent is held, while `fence` holds (to

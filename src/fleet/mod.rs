@@ -74,21 +74,51 @@ impl FleetSnapshot {
     pub fn counts(&self) -> FleetCounts {
         self.counts
     }
+}
 
-    /// A snapshot of `agents`, counted in one pass over them.
-    pub fn counted(version: u64, agents: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>) -> FleetSnapshot {
-        let mut counts = FleetCounts {
-            version,
-            ..FleetCounts::default()
+/// Records by uid as snapshots hold them, counted by connection as they
+/// change: a snapshot costs what changed since the last.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    map: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
+    counts: FleetCounts,
+}
+
+impl Records {
+    pub fn get(&self, uid: &InstanceUid) -> Option<&Arc<AgentRecord>> {
+        self.map.get(uid)
+    }
+
+    /// Sets `uid`'s record, or removes it (`None`).
+    pub fn set(&mut self, uid: InstanceUid, record: Option<Arc<AgentRecord>>) {
+        let old = match record {
+            Some(r) => {
+                self.counts.add(r.connected, r.transport);
+                self.map.insert(uid, r)
+            }
+            None => self.map.remove(&uid),
         };
-        for r in agents.values() {
-            counts.add(r.connected, r.transport);
+        if let Some(old) = old {
+            self.counts.remove(old.connected, old.transport);
         }
+    }
+
+    /// The records as they are now.
+    pub fn snapshot(&self, version: u64, uid_clashes: u64) -> FleetSnapshot {
         FleetSnapshot {
             version,
-            agents,
-            counts,
+            agents: self.map.clone(),
+            counts: FleetCounts {
+                version,
+                uid_clashes,
+                ..self.counts
+            },
         }
+    }
+
+    /// Whether `snapshot` holds these records as they are.
+    pub fn published_in(&self, snapshot: &FleetSnapshot) -> bool {
+        snapshot.agents.ptr_eq(&self.map)
     }
 }
 
@@ -402,8 +432,7 @@ pub fn spawn(config: FleetConfig, cancel: CancellationToken) -> Result<(FleetHan
         snapshots: snap_tx,
         version: 0,
         dirty: Vec::new(),
-        published: imbl::OrdMap::new(),
-        counts: FleetCounts::default(),
+        published: Records::default(),
         last_publish: None,
         bindings,
         configs: SharedConfigs::default(),
@@ -523,10 +552,8 @@ struct Fleet {
     version: u64,
     /// Agents whose record changed (or that were forgotten) since the last snapshot.
     dirty: Vec<InstanceUid>,
-    /// The last snapshot's map, brought up to date from `dirty` when the next is published.
-    published: imbl::OrdMap<InstanceUid, Arc<AgentRecord>>,
-    /// The agents of `published` by connection.
-    counts: FleetCounts,
+    /// The last snapshot's records, brought up to date from `dirty` when the next is published.
+    published: Records,
     last_publish: Option<Instant>,
     bindings: Bindings,
     configs: SharedConfigs,
@@ -601,24 +628,10 @@ impl Fleet {
     fn publish(&mut self) {
         self.version += 1;
         for uid in self.dirty.drain(..) {
-            let old = match self.agents.get(&uid) {
-                Some(e) => {
-                    self.counts.add(e.record.connected, e.record.transport);
-                    self.published.insert(uid, e.record.clone())
-                }
-                None => self.published.remove(&uid),
-            };
-            if let Some(old) = old {
-                self.counts.remove(old.connected, old.transport);
-            }
+            let record = self.agents.get(&uid).map(|e| e.record.clone());
+            self.published.set(uid, record);
         }
-        self.counts.version = self.version;
-        self.counts.uid_clashes = self.uid_clashes;
-        let snapshot = FleetSnapshot {
-            version: self.version,
-            agents: self.published.clone(),
-            counts: self.counts,
-        };
+        let snapshot = self.published.snapshot(self.version, self.uid_clashes);
         self.snapshots.send_replace(Arc::new(snapshot));
         self.last_publish = Some(Instant::now());
     }
@@ -1433,14 +1446,14 @@ mod tests {
         let mut snaps = fleet.subscribe();
         let counted = |s: &FleetSnapshot| {
             let c = s.counts();
-            let recount = FleetSnapshot::counted(s.version, s.agents.clone()).counts();
-            assert_eq!(
-                c,
-                FleetCounts {
-                    uid_clashes: c.uid_clashes,
-                    ..recount
-                }
-            );
+            let mut recount = FleetCounts {
+                version: s.version,
+                ..FleetCounts::default()
+            };
+            for r in s.agents.values() {
+                recount.add(r.connected, r.transport);
+            }
+            assert_eq!(c, recount);
             (c.connected_websocket, c.connected_http, c.offline)
         };
         let s = snaps.wait_for(|s| s.agents.len() == 2).await.unwrap().clone();

@@ -43,6 +43,7 @@ impl FleetCounts {
             (true, Transport::Http) => &mut self.connected_http,
             (false, _) => &mut self.offline,
         };
+        debug_assert!(*count > 0, "an agent taken back that was not counted");
         *count = count.saturating_sub(1);
     }
 }
