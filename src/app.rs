@@ -850,6 +850,10 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
+        assert!(
+            cap > 1024,
+            "net.core.somaxconn is {cap}: it must exceed tokio's 1,024 for this test to tell"
+        );
         // For a listening socket, TCP_INFO's `tcpi_sacked` is its backlog.
         // SAFETY: a zeroed tcp_info is valid, and the kernel writes at most `len` bytes.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

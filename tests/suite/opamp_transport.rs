@@ -101,6 +101,20 @@ async fn http_plain_gzip_and_chunked_bodies() {
     assert_eq!(rec.transport, opamp_gitops::fleet::Transport::Http);
     assert_eq!(rec.attribute("host.name"), Some("test-host"));
 
+    // A reply worth compressing (a config of some KiB) is gzipped when allowed.
+    let config = bundle(&[("", &"key: value\n".repeat(200))]);
+    let instance = opamp_gitops::model::InstanceUid::from_wire(&uid).unwrap();
+    server.fleet().push(instance, config.clone()).await.unwrap();
+    let how = Post {
+        accept_gzip: true,
+        ..Post::default()
+    };
+    let pushed = post(addr, &heartbeat(&uid, 4, caps), how).await;
+    assert_eq!(pushed.header("content-encoding"), Some("gzip"));
+    assert_eq!(&pushed.body[..2], &[0x1f, 0x8b]);
+    let remote = pushed.server_to_agent().remote_config.expect("the pushed config");
+    assert_eq!(remote.config_hash.as_ref(), config.hash().as_bytes());
+
     // An empty POST is an empty AgentToServer: a bad (empty) uid, still 200.
     let empty = post_raw(addr, Vec::new()).await;
     let err = empty.server_to_agent().error_response.expect("an error response");
