@@ -28,10 +28,7 @@ impl Store {
     /// Saves `state`; in a cluster, as the leader of `term`.
     pub async fn save(&mut self, state: RolloutState, term: Option<Fence>) -> Result<(), PersistError> {
         match self {
-            Store::Dir(_) => match self.save_in_background(state) {
-                Some(mut saving) => saved(&mut saving).await,
-                None => unreachable!("a directory is saved to on a blocking thread"),
-            },
+            Store::Dir(dir) => saved(&mut save_on_blocking_thread(dir, state)).await,
             Store::Cluster { store, .. } => {
                 let fence = term.ok_or(PersistError::Cluster(DbError::Fenced))?;
                 store.save(fence, &state).await.map_err(PersistError::Cluster)
@@ -44,13 +41,15 @@ impl Store {
     /// cluster: its saves are fenced, and awaited.
     pub fn save_in_background(&self, state: RolloutState) -> Option<Saving> {
         match self {
-            Store::Dir(dir) => {
-                let dir = dir.clone();
-                Some(tokio::task::spawn_blocking(move || save(&dir, &state)))
-            }
+            Store::Dir(dir) => Some(save_on_blocking_thread(dir, state)),
             Store::Cluster { .. } => None,
         }
     }
+}
+
+fn save_on_blocking_thread(dir: &Path, state: RolloutState) -> Saving {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || save(&dir, &state))
 }
 
 /// A save of the state file under way (see [`Store::save_in_background`]).
