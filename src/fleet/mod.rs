@@ -1444,35 +1444,34 @@ mod tests {
             .unwrap();
         poll(&fleet, &http, 0, 0x1).await;
         let mut snaps = fleet.subscribe();
-        let counted = |s: &FleetSnapshot| {
-            let c = s.counts();
-            let mut recount = FleetCounts {
-                version: s.version,
-                ..FleetCounts::default()
-            };
-            for r in s.agents.values() {
-                recount.add(r.connected, r.transport);
-            }
-            assert_eq!(c, recount);
-            (c.connected_websocket, c.connected_http, c.offline)
-        };
-        let s = snaps.wait_for(|s| s.agents.len() == 2).await.unwrap().clone();
-        assert_eq!(counted(&s), (1, 1, 0));
+        assert_eq!(counts_once(&mut snaps, |s| s.agents.len() == 2).await, (1, 1, 0));
         fleet.closed(1, ws.clone()).await;
-        let s = snaps
-            .wait_for(|s| s.get(&ws).is_some_and(|r| !r.connected))
-            .await
-            .unwrap()
-            .clone();
-        assert_eq!(counted(&s), (0, 1, 1));
-        let s = snaps
-            .wait_for(|s| s.get(&http).is_some_and(|r| !r.connected))
-            .await
-            .unwrap()
-            .clone();
-        assert_eq!(counted(&s), (0, 0, 2));
-        let s = snaps.wait_for(|s| s.agents.is_empty()).await.unwrap().clone();
-        assert_eq!(counted(&s), (0, 0, 0));
+        let offline = |uid: &InstanceUid| {
+            let uid = uid.clone();
+            move |s: &FleetSnapshot| s.get(&uid).is_some_and(|r| !r.connected)
+        };
+        assert_eq!(counts_once(&mut snaps, offline(&ws)).await, (0, 1, 1));
+        assert_eq!(counts_once(&mut snaps, offline(&http)).await, (0, 0, 2));
+        assert_eq!(counts_once(&mut snaps, |s| s.agents.is_empty()).await, (0, 0, 0));
+    }
+
+    /// The counts (WebSocket, HTTP, offline) of the first snapshot that
+    /// `ready` accepts, after checking them against a recount of its records.
+    async fn counts_once(
+        snaps: &mut watch::Receiver<Arc<FleetSnapshot>>,
+        ready: impl Fn(&FleetSnapshot) -> bool,
+    ) -> (u64, u64, u64) {
+        let s = snaps.wait_for(|s| ready(s)).await.unwrap().clone();
+        let mut recount = FleetCounts {
+            version: s.version,
+            ..FleetCounts::default()
+        };
+        for r in s.agents.values() {
+            recount.add(r.connected, r.transport);
+        }
+        let c = s.counts();
+        assert_eq!(c, recount);
+        (c.connected_websocket, c.connected_http, c.offline)
     }
 
     #[tokio::test(start_paused = true)]

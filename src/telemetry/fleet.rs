@@ -29,22 +29,22 @@ pub struct FleetCounts {
 impl FleetCounts {
     /// Counts one agent.
     pub fn add(&mut self, connected: bool, transport: Transport) {
-        match (connected, transport) {
-            (true, Transport::WebSocket) => self.connected_websocket += 1,
-            (true, Transport::Http) => self.connected_http += 1,
-            (false, _) => self.offline += 1,
-        }
+        *self.count(connected, transport) += 1;
     }
 
     /// Takes back an agent [`add`](Self::add) counted.
     pub fn remove(&mut self, connected: bool, transport: Transport) {
-        let count = match (connected, transport) {
+        let count = self.count(connected, transport);
+        debug_assert!(*count > 0, "an agent taken back that was not counted");
+        *count = count.saturating_sub(1);
+    }
+
+    fn count(&mut self, connected: bool, transport: Transport) -> &mut u64 {
+        match (connected, transport) {
             (true, Transport::WebSocket) => &mut self.connected_websocket,
             (true, Transport::Http) => &mut self.connected_http,
             (false, _) => &mut self.offline,
-        };
-        debug_assert!(*count > 0, "an agent taken back that was not counted");
-        *count = count.saturating_sub(1);
+        }
     }
 }
 
