@@ -280,7 +280,7 @@ mod close {
 /// it only waits for the next event, and each event is handled by a boxed
 /// future of its own that lives while the event is handled. The socket and
 /// the session are used where the future holds them: an `async fn` would
-/// keep its arguments besides the locals it moves them into.
+/// keep its arguments beside the locals it moves them into.
 pub fn run_websocket(
     socket: WebSocket,
     ctx: Arc<OpampContext>,
