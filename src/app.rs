@@ -842,6 +842,23 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn an_address_in_use_is_refused_naming_the_listener() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = ServeConfig {
+            api_listen: addr,
+            ..ServeConfig::local()
+        };
+        let Err(e) = start(config, CancellationToken::new()).await else {
+            panic!("serve started on an address in use");
+        };
+        assert!(
+            matches!(&e, AppError::Bind { what: "the API", addr: a, source } if *a == addr && source.kind() == std::io::ErrorKind::AddrInUse),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn listeners_queue_as_many_connections_as_the_kernel_allows() {
         use std::os::fd::AsRawFd;
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
