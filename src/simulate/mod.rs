@@ -391,6 +391,12 @@ impl Simulation {
     }
 }
 
+/// `host:port` of an endpoint URL that `endpoint_url` made, port 80 by default.
+fn host_and_port(url: &str) -> String {
+    let uri: ::http::Uri = url.parse().expect("endpoint_url checks that the URL parses");
+    format!("{}:{}", uri.host().unwrap_or_default(), uri.port_u16().unwrap_or(80))
+}
+
 /// Starts `config.agents` agents on the current tokio runtime. They stop,
 /// each sending `agent_disconnect`, when `cancel` fires or `config.duration`
 /// has passed.
@@ -400,6 +406,7 @@ pub fn start(config: Config, cancel: CancellationToken) -> Result<Simulation, Si
     check_resources(&config)?;
 
     let shared = Arc::new(Shared {
+        authority: host_and_port(&url),
         url,
         counters: Default::default(),
         connecting: Semaphore::new(config.max_connecting),
@@ -588,6 +595,13 @@ mod tests {
         ];
         for (input, transport, want) in ok {
             assert_eq!(endpoint_url(input, transport).as_deref(), Ok(want), "{input}");
+        }
+        for (url, want) in [
+            ("ws://127.0.0.1:4320/v1/opamp", "127.0.0.1:4320"),
+            ("http://[::1]:4320/v1/opamp", "[::1]:4320"),
+            ("ws://localhost/v1/opamp", "localhost:80"),
+        ] {
+            assert_eq!(host_and_port(url), want, "{url}");
         }
         for bad in [
             "wss://h:1",

@@ -20,6 +20,8 @@ use crate::proto::{AgentConfigMap, AgentToServer, ServerToAgent};
 pub(crate) struct Shared {
     /// The OpAMP endpoint, with its scheme matching the transport.
     pub(crate) url: String,
+    /// `host:port` of `url`.
+    pub(crate) authority: String,
     pub(crate) counters: Counters,
     /// Bounds WebSocket handshakes (or HTTP requests) in flight, so a burst of
     /// agents does not overflow the server's accept queue.
