@@ -1,8 +1,9 @@
 //! Micro-benchmark of the planner: 100,000 agents in 50 groups, read from
 //! repository text like the controller reads it. Builds the input once, then
 //! times repeated plans of the whole fleet (`Planner::replan`, and once
-//! `Planner::full`) in four situations (steady fleet, a commit that starts
-//! 50 rollouts, every group mid-rollout and its next wave opening), and
+//! `Planner::full`) in five situations (steady fleet, agents coming, a commit
+//! that starts 50 rollouts, every group mid-rollout and its next wave
+//! opening), and
 //! updates after one agent's report
 //! (`Planner::update`) in two, and prints the minimum, median and maximum
 //! wall time (on a shared machine the minimum is the steadiest figure).
@@ -54,6 +55,14 @@ fn main() -> Result<(), String> {
         now,
         true,
     );
+    // Every hundredth agent comes after the others were planned.
+    let mut fewer = Planner::default();
+    let most: Vec<AgentView> = (fleet.iter().enumerate())
+        .filter(|(i, _)| i % 100 != 0)
+        .map(|(_, a)| a.clone())
+        .collect();
+    fewer.full(&v1, most, now);
+    measure("steady, 1% of the agents come", runs, &fewer, &v1, &fleet, now, false);
 
     let (started, pushes) = measure("new commit: 50 rollouts start", runs, &in_sync, &v2, &fleet, now, false);
     // The first wave applies; the planner then opens the next waves.
@@ -110,8 +119,8 @@ fn main() -> Result<(), String> {
 
 /// Times `runs` plans of the whole fleet, each by a copy of `base`: as the
 /// controller plans a fleet it planned before (`Planner::replan`, given the
-/// agents that changed since), or, with `anew`, one given as a new list of
-/// views (`Planner::full`: agents came or left). Prints one table row and
+/// agents that changed or came since), or, with `anew`, one given as a new
+/// list of views (`Planner::full`: agents left). Prints one table row and
 /// returns a planner after the plan, and its pushes.
 fn measure(
     name: &str,
@@ -122,10 +131,17 @@ fn measure(
     now: Timestamp,
     anew: bool,
 ) -> (Planner, Vec<Push>) {
-    let changed: Vec<AgentView> = (base.agents().iter().zip(agents))
-        .filter(|(a, b)| a != b)
-        .map(|(_, b)| b.clone())
-        .collect();
+    let known = base.agents();
+    let changed: Vec<AgentView> = match known.len() == agents.len() {
+        true => (known.iter().zip(agents))
+            .filter(|(a, b)| a != b)
+            .map(|(_, b)| b.clone())
+            .collect(),
+        false => (agents.iter())
+            .filter(|a| known.binary_search_by(|b| b.uid.cmp(&a.uid)).is_err())
+            .cloned()
+            .collect(),
+    };
     let mut wall = Vec::with_capacity(runs);
     let mut last = None;
     // The first run warms up.
@@ -135,7 +151,7 @@ fn measure(
         let t0 = Instant::now();
         let step = match anew {
             true => planner.full(desired, fleet, now),
-            false => planner.replan(desired, &changed, now).expect("the same fleet"),
+            false => planner.replan(desired, &changed, now).expect("a fleet in uid order"),
         };
         if run > 0 {
             wall.push(t0.elapsed());

@@ -622,14 +622,16 @@ impl Driver {
         Some(now.duration_since(*seen).unwrap_or_default())
     }
 
-    /// The agents that changed since the last plan, when none came or left.
+    /// The agents that changed or came since the last plan, when none left.
     fn changes(&self, snapshot: &FleetSnapshot) -> Option<Vec<reconcile::AgentView>> {
         let (_, fleet) = self.planned.as_ref()?;
         let mut changed = Vec::new();
         for d in fleet.agents.diff(&snapshot.agents) {
             match d {
-                imbl::ordmap::DiffItem::Update { new: (_, r), .. } => changed.push(r),
-                _ => return None,
+                imbl::ordmap::DiffItem::Update { new: (_, r), .. } | imbl::ordmap::DiffItem::Add(_, r) => {
+                    changed.push(r)
+                }
+                imbl::ordmap::DiffItem::Remove(..) => return None,
             }
         }
         Some(changed.into_iter().map(|r| self.views.view(r)).collect())

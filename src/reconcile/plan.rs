@@ -237,8 +237,8 @@ impl Deadlines {
 enum Fleet {
     /// As given.
     New(Vec<AgentView>),
-    /// The last plan's (with its agents updated), `moved` those whose
-    /// attributes or permitted groups changed.
+    /// The last plan's (with its agents updated, and those that came),
+    /// `moved` those whose attributes or permitted groups changed.
     Known { moved: Vec<usize> },
 }
 
@@ -342,25 +342,98 @@ impl Planner {
 
     /// Plans the whole fleet as [`Planner::full`] does, the fleet being the
     /// last plan's with the agents that `changed` (a commit, a deadline, the
-    /// reconcile interval: the fleet's views are not built again). `None`,
-    /// having changed nothing, when one of them is new.
+    /// reconcile interval, agents coming in: the fleet's views are not built
+    /// again). Agents it did not list join at their places in uid order.
+    /// `None`, having changed nothing, when some are new and the last plan's
+    /// fleet was not in uid order, or two new ones share a uid.
     pub fn replan(&mut self, desired: &DesiredState, changed: &[AgentView], now: Timestamp) -> Option<Step> {
         if !self.current {
             return None;
         }
-        let at = changed
-            .iter()
-            .map(|v| self.find(&v.uid))
-            .collect::<Option<Vec<usize>>>()?;
+        let mut at = Vec::with_capacity(changed.len());
+        let mut new = Vec::new();
+        for v in changed {
+            match self.find(&v.uid) {
+                Some(i) => at.push((i, v)),
+                None => new.push(v),
+            }
+        }
+        new.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
+        let in_uid_order = || self.by_uid.iter().enumerate().all(|(k, &i)| k == i);
+        if !new.is_empty() && (new.windows(2).any(|w| w[0].uid == w[1].uid) || !in_uid_order()) {
+            return None;
+        }
         let mut moved = Vec::new();
-        for (i, v) in at.into_iter().zip(changed) {
+        for (i, v) in at {
             let old = &self.agents[i];
             if old.attributes != v.attributes || old.groups_allowed != v.groups_allowed {
                 moved.push(i);
             }
             self.agents[i] = v.clone();
         }
+        if !new.is_empty() {
+            moved = self.admit(new, &moved);
+        }
         Some(self.plan_all(desired, Fleet::Known { moved }, now))
+    }
+
+    /// Takes `new` agents (in uid order, none listed) into a fleet in uid
+    /// order, each at its place with the record kept of it, as unmatched.
+    /// Answers `moved` (indices before) at their new places, and the new
+    /// agents'.
+    fn admit(&mut self, new: Vec<&AgentView>, moved: &[usize]) -> Vec<usize> {
+        let mut absent = std::mem::take(&mut self.state.agents).into_entries();
+        let mut taken = Vec::new();
+        let records: Vec<Option<AgentMemory>> = (new.iter())
+            .map(|v| {
+                let k = absent.binary_search_by(|(u, _)| u.cmp(&v.uid)).ok()?;
+                taken.push(k);
+                Some(absent[k].1)
+            })
+            .collect();
+        // In increasing order: `new` and `absent` are both in uid order.
+        let mut taken = taken.into_iter().peekable();
+        let mut k = 0;
+        absent.retain(|_| {
+            k += 1;
+            taken.next_if_eq(&(k - 1)).is_none()
+        });
+        // Where each goes, and where the agents to plan as moved go.
+        let at: Vec<usize> = (new.iter().enumerate())
+            .map(|(j, v)| self.agents.partition_point(|a| a.uid < v.uid) + j)
+            .collect();
+        let moved = (moved.iter())
+            .map(|&i| i + new.partition_point(|v| v.uid < self.agents[i].uid))
+            .chain(at.iter().copied())
+            .collect();
+        let filler = new[0].clone();
+        insert_at(&mut self.agents, &at, new.iter().map(|&v| v.clone()).collect(), || {
+            filler.clone()
+        });
+        let slots = records.into_iter().map(|record| Slot {
+            record,
+            ..Slot::default()
+        });
+        insert_at(&mut self.slots, &at, slots.collect(), Slot::default);
+        // Assignments to decide (as an agent's that changed): the plan sets them.
+        let mut tail = self.assignments.split_off(at[0]).into_iter();
+        let mut came = at.iter().zip(&new).peekable();
+        let assignments: Vec<Assignment> = (at[0]..self.agents.len())
+            .filter_map(|i| match came.next_if(|(p, _)| **p == i) {
+                Some((_, v)) => Some(Assignment {
+                    uid: v.uid.clone(),
+                    group: None,
+                    desired: None,
+                    state: AgentState::Unmanaged,
+                }),
+                None => tail.next(),
+            })
+            .collect();
+        self.assignments.append(assignments.into());
+        self.state.agents = AgentMemories::from_sorted(absent);
+        // Still the identity: the fleet is in uid order.
+        self.by_uid.extend(self.by_uid.len()..self.agents.len());
+        moved
     }
 
     fn plan_all(&mut self, desired: &DesiredState, fleet: Fleet, now: Timestamp) -> Step {
@@ -708,6 +781,24 @@ impl Planner {
     }
 }
 
+/// Inserts `items` into `v` so that they end at `at` (ascending places in
+/// the result), moving only what comes after the first of them, each once.
+fn insert_at<T>(v: &mut Vec<T>, at: &[usize], items: Vec<T>, filler: impl FnMut() -> T) {
+    let mut old = v.len();
+    v.extend(std::iter::repeat_with(filler).take(at.len()));
+    // Between `old` and `end`: fillers, one for each item still to place.
+    let mut end = v.len();
+    for (&p, item) in at.iter().zip(items).rev() {
+        while end > p + 1 {
+            end -= 1;
+            old -= 1;
+            v.swap(old, end);
+        }
+        end -= 1;
+        v[end] = item;
+    }
+}
+
 fn decrement(counts: &mut BTreeMap<AgentState, u64>, state: AgentState) {
     if let Some(n) = counts.get_mut(&state) {
         *n -= 1;
@@ -970,6 +1061,29 @@ impl<'a> GroupCtx<'a> {
             None => false,
             Some(None) => true,
             Some(Some(since)) => self.reached(since, self.group.rollout.unhealthy_grace + Duration::from_millis(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::insert_at;
+
+    #[test]
+    fn items_are_inserted_at_their_places_in_the_result() {
+        let cases: [(&[usize], &[u32]); 4] = [
+            (&[0, 2, 5], &[5, 15, 35]),
+            (&[3, 4], &[40, 50]),
+            (&[0, 1], &[1, 2]),
+            (&[], &[]),
+        ];
+        for (at, items) in cases {
+            let mut v = vec![10, 20, 30];
+            insert_at(&mut v, at, items.to_vec(), || 0);
+            let mut want = vec![10, 20, 30];
+            want.extend(items);
+            want.sort();
+            assert_eq!(v, want, "{at:?}");
         }
     }
 }

@@ -271,6 +271,8 @@ pub(super) struct World {
     shadowed: Option<(Vec<AgentView>, DesiredState)>,
     /// Plans the shadow made as updates.
     pub updates: usize,
+    /// Plans the shadow made over the last plan's fleet, with the agents that came.
+    pub replans_with_new: usize,
 }
 
 impl World {
@@ -285,6 +287,7 @@ impl World {
             shadow: Planner::default(),
             shadowed: None,
             updates: 0,
+            replans_with_new: 0,
         }
     }
 
@@ -306,23 +309,36 @@ impl World {
             self.shadow = Planner::new(self.state.clone());
             self.shadowed = None;
         }
-        let known = self.shadowed.as_ref().filter(|(agents, _)| {
-            agents.len() == self.agents.len() && agents.iter().zip(&self.agents).all(|(a, b)| a.uid == b.uid)
+        // The last fleet, in its order, with agents that changed or came in between.
+        let known = self.shadowed.as_ref().and_then(|(agents, desired)| {
+            let mut last = agents.iter().peekable();
+            let mut changed = Vec::new();
+            let mut new = 0;
+            for b in &self.agents {
+                match last.next_if(|a| a.uid == b.uid) {
+                    Some(a) if a == b => {}
+                    Some(_) => changed.push(b.clone()),
+                    None if agents.iter().all(|a| a.uid != b.uid) => {
+                        changed.push(b.clone());
+                        new += 1;
+                    }
+                    None => return None,
+                }
+            }
+            // The planner places agents that come in uid order.
+            let placed = new == 0 || self.agents.is_sorted_by(|a, b| a.uid < b.uid);
+            (last.peek().is_none() && placed).then_some((changed, desired, new))
         });
         let step = match known {
-            Some((agents, desired)) => {
-                let changed: Vec<AgentView> = agents
-                    .iter()
-                    .zip(&self.agents)
-                    .filter(|(a, b)| a != b)
-                    .map(|(_, b)| b.clone())
-                    .collect();
+            Some((changed, desired, new)) => {
                 let update = match *desired == self.desired {
                     true => self.shadow.update(&self.desired, &changed, self.now),
                     false => None,
                 };
                 self.updates += usize::from(update.is_some());
-                update.or_else(|| self.shadow.replan(&self.desired, &changed, self.now))
+                let step = update.or_else(|| self.shadow.replan(&self.desired, &changed, self.now));
+                self.replans_with_new += usize::from(new > 0 && step.is_some());
+                step
             }
             None => None,
         };
@@ -1699,6 +1715,35 @@ fn rollouts_planned_as_updates_decide_what_full_plans_do() {
     let p = w.run("gw", 30, 20);
     assert_eq!(p.groups[&gname("gw")].phase, Phase::Complete);
     assert!(w.updates > before + 3, "{} updates", w.updates - before);
+}
+
+#[test]
+fn agents_that_come_take_their_places_in_uid_order_and_returning_ones_their_records() {
+    // `World` compares each plan with a full plan of the same fleet; this
+    // makes sure agents that come are planned over the last plan's fleet.
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(4, &v1, &v2, |r| r.waves("1, 100%").bake(0));
+    let p = w.plan();
+    let canary = order("gw", 4)[0].clone();
+    assert_eq!(pushed(&p), set(std::slice::from_ref(&canary)));
+    // The canary fails v2 and leaves: its record stays with the planner.
+    w.set(&canary, |a| a.reports(&v2).failed("boom"));
+    w.plan();
+    let gone = w.agents.iter().position(|a| a.uid == canary).unwrap();
+    let returning = w.agents.remove(gone);
+    w.plan();
+    let replans = w.replans_with_new;
+    for a in [returning, agent("0"), agent("a015"), agent("b")] {
+        let at = w.agents.partition_point(|b| b.uid < a.uid);
+        w.agents.insert(at, a.reports(&v1).applied());
+    }
+    let p = w.plan();
+    assert_eq!(w.replans_with_new, replans + 1, "planned over the last plan's fleet");
+    let uids: Vec<&InstanceUid> = p.agents.iter().map(|a| &a.uid).collect();
+    assert_eq!(uids.len(), 7);
+    assert!(uids.is_sorted(), "assignments in uid order: {uids:?}");
+    let record = w.state.agents.get(&canary);
+    assert!(record.is_some_and(|r| r.has_failed(v2.hash())), "{record:?}");
 }
 
 #[test]

@@ -21,6 +21,8 @@ enum Step {
     Answer,
     /// Agent i disconnects, or reconnects on a new epoch.
     Toggle(usize),
+    /// Late agent i joins the fleet (at its place in uid order).
+    Arrive(usize),
     /// New commit: the config index of each group.
     Commit(usize, usize),
     Pause(usize),
@@ -31,6 +33,8 @@ enum Step {
 #[derive(Debug, Clone)]
 struct Scenario {
     agents: Vec<(u8, bool, bool, Behaviour)>, // svc, supported, connected, behaviour
+    /// Agents not in the fleet until they arrive.
+    late: BTreeSet<usize>,
     waves: &'static str,
     bake: u64,
     timeout: u64,
@@ -55,6 +59,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         4 => (1u64..200).prop_map(Step::Advance),
         4 => Just(Step::Answer),
         1 => (0usize..30).prop_map(Step::Toggle),
+        1 => (0usize..30).prop_map(Step::Arrive),
         1 => (0usize..3, 0usize..3).prop_map(|(a, b)| Step::Commit(a, b)),
         1 => (0usize..2).prop_map(Step::Pause),
         1 => (0usize..2).prop_map(Step::Resume),
@@ -62,6 +67,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
     ];
     (
         prop::collection::vec(agent, 0..30),
+        prop::collection::btree_set(0usize..30, 0..6),
         prop::sample::select(vec![
             "1, 100%",
             "1, 50%, 100%",
@@ -75,15 +81,18 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         prop::collection::vec(step, 1..40),
     )
-        .prop_map(|(agents, waves, bake, timeout, max_failures, hold, steps)| Scenario {
-            agents,
-            waves,
-            bake,
-            timeout,
-            max_failures,
-            hold,
-            steps,
-        })
+        .prop_map(
+            |(agents, late, waves, bake, timeout, max_failures, hold, steps)| Scenario {
+                agents,
+                late,
+                waves,
+                bake,
+                timeout,
+                max_failures,
+                hold,
+                steps,
+            },
+        )
 }
 
 fn desired(s: &Scenario, commit: usize, a: usize, b: usize) -> DesiredState {
@@ -244,7 +253,8 @@ fn fleet_of(s: &Scenario, offline: bool) -> Vec<AgentView> {
         .iter()
         .enumerate()
         .map(|(i, (svc, supported, connected, _))| {
-            let mut a = agent(&format!("p{i}")).attrs(&[("svc", &svc.to_string())]);
+            // In uid order, as the controller gives its fleet.
+            let mut a = agent(&format!("p{i:02}")).attrs(&[("svc", &svc.to_string())]);
             a.accepts_remote_config = *supported;
             if offline && !connected {
                 a = a.offline(Some(t(900)));
@@ -254,7 +264,14 @@ fn fleet_of(s: &Scenario, offline: bool) -> Vec<AgentView> {
         .collect()
 }
 
-fn answer(w: &mut World, p: &Plan, behaviours: &[Behaviour]) {
+/// The fleet but for its late agents.
+fn early(s: &Scenario, fleet: &[AgentView]) -> Vec<AgentView> {
+    let on_time = fleet.iter().enumerate().filter(|(i, _)| !s.late.contains(i));
+    on_time.map(|(_, a)| a.clone()).collect()
+}
+
+/// Each pushed agent answers per its behaviour (by uid: `all` and `behaviours` go together).
+fn answer(w: &mut World, p: &Plan, all: &[AgentView], behaviours: &[Behaviour]) {
     for push in &p.pushes {
         let Some(i) = w.agents.iter().position(|a| a.uid == push.uid) else {
             continue;
@@ -262,8 +279,9 @@ fn answer(w: &mut World, p: &Plan, behaviours: &[Behaviour]) {
         if !w.agents[i].connected {
             continue;
         }
+        let behaviour = all.iter().position(|a| a.uid == push.uid).map(|j| behaviours[j]);
         let a = w.agents[i].clone().reports(&push.bundle);
-        w.agents[i] = match behaviours[i] {
+        w.agents[i] = match behaviour.expect("one of the scenario's agents") {
             Behaviour::Ok => a.applied().healthy(),
             Behaviour::Fail => a.failed("boom"),
             Behaviour::Silent => a.applying(),
@@ -277,9 +295,9 @@ proptest! {
 
     #[test]
     fn plans_are_deterministic_keep_waves_and_push_only_where_allowed(s in scenario()) {
-        let agents = fleet_of(&s, true);
+        let all = fleet_of(&s, true);
         let behaviours: Vec<Behaviour> = s.agents.iter().map(|a| a.3).collect();
-        let mut w = World::new(desired(&s, 0, 0, 0), agents);
+        let mut w = World::new(desired(&s, 0, 0, 0), early(&s, &all));
         let mut commits = 0;
         let groups = [gname("ga"), gname("gb")];
         let mut prev_state = w.state.clone();
@@ -289,7 +307,7 @@ proptest! {
         for step in &s.steps {
             match step {
                 Step::Advance(secs) => w.advance(*secs),
-                Step::Answer => answer(&mut w, &last, &behaviours),
+                Step::Answer => answer(&mut w, &last, &all, &behaviours),
                 Step::Toggle(i) => {
                     if let Some(a) = w.agents.get_mut(*i % s.agents.len().max(1)) {
                         if a.connected {
@@ -300,6 +318,14 @@ proptest! {
                             a.disconnected_at = None;
                             a.connection_epoch += 1;
                         }
+                    }
+                }
+                Step::Arrive(i) => {
+                    if let Some(a) = all.get(*i % s.agents.len().max(1))
+                        && !w.agents.iter().any(|b| b.uid == a.uid)
+                    {
+                        let at = w.agents.partition_point(|b| b.uid < a.uid);
+                        w.agents.insert(at, a.clone());
                     }
                 }
                 Step::Commit(a, b) => {
@@ -328,11 +354,11 @@ proptest! {
         let s = Scenario { bake: s.bake.max(1), ..s };
         let agents = fleet_of(&s, false);
         let ok = vec![Behaviour::Ok; agents.len()];
-        let mut w = World::new(desired(&s, 0, 0, 0), agents);
+        let mut w = World::new(desired(&s, 0, 0, 0), agents.clone());
         let bake = s.bake;
         for r in 0..rounds {
             let p = w.plan();
-            answer(&mut w, &p, &ok);
+            answer(&mut w, &p, &agents, &ok);
             let again = w.plan();
             prop_assert!(again.pushes.is_empty(), "round {}: pushed again after all APPLIED: {:?}", r, again.pushes);
             prop_assert!(again.agents.iter().all(|a| a.state != AgentState::Failed));
