@@ -1737,13 +1737,31 @@ fn agents_that_come_take_their_places_in_uid_order_and_returning_ones_their_reco
         let at = w.agents.partition_point(|b| b.uid < a.uid);
         w.agents.insert(at, a.reports(&v1).applied());
     }
-    let p = w.plan();
+    w.plan();
     assert_eq!(w.replans_with_new, replans + 1, "planned over the last plan's fleet");
-    let uids: Vec<&InstanceUid> = p.agents.iter().map(|a| &a.uid).collect();
-    assert_eq!(uids.len(), 7);
-    assert!(uids.is_sorted(), "assignments in uid order: {uids:?}");
     let record = w.state.agents.get(&canary);
     assert!(record.is_some_and(|r| r.has_failed(v2.hash())), "{record:?}");
+}
+
+#[test]
+fn agents_that_come_to_a_fleet_out_of_uid_order_or_twice_call_for_a_full_plan() {
+    let desired = repo().group("gw").build();
+    let mut planner = Planner::default();
+    planner.full(&desired, vec![agent("b"), agent("a")], t(1_000));
+    let (state, agents) = (planner.state(), planner.agents().to_vec());
+    assert!(planner.replan(&desired, &[agent("c")], t(1_001)).is_none());
+    assert_eq!(
+        (planner.state(), planner.agents()),
+        (state, &agents[..]),
+        "nothing changed"
+    );
+
+    let mut planner = Planner::default();
+    planner.full(&desired, vec![agent("a"), agent("b")], t(1_000));
+    assert!(planner.replan(&desired, &[agent("c"), agent("c")], t(1_001)).is_none());
+    assert_eq!(planner.agents().len(), 2, "nothing changed");
+    assert!(planner.replan(&desired, &[agent("c")], t(1_001)).is_some());
+    assert_eq!(planner.agents().len(), 3);
 }
 
 #[test]

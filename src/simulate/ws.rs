@@ -106,16 +106,25 @@ async fn connect(shared: &Shared, agent: usize) -> Result<Ws, ConnectError> {
     }
 }
 
-/// A TCP connection to the server (`host:port`). To a loopback IPv4 server,
-/// each agent connects from an address of its own in 127.0.0.0/8, as agents
-/// on their own hosts would: from one address, the kernel's search for a free
-/// local port grows with the connections already open, and connecting the
-/// 19,000th agent costs a millisecond of CPU.
+/// A TCP connection to the server (`host:port`), trying each of its
+/// addresses in turn. To a loopback IPv4 address, each agent connects from an
+/// address of its own in 127.1.0.0/16, as agents on their own hosts would:
+/// from one address, the kernel's search for a free local port grows with the
+/// connections already open, and connecting the 19,000th agent costs a
+/// millisecond of CPU.
 async fn open(authority: &str, agent: usize) -> std::io::Result<TcpStream> {
-    let server = tokio::net::lookup_host(authority)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{authority} has no address")))?;
+    let mut last = None;
+    for server in tokio::net::lookup_host(authority).await? {
+        match open_to(server, agent).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{authority} has no address"))))
+}
+
+async fn open_to(server: SocketAddr, agent: usize) -> std::io::Result<TcpStream> {
     let socket = match server {
         SocketAddr::V4(v4) if v4.ip().is_loopback() => {
             let socket = TcpSocket::new_v4()?;
@@ -137,6 +146,7 @@ async fn open(authority: &str, agent: usize) -> std::io::Result<TcpStream> {
 /// Leaves the choice of the local port to `connect`, which knows the server:
 /// `bind` alone picks a port without it, and one whose last connection to the
 /// server is still in TIME_WAIT makes the connect fail.
+#[cfg(target_os = "linux")]
 fn defer_port(socket: &TcpSocket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
@@ -155,6 +165,12 @@ fn defer_port(socket: &TcpSocket) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Elsewhere the agents connect from the address the kernel picks.
+#[cfg(not(target_os = "linux"))]
+fn defer_port(_: &TcpSocket) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// Agent `i`'s own address in 127.1.0.0/16, avoiding octets 0 and 255: 64,516
@@ -256,6 +272,7 @@ mod tests {
         assert_eq!(loopback_source(254 * 254), loopback_source(0), "then they repeat");
     }
 
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_server_sees_the_agents_address() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

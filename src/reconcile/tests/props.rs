@@ -35,6 +35,8 @@ struct Scenario {
     agents: Vec<(u8, bool, bool, Behaviour)>, // svc, supported, connected, behaviour
     /// Agents not in the fleet until they arrive.
     late: BTreeSet<usize>,
+    /// The fleet in uid order (agents that arrive are then planned over the last fleet).
+    sorted: bool,
     waves: &'static str,
     bake: u64,
     timeout: u64,
@@ -68,6 +70,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
     (
         prop::collection::vec(agent, 0..30),
         prop::collection::btree_set(0usize..30, 0..6),
+        prop::bool::weighted(0.7),
         prop::sample::select(vec![
             "1, 100%",
             "1, 50%, 100%",
@@ -82,9 +85,10 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop::collection::vec(step, 1..40),
     )
         .prop_map(
-            |(agents, late, waves, bake, timeout, max_failures, hold, steps)| Scenario {
+            |(agents, late, sorted, waves, bake, timeout, max_failures, hold, steps)| Scenario {
                 agents,
                 late,
+                sorted,
                 waves,
                 bake,
                 timeout,
@@ -253,8 +257,9 @@ fn fleet_of(s: &Scenario, offline: bool) -> Vec<AgentView> {
         .iter()
         .enumerate()
         .map(|(i, (svc, supported, connected, _))| {
-            // In uid order, as the controller gives its fleet.
-            let mut a = agent(&format!("p{i:02}")).attrs(&[("svc", &svc.to_string())]);
+            // "p10" sorts before "p2".
+            let name = if s.sorted { format!("p{i:02}") } else { format!("p{i}") };
+            let mut a = agent(&name).attrs(&[("svc", &svc.to_string())]);
             a.accepts_remote_config = *supported;
             if offline && !connected {
                 a = a.offline(Some(t(900)));
