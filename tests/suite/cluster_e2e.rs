@@ -76,14 +76,16 @@ async fn cluster(api: SocketAddr) -> serde_json::Value {
 /// Waits until a replica leads, as the cluster seen from `api` says and as
 /// the leader itself says; answers its id.
 async fn settled_leader(replicas: &[Replica], api: SocketAddr, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let c = wait_cluster(api, what, |c| live_leader(c).is_some_and(&pred)).await;
-    let id = live_leader(&c).expect("a leader").to_string();
-    let leader = replicas.iter().find(|r| r.id == id).expect("a listed replica leads");
-    common::eventually_within(PATIENCE, "the leader to know it leads", async || {
-        (metric_at(leader.api(), "opamp_gitops_cluster_leader").await == 1).then_some(())
+    // The leader listed and the one that knows it leads, read together: a
+    // lease row may still name a replica that has just let it go.
+    let what = format!("{what}, that knows it leads");
+    common::eventually_within(PATIENCE, &what, async || {
+        let c = cluster(api).await;
+        let id = live_leader(&c).filter(|id| pred(id))?.to_string();
+        let leader = replicas.iter().find(|r| r.id == id).expect("a listed replica leads");
+        (metric_at(leader.api(), "opamp_gitops_cluster_leader").await == 1).then_some(id)
     })
-    .await;
-    id
+    .await
 }
 
 /// Waits until the cluster seen from `api` satisfies `pred`; answers it.
