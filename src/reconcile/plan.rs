@@ -383,21 +383,10 @@ impl Planner {
     /// agents'.
     fn admit(&mut self, new: Vec<&AgentView>, moved: &[usize]) -> Vec<usize> {
         let mut absent = std::mem::take(&mut self.state.agents).into_entries();
-        let mut taken = Vec::new();
         let records: Vec<Option<AgentMemory>> = (new.iter())
-            .map(|v| {
-                let k = absent.binary_search_by(|(u, _)| u.cmp(&v.uid)).ok()?;
-                taken.push(k);
-                Some(absent[k].1)
-            })
+            .map(|v| Some(absent[absent.binary_search_by(|(u, _)| u.cmp(&v.uid)).ok()?].1))
             .collect();
-        // In increasing order: `new` and `absent` are both in uid order.
-        let mut taken = taken.into_iter().peekable();
-        let mut k = 0;
-        absent.retain(|_| {
-            k += 1;
-            taken.next_if_eq(&(k - 1)).is_none()
-        });
+        absent.retain(|(u, _)| new.binary_search_by(|v| v.uid.cmp(u)).is_err());
         // Where each goes, and where the agents to plan as moved go.
         let at: Vec<usize> = (new.iter().enumerate())
             .map(|(j, v)| self.agents.partition_point(|a| a.uid < v.uid) + j)
