@@ -407,7 +407,7 @@ impl Planner {
         // Assignments to decide (as an agent's that changed): the plan sets them.
         let mut tail = self.assignments.split_off(at[0]).into_iter();
         let mut came = at.iter().zip(&new).peekable();
-        let assignments: Vec<Assignment> = (at[0]..self.agents.len())
+        let assignments: imbl::Vector<Assignment> = (at[0]..self.agents.len())
             .filter_map(|i| match came.next_if(|(p, _)| **p == i) {
                 Some((_, v)) => Some(Assignment {
                     uid: v.uid.clone(),
@@ -418,7 +418,7 @@ impl Planner {
                 None => tail.next(),
             })
             .collect();
-        self.assignments.append(assignments.into());
+        self.assignments.append(assignments);
         self.state.agents = AgentMemories::from_sorted(absent);
         // Still the identity: the fleet is in uid order.
         self.by_uid.extend(self.by_uid.len()..self.agents.len());
