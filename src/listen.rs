@@ -7,12 +7,15 @@
 //! is full, a new connection closes the oldest quiet one (of its own source
 //! when that source is at its limit) instead of being turned away, so a
 //! flood of sockets that never speak cannot lock real agents out; only when
-//! nothing is quiet is the new connection closed at once. A quiet connection
-//! is also closed when `quiet_for` passes, and a plain-HTTP connection kept
-//! alive after its answers is closed when it is *idle* (no request in flight,
-//! nothing sent) for `idle_for`. A WebSocket is never idle here: its session
-//! pings it and closes it when it stops answering. Each open connection holds
-//! its place until its socket closes.
+//! nothing is quiet is the new connection closed at once. A connection closed
+//! for a newcomer gives its socket back when its task next runs; while
+//! [`EVICTING_AT_MOST`] of them are still open the listener accepts nothing,
+//! so a flood holds no more descriptors than the limit and that many. A quiet
+//! connection is also closed when `quiet_for` passes, and a plain-HTTP
+//! connection kept alive after its answers is closed when it is *idle* (no
+//! request in flight, nothing sent) for `idle_for`. A WebSocket is never idle
+//! here: its session pings it and closes it when it stops answering. Each
+//! open connection holds its place until its socket closes.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -31,11 +34,15 @@ use axum::serve::IncomingStream;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::telemetry::InternalEvent;
 use crate::telemetry::connections::{Closed, ConnectionClosed, ConnectionMetrics};
 use tokio_rustls::TlsAcceptor;
+
+/// Connections closed for newcomers whose sockets are still open, at most:
+/// past that, the listener waits for them before it accepts again.
+pub const EVICTING_AT_MOST: usize = 128;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +67,8 @@ struct Conn {
     /// Upgraded to a WebSocket, which its session watches.
     upgraded: AtomicBool,
     closing: AtomicBool,
+    /// Closed for a newcomer (and counted in [`Open::evicting`]).
+    evicted: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -84,13 +93,27 @@ impl Conn {
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
 
-    fn close(&self) {
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
         self.closing.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Ends once the connection is evicted.
+    async fn evicted(&self) {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.evicted.load(Ordering::Acquire) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await
     }
 
     fn is_quiet(&self) -> bool {
@@ -137,6 +160,8 @@ struct Source {
 #[derive(Default)]
 struct Open {
     total: usize,
+    /// Connections evicted whose sockets are still open (counted in `total`).
+    evicting: usize,
     /// Every connection in the order it was accepted, to find the oldest
     /// quiet one; entries that spoke or closed are skipped and dropped.
     quiet: VecDeque<Weak<Conn>>,
@@ -149,7 +174,7 @@ fn evict_oldest(queue: &mut VecDeque<Weak<Conn>>) -> bool {
         if let Some(conn) = weak.upgrade()
             && conn.is_quiet()
         {
-            conn.close();
+            conn.evict();
             return true;
         }
     }
@@ -168,6 +193,8 @@ struct Admission {
     limits: Limits,
     open: Mutex<Open>,
     metrics: ConnectionMetrics,
+    /// An evicted connection's socket closed.
+    evicted_closed: Notify,
 }
 
 impl Admission {
@@ -182,8 +209,12 @@ impl Admission {
             if !self.evict_oldest(queue, source) {
                 return None;
             }
-        } else if open.total >= self.limits.max_connections && !self.evict_oldest(&mut open.quiet, source) {
-            return None;
+            open.evicting += 1;
+        } else if open.total >= self.limits.max_connections {
+            if !self.evict_oldest(&mut open.quiet, source) {
+                return None;
+            }
+            open.evicting += 1;
         }
         let conn = Arc::new(Conn::new(source, false));
         open.total += 1;
@@ -209,10 +240,26 @@ impl Admission {
         evicted
     }
 
-    fn release(&self, source: IpAddr) {
+    /// Waits while [`EVICTING_AT_MOST`] evicted connections are still open.
+    async fn room_to_evict(&self) {
+        loop {
+            let closed = self.evicted_closed.notified();
+            if self.open.lock().expect("admission lock").evicting < EVICTING_AT_MOST {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    fn release(&self, conn: &Conn) {
         self.metrics.released();
+        let source = conn.source;
         let mut open = self.open.lock().expect("admission lock");
         open.total -= 1;
+        if conn.evicted.load(Ordering::Acquire) {
+            open.evicting -= 1;
+            self.evicted_closed.notify_waiters();
+        }
         if let Some(s) = open.sources.get_mut(&source) {
             s.open -= 1;
             if s.open == 0 {
@@ -230,7 +277,7 @@ struct Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.admission.release(self.conn.source);
+        self.admission.release(&self.conn);
     }
 }
 
@@ -262,6 +309,7 @@ impl AdmittingListener {
                 limits,
                 open: Mutex::new(Open::default()),
                 metrics,
+                evicted_closed: Notify::new(),
             }),
             tls,
             handshaken: mpsc::channel(64),
@@ -314,7 +362,10 @@ impl axum::serve::Listener for AdmittingListener {
         loop {
             let accepted = tokio::select! {
                 Some(done) = self.handshaken.1.recv() => return done,
-                accepted = self.inner.accept() => accepted,
+                accepted = async {
+                    self.admission.room_to_evict().await;
+                    self.inner.accept().await
+                } => accepted,
             };
             let (tcp, addr) = match accepted {
                 Ok(accepted) => accepted,
@@ -347,11 +398,16 @@ impl axum::serve::Listener for AdmittingListener {
             };
             let (acceptor, done) = (tls.clone(), self.handshaken.0.clone());
             tokio::spawn(async move {
-                // The handshake counts against the time to the first request.
-                let stream = match tokio::time::timeout(quiet_for, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(peer = %addr, "TLS handshake took too long"),
+                // The handshake counts against the time to the first request,
+                // and ends when the connection is evicted for a newcomer.
+                let handshake = tokio::time::timeout(quiet_for, acceptor.accept(tcp));
+                let stream = tokio::select! {
+                    done = handshake => match done {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(peer = %addr, "TLS handshake took too long"),
+                    },
+                    () = peer.conn.evicted() => return,
                 };
                 let certificate = stream
                     .get_ref()
@@ -558,6 +614,7 @@ mod tests {
             },
             open: Mutex::new(Open::default()),
             metrics: ConnectionMetrics::new("test"),
+            evicted_closed: Notify::new(),
         })
     }
 
@@ -602,6 +659,29 @@ mod tests {
         drop(a1);
         assert!(adm.admit(A).is_some(), "A's quiet third one is closed for it");
         assert!(adm.admit(B).is_some());
+    }
+
+    #[test]
+    fn past_a_bound_of_evictions_in_flight_the_listener_waits_for_their_sockets() {
+        use futures_util::FutureExt;
+        let adm = admission(1, 0);
+        let mut held = vec![adm.admit(A).unwrap()];
+        for _ in 0..EVICTING_AT_MOST {
+            assert!(adm.room_to_evict().now_or_never().is_some());
+            held.push(adm.admit(A).expect("the oldest quiet one closes for it"));
+        }
+        assert_eq!(adm.open.lock().unwrap().evicting, EVICTING_AT_MOST);
+        let mut waiting = Box::pin(adm.room_to_evict());
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "every evicted socket is still open"
+        );
+        // The newest was not evicted: its closing leaves the count alone.
+        drop(held.pop());
+        assert!((&mut waiting).now_or_never().is_none());
+        drop(held.remove(0));
+        assert!(waiting.now_or_never().is_some(), "an evicted socket closed");
+        assert_eq!(adm.open.lock().unwrap().evicting, EVICTING_AT_MOST - 1);
     }
 
     #[test]

@@ -38,18 +38,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Waits until the controller holds fewer than `bound` file descriptors: a
-/// connection evicted for a new one is closed by its own task, so evicted
-/// sockets are given back a little after the flood that evicted them.
-async fn fds_come_under(controller: &Controller, bound: usize) {
-    let pid = controller.pid();
-    common::eventually(
-        &format!("the controller to hold fewer than {bound} descriptors"),
-        async || (open_fds(pid) < bound).then_some(()),
-    )
-    .await;
-}
-
 /// Health, readiness and a new agent all answer.
 async fn still_serves(controller: &Controller, opamp: SocketAddr) {
     let health = http_request(controller.api, "GET", "/healthz", &[], common::Body::Empty).await;
@@ -94,7 +82,11 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
     let sockets = flood(opamp, 20_000).await;
     assert!(sockets.len() > 15_000, "only {} sockets opened", sockets.len());
     still_serves(&controller, opamp).await;
-    fds_come_under(&controller, 20_000 - 512).await;
+    assert!(
+        open_fds(controller.pid()) < 20_000 - 512,
+        "{} fds",
+        open_fds(controller.pid())
+    );
     drop(sockets);
     controller.kill().await;
 
@@ -102,7 +94,7 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
     let Started { controller, opamp, .. } = started(&[]).await;
     let sockets = flood(opamp, 10_000).await;
     still_serves(&controller, opamp).await;
-    fds_come_under(&controller, 6_000).await;
+    assert!(open_fds(controller.pid()) < 6_000, "{} fds", open_fds(controller.pid()));
     drop(sockets);
 }
 

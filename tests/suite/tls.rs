@@ -126,6 +126,36 @@ async fn agents_and_operators_connect_over_tls_to_a_server_they_trust() {
 }
 
 #[tokio::test]
+async fn a_socket_that_never_starts_its_handshake_is_closed_for_a_new_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let server = TestServer::start_with(ServeConfig {
+        tls: Some(server_files(dir.path(), &ca, None)),
+        max_connections: Some(2),
+        max_connections_per_source: Some(0),
+        first_request_timeout: std::time::Duration::from_secs(3600),
+        ..ServeConfig::local()
+    })
+    .await;
+    // Two sockets that never send a ClientHello fill the listener, accepted
+    // in the order they connected.
+    let mut silent = TcpStream::connect(server.opamp_addr()).await.unwrap();
+    let _second = TcpStream::connect(server.opamp_addr()).await.unwrap();
+
+    let mut agent = WssAgent::connect(&connector(&ca, None), server.opamp_addr())
+        .await
+        .unwrap();
+    assert_eq!(agent.exchange(&uid16(3), 0).await.instance_uid, uid16(3));
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "the oldest, mid-handshake, is closed for the agent: {read:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_renewed_certificate_is_served_to_new_connections_while_old_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
