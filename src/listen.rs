@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,17 +58,23 @@ pub struct Limits {
     pub idle_for: Duration,
 }
 
+/// A connection's first event: it sends a request, or it is evicted for a
+/// newcomer while still quiet. One decides atomically, so a connection that
+/// has spoken is never evicted, nor one evicted answered.
+const QUIET: u8 = 0;
+const SPOKE: u8 = 1;
+const EVICTED: u8 = 2;
+
 /// One open connection, as admission sees it.
 struct Conn {
     source: IpAddr,
-    spoke: AtomicBool,
+    /// [`QUIET`], then [`SPOKE`] or [`EVICTED`] (counted in [`Open::evicting`]).
+    first: AtomicU8,
     /// Requests being answered.
     in_flight: AtomicUsize,
     /// Upgraded to a WebSocket, which its session watches.
     upgraded: AtomicBool,
     closing: AtomicBool,
-    /// Closed for a newcomer (and counted in [`Open::evicting`]).
-    evicted: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -89,26 +95,48 @@ impl Conn {
     fn new(source: IpAddr, spoke: bool) -> Conn {
         Conn {
             source,
-            spoke: AtomicBool::new(spoke),
+            first: AtomicU8::new(if spoke { SPOKE } else { QUIET }),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            evicted: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
 
-    fn evict(&self) {
-        self.evicted.store(true, Ordering::Release);
+    /// Evicts it, if it is quiet.
+    fn evict(&self) -> bool {
+        if self.closing.load(Ordering::Acquire)
+            || (self.first)
+                .compare_exchange(QUIET, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
         self.closing.store(true, Ordering::Release);
         self.waker.wake();
+        true
+    }
+
+    fn was_evicted(&self) -> bool {
+        self.first.load(Ordering::Acquire) == EVICTED
+    }
+
+    fn spoke(&self) -> bool {
+        self.first.load(Ordering::Acquire) == SPOKE
+    }
+
+    /// Notes that it sent a request; false if it was evicted first.
+    fn speak(&self) -> bool {
+        (self.first)
+            .compare_exchange(QUIET, SPOKE, Ordering::AcqRel, Ordering::Acquire)
+            .map_or_else(|first| first == SPOKE, |_| true)
     }
 
     /// Ends once the connection is evicted.
     async fn evicted(&self) {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
-            match self.evicted.load(Ordering::Acquire) {
+            match self.was_evicted() {
                 true => Poll::Ready(()),
                 false => Poll::Pending,
             }
@@ -117,13 +145,13 @@ impl Conn {
     }
 
     fn is_quiet(&self) -> bool {
-        !self.spoke.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+        self.first.load(Ordering::Acquire) == QUIET && !self.closing.load(Ordering::Acquire)
     }
 
     fn phase(&self) -> Phase {
         if self.upgraded.load(Ordering::Acquire) {
             Phase::Upgraded
-        } else if !self.spoke.load(Ordering::Acquire) {
+        } else if !self.spoke() {
             Phase::FirstRequest
         } else if self.in_flight.load(Ordering::Acquire) > 0 {
             Phase::Answer
@@ -132,11 +160,14 @@ impl Conn {
         }
     }
 
-    /// Counts a request in flight until the guard drops.
-    fn answering(self: &Arc<Conn>) -> Answering {
-        self.spoke.store(true, Ordering::Release);
+    /// Counts a request in flight until the guard drops; `None` if the
+    /// connection was evicted before its first request.
+    fn answering(self: &Arc<Conn>) -> Option<Answering> {
+        if !self.speak() {
+            return None;
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Answering(self.clone())
+        Some(Answering(self.clone()))
     }
 }
 
@@ -171,10 +202,7 @@ struct Open {
 /// The oldest connection of `queue` that is still quiet, marked closing.
 fn evict_oldest(queue: &mut VecDeque<Weak<Conn>>) -> bool {
     while let Some(weak) = queue.pop_front() {
-        if let Some(conn) = weak.upgrade()
-            && conn.is_quiet()
-        {
-            conn.evict();
+        if weak.upgrade().is_some_and(|conn| conn.evict()) {
             return true;
         }
     }
@@ -256,7 +284,7 @@ impl Admission {
         let source = conn.source;
         let mut open = self.open.lock().expect("admission lock");
         open.total -= 1;
-        if conn.evicted.load(Ordering::Acquire) {
+        if conn.was_evicted() {
             open.evicting -= 1;
             self.evicted_closed.notify_waiters();
         }
@@ -325,7 +353,10 @@ impl AdmittingListener {
 }
 
 async fn track_requests(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
-    let _answering = peer.conn.answering();
+    let Some(_answering) = peer.conn.answering() else {
+        // Evicted for a newcomer as this first request came: it closes.
+        return http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     let response = next.run(request).await;
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         peer.conn.upgraded.store(true, Ordering::Release);
@@ -635,8 +666,8 @@ mod tests {
         assert_eq!(adm.metrics.closed(Closed::Evicted), 1);
         drop(first);
         // Both open ones spoke: nothing to close, the next is turned away.
-        second.conn.spoke.store(true, Ordering::Release);
-        third.conn.spoke.store(true, Ordering::Release);
+        assert!(second.conn.speak());
+        assert!(third.conn.speak());
         assert!(adm.admit(B).is_none());
         assert_eq!(adm.metrics.closed(Closed::Refused), 1);
         drop(second);
@@ -655,7 +686,7 @@ mod tests {
             !b.conn.closing.load(Ordering::Acquire),
             "another source's connection is left alone"
         );
-        a2.conn.spoke.store(true, Ordering::Release);
+        assert!(a2.conn.speak());
         drop(a1);
         assert!(adm.admit(A).is_some(), "A's quiet third one is closed for it");
         assert!(adm.admit(B).is_some());
@@ -685,6 +716,49 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_either_speaks_or_is_evicted_first() {
+        let adm = admission(1, 0);
+        let first = adm.admit(A).unwrap();
+        let second = adm.admit(A).expect("room made");
+        assert!(first.conn.answering().is_none(), "evicted: its request is not answered");
+        assert!(second.conn.answering().is_some());
+        assert!(!second.conn.evict(), "it spoke: it is not evicted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_listener_accepts_nothing_while_its_evicted_sockets_are_open() {
+        use axum::serve::Listener as _;
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = AdmittingListener::new(
+            tcp,
+            Limits {
+                max_connections: 1,
+                per_source: 0,
+                quiet_for: Duration::from_secs(3600),
+                idle_for: Duration::from_secs(3600),
+            },
+            ConnectionMetrics::new("test"),
+            None,
+        );
+        // Each accepted after the first evicts the one before, whose socket
+        // stays open while nothing reads it.
+        let (mut clients, mut held) = (Vec::new(), Vec::new());
+        for _ in 0..=EVICTING_AT_MOST {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            held.push(listener.accept().await.0);
+        }
+        clients.push(TcpStream::connect(addr).await.unwrap());
+        let mut next = Box::pin(listener.accept());
+        // The clock is paused: it moves on only when nothing else can.
+        let waited = tokio::time::timeout(Duration::from_secs(60), &mut next).await;
+        assert!(waited.is_err(), "accepted with {EVICTING_AT_MOST} evicted sockets open");
+        drop(held.remove(0));
+        let (admitted, _) = next.await;
+        assert!(admitted.place.conn.is_quiet());
+    }
+
+    #[test]
     fn a_connection_waits_for_its_first_request_then_its_answers_then_the_next() {
         let adm = admission(10, 0);
         let place = adm.admit(A).unwrap();
@@ -707,7 +781,7 @@ mod tests {
         let adm = admission(10, 0);
         for _ in 0..10_000 {
             let p = adm.admit(A).unwrap();
-            p.conn.spoke.store(true, Ordering::Release);
+            assert!(p.conn.speak());
         }
         let open = adm.open.lock().unwrap();
         assert_eq!(open.total, 0);
