@@ -58,9 +58,9 @@ pub struct Limits {
     pub idle_for: Duration,
 }
 
-/// A connection's first event: it sends a request, or it is evicted for a
-/// newcomer while still quiet. One decides atomically, so a connection that
-/// has spoken is never evicted, nor one evicted answered.
+// A connection's first event: it sends a request, or it is evicted for a
+// newcomer while still quiet. Which came first is decided atomically: a
+// connection that has spoken is never evicted, and one evicted is not answered.
 const QUIET: u8 = 0;
 const SPOKE: u8 = 1;
 const EVICTED: u8 = 2;
@@ -103,7 +103,7 @@ impl Conn {
         }
     }
 
-    /// Evicts it, if it is quiet.
+    /// Evicts it if it is quiet and open; true if it was.
     fn evict(&self) -> bool {
         if self.closing.load(Ordering::Acquire)
             || (self.first)
@@ -283,6 +283,9 @@ impl Admission {
         self.metrics.released();
         let source = conn.source;
         let mut open = self.open.lock().expect("admission lock");
+        // Its socket is closed: it is no longer evicted, though its service
+        // still holds it for a moment.
+        conn.closing.store(true, Ordering::Release);
         open.total -= 1;
         if conn.was_evicted() {
             open.evicting -= 1;
@@ -345,7 +348,8 @@ impl AdmittingListener {
     }
 
     /// Serves `router` on this listener: requests mark their connection as
-    /// having spoken, and as busy while they are answered.
+    /// having spoken, and as busy while they are answered; a request on a
+    /// connection evicted before it spoke is answered 503.
     pub fn serve(self, router: Router) -> Serving {
         let router = router.layer(axum::middleware::from_fn(track_requests));
         axum::serve(self, router.into_make_service_with_connect_info::<Peer>())
@@ -355,7 +359,11 @@ impl AdmittingListener {
 async fn track_requests(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
     let Some(_answering) = peer.conn.answering() else {
         // Evicted for a newcomer as this first request came: it closes.
-        return http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+        return (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            [(http::header::CONNECTION, "close")],
+        )
+            .into_response();
     };
     let response = next.run(request).await;
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -725,6 +733,21 @@ mod tests {
         assert!(!second.conn.evict(), "it spoke: it is not evicted");
     }
 
+    #[test]
+    fn a_connection_whose_socket_closed_is_not_evicted() {
+        let adm = admission(1, 0);
+        let first = adm.admit(A).unwrap();
+        // Its service holds the connection a moment after its socket closes.
+        let held = first.conn.clone();
+        drop(first);
+        let second = adm.admit(A).unwrap();
+        let _third = adm.admit(A).expect("room made");
+        assert!(!held.was_evicted());
+        assert!(second.conn.was_evicted());
+        drop(second);
+        assert_eq!(adm.open.lock().unwrap().evicting, 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_listener_accepts_nothing_while_its_evicted_sockets_are_open() {
         use axum::serve::Listener as _;
@@ -756,6 +779,7 @@ mod tests {
         drop(held.remove(0));
         let (admitted, _) = next.await;
         assert!(admitted.place.conn.is_quiet());
+        assert_eq!(listener.admission.open.lock().unwrap().evicting, EVICTING_AT_MOST);
     }
 
     #[test]
