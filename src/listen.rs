@@ -10,7 +10,7 @@
 //! nothing is quiet is the new connection closed at once. A connection closed
 //! for a newcomer gives its socket back when its task next runs; while
 //! [`EVICTING_AT_MOST`] of them are still open the listener accepts nothing,
-//! so a flood holds no more descriptors than the limit and that many. A quiet
+//! so a flood holds no more descriptors than the limit plus that many. A quiet
 //! connection is also closed when `quiet_for` passes, and a plain-HTTP
 //! connection kept alive after its answers is closed when it is *idle* (no
 //! request in flight, nothing sent) for `idle_for`. A WebSocket is never idle
@@ -199,7 +199,7 @@ struct Open {
     sources: HashMap<IpAddr, Source>,
 }
 
-/// The oldest connection of `queue` that is still quiet, marked closing.
+/// Evicts the oldest connection of `queue` that is still quiet; false if none is.
 fn evict_oldest(queue: &mut VecDeque<Weak<Conn>>) -> bool {
     while let Some(weak) = queue.pop_front() {
         if weak.upgrade().is_some_and(|conn| conn.evict()) {
@@ -283,8 +283,8 @@ impl Admission {
         self.metrics.released();
         let source = conn.source;
         let mut open = self.open.lock().expect("admission lock");
-        // Its socket is closed: it is no longer evicted, though its service
-        // still holds it for a moment.
+        // Its socket is closed: it can no longer be evicted, though its
+        // service holds it a moment longer.
         conn.closing.store(true, Ordering::Release);
         open.total -= 1;
         if conn.was_evicted() {
