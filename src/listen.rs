@@ -44,6 +44,10 @@ use tokio_rustls::TlsAcceptor;
 /// past that, the listener waits for them before it accepts again.
 pub const EVICTING_AT_MOST: usize = 128;
 
+/// How long an overloaded server asks clients to wait before they try again
+/// (the minimum the OpAMP specification recommends).
+pub const RETRY_AFTER_SECS: u64 = 30;
+
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -349,7 +353,7 @@ impl AdmittingListener {
 
     /// Serves `router` on this listener: requests mark their connection as
     /// having spoken, and as busy while they are answered; a request on a
-    /// connection evicted before it spoke is answered 503.
+    /// connection evicted before it spoke is answered 503 ([`evicted_response`]).
     pub fn serve(self, router: Router) -> Serving {
         let router = router.layer(axum::middleware::from_fn(track_requests));
         axum::serve(self, router.into_make_service_with_connect_info::<Peer>())
@@ -358,18 +362,26 @@ impl AdmittingListener {
 
 async fn track_requests(ConnectInfo(peer): ConnectInfo<Peer>, request: Request, next: Next) -> Response {
     let Some(_answering) = peer.conn.answering() else {
-        // Evicted for a newcomer as this first request came: it closes.
-        return (
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            [(http::header::CONNECTION, "close")],
-        )
-            .into_response();
+        return evicted_response();
     };
     let response = next.run(request).await;
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         peer.conn.upgraded.store(true, Ordering::Release);
     }
     response
+}
+
+/// The answer to a request on a connection evicted for a newcomer as the
+/// request came: the listener is flooded, and the connection closes.
+fn evicted_response() -> Response {
+    (
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (http::header::CONNECTION, "close".to_string()),
+            (http::header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()),
+        ],
+    )
+        .into_response()
 }
 
 /// The remote end of a connection, and its place in admission.
@@ -731,6 +743,14 @@ mod tests {
         assert!(first.conn.answering().is_none(), "evicted: its request is not answered");
         assert!(second.conn.answering().is_some());
         assert!(!second.conn.evict(), "it spoke: it is not evicted");
+    }
+
+    #[test]
+    fn a_request_on_an_evicted_connection_is_told_to_come_back_later() {
+        let resp = evicted_response();
+        assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "30");
+        assert_eq!(resp.headers()[http::header::CONNECTION], "close");
     }
 
     #[test]

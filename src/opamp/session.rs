@@ -19,6 +19,7 @@ use super::context::OpampContext;
 use crate::desired::ConfigBundle;
 use crate::fleet::record::{self, Liveness};
 use crate::fleet::{ConnId, PushSlot, Reply, ReportError, Transport, Via, WsLink};
+use crate::listen::RETRY_AFTER_SECS;
 use crate::model::{Identity, InstanceUid};
 use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentIdentification, AgentRemoteConfig, AgentToServer, ConnectionSettingsOffers,
@@ -620,10 +621,6 @@ pub async fn handle_http(ctx: &OpampContext, identity: Option<Identity>, headers
     };
     protobuf_response(&reply, gzip_reply)
 }
-
-/// How long an overloaded server asks HTTP agents to wait (the minimum the
-/// specification recommends).
-const RETRY_AFTER_SECS: u64 = 30;
 
 /// 503 with `Retry-After`, and the same advice in an `error_response` for
 /// clients that read only the body.
