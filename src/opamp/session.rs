@@ -400,7 +400,7 @@ impl Session {
             return Ok(());
         };
         let Some((uid, wire)) = &self.agent else { return Ok(()) };
-        tracing::info!(agent = %uid, hash = %bundle.hash(), "pushed config");
+        tracing::debug!(agent = %uid, hash = %bundle.hash(), "pushed config");
         let frame = binary(&ServerToAgent {
             instance_uid: wire.clone(),
             capabilities: if self.capabilities_sent {

@@ -476,6 +476,8 @@ impl Planner {
         let matcher = Matcher::new(desired);
         let groups: Vec<&Group> = desired.groups.values().collect();
         let mut plans: Vec<GroupPlan> = groups.iter().map(|_| GroupPlan::default()).collect();
+        let mut changed = false;
+        // One pass over the fleet: each pass reads every slot from memory.
         for (i, (a, s)) in agents.iter().zip(&mut slots).enumerate() {
             if !s.matched {
                 s.group = matcher.find(a).map(|g| g as u32);
@@ -499,8 +501,20 @@ impl Planner {
                     ..Slot::default()
                 };
             }
+            let Some(r) = &mut s.record else { continue };
+            if self.retention.is_some() && r.absent_since.is_some() {
+                r.absent_since = None;
+                changed = true;
+            }
+            if !s.managed {
+                // Kept so "never push a FAILED hash again" survives a group change.
+                let kept = Some(AgentMemory { member: None, ..*r }).filter(|r| !r.is_empty());
+                if kept != s.record {
+                    s.record = kept;
+                    changed = true;
+                }
+            }
         }
-        let mut changed = false;
         if let Some(keep) = self.retention {
             absent.retain_mut(|(_, r)| {
                 changed |= r.absent_since.is_none();
@@ -509,19 +523,6 @@ impl Planner {
                 changed |= forget;
                 !forget
             });
-        }
-        for s in &mut slots {
-            let Some(r) = &mut s.record else { continue };
-            if self.retention.is_some() && r.absent_since.is_some() {
-                r.absent_since = None;
-                changed = true;
-            }
-            // Kept so "never push a FAILED hash again" survives a group change.
-            let kept = Some(AgentMemory { member: None, ..*r }).filter(|r| !r.is_empty());
-            if !s.managed && kept != s.record {
-                s.record = kept;
-                changed = true;
-            }
         }
 
         let mut out = Out::default();
@@ -563,34 +564,43 @@ impl Planner {
         }
         changed |= notes.changed || next_groups != self.state.groups || rollouts != self.state.rollouts;
 
-        let mut by_state = BTreeMap::new();
-        for s in &slots {
-            *by_state.entry(s.state).or_default() += 1;
-        }
         let assignment = |a: &AgentView, s: &Slot| Assignment {
             uid: a.uid.clone(),
             group: s.group.map(|g| groups[g as usize].name.clone()),
             desired: s.desired,
             state: s.state,
         };
+        // One more pass over the fleet: the counts, the deadlines and, of the
+        // last plan's agents, the assignments decided otherwise.
+        let mut counts = [0u64; AgentState::ALL.len()];
+        let mut deadlines = Vec::new();
+        let mut differ = Vec::new();
+        let mut before = same_fleet.then(|| self.assignments.iter());
+        for (i, s) in slots.iter().enumerate() {
+            counts[s.state as usize] += 1;
+            if let Some(t) = s.deadline() {
+                deadlines.push(Reverse((t, i)));
+            }
+            if let Some(a) = before.as_mut().and_then(|b| b.next())
+                && (a.state != s.state
+                    || a.desired != s.desired
+                    || a.group.as_ref() != s.group.map(|g| &groups[g as usize].name))
+            {
+                differ.push(i);
+            }
+        }
+        let by_state = (AgentState::ALL.into_iter())
+            .map(|state| (state, counts[state as usize]))
+            .filter(|&(_, n)| n > 0)
+            .collect();
         if same_fleet {
-            // The last plan's agents: their assignments change where decided otherwise.
-            let changed: Vec<usize> = (self.assignments.iter().zip(&slots))
-                .enumerate()
-                .filter(|(_, (a, s))| {
-                    a.state != s.state
-                        || a.desired != s.desired
-                        || a.group.as_ref() != s.group.map(|g| &groups[g as usize].name)
-                })
-                .map(|(i, _)| i)
-                .collect();
-            for i in changed {
+            for i in differ {
                 self.assignments.set(i, assignment(&agents[i], &slots[i]));
             }
         } else {
             self.assignments = agents.iter().zip(&slots).map(|(a, s)| assignment(a, s)).collect();
         }
-        self.deadlines = Deadlines::of(&slots);
+        self.deadlines = Deadlines(deadlines.into());
         self.current = by_uid.windows(2).all(|w| agents[w[0]].uid != agents[w[1]].uid);
         self.state = RolloutState {
             groups: next_groups,
@@ -867,7 +877,9 @@ fn plan_group(
         gp.deadline = None;
         gp.counts = AgentCounts::default();
     }
-    if let Some(r) = gs.rollout.as_mut()
+    // With no rollout under way nothing is judged: the pass that assigns
+    // clears what an earlier one judged.
+    let unjudge = if let Some(r) = gs.rollout.as_mut()
         && r.phase != RolloutPhase::Complete
     {
         let opened = Opened::of(r, ctx.name());
@@ -918,15 +930,10 @@ fn plan_group(
         };
         let ((), deadline) = ctx.deadline_of(|| ctx.advance(r, progress, &mut gs.stable, out));
         gp.deadline = deadline;
-    } else if whole {
-        for &i in list {
-            let slot = &mut slots[i];
-            let was = slot.deadline();
-            slot.judged = Judged::default();
-            slot.judge_deadline = None;
-            note(deadlines, i, slot, was);
-        }
-    }
+        false
+    } else {
+        whole
+    };
     notes.changed |= moves(gs) != moved;
     let retreat = treatment_inputs(gs) != treated;
 
@@ -942,6 +949,10 @@ fn plan_group(
     for (&i, &rank) in list.iter().zip(ranks) {
         let slot = &mut slots[i];
         let was = slot.deadline();
+        if unjudge {
+            slot.judged = Judged::default();
+            slot.judge_deadline = None;
+        }
         let (
             Assigned {
                 desired,
