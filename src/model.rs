@@ -361,6 +361,28 @@ pub enum PushOutcome {
 mod tests {
     use super::*;
 
+    /// The planner counts states in an array indexed by `state as usize`.
+    #[test]
+    fn all_states_are_listed_in_their_declared_order() {
+        // A state added to the enum fails to compile here until it is
+        // placed in this chain, and then the assertion wants it in ALL.
+        let next = |s: AgentState| match s {
+            AgentState::InSync => Some(AgentState::Pending),
+            AgentState::Pending => Some(AgentState::Applying),
+            AgentState::Applying => Some(AgentState::Failed),
+            AgentState::Failed => Some(AgentState::Drifted),
+            AgentState::Drifted => Some(AgentState::Unmanaged),
+            AgentState::Unmanaged => Some(AgentState::Unsupported),
+            AgentState::Unsupported => Some(AgentState::Offline),
+            AgentState::Offline => None,
+        };
+        let chain: Vec<AgentState> = std::iter::successors(Some(AgentState::InSync), |&s| next(s)).collect();
+        assert_eq!(chain, AgentState::ALL);
+        for (i, s) in AgentState::ALL.into_iter().enumerate() {
+            assert_eq!(s as usize, i, "{s:?}");
+        }
+    }
+
     #[test]
     fn uid_forms() {
         let u = InstanceUid::from_wire(&[0x01; 16]).unwrap();

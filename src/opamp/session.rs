@@ -400,7 +400,6 @@ impl Session {
             return Ok(());
         };
         let Some((uid, wire)) = &self.agent else { return Ok(()) };
-        tracing::debug!(agent = %uid, hash = %bundle.hash(), "pushed config");
         let frame = binary(&ServerToAgent {
             instance_uid: wire.clone(),
             capabilities: if self.capabilities_sent {
@@ -416,6 +415,7 @@ impl Session {
             tracing::info!(conn = self.conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
             return Err(None);
         }
+        tracing::debug!(agent = %uid, hash = %bundle.hash(), "pushed config");
         self.ctx.fleet.delivered(self.conn, uid.clone(), bundle.hash()).await;
         Ok(())
     }

@@ -159,9 +159,13 @@ mod tests {
                 assert_eq!(a.cmp(b), a.0.cmp(&b.0));
             }
         }
-        let mut same_start = keys[0];
-        same_start.0[31] ^= 1;
-        assert_eq!(keys[0].cmp(&same_start), keys[0].0.cmp(&same_start.0));
+        // Keys that differ only in a later word.
+        for byte in [8, 15, 16, 23, 24, 31] {
+            let mut later = keys[0];
+            later.0[byte] ^= 0x80;
+            assert_eq!(keys[0].cmp(&later), keys[0].0.cmp(&later.0), "byte {byte}");
+            assert_eq!(later.cmp(&keys[0]), later.0.cmp(&keys[0].0), "byte {byte}");
+        }
     }
 
     #[test]
