@@ -236,14 +236,14 @@ impl Admission {
         let mut open = self.open.lock().expect("admission lock");
         let open = &mut *open;
         let from_source = open.sources.get(&source).map_or(0, |s| s.open);
-        if self.limits.per_source > 0 && from_source >= self.limits.per_source {
-            let queue = &mut open.sources.get_mut(&source).expect("a source with connections").quiet;
+        // Where a connection must be closed to make room, if anywhere.
+        let full = if self.limits.per_source > 0 && from_source >= self.limits.per_source {
+            Some(&mut open.sources.get_mut(&source).expect("a source with connections").quiet)
+        } else {
+            (open.total >= self.limits.max_connections).then_some(&mut open.quiet)
+        };
+        if let Some(queue) = full {
             if !self.evict_oldest(queue, source) {
-                return None;
-            }
-            open.evicting += 1;
-        } else if open.total >= self.limits.max_connections {
-            if !self.evict_oldest(&mut open.quiet, source) {
                 return None;
             }
             open.evicting += 1;

@@ -82,11 +82,8 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
     let sockets = flood(opamp, 20_000).await;
     assert!(sockets.len() > 15_000, "only {} sockets opened", sockets.len());
     still_serves(&controller, opamp).await;
-    assert!(
-        open_fds(controller.pid()) < 20_000 - 512,
-        "{} fds",
-        open_fds(controller.pid())
-    );
+    let fds = open_fds(controller.pid());
+    assert!(fds < 20_000 - 512, "{fds} fds");
     drop(sockets);
     controller.kill().await;
 
@@ -94,7 +91,8 @@ async fn idle_sockets_cannot_lock_out_the_api_health_or_a_new_agent() {
     let Started { controller, opamp, .. } = started(&[]).await;
     let sockets = flood(opamp, 10_000).await;
     still_serves(&controller, opamp).await;
-    assert!(open_fds(controller.pid()) < 6_000, "{} fds", open_fds(controller.pid()));
+    let fds = open_fds(controller.pid());
+    assert!(fds < 6_000, "{fds} fds");
     drop(sockets);
 }
 
