@@ -1,12 +1,12 @@
 //! Micro-benchmark of the planner: 100,000 agents in 50 groups, read from
 //! repository text like the controller reads it. Builds the input once, then
 //! times repeated plans of the whole fleet (`Planner::replan`, and once
-//! `Planner::full`) in five situations (steady fleet, agents coming, a commit
-//! that starts 50 rollouts, every group mid-rollout and its next wave
-//! opening), and
-//! updates after one agent's report
-//! (`Planner::update`) in two, and prints the minimum, median and maximum
-//! wall time (on a shared machine the minimum is the steadiest figure).
+//! `Planner::full`) in five situations (steady fleet, agents coming, with
+//! room for them and without, a commit that starts 50 rollouts, every group
+//! mid-rollout and its next wave opening), and updates after one agent's
+//! report (`Planner::update`) in two, and prints the minimum, median and
+//! maximum wall time (on a shared machine the minimum is the steadiest
+//! figure).
 //!
 //! `cargo run --release --example plan_bench -- [AGENTS] [GROUPS] [RUNS]`
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use opamp_gitops::desired::{self, Description, DesiredState, MemSource};
 use opamp_gitops::model::{CommitId, InstanceUid};
-use opamp_gitops::reconcile::{AgentView, Planner, Push, RemoteConfigState, StatusView, Timestamp};
+use opamp_gitops::reconcile::{AgentView, Planner, Push, RemoteConfigState, StatusView, Timestamp, fleet_capacity};
 
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -45,40 +45,75 @@ fn main() -> Result<(), String> {
     let mut first = Planner::default();
     first.full(&v1, fleet.clone(), now);
     let steady = first.state();
-    let (in_sync, _) = measure("steady (all in sync)", runs, &first, &v1, &fleet, now, false);
+    let (in_sync, _) = measure("steady (all in sync)", runs, || first.clone(), &v1, &fleet, now, false);
     measure(
         "steady, the fleet's views given anew",
         runs,
-        &first,
+        || first.clone(),
         &v1,
         &fleet,
         now,
         true,
     );
-    // Every hundredth agent comes after the others were planned.
-    let mut fewer = Planner::default();
+    // Every hundredth agent comes after the others were planned, given as
+    // the controller gives the fleet: with room for more (a copy of a
+    // planner has none, so each run plans the fleet first, untimed).
     let most: Vec<AgentView> = (fleet.iter().enumerate())
         .filter(|(i, _)| i % 100 != 0)
         .map(|(_, a)| a.clone())
         .collect();
-    fewer.full(&v1, most, now);
-    measure("steady, 1% of the agents come", runs, &fewer, &v1, &fleet, now, false);
+    let fewer = || {
+        let mut views = Vec::with_capacity(fleet_capacity(most.len()));
+        views.extend(most.iter().cloned());
+        let mut planner = Planner::default();
+        planner.full(&v1, views, now);
+        planner
+    };
+    measure("steady, 1% of the agents come", runs, fewer, &v1, &fleet, now, false);
+    // Once, when more come than there is room for, the vectors move.
+    let mut no_room = Planner::default();
+    no_room.full(&v1, most.clone(), now);
+    measure(
+        "steady, 1% of the agents come, no room left",
+        runs,
+        || no_room.clone(),
+        &v1,
+        &fleet,
+        now,
+        false,
+    );
 
-    let (started, pushes) = measure("new commit: 50 rollouts start", runs, &in_sync, &v2, &fleet, now, false);
+    let (started, pushes) = measure(
+        "new commit: 50 rollouts start",
+        runs,
+        || in_sync.clone(),
+        &v2,
+        &fleet,
+        now,
+        false,
+    );
     // The first wave applies; the planner then opens the next waves.
     apply(&mut fleet, &pushes);
     let later = Timestamp::from_millis(now.millis() + 3_600_000);
     let (baking, _) = measure(
         "mid-rollout, first wave baking",
         runs,
-        &started,
+        || started.clone(),
         &v2,
         &fleet,
         later,
         false,
     );
     let baked = Timestamp::from_millis(later.millis() + 3_600_000);
-    let (_, opened) = measure("mid-rollout, next wave opens", runs, &baking, &v2, &fleet, baked, false);
+    let (_, opened) = measure(
+        "mid-rollout, next wave opens",
+        runs,
+        || baking.clone(),
+        &v2,
+        &fleet,
+        baked,
+        false,
+    );
     println!();
     println!("update after one agent's report: {agents} agents, {runs} reports");
     println!("| situation | min µs | median µs | max µs | agents decided (median) |");
@@ -117,20 +152,22 @@ fn main() -> Result<(), String> {
     Ok(())
 }
 
-/// Times `runs` plans of the whole fleet, each by a copy of `base`: as the
-/// controller plans a fleet it planned before (`Planner::replan`, given the
-/// agents that changed or came since), or, with `anew`, one given as a new
-/// list of views (`Planner::full`: agents left). Prints one table row and
+/// Times `runs` plans of the whole fleet, each by a fresh `copy` of a
+/// planner: as the controller plans a fleet it planned before
+/// (`Planner::replan`, given the agents that changed or came since), or,
+/// with `anew`, one given as a new list of views (`Planner::full`: agents
+/// left). Prints one table row and
 /// returns a planner after the plan, and its pushes.
 fn measure(
     name: &str,
     runs: usize,
-    base: &Planner,
+    copy: impl Fn() -> Planner,
     desired: &DesiredState,
     agents: &[AgentView],
     now: Timestamp,
     anew: bool,
 ) -> (Planner, Vec<Push>) {
+    let base = copy();
     let known = base.agents();
     let changed: Vec<AgentView> = match known.len() == agents.len() {
         true => (known.iter().zip(agents))
@@ -146,7 +183,7 @@ fn measure(
     let mut last = None;
     // The first run warms up.
     for run in 0..=runs {
-        let mut planner = base.clone();
+        let mut planner = copy();
         let fleet = if anew { agents.to_vec() } else { Vec::new() };
         let t0 = Instant::now();
         let step = match anew {

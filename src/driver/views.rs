@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::desired::Description;
 use crate::fleet::{AgentRecord, Capabilities, FleetSnapshot};
 use crate::model::global_epoch;
-use crate::reconcile::{AgentView, StatusView, Timestamp};
+use crate::reconcile::{AgentView, StatusView, Timestamp, fleet_capacity};
 
 /// Builds views.
 pub struct ViewBuilder {
@@ -40,7 +40,9 @@ impl ViewBuilder {
 
     pub fn build(&self, fleet: &FleetSnapshot) -> Vec<AgentView> {
         // The snapshot is in uid order already.
-        fleet.agents.values().map(|r| self.view(r)).collect()
+        let mut views = Vec::with_capacity(fleet_capacity(fleet.agents.len()));
+        views.extend(fleet.agents.values().map(|r| self.view(r)));
+        views
     }
 
     pub fn view(&self, r: &AgentRecord) -> AgentView {

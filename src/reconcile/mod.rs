@@ -24,7 +24,7 @@ pub use input::{AgentView, PlanInput, RemoteConfigState, StatusView, unsupported
 pub use output::{
     AgentCounts, Assignment, Event, FailureView, GroupStatus, MAX_FAILURES_SHOWN, Phase, Plan, Push, PushReason,
 };
-pub use plan::{Planner, Step, plan};
+pub use plan::{Planner, Step, fleet_capacity, plan};
 pub use restore::{Recovered, RecoveredRollout, restore};
 pub use rollout::Change;
 pub use select::Matcher;

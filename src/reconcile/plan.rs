@@ -45,6 +45,14 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
 }
 
+/// The capacity to give a fleet of `agents` views in ([`Planner::full`]):
+/// room for an eighth more. Agents that come later take their places in the
+/// planner's vectors; without room, the vectors move to memory the kernel
+/// must first hand out, at 100,000 agents more than the plan itself costs.
+pub fn fleet_capacity(agents: usize) -> usize {
+    agents + agents / 8
+}
+
 /// What one plan of a [`Planner`] decided, besides what the planner keeps.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Step {
@@ -433,21 +441,18 @@ impl Planner {
             .collect();
         let same_selection = selection == self.selection;
         // The last plan's agents (the usual case: a commit, a deadline) take
-        // over their slots as they are.
+        // over their slots as they are; but for those that moved, they keep
+        // their groups when the selection is the same.
+        let mut rematch = None;
         let (agents, by_uid, mut slots, mut absent, same_fleet) = match fleet {
-            Fleet::Known { moved } => {
-                let mut slots = std::mem::take(&mut self.slots);
-                for s in &mut slots {
-                    s.matched = same_selection;
-                    s.order = s.order.filter(|_| same_selection);
-                }
-                for i in moved {
-                    slots[i].matched = false;
-                }
+            Fleet::Known { mut moved } => {
+                moved.sort_unstable();
+                moved.dedup();
+                rematch = Some(moved.into_iter().peekable());
                 (
                     std::mem::take(&mut self.agents),
                     std::mem::take(&mut self.by_uid),
-                    slots,
+                    std::mem::take(&mut self.slots),
                     std::mem::take(&mut self.state.agents).into_entries(),
                     true,
                 )
@@ -461,7 +466,6 @@ impl Planner {
                 for ((old, new), s) in self.agents.iter().zip(&agents).zip(&mut slots) {
                     s.matched =
                         same_selection && old.attributes == new.attributes && old.groups_allowed == new.groups_allowed;
-                    s.order = s.order.filter(|_| same_selection);
                 }
                 let by_uid = std::mem::take(&mut self.by_uid);
                 let absent = std::mem::take(&mut self.state.agents).into_entries();
@@ -469,7 +473,7 @@ impl Planner {
             }
             Fleet::New(agents) => {
                 let by_uid = uid_order(&agents);
-                let (slots, absent) = self.join(&agents, &by_uid, same_selection);
+                let (slots, absent) = self.join(&agents, agents.capacity(), &by_uid, same_selection);
                 (agents, by_uid, slots, absent, false)
             }
         };
@@ -479,6 +483,13 @@ impl Planner {
         let mut changed = false;
         // One pass over the fleet: each pass reads every slot from memory.
         for (i, (a, s)) in agents.iter().zip(&mut slots).enumerate() {
+            if let Some(moved) = &mut rematch {
+                s.matched = same_selection && moved.next_if_eq(&i).is_none();
+            }
+            if !same_selection {
+                // Keys of groups by position: the positions may mean others now.
+                s.order = None;
+            }
             if !s.matched {
                 s.group = matcher.find(a).map(|g| g as u32);
             }
@@ -713,10 +724,13 @@ impl Planner {
     fn join(
         &mut self,
         agents: &[AgentView],
+        room: usize,
         by_uid: &[usize],
         same_selection: bool,
     ) -> (Vec<Slot>, Vec<(InstanceUid, AgentMemory)>) {
-        let mut slots: Vec<Slot> = vec![Slot::default(); agents.len()];
+        // As much room as the views have, for agents to come.
+        let mut slots: Vec<Slot> = Vec::with_capacity(room);
+        slots.resize(agents.len(), Slot::default());
 
         // Each agent's record: of the agents the last plan listed (whose
         // group is still theirs when nothing it was chosen by changed), or
@@ -783,18 +797,20 @@ impl Planner {
 /// Inserts `items` into `v` so that they end at `at` (ascending places in
 /// the result), moving only what comes after the first of them, each once.
 fn insert_at<T>(v: &mut Vec<T>, at: &[usize], items: Vec<T>, filler: impl FnMut() -> T) {
-    let mut old = v.len();
+    let mut hi = v.len();
     v.extend(std::iter::repeat_with(filler).take(at.len()));
-    // Between `old` and `end`: fillers, one for each item still to place.
-    let mut end = v.len();
-    for (&p, item) in at.iter().zip(items).rev() {
-        while end > p + 1 {
-            end -= 1;
-            old -= 1;
-            v.swap(old, end);
+    // Fillers at `hi..hi + k`, one for each of the `k` items still to place;
+    // the elements below `hi` that go after the next item move up `k`
+    // places, at most `k` at once.
+    for (j, (&p, item)) in at.iter().zip(items).enumerate().rev() {
+        let (from, k) = (p - j, j + 1);
+        while hi > from {
+            let lo = from.max(hi.saturating_sub(k));
+            let (below, above) = v.split_at_mut(lo + k);
+            below[lo..hi].swap_with_slice(&mut above[..hi - lo]);
+            hi = lo;
         }
-        end -= 1;
-        v[end] = item;
+        v[p] = item;
     }
 }
 
@@ -1067,7 +1083,24 @@ impl<'a> GroupCtx<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::insert_at;
+    use super::{Planner, fleet_capacity, insert_at};
+    use crate::reconcile::tests::{agent, repo, t};
+
+    #[test]
+    fn agents_that_come_take_the_room_the_fleet_was_given_with() {
+        let desired = repo().group("gw").build();
+        let mut views = Vec::with_capacity(fleet_capacity(16));
+        views.extend((0..16).map(|i| agent(&format!("a{i:02}"))));
+        let mut planner = Planner::default();
+        planner.full(&desired, views, t(1_000));
+        let room = |p: &Planner| (p.agents.capacity(), p.slots.capacity());
+        assert_eq!(room(&planner), (18, 18), "an eighth more than 16");
+        planner
+            .replan(&desired, &[agent("a05x"), agent("b")], t(1_001))
+            .expect("a fleet in uid order");
+        assert_eq!(planner.agents.len(), 18);
+        assert_eq!(room(&planner), (18, 18), "the vectors did not grow");
+    }
 
     #[test]
     fn items_are_inserted_at_their_places_in_the_result() {
@@ -1084,6 +1117,22 @@ mod tests {
             want.extend(items);
             want.sort();
             assert_eq!(v, want, "{at:?}");
+        }
+    }
+
+    #[test]
+    fn every_set_of_places_in_a_short_vector_takes_its_items() {
+        // Odd numbers among the even: each subset of the odd ones below 2n + 1.
+        for n in 0..9u32 {
+            for set in 0..1u32 << (n + 1) {
+                let items: Vec<u32> = (0..=n).filter(|i| set & 1 << i != 0).map(|i| 2 * i + 1).collect();
+                let at: Vec<usize> = (items.iter().enumerate()).map(|(j, &x)| (x / 2) as usize + j).collect();
+                let mut v: Vec<u32> = (0..n).map(|i| 2 * i + 2).collect();
+                insert_at(&mut v, &at, items.clone(), || 0);
+                let mut want: Vec<u32> = (0..n).map(|i| 2 * i + 2).chain(items).collect();
+                want.sort();
+                assert_eq!(v, want, "n {n}, places {at:?}");
+            }
         }
     }
 }

@@ -585,6 +585,18 @@ fn waves_follow_the_stable_hash_order_and_the_same_canaries_every_time() {
 }
 
 #[test]
+fn a_renamed_group_orders_its_canaries_by_its_new_name() {
+    // The group keeps its place among the groups: the canary order keys
+    // kept for that place were the old name's.
+    let (v1, v2) = (config("v1"), config("v2"));
+    let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 100%"));
+    assert_ne!(order("gx", 10)[0], order("gw", 10)[0], "a test that can tell");
+    w.desired = repo().commit("c2").group("gx").waves("1, 100%").config(&v2).build();
+    let p = w.plan();
+    assert_eq!(pushed(&p), set(&order("gx", 10)[..1]));
+}
+
+#[test]
 fn next_wave_opens_only_after_applied_healthy_and_bake() {
     let (v1, v2) = (config("v1"), config("v2"));
     let mut w = stable_then(10, &v1, &v2, |r| r.waves("1, 50%, 100%").bake(60));
