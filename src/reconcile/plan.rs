@@ -246,7 +246,8 @@ enum Fleet {
     /// As given.
     New(Vec<AgentView>),
     /// The last plan's (with its agents updated, and those that came),
-    /// `moved` those whose attributes or permitted groups changed.
+    /// `moved` (in any order, some perhaps twice) those that came and those
+    /// whose attributes or permitted groups changed.
     Known { moved: Vec<usize> },
 }
 
@@ -441,7 +442,7 @@ impl Planner {
             .collect();
         let same_selection = selection == self.selection;
         // The last plan's agents (the usual case: a commit, a deadline) take
-        // over their slots as they are; but for those that moved, they keep
+        // over their slots as they are. Except those that moved, they keep
         // their groups when the selection is the same.
         let mut rematch = None;
         let (agents, by_uid, mut slots, mut absent, same_fleet) = match fleet {
@@ -748,7 +749,7 @@ impl Planner {
                 slots[i].group = slot.group;
                 slots[i].matched = true;
             }
-            slots[i].order = slot.order.filter(|_| same_selection);
+            slots[i].order = slot.order;
         };
         let gone = join_records(
             agents,
@@ -1100,24 +1101,6 @@ mod tests {
             .expect("a fleet in uid order");
         assert_eq!(planner.agents.len(), 18);
         assert_eq!(room(&planner), (18, 18), "the vectors did not grow");
-    }
-
-    #[test]
-    fn items_are_inserted_at_their_places_in_the_result() {
-        let cases: [(&[usize], &[u32]); 4] = [
-            (&[0, 2, 5], &[5, 15, 35]),
-            (&[3, 4], &[40, 50]),
-            (&[0, 1], &[1, 2]),
-            (&[], &[]),
-        ];
-        for (at, items) in cases {
-            let mut v = vec![10, 20, 30];
-            insert_at(&mut v, at, items.to_vec(), || 0);
-            let mut want = vec![10, 20, 30];
-            want.extend(items);
-            want.sort();
-            assert_eq!(v, want, "{at:?}");
-        }
     }
 
     #[test]

@@ -1755,6 +1755,56 @@ fn agents_that_come_take_their_places_in_uid_order_and_returning_ones_their_reco
     assert!(record.is_some_and(|r| r.has_failed(v2.hash())), "{record:?}");
 }
 
+/// Groups "blue" and "green", each selecting its `env`, and six agents,
+/// a00 to a05, blue and green in turn.
+fn blue_and_green() -> (DesiredState, Vec<AgentView>) {
+    let desired = (repo().group("blue").select("env", "blue").config(&config("blue")))
+        .group("green")
+        .select("env", "green")
+        .config(&config("green"))
+        .build();
+    let env = ["blue", "green"];
+    let fleet = (0..6).map(|i| agent(&format!("a{i:02}")).attrs(&[("env", env[i % 2])]));
+    (desired, fleet.collect())
+}
+
+fn group_of(assignments: impl IntoIterator<Item = Assignment>, name: &str) -> Option<GroupName> {
+    (assignments.into_iter()).find(|a| a.uid == uid(name))?.group
+}
+
+#[test]
+fn an_agent_that_turns_to_another_group_as_others_come_is_matched_again() {
+    let (desired, fleet) = blue_and_green();
+    let mut w = World::new(desired, fleet);
+    w.plan();
+    let replans = w.replans_with_new;
+    // a02 turns green as a blue agent comes before it.
+    w.set(&uid("a02"), |a| a.attrs(&[("env", "green")]));
+    let at = w.agents.partition_point(|b| b.uid < uid("a015"));
+    w.agents.insert(at, agent("a015").attrs(&[("env", "blue")]));
+    let p = w.plan();
+    assert_eq!(w.replans_with_new, replans + 1, "planned over the last plan's fleet");
+    let group = |name| group_of(p.agents.iter().cloned(), name);
+    assert_eq!(group("a02"), Some(gname("green")));
+    assert_eq!(group("a015"), Some(gname("blue")));
+}
+
+#[test]
+fn an_agent_given_twice_among_those_that_changed_hides_no_other() {
+    let (desired, fleet) = blue_and_green();
+    let mut planner = Planner::default();
+    planner.full(&desired, fleet, t(1_000));
+    let env = |name, env| agent(name).attrs(&[("env", env)]);
+    let changed = [env("a02", "red"), env("a02", "green"), env("a04", "green")];
+    planner
+        .replan(&desired, &changed, t(1_001))
+        .expect("a fleet in uid order");
+    for name in ["a02", "a04"] {
+        let group = group_of(planner.assignments().iter().cloned(), name);
+        assert_eq!(group, Some(gname("green")), "{name}");
+    }
+}
+
 #[test]
 fn agents_that_come_to_a_fleet_out_of_uid_order_or_twice_call_for_a_full_plan() {
     let desired = repo().group("gw").build();
