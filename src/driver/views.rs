@@ -75,3 +75,27 @@ impl ViewBuilder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use super::ViewBuilder;
+    use crate::fleet::{AgentRecord, FleetSnapshot, Transport};
+    use crate::model::InstanceUid;
+    use crate::reconcile::{Timestamp, fleet_capacity};
+
+    #[test]
+    fn views_come_in_uid_order_with_room_for_agents_to_come() {
+        let mut fleet = FleetSnapshot::default();
+        for i in (0..16).rev() {
+            let uid = InstanceUid::Uuid([i; 16]);
+            let record = AgentRecord::new(uid.clone(), Transport::WebSocket, SystemTime::UNIX_EPOCH);
+            fleet.agents.insert(uid, Arc::new(record));
+        }
+        let views = ViewBuilder::new(Timestamp::from_millis(1)).build(&fleet);
+        assert!(views.is_sorted_by(|a, b| a.uid < b.uid));
+        assert_eq!((views.len(), views.capacity()), (16, fleet_capacity(16)));
+    }
+}
