@@ -1,6 +1,7 @@
 //! One OpAMP exchange at a time: a WebSocket connection's life, or one plain
 //! HTTP request. Decodes, asks the fleet task what to answer, encodes.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -300,6 +301,16 @@ pub fn run_websocket(
 /// to send, if any).
 type Step = Result<(), Option<(u16, &'static str)>>;
 
+/// What a frame read from the WebSocket asks for.
+enum Read {
+    Done(Step),
+    /// Send this frame.
+    Answer(Message),
+    /// The fleet answers this report (boxed: the message is large, and the
+    /// connection's future holds this while the report is handled).
+    Report(Box<AgentToServer>),
+}
+
 /// One WebSocket connection's state between events.
 struct Session {
     ctx: Arc<OpampContext>,
@@ -348,16 +359,30 @@ impl Session {
         let interval = self.ctx.heartbeat_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Waited on from one event to the next: each joins its waiters once,
+        // not again with every message.
+        let (close, pushes) = (self.close.clone(), self.pushes.clone());
+        let mut closed = pin!(close.cancelled());
+        let mut pushed = pin!(pushes.ready());
         loop {
             let step = tokio::select! {
                 _ = ping.tick() => Box::pin(self.ping(socket)).await,
-                _ = self.close.cancelled() => Err(Some(if self.ctx.shutdown.is_cancelled() {
+                () = &mut closed => Err(Some(if self.ctx.shutdown.is_cancelled() {
                     (close::GOING_AWAY, "server shutting down")
                 } else {
                     (close::NORMAL, "replaced by a newer connection")
                 })),
-                () = self.pushes.ready() => Box::pin(self.push(socket)).await,
-                frame = socket.recv() => Box::pin(self.frame(socket, frame)).await,
+                () = &mut pushed => {
+                    pushed.set(pushes.ready());
+                    Box::pin(self.push(socket)).await
+                }
+                // A heartbeat is answered without the future of a report,
+                // which is large and would be moved into its box each time.
+                frame = socket.recv() => match self.read(frame) {
+                    Read::Done(step) => step,
+                    Read::Answer(reply) => Box::pin(self.send(socket, reply)).await,
+                    Read::Report(msg) => Box::pin(self.report(socket, msg)).await,
+                },
             };
             if let Err(end) = step {
                 return end;
@@ -420,28 +445,30 @@ impl Session {
         Ok(())
     }
 
-    async fn frame(&mut self, socket: &mut WebSocket, frame: Option<Result<Message, axum::Error>>) -> Step {
+    /// Reads a frame: the step it ends in, the answer it needs (a heartbeat,
+    /// or a uid offered again), or the report to take to the fleet.
+    fn read(&mut self, frame: Option<Result<Message, axum::Error>>) -> Read {
         self.last_frame = Instant::now();
         let conn = self.conn;
         let data = match frame {
-            None => return Err(None),
+            None => return Read::Done(Err(None)),
             Some(Err(e)) if is_too_big(&e) => {
                 WebSocketMessageTooBig { conn }.emit(&self.ctx.metrics);
-                return Err(Some((close::TOO_BIG, "message too big")));
+                return Read::Done(Err(Some((close::TOO_BIG, "message too big"))));
             }
             Some(Err(e)) => {
                 tracing::debug!(conn, error = %e, "WebSocket read failed");
-                return Err(None);
+                return Read::Done(Err(None));
             }
             Some(Ok(Message::Binary(data))) => data,
             Some(Ok(Message::Text(_))) => {
                 tracing::warn!(conn, "ignored a WebSocket text frame");
-                return Ok(());
+                return Read::Done(Ok(()));
             }
             // Pings are answered by the WebSocket layer (pongs only prove
             // the peer is there); a Close is answered there too and then
             // the stream ends.
-            Some(Ok(_)) => return Ok(()),
+            Some(Ok(_)) => return Read::Done(Ok(())),
         };
         MessageReceived {
             transport: Transport::WebSocket,
@@ -451,37 +478,40 @@ impl Session {
             Ok(msg) => msg,
             Err(DecodeError::TooLarge { .. } | DecodeError::TooMany(_)) => {
                 WebSocketMessageTooBig { conn }.emit(&self.ctx.metrics);
-                return Err(Some((close::TOO_BIG, "message too big")));
+                return Read::Done(Err(Some((close::TOO_BIG, "message too big"))));
             }
             Err(e) => {
                 WebSocketMessageMalformed { conn, error: &e }.emit(&self.ctx.metrics);
-                return Err(Some((close::INVALID_PAYLOAD, "malformed OpAMP message")));
+                return Read::Done(Err(Some((close::INVALID_PAYLOAD, "malformed OpAMP message"))));
             }
         };
-        drop(data);
         if let Some((shared, offered)) = &self.clash
             && shared.as_bytes() == &msg.instance_uid[..]
         {
-            let again = ServerToAgent {
+            return Read::Answer(binary(&ServerToAgent {
                 instance_uid: msg.instance_uid,
                 agent_identification: Some(AgentIdentification {
                     new_instance_uid: Bytes::copy_from_slice(offered.as_bytes()),
                 }),
                 ..Default::default()
-            };
-            return self.send(socket, binary(&again)).await;
+            }));
         }
         if let (Some((_, wire)), Some((liveness, caps))) = (&self.agent, &self.heartbeats)
             && msg.instance_uid == *wire
             && record::is_heartbeat(&msg, *caps, liveness.sequence_num())
         {
             liveness.touch(SystemTime::now(), msg.sequence_num);
-            let reply = binary(&ServerToAgent {
+            return Read::Answer(binary(&ServerToAgent {
                 instance_uid: msg.instance_uid,
                 ..Default::default()
-            });
-            return self.send(socket, reply).await;
+            }));
         }
+        Read::Report(Box::new(msg))
+    }
+
+    /// Takes a report to the fleet and sends its answer.
+    async fn report(&mut self, socket: &mut WebSocket, msg: Box<AgentToServer>) -> Step {
+        let conn = self.conn;
         let caps = msg.capabilities;
         let previous = self.agent.as_ref().map(|(uid, _)| uid);
         let via = Via::WebSocket(WsLink {
@@ -490,7 +520,16 @@ impl Session {
             close: self.close.clone(),
         });
         let with_capabilities = !self.capabilities_sent;
-        let frame = match answer(&self.ctx, msg, via, previous, self.identity.as_ref(), with_capabilities).await {
+        let frame = match answer(
+            &self.ctx,
+            *msg,
+            via,
+            previous,
+            self.identity.as_ref(),
+            with_capabilities,
+        )
+        .await
+        {
             Next::Send(frame, None) => {
                 self.heartbeats = None;
                 frame
@@ -538,7 +577,12 @@ impl Session {
 /// Writes `frame`; false when the connection failed or the peer took longer
 /// than `within` to take it.
 async fn send(socket: &mut WebSocket, frame: Message, within: Duration) -> bool {
-    matches!(tokio::time::timeout(within, socket.send(frame)).await, Ok(Ok(())))
+    let mut sending = pin!(socket.send(frame));
+    // Most frames are written at once: only one that waits sets a timer.
+    if let Some(sent) = (&mut sending).now_or_never() {
+        return sent.is_ok();
+    }
+    matches!(tokio::time::timeout(within, sending).await, Ok(Ok(())))
 }
 
 /// The encoded frame; messages are encoded before an await so that the

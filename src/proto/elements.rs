@@ -41,8 +41,18 @@ const MAX_DEPTH: usize = 64;
 /// Checks that `bytes`, a message of type `M`, holds at most `limit` message
 /// elements at any depth. Malformed input is left for the decoder to report.
 pub fn check<M: Elements>(bytes: &[u8], limit: usize) -> Result<(), TooMany> {
+    // Each element and each level of nesting takes at least two bytes (a key
+    // and a length): a message shorter than this, a heartbeat say, is within
+    // both bounds unread.
+    if bytes.len() < 2 * (limit.min(MAX_DEPTH) + 1) {
+        return Ok(());
+    }
+    walked(bytes, M::SCHEMA, limit)
+}
+
+fn walked(bytes: &[u8], schema: u16, limit: usize) -> Result<(), TooMany> {
     let mut budget = limit;
-    walk(bytes, M::SCHEMA, &mut budget, 0).map_err(|e| match e {
+    walk(bytes, schema, &mut budget, 0).map_err(|e| match e {
         Walk::Budget => TooMany::Elements(limit),
         Walk::Depth => TooMany::Depth(MAX_DEPTH),
     })
@@ -107,6 +117,40 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_message_too_short_to_break_a_bound_is_judged_as_the_walk_judges_it() {
+        let nested = |levels: usize| {
+            let mut value = AnyValue::default();
+            for _ in 0..levels {
+                value = AnyValue {
+                    value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![value] })),
+                };
+            }
+            AgentToServer {
+                agent_description: Some(AgentDescription {
+                    identifying_attributes: vec![KeyValue {
+                        key: String::new(),
+                        value: Some(value),
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let messages = (0..40).map(attrs).chain((0..40).map(nested));
+        for bytes in messages.map(|m| m.encode_to_vec()) {
+            for limit in 0..100 {
+                let walked = walked(&bytes, AgentToServer::SCHEMA, limit);
+                assert_eq!(
+                    check::<AgentToServer>(&bytes, limit),
+                    walked,
+                    "{} bytes, limit {limit}",
+                    bytes.len()
+                );
+            }
         }
     }
 
