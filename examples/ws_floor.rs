@@ -9,6 +9,7 @@
 //! per message.
 //!
 //! ```sh
+//! cargo build --release   # the opamp-gitops binary it starts
 //! cargo run --release --example ws_floor -- [AGENTS] [WINDOW_S] [HEARTBEAT_S]   # 10000 30 10
 //! ```
 

@@ -578,7 +578,8 @@ impl Session {
 /// than `within` to take it.
 async fn send(socket: &mut WebSocket, frame: Message, within: Duration) -> bool {
     let mut sending = pin!(socket.send(frame));
-    // Most frames are written at once: only one that waits sets a timer.
+    // Most frames are written at once: only one that waits is put under
+    // the timeout (which reads the clock and takes the timer's handle).
     if let Some(sent) = (&mut sending).now_or_never() {
         return sent.is_ok();
     }
