@@ -35,7 +35,9 @@ use opamp_gitops::app::FD_RESERVE;
 use opamp_gitops::desired::{ConfigBundle, ConfigFile};
 use sha2::{Digest, Sha256};
 
-type Error = Box<dyn std::error::Error>;
+mod common;
+
+use common::Error;
 type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The scenarios of a run of the controller alone, and of a side-by-side run.
@@ -220,7 +222,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let bin = match &args.bin {
         Some(b) => b.clone(),
-        None => default_binary()?,
+        None => common::sibling_binary()?,
     };
     let features = ServeFeatures::of(&bin)?;
     println!("{}", machine());
@@ -262,20 +264,6 @@ fn main() -> Result<()> {
         println!("{}", side_by_side(&scenarios, &runs));
     }
     Ok(())
-}
-
-/// `target/release/examples/fleet_bench` → `target/release/opamp-gitops`.
-fn default_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target directory")?;
-    let bin = dir.join("opamp-gitops");
-    if !bin.is_file() {
-        return Err(format!("{} not found; build it or pass --bin", bin.display()).into());
-    }
-    Ok(bin)
 }
 
 fn run_scenario(args: &Args, bin: &Path, who: &Contender, s: Scenario, f: &mut Figures) -> Result<()> {
@@ -838,13 +826,7 @@ impl Proc {
 
     /// User plus system CPU time so far, in seconds.
     fn cpu(&self) -> Result<f64> {
-        let stat = self.proc_file("stat")?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad /proc/PID/stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-        let ticks = |i: usize| -> Result<f64> { Ok(fields.get(i).ok_or("short /proc/PID/stat")?.parse::<f64>()?) };
-        Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+        common::cpu_seconds(&self.proc_file("stat")?)
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
@@ -872,15 +854,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn free_port() -> Result<SocketAddr> {

@@ -14,7 +14,6 @@
 //! ```
 
 use std::io::{ErrorKind, Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,9 @@ use tokio_tungstenite::tungstenite::handshake::{HandshakeError, MidHandshake};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+mod common;
+
+type Result<T> = std::result::Result<T, common::Error>;
 
 const LISTENER: Token = Token(usize::MAX);
 const MAX_MESSAGE: usize = 4 << 20;
@@ -238,16 +239,7 @@ fn answer(ws: &mut WebSocket<Socket>, messages: &mut u64) -> bool {
 }
 
 fn simulate(server: &str, agents: u64, heartbeat: Duration) -> Result<Child> {
-    let exe = std::env::current_exe()?;
-    let bin: PathBuf = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .ok_or("cannot locate the target directory")?
-        .join("opamp-gitops");
-    if !bin.is_file() {
-        return Err(format!("{} not found; build it (cargo build --release)", bin.display()).into());
-    }
-    Ok(Command::new(bin)
+    Ok(Command::new(common::sibling_binary()?)
         .args([
             "simulate",
             "--server",
@@ -265,12 +257,7 @@ fn simulate(server: &str, agents: u64, heartbeat: Duration) -> Result<Child> {
         .spawn()?)
 }
 
-/// This process's user and system CPU time so far, in seconds (`/proc`
-/// counts it in ticks of 1/100 s).
+/// This process's user and system CPU time so far, in seconds.
 fn cpu() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad /proc/self/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> { Ok(fields.get(i).ok_or("short /proc/self/stat")?.parse::<f64>()?) };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    common::cpu_seconds(&std::fs::read_to_string("/proc/self/stat")?)
 }
