@@ -2,7 +2,8 @@
 //! `opamp-gitops simulate` in a separate process, both on 127.0.0.1, and
 //! measures per scenario (transport, number of agents):
 //!
-//! - connect: seconds until the server counts every agent connected;
+//! - connect: seconds until the server counts every agent connected, and the
+//!   CPU the server and the simulator spent on it;
 //! - rollout: from a new commit and `POST /api/v1/sync` until the controller
 //!   counts every agent APPLIED on the new config (one wave of 100%, bake 0s,
 //!   agents apply at once), then checked agent by agent in `/api/v1/agents`;
@@ -11,6 +12,8 @@
 //! - CPU: the server's user+system time over a window of idle heartbeats
 //!   (WebSocket) or polls (HTTP), per second and per thousand messages
 //!   received, and the simulator's for comparison;
+//! - messages: what the simulated agents sent and received over the run, per
+//!   agent;
 //! - errors: the simulator's failed requests and error replies, and the
 //!   server's undecodable messages.
 //!
@@ -159,6 +162,8 @@ impl Scenario {
 #[derive(Debug, Default)]
 struct Figures {
     connect: Option<Duration>,
+    /// The server's and the simulator's CPU seconds over the connect.
+    connect_cpu_s: Option<(f64, f64)>,
     /// First config reaching every agent after they connected (needs the reconcile driver).
     first_config: Option<Duration>,
     rollout: Option<Duration>,
@@ -176,6 +181,8 @@ struct Figures {
     window_messages: f64,
     sim_errors: u64,
     sim_connect_errors: u64,
+    /// Messages the simulated agents sent and received over the whole run.
+    sim_messages: Option<(u64, u64)>,
     server_decode_errors: u64,
     notes: Vec<String>,
 }
@@ -273,12 +280,13 @@ fn run_scenario(args: &Args, bin: &Path, who: &Contender, s: Scenario, f: &mut F
     f.rss_base_kib = server.process().status_kib("VmRSS")?;
 
     let sim_log = dir.path().join("simulate.log");
-    let started = Instant::now();
+    let (started, c0) = (Instant::now(), server.process().cpu()?);
     let mut sim = spawn_simulator(args, bin, server.opamp(), s, &sim_log)?;
     wait_for(args.timeout, "every agent to connect", || {
         Ok(server.connected(s)? >= s.agents)
     })?;
     f.connect = Some(started.elapsed());
+    f.connect_cpu_s = Some((server.process().cpu()? - c0, sim.cpu()?));
 
     if server.pushes() {
         wait_for(args.timeout, "the first config to reach every agent", || {
@@ -340,7 +348,7 @@ fn measure_idle(args: &Args, server: &dyn Server, sim: &Proc, s: Scenario, f: &m
     Ok(())
 }
 
-/// The error counts of the simulator's summary line, which it prints as it stops.
+/// The error and message counts of the simulator's summary line, which it prints as it stops.
 fn read_simulator_summary(log: &Path, f: &mut Figures) -> Result<()> {
     let log = std::fs::read_to_string(log)?;
     let summary = log
@@ -350,6 +358,7 @@ fn read_simulator_summary(log: &Path, f: &mut Figures) -> Result<()> {
         .unwrap_or_default();
     f.sim_errors = count_before(summary, "errors").unwrap_or(0);
     f.sim_connect_errors = count_before(summary, "connect errors").unwrap_or(0);
+    f.sim_messages = count_before(summary, "sent").zip(count_before(summary, "received"));
     if summary.is_empty() {
         f.notes.push("simulate printed no summary".into());
     }
@@ -947,6 +956,8 @@ fn machine() -> String {
 fn details(args: &Args, runs: &[Run]) -> String {
     let secs = |d: Option<Duration>| d.map_or_else(|| "n/a".to_string(), |d| format!("{:.2}", d.as_secs_f64()));
     let num = |v: Option<f64>, decimals: usize| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.decimals$}"));
+    let cpu_pair =
+        |p: Option<(f64, f64)>| p.map_or_else(|| "n/a".into(), |(server, sim)| format!("{server:.2} / {sim:.2}"));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -957,12 +968,12 @@ fn details(args: &Args, runs: &[Run]) -> String {
     );
     let _ = writeln!(
         out,
-        "| scenario | server | connect s | first config s | rollout s | rollout CPU s, server / simulator | verified | \
-         RSS idle MiB | KiB/agent | RSS peak MiB | server CPU | simulator CPU | msgs/s | errors |"
+        "| scenario | server | connect s | connect CPU s, server / simulator | first config s | rollout s | rollout CPU s, server / simulator | verified | \
+         RSS idle MiB | KiB/agent | RSS peak MiB | server CPU | simulator CPU | msgs/s | per agent, msgs sent / received | errors |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for Run {
         scenario: s,
@@ -973,13 +984,13 @@ fn details(args: &Args, runs: &[Run]) -> String {
     {
         let _ = writeln!(
             out,
-            "| {} | {server} | {} | {} | {} | {} | {} | {:.1} | {} | {:.1} | {}% | {}% | {} | {} |{}",
+            "| {} | {server} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.1} | {}% | {}% | {} | {} | {} |{}",
             s.label(),
             secs(f.connect),
+            cpu_pair(f.connect_cpu_s),
             secs(f.first_config),
             secs(f.rollout),
-            f.rollout_cpu_s
-                .map_or_else(|| "n/a".into(), |(server, sim)| format!("{server:.2} / {sim:.2}")),
+            cpu_pair(f.rollout_cpu_s),
             f.rollout_verified.map_or_else(|| "n/a".into(), |n| n.to_string()),
             f.rss_idle_kib as f64 / 1024.0,
             num(f.kib_per_agent(s.agents), 1),
@@ -987,6 +998,14 @@ fn details(args: &Args, runs: &[Run]) -> String {
             num(f.server_cpu().map(|c| c * 100.0), 1),
             num(f.sim_cpu().map(|c| c * 100.0), 1),
             num(f.messages_per_s(), 0),
+            f.sim_messages.map_or_else(
+                || "n/a".into(),
+                |(sent, received)| format!(
+                    "{:.2} / {:.2}",
+                    sent as f64 / s.agents as f64,
+                    received as f64 / s.agents as f64
+                )
+            ),
             f.errors(),
             if f.notes.is_empty() {
                 String::new()
@@ -1005,11 +1024,16 @@ struct Figure {
     value: fn(&Figures, usize) -> Option<f64>,
 }
 
-const FIGURES: [Figure; 6] = [
+const FIGURES: [Figure; 7] = [
     Figure {
         title: "Connect: simulator started → every agent counted connected, s",
         decimals: 2,
         value: |f, _| f.connect.map(|d| d.as_secs_f64()),
+    },
+    Figure {
+        title: "The server's CPU over that connect, s",
+        decimals: 2,
+        value: |f, _| f.connect_cpu_s.map(|(server, _)| server),
     },
     Figure {
         title: "RSS per agent with a config applied, idle, KiB",

@@ -106,11 +106,19 @@ impl Runner {
     /// Waits `delay` while offline, still running the agent's timers (an apply
     /// finishes even while the server is away). False when cancelled.
     pub(crate) async fn wait_offline(&mut self, delay: Duration, cancel: &tokio_util::sync::CancellationToken) -> bool {
-        let until = Instant::now() + delay;
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            () = self.offline_until(tokio::time::sleep(delay)) => true,
+        }
+    }
+
+    /// Awaits `until` (a wait, a connection being opened) while offline,
+    /// still running the agent's timers: its collector starts meanwhile.
+    pub(crate) async fn offline_until<T>(&mut self, until: impl Future<Output = T>) -> T {
+        let mut until = std::pin::pin!(until);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep_until(until) => return true,
+                out = &mut until => return out,
                 input = self.timers.next() => {
                     // Offline, the agent sends nothing; its state still moves on.
                     let _ = self.step(input);
@@ -295,6 +303,29 @@ mod tests {
             &other.config_map[""].body[..],
             b"a: 2",
             "different content under one hash is kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_waiting_to_connect_starts_its_collector_meanwhile() {
+        let config = super::super::Config::new("ws://127.0.0.1:1/v1/opamp", 1);
+        let shared = Arc::new(Shared {
+            url: "ws://127.0.0.1:1/v1/opamp".into(),
+            authority: "127.0.0.1:1".into(),
+            counters: Counters::default(),
+            connecting: Semaphore::new(1),
+            configs: ConfigCache::default(),
+            max_message_bytes: 1 << 20,
+        });
+        let mut runner = Runner::new(Agent::new(Arc::new(config.profile()), 0, [7; 16], 0), shared);
+        runner.start();
+        // The connection takes longer to open than the collector to start.
+        runner.offline_until(tokio::time::sleep(config.startup_time * 2)).await;
+        let first = runner.feed(Input::Connected).expect("a first message");
+        assert_eq!(
+            first.health.map(|h| h.healthy),
+            Some(true),
+            "healthy in its first message"
         );
     }
 

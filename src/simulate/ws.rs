@@ -49,7 +49,7 @@ pub(crate) async fn run(mut runner: Runner, cancel: CancellationToken) {
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = connect(&shared, runner.agent.index()) => r,
+            r = runner.offline_until(connect(&shared, runner.agent.index())) => r,
         };
         match attempt {
             Ok(ws) => {
