@@ -447,6 +447,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         config.heartbeat_interval,
     );
     opamp_ctx.offer_heartbeat = config.offer_heartbeat_interval;
+    if driver.is_some() {
+        opamp_ctx.first_reply_wait = crate::opamp::FIRST_REPLY_WAIT;
+    }
     opamp_ctx.agent_tokens = agent_tokens;
     let api_state = ApiState {
         fleet: planned,

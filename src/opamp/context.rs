@@ -27,6 +27,10 @@ pub struct OpampContext {
     pub heartbeat_interval: Duration,
     /// The heartbeat (HTTP: polling) interval offered to agents, if any.
     pub offer_heartbeat: Option<Duration>,
+    /// How long the reply to an agent's first report on a WebSocket may wait
+    /// for the config the reconciler pushes to an agent that comes, so that
+    /// the two go as one message; zero (without a reconciler): not at all.
+    pub first_reply_wait: Duration,
     /// When set, every WebSocket upgrade and HTTP request must carry one of
     /// these tokens.
     pub agent_tokens: Option<TokenFile>,
@@ -34,6 +38,10 @@ pub struct OpampContext {
     pub auth_failures: Arc<Failures>,
     next_conn: Arc<AtomicU64>,
 }
+
+/// [`OpampContext::first_reply_wait`] when a reconciler runs: a plan takes
+/// in an agent that comes well within it, even at 100,000 agents.
+pub const FIRST_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// Bad tokens from one source address within [`AUTH_FAILURE_WINDOW`] before
 /// it is refused without a look until the window has passed.
@@ -57,6 +65,7 @@ impl OpampContext {
             tracker,
             heartbeat_interval,
             offer_heartbeat: None,
+            first_reply_wait: Duration::ZERO,
             agent_tokens: None,
             auth_failures: Arc::new(Failures::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW)),
             next_conn: Arc::new(AtomicU64::new(1)),

@@ -6,4 +6,4 @@ mod context;
 pub mod session;
 pub mod transport;
 
-pub use context::OpampContext;
+pub use context::{FIRST_REPLY_WAIT, OpampContext};

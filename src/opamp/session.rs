@@ -1,7 +1,7 @@
 //! One OpAMP exchange at a time: a WebSocket connection's life, or one plain
 //! HTTP request. Decodes, asks the fleet task what to answer, encodes.
 
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -19,7 +19,7 @@ use super::codec::{self, DecodeError};
 use super::context::OpampContext;
 use crate::desired::ConfigBundle;
 use crate::fleet::record::{self, Liveness};
-use crate::fleet::{ConnId, PushSlot, Reply, ReportError, Transport, Via, WsLink};
+use crate::fleet::{Capabilities, ConnId, PushSlot, Reply, ReportError, Transport, Via, WsLink};
 use crate::listen::RETRY_AFTER_SECS;
 use crate::model::{Identity, InstanceUid};
 use crate::proto::{
@@ -232,30 +232,42 @@ struct Accepted {
 enum Next {
     /// Send this frame; with the agent once the report was accepted.
     Send(Message, Option<Accepted>),
+    /// Hold this reply to the agent's first report for the config that may
+    /// follow it (see [`OpampContext::first_reply_wait`]).
+    Owe(Box<ServerToAgent>, Accepted),
     /// Send this frame, which offers the agent a uid of its own (`.2`)
     /// instead of the one in use (`.1`).
     Clash(Message, InstanceUid, InstanceUid),
     Close(u16, &'static str),
 }
 
-/// The exchange for one WebSocket report, down to the frame to send.
+/// The exchange for one WebSocket report, down to the frame to send. A
+/// first report (`first`) whose reply says nothing but that it was taken, from
+/// an agent whose config the controller can manage, is answered by
+/// [`Next::Owe`] when the context allows a wait.
 async fn answer(
     ctx: &OpampContext,
     msg: AgentToServer,
     via: Via,
     previous: Option<&InstanceUid>,
     identity: Option<&Identity>,
-    with_capabilities: bool,
+    first: bool,
 ) -> Next {
-    match exchange(ctx, msg, via, previous, identity, with_capabilities).await {
-        Outcome::Reply { uid, msg, liveness } => Next::Send(
-            binary(&msg),
-            Some(Accepted {
+    let manageable = Capabilities(msg.capabilities).unsupported_reason().is_none();
+    match exchange(ctx, msg, via, previous, identity, first).await {
+        Outcome::Reply { uid, msg, liveness } => {
+            let accepted = Accepted {
                 uid,
-                wire: msg.instance_uid,
+                wire: msg.instance_uid.clone(),
                 liveness,
-            }),
-        ),
+            };
+            let plain = msg.remote_config.is_none() && msg.flags == 0 && msg.agent_identification.is_none();
+            if first && manageable && plain && !ctx.first_reply_wait.is_zero() {
+                Next::Owe(Box::new(msg), accepted)
+            } else {
+                Next::Send(binary(&msg), Some(accepted))
+            }
+        }
         Outcome::Clash { uid, offered, msg } => Next::Clash(binary(&msg), uid, offered),
         Outcome::Refused(msg) => Next::Send(binary(&msg), None),
         Outcome::Replaced => Next::Close(close::NORMAL, "replaced by a newer connection"),
@@ -328,6 +340,10 @@ struct Session {
     /// the uid it was offered instead: asked again until it adopts it.
     clash: Option<(InstanceUid, InstanceUid)>,
     capabilities_sent: bool,
+    /// The reply to the agent's first report, held for the config the
+    /// reconciler is about to push: sent with it, before the answer to any
+    /// later frame, or when the wait is over.
+    owed: Option<Box<ServerToAgent>>,
     last_frame: Instant,
     /// Shutdown waits for the session until this goes.
     _tracked: TaskTrackerToken,
@@ -346,6 +362,7 @@ impl Session {
             heartbeats: None,
             clash: None,
             capabilities_sent: false,
+            owed: None,
             last_frame: Instant::now(),
             _tracked: tracked,
         }
@@ -364,6 +381,9 @@ impl Session {
         let (close, pushes) = (self.close.clone(), self.pushes.clone());
         let mut closed = pin!(close.cancelled());
         let mut pushed = pin!(pushes.ready());
+        // While a reply is owed: when it is sent without a config (boxed, as
+        // few connections ever owe one).
+        let mut owed_until: Option<Pin<Box<Sleep>>> = None;
         loop {
             let step = tokio::select! {
                 _ = ping.tick() => Box::pin(self.ping(socket)).await,
@@ -376,16 +396,29 @@ impl Session {
                     pushed.set(pushes.ready());
                     Box::pin(self.push(socket)).await
                 }
+                () = expiry(&mut owed_until) => Box::pin(self.pay(socket)).await,
                 // A heartbeat is answered without the future of a report,
                 // which is large and would be moved into its box each time.
-                frame = socket.recv() => match self.read(frame) {
-                    Read::Done(step) => step,
-                    Read::Answer(reply) => Box::pin(self.send(socket, reply)).await,
-                    Read::Report(msg) => Box::pin(self.report(socket, msg)).await,
-                },
+                frame = socket.recv() => 'frame: {
+                    if self.owed.is_some()
+                        && let Err(end) = Box::pin(self.pay(socket)).await
+                    {
+                        break 'frame Err(end);
+                    }
+                    match self.read(frame) {
+                        Read::Done(step) => step,
+                        Read::Answer(reply) => Box::pin(self.send(socket, reply)).await,
+                        Read::Report(msg) => Box::pin(self.report(socket, msg)).await,
+                    }
+                }
             };
             if let Err(end) = step {
                 return end;
+            }
+            match (&self.owed, &owed_until) {
+                (Some(_), None) => owed_until = Some(Box::pin(tokio::time::sleep(self.ctx.first_reply_wait))),
+                (None, Some(_)) => owed_until = None,
+                _ => {}
             }
         }
     }
@@ -425,16 +458,22 @@ impl Session {
             return Ok(());
         };
         let Some((uid, wire)) = &self.agent else { return Ok(()) };
-        let frame = binary(&ServerToAgent {
-            instance_uid: wire.clone(),
-            capabilities: if self.capabilities_sent {
-                0
-            } else {
-                capabilities(&self.ctx)
-            },
-            remote_config: Some(remote_config(&bundle)),
-            ..Default::default()
-        });
+        let frame = match self.owed.take() {
+            Some(mut reply) => {
+                reply.remote_config = Some(remote_config(&bundle));
+                binary(&reply)
+            }
+            None => binary(&ServerToAgent {
+                instance_uid: wire.clone(),
+                capabilities: if self.capabilities_sent {
+                    0
+                } else {
+                    capabilities(&self.ctx)
+                },
+                remote_config: Some(remote_config(&bundle)),
+                ..Default::default()
+            }),
+        };
         self.capabilities_sent = true;
         if self.send(socket, frame).await.is_err() {
             tracing::info!(conn = self.conn, agent = %uid, "a push could not be written in time; closing the WebSocket");
@@ -443,6 +482,14 @@ impl Session {
         tracing::debug!(agent = %uid, hash = %bundle.hash(), "pushed config");
         self.ctx.fleet.delivered(self.conn, uid.clone(), bundle.hash()).await;
         Ok(())
+    }
+
+    /// Sends the reply owed to the first report, if it still is.
+    async fn pay(&mut self, socket: &mut WebSocket) -> Step {
+        match self.owed.take() {
+            Some(reply) => self.send(socket, binary(&reply)).await,
+            None => Ok(()),
+        }
     }
 
     /// Reads a frame: the step it ends in, the answer it needs (a heartbeat,
@@ -540,6 +587,13 @@ impl Session {
                 self.capabilities_sent = true;
                 frame
             }
+            Next::Owe(reply, known) => {
+                self.heartbeats = known.liveness.map(|l| (l, caps));
+                self.agent = Some((known.uid, known.wire));
+                self.capabilities_sent = true;
+                self.owed = Some(reply);
+                return Ok(());
+            }
             Next::Clash(frame, shared, offered) => {
                 self.heartbeats = None;
                 self.clash = Some((shared, offered));
@@ -571,6 +625,14 @@ impl Session {
             self.ctx.fleet.closed(self.conn, uid).await;
         }
         WebSocketClosed.emit(&self.ctx.metrics);
+    }
+}
+
+/// Completes when `until` has passed; never while there is none.
+async fn expiry(until: &mut Option<Pin<Box<Sleep>>>) {
+    match until {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
     }
 }
 

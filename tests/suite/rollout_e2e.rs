@@ -9,10 +9,10 @@ use common::gitops::{
     GitRepo, Observer, RawAgent, collector_config, edge_hash, fleet_yaml, group_yaml, hosts_named, selected_group_yaml,
     serve_config, simulate, state_dir,
 };
-use common::{TestServer, healthy, remote_status, uid16};
+use common::{SUPERVISOR_CAPS, TestServer, description, healthy, heartbeat, hello, remote_status, uid16};
 use opamp_gitops::fleet::RemoteConfigState;
-use opamp_gitops::model::{CommitId, GroupName, InstanceUid};
-use opamp_gitops::proto::{ComponentHealth, RemoteConfigStatuses};
+use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+use opamp_gitops::proto::{AgentToServer, ComponentHealth, RemoteConfigStatuses};
 use opamp_gitops::reconcile::{canary_order, order_key};
 use std::time::Instant;
 
@@ -367,19 +367,26 @@ async fn agents_connecting_mid_rollout_get_stable_unless_their_place_is_in_an_op
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_complies() {
+/// A controller on the standard layout (reconciling every `interval`) with
+/// `config` in force and no agents yet.
+async fn edge_without_agents(interval: &str, config: &str) -> (GitRepo, tempfile::TempDir, TestServer) {
     let repo = GitRepo::new();
-    let v1 = collector_config("v1");
-    let h1 = edge_hash(&v1);
-    repo.commit_edge_every("1s", "  waves: [100%]\n  bake: 0s\n", &v1, "v1");
-    let (_tmp, state) = state_dir();
+    repo.commit_edge_every(interval, FAST, config, "v1");
+    let (tmp, state) = state_dir();
     let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
     server
         .wait_group("edge", "complete with no agents", |g| {
             g["rollout"]["phase"] == "complete"
         })
         .await;
+    (repo, tmp, server)
+}
+
+#[tokio::test]
+async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_complies() {
+    let v1 = collector_config("v1");
+    let h1 = edge_hash(&v1);
+    let (_repo, _tmp, server) = edge_without_agents("1s", &v1).await;
 
     // It claims to run something else.
     let other = [0xab; 32];
@@ -419,6 +426,64 @@ async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_compli
 }
 
 /// Commits `v2` for the edge group and waits for wave 1 of `policy` to open.
+#[tokio::test]
+async fn an_agent_that_comes_gets_its_first_config_in_the_reply_to_its_first_report() {
+    let v1 = collector_config("v1");
+    let h1 = edge_hash(&v1);
+    let (_repo, _tmp, server) = edge_without_agents("1h", &v1).await;
+
+    // One message answers its report and brings its config.
+    let mut agent = server.ws().await;
+    agent.send(&first_report(90, "otelcol-sim")).await;
+    let first = agent.recv().await;
+    assert_ne!(first.capabilities, 0, "the server's capabilities, in its first reply");
+    let config = first.remote_config.expect("the config in the first reply");
+    assert_eq!(ConfigHash::from_wire(&config.config_hash).expect("a hash"), h1);
+    agent
+        .send(&AgentToServer {
+            remote_config_status: Some(remote_status(h1.as_bytes(), APPLIED, "")),
+            ..heartbeat(&uid16(90), 1, SUPERVISOR_CAPS)
+        })
+        .await;
+    let reply = agent.recv().await;
+    assert!(reply.remote_config.is_none(), "the config came once");
+    let uid = InstanceUid::from_wire(&uid16(90)).expect("a uid");
+    server
+        .wait_agent_json(&uid, "in sync", |a| a["state"] == "in_sync")
+        .await;
+
+    // An agent no group selects is never pushed a config: its reply comes
+    // alone. One that speaks again meanwhile has it first, before the answer
+    // to what it said next.
+    let mut alone = server.ws().await;
+    alone.send(&first_report(91, "something-else")).await;
+    let reply = alone.recv().await;
+    assert!(reply.remote_config.is_none() && reply.capabilities != 0, "{reply:?}");
+    let mut eager = server.ws().await;
+    eager.send(&first_report(92, "something-else")).await;
+    eager
+        .send(&AgentToServer {
+            health: Some(healthy(false)),
+            ..heartbeat(&uid16(92), 1, SUPERVISOR_CAPS)
+        })
+        .await;
+    let (first, second) = (eager.recv().await, eager.recv().await);
+    assert_ne!(first.capabilities, 0, "the first reply goes first: {first:?}");
+    assert_eq!(second.capabilities, 0, "{second:?}");
+    for a in [agent, alone, eager] {
+        a.close().await;
+    }
+    server.stop().await;
+}
+
+/// The whole first report of a new agent with this `service.name`.
+fn first_report(n: u8, service: &str) -> AgentToServer {
+    AgentToServer {
+        agent_description: Some(description(&[("service.name", service)], &[("host.name", "new")])),
+        ..hello(&uid16(n), 0)
+    }
+}
+
 async fn wave_one(repo: &GitRepo, server: &TestServer, policy: &str, v2: &str) -> CommitId {
     let c2 = repo.commit_edge(policy, v2, "v2");
     server.sync().await;
