@@ -381,8 +381,8 @@ impl Session {
         let (close, pushes) = (self.close.clone(), self.pushes.clone());
         let mut closed = pin!(close.cancelled());
         let mut pushed = pin!(pushes.ready());
-        // While a reply is owed: when it is sent without a config (boxed, as
-        // few connections ever owe one).
+        // While a reply is owed: when it goes without a config (boxed: a
+        // connection owes one in its first second at most).
         let mut owed_until: Option<Pin<Box<Sleep>>> = None;
         loop {
             let step = tokio::select! {
@@ -582,15 +582,11 @@ impl Session {
                 frame
             }
             Next::Send(frame, Some(known)) => {
-                self.heartbeats = known.liveness.map(|l| (l, caps));
-                self.agent = Some((known.uid, known.wire));
-                self.capabilities_sent = true;
+                self.accepted(known, caps);
                 frame
             }
             Next::Owe(reply, known) => {
-                self.heartbeats = known.liveness.map(|l| (l, caps));
-                self.agent = Some((known.uid, known.wire));
-                self.capabilities_sent = true;
+                self.accepted(known, caps);
                 self.owed = Some(reply);
                 return Ok(());
             }
@@ -603,6 +599,14 @@ impl Session {
             Next::Close(code, reason) => return Err(Some((code, reason))),
         };
         self.send(socket, frame).await
+    }
+
+    /// The fleet took a report from the agent on this connection, whose
+    /// message had `caps`.
+    fn accepted(&mut self, known: Accepted, caps: u64) {
+        self.heartbeats = known.liveness.map(|l| (l, caps));
+        self.agent = Some((known.uid, known.wire));
+        self.capabilities_sent = true;
     }
 
     /// Closes the connection (with a close frame, when `end` has one) and
