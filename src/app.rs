@@ -66,6 +66,10 @@ pub struct ServeConfig {
     pub notes_author: Author,
     /// How long shutdown waits for open connections ([`DRAIN_DEADLINE`]).
     pub drain_deadline: Duration,
+    /// How long the reply to an agent's first report on a WebSocket may wait
+    /// for its first config, once the reconciler plans
+    /// ([`crate::opamp::FIRST_REPLY_WAIT`]).
+    pub first_reply_wait: Duration,
     /// Open OpAMP connections at most; `None`: the process's file-descriptor
     /// limit less [`FD_RESERVE`].
     pub max_connections: Option<usize>,
@@ -155,6 +159,7 @@ impl ServeConfig {
             startup_grace: Duration::ZERO,
             notes_author: Author::default(),
             drain_deadline: DRAIN_DEADLINE,
+            first_reply_wait: crate::opamp::FIRST_REPLY_WAIT,
             max_connections: None,
             max_connections_per_source: None,
             first_request_timeout: FIRST_REQUEST_TIMEOUT,
@@ -447,8 +452,17 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         config.heartbeat_interval,
     );
     opamp_ctx.offer_heartbeat = config.offer_heartbeat_interval;
-    if driver.is_some() {
-        opamp_ctx.first_reply_wait = crate::opamp::FIRST_REPLY_WAIT;
+    if let Some(driver) = &driver {
+        // No push follows a first report before the reconciler plans (the
+        // start-up grace, or a replica that does not lead).
+        let (wait, waits) = watch::channel(Duration::ZERO);
+        opamp_ctx.first_reply_wait = waits;
+        let (mut status, hold) = (driver.subscribe(), config.first_reply_wait);
+        tokio::spawn(async move {
+            if status.wait_for(|s| s.version > 0).await.is_ok() {
+                let _ = wait.send(hold);
+            }
+        });
     }
     opamp_ctx.agent_tokens = agent_tokens;
     let api_state = ApiState {

@@ -645,6 +645,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     email: args.notes_author_email.clone(),
                 },
                 drain_deadline: crate::app::DRAIN_DEADLINE,
+                first_reply_wait: crate::opamp::FIRST_REPLY_WAIT,
                 max_connections: args.max_connections,
                 max_connections_per_source: args.max_connections_per_source,
                 first_request_timeout: args.first_request_timeout,

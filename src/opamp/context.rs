@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,8 +30,9 @@ pub struct OpampContext {
     pub offer_heartbeat: Option<Duration>,
     /// How long the reply to an agent's first report on a WebSocket may wait
     /// for the config the reconciler pushes to an agent that comes, so that
-    /// the two go as one message; zero (without a reconciler): not at all.
-    pub first_reply_wait: Duration,
+    /// the two go as one message; zero (no reconciler, or one that does not
+    /// plan yet): not at all.
+    pub first_reply_wait: watch::Receiver<Duration>,
     /// When set, every WebSocket upgrade and HTTP request must carry one of
     /// these tokens.
     pub agent_tokens: Option<TokenFile>,
@@ -39,7 +41,7 @@ pub struct OpampContext {
     next_conn: Arc<AtomicU64>,
 }
 
-/// [`OpampContext::first_reply_wait`] when a reconciler runs: a plan takes
+/// [`OpampContext::first_reply_wait`] once the reconciler plans: a plan takes
 /// in an agent that comes well within it, even at 100,000 agents.
 pub const FIRST_REPLY_WAIT: Duration = Duration::from_secs(1);
 
@@ -65,7 +67,7 @@ impl OpampContext {
             tracker,
             heartbeat_interval,
             offer_heartbeat: None,
-            first_reply_wait: Duration::ZERO,
+            first_reply_wait: watch::channel(Duration::ZERO).1,
             agent_tokens: None,
             auth_failures: Arc::new(Failures::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW)),
             next_conn: Arc::new(AtomicU64::new(1)),

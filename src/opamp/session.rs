@@ -262,7 +262,7 @@ async fn answer(
                 liveness,
             };
             let plain = msg.remote_config.is_none() && msg.flags == 0 && msg.agent_identification.is_none();
-            if first && manageable && plain && !ctx.first_reply_wait.is_zero() {
+            if first && manageable && plain && !ctx.first_reply_wait.borrow().is_zero() {
                 Next::Owe(Box::new(msg), accepted)
             } else {
                 Next::Send(binary(&msg), Some(accepted))
@@ -416,7 +416,10 @@ impl Session {
                 return end;
             }
             match (&self.owed, &owed_until) {
-                (Some(_), None) => owed_until = Some(Box::pin(tokio::time::sleep(self.ctx.first_reply_wait))),
+                (Some(_), None) => {
+                    let wait = *self.ctx.first_reply_wait.borrow();
+                    owed_until = Some(Box::pin(tokio::time::sleep(wait)));
+                }
                 (None, Some(_)) => owed_until = None,
                 _ => {}
             }
@@ -613,6 +616,10 @@ impl Session {
     /// tells the fleet.
     async fn end(self, mut socket: WebSocket, end: Option<(u16, &'static str)>) {
         if let Some((code, reason)) = end {
+            // A reply still held goes before the close.
+            if let Some(reply) = &self.owed {
+                send(&mut socket, binary(reply), CLOSE_GRACE).await;
+            }
             let frame = CloseFrame {
                 code,
                 reason: reason.into(),

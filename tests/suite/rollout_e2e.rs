@@ -12,6 +12,7 @@ use common::gitops::{
 use common::{SUPERVISOR_CAPS, TestServer, description, healthy, heartbeat, hello, remote_status, uid16};
 use opamp_gitops::fleet::RemoteConfigState;
 use opamp_gitops::model::{CommitId, ConfigHash, GroupName, InstanceUid};
+use opamp_gitops::opamp::FIRST_REPLY_WAIT;
 use opamp_gitops::proto::{AgentToServer, ComponentHealth, RemoteConfigStatuses};
 use opamp_gitops::reconcile::{canary_order, order_key};
 use std::time::Instant;
@@ -368,12 +369,19 @@ async fn agents_connecting_mid_rollout_get_stable_unless_their_place_is_in_an_op
 }
 
 /// A controller on the standard layout (reconciling every `interval`) with
-/// `config` in force and no agents yet.
-async fn edge_without_agents(interval: &str, config: &str) -> (GitRepo, tempfile::TempDir, TestServer) {
+/// `config` in force and no agents yet, holding a first reply for the
+/// config up to `first_reply_wait`.
+async fn edge_without_agents(
+    interval: &str,
+    config: &str,
+    first_reply_wait: Duration,
+) -> (GitRepo, tempfile::TempDir, TestServer) {
     let repo = GitRepo::new();
     repo.commit_edge_every(interval, FAST, config, "v1");
     let (tmp, state) = state_dir();
-    let server = TestServer::start_with(serve_config(repo.path(), &state)).await;
+    let mut serve = serve_config(repo.path(), &state);
+    serve.first_reply_wait = first_reply_wait;
+    let server = TestServer::start_with(serve).await;
     server
         .wait_group("edge", "complete with no agents", |g| {
             g["rollout"]["phase"] == "complete"
@@ -386,7 +394,7 @@ async fn edge_without_agents(interval: &str, config: &str) -> (GitRepo, tempfile
 async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_complies() {
     let v1 = collector_config("v1");
     let h1 = edge_hash(&v1);
-    let (_repo, _tmp, server) = edge_without_agents("1s", &v1).await;
+    let (_repo, _tmp, server) = edge_without_agents("1s", &v1, FIRST_REPLY_WAIT).await;
 
     // It claims to run something else.
     let other = [0xab; 32];
@@ -425,12 +433,12 @@ async fn a_drifted_agent_is_pushed_again_each_reconcile_interval_until_it_compli
     server.stop().await;
 }
 
-/// Commits `v2` for the edge group and waits for wave 1 of `policy` to open.
 #[tokio::test]
 async fn an_agent_that_comes_gets_its_first_config_in_the_reply_to_its_first_report() {
     let v1 = collector_config("v1");
     let h1 = edge_hash(&v1);
-    let (_repo, _tmp, server) = edge_without_agents("1h", &v1).await;
+    // Room for a slow plan on a busy machine.
+    let (_repo, _tmp, server) = edge_without_agents("1h", &v1, Duration::from_secs(5)).await;
 
     // One message answers its report and brings its config.
     let mut agent = server.ws().await;
@@ -453,8 +461,8 @@ async fn an_agent_that_comes_gets_its_first_config_in_the_reply_to_its_first_rep
         .await;
 
     // An agent no group selects is never pushed a config: its reply comes
-    // alone. One that speaks again meanwhile has it first, before the answer
-    // to what it said next.
+    // alone when the wait is over. One that speaks again meanwhile has it
+    // first, before the answer to what it said next.
     let mut alone = server.ws().await;
     alone.send(&first_report(91, "something-else")).await;
     let reply = alone.recv().await;
@@ -470,9 +478,35 @@ async fn an_agent_that_comes_gets_its_first_config_in_the_reply_to_its_first_rep
     let (first, second) = (eager.recv().await, eager.recv().await);
     assert_ne!(first.capabilities, 0, "the first reply goes first: {first:?}");
     assert_eq!(second.capabilities, 0, "{second:?}");
+
+    // One whose reply is held when the server stops has it before the close.
+    let mut late = server.ws().await;
+    late.send(&first_report(93, "something-else")).await;
+    let uid = InstanceUid::from_wire(&uid16(93)).expect("a uid");
+    server.wait_agent_json(&uid, "known", |_| true).await;
     for a in [agent, alone, eager] {
         a.close().await;
     }
+    server.stop().await;
+    let reply = late.recv().await;
+    assert!(reply.remote_config.is_none() && reply.capabilities != 0, "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_first_reply_is_not_held_before_the_reconciler_plans() {
+    let repo = GitRepo::new();
+    repo.commit_edge(FAST, &collector_config("v1"), "v1");
+    let (_tmp, state) = state_dir();
+    let mut serve = serve_config(repo.path(), &state);
+    // No plan within the test: the start-up grace outlasts it.
+    serve.startup_grace = Duration::from_secs(3600);
+    serve.first_reply_wait = Duration::from_secs(3600);
+    let server = TestServer::start_with(serve).await;
+    let mut agent = server.ws().await;
+    agent.send(&first_report(94, "otelcol-sim")).await;
+    let reply = agent.recv().await;
+    assert!(reply.remote_config.is_none() && reply.capabilities != 0, "{reply:?}");
+    agent.close().await;
     server.stop().await;
 }
 
@@ -484,6 +518,7 @@ fn first_report(n: u8, service: &str) -> AgentToServer {
     }
 }
 
+/// Commits `v2` for the edge group and waits for wave 1 of `policy` to open.
 async fn wave_one(repo: &GitRepo, server: &TestServer, policy: &str, v2: &str) -> CommitId {
     let c2 = repo.commit_edge(policy, v2, "v2");
     server.sync().await;
