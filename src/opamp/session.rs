@@ -382,7 +382,7 @@ impl Session {
         let mut closed = pin!(close.cancelled());
         let mut pushed = pin!(pushes.ready());
         // While a reply is owed: when it goes without a config (boxed: a
-        // connection owes one in its first second at most).
+        // connection owes one only right after its first report).
         let mut owed_until: Option<Pin<Box<Sleep>>> = None;
         loop {
             let step = tokio::select! {
